@@ -1,0 +1,3 @@
+"""longdoc: question answering and summarization over documents far longer than a small model's window."""
+
+__version__ = "0.1.0"

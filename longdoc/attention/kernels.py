@@ -1,0 +1,152 @@
+"""Attention kernels that return the output *and* its log-sum-exp, so partial results over disjoint
+key sets can be merged exactly (Dual Chunk Attention computes up to three of them per query block).
+
+Every kernel has the same signature::
+
+    kernel(q, k, v, causal, scale) -> (out, lse)
+
+    q:   (B, H, Lq, D)     queries, already rotated
+    k,v: (B, Hkv, Lk, D)   keys (rotated) and values; H is a multiple of Hkv (GQA: query head h
+                           reads KV head h // (H // Hkv))
+    causal: query j sees keys 0..j; requires Lq == Lk (the square block on the diagonal)
+    out: (B, H, Lq, D) in q's dtype
+    lse: (B, H, Lq) float32 natural-log log-sum-exp of the scaled scores (float64 for float64 input)
+
+Back ends are chosen by name ("reference", "cpu", "cuda", or "auto") so tests can force one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+def attend_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Naive attention with a materialized score matrix: the yardstick for every other path."""
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    g = h // hkv
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg = q.to(compute).reshape(b, hkv, g * lq, d)
+    scores = (qg @ k.to(compute).transpose(-1, -2)) * scale  # (B, Hkv, G*Lq, Lk)
+    scores = scores.view(b, hkv, g, lq, lk)
+    if causal:
+        if lq != lk:
+            raise ValueError("causal attention needs a square block (Lq == Lk)")
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, Hkv, G, Lq)
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    out = probs.reshape(b, hkv, g * lq, lk) @ v.to(compute)
+    return out.reshape(b, h, lq, d).to(q.dtype), lse.reshape(b, h, lq)
+
+
+def _grouped(
+    op: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run an MHA-only op on GQA inputs without copying K/V per query head.
+
+    Non-causal: a group's query heads are folded into the query length, (B, Hkv, G*Lq, D).
+    Causal: the mask depends on the query index, so the group is looped instead (G calls).
+    """
+    b, h, lq, d = q.shape
+    hkv = k.shape[1]
+    g = h // hkv
+    if g == 1:
+        return op(q, k, v, causal, scale)
+    if not causal:
+        out, lse = op(q.reshape(b, hkv, g * lq, d), k, v, False, scale)
+        return out.reshape(b, h, lq, d), lse.reshape(b, h, lq)
+    out = q.new_empty(b, h, lq, d)
+    lse = torch.empty(b, h, lq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+    for j in range(g):
+        # heads j, j+G, j+2G, ... read KV heads 0, 1, 2, ... in order
+        o, s = op(q[:, j::g], k, v, True, scale)
+        out[:, j::g] = o
+        lse[:, j::g] = s
+    return out, lse
+
+
+def _cpu_flash(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.contiguous(), k, v, 0.0, causal, scale=scale
+    )
+    return out, lse
+
+
+def attend_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's fused CPU flash kernel (never builds the Lq x Lk matrix)."""
+    return _grouped(_cpu_flash, q, k, v, causal, scale)
+
+
+def _cuda_sdpa_flash(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    res = torch.ops.aten._scaled_dot_product_flash_attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal, False, scale=scale
+    )
+    return res[0], res[1]
+
+
+def attend_cuda(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash-attn when installed (GQA native), else torch's CUDA flash SDPA op with LSE."""
+    try:
+        from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+    except ImportError:
+        return _grouped(_cuda_sdpa_flash, q, k, v, causal, scale)
+    out, lse, _ = flash_attn_func(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        softmax_scale=scale,
+        causal=causal,
+        return_attn_probs=True,
+    )
+    return out.transpose(1, 2), lse.float()
+
+
+KERNELS: dict[str, Kernel] = {"reference": attend_reference, "cpu": attend_cpu, "cuda": attend_cuda}
+
+
+def get_kernel(name: str, device: torch.device) -> Kernel:
+    """Pick a back end by name; "auto" follows the device."""
+    if name == "auto":
+        name = "cuda" if device.type == "cuda" else "cpu"
+    try:
+        return KERNELS[name]
+    except KeyError:
+        raise ValueError(f"unknown attention kernel {name!r}; choose from auto, {', '.join(KERNELS)}") from None
+
+
+def merge_partials(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine attention over disjoint key sets into attention over their union.
+
+    out = sum_r exp(lse_r - logsumexp_r(lse_r)) * out_r, accumulated in float32 (float64 for float64).
+    Shapes: each out_r (B, H, L, D), lse_r (B, H, L); returns the same.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    outs, lses = zip(*parts, strict=True)
+    acc = torch.float64 if outs[0].dtype == torch.float64 else torch.float32
+    lse_all = torch.stack([s.to(acc) for s in lses])  # (R, B, H, L)
+    total = torch.logsumexp(lse_all, dim=0)
+    weights = torch.exp(lse_all - total).unsqueeze(-1)
+    out = sum(w * o.to(acc) for w, o in zip(weights, outs, strict=True))
+    assert isinstance(out, torch.Tensor)
+    return out.to(outs[0].dtype), total

@@ -1,0 +1,51 @@
+"""Run settings as plain dataclasses; the CLI fills them from options, the core reads them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DCAConfig:
+    # None = automatic: on when prompt + answer budget exceed the model's trained window.
+    enabled: bool | None = None
+    # None = derived from the trained window W: chunk_size 3W/4, local_window W/8 (ChunkLlama).
+    chunk_size: int | None = None
+    local_window: int | None = None
+
+
+@dataclass
+class RecycleConfig:
+    # None = automatic: on for contexts of at least `auto_min_context` tokens.
+    enabled: bool | None = None
+    # Recycled set per layer and KV head; a few thousand keeps needle recall (RefreshKV uses 4096 at 32K).
+    k: int = 2048
+    # A full step every `stride` decode steps (fixed schedule).
+    stride: int = 16
+    schedule: str = "fixed"  # "fixed" | "dynamic"
+    # Dynamic schedule: full step when a layer's query cosine similarity to its last full step drops below this.
+    threshold: float = 0.9
+    # Below this context the full cache is small enough that recycling does not pay.
+    auto_min_context: int = 8192
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class RunConfig:
+    model: str | None = None  # None = the embedded default model
+    device: str = "auto"
+    dtype: str = "auto"
+    kernel: str = "auto"  # attention back end: auto | reference | cpu | cuda
+    # Prefill step in tokens: bounds working memory (activations of one step) and paces the progress bar.
+    prefill_step: int = 2048
+    max_context: int | None = None  # None = what the model and settings support
+    dca: DCAConfig = field(default_factory=DCAConfig)
+    recycle: RecycleConfig = field(default_factory=RecycleConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)

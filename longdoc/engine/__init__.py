@@ -1,0 +1,1 @@
+"""Prefill, decode and sampling over the model adapter and its KV store."""

@@ -1,0 +1,227 @@
+"""One run end to end: documents -> prompt -> fit checks -> model -> prefill -> decode -> result.
+
+The CLI calls these functions; they report through a ``Reporter`` and return plain dicts (the JSON
+result of DESIGN.md section 2), so scripts, tests and benchmarks use the same path as users.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import torch
+
+from longdoc import models
+from longdoc.attention.dca import ChunkLayout
+from longdoc.attention.kernels import get_kernel
+from longdoc.attention.patch import AttentionSettings, PatchedModel
+from longdoc.config import RunConfig
+from longdoc.engine.decode import DecodePolicy, generate
+from longdoc.engine.kvstore import KVStore
+from longdoc.engine.prefill import prefill
+from longdoc.errors import DoesNotFitError
+from longdoc.ingest import Document
+from longdoc.prompt import Budget
+from longdoc.render import Reporter, TokenStreamer
+
+# With DCA no relative distance exceeds the chunk size, so length is limited by memory, not the
+# model; 4x the trained window is the default ceiling (raise it with --max-context).
+DCA_CONTEXT_FACTOR = 4
+# Activations of one prefill step, the allocator's slack and the Python runtime, beyond weights + KV.
+WORKING_SET_BYTES = 1_200_000_000
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class Plan:
+    """What a prompt of a given length will run with, decided before any weights are loaded."""
+
+    prompt_tokens: int
+    max_new_tokens: int
+    window: int
+    layout: ChunkLayout | None
+    max_context: int
+    recycle: bool
+    kv_bytes: int
+    weight_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + WORKING_SET_BYTES
+
+
+def make_plan(cfg: RunConfig, info: models.ModelInfo, prompt_tokens: int) -> Plan:
+    """Decide DCA, context ceiling and recycling for this prompt; refuse what does not fit."""
+    window = info.window
+    need = prompt_tokens + cfg.generation.max_new_tokens
+    dca_on = cfg.dca.enabled if cfg.dca.enabled is not None else need > window
+    layout = ChunkLayout.for_window(window, cfg.dca.chunk_size, cfg.dca.local_window) if dca_on else None
+    ceiling = window * DCA_CONTEXT_FACTOR if cfg.dca.enabled is not False else window
+    max_context = cfg.max_context or ceiling
+    hint = (
+        "pass fewer inputs, select pages with --pages, narrow a folder with --include/--exclude"
+        + (", or allow DCA (drop --no-dca)" if cfg.dca.enabled is False else ", or raise --max-context")
+    )
+    Budget(prompt_tokens, cfg.generation.max_new_tokens, max_context).check(hint)
+    recycle = cfg.recycle.enabled if cfg.recycle.enabled is not None else prompt_tokens >= cfg.recycle.auto_min_context
+    plan = Plan(
+        prompt_tokens=prompt_tokens,
+        max_new_tokens=cfg.generation.max_new_tokens,
+        window=window,
+        layout=layout,
+        max_context=max_context,
+        recycle=recycle,
+        kv_bytes=need * KVStore.bytes_per_token(info.n_layers, info.n_kv_heads, info.head_dim, info.dtype),
+        weight_bytes=info.weight_bytes,
+    )
+    check_memory(plan, info.device)
+    return plan
+
+
+def check_memory(plan: Plan, device: torch.device) -> None:
+    """Refuse before loading what would not fit in RAM (or VRAM), and say what would."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        where = "GPU memory"
+    else:
+        free = psutil.virtual_memory().available
+        where = "RAM"
+    if plan.total_bytes > free:
+        per_token = plan.kv_bytes / max(1, plan.prompt_tokens + plan.max_new_tokens)
+        fits = int(max(0, free - plan.weight_bytes - WORKING_SET_BYTES) / per_token)
+        raise DoesNotFitError(
+            f"this run needs about {plan.total_bytes / 1e9:.1f} GB of {where} (weights {plan.weight_bytes / 1e9:.1f} GB"
+            f" + KV cache {plan.kv_bytes / 1e9:.1f} GB + working set), but {free / 1e9:.1f} GB is available;"
+            f" about {fits:,} tokens would fit"
+        )
+
+
+@dataclass
+class Session:
+    """A loaded model plus settings, reused across runs (``--each``, evals, map-reduce)."""
+
+    cfg: RunConfig
+    reporter: Reporter
+    info: models.ModelInfo = field(init=False)
+    _loaded: models.LoadedModel | None = None
+    load_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.info = models.model_info(self.cfg.model, self.cfg.device, self.cfg.dtype, progress=self.reporter.status)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.info.tokenizer
+
+    def loaded(self) -> models.LoadedModel:
+        if self._loaded is None:
+            t0 = time.perf_counter()
+            self.reporter.status(f"loading {self.info.name} ({self.info.dtype_name}, {self.info.device})")
+            self._loaded = models.load_model(self.info)
+            self.load_s = time.perf_counter() - t0
+        return self._loaded
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def patched(self, plan: Plan) -> PatchedModel:
+        kernel = get_kernel(self.cfg.kernel, self.info.device)
+        return PatchedModel(self.loaded().model, AttentionSettings(plan.layout, kernel))
+
+
+def source_entries(docs: list[Document], count: Callable[[str], int]) -> list[dict[str, Any]]:
+    return [{"path": d.source, "kind": d.kind, "pages": d.pages, "tokens": count(d.text)} for d in docs]
+
+
+def run_prompt(
+    session: Session,
+    prompt: str,
+    sources: list[dict[str, Any]],
+    on_text: Callable[[str], None] | None = None,
+    policy_factory: Callable[[Plan], DecodePolicy | None] | None = None,
+) -> dict[str, Any]:
+    """Prefill ``prompt`` and decode an answer; returns the JSON result.
+
+    On Ctrl-C during decoding the partial answer is kept: the result is returned with
+    ``interrupted: true`` (the caller exits 130).
+    """
+    cfg, rep = session.cfg, session.reporter
+    ids = session.encode(prompt)
+    plan = make_plan(cfg, session.info, len(ids))
+    model = session.patched(plan)
+    kv = model.new_store(plan.prompt_tokens + plan.max_new_tokens)
+    if session.info.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(session.info.device)
+
+    t0 = time.perf_counter()
+    id_tensor = torch.tensor([ids], device=session.info.device)
+    with rep.progress("prefill", len(ids)):
+        logits = prefill(
+            model, id_tensor, kv, cfg.prefill_step,
+            progress=lambda done, total: rep.advance(done, total, done / max(1e-9, time.perf_counter() - t0)),
+        )
+    prefill_s = time.perf_counter() - t0
+
+    policy = policy_factory(plan) if policy_factory else None
+    streamer = TokenStreamer(session.tokenizer)
+    ttft = None
+    t1 = time.perf_counter()
+    interrupted = False
+    try:
+        for token in generate(model, logits, len(ids), kv, cfg.generation, session.info.stop_ids, policy):
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            piece = streamer.push(token)
+            if piece and on_text:
+                on_text(piece)
+    except KeyboardInterrupt:
+        interrupted = True
+    decode_s = time.perf_counter() - t1
+    n_gen = len(streamer.ids)
+    recycle_stats = getattr(policy, "stats", None) or {}
+    result: dict[str, Any] = {
+        "answer": streamer.text().strip(),
+        "model": session.info.name,
+        "prompt_tokens": len(ids),
+        "generated_tokens": n_gen,
+        "sources": sources,
+        "timings": {
+            "load_s": round(session.load_s, 3),
+            "prefill_s": round(prefill_s, 3),
+            "decode_s": round(decode_s, 3),
+            "prefill_tok_s": round(len(ids) / prefill_s, 1) if prefill_s else 0.0,
+            "decode_tok_s": round(max(0, n_gen - 1) / decode_s, 2) if decode_s and n_gen > 1 else 0.0,
+            "ttft_s": round(ttft if ttft is not None else prefill_s, 3),
+        },
+        "memory": {
+            "peak_rss_bytes": peak_rss_bytes(),
+            "kv_cache_bytes": kv.nbytes,
+            "gpu_peak_bytes": torch.cuda.max_memory_allocated(session.info.device)
+            if session.info.device.type == "cuda"
+            else None,
+        },
+        "dca": {
+            "enabled": plan.layout is not None,
+            "chunk_size": plan.layout.chunk_size if plan.layout else 0,
+            "local_window": plan.layout.local_window if plan.layout else 0,
+        },
+        "recycle": {
+            "enabled": policy is not None,
+            "k": recycle_stats.get("k", 0),
+            "stride": recycle_stats.get("stride", 0),
+            "full_steps": recycle_stats.get("full_steps", 0),
+            "recycled_steps": recycle_stats.get("recycled_steps", 0),
+        },
+        "cache": {"hit": False},
+    }
+    if interrupted:
+        result["interrupted"] = True
+    return result
+

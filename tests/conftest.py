@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random-weight models of each supported family, built from configs in code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "corpus"
+TESTDATA = REPO.parent / "shared" / "testdata"
+
+FAMILIES = {
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
+
+
+def tiny_model(family: str = "qwen2", dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.nn.Module:
+    """3 layers, 4 query heads over 2 KV heads (GQA), random weights large enough that greedy
+    decoding does not collapse onto one token."""
+    config_cls, model_cls = FAMILIES[family]
+    config = config_cls(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, initializer_range=0.2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return model_cls(config).eval().to(dtype)
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request: pytest.FixtureRequest) -> str:
+    return str(request.param)

@@ -1,0 +1,151 @@
+"""Attention kernels and Dual Chunk Attention against naive float64 references."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from longdoc.attention.dca import ChunkLayout, chunk_steps, chunked_attention, key_positions, query_positions
+from longdoc.attention.kernels import attend_cpu, attend_reference, merge_partials
+from longdoc.attention.rope import RopeTable
+
+from .conftest import TESTDATA
+
+KERNELS = [attend_reference, attend_cpu]
+
+
+def naive_dca(q, k, v, layout, theta):
+    """Independent float64 DCA: materialize every (query, key) score with its own rotation pair."""
+    h, n, d = q.shape
+    g = h // k.shape[0]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+
+    def rot(x, p):
+        ang = torch.as_tensor(p, dtype=torch.float64) * inv
+        cos, sin = torch.cat([ang.cos(), ang.cos()]), torch.cat([ang.sin(), ang.sin()])
+        return x * cos + torch.cat([-x[d // 2 :], x[: d // 2]]) * sin
+
+    out = torch.zeros_like(q)
+    for hh in range(h):
+        kh = hh // g
+        for i in range(n):
+            scores = []
+            for j in range(i + 1):
+                if layout is None:
+                    qp, kp = i, j
+                else:
+                    c, s = layout.chunk_len, layout.chunk_size
+                    kp = j % c
+                    gap = i // c - j // c
+                    qp = i % c if gap == 0 else (min(i % c + c, s) if gap == 1 else s)
+                scores.append(rot(q[hh, i], qp) @ rot(k[kh, j], kp) / d**0.5)
+            p = torch.softmax(torch.stack(scores), 0)
+            out[hh, i] = p @ v[kh, : i + 1]
+    return out
+
+
+def run_chunked(q, k, v, layout, theta, kernel, step):
+    """q (H, L, D), k/v (Hkv, L, D) float64 -> DCA output via the production path in prefill steps."""
+    d, n = q.shape[-1], q.shape[1]
+    table = RopeTable(1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d), dtype=torch.float64)
+    kc = table.rotate(k[None], key_positions(torch.arange(n), layout))
+    parts = [
+        chunked_attention(q[None, :, a:b], kc, v[None], a, table.rotate, layout, kernel, d**-0.5)
+        for a, b in chunk_steps(0, n, step, layout)
+    ]
+    return torch.cat(parts, dim=2)[0]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_kernels_match_reference(kernel, causal, dtype, tol):
+    torch.manual_seed(1)
+    q = torch.randn(2, 6, 9, 16, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 9, 16, dtype=torch.float64), torch.randn(2, 2, 9, 16, dtype=torch.float64)
+    q, k, v = (x.to(dtype) for x in (q, k, v))  # compare on the same (rounded) inputs
+    ref_out, ref_lse = attend_reference(q.double(), k.double(), v.double(), causal, 0.25)
+    out, lse = kernel(q, k, v, causal, 0.25)
+    assert out.dtype == dtype and lse.shape == (2, 6, 9)
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_lse_merge_of_key_splits_is_exact(kernel):
+    torch.manual_seed(2)
+    q = torch.randn(1, 4, 5, 8, dtype=torch.float64)
+    k, v = torch.randn(1, 2, 23, 8, dtype=torch.float64), torch.randn(1, 2, 23, 8, dtype=torch.float64)
+    whole = attend_reference(q, k, v, False, 0.3)
+    parts = [kernel(q, k[:, :, a:b], v[:, :, a:b], False, 0.3) for a, b in [(0, 7), (7, 8), (8, 23)]]
+    out, lse = merge_partials(parts)
+    torch.testing.assert_close(out, whole[0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(lse, whole[1], atol=1e-12, rtol=0)
+
+
+def test_query_and_key_positions():
+    layout = ChunkLayout(chunk_size=10, local_window=4)  # c = 6
+    pos = torch.arange(20)
+    assert key_positions(pos, layout).tolist() == [p % 6 for p in range(20)]
+    intra, succ, inter = query_positions(pos, layout)
+    assert intra.tolist() == [p % 6 for p in range(20)]
+    assert succ.tolist() == [min(p % 6 + 6, 10) for p in range(20)]
+    assert inter.tolist() == [10] * 20
+    # no relative distance beyond s: largest query index minus smallest key index
+    assert int(torch.stack([intra, succ, inter]).max()) - 0 <= layout.chunk_size
+
+
+def test_chunk_steps_never_cross_chunks():
+    layout = ChunkLayout(16, 4)  # c = 12
+    steps = chunk_steps(5, 50, 7, layout)
+    assert steps[0] == (5, 12) and steps[-1][1] == 50
+    assert all(a // 12 == (b - 1) // 12 and b - a <= 7 for a, b in steps)
+    assert chunk_steps(0, 10, 4, None) == [(0, 4), (4, 8), (8, 10)]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("layout", [None, ChunkLayout(8, 2), ChunkLayout(7, 3), ChunkLayout(12, 0)])
+@pytest.mark.parametrize("step", [1, 4, 100])
+def test_dca_matches_naive_reference(kernel, layout, step):
+    """GQA, several chunks, chunk lengths that do not divide L, prefill steps and 1-token decode."""
+    torch.manual_seed(3)
+    q = torch.randn(4, 29, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 29, 8, dtype=torch.float64), torch.randn(2, 29, 8, dtype=torch.float64)
+    got = run_chunked(q, k, v, layout, 10000.0, kernel, step)
+    torch.testing.assert_close(got, naive_dca(q, k, v, layout, 10000.0), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_dca_equals_plain_when_input_fits_one_chunk(kernel):
+    torch.manual_seed(4)
+    q = torch.randn(4, 20, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 20, 8, dtype=torch.float64), torch.randn(2, 20, 8, dtype=torch.float64)
+    dca = run_chunked(q, k, v, ChunkLayout(24, 4), 10000.0, kernel, 6)  # c = 20 = L
+    plain = run_chunked(q, k, v, None, 10000.0, kernel, 6)
+    torch.testing.assert_close(dca, plain, atol=1e-12, rtol=0)
+
+
+def load_vectors():
+    safetensors = pytest.importorskip("safetensors")
+    path = TESTDATA / "dca_vectors.safetensors"
+    if not path.exists():
+        pytest.skip("shared test vectors absent")
+    f = safetensors.safe_open(str(path), "pt")
+    return f, json.loads(f.metadata()["cases"])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("step", [5, 4096])
+def test_shared_dca_vectors(kernel, step):
+    f, cases = load_vectors()
+    assert len(cases) >= 4
+    for case in cases:
+        name = case["name"]
+        q, k, v = (f.get_tensor(f"{name}.{x}") for x in "qkv")
+        layout = ChunkLayout(case["s"], case["w"])
+        got = run_chunked(q, k, v, layout, case["theta"], kernel, step)
+        torch.testing.assert_close(got, f.get_tensor(f"{name}.out"), atol=1e-10, rtol=0)
+        plain = run_chunked(q, k, v, None, case["theta"], kernel, step)
+        torch.testing.assert_close(plain, f.get_tensor(f"{name}.plain_out"), atol=1e-10, rtol=0)
