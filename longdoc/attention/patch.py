@@ -97,8 +97,9 @@ class PatchedModel:
         h = self.model.model.norm(h)
         if all_logits:
             return h
-        return self.model.lm_head(h[:, -1]).float()
+        return self.logits(h[:, -1])
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden).float()
+        out = self.model.lm_head(hidden)
+        return out if out.dtype == torch.float64 else out.float()

@@ -46,9 +46,10 @@ def key_regions(idx: torch.Tensor, pos: int, layout: ChunkLayout | None) -> torc
 
 
 def scores_for(model: PatchedModel, qr: torch.Tensor, keys: torch.Tensor, regions: torch.Tensor | None) -> torch.Tensor:
-    """qr (R, 1, Hkv, G, D), keys (1, Hkv, N, D) -> scaled scores (1, Hkv, G, N) in float32, each key
+    """qr (R, 1, Hkv, G, D), keys (1, Hkv, N, D) -> scaled scores (1, Hkv, G, N) in float32 (float64 stays), each key
     scored with its region's query rotation."""
-    s = torch.matmul(qr, keys.unsqueeze(0).transpose(-1, -2)).float() * model.scale  # (R, 1, Hkv, G, N)
+    s = torch.matmul(qr, keys.unsqueeze(0).transpose(-1, -2))  # (R, 1, Hkv, G, N)
+    s = (s if s.dtype == torch.float64 else s.float()) * model.scale
     if regions is None:
         return s[0]
     # regions (N,) or (1, Hkv, N): pick rotation r for each key
