@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 
 from longdoc import errors
 from longdoc.config import DCAConfig, GenerationConfig, RecycleConfig, RunConfig
@@ -97,6 +99,18 @@ def _finish(reporter: Reporter, result: dict[str, Any]) -> None:
         raise typer.Exit(errors.EXIT_INTERRUPTED)
 
 
+def _ingest(reporter: Reporter, paths: list[str], pages: str | None, include: list[str] | None,
+            exclude: list[str] | None) -> tuple[list[Any], float]:
+    from longdoc import ingest
+
+    t0 = time.perf_counter()
+    docs = ingest.ingest_paths(paths, pages=pages, include=include or [], exclude=exclude or [])
+    for doc in docs:
+        for w in doc.warnings:
+            reporter.warn(w)
+    return docs, round(time.perf_counter() - t0, 3)
+
+
 @app.command()
 def ask(
     args: Annotated[list[str], typer.Argument(metavar="PATH... QUESTION", help="Inputs ('-' for stdin), then the question.")],
@@ -109,39 +123,247 @@ def ask(
     pages: Pages = None, include: Include = None, exclude: Exclude = None,
 ) -> None:
     """Answer a question about the inputs."""
-    from longdoc import ingest, pipeline
+    from longdoc import pipeline
     from longdoc.prompt import ask_prompt
 
-    reporter = Reporter(quiet=quiet or json_out and not sys.stderr.isatty() and False, json_mode=json_out)
+    reporter = Reporter(quiet=quiet, json_mode=json_out)
     with handled(reporter):
         if len(args) < 2:
-            raise UsageError("give at least one PATH and a QUESTION, e.g. longdoc ask paper.pdf \"What is proposed?\"")
+            raise UsageError('give at least one PATH and a QUESTION, e.g. longdoc ask paper.pdf "What is proposed?"')
         *paths, question = args
+        if not question.strip():
+            raise UsageError("the question is empty; ask something about the documents")
         cfg = run_config(model, device, dtype, dca, chunk_size, local_window, recycle, recycle_k, recycle_stride,
                          recycle_schedule, recycle_threshold, max_new_tokens, temperature, top_p, seed, max_context)
-        docs = _ingest(reporter, paths, pages, include, exclude)
+        docs, ingest_s = _ingest(reporter, paths, pages, include, exclude)
         session = pipeline.Session(cfg, reporter)
         prompt = ask_prompt(session.tokenizer, docs, question)
         sources = pipeline.source_entries(docs, session.count)
-        result = pipeline.run_prompt(session, prompt, sources, on_text=reporter.stream,
-                                     policy_factory=pipeline.recycle_policy_factory(cfg))
-        result["timings"]["ingest_s"] = reporter.ingest_s
+        result = pipeline.run_prompt(session, prompt, sources, on_text=reporter.stream)
+        result["timings"]["ingest_s"] = ingest_s
         _finish(reporter, result)
 
 
-def _ingest(reporter: Reporter, paths: list[str], pages: str | None, include: list[str] | None,
-            exclude: list[str] | None) -> list[Any]:
-    import time
+@app.command()
+def summarize(
+    paths: Annotated[list[str] | None, typer.Argument(metavar="PATH...", help="Inputs ('-' for stdin).")] = None,
+    style: Annotated[str, typer.Option("--style", help="brief | detailed | bullets")] = "brief",
+    max_words: Annotated[int | None, typer.Option("--max-words", help="Word limit for the summary.")] = None,
+    each: Annotated[bool, typer.Option("--each", help="One summary per input (JSONL with --json).")] = False,
+    model: Model = None, device: Device = "auto", dtype: Dtype = "auto",
+    dca: Dca = None, chunk_size: ChunkSize = None, local_window: LocalWindow = None,
+    recycle: Recycle = None, recycle_k: RecycleK = 2048, recycle_stride: RecycleStride = 16,
+    recycle_schedule: RecycleSchedule = "fixed", recycle_threshold: RecycleThreshold = 0.9,
+    max_new_tokens: MaxNew = 512, temperature: Temperature = 0.0, top_p: TopP = 1.0, seed: Seed = None,
+    json_out: Json = False, quiet: Quiet = False, max_context: MaxContext = None,
+    pages: Pages = None, include: Include = None, exclude: Exclude = None,
+) -> None:
+    """Summarize the inputs (together, or one by one with --each)."""
+    from longdoc import pipeline
+    from longdoc.prompt import format_documents as fmt
+    from longdoc.prompt import render, summary_instructions
 
-    from longdoc import ingest
+    reporter = Reporter(quiet=quiet, json_mode=json_out)
+    with handled(reporter):
+        if not paths:
+            raise UsageError("give at least one PATH to summarize ('-' reads stdin)")
+        cfg = run_config(model, device, dtype, dca, chunk_size, local_window, recycle, recycle_k, recycle_stride,
+                         recycle_schedule, recycle_threshold, max_new_tokens, temperature, top_p, seed, max_context)
+        fields = summary_instructions(style, max_words)
+        session: pipeline.Session | None = None
+        groups = [[p] for p in paths] if each else [paths]
+        failed = 0
+        for group in groups:
+            try:
+                docs, ingest_s = _ingest(reporter, group, pages, include, exclude)
+                session = session or pipeline.Session(cfg, reporter)
+                prompt = render(session.tokenizer, "summarize", documents=fmt(docs), **fields)
+                result = pipeline.run_prompt(session, prompt, pipeline.source_entries(docs, session.count),
+                                             on_text=reporter.stream)
+            except errors.InputError as exc:
+                if not each:
+                    raise
+                failed += 1
+                reporter.error(exc.message)
+                if json_out:
+                    reporter.json({"path": group[0], "error": exc.message})
+                continue
+            result["timings"]["ingest_s"] = ingest_s
+            if each and json_out:
+                reporter.json({"path": group[0], "summary": result["answer"], "prompt_tokens": result["prompt_tokens"],
+                               "timings": result["timings"]})
+                reporter.stats(result)
+            else:
+                _finish(reporter, result)
+        if failed:
+            raise typer.Exit(errors.EXIT_INPUT)
 
-    t0 = time.perf_counter()
-    docs = ingest.ingest_paths(paths, pages=pages, include=include or [], exclude=exclude or [])
-    for doc in docs:
-        for w in doc.warnings:
-            reporter.warn(w)
-    reporter.ingest_s = round(time.perf_counter() - t0, 3)
-    return docs
+
+@app.command()
+def count(
+    paths: Annotated[list[str] | None, typer.Argument(metavar="PATH...", help="Inputs ('-' for stdin).")] = None,
+    model: Model = None, device: Device = "auto", dtype: Dtype = "auto", dca: Dca = None,
+    max_new_tokens: MaxNew = 512, json_out: Json = False, quiet: Quiet = False, max_context: MaxContext = None,
+    pages: Pages = None, include: Include = None, exclude: Exclude = None,
+) -> None:
+    """Per-source token counts (model tokenizer and cl100k estimate) and whether they fit."""
+    from rich.table import Table
+
+    from longdoc import pipeline
+    from longdoc.prompt import ask_prompt
+    from longdoc.tokens import estimate_cl100k
+
+    reporter = Reporter(quiet=quiet, json_mode=json_out)
+    with handled(reporter):
+        if not paths:
+            raise UsageError("give at least one PATH to count")
+        cfg = RunConfig(model=model, device=device, dtype=dtype, max_context=max_context, dca=DCAConfig(enabled=dca),
+                        generation=GenerationConfig(max_new_tokens=max_new_tokens))
+        docs, _ = _ingest(reporter, paths, pages, include, exclude)
+        session = pipeline.Session(cfg, reporter)
+        rows = [{**entry, "cl100k": estimate_cl100k(doc.text)}
+                for entry, doc in zip(pipeline.source_entries(docs, session.count), docs, strict=True)]
+        prompt_tokens = session.count(ask_prompt(session.tokenizer, docs, "?"))
+        verdict: dict[str, Any] = {"fits": True, "reason": ""}
+        try:
+            plan = pipeline.make_plan(cfg, session.info, prompt_tokens)
+            verdict["dca"] = plan.layout is not None
+            verdict["max_context"] = plan.max_context
+        except errors.DoesNotFitError as exc:
+            verdict = {"fits": False, "reason": exc.message}
+        summary = {"sources": rows, "total_tokens": sum(r["tokens"] for r in rows), "prompt_tokens": prompt_tokens,
+                   "max_new_tokens": max_new_tokens, "model": session.info.name, **verdict}
+        if json_out:
+            reporter.json(summary)
+        else:
+            table = Table("source", "kind", "pages", "tokens", "cl100k")
+            for r in rows:
+                table.add_row(r["path"], r["kind"], str(r["pages"] or ""), f"{r['tokens']:,}", f"{r['cl100k']:,}")
+            table.add_row("total", "", "", f"{summary['total_tokens']:,}", f"{sum(r['cl100k'] for r in rows):,}")
+            out = Console(file=sys.stdout, highlight=False)
+            out.print(table)
+            if verdict["fits"]:
+                mode = "with DCA" if verdict.get("dca") else "with plain attention"
+                out.print(f"prompt {prompt_tokens:,} tokens + {max_new_tokens} answer tokens: fits ({mode}, "
+                          f"limit {verdict['max_context']:,})")
+            else:
+                out.print(f"does not fit: {verdict['reason']}")
+        if not verdict["fits"]:
+            raise typer.Exit(errors.EXIT_DOES_NOT_FIT)
+
+
+@app.command("models")
+def models_cmd(json_out: Json = False) -> None:
+    """The default model, known models, cached conversions, and what --model accepts."""
+    from longdoc import models
+
+    reporter = Reporter(json_mode=json_out)
+    with handled(reporter):
+        rows = models.list_models()
+        if json_out:
+            reporter.json({"models": rows, "cache_dir": str(models.cache_dir())})
+            return
+        out = Console(file=sys.stdout, highlight=False)
+        for row in rows:
+            out.print(" · ".join(f"{k}: {v}" for k, v in row.items() if v not in (None, "")))
+        out.print(f"cache: {models.cache_dir()}")
+        out.print("--model accepts: an alias above, a local Hugging Face folder (config.json + *.safetensors; "
+                  "llama, qwen2, mistral), or a .gguf file")
+
+
+def _csv(values: str, cast: Any) -> list[Any]:
+    try:
+        return [cast(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"expected a comma-separated list, got {values!r}") from None
+
+
+def _eval_session(reporter: Reporter, model: str | None, device: str, dtype: str, dca: bool | None,
+                  chunk_size: int | None, local_window: int | None) -> Any:
+    from longdoc import pipeline
+
+    cfg = run_config(model, device, dtype, dca, chunk_size, local_window, False, 2048, 16, "fixed", 0.9,
+                     16, 0.0, 1.0, None, None)
+    return pipeline.Session(cfg, reporter)
+
+
+def _eval_row(reporter: Reporter) -> Any:
+    return lambda row: reporter.status(" ".join(f"{k}={v}" for k, v in row.items()))
+
+
+@eval_app.command("passkey")
+def eval_passkey(
+    lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated prompt lengths in tokens.")] = "4096,8192",
+    depths: Annotated[str, typer.Option("--depths", help="Comma-separated depths in [0, 1].")] = "0.1,0.5,0.9",
+    trials: Annotated[int, typer.Option("--trials")] = 1,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    model: Model = None, device: Device = "auto", dtype: Dtype = "auto",
+    dca: Dca = None, chunk_size: ChunkSize = None, local_window: LocalWindow = None,
+    json_out: Json = False, quiet: Quiet = False,
+) -> None:
+    """Passkey retrieval: a 5-digit key hidden in filler at each depth."""
+    from longdoc.evals import passkey
+
+    reporter = Reporter(quiet=quiet, json_mode=json_out)
+    with handled(reporter):
+        session = _eval_session(reporter, model, device, dtype, dca, chunk_size, local_window)
+        result = passkey.run(session, _csv(lengths, int), _csv(depths, float), trials, seed, _eval_row(reporter))
+        _print_eval(reporter, session, result, f"passkey accuracy {result['accuracy']:.2f}")
+
+
+@eval_app.command("needle")
+def eval_needle(
+    lengths: Annotated[str, typer.Option("--lengths")] = "8192,16384",
+    depths: Annotated[str, typer.Option("--depths")] = "0.25,0.75",
+    keys: Annotated[str, typer.Option("--keys", help="Comma-separated needle counts (1 = single key).")] = "1,4",
+    trials: Annotated[int, typer.Option("--trials")] = 1,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    recycle_k: RecycleK = 2048, recycle_stride: RecycleStride = 16,
+    model: Model = None, device: Device = "auto", dtype: Dtype = "auto",
+    dca: Dca = None, chunk_size: ChunkSize = None, local_window: LocalWindow = None,
+    json_out: Json = False, quiet: Quiet = False,
+) -> None:
+    """Multi-token needle retrieval: full attention vs Recycled Attention vs a StreamingLLM baseline."""
+    from longdoc.evals import needle
+
+    reporter = Reporter(quiet=quiet, json_mode=json_out)
+    with handled(reporter):
+        session = _eval_session(reporter, model, device, dtype, dca, chunk_size, local_window)
+        result = needle.run(session, _csv(lengths, int), _csv(depths, float), _csv(keys, int), recycle_k,
+                            recycle_stride, trials, seed, _eval_row(reporter))
+        acc = " ".join(f"{m}={a:.2f}" for m, a in result["accuracy"].items())
+        _print_eval(reporter, session, result, f"needle accuracy {acc}")
+
+
+@eval_app.command("ppl")
+def eval_ppl(
+    file: Annotated[str, typer.Argument(help="Text, PDF or folder to measure on.")],
+    lengths: Annotated[str, typer.Option("--lengths")] = "4096,8192",
+    model: Model = None, device: Device = "auto", dtype: Dtype = "auto",
+    dca: Dca = None, chunk_size: ChunkSize = None, local_window: LocalWindow = None,
+    json_out: Json = False, quiet: Quiet = False, pages: Pages = None,
+) -> None:
+    """Perplexity of a text at given context lengths."""
+    from longdoc.evals import ppl
+    from longdoc.prompt import format_documents
+
+    reporter = Reporter(quiet=quiet, json_mode=json_out)
+    with handled(reporter):
+        docs, _ = _ingest(reporter, [file], pages, None, None)
+        session = _eval_session(reporter, model, device, dtype, dca, chunk_size, local_window)
+        result = ppl.run(session, format_documents(docs), _csv(lengths, int))
+        line = " ".join(f"{r['length']}:{r.get('ppl', r.get('error'))}" for r in result["results"])
+        _print_eval(reporter, session, result, f"perplexity {line}")
+
+
+def _print_eval(reporter: Reporter, session: Any, result: dict[str, Any], line: str) -> None:
+    cfg = session.cfg
+    result["settings"] = {"model": session.info.name, "dtype": session.info.dtype_name, "dca": cfg.dca.enabled,
+                          "chunk_size": cfg.dca.chunk_size, "local_window": cfg.dca.local_window}
+    if reporter.json_mode:
+        reporter.json(result)
+    else:
+        Console(file=sys.stdout, highlight=False).print(line)
 
 
 def main() -> None:

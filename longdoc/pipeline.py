@@ -6,10 +6,13 @@ result of DESIGN.md section 2), so scripts, tests and benchmarks use the same pa
 
 from __future__ import annotations
 
+import json
+import math
 import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -20,9 +23,10 @@ from longdoc.attention.dca import ChunkLayout
 from longdoc.attention.kernels import get_kernel
 from longdoc.attention.patch import AttentionSettings, PatchedModel
 from longdoc.config import RunConfig
-from longdoc.engine.decode import DecodePolicy, generate
+from longdoc.engine.decode import generate
 from longdoc.engine.kvstore import KVStore
 from longdoc.engine.prefill import prefill
+from longdoc.engine.recycled import RecycledPolicy
 from longdoc.errors import DoesNotFitError
 from longdoc.ingest import Document
 from longdoc.prompt import Budget
@@ -37,6 +41,72 @@ WORKING_SET_BYTES = 1_200_000_000
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class ModelInfo:
+    """Everything about a model that planning needs, known before its weights are loaded."""
+
+    name: str
+    source: models.ModelSource
+    folder: Path
+    tokenizer: Any
+    window: int
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    device: torch.device
+    dtype: torch.dtype
+    weight_bytes: int
+    stop_ids: set[int]
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def model_info(
+    spec: str | None, device: str, dtype: str, progress: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> ModelInfo:
+    """Resolve and verify a model (converting it once if needed) and read its config and tokenizer."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    source = models.resolve_model(spec)
+    dev = models.resolve_device(device)
+    dt = models.resolve_dtype(dtype, dev)
+    folder = models.ensure_converted(source, progress=progress, warn=warn)
+    config = models.check_model_folder(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    n_params = 0
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                n_params += math.prod(st.get_slice(key).get_shape())
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    stop_ids = set()
+    gen_path = folder / "generation_config.json"
+    if gen_path.exists():
+        eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        stop_ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        stop_ids.add(int(tokenizer.eos_token_id))
+    return ModelInfo(
+        name=source.name,
+        source=source,
+        folder=folder,
+        tokenizer=tokenizer,
+        window=int(config["max_position_embeddings"]),
+        n_layers=int(config["num_hidden_layers"]),
+        n_kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(head_dim),
+        device=dev,
+        dtype=dt,
+        weight_bytes=n_params * torch.empty(0, dtype=dt).element_size(),
+        stop_ids=stop_ids,
+    )
 
 
 @dataclass
@@ -57,7 +127,7 @@ class Plan:
         return self.weight_bytes + self.kv_bytes + WORKING_SET_BYTES
 
 
-def make_plan(cfg: RunConfig, info: models.ModelInfo, prompt_tokens: int) -> Plan:
+def make_plan(cfg: RunConfig, info: ModelInfo, prompt_tokens: int) -> Plan:
     """Decide DCA, context ceiling and recycling for this prompt; refuse what does not fit."""
     window = info.window
     need = prompt_tokens + cfg.generation.max_new_tokens
@@ -109,12 +179,14 @@ class Session:
 
     cfg: RunConfig
     reporter: Reporter
-    info: models.ModelInfo = field(init=False)
+    info: ModelInfo = field(init=False)
     _loaded: models.LoadedModel | None = None
     load_s: float = 0.0
 
     def __post_init__(self) -> None:
-        self.info = models.model_info(self.cfg.model, self.cfg.device, self.cfg.dtype, progress=self.reporter.status)
+        self.info = model_info(
+            self.cfg.model, self.cfg.device, self.cfg.dtype, progress=self.reporter.status, warn=self.reporter.warn
+        )
 
     @property
     def tokenizer(self) -> Any:
@@ -124,9 +196,14 @@ class Session:
         if self._loaded is None:
             t0 = time.perf_counter()
             self.reporter.status(f"loading {self.info.name} ({self.info.dtype_name}, {self.info.device})")
-            self._loaded = models.load_model(self.info)
+            # the folder is verified already: load it as a plain folder source
+            folder = models.ModelSource(kind="folder", name=self.info.name, path=self.info.folder)
+            self._loaded = models.load_model(folder, self.info.device, self.info.dtype)
             self.load_s = time.perf_counter() - t0
         return self._loaded
+
+    def count(self, text: str) -> int:
+        return len(self.encode(text))
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -145,7 +222,6 @@ def run_prompt(
     prompt: str,
     sources: list[dict[str, Any]],
     on_text: Callable[[str], None] | None = None,
-    policy_factory: Callable[[Plan], DecodePolicy | None] | None = None,
 ) -> dict[str, Any]:
     """Prefill ``prompt`` and decode an answer; returns the JSON result.
 
@@ -169,7 +245,7 @@ def run_prompt(
         )
     prefill_s = time.perf_counter() - t0
 
-    policy = policy_factory(plan) if policy_factory else None
+    policy = RecycledPolicy(cfg.recycle, session.info.n_layers) if plan.recycle else None
     streamer = TokenStreamer(session.tokenizer)
     ttft = None
     t1 = time.perf_counter()
@@ -185,7 +261,7 @@ def run_prompt(
         interrupted = True
     decode_s = time.perf_counter() - t1
     n_gen = len(streamer.ids)
-    recycle_stats = getattr(policy, "stats", None) or {}
+    recycle_stats = policy.stats if policy else {}
     result: dict[str, Any] = {
         "answer": streamer.text().strip(),
         "model": session.info.name,

@@ -1,0 +1,49 @@
+"""Shared pieces of the built-in evaluations: filler text of a target token length, one greedy answer."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from longdoc.config import GenerationConfig
+from longdoc.engine.decode import DecodePolicy, generate
+from longdoc.engine.prefill import prefill
+from longdoc.pipeline import Session, make_plan
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def filler_ids(session: Session, n_tokens: int) -> list[int]:
+    """Exactly ``n_tokens`` tokens of repeated filler (cut at a token boundary)."""
+    unit = session.encode(FILLER)
+    reps = n_tokens // len(unit) + 1
+    return (unit * reps)[:n_tokens]
+
+
+def answers(
+    session: Session, ids: list[int], max_new_tokens: int, policies: list[DecodePolicy | None]
+) -> list[tuple[str, dict[str, Any]]]:
+    """Greedy completions of raw token ids, one per decode policy, sharing one prefill.
+
+    Decoding only writes KV positions after the prompt, so each policy starts from the same cache.
+    """
+    cfg = session.cfg
+    cfg.generation = GenerationConfig(max_new_tokens=max_new_tokens)
+    plan = make_plan(cfg, session.info, len(ids))
+    model = session.patched(plan)
+    kv = model.new_store(len(ids) + max_new_tokens)
+    t0 = time.perf_counter()
+    logits = prefill(model, torch.tensor([ids], device=session.info.device), kv, cfg.prefill_step)
+    prefill_s = time.perf_counter() - t0
+    outputs = []
+    for policy in policies:
+        t1 = time.perf_counter()
+        out = list(generate(model, logits, len(ids), kv, cfg.generation, session.info.stop_ids, policy))
+        decode_s = time.perf_counter() - t1
+        text = session.tokenizer.decode(out, skip_special_tokens=True)
+        stats = {"prefill_s": round(prefill_s, 3), "decode_s": round(decode_s, 3), "generated": len(out),
+                 "dca": plan.layout is not None}
+        outputs.append((text, stats))
+    return outputs

@@ -1,0 +1,51 @@
+"""Passkey retrieval (the DCA paper's task): a random 5-digit key hidden at a depth in filler text;
+correct when the generated key matches exactly."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from typing import Any
+
+from longdoc.evals.common import answers, filler_ids
+from longdoc.pipeline import Session
+
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n"
+)
+QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+def build(session: Session, length: int, depth: float, key: int) -> list[int]:
+    """Token ids of about ``length`` tokens with the key sentence at ``depth`` (0 = start, 1 = end)."""
+    head = session.encode(INTRO)
+    needle = session.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ")
+    tail = session.encode(QUESTION)
+    body = filler_ids(session, max(0, length - len(head) - len(needle) - len(tail)))
+    cut = int(len(body) * depth)
+    return head + body[:cut] + needle + body[cut:] + tail
+
+
+def run(
+    session: Session, lengths: list[int], depths: list[float], trials: int, seed: int = 0,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    rng = random.Random(seed)
+    results = []
+    for length in lengths:
+        for depth in depths:
+            for _ in range(trials):
+                key = rng.randint(10000, 99999)
+                ids = build(session, length, depth, key)
+                [(text, stats)] = answers(session, ids, 8, [None])
+                found = re.search(r"\d{5}", text)
+                got = found.group(0) if found else text.strip()[:20]
+                row = {"length": length, "tokens": len(ids), "depth": depth, "key": str(key), "answer": got,
+                       "correct": got == str(key), **stats}
+                results.append(row)
+                if on_result:
+                    on_result(row)
+    accuracy = sum(r["correct"] for r in results) / max(1, len(results))
+    return {"task": "passkey", "accuracy": accuracy, "results": results}

@@ -1,0 +1,49 @@
+"""Perplexity of a text at given context lengths, through the same prefill path as answering.
+
+Logits are formed a slice of positions at a time, so no (L x vocab) buffer is ever held.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from longdoc.attention.dca import chunk_steps
+from longdoc.pipeline import Session, make_plan
+
+LOGIT_SLICE = 512  # positions per lm_head call: 512 x 151,936 float32 = 311 MB at most
+
+
+def nll_sum(session: Session, ids: list[int]) -> tuple[float, int]:
+    """Sum of next-token negative log-likelihoods over ids[1:], and their count."""
+    cfg = session.cfg
+    cfg.generation.max_new_tokens = 1
+    plan = make_plan(cfg, session.info, len(ids))
+    model = session.patched(plan)
+    kv = model.new_store(len(ids))
+    tokens = torch.tensor([ids], device=session.info.device)
+    total, count = 0.0, 0
+    for a, b in chunk_steps(0, len(ids), cfg.prefill_step, plan.layout):
+        hidden = model.forward(tokens[:, a:b], a, kv, all_logits=True)
+        for s in range(0, b - a, LOGIT_SLICE):
+            e = min(b - a, s + LOGIT_SLICE)
+            targets = tokens[0, a + s + 1 : a + e + 1]
+            logits = model.logits(hidden[0, s : s + len(targets)])
+            if len(targets):
+                total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+                count += len(targets)
+    return total, count
+
+
+def run(session: Session, text: str, lengths: list[int]) -> dict[str, Any]:
+    ids = session.encode(text)
+    results = []
+    for length in lengths:
+        if length > len(ids):
+            results.append({"length": length, "error": f"text has only {len(ids)} tokens"})
+            continue
+        total, count = nll_sum(session, ids[:length])
+        results.append({"length": length, "ppl": round(math.exp(total / count), 4), "tokens": count})
+    return {"task": "ppl", "results": results}
