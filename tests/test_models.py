@@ -496,6 +496,15 @@ def test_interrupted_conversion_leaves_nothing_trusted(cache, tmp_path, monkeypa
     assert not stale.exists()
 
 
+def test_unwritable_cache_is_a_model_error(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("LONGDOC_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    monkeypatch.setattr(models, "_convert_gguf", FakeConverter())
+    src = models.resolve_model(str(write_gguf_header(tmp_path / "tiny.gguf", "qwen2")))
+    with pytest.raises(ModelError, match="LONGDOC_CACHE_DIR"):
+        models.ensure_converted(src)
+
+
 def test_concurrent_conversions_convert_once(cache, tmp_path, monkeypatch):
     fake = FakeConverter(delay=0.5)
     monkeypatch.setattr(models, "_convert_gguf", fake)

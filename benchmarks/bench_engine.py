@@ -1,0 +1,119 @@
+"""Prefill and decode throughput and peak RSS: longdoc's engine vs plain transformers ``generate``.
+
+Each configuration runs in its own process (peak RSS is per process); all run back to back in one
+invocation so the ratios compare like with like on a noisy machine.
+
+    python benchmarks/bench_engine.py --lengths 2048,8192,16384 --new 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+from benchmarks.common import corpus_text, run_child, save
+
+
+def rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(mode: str, dtype: str, length: int, new: int, dca: str, chunk: int | None) -> dict:
+    from longdoc.config import DCAConfig, GenerationConfig, RunConfig
+    from longdoc.engine.decode import generate
+    from longdoc.engine.prefill import prefill
+    from longdoc.pipeline import Session, make_plan
+    from longdoc.render import Reporter
+
+    dca_flag = {"on": True, "off": False, "auto": None}[dca]
+    cfg = RunConfig(dtype=dtype, dca=DCAConfig(enabled=dca_flag, chunk_size=chunk),
+                    generation=GenerationConfig(max_new_tokens=new))
+    session = Session(cfg, Reporter(quiet=True))
+    ids = session.encode(corpus_text())[:length]
+    info = session.info
+    t0 = time.perf_counter()
+    if mode == "hf":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(info.folder), dtype=info.dtype, attn_implementation="sdpa")
+        load_s = time.perf_counter() - t0
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            t1 = time.perf_counter()
+            model.generate(x, max_new_tokens=1, do_sample=False)
+            t_prefill = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            out = model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            t_total = time.perf_counter() - t2
+        n_gen = out.shape[1] - len(ids)
+        decode_s = t_total - t_prefill
+        kv_bytes = None
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        dca_on = False
+    else:
+        plan = make_plan(cfg, info, len(ids))
+        model = session.patched(plan)
+        load_s = time.perf_counter() - t0
+        kv = model.new_store(len(ids) + new)
+        t1 = time.perf_counter()
+        logits = prefill(model, torch.tensor([ids]), kv, cfg.prefill_step)
+        t_prefill = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        toks = list(generate(model, logits, len(ids), kv, cfg.generation, set()))
+        decode_s = time.perf_counter() - t2
+        n_gen = len(toks)
+        kv_bytes = kv.nbytes
+        weights = info.weight_bytes
+        dca_on = plan.layout is not None
+    return {
+        "mode": mode, "dtype": str(info.dtype).removeprefix("torch."), "length": len(ids), "dca": dca_on,
+        "chunk_size": chunk, "load_s": round(load_s, 2), "prefill_s": round(t_prefill, 2),
+        "prefill_tok_s": round(len(ids) / t_prefill, 1),
+        "decode_tok_s": round((n_gen - 1) / decode_s, 2) if n_gen > 1 else None,
+        "peak_rss_bytes": rss(), "weight_bytes": weights, "kv_cache_bytes": kv_bytes,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--mode", default="longdoc")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--length", type=int, default=2048)
+    ap.add_argument("--lengths", default="2048,8192,16384")
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--dca", default="auto")
+    ap.add_argument("--chunk-size", type=int, default=None)
+    ap.add_argument("--configs", default="hf:float32,hf:bfloat16,longdoc:auto",
+                    help="mode:dtype[:dca[:chunk]] list")
+    ap.add_argument("--name", default="engine")
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(a.mode, a.dtype, a.length, a.new, a.dca, a.chunk_size)))
+        return
+    rows = []
+    for length in [int(x) for x in a.lengths.split(",")]:
+        for spec in a.configs.split(","):
+            mode, dtype, *rest = spec.split(":")
+            args = ["--mode", mode, "--dtype", dtype, "--length", str(length), "--new", str(a.new)]
+            if rest:
+                args += ["--dca", rest[0]]
+            if len(rest) > 1:
+                args += ["--chunk-size", rest[1]]
+            row = run_child("bench_engine.py", args)
+            row["config"] = spec
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    payload = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+               "cores": torch.get_num_threads(), "new_tokens": a.new, "rows": rows}
+    print(save(a.name, payload))
+
+
+if __name__ == "__main__":
+    main()

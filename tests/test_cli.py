@@ -1,0 +1,159 @@
+"""The command-line contract: exit codes, stdout/stderr separation, JSON fields; end to end on the
+real embedded model (marked slow; CI runs them)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from longdoc.cli import app
+
+from .conftest import CORPUS, REPO
+
+SAMPLES = REPO / "sample_docs"
+runner = CliRunner()
+
+
+def invoke(*args: str, input: str | bytes | None = None):
+    return runner.invoke(app, list(args), input=input)
+
+
+def assert_clean_error(result, code: int, fragment: str) -> None:
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    assert fragment in result.stderr
+    assert result.stdout == ""
+
+
+def test_missing_path_is_an_input_error(tmp_path):
+    assert_clean_error(invoke("ask", str(tmp_path / "nope.pdf"), "What?"), 3, "no such file")
+
+
+def test_empty_question_is_a_usage_error():
+    assert_clean_error(invoke("ask", str(SAMPLES / "notes.md"), "   "), 2, "question is empty")
+
+
+def test_question_without_path_is_a_usage_error():
+    assert_clean_error(invoke("ask", "What?"), 2, "PATH")
+
+
+def test_corrupt_pdf_is_an_input_error(tmp_path):
+    bad = tmp_path / "broken.pdf"
+    bad.write_bytes((SAMPLES / "report.pdf").read_bytes()[:700])
+    assert_clean_error(invoke("ask", str(bad), "What?"), 3, "broken.pdf")
+
+
+def test_empty_folder_is_an_input_error(tmp_path):
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02" * 100)
+    assert_clean_error(invoke("summarize", str(tmp_path)), 3, "no readable files")
+
+
+def test_bad_option_values_are_usage_errors():
+    assert_clean_error(invoke("ask", str(SAMPLES / "notes.md"), "q", "--recycle-schedule", "sometimes"), 2, "fixed")
+    assert_clean_error(invoke("ask", str(SAMPLES / "notes.md"), "q", "--chunk-size", "64", "--local-window", "64"),
+                       2, "local-window")
+    assert_clean_error(invoke("ask", str(SAMPLES / "report.pdf"), "q", "--pages", "7-9"), 2, "page")
+
+
+# ---- end to end on the embedded model -----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ask_pdf_json_answers_with_all_fields():
+    result = invoke("ask", str(SAMPLES / "report.pdf"), "What was the measured throughput of the Heron pump?",
+                    "--json", "--max-new-tokens", "48")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1  # one JSON object and nothing else on stdout
+    data = json.loads(lines[0])
+    assert "42.7" in data["answer"]
+    for key in ("answer", "model", "prompt_tokens", "generated_tokens", "sources", "timings", "memory", "dca",
+                "recycle", "cache"):
+        assert key in data
+    for key in ("ingest_s", "load_s", "prefill_s", "decode_s", "prefill_tok_s", "decode_tok_s", "ttft_s"):
+        assert data["timings"][key] >= 0
+    assert data["memory"]["peak_rss_bytes"] > 0 and data["memory"]["kv_cache_bytes"] > 0
+    assert data["sources"] == [{"path": str(SAMPLES / "report.pdf"), "kind": "pdf", "pages": 3,
+                                "tokens": data["sources"][0]["tokens"]}]
+    assert 0 < data["generated_tokens"] <= 48 and data["prompt_tokens"] > data["sources"][0]["tokens"]
+
+
+@pytest.mark.slow
+def test_ask_streams_plain_answer_and_stats_on_stderr():
+    result = invoke("ask", str(SAMPLES / "notes.md"), "Which TCP port does Lighthouse use for cache traffic?",
+                    "--max-new-tokens", "40")
+    assert result.exit_code == 0, result.stderr
+    assert "7311" in result.stdout
+    assert "prefill" in result.stderr and "peak RSS" in result.stderr
+    assert "prefill" not in result.stdout
+
+
+@pytest.mark.slow
+def test_ask_from_stdin():
+    text = (SAMPLES / "notes.md").read_text()
+    result = invoke("ask", "-", "Who is the author of these notes?", "--json", "--max-new-tokens", "32",
+                    input=text)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert "Okafor" in data["answer"]
+    assert data["sources"][0]["path"] == "<stdin>"
+
+
+@pytest.mark.slow
+def test_ask_code_folder():
+    result = invoke("ask", str(SAMPLES / "tinycalc"), "Which file defines the parser? Give the file name.",
+                    "--json", "--max-new-tokens", "40")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert "parser.py" in data["answer"]
+    assert data["sources"][0]["kind"] == "code"
+
+
+@pytest.mark.slow
+def test_prompt_over_max_context_is_refused_before_model_work():
+    result = invoke("ask", str(SAMPLES / "notes.md"), "What?", "--max-context", "300")
+    assert_clean_error(result, 4, "exceeds the context limit of 300")
+    assert "loading" not in result.stderr  # refused before any weights were loaded
+
+
+@pytest.mark.slow
+def test_dca_forced_on_short_input_gives_same_answer():
+    """--dca with the default chunk on a short prompt is exact plain attention: identical greedy answer."""
+    args = ("ask", str(SAMPLES / "notes.md"), "What is the default TTL?", "--json", "--max-new-tokens", "24")
+    plain = json.loads(invoke(*args, "--no-dca").stdout)
+    dca = json.loads(invoke(*args, "--dca").stdout)
+    assert dca["dca"]["enabled"] and not plain["dca"]["enabled"]
+    assert dca["answer"] == plain["answer"]
+
+
+@pytest.mark.slow
+def test_count_reports_per_source_and_fit():
+    result = invoke("count", str(SAMPLES / "notes.md"), str(SAMPLES / "report.pdf"), "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [s["kind"] for s in data["sources"]] == ["text", "pdf"]
+    assert all(s["tokens"] > 100 and s["cl100k"] > 100 for s in data["sources"])
+    assert data["fits"] is True
+    over = invoke("count", str(SAMPLES / "notes.md"), "--max-context", "200")
+    assert over.exit_code == 4 and "does not fit" in over.stdout
+
+
+@pytest.mark.slow
+def test_ask_real_paper_from_corpus():
+    paper = CORPUS / "chunkllama.pdf"
+    if not paper.exists():
+        pytest.skip("shared corpus absent")
+    result = invoke("ask", str(paper), "What is the name of the attention method this paper proposes?",
+                    "--json", "--max-new-tokens", "40", "--pages", "1-3")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert "Dual Chunk Attention" in data["answer"] or "DCA" in data["answer"]
+
+
+def test_models_lists_default():
+    result = invoke("models", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert any("qwen2.5-coder-0.5b" in json.dumps(m) for m in data["models"])
