@@ -810,8 +810,12 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     progress: Progress | None = None,
     warn: Progress | None = None,
+    tokenizer: Any = None,
 ) -> LoadedModel:
-    """Resolve, verify (converting once if needed) and load a model for inference."""
+    """Resolve, verify (converting once if needed) and load a model for inference.
+
+    Pass an already loaded ``tokenizer`` to skip loading it again (about a second here).
+    """
     start = time.perf_counter()
     source = spec if isinstance(spec, ModelSource) else resolve_model(spec)
     dev = resolve_device(device)
@@ -832,7 +836,8 @@ def load_model(
                 trust_remote_code=False,
                 attn_implementation="sdpa",
             )
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"could not load model from {folder}: {first}") from exc

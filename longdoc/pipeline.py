@@ -21,7 +21,7 @@ import torch
 from longdoc import models
 from longdoc.attention.dca import ChunkLayout
 from longdoc.attention.kernels import get_kernel
-from longdoc.attention.patch import AttentionSettings, PatchedModel
+from longdoc.attention.patch import AttentionSettings, PatchedModel, pack_linears
 from longdoc.config import RunConfig
 from longdoc.engine.decode import generate
 from longdoc.engine.kvstore import KVStore
@@ -66,7 +66,10 @@ class ModelInfo:
 
 
 def model_info(
-    spec: str | None, device: str, dtype: str, progress: Callable[[str], None] | None = None,
+    spec: str | None,
+    device: str,
+    dtype: str,
+    progress: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> ModelInfo:
     """Resolve and verify a model (converting it once if needed) and read its config and tokenizer."""
@@ -135,9 +138,8 @@ def make_plan(cfg: RunConfig, info: ModelInfo, prompt_tokens: int) -> Plan:
     layout = ChunkLayout.for_window(window, cfg.dca.chunk_size, cfg.dca.local_window) if dca_on else None
     ceiling = window * DCA_CONTEXT_FACTOR if cfg.dca.enabled is not False else window
     max_context = cfg.max_context or ceiling
-    hint = (
-        "pass fewer inputs, select pages with --pages, narrow a folder with --include/--exclude"
-        + (", or allow DCA (drop --no-dca)" if cfg.dca.enabled is False else ", or raise --max-context")
+    hint = "pass fewer inputs, select pages with --pages, narrow a folder with --include/--exclude" + (
+        ", or allow DCA (drop --no-dca)" if cfg.dca.enabled is False else ", or raise --max-context"
     )
     Budget(prompt_tokens, cfg.generation.max_new_tokens, max_context).check(hint)
     recycle = cfg.recycle.enabled if cfg.recycle.enabled is not None else prompt_tokens >= cfg.recycle.auto_min_context
@@ -198,7 +200,8 @@ class Session:
             self.reporter.status(f"loading {self.info.name} ({self.info.dtype_name}, {self.info.device})")
             # the folder is verified already: load it as a plain folder source
             folder = models.ModelSource(kind="folder", name=self.info.name, path=self.info.folder)
-            self._loaded = models.load_model(folder, self.info.device, self.info.dtype)
+            self._loaded = models.load_model(folder, self.info.device, self.info.dtype, tokenizer=self.tokenizer)
+            pack_linears(self._loaded.model)
             self.load_s = time.perf_counter() - t0
         return self._loaded
 
@@ -240,7 +243,10 @@ def run_prompt(
     id_tensor = torch.tensor([ids], device=session.info.device)
     with rep.progress("prefill", len(ids)):
         logits = prefill(
-            model, id_tensor, kv, cfg.prefill_step,
+            model,
+            id_tensor,
+            kv,
+            cfg.prefill_step,
             progress=lambda done, total: rep.advance(done, total, done / max(1e-9, time.perf_counter() - t0)),
         )
     prefill_s = time.perf_counter() - t0
@@ -300,4 +306,3 @@ def run_prompt(
     if interrupted:
         result["interrupted"] = True
     return result
-

@@ -31,8 +31,15 @@ def tiny_model(family: str = "qwen2", dtype: torch.dtype = torch.float64, seed: 
     decoding does not collapse onto one token."""
     config_cls, model_cls = FAMILIES[family]
     config = config_cls(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, initializer_range=0.2,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        initializer_range=0.2,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)

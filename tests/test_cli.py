@@ -52,8 +52,9 @@ def test_empty_folder_is_an_input_error(tmp_path):
 
 def test_bad_option_values_are_usage_errors():
     assert_clean_error(invoke("ask", str(SAMPLES / "notes.md"), "q", "--recycle-schedule", "sometimes"), 2, "fixed")
-    assert_clean_error(invoke("ask", str(SAMPLES / "notes.md"), "q", "--chunk-size", "64", "--local-window", "64"),
-                       2, "local-window")
+    assert_clean_error(
+        invoke("ask", str(SAMPLES / "notes.md"), "q", "--chunk-size", "64", "--local-window", "64"), 2, "local-window"
+    )
     assert_clean_error(invoke("ask", str(SAMPLES / "report.pdf"), "q", "--pages", "7-9"), 2, "page")
 
 
@@ -62,28 +63,50 @@ def test_bad_option_values_are_usage_errors():
 
 @pytest.mark.slow
 def test_ask_pdf_json_answers_with_all_fields():
-    result = invoke("ask", str(SAMPLES / "report.pdf"), "What was the measured throughput of the Heron pump?",
-                    "--json", "--max-new-tokens", "48")
+    result = invoke(
+        "ask",
+        str(SAMPLES / "report.pdf"),
+        "What was the measured throughput of the Heron pump?",
+        "--json",
+        "--max-new-tokens",
+        "48",
+    )
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1  # one JSON object and nothing else on stdout
     data = json.loads(lines[0])
     assert "42.7" in data["answer"]
-    for key in ("answer", "model", "prompt_tokens", "generated_tokens", "sources", "timings", "memory", "dca",
-                "recycle", "cache"):
+    for key in (
+        "answer",
+        "model",
+        "prompt_tokens",
+        "generated_tokens",
+        "sources",
+        "timings",
+        "memory",
+        "dca",
+        "recycle",
+        "cache",
+    ):
         assert key in data
     for key in ("ingest_s", "load_s", "prefill_s", "decode_s", "prefill_tok_s", "decode_tok_s", "ttft_s"):
         assert data["timings"][key] >= 0
     assert data["memory"]["peak_rss_bytes"] > 0 and data["memory"]["kv_cache_bytes"] > 0
-    assert data["sources"] == [{"path": str(SAMPLES / "report.pdf"), "kind": "pdf", "pages": 3,
-                                "tokens": data["sources"][0]["tokens"]}]
+    assert data["sources"] == [
+        {"path": str(SAMPLES / "report.pdf"), "kind": "pdf", "pages": 3, "tokens": data["sources"][0]["tokens"]}
+    ]
     assert 0 < data["generated_tokens"] <= 48 and data["prompt_tokens"] > data["sources"][0]["tokens"]
 
 
 @pytest.mark.slow
 def test_ask_streams_plain_answer_and_stats_on_stderr():
-    result = invoke("ask", str(SAMPLES / "notes.md"), "Which TCP port does Lighthouse use for cache traffic?",
-                    "--max-new-tokens", "40")
+    result = invoke(
+        "ask",
+        str(SAMPLES / "notes.md"),
+        "Which TCP port does Lighthouse use for cache traffic?",
+        "--max-new-tokens",
+        "40",
+    )
     assert result.exit_code == 0, result.stderr
     assert "7311" in result.stdout
     assert "prefill" in result.stderr and "peak RSS" in result.stderr
@@ -93,8 +116,7 @@ def test_ask_streams_plain_answer_and_stats_on_stderr():
 @pytest.mark.slow
 def test_ask_from_stdin():
     text = (SAMPLES / "notes.md").read_text()
-    result = invoke("ask", "-", "Who is the author of these notes?", "--json", "--max-new-tokens", "32",
-                    input=text)
+    result = invoke("ask", "-", "Who is the author of these notes?", "--json", "--max-new-tokens", "32", input=text)
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert "Okafor" in data["answer"]
@@ -103,8 +125,14 @@ def test_ask_from_stdin():
 
 @pytest.mark.slow
 def test_ask_code_folder():
-    result = invoke("ask", str(SAMPLES / "tinycalc"), "Which file defines the parser? Give the file name.",
-                    "--json", "--max-new-tokens", "40")
+    result = invoke(
+        "ask",
+        str(SAMPLES / "tinycalc"),
+        "Which file defines the parser? Give the file name.",
+        "--json",
+        "--max-new-tokens",
+        "40",
+    )
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert "parser.py" in data["answer"]
@@ -145,8 +173,16 @@ def test_ask_real_paper_from_corpus():
     paper = CORPUS / "chunkllama.pdf"
     if not paper.exists():
         pytest.skip("shared corpus absent")
-    result = invoke("ask", str(paper), "What is the name of the attention method this paper proposes?",
-                    "--json", "--max-new-tokens", "40", "--pages", "1-3")
+    result = invoke(
+        "ask",
+        str(paper),
+        "What is the name of the attention method this paper proposes?",
+        "--json",
+        "--max-new-tokens",
+        "40",
+        "--pages",
+        "1-3",
+    )
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert "Dual Chunk Attention" in data["answer"] or "DCA" in data["answer"]

@@ -26,7 +26,10 @@ def all_logits(pm, ids, step, layout=None):
     kv = pm.new_store(ids.shape[1])
     from longdoc.attention.dca import chunk_steps
 
-    out = [pm.logits(pm.forward(ids[:, a:b], a, kv, all_logits=True))[0] for a, b in chunk_steps(0, ids.shape[1], step, layout)]
+    out = [
+        pm.logits(pm.forward(ids[:, a:b], a, kv, all_logits=True))[0]
+        for a, b in chunk_steps(0, ids.shape[1], step, layout)
+    ]
     return torch.cat(out), kv
 
 

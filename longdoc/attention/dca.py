@@ -53,9 +53,7 @@ def key_positions(positions: torch.Tensor, layout: ChunkLayout | None) -> torch.
     return positions if layout is None else positions % layout.chunk_len
 
 
-def query_positions(
-    positions: torch.Tensor, layout: ChunkLayout
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def query_positions(positions: torch.Tensor, layout: ChunkLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(intra, successive, inter) rotation indices of queries at absolute ``positions``."""
     c, s = layout.chunk_len, layout.chunk_size
     intra = positions % c
@@ -115,7 +113,9 @@ def chunked_attention(
     if layout is not None and chunk_start > 0:
         _, succ, inter = query_positions(pos, layout)
         prev = chunk_start - layout.chunk_len
-        parts.append(kernel(rotate(q, succ), k_cache[:, :, prev:chunk_start], v_cache[:, :, prev:chunk_start], False, scale))
+        parts.append(
+            kernel(rotate(q, succ), k_cache[:, :, prev:chunk_start], v_cache[:, :, prev:chunk_start], False, scale)
+        )
         if prev > 0:
             parts.append(kernel(rotate(q, inter), k_cache[:, :, :prev], v_cache[:, :, :prev], False, scale))
     out, _ = merge_partials(parts)

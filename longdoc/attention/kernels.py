@@ -107,7 +107,7 @@ def attend_cuda(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """flash-attn when installed (GQA native), else torch's CUDA flash SDPA op with LSE."""
     try:
-        from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+        from flash_attn import flash_attn_func
     except ImportError:
         return _grouped(_cuda_sdpa_flash, q, k, v, causal, scale)
     out, lse, _ = flash_attn_func(

@@ -20,9 +20,7 @@ class DecodePolicy:
         return None
 
 
-def decode_one_token(
-    model: PatchedModel, token: int, pos: int, kv: KVStore, attend: Attend | None
-) -> torch.Tensor:
+def decode_one_token(model: PatchedModel, token: int, pos: int, kv: KVStore, attend: Attend | None) -> torch.Tensor:
     ids = torch.tensor([[token]], device=model.device)
     return model.forward(ids, pos, kv, attend)
 

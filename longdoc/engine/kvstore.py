@@ -12,7 +12,9 @@ class KVStore:
     projected. ``length`` is the number of positions written.
     """
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device: torch.device
+    ):
         shape = (1, n_kv_heads, capacity, head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]

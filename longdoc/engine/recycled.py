@@ -115,8 +115,12 @@ class RecycledPolicy(DecodePolicy):
 
     @property
     def stats(self) -> dict[str, int]:
-        return {"k": self.cfg.k, "stride": self.cfg.stride, "full_steps": self.full_steps,
-                "recycled_steps": self.recycled_steps}
+        return {
+            "k": self.cfg.k,
+            "stride": self.cfg.stride,
+            "full_steps": self.full_steps,
+            "recycled_steps": self.recycled_steps,
+        }
 
     def is_full_step(self, step: int) -> bool:
         if self._refresh or self.last_full_pos < 0:

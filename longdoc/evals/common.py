@@ -43,7 +43,11 @@ def answers(
         out = list(generate(model, logits, len(ids), kv, cfg.generation, session.info.stop_ids, policy))
         decode_s = time.perf_counter() - t1
         text = session.tokenizer.decode(out, skip_special_tokens=True)
-        stats = {"prefill_s": round(prefill_s, 3), "decode_s": round(decode_s, 3), "generated": len(out),
-                 "dca": plan.layout is not None}
+        stats = {
+            "prefill_s": round(prefill_s, 3),
+            "decode_s": round(decode_s, 3),
+            "generated": len(out),
+            "dca": plan.layout is not None,
+        }
         outputs.append((text, stats))
     return outputs

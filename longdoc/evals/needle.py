@@ -22,7 +22,9 @@ def make_code(rng: random.Random) -> str:
 def build(session: Session, length: int, depth: float, keys: dict[str, str], target: str) -> list[int]:
     """Filler of about ``length`` tokens; the target's needle at ``depth``, distractor needles spread out."""
     head = session.encode("Read the text below; it hides secret codes.\n")
-    tail = session.encode(f"\nWhat is the secret code for {target}? Answer with the code only. The secret code for {target} is")
+    tail = session.encode(
+        f"\nWhat is the secret code for {target}? Answer with the code only. The secret code for {target} is"
+    )
     needles = {name: session.encode(f" The secret code for {name} is {code}. ") for name, code in keys.items()}
     body = filler_ids(session, max(0, length - len(head) - len(tail) - sum(map(len, needles.values()))))
     others = [n for n in keys if n != target]
@@ -36,16 +38,21 @@ def build(session: Session, length: int, depth: float, keys: dict[str, str], tar
 
 
 def run(
-    session: Session, lengths: list[int], depths: list[float], n_keys: list[int], budget: int, stride: int,
-    trials: int = 1, seed: int = 0, on_result: Callable[[dict[str, Any]], None] | None = None,
+    session: Session,
+    lengths: list[int],
+    depths: list[float],
+    n_keys: list[int],
+    budget: int,
+    stride: int,
+    trials: int = 1,
+    seed: int = 0,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     n_layers = session.info.n_layers
     methods: dict[str, Callable[[], DecodePolicy | None]] = {
         "full": lambda: None,
-        "recycled": lambda: RecycledPolicy(
-            type(session.cfg.recycle)(enabled=True, k=budget, stride=stride), n_layers
-        ),
+        "recycled": lambda: RecycledPolicy(type(session.cfg.recycle)(enabled=True, k=budget, stride=stride), n_layers),
         "streaming": lambda: StreamingPolicy(budget),
     }
     results = []
@@ -59,9 +66,16 @@ def run(
                     ids = build(session, length, depth, keys, target)
                     outs = answers(session, ids, 16, [make() for make in methods.values()])
                     for method, (text, stats) in zip(methods, outs, strict=True):
-                        row = {"method": method, "length": length, "depth": depth, "keys": k,
-                               "expected": keys[target], "answer": text.strip(), "correct": keys[target] in text,
-                               **stats}
+                        row = {
+                            "method": method,
+                            "length": length,
+                            "depth": depth,
+                            "keys": k,
+                            "expected": keys[target],
+                            "answer": text.strip(),
+                            "correct": keys[target] in text,
+                            **stats,
+                        }
                         results.append(row)
                         if on_result:
                             on_result(row)

@@ -29,7 +29,11 @@ def build(session: Session, length: int, depth: float, key: int) -> list[int]:
 
 
 def run(
-    session: Session, lengths: list[int], depths: list[float], trials: int, seed: int = 0,
+    session: Session,
+    lengths: list[int],
+    depths: list[float],
+    trials: int,
+    seed: int = 0,
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     rng = random.Random(seed)
@@ -42,8 +46,15 @@ def run(
                 [(text, stats)] = answers(session, ids, 8, [None])
                 found = re.search(r"\d{5}", text)
                 got = found.group(0) if found else text.strip()[:20]
-                row = {"length": length, "tokens": len(ids), "depth": depth, "key": str(key), "answer": got,
-                       "correct": got == str(key), **stats}
+                row = {
+                    "length": length,
+                    "tokens": len(ids),
+                    "depth": depth,
+                    "key": str(key),
+                    "answer": got,
+                    "correct": got == str(key),
+                    **stats,
+                }
                 results.append(row)
                 if on_result:
                     on_result(row)
