@@ -128,3 +128,18 @@ def test_generation_stops_on_stop_id_and_budget():
     logits = prefill(pm, ids, kv, step=12)
     stopped = list(generate(pm, logits, 12, kv, GenerationConfig(max_new_tokens=8), {tokens[2]}))
     assert stopped == tokens[: tokens.index(tokens[2])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linears_give_identical_outputs(dtype):
+    from longdoc.attention.patch import PackedLinear, can_pack, pack_linears
+
+    model = tiny_model(dtype=dtype)
+    if not can_pack(model):
+        pytest.skip("oneDNN packing unavailable")
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(8))
+    before, _ = all_logits(patched(model), ids, step=7)
+    assert pack_linears(model) == 3 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
+    assert isinstance(model.lm_head, PackedLinear)
+    after, _ = all_logits(patched(model), ids, step=7)
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)  # oneDNN may sum in another order

@@ -1,0 +1,55 @@
+"""Planning before any model work: DCA switching, context ceilings, memory refusal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from longdoc import models
+from longdoc.config import DCAConfig, GenerationConfig, RunConfig
+from longdoc.errors import DoesNotFitError
+from longdoc.pipeline import ModelInfo, make_plan
+
+
+def info(window: int = 32768, weight_bytes: int = 1_000_000_000) -> ModelInfo:
+    return ModelInfo(
+        name="tiny", source=models.ModelSource(kind="folder", name="tiny", path=Path(".")), folder=Path("."),
+        tokenizer=None, window=window, n_layers=24, n_kv_heads=2, head_dim=64, device=torch.device("cpu"),
+        dtype=torch.bfloat16, weight_bytes=weight_bytes, stop_ids=set(),
+    )
+
+
+def cfg(**kw) -> RunConfig:
+    dca = DCAConfig(**{k: kw.pop(k) for k in ("enabled", "chunk_size", "local_window") if k in kw})
+    return RunConfig(dca=dca, generation=GenerationConfig(max_new_tokens=kw.pop("new", 512)), **kw)
+
+
+def test_dca_switches_on_past_the_window():
+    assert make_plan(cfg(), info(), 30_000).layout is None
+    plan = make_plan(cfg(), info(), 40_000)
+    assert plan.layout is not None
+    assert (plan.layout.chunk_size, plan.layout.local_window) == (24576, 4096)  # 3W/4, W/8
+    assert make_plan(cfg(enabled=True), info(), 100).layout is not None
+    assert make_plan(cfg(enabled=True, chunk_size=2048, local_window=256), info(), 100).layout.chunk_len == 1792
+
+
+def test_context_ceiling_and_refusal_message():
+    with pytest.raises(DoesNotFitError, match="by 512 tokens"):
+        make_plan(cfg(enabled=False), info(), 32_768)
+    assert make_plan(cfg(), info(), 4 * 32768 - 512).max_context == 4 * 32768
+    with pytest.raises(DoesNotFitError, match="exceeds the context limit of 131,072"):
+        make_plan(cfg(), info(), 4 * 32768)
+    with pytest.raises(DoesNotFitError, match="limit of 1,000"):
+        make_plan(cfg(max_context=1000), info(), 600)
+
+
+def test_memory_refusal_names_what_would_fit():
+    with pytest.raises(DoesNotFitError, match="tokens would fit"):
+        make_plan(cfg(max_context=10**9), info(weight_bytes=10**15), 1000)
+
+
+def test_kv_bytes_follow_the_model_shape():
+    plan = make_plan(cfg(new=0), info(), 1000)
+    assert plan.kv_bytes == 1000 * 2 * 24 * 2 * 64 * 2
