@@ -12,6 +12,9 @@ class DCAConfig:
     # None = derived from the trained window W: chunk_size 3W/4, local_window W/8 (ChunkLlama).
     chunk_size: int | None = None
     local_window: int | None = None
+    # Attention temperature for prompts beyond the window: logits x (0.1 ln(L/W) + 1)^2, i.e. that factor
+    # on both q and k (ChunkLlama/vLLM, after YaRN). Off by default: benchmarks/RESULTS.md has the measurement.
+    temperature: bool = False
 
 
 @dataclass

@@ -124,6 +124,7 @@ class Plan:
     recycle: bool
     kv_bytes: int
     weight_bytes: int
+    logit_scale: float = 1.0
 
     @property
     def total_bytes(self) -> int:
@@ -153,6 +154,8 @@ def make_plan(cfg: RunConfig, info: ModelInfo, prompt_tokens: int) -> Plan:
         kv_bytes=need * KVStore.bytes_per_token(info.n_layers, info.n_kv_heads, info.head_dim, info.dtype),
         weight_bytes=info.weight_bytes,
     )
+    if layout is not None and cfg.dca.temperature and need > window:
+        plan.logit_scale = (0.1 * math.log(need / window) + 1) ** 2
     check_memory(plan, info.device)
     return plan
 
@@ -213,7 +216,7 @@ class Session:
 
     def patched(self, plan: Plan) -> PatchedModel:
         kernel = get_kernel(self.cfg.kernel, self.info.device)
-        return PatchedModel(self.loaded().model, AttentionSettings(plan.layout, kernel))
+        return PatchedModel(self.loaded().model, AttentionSettings(plan.layout, kernel, plan.logit_scale))
 
 
 def source_entries(docs: list[Document], count: Callable[[str], int]) -> list[dict[str, Any]]:
@@ -293,6 +296,7 @@ def run_prompt(
             "enabled": plan.layout is not None,
             "chunk_size": plan.layout.chunk_size if plan.layout else 0,
             "local_window": plan.layout.local_window if plan.layout else 0,
+            "logit_scale": round(plan.logit_scale, 4),
         },
         "recycle": {
             "enabled": policy is not None,

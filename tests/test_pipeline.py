@@ -22,7 +22,7 @@ def info(window: int = 32768, weight_bytes: int = 1_000_000_000) -> ModelInfo:
 
 
 def cfg(**kw) -> RunConfig:
-    dca = DCAConfig(**{k: kw.pop(k) for k in ("enabled", "chunk_size", "local_window") if k in kw})
+    dca = DCAConfig(**{k: kw.pop(k) for k in ("enabled", "chunk_size", "local_window", "temperature") if k in kw})
     return RunConfig(dca=dca, generation=GenerationConfig(max_new_tokens=kw.pop("new", 512)), **kw)
 
 
@@ -53,3 +53,13 @@ def test_memory_refusal_names_what_would_fit():
 def test_kv_bytes_follow_the_model_shape():
     plan = make_plan(cfg(new=0), info(), 1000)
     assert plan.kv_bytes == 1000 * 2 * 24 * 2 * 64 * 2
+
+
+def test_attention_temperature_only_beyond_the_window():
+    import math
+
+    c = cfg(temperature=True, new=0)
+    assert make_plan(c, info(), 30_000).logit_scale == 1.0
+    plan = make_plan(c, info(), 65_536)
+    assert plan.logit_scale == pytest.approx((0.1 * math.log(2) + 1) ** 2)
+    assert make_plan(cfg(new=0), info(), 65_536).logit_scale == 1.0  # off by default

@@ -32,6 +32,8 @@ Attend = Callable[[int, torch.Tensor, int], torch.Tensor]
 class AttentionSettings:
     layout: ChunkLayout | None  # None = plain causal attention
     kernel: Kernel
+    # Multiplies the softmax scale: the DCA attention temperature for lengths beyond the window.
+    logit_scale: float = 1.0
 
 
 class PatchedModel:
@@ -49,7 +51,7 @@ class PatchedModel:
         self.layers: list[Any] = list(model.model.layers)
         first = self.layers[0].self_attn
         self.head_dim: int = first.head_dim
-        self.scale: float = first.scaling
+        self.scale: float = first.scaling * settings.logit_scale
         self.n_heads: int = config.num_attention_heads
         self.n_kv_heads: int = config.num_key_value_heads
         param = next(model.parameters())
