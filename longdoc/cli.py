@@ -25,17 +25,32 @@ eval_app = typer.Typer(no_args_is_help=True, help="Built-in long-context checks 
 app.add_typer(eval_app, name="eval")
 
 # Options shared by every command that runs the model (names are part of the contract).
-Model = Annotated[str | None, typer.Option("-m", "--model", help="Model: default embedded, a local HF folder, or a .gguf file.")]
+Model = Annotated[
+    str | None, typer.Option("-m", "--model", help="Model: default embedded, a local HF folder, or a .gguf file.")
+]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto | bfloat16 | float32 | float16")]
-Dca = Annotated[bool | None, typer.Option("--dca/--no-dca", help="Dual Chunk Attention (default: on when the prompt exceeds the model window).")]
-ChunkSize = Annotated[int | None, typer.Option("--chunk-size", help="DCA chunk size s (default 3/4 of the model window).")]
-LocalWindow = Annotated[int | None, typer.Option("--local-window", help="DCA local window w (default 1/8 of the model window).")]
-Recycle = Annotated[bool | None, typer.Option("--recycle/--no-recycle", help="Recycled Attention decoding (default: on for contexts >= 8K).")]
+Dca = Annotated[
+    bool | None,
+    typer.Option("--dca/--no-dca", help="Dual Chunk Attention (default: on when the prompt exceeds the model window)."),
+]
+ChunkSize = Annotated[
+    int | None, typer.Option("--chunk-size", help="DCA chunk size s (default 3/4 of the model window).")
+]
+LocalWindow = Annotated[
+    int | None, typer.Option("--local-window", help="DCA local window w (default 1/8 of the model window).")
+]
+Recycle = Annotated[
+    bool | None,
+    typer.Option("--recycle/--no-recycle", help="Recycled Attention decoding (default: on for contexts >= 8K)."),
+]
 RecycleK = Annotated[int, typer.Option("--recycle-k", help="Recycled keys per layer and KV head.")]
 RecycleStride = Annotated[int, typer.Option("--recycle-stride", help="A full-attention step every N decode steps.")]
 RecycleSchedule = Annotated[str, typer.Option("--recycle-schedule", help="fixed | dynamic")]
-RecycleThreshold = Annotated[float, typer.Option("--recycle-threshold", help="Dynamic schedule: query cosine similarity below which a full step runs.")]
+RecycleThreshold = Annotated[
+    float,
+    typer.Option("--recycle-threshold", help="Dynamic schedule: query cosine similarity below which a full step runs."),
+]
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate.")]
 Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy.")]
 TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with --temperature > 0).")]
@@ -65,9 +80,22 @@ def handled(reporter: Reporter) -> Iterator[None]:
 
 
 def run_config(
-    model: str | None, device: str, dtype: str, dca: bool | None, chunk_size: int | None, local_window: int | None,
-    recycle: bool | None, recycle_k: int, recycle_stride: int, recycle_schedule: str, recycle_threshold: float,
-    max_new_tokens: int, temperature: float, top_p: float, seed: int | None, max_context: int | None,
+    model: str | None,
+    device: str,
+    dtype: str,
+    dca: bool | None,
+    chunk_size: int | None,
+    local_window: int | None,
+    recycle: bool | None,
+    recycle_k: int,
+    recycle_stride: int,
+    recycle_schedule: str,
+    recycle_threshold: float,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    max_context: int | None,
 ) -> RunConfig:
     if max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
@@ -80,7 +108,10 @@ def run_config(
     if chunk_size is not None and local_window is not None and not 0 <= local_window < chunk_size:
         raise UsageError("--local-window must be smaller than --chunk-size")
     return RunConfig(
-        model=model, device=device, dtype=dtype, max_context=max_context,
+        model=model,
+        device=device,
+        dtype=dtype,
+        max_context=max_context,
         dca=DCAConfig(enabled=dca, chunk_size=chunk_size, local_window=local_window),
         recycle=RecycleConfig(
             enabled=recycle, k=recycle_k, stride=recycle_stride, schedule=recycle_schedule, threshold=recycle_threshold
@@ -99,8 +130,9 @@ def _finish(reporter: Reporter, result: dict[str, Any]) -> None:
         raise typer.Exit(errors.EXIT_INTERRUPTED)
 
 
-def _ingest(reporter: Reporter, paths: list[str], pages: str | None, include: list[str] | None,
-            exclude: list[str] | None) -> tuple[list[Any], float]:
+def _ingest(
+    reporter: Reporter, paths: list[str], pages: str | None, include: list[str] | None, exclude: list[str] | None
+) -> tuple[list[Any], float]:
     from longdoc import ingest
 
     t0 = time.perf_counter()
@@ -113,14 +145,30 @@ def _ingest(reporter: Reporter, paths: list[str], pages: str | None, include: li
 
 @app.command()
 def ask(
-    args: Annotated[list[str], typer.Argument(metavar="PATH... QUESTION", help="Inputs ('-' for stdin), then the question.")],
-    model: Model = None, device: Device = "auto", dtype: Dtype = "auto",
-    dca: Dca = None, chunk_size: ChunkSize = None, local_window: LocalWindow = None,
-    recycle: Recycle = None, recycle_k: RecycleK = 2048, recycle_stride: RecycleStride = 16,
-    recycle_schedule: RecycleSchedule = "fixed", recycle_threshold: RecycleThreshold = 0.9,
-    max_new_tokens: MaxNew = 512, temperature: Temperature = 0.0, top_p: TopP = 1.0, seed: Seed = None,
-    json_out: Json = False, quiet: Quiet = False, max_context: MaxContext = None,
-    pages: Pages = None, include: Include = None, exclude: Exclude = None,
+    args: Annotated[
+        list[str], typer.Argument(metavar="PATH... QUESTION", help="Inputs ('-' for stdin), then the question.")
+    ],
+    model: Model = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    dca: Dca = None,
+    chunk_size: ChunkSize = None,
+    local_window: LocalWindow = None,
+    recycle: Recycle = None,
+    recycle_k: RecycleK = 2048,
+    recycle_stride: RecycleStride = 16,
+    recycle_schedule: RecycleSchedule = "fixed",
+    recycle_threshold: RecycleThreshold = 0.9,
+    max_new_tokens: MaxNew = 512,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    seed: Seed = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
+    max_context: MaxContext = None,
+    pages: Pages = None,
+    include: Include = None,
+    exclude: Exclude = None,
 ) -> None:
     """Answer a question about the inputs."""
     from longdoc import pipeline
@@ -134,8 +182,24 @@ def ask(
         *paths, question = args
         if not question.strip():
             raise UsageError("the question is empty; ask something about the documents")
-        cfg = run_config(model, device, dtype, dca, chunk_size, local_window, recycle, recycle_k, recycle_stride,
-                         recycle_schedule, recycle_threshold, max_new_tokens, temperature, top_p, seed, max_context)
+        cfg = run_config(
+            model,
+            device,
+            dtype,
+            dca,
+            chunk_size,
+            local_window,
+            recycle,
+            recycle_k,
+            recycle_stride,
+            recycle_schedule,
+            recycle_threshold,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            max_context,
+        )
         docs, ingest_s = _ingest(reporter, paths, pages, include, exclude)
         session = pipeline.Session(cfg, reporter)
         prompt = ask_prompt(session.tokenizer, docs, question)
@@ -152,17 +216,36 @@ def summarize(
     style: Annotated[str, typer.Option("--style", help="brief | detailed | bullets")] = "brief",
     max_words: Annotated[int | None, typer.Option("--max-words", help="Word limit for the summary.")] = None,
     each: Annotated[bool, typer.Option("--each", help="One summary per input (JSONL with --json).")] = False,
-    paths_from: Annotated[str | None, typer.Option(
-        "--paths-from", metavar="FILE|-", help="Also read input paths from FILE ('-': stdin), one per line.")] = None,
-    null: Annotated[bool, typer.Option("-0", "--null", help="--paths-from input is NUL-separated (find -print0).")]
-    = False,
-    model: Model = None, device: Device = "auto", dtype: Dtype = "auto",
-    dca: Dca = None, chunk_size: ChunkSize = None, local_window: LocalWindow = None,
-    recycle: Recycle = None, recycle_k: RecycleK = 2048, recycle_stride: RecycleStride = 16,
-    recycle_schedule: RecycleSchedule = "fixed", recycle_threshold: RecycleThreshold = 0.9,
-    max_new_tokens: MaxNew = 512, temperature: Temperature = 0.0, top_p: TopP = 1.0, seed: Seed = None,
-    json_out: Json = False, quiet: Quiet = False, max_context: MaxContext = None,
-    pages: Pages = None, include: Include = None, exclude: Exclude = None,
+    paths_from: Annotated[
+        str | None,
+        typer.Option(
+            "--paths-from", metavar="FILE|-", help="Also read input paths from FILE ('-': stdin), one per line."
+        ),
+    ] = None,
+    null: Annotated[
+        bool, typer.Option("-0", "--null", help="--paths-from input is NUL-separated (find -print0).")
+    ] = False,
+    model: Model = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    dca: Dca = None,
+    chunk_size: ChunkSize = None,
+    local_window: LocalWindow = None,
+    recycle: Recycle = None,
+    recycle_k: RecycleK = 2048,
+    recycle_stride: RecycleStride = 16,
+    recycle_schedule: RecycleSchedule = "fixed",
+    recycle_threshold: RecycleThreshold = 0.9,
+    max_new_tokens: MaxNew = 512,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    seed: Seed = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
+    max_context: MaxContext = None,
+    pages: Pages = None,
+    include: Include = None,
+    exclude: Exclude = None,
 ) -> None:
     """Summarize the inputs (together, or one by one with --each); map-reduce when they do not fit at once."""
     from longdoc import pipeline
@@ -185,8 +268,24 @@ def summarize(
         summary_instructions(style, max_words)  # a bad --style is a usage error before any work
         if max_words is not None and max_words < 1:
             raise UsageError("--max-words must be at least 1")
-        cfg = run_config(model, device, dtype, dca, chunk_size, local_window, recycle, recycle_k, recycle_stride,
-                         recycle_schedule, recycle_threshold, max_new_tokens, temperature, top_p, seed, max_context)
+        cfg = run_config(
+            model,
+            device,
+            dtype,
+            dca,
+            chunk_size,
+            local_window,
+            recycle,
+            recycle_k,
+            recycle_stride,
+            recycle_schedule,
+            recycle_threshold,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            max_context,
+        )
         session: pipeline.Session | None = None
         groups = [[p] for p in paths] if each else [paths]
         failures: list[int] = []
@@ -208,8 +307,13 @@ def summarize(
             result["timings"]["ingest_s"] = ingest_s
             result["citations"] = extract_citations(result["answer"], docs)
             if each and json_out:
-                line = {"path": group[0], "summary": result["answer"], "prompt_tokens": result["prompt_tokens"],
-                        "timings": result["timings"], "plan": result["plan"]}
+                line = {
+                    "path": group[0],
+                    "summary": result["answer"],
+                    "prompt_tokens": result["prompt_tokens"],
+                    "timings": result["timings"],
+                    "plan": result["plan"],
+                }
                 if result["citations"]:
                     line["citations"] = result["citations"]
                 reporter.json(line)
@@ -226,9 +330,17 @@ def summarize(
 @app.command()
 def count(
     paths: Annotated[list[str] | None, typer.Argument(metavar="PATH...", help="Inputs ('-' for stdin).")] = None,
-    model: Model = None, device: Device = "auto", dtype: Dtype = "auto", dca: Dca = None,
-    max_new_tokens: MaxNew = 512, json_out: Json = False, quiet: Quiet = False, max_context: MaxContext = None,
-    pages: Pages = None, include: Include = None, exclude: Exclude = None,
+    model: Model = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    dca: Dca = None,
+    max_new_tokens: MaxNew = 512,
+    json_out: Json = False,
+    quiet: Quiet = False,
+    max_context: MaxContext = None,
+    pages: Pages = None,
+    include: Include = None,
+    exclude: Exclude = None,
 ) -> None:
     """Per-source token counts (model tokenizer and cl100k estimate) and whether they fit."""
     from rich.table import Table
@@ -241,12 +353,20 @@ def count(
     with handled(reporter):
         if not paths:
             raise UsageError("give at least one PATH to count")
-        cfg = RunConfig(model=model, device=device, dtype=dtype, max_context=max_context, dca=DCAConfig(enabled=dca),
-                        generation=GenerationConfig(max_new_tokens=max_new_tokens))
+        cfg = RunConfig(
+            model=model,
+            device=device,
+            dtype=dtype,
+            max_context=max_context,
+            dca=DCAConfig(enabled=dca),
+            generation=GenerationConfig(max_new_tokens=max_new_tokens),
+        )
         docs, _ = _ingest(reporter, paths, pages, include, exclude)
         session = pipeline.Session(cfg, reporter)
-        rows = [{**entry, "cl100k": estimate_cl100k(doc.text)}
-                for entry, doc in zip(pipeline.source_entries(docs, session.count), docs, strict=True)]
+        rows = [
+            {**entry, "cl100k": estimate_cl100k(doc.text)}
+            for entry, doc in zip(pipeline.source_entries(docs, session.count), docs, strict=True)
+        ]
         prompt_tokens = session.count(ask_prompt(session.tokenizer, docs, "?"))
         verdict: dict[str, Any] = {"fits": True, "reason": ""}
         try:
@@ -255,8 +375,14 @@ def count(
             verdict["max_context"] = plan.max_context
         except errors.DoesNotFitError as exc:
             verdict = {"fits": False, "reason": exc.message}
-        summary = {"sources": rows, "total_tokens": sum(r["tokens"] for r in rows), "prompt_tokens": prompt_tokens,
-                   "max_new_tokens": max_new_tokens, "model": session.info.name, **verdict}
+        summary = {
+            "sources": rows,
+            "total_tokens": sum(r["tokens"] for r in rows),
+            "prompt_tokens": prompt_tokens,
+            "max_new_tokens": max_new_tokens,
+            "model": session.info.name,
+            **verdict,
+        }
         if json_out:
             reporter.json(summary)
         else:
@@ -268,8 +394,10 @@ def count(
             out.print(table)
             if verdict["fits"]:
                 mode = "with DCA" if verdict.get("dca") else "with plain attention"
-                out.print(f"prompt {prompt_tokens:,} tokens + {max_new_tokens} answer tokens: fits ({mode}, "
-                          f"limit {verdict['max_context']:,})")
+                out.print(
+                    f"prompt {prompt_tokens:,} tokens + {max_new_tokens} answer tokens: fits ({mode}, "
+                    f"limit {verdict['max_context']:,})"
+                )
             else:
                 out.print(f"does not fit: {verdict['reason']}")
         if not verdict["fits"]:
@@ -291,8 +419,10 @@ def models_cmd(json_out: Json = False) -> None:
         for row in rows:
             out.print(" · ".join(f"{k}: {v}" for k, v in row.items() if v not in (None, "")))
         out.print(f"cache: {models.cache_dir()}")
-        out.print("--model accepts: an alias above, a local Hugging Face folder (config.json + *.safetensors; "
-                  "llama, qwen2, mistral), or a .gguf file")
+        out.print(
+            "--model accepts: an alias above, a local Hugging Face folder (config.json + *.safetensors; "
+            "llama, qwen2, mistral), or a .gguf file"
+        )
 
 
 def _csv(values: str, cast: Any) -> list[Any]:
@@ -302,12 +432,20 @@ def _csv(values: str, cast: Any) -> list[Any]:
         raise UsageError(f"expected a comma-separated list, got {values!r}") from None
 
 
-def _eval_session(reporter: Reporter, model: str | None, device: str, dtype: str, dca: bool | None,
-                  chunk_size: int | None, local_window: int | None) -> Any:
+def _eval_session(
+    reporter: Reporter,
+    model: str | None,
+    device: str,
+    dtype: str,
+    dca: bool | None,
+    chunk_size: int | None,
+    local_window: int | None,
+) -> Any:
     from longdoc import pipeline
 
-    cfg = run_config(model, device, dtype, dca, chunk_size, local_window, False, 2048, 16, "fixed", 0.9,
-                     16, 0.0, 1.0, None, None)
+    cfg = run_config(
+        model, device, dtype, dca, chunk_size, local_window, False, 2048, 16, "fixed", 0.9, 16, 0.0, 1.0, None, None
+    )
     return pipeline.Session(cfg, reporter)
 
 
@@ -321,9 +459,14 @@ def eval_passkey(
     depths: Annotated[str, typer.Option("--depths", help="Comma-separated depths in [0, 1].")] = "0.1,0.5,0.9",
     trials: Annotated[int, typer.Option("--trials")] = 1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    model: Model = None, device: Device = "auto", dtype: Dtype = "auto",
-    dca: Dca = None, chunk_size: ChunkSize = None, local_window: LocalWindow = None,
-    json_out: Json = False, quiet: Quiet = False,
+    model: Model = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    dca: Dca = None,
+    chunk_size: ChunkSize = None,
+    local_window: LocalWindow = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Passkey retrieval: a 5-digit key hidden in filler at each depth."""
     from longdoc.evals import passkey
@@ -342,10 +485,16 @@ def eval_needle(
     keys: Annotated[str, typer.Option("--keys", help="Comma-separated needle counts (1 = single key).")] = "1,4",
     trials: Annotated[int, typer.Option("--trials")] = 1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    recycle_k: RecycleK = 2048, recycle_stride: RecycleStride = 16,
-    model: Model = None, device: Device = "auto", dtype: Dtype = "auto",
-    dca: Dca = None, chunk_size: ChunkSize = None, local_window: LocalWindow = None,
-    json_out: Json = False, quiet: Quiet = False,
+    recycle_k: RecycleK = 2048,
+    recycle_stride: RecycleStride = 16,
+    model: Model = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    dca: Dca = None,
+    chunk_size: ChunkSize = None,
+    local_window: LocalWindow = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Multi-token needle retrieval: full attention vs Recycled Attention vs a StreamingLLM baseline."""
     from longdoc.evals import needle
@@ -353,8 +502,17 @@ def eval_needle(
     reporter = Reporter(quiet=quiet, json_mode=json_out)
     with handled(reporter):
         session = _eval_session(reporter, model, device, dtype, dca, chunk_size, local_window)
-        result = needle.run(session, _csv(lengths, int), _csv(depths, float), _csv(keys, int), recycle_k,
-                            recycle_stride, trials, seed, _eval_row(reporter))
+        result = needle.run(
+            session,
+            _csv(lengths, int),
+            _csv(depths, float),
+            _csv(keys, int),
+            recycle_k,
+            recycle_stride,
+            trials,
+            seed,
+            _eval_row(reporter),
+        )
         acc = " ".join(f"{m}={a:.2f}" for m, a in result["accuracy"].items())
         _print_eval(reporter, session, result, f"needle accuracy {acc}")
 
@@ -363,9 +521,15 @@ def eval_needle(
 def eval_ppl(
     file: Annotated[str, typer.Argument(help="Text, PDF or folder to measure on.")],
     lengths: Annotated[str, typer.Option("--lengths")] = "4096,8192",
-    model: Model = None, device: Device = "auto", dtype: Dtype = "auto",
-    dca: Dca = None, chunk_size: ChunkSize = None, local_window: LocalWindow = None,
-    json_out: Json = False, quiet: Quiet = False, pages: Pages = None,
+    model: Model = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    dca: Dca = None,
+    chunk_size: ChunkSize = None,
+    local_window: LocalWindow = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
+    pages: Pages = None,
 ) -> None:
     """Perplexity of a text at given context lengths."""
     from longdoc.evals import ppl
@@ -382,8 +546,13 @@ def eval_ppl(
 
 def _print_eval(reporter: Reporter, session: Any, result: dict[str, Any], line: str) -> None:
     cfg = session.cfg
-    result["settings"] = {"model": session.info.name, "dtype": session.info.dtype_name, "dca": cfg.dca.enabled,
-                          "chunk_size": cfg.dca.chunk_size, "local_window": cfg.dca.local_window}
+    result["settings"] = {
+        "model": session.info.name,
+        "dtype": session.info.dtype_name,
+        "dca": cfg.dca.enabled,
+        "chunk_size": cfg.dca.chunk_size,
+        "local_window": cfg.dca.local_window,
+    }
     if reporter.json_mode:
         reporter.json(result)
     else:

@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import re
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from longdoc.errors import DoesNotFitError, InputError
 from longdoc.ingest import Document
 from longdoc.prompt import format_documents, render, summary_instructions
 
+if TYPE_CHECKING:
+    from longdoc.config import RunConfig
+    from longdoc.pipeline import ModelInfo, Session
+    from longdoc.render import Reporter
+
 Count = Callable[[str], int]
 
-# Map (and intermediate reduce) steps write at most this many tokens: short partial summaries keep
-# the reduce prompts small and the run fast; the final step uses the user's --max-new-tokens.
+# Map (and intermediate reduce) steps write at most half the final answer's tokens, and at most this
+# many: short partial summaries keep the reduce prompts small (several must fit one) and the run fast,
+# since decoding dominates on a CPU. The final step uses the user's --max-new-tokens.
 MAP_MAX_NEW_TOKENS = 256
+MAP_MIN_NEW_TOKENS = 32
 # Tokens kept free in every prompt for what the estimate of a template's size may miss.
 SAFETY_TOKENS = 16
 # Below this many tokens of text per piece, map-reduce would need absurdly many steps: refuse.
@@ -36,10 +42,32 @@ _SENTENCE = re.compile(r"[.!?][\"'\u201d\u2019)\]]*\s+")
 _LINE = re.compile(r"\n")
 _WORD = re.compile(r"\s+")
 # Words ending in a period that rarely end a sentence: never cut after them.
-_ABBREVIATIONS = frozenset({
-    "e.g.", "i.e.", "al.", "etc.", "vs.", "cf.", "fig.", "figs.", "eq.", "eqs.", "sec.", "tab.", "no.", "p.", "pp.",
-    "dr.", "mr.", "mrs.", "ms.", "prof.", "approx.", "resp.",
-})
+_ABBREVIATIONS = frozenset(
+    {
+        "e.g.",
+        "i.e.",
+        "al.",
+        "etc.",
+        "vs.",
+        "cf.",
+        "fig.",
+        "figs.",
+        "eq.",
+        "eqs.",
+        "sec.",
+        "tab.",
+        "no.",
+        "p.",
+        "pp.",
+        "dr.",
+        "mr.",
+        "mrs.",
+        "ms.",
+        "prof.",
+        "approx.",
+        "resp.",
+    }
+)
 PROSE_LEVELS = (_PARAGRAPH, _SENTENCE, _LINE, _WORD)
 CODE_LEVELS = (_PARAGRAPH, _LINE, _WORD)
 
@@ -202,22 +230,41 @@ def _render(docs: Sequence[Document], units: list[tuple[int, str, str, int]]) ->
 
 
 def group_summaries(summaries: Sequence[str], budget: int, count: Count) -> list[list[int]]:
-    """Indices of consecutive summaries grouped so each group's reduce text fits ``budget`` (never empty)."""
-    groups: list[list[int]] = []
+    """Indices of consecutive summaries grouped so each group's reduce text fits ``budget``.
+
+    As few groups as greedy packing needs, then evened out (16 + 1 becomes 9 + 8) when the even
+    groups fit too, so that no part is over-represented in the next level.
+    """
+
+    def fits(group: list[int]) -> bool:
+        return count(reduce_text([summaries[i] for i in group], group[0], len(summaries))) <= budget
+
+    greedy: list[list[int]] = []
     current: list[int] = []
     for i in range(len(summaries)):
-        if current and count(reduce_text([summaries[j] for j in [*current, i]], current[0])) > budget:
-            groups.append(current)
+        if current and not fits([*current, i]):
+            greedy.append(current)
             current = []
         current.append(i)
     if current:
-        groups.append(current)
-    return groups
+        greedy.append(current)
+    k, n = len(greedy), len(summaries)
+    if 1 < k < n:
+        bounds = [round(j * n / k) for j in range(k + 1)]
+        even = [list(range(bounds[j], bounds[j + 1])) for j in range(k)]
+        if all(fits(g) for g in even):
+            return even
+    return greedy
 
 
-def reduce_text(summaries: Sequence[str], first: int = 0) -> str:
-    """Partial summaries as the ``documents`` of a reduce prompt, numbered by part."""
-    return "\n\n".join(f"--- Summary of part {first + k + 1} ---\n{s.strip()}" for k, s in enumerate(summaries))
+def reduce_text(summaries: Sequence[str], first: int = 0, total: int | None = None) -> str:
+    """Partial summaries as the ``documents`` of a reduce prompt, numbered by part ("of N": all parts).
+
+    Plain "Summary of part 2 of 3:" headers: with "--- ... ---" rulers the default model tended to
+    copy the first summary and then make things up rather than combine.
+    """
+    total = total or first + len(summaries)
+    return "\n\n".join(f"Summary of part {first + k + 1} of {total}:\n{s.strip()}" for k, s in enumerate(summaries))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,11 +301,11 @@ def read_paths_from(source: str, null: bool = False, stdin: bytes | None = None)
 
 
 def summarize(
-    session: Any,
+    session: Session,
     docs: list[Document],
     style: str,
     max_words: int | None,
-    reporter: Any,
+    reporter: Reporter,
     on_text: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Summarize ``docs`` in one pass if the prompt fits, else by map-reduce; returns the JSON result.
@@ -276,7 +323,8 @@ def summarize(
     try:
         pipeline.make_plan(session.cfg, session.info, session.count(prompt))
     except DoesNotFitError as exc:
-        reporter.status(f"the input does not fit in one pass ({exc.message}); summarizing it by map-reduce")
+        reason = exc.message.split(";")[0]  # what is over; the advice that follows does not apply here
+        reporter.status(f"the input does not fit in one pass ({reason}); summarizing it by map-reduce")
         return _MapReduce(session, docs, fields, sources, reporter, on_text).run()
     result: dict[str, Any] = pipeline.run_prompt(session, prompt, sources, on_text=on_text)
     result["plan"] = {"mode": "single", "pieces": 1, "levels": 1}
@@ -284,8 +332,17 @@ def summarize(
 
 
 class _MapReduce:
-    def __init__(self, session: Any, docs: list[Document], fields: dict[str, str], sources: list[dict[str, Any]],
-                 reporter: Any, on_text: Callable[[str], None] | None) -> None:
+    """One map-reduce run: pieces, their summaries level by level, and every step's result."""
+
+    def __init__(
+        self,
+        session: Session,
+        docs: list[Document],
+        fields: dict[str, str],
+        sources: list[dict[str, Any]],
+        reporter: Reporter,
+        on_text: Callable[[str], None] | None,
+    ) -> None:
         self.session = session
         self.docs = docs
         self.fields = fields
@@ -293,9 +350,8 @@ class _MapReduce:
         self.reporter = reporter
         self.on_text = on_text
         self.final_new = session.cfg.generation.max_new_tokens
-        self.step_new = min(self.final_new, MAP_MAX_NEW_TOKENS)
+        self.step_new = step_tokens(self.final_new)
         self.results: list[dict[str, Any]] = []
-        self.wall0 = time.perf_counter()
 
     def run(self) -> dict[str, Any]:
         budget = self.context_budget()
@@ -314,12 +370,20 @@ class _MapReduce:
             size = count(format_documents(pieces[0]))
             pieces = make_pieces(self.docs, max(MIN_PIECE_TOKENS, size // 2 + 1), count)
         n = len(pieces)
-        self.reporter.status(f"map-reduce plan: {n} pieces of at most {piece_budget:,} tokens of text; "
-                             f"level 1 summarizes each piece, then levels of combining until one summary is left")
+        self.reporter.status(
+            f"map-reduce plan: {n} pieces of at most {piece_budget:,} tokens of text; "
+            f"level 1 summarizes each piece, then levels of combining until one summary is left"
+        )
         summaries = []
         for k, piece in enumerate(pieces, start=1):
-            prompt = render(self.session.tokenizer, "map", documents=format_documents(piece), part=str(k),
-                            parts=str(n), **map_fields)
+            prompt = render(
+                self.session.tokenizer,
+                "map",
+                documents=format_documents(piece),
+                part=str(k),
+                parts=str(n),
+                **map_fields,
+            )
             self.reporter.status(f"level 1: summarizing piece {k}/{n} ({_where(piece)})")
             summaries.append(self.step(prompt, self.step_new, None))
         level = 1
@@ -333,6 +397,11 @@ class _MapReduce:
                 final = self.step(prompt, self.final_new, self.on_text, final=True)
                 return self.result(final, n, level)
             groups = group_summaries(summaries, budget - self.step_new - reduce_overhead - SAFETY_TOKENS, count)
+            if len(groups) == 1 and len(summaries) > 2:
+                # all fit one step's prompt but not the final one's (longer answer): combine in two
+                # halves, so that the final step still sees more than one summary
+                half = len(summaries) // 2
+                groups = [list(range(half)), list(range(half, len(summaries)))]
             if len(groups) >= len(summaries):
                 raise DoesNotFitError(
                     f"a context of {budget:,} tokens cannot hold two partial summaries of up to {self.step_new} tokens "
@@ -344,10 +413,15 @@ class _MapReduce:
                 if len(group) == 1:
                     combined.append(summaries[group[0]])
                     continue
-                self.reporter.status(f"level {level}: combining summaries {group[0] + 1}-{group[-1] + 1} "
-                                     f"(group {g}/{len(groups)})")
-                prompt = render(self.session.tokenizer, "reduce",
-                                documents=reduce_text([summaries[i] for i in group], group[0]), **self.fields)
+                self.reporter.status(
+                    f"level {level}: combining summaries {group[0] + 1}-{group[-1] + 1} (group {g}/{len(groups)})"
+                )
+                prompt = render(
+                    self.session.tokenizer,
+                    "reduce",
+                    documents=reduce_text([summaries[i] for i in group], group[0], len(summaries)),
+                    **self.fields,
+                )
                 combined.append(self.step(prompt, self.step_new, None))
             summaries = combined
 
@@ -365,8 +439,7 @@ class _MapReduce:
             budget //= 2
         raise DoesNotFitError("not enough memory for even a small piece of the input; try --dtype bfloat16")
 
-    def step(self, prompt: str, max_new: int, on_text: Callable[[str], None] | None,
-             final: bool = False) -> str:
+    def step(self, prompt: str, max_new: int, on_text: Callable[[str], None] | None, final: bool = False) -> str:
         from longdoc import pipeline
 
         cfg = self.session.cfg
@@ -378,7 +451,8 @@ class _MapReduce:
         self.results.append(result)
         if result.get("interrupted") and not final:
             raise KeyboardInterrupt  # nothing was shown yet: stop the whole run
-        return str(result["answer"])
+        text = str(result["answer"])
+        return text if final or result["generated_tokens"] < max_new else complete_sentences(text)
 
     def result(self, final_text: str, pieces: int, levels: int) -> dict[str, Any]:
         """The final step's result with counts and timings summed over every step."""
@@ -413,7 +487,27 @@ class _MapReduce:
         return final
 
 
-def _fits(cfg: Any, info: Any, prompt_tokens: int) -> bool:
+def step_tokens(final_new: int) -> int:
+    """The token cap of map and intermediate reduce steps for a final answer of ``final_new`` tokens."""
+    return min(final_new, MAP_MAX_NEW_TOKENS, max(MAP_MIN_NEW_TOKENS, final_new // 2))
+
+
+def complete_sentences(text: str) -> str:
+    """A partial summary cut off at its token cap, without its unfinished last sentence.
+
+    A dangling fragment ("... the prototype (serial HX-") makes a small model copy that summary
+    instead of combining; the text is kept whole when the fragment is most of it (over 70%).
+    Lines count as complete too (bulleted summaries have no periods).
+    """
+    ends = [m.end() for m in re.finditer(r"[.!?][\"'\u201d\u2019)\]]*(?=\s|$)", text)]
+    ends = [e for e in ends if not _ends_with_abbreviation(text[:e])]
+    ends = sorted(ends + [m.start() for m in re.finditer(r"\n", text.rstrip())])  # complete lines (bullets)
+    if ends and ends[-1] >= 0.3 * len(text.rstrip()):
+        return text[: ends[-1]]
+    return text
+
+
+def _fits(cfg: RunConfig, info: ModelInfo, prompt_tokens: int) -> bool:
     from longdoc import pipeline
 
     try:
@@ -430,4 +524,3 @@ def _where(piece: list[Document]) -> str:
     end_label = last.segments[-1][0] if last.kind != "text" else last.source
     same = first is last and first.segments[0][0] == last.segments[-1][0]
     return start if same else f"{start} .. {end_label}"
-
