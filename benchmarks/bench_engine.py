@@ -32,27 +32,38 @@ def child(mode: str, dtype: str, length: int, new: int, dca: str, chunk: int | N
     from longdoc.render import Reporter
 
     dca_flag = {"on": True, "off": False, "auto": None}[dca]
-    cfg = RunConfig(dtype=dtype, dca=DCAConfig(enabled=dca_flag, chunk_size=chunk),
-                    generation=GenerationConfig(max_new_tokens=new))
+    cfg = RunConfig(
+        dtype=dtype, dca=DCAConfig(enabled=dca_flag, chunk_size=chunk), generation=GenerationConfig(max_new_tokens=new)
+    )
     session = Session(cfg, Reporter(quiet=True))
     ids = session.encode(corpus_text())[:length]
     info = session.info
     t0 = time.perf_counter()
     if mode == "hf":
         from transformers import AutoModelForCausalLM
+        from transformers.generation.streamers import BaseStreamer
 
         model = AutoModelForCausalLM.from_pretrained(str(info.folder), dtype=info.dtype, attn_implementation="sdpa")
         load_s = time.perf_counter() - t0
         x = torch.tensor([ids])
+        stamps: list[float] = []
+
+        class Clock(BaseStreamer):
+            """Timestamps each generated token (generate calls put() once with the prompt first)."""
+
+            def put(self, value: torch.Tensor) -> None:
+                stamps.append(time.perf_counter())
+
+            def end(self) -> None:
+                pass
+
         with torch.inference_mode():
+            model.generate(x[:, :16], max_new_tokens=2, do_sample=False)  # warm-up, as the longdoc path gets
             t1 = time.perf_counter()
-            model.generate(x, max_new_tokens=1, do_sample=False)
-            t_prefill = time.perf_counter() - t1
-            t2 = time.perf_counter()
-            out = model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-            t_total = time.perf_counter() - t2
+            out = model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=Clock())
         n_gen = out.shape[1] - len(ids)
-        decode_s = t_total - t_prefill
+        t_prefill = stamps[1] - t1  # the first generated token ends the prefill
+        decode_s = stamps[-1] - stamps[1]
         kv_bytes = None
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         dca_on = False
@@ -60,6 +71,8 @@ def child(mode: str, dtype: str, length: int, new: int, dca: str, chunk: int | N
         plan = make_plan(cfg, info, len(ids))
         model = session.patched(plan)
         load_s = time.perf_counter() - t0
+        warm = model.new_store(32)
+        prefill(model, torch.tensor([ids[:16]]), warm, cfg.prefill_step)
         kv = model.new_store(len(ids) + new)
         t1 = time.perf_counter()
         logits = prefill(model, torch.tensor([ids]), kv, cfg.prefill_step)
@@ -72,11 +85,18 @@ def child(mode: str, dtype: str, length: int, new: int, dca: str, chunk: int | N
         weights = info.weight_bytes
         dca_on = plan.layout is not None
     return {
-        "mode": mode, "dtype": str(info.dtype).removeprefix("torch."), "length": len(ids), "dca": dca_on,
-        "chunk_size": chunk, "load_s": round(load_s, 2), "prefill_s": round(t_prefill, 2),
+        "mode": mode,
+        "dtype": str(info.dtype).removeprefix("torch."),
+        "length": len(ids),
+        "dca": dca_on,
+        "chunk_size": chunk,
+        "load_s": round(load_s, 2),
+        "prefill_s": round(t_prefill, 2),
         "prefill_tok_s": round(len(ids) / t_prefill, 1),
         "decode_tok_s": round((n_gen - 1) / decode_s, 2) if n_gen > 1 else None,
-        "peak_rss_bytes": rss(), "weight_bytes": weights, "kv_cache_bytes": kv_bytes,
+        "peak_rss_bytes": rss(),
+        "weight_bytes": weights,
+        "kv_cache_bytes": kv_bytes,
     }
 
 
@@ -90,8 +110,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--dca", default="auto")
     ap.add_argument("--chunk-size", type=int, default=None)
-    ap.add_argument("--configs", default="hf:float32,hf:bfloat16,longdoc:auto",
-                    help="mode:dtype[:dca[:chunk]] list")
+    ap.add_argument("--configs", default="hf:float32,hf:bfloat16,longdoc:auto", help="mode:dtype[:dca[:chunk]] list")
     ap.add_argument("--name", default="engine")
     a = ap.parse_args()
     if a.child:
@@ -110,8 +129,13 @@ def main() -> None:
             row["config"] = spec
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    payload = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-               "cores": torch.get_num_threads(), "new_tokens": a.new, "rows": rows}
+    payload = {
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "cores": torch.get_num_threads(),
+        "new_tokens": a.new,
+        "rows": rows,
+    }
     print(save(a.name, payload))
 
 

@@ -26,8 +26,10 @@ def corpus_text() -> str:
 
 def run_child(script: str, args: list[str]) -> dict[str, Any]:
     """Run one configuration in its own process so its peak RSS is its own."""
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--child", *args],
-                          capture_output=True, text=True, check=False)
+    module = "benchmarks." + script.removesuffix(".py")
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--child", *args], cwd=REPO, capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         return {"args": args, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -37,6 +37,13 @@ Dca = Annotated[
 ChunkSize = Annotated[
     int | None, typer.Option("--chunk-size", help="DCA chunk size s (default 3/4 of the model window).")
 ]
+DcaTemperature = Annotated[
+    bool,
+    typer.Option(
+        "--dca-temperature/--no-dca-temperature",
+        help="Scale attention logits by (0.1 ln(L/W) + 1)^2 beyond the window (default off; see RESULTS.md).",
+    ),
+]
 LocalWindow = Annotated[
     int | None, typer.Option("--local-window", help="DCA local window w (default 1/8 of the model window).")
 ]
@@ -79,28 +86,17 @@ def handled(reporter: Reporter) -> Iterator[None]:
         raise typer.Exit(errors.EXIT_DOES_NOT_FIT) from None
 
 
-def run_config(
-    model: str | None,
-    device: str,
-    dtype: str,
-    dca: bool | None,
-    chunk_size: int | None,
-    local_window: int | None,
-    recycle: bool | None,
-    recycle_k: int,
-    recycle_stride: int,
-    recycle_schedule: str,
-    recycle_threshold: float,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int | None,
-    max_context: int | None,
-) -> RunConfig:
-    if max_new_tokens < 1:
+def run_config(opts: dict[str, Any]) -> RunConfig:
+    """Build the run settings from a command's parsed options (its ``locals()``); absent options keep
+    their defaults, so every command shares one validation."""
+    d = RunConfig()
+    chunk_size, local_window = opts.get("chunk_size"), opts.get("local_window")
+    if opts.get("max_new_tokens", 1) < 1:
         raise UsageError("--max-new-tokens must be at least 1")
-    if recycle_schedule not in ("fixed", "dynamic"):
+    if opts.get("recycle_schedule", "fixed") not in ("fixed", "dynamic"):
         raise UsageError("--recycle-schedule must be fixed or dynamic")
+    if opts.get("recycle_k", 1) < 1 or opts.get("recycle_stride", 1) < 1:
+        raise UsageError("--recycle-k and --recycle-stride must be at least 1")
     if chunk_size is not None and chunk_size < 2:
         raise UsageError("--chunk-size must be at least 2")
     if chunk_size is not None and local_window is None:
@@ -108,15 +104,29 @@ def run_config(
     if chunk_size is not None and local_window is not None and not 0 <= local_window < chunk_size:
         raise UsageError("--local-window must be smaller than --chunk-size")
     return RunConfig(
-        model=model,
-        device=device,
-        dtype=dtype,
-        max_context=max_context,
-        dca=DCAConfig(enabled=dca, chunk_size=chunk_size, local_window=local_window),
-        recycle=RecycleConfig(
-            enabled=recycle, k=recycle_k, stride=recycle_stride, schedule=recycle_schedule, threshold=recycle_threshold
+        model=opts.get("model"),
+        device=opts.get("device", d.device),
+        dtype=opts.get("dtype", d.dtype),
+        max_context=opts.get("max_context"),
+        dca=DCAConfig(
+            enabled=opts.get("dca"),
+            chunk_size=chunk_size,
+            local_window=local_window,
+            temperature=opts.get("dca_temperature", d.dca.temperature),
         ),
-        generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),
+        recycle=RecycleConfig(
+            enabled=opts.get("recycle", d.recycle.enabled),
+            k=opts.get("recycle_k", d.recycle.k),
+            stride=opts.get("recycle_stride", d.recycle.stride),
+            schedule=opts.get("recycle_schedule", d.recycle.schedule),
+            threshold=opts.get("recycle_threshold", d.recycle.threshold),
+        ),
+        generation=GenerationConfig(
+            max_new_tokens=opts.get("max_new_tokens", d.generation.max_new_tokens),
+            temperature=opts.get("temperature", d.generation.temperature),
+            top_p=opts.get("top_p", d.generation.top_p),
+            seed=opts.get("seed"),
+        ),
     )
 
 
@@ -154,6 +164,7 @@ def ask(
     dca: Dca = None,
     chunk_size: ChunkSize = None,
     local_window: LocalWindow = None,
+    dca_temperature: DcaTemperature = False,
     recycle: Recycle = None,
     recycle_k: RecycleK = 2048,
     recycle_stride: RecycleStride = 16,
@@ -182,24 +193,7 @@ def ask(
         *paths, question = args
         if not question.strip():
             raise UsageError("the question is empty; ask something about the documents")
-        cfg = run_config(
-            model,
-            device,
-            dtype,
-            dca,
-            chunk_size,
-            local_window,
-            recycle,
-            recycle_k,
-            recycle_stride,
-            recycle_schedule,
-            recycle_threshold,
-            max_new_tokens,
-            temperature,
-            top_p,
-            seed,
-            max_context,
-        )
+        cfg = run_config(locals())
         docs, ingest_s = _ingest(reporter, paths, pages, include, exclude)
         session = pipeline.Session(cfg, reporter)
         prompt = ask_prompt(session.tokenizer, docs, question)
@@ -231,6 +225,7 @@ def summarize(
     dca: Dca = None,
     chunk_size: ChunkSize = None,
     local_window: LocalWindow = None,
+    dca_temperature: DcaTemperature = False,
     recycle: Recycle = None,
     recycle_k: RecycleK = 2048,
     recycle_stride: RecycleStride = 16,
@@ -268,24 +263,7 @@ def summarize(
         summary_instructions(style, max_words)  # a bad --style is a usage error before any work
         if max_words is not None and max_words < 1:
             raise UsageError("--max-words must be at least 1")
-        cfg = run_config(
-            model,
-            device,
-            dtype,
-            dca,
-            chunk_size,
-            local_window,
-            recycle,
-            recycle_k,
-            recycle_stride,
-            recycle_schedule,
-            recycle_threshold,
-            max_new_tokens,
-            temperature,
-            top_p,
-            seed,
-            max_context,
-        )
+        cfg = run_config(locals())
         session: pipeline.Session | None = None
         groups = [[p] for p in paths] if each else [paths]
         failures: list[int] = []
@@ -432,21 +410,11 @@ def _csv(values: str, cast: Any) -> list[Any]:
         raise UsageError(f"expected a comma-separated list, got {values!r}") from None
 
 
-def _eval_session(
-    reporter: Reporter,
-    model: str | None,
-    device: str,
-    dtype: str,
-    dca: bool | None,
-    chunk_size: int | None,
-    local_window: int | None,
-) -> Any:
+def _eval_session(reporter: Reporter, opts: dict[str, Any]) -> Any:
+    """A session for the evals: their decoding policy is chosen per task, so recycling is off here."""
     from longdoc import pipeline
 
-    cfg = run_config(
-        model, device, dtype, dca, chunk_size, local_window, False, 2048, 16, "fixed", 0.9, 16, 0.0, 1.0, None, None
-    )
-    return pipeline.Session(cfg, reporter)
+    return pipeline.Session(run_config({**opts, "recycle": False}), reporter)
 
 
 def _eval_row(reporter: Reporter) -> Any:
@@ -459,12 +427,17 @@ def eval_passkey(
     depths: Annotated[str, typer.Option("--depths", help="Comma-separated depths in [0, 1].")] = "0.1,0.5,0.9",
     trials: Annotated[int, typer.Option("--trials")] = 1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    window: Annotated[
+        int | None, typer.Option("--window", help="Baseline: sliding-window attention (sinks + last N keys).")
+    ] = None,
     model: Model = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     dca: Dca = None,
     chunk_size: ChunkSize = None,
     local_window: LocalWindow = None,
+    dca_temperature: DcaTemperature = False,
+    max_context: MaxContext = None,
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -473,8 +446,10 @@ def eval_passkey(
 
     reporter = Reporter(quiet=quiet, json_mode=json_out)
     with handled(reporter):
-        session = _eval_session(reporter, model, device, dtype, dca, chunk_size, local_window)
-        result = passkey.run(session, _csv(lengths, int), _csv(depths, float), trials, seed, _eval_row(reporter))
+        session = _eval_session(reporter, locals())
+        result = passkey.run(
+            session, _csv(lengths, int), _csv(depths, float), trials, seed, _eval_row(reporter), window
+        )
         _print_eval(reporter, session, result, f"passkey accuracy {result['accuracy']:.2f}")
 
 
@@ -493,6 +468,8 @@ def eval_needle(
     dca: Dca = None,
     chunk_size: ChunkSize = None,
     local_window: LocalWindow = None,
+    dca_temperature: DcaTemperature = False,
+    max_context: MaxContext = None,
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -501,7 +478,7 @@ def eval_needle(
 
     reporter = Reporter(quiet=quiet, json_mode=json_out)
     with handled(reporter):
-        session = _eval_session(reporter, model, device, dtype, dca, chunk_size, local_window)
+        session = _eval_session(reporter, locals())
         result = needle.run(
             session,
             _csv(lengths, int),
@@ -527,6 +504,8 @@ def eval_ppl(
     dca: Dca = None,
     chunk_size: ChunkSize = None,
     local_window: LocalWindow = None,
+    dca_temperature: DcaTemperature = False,
+    max_context: MaxContext = None,
     json_out: Json = False,
     quiet: Quiet = False,
     pages: Pages = None,
@@ -538,7 +517,7 @@ def eval_ppl(
     reporter = Reporter(quiet=quiet, json_mode=json_out)
     with handled(reporter):
         docs, _ = _ingest(reporter, [file], pages, None, None)
-        session = _eval_session(reporter, model, device, dtype, dca, chunk_size, local_window)
+        session = _eval_session(reporter, locals())
         result = ppl.run(session, format_documents(docs), _csv(lengths, int))
         line = " ".join(f"{r['length']}:{r.get('ppl', r.get('error'))}" for r in result["results"])
         _print_eval(reporter, session, result, f"perplexity {line}")
@@ -552,6 +531,7 @@ def _print_eval(reporter: Reporter, session: Any, result: dict[str, Any], line: 
         "dca": cfg.dca.enabled,
         "chunk_size": cfg.dca.chunk_size,
         "local_window": cfg.dca.local_window,
+        "dca_temperature": cfg.dca.temperature,
     }
     if reporter.json_mode:
         reporter.json(result)

@@ -914,3 +914,30 @@ def list_models() -> list[dict[str, Any]]:
     listed = {r["path"] for r in rows if r["path"]}
     rows.extend(c for c in cached.values() if c["path"] not in listed)
     return rows
+
+
+def release_mapped_pages(folder: Path) -> int:
+    """Drop this process's resident pages of memory-mapped ``*.safetensors`` files under ``folder``.
+
+    transformers maps the weights file; once the weights have been copied elsewhere (packed for the CPU
+    kernels), those clean file pages only inflate RSS. MADV_DONTNEED unmaps them from this process; a
+    later read of a tensor still backed by the file faults its pages back in from disk, so it is safe.
+    Linux only; returns the number of bytes advised (0 elsewhere).
+    """
+    import ctypes
+    import mmap
+
+    maps = Path("/proc/self/maps")
+    if not maps.exists() or not hasattr(mmap, "MADV_DONTNEED"):
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    prefix = str(folder.resolve())
+    advised = 0
+    for line in maps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or not fields[5].startswith(prefix) or not fields[5].endswith(".safetensors"):
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED) == 0:
+            advised += end - start
+    return advised

@@ -204,7 +204,8 @@ class Session:
             # the folder is verified already: load it as a plain folder source
             folder = models.ModelSource(kind="folder", name=self.info.name, path=self.info.folder)
             self._loaded = models.load_model(folder, self.info.device, self.info.dtype, tokenizer=self.tokenizer)
-            pack_linears(self._loaded.model)
+            folder_path = self.info.folder
+            pack_linears(self._loaded.model, after_each=lambda: models.release_mapped_pages(folder_path))
             self.load_s = time.perf_counter() - t0
         return self._loaded
 

@@ -193,3 +193,28 @@ def test_models_lists_default():
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert any("qwen2.5-coder-0.5b" in json.dumps(m) for m in data["models"])
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_what_was_streamed(monkeypatch):
+    """An interrupt mid-answer exits 130, keeps the streamed text, and --json still prints the partial result."""
+    from longdoc import pipeline
+
+    real = pipeline.TokenStreamer.push
+    calls = {"n": 0}
+
+    def interrupt_after_five(self, token):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        return real(self, token)
+
+    monkeypatch.setattr(pipeline.TokenStreamer, "push", interrupt_after_five)
+    args = ("ask", str(SAMPLES / "notes.md"), "Describe the eviction policy in detail.", "--max-new-tokens", "64")
+    result = invoke(*args)
+    assert result.exit_code == 130, result.stderr
+    assert len(result.stdout.strip()) > 0  # the first five tokens' text stayed on stdout
+    assert "Traceback" not in result.stderr
+    calls["n"] = 0
+    data = json.loads(invoke(*args, "--json").stdout)
+    assert data["interrupted"] is True and data["generated_tokens"] == 5 and data["answer"]

@@ -138,11 +138,12 @@ def can_pack(model: nn.Module) -> bool:
     )
 
 
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, after_each: Callable[[], object] | None = None) -> int:
     """Replace the decoder's and LM head's Linear layers by ``PackedLinear`` in place; returns how many.
 
     Only on CPU with bfloat16/float32 weights; the model then serves longdoc's engine (its outputs are
-    unchanged, only faster).
+    unchanged, only faster). ``after_each`` runs after every replacement, e.g. to drop the pages of a
+    memory-mapped weights file that packing just read (so peak memory is not weights twice).
     """
     if not can_pack(model):
         return 0
@@ -152,4 +153,6 @@ def pack_linears(model: nn.Module) -> int:
             if isinstance(child, nn.Linear):
                 setattr(parent, name, PackedLinear(child))
                 count += 1
+                if after_each is not None:
+                    after_each()
     return count

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from longdoc.attention.dca import chunk_steps
-from longdoc.attention.patch import PatchedModel
+from longdoc.attention.patch import Attend, PatchedModel
 from longdoc.engine.kvstore import KVStore
 
 # progress(done_tokens, total_tokens)
@@ -15,7 +15,13 @@ Progress = Callable[[int, int], None]
 
 
 def prefill(
-    model: PatchedModel, ids: torch.Tensor, kv: KVStore, step: int, start: int = 0, progress: Progress | None = None
+    model: PatchedModel,
+    ids: torch.Tensor,
+    kv: KVStore,
+    step: int,
+    start: int = 0,
+    progress: Progress | None = None,
+    attend: Attend | None = None,
 ) -> torch.Tensor:
     """Feed ids (1, L) at positions start.. into ``kv``; returns the last position's logits (1, V).
 
@@ -25,7 +31,7 @@ def prefill(
     total = ids.shape[1]
     logits = None
     for a, b in chunk_steps(start, start + total, step, model.settings.layout):
-        logits = model.forward(ids[:, a - start : b - start], a, kv)
+        logits = model.forward(ids[:, a - start : b - start], a, kv, attend)
         if progress is not None:
             progress(b - start, total)
     if logits is None:

@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from longdoc.evals.common import answers, filler_ids
+from longdoc.evals.common import SlidingWindow, answers, filler_ids
 from longdoc.pipeline import Session
 
 INTRO = (
@@ -35,7 +35,9 @@ def run(
     trials: int,
     seed: int = 0,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    window: int | None = None,
 ) -> dict[str, Any]:
+    """Accuracy over lengths x depths x trials; ``window`` runs the sliding-window baseline instead."""
     rng = random.Random(seed)
     results = []
     for length in lengths:
@@ -43,7 +45,7 @@ def run(
             for _ in range(trials):
                 key = rng.randint(10000, 99999)
                 ids = build(session, length, depth, key)
-                [(text, stats)] = answers(session, ids, 8, [None])
+                [(text, stats)] = answers(session, ids, 8, [None], SlidingWindow(window) if window else None)
                 found = re.search(r"\d{5}", text)
                 got = found.group(0) if found else text.strip()[:20]
                 row = {
@@ -59,4 +61,4 @@ def run(
                 if on_result:
                     on_result(row)
     accuracy = sum(r["correct"] for r in results) / max(1, len(results))
-    return {"task": "passkey", "accuracy": accuracy, "results": results}
+    return {"task": "passkey", "accuracy": accuracy, "window": window, "results": results}

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Every benchmark behind benchmarks/RESULTS.md, run back to back on an otherwise idle machine.
+# JSON lands in benchmarks/out/. Takes well over an hour on 2 CPU cores; run pieces by name:
+#   benchmarks/run_all.sh engine dca passkey ppl recycle needle beyond summarize
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=benchmarks/out
+mkdir -p "$OUT"
+CORPUS=../shared/corpus
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(engine dca passkey ppl recycle needle beyond summarize)
+run() { echo "+ $*" >&2; "$@"; }
+for step in "${steps[@]}"; do
+  case "$step" in
+    engine)  # issue 2: longdoc vs transformers generate
+      run python -m benchmarks.bench_engine --lengths 2048,8192,16384 --new 32 \
+        --configs hf:float32,hf:bfloat16,longdoc:auto --name engine ;;
+    dca)     # issue 3: DCA vs plain prefill, same process family
+      run python -m benchmarks.bench_engine --lengths 4096,8192,16384 --new 8 \
+        --configs longdoc:auto:off,longdoc:auto:on,longdoc:auto:on:2048 --name dca ;;
+    passkey) # issue 3: chunk 2048 keeps the key; a 2048 sliding window does not
+      run longdoc eval passkey --lengths 8192,16384 --depths 0.1,0.5,0.9 --dca --chunk-size 2048 --json \
+        > "$OUT/passkey_dca2048.json"
+      run longdoc eval passkey --lengths 8192,16384 --depths 0.1,0.5,0.9 --no-dca --window 2048 --json \
+        > "$OUT/passkey_window2048.json" ;;
+    ppl)     # issue 3: perplexity with chunk 2048 vs full attention
+      run longdoc eval ppl "$CORPUS" --lengths 4096,8192,16384 --no-dca --json > "$OUT/ppl_full.json"
+      run longdoc eval ppl "$CORPUS" --lengths 4096,8192,16384 --dca --chunk-size 2048 --json > "$OUT/ppl_dca2048.json" ;;
+    recycle) # issue 4: decode tok/s full vs recycled, with a step-time breakdown
+      run python -m benchmarks.bench_recycle --lengths 8192,16384,32768 --new 256 --name recycle ;;
+    needle)  # issue 4: full vs recycled vs StreamingLLM baseline of the same budget
+      run longdoc eval needle --lengths 8192,16384 --depths 0.5 --keys 1,4 --json > "$OUT/needle.json" ;;
+    beyond)  # issue 3: past the 32K trained window, with and without DCA (and the attention temperature)
+      run longdoc eval passkey --lengths 40960 --depths 0.5 --dca --json > "$OUT/passkey_40k_dca.json"
+      run longdoc eval passkey --lengths 40960 --depths 0.5 --no-dca --max-context 70000 --json > "$OUT/passkey_40k_plain.json"
+      run longdoc eval ppl "$CORPUS" --lengths 40960 --dca --json > "$OUT/ppl_40k_dca.json"
+      run longdoc eval ppl "$CORPUS" --lengths 40960 --dca --dca-temperature --json > "$OUT/ppl_40k_dca_temp.json"
+      run longdoc eval ppl "$CORPUS" --lengths 40960 --no-dca --max-context 70000 --json > "$OUT/ppl_40k_plain.json" ;;
+    summarize) # issue 5: five papers in one DCA pass vs map-reduce
+      run python -m benchmarks.bench_summarize --map-context 8192 --new 200 ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done
