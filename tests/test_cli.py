@@ -218,3 +218,23 @@ def test_ctrl_c_keeps_what_was_streamed(monkeypatch):
     calls["n"] = 0
     data = json.loads(invoke(*args, "--json").stdout)
     assert data["interrupted"] is True and data["generated_tokens"] == 5 and data["answer"]
+
+
+def test_ask_with_a_local_model_folder(tmp_path, monkeypatch):
+    """The whole pipeline on a tiny random Qwen2 folder given with --model (fast: no real model)."""
+    from .test_models import save_tiny_qwen2
+
+    monkeypatch.setenv("LONGDOC_CACHE_DIR", str(tmp_path / "cache"))
+    save_tiny_qwen2(tmp_path / "tiny", window=4096)
+    args = ("ask", str(SAMPLES / "notes.md"), "Which port?", "--model", str(tmp_path / "tiny"), "--json")
+    result = invoke(*args, "--max-new-tokens", "6", "--dtype", "float32")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["generated_tokens"] <= 6 and data["prompt_tokens"] > 100
+    assert data["dca"]["enabled"] is False
+    # the same prompt with DCA forced and a chunk much smaller than the prompt still runs end to end
+    forced = json.loads(invoke(*args, "--max-new-tokens", "6", "--dca", "--chunk-size", "64").stdout)
+    assert forced["dca"] == {"enabled": True, "chunk_size": 64, "local_window": 8, "logit_scale": 1.0}
+    # a prompt longer than 4x the tiny window is refused before any model work
+    over = invoke("ask", str(REPO / "README.md"), "?", "--model", str(tmp_path / "tiny"), "--max-context", "50")
+    assert over.exit_code == 4
