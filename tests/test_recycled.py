@@ -13,6 +13,7 @@ from longdoc.engine.decode import generate
 from longdoc.engine.prefill import prefill
 from longdoc.engine.recycled import (
     POOL_KERNEL,
+    RecycledSet,
     RecycledPolicy,
     StreamingPolicy,
     full_attention_probs,
@@ -115,21 +116,30 @@ def test_tokens_since_last_full_step_are_always_attended():
     model = tiny_model(dtype=torch.float32)
     policy = RecycledPolicy(RecycleConfig(k=3, stride=100), n_layers=3)
     seen = []
-    original = sparse_attention.__globals__["sparse_attention"]
+    original = RecycledSet.attend
 
-    def spy(pm, q, kv, layer, pos, idx):
-        seen.append((pos, idx[0, 0].tolist()))
-        return original(pm, q, kv, layer, pos, idx)
+    def spy(self, pm, q, pos):
+        seen.append((pos, self.idx[0, 0, : self.n].tolist()))
+        return original(self, pm, q, pos)
 
-    sparse_attention.__globals__["sparse_attention"] = spy
+    RecycledSet.attend = spy
     try:
         decode(model, None, policy, new=8)
     finally:
-        sparse_attention.__globals__["sparse_attention"] = original
-    assert seen
+        RecycledSet.attend = original
+    assert len(seen) == 3 * 6  # 3 layers x 6 recycled steps (8 tokens: 7 decode forwards, the first full)
     for pos, idx in seen:
-        assert set(range(policy.last_full_pos + 1, pos + 1)) <= set(idx)
-        assert len(idx) == 3 + pos - policy.last_full_pos
+        assert set(range(policy.last_full_pos, pos + 1)) <= set(idx)
+        assert len(idx) == 3 + pos - policy.last_full_pos + 1 == len(set(idx))
+
+
+def test_recycled_set_grows_past_its_capacity():
+    """The dynamic schedule has no stride bound: the recycled buffers must grow, not overflow."""
+    model = tiny_model(dtype=torch.float32)
+    full, _, _ = decode(model, None, None, new=90, n_prompt=20)
+    policy = RecycledPolicy(RecycleConfig(k=10_000, schedule="dynamic", threshold=-1.0), n_layers=3)
+    recycled, _, _ = decode(model, None, policy, new=90, n_prompt=20)
+    assert policy.full_steps == 1 and recycled == full
 
 
 def test_streaming_baseline_uses_sinks_and_recent_window():

@@ -87,26 +87,71 @@ def select_top_k(probs: torch.Tensor, k: int) -> torch.Tensor:
     return pooled.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
-def sparse_attention(
-    model: PatchedModel, q: torch.Tensor, kv: KVStore, layer: int, pos: int, idx: torch.Tensor
+def compact_attention(
+    model: PatchedModel, q: torch.Tensor, pos: int, keys: torch.Tensor, values: torch.Tensor, idx: torch.Tensor
 ) -> torch.Tensor:
-    """Attention of one query at ``pos`` over the key indices idx (1, Hkv, N) only -> (1, H, 1, D)."""
-    d = q.shape[3]
-    gather = idx.unsqueeze(-1).expand(-1, -1, -1, d)
-    keys = kv.k[layer].gather(2, gather)
-    values = kv.v[layer].gather(2, gather)
+    """Attention of one query at ``pos`` over a compact set of cached keys.
+
+    keys, values: (1, Hkv, N, D) copies of cache rows; idx (1, Hkv, N) their positions (for DCA
+    regions). Returns (1, H, 1, D).
+    """
     qr = rotated_queries(model, q, pos)
     probs = torch.softmax(scores_for(model, qr, keys, key_regions(idx, pos, model.settings.layout)), dim=-1)
     out = torch.matmul(probs.to(values.dtype), values)
-    return out.reshape(1, q.shape[1], 1, d)
+    return out.reshape(1, q.shape[1], 1, q.shape[3])
+
+
+def sparse_attention(
+    model: PatchedModel, q: torch.Tensor, kv: KVStore, layer: int, pos: int, idx: torch.Tensor
+) -> torch.Tensor:
+    """Attention of one query at ``pos`` over the key indices idx (1, Hkv, N) of the cache -> (1, H, 1, D)."""
+    gather = idx.unsqueeze(-1).expand(-1, -1, -1, q.shape[3])
+    return compact_attention(model, q, pos, kv.k[layer].gather(2, gather), kv.v[layer].gather(2, gather), idx)
+
+
+class RecycledSet:
+    """One layer's recycled keys: copies of the selected cache rows plus every row decoded since the
+    full step, in preallocated buffers, so a recycled step reads O(K) contiguous memory and allocates
+    nothing (capacity doubles in the rare case the schedule runs long)."""
+
+    def __init__(self, kv: KVStore, layer: int, selected: torch.Tensor, extra: int):
+        hkv, n = selected.shape[1], selected.shape[2]
+        d = kv.k[layer].shape[3]
+        cap = n + max(1, extra)
+        self.keys = kv.k[layer].new_empty(1, hkv, cap, d)
+        self.values = kv.v[layer].new_empty(1, hkv, cap, d)
+        self.idx = selected.new_empty(1, hkv, cap)
+        gather = selected.unsqueeze(-1).expand(-1, -1, -1, d)
+        torch.gather(kv.k[layer], 2, gather, out=self.keys[:, :, :n])
+        torch.gather(kv.v[layer], 2, gather, out=self.values[:, :, :n])
+        self.idx[:, :, :n] = selected
+        self.n = n
+
+    def append(self, kv: KVStore, layer: int, pos: int) -> None:
+        if self.n == self.keys.shape[2]:
+            self.keys = torch.cat([self.keys, torch.empty_like(self.keys)], dim=2)
+            self.values = torch.cat([self.values, torch.empty_like(self.values)], dim=2)
+            self.idx = torch.cat([self.idx, torch.empty_like(self.idx)], dim=2)
+        self.keys[:, :, self.n] = kv.k[layer][:, :, pos]
+        self.values[:, :, self.n] = kv.v[layer][:, :, pos]
+        self.idx[:, :, self.n] = pos
+        self.n += 1
+
+    def attend(self, model: PatchedModel, q: torch.Tensor, pos: int) -> torch.Tensor:
+        n = self.n
+        return compact_attention(model, q, pos, self.keys[:, :, :n], self.values[:, :, :n], self.idx[:, :, :n])
 
 
 class RecycledPolicy(DecodePolicy):
-    """Chooses full or recycled attention for each decode step and keeps the recycled sets."""
+    """Chooses full or recycled attention for each decode step and keeps the recycled sets.
+
+    A full step at position p selects the top-K among keys 0..p-1 and adds p itself; each recycled
+    step adds its own position. So with K covering the context every key is attended, exactly once.
+    """
 
     def __init__(self, cfg: RecycleConfig, n_layers: int):
         self.cfg = cfg
-        self.selected: list[torch.Tensor | None] = [None] * n_layers
+        self.sets: list[RecycledSet | None] = [None] * n_layers
         self.full_queries: list[torch.Tensor | None] = [None] * n_layers
         self.last_full_pos = -1
         self.full_steps = 0
@@ -136,9 +181,18 @@ class RecycledPolicy(DecodePolicy):
         return self._recycled(model, kv)
 
     def _full(self, model: PatchedModel, kv: KVStore) -> Attend:
+        extra = self.cfg.stride if self.cfg.schedule == "fixed" else 64
+
         def attend(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
             out, probs = full_attention_probs(model, q, kv, layer, start)
-            self.selected[layer] = select_top_k(probs, self.cfg.k)
+            selected = (
+                select_top_k(probs[..., :start], self.cfg.k)
+                if start > 0
+                else probs.new_empty(1, model.n_kv_heads, 0, dtype=torch.long)
+            )
+            recycled = RecycledSet(kv, layer, selected, extra)
+            recycled.append(kv, layer, start)
+            self.sets[layer] = recycled
             self.full_queries[layer] = q.flatten().float()
             self.last_full_pos = start
             return out
@@ -147,16 +201,15 @@ class RecycledPolicy(DecodePolicy):
 
     def _recycled(self, model: PatchedModel, kv: KVStore) -> Attend:
         def attend(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
-            selected = self.selected[layer]
-            assert selected is not None
-            recent = torch.arange(self.last_full_pos + 1, start + 1, device=q.device)
-            idx = torch.cat([selected, recent.expand(1, selected.shape[1], -1)], dim=-1)
+            recycled = self.sets[layer]
+            assert recycled is not None
+            recycled.append(kv, layer, start)
             if self.cfg.schedule == "dynamic":
                 ref = self.full_queries[layer]
                 assert ref is not None
                 if F.cosine_similarity(q.flatten().float(), ref, dim=0) < self.cfg.threshold:
                     self._refresh = True  # next step is full
-            return sparse_attention(model, q, kv, layer, start, idx)
+            return recycled.attend(model, q, start)
 
         return attend
 
