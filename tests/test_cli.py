@@ -238,3 +238,12 @@ def test_ask_with_a_local_model_folder(tmp_path, monkeypatch):
     # a prompt longer than 4x the tiny window is refused before any model work
     over = invoke("ask", str(REPO / "README.md"), "?", "--model", str(tmp_path / "tiny"), "--max-context", "50")
     assert over.exit_code == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_answers_stay_right_in_each_dtype(dtype):
+    result = invoke("ask", str(SAMPLES / "report.pdf"), "How many watts did the Heron pump draw on average?",
+                    "--json", "--max-new-tokens", "40", "--dtype", dtype)
+    assert result.exit_code == 0, result.stderr
+    assert "410" in json.loads(result.stdout)["answer"]
