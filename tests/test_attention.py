@@ -149,3 +149,19 @@ def test_shared_dca_vectors(kernel, step):
         torch.testing.assert_close(got, f.get_tensor(f"{name}.out"), atol=1e-10, rtol=0)
         plain = run_chunked(q, k, v, None, case["theta"], kernel, step)
         torch.testing.assert_close(plain, f.get_tensor(f"{name}.plain_out"), atol=1e-10, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_cuda_kernel_matches_reference(causal, dtype, tol):
+    from longdoc.attention.kernels import attend_cuda
+
+    torch.manual_seed(5)
+    q = torch.randn(1, 6, 40, 64, dtype=torch.float64)
+    k, v = torch.randn(1, 2, 40, 64, dtype=torch.float64), torch.randn(1, 2, 40, 64, dtype=torch.float64)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    ref_out, ref_lse = attend_reference(q.double(), k.double(), v.double(), causal, 0.125)
+    out, lse = attend_cuda(q.cuda(), k.cuda(), v.cuda(), causal, 0.125)
+    torch.testing.assert_close(out.cpu().double(), ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1e-3, rtol=1e-3)

@@ -93,23 +93,31 @@ def attend_cpu(
     return _grouped(_cpu_flash, q, k, v, causal, scale)
 
 
-def _cuda_sdpa_flash(
+def _cuda_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    res = torch.ops.aten._scaled_dot_product_flash_attention(
-        q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal, False, scale=scale
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if q.dtype in (torch.float16, torch.bfloat16):
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        return res[0], res[1]
+    # the flash op takes half precision only; the memory-efficient op also returns the LSE (padded
+    # along the query axis to a multiple of its block size)
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, None, True, 0.0, causal, scale=scale
     )
-    return res[0], res[1]
+    return out, lse[..., : q.shape[2]]
 
 
 def attend_cuda(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """flash-attn when installed (GQA native), else torch's CUDA flash SDPA op with LSE."""
+    """flash-attn when installed (GQA native, half precision), else torch's CUDA SDPA ops with LSE."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return _grouped(_cuda_sdpa, q, k, v, causal, scale)
     try:
         from flash_attn import flash_attn_func
     except ImportError:
-        return _grouped(_cuda_sdpa_flash, q, k, v, causal, scale)
+        return _grouped(_cuda_sdpa, q, k, v, causal, scale)
     out, lse, _ = flash_attn_func(
         q.transpose(1, 2),
         k.transpose(1, 2),
