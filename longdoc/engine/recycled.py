@@ -181,7 +181,8 @@ class RecycledPolicy(DecodePolicy):
         return self._recycled(model, kv)
 
     def _full(self, model: PatchedModel, kv: KVStore) -> Attend:
-        extra = self.cfg.stride if self.cfg.schedule == "fixed" else 64
+        # room for the tokens decoded before the next full step (grown if a schedule runs longer)
+        extra = min(self.cfg.stride, 256) if self.cfg.schedule == "fixed" else 64
 
         def attend(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
             out, probs = full_attention_probs(model, q, kv, layer, start)
