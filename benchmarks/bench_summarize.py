@@ -41,10 +41,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--map-context", type=int, default=8192)
     ap.add_argument("--new", type=int, default=200)
+    ap.add_argument("--runs", default="one_pass_dca,map_reduce", help="which of the two runs, comma-separated")
+    ap.add_argument("--papers", type=int, default=5, help="how many corpus papers (alphabetical)")
     a = ap.parse_args()
-    pdfs = sorted(str(p) for p in CORPUS.glob("*.pdf"))
+    pdfs = sorted(str(p) for p in CORPUS.glob("*.pdf"))[: a.papers]
     common = [*pdfs, "--json", "--quiet", "--max-new-tokens", str(a.new), "--no-recycle"]
-    rows = {"one_pass_dca": run(common), "map_reduce": run([*common, "--max-context", str(a.map_context)])}
+    runs = {"one_pass_dca": common, "map_reduce": [*common, "--max-context", str(a.map_context)]}
+    rows = {name: run(args) for name, args in runs.items() if name in a.runs.split(",")}
     for name, row in rows.items():
         print(name, json.dumps({k: v for k, v in row.items() if k != "summary"}), file=sys.stderr)
     print(save("summarize", rows))

@@ -93,8 +93,8 @@ def evals() -> str | None:
     for name, label in [
         ("passkey_dca2048", "DCA, chunk 2048"),
         ("passkey_window2048", "sliding window 2048"),
-        ("passkey_40k_dca", "DCA (default chunk), 40K"),
-        ("passkey_40k_plain", "plain RoPE, 40K"),
+        ("passkey_36k_dca", "DCA (default chunk), 36K"),
+        ("passkey_36k_plain", "plain RoPE, 36K"),
     ]:
         data = load(name)
         if data:
@@ -106,9 +106,9 @@ def evals() -> str | None:
     for name, label in [
         ("ppl_full", "full attention"),
         ("ppl_dca2048", "DCA, chunk 2048"),
-        ("ppl_40k_plain", "plain RoPE"),
-        ("ppl_40k_dca", "DCA (default chunk)"),
-        ("ppl_40k_dca_temp", "DCA + attention temperature"),
+        ("ppl_36k_plain", "plain RoPE"),
+        ("ppl_36k_dca", "DCA (default chunk)"),
+        ("ppl_36k_dca_temp", "DCA + attention temperature"),
     ]:
         data = load(name)
         if data:

@@ -31,11 +31,11 @@ for step in "${steps[@]}"; do
     needle)  # issue 4: full vs recycled vs StreamingLLM baseline of the same budget
       run longdoc eval needle --lengths 8192,16384 --depths 0.5 --keys 1,4 --json > "$OUT/needle.json" ;;
     beyond)  # issue 3: past the 32K trained window, with and without DCA (and the attention temperature)
-      run longdoc eval passkey --lengths 40960 --depths 0.5 --dca --json > "$OUT/passkey_40k_dca.json"
-      run longdoc eval passkey --lengths 40960 --depths 0.5 --no-dca --max-context 70000 --json > "$OUT/passkey_40k_plain.json"
-      run longdoc eval ppl "$CORPUS" --lengths 40960 --dca --json > "$OUT/ppl_40k_dca.json"
-      run longdoc eval ppl "$CORPUS" --lengths 40960 --dca --dca-temperature --json > "$OUT/ppl_40k_dca_temp.json"
-      run longdoc eval ppl "$CORPUS" --lengths 40960 --no-dca --max-context 70000 --json > "$OUT/ppl_40k_plain.json" ;;
+      run longdoc eval ppl "$CORPUS" --lengths 36864 --dca --json > "$OUT/ppl_36k_dca.json"
+      run longdoc eval ppl "$CORPUS" --lengths 36864 --no-dca --max-context 70000 --json > "$OUT/ppl_36k_plain.json"
+      run longdoc eval ppl "$CORPUS" --lengths 36864 --dca --dca-temperature --json > "$OUT/ppl_36k_dca_temp.json"
+      run longdoc eval passkey --lengths 36864 --depths 0.5 --dca --json > "$OUT/passkey_36k_dca.json"
+      run longdoc eval passkey --lengths 36864 --depths 0.5 --no-dca --max-context 70000 --json > "$OUT/passkey_36k_plain.json" ;;
     summarize) # issue 5: five papers in one DCA pass vs map-reduce
       run python -m benchmarks.bench_summarize --map-context 8192 --new 200 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
