@@ -37,7 +37,7 @@ for step in "${steps[@]}"; do
       run longdoc eval passkey --lengths 36864 --depths 0.5 --dca --json > "$OUT/passkey_36k_dca.json"
       run longdoc eval passkey --lengths 36864 --depths 0.5 --no-dca --max-context 70000 --json > "$OUT/passkey_36k_plain.json" ;;
     summarize) # issue 5: five papers in one DCA pass vs map-reduce
-      run python -m benchmarks.bench_summarize --map-context 8192 --new 200 ;;
+      run python -m benchmarks.bench_summarize --papers 2 --map-context 8192 --new 200 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -243,7 +243,15 @@ def test_ask_with_a_local_model_folder(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_answers_stay_right_in_each_dtype(dtype):
-    result = invoke("ask", str(SAMPLES / "notes.md"), "What is the default time-to-live for an entry?",
-                    "--json", "--max-new-tokens", "40", "--dtype", dtype)
+    result = invoke(
+        "ask",
+        str(SAMPLES / "notes.md"),
+        "What is the default time-to-live for an entry?",
+        "--json",
+        "--max-new-tokens",
+        "40",
+        "--dtype",
+        dtype,
+    )
     assert result.exit_code == 0, result.stderr
     assert "900" in json.loads(result.stdout)["answer"]

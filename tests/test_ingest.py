@@ -136,9 +136,7 @@ def test_encrypted_pdf_with_empty_user_password_is_read(tmp_path: Path) -> None:
     assert "42.7 litres" in dict(doc.segments)["p. 2"]
 
 
-def test_truncated_pdf_is_an_input_error_without_log_noise(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_truncated_pdf_is_an_input_error_without_log_noise(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     data = REPORT.read_bytes()
     truncated = write(tmp_path, "truncated.pdf", data[: len(data) // 2])
     caplog.set_level(logging.WARNING)
@@ -270,9 +268,7 @@ def test_empty_stdin_is_an_input_error() -> None:
 # --- folders -----------------------------------------------------------------------------------
 
 
-def read(
-    root: Path, include: list[str] | None = None, exclude: list[str] | None = None, cap: int = 10_000
-) -> Document:
+def read(root: Path, include: list[str] | None = None, exclude: list[str] | None = None, cap: int = 10_000) -> Document:
     return read_tree(root, include or [], exclude or [], cap)
 
 
@@ -359,9 +355,7 @@ def test_files_over_the_size_limit_are_skipped_with_a_warning(tmp_path: Path) ->
         (["*.py"], ["test_*"], ["src/a.py", "top.py"]),
     ],
 )
-def test_include_and_exclude_globs(
-    tmp_path: Path, include: list[str], exclude: list[str], expected: list[str]
-) -> None:
+def test_include_and_exclude_globs(tmp_path: Path, include: list[str], exclude: list[str], expected: list[str]) -> None:
     for rel in ["README.md", "top.py", "src/a.py", "src/b.txt", "tests/test_a.py"]:
         write(tmp_path, rel)
     assert labels(read(tmp_path, include, exclude)) == expected
@@ -405,9 +399,7 @@ def test_tree_with_nothing_readable_is_an_input_error(tmp_path: Path) -> None:
     write(tmp_path, "a.bin", b"\x00\x01")
     with pytest.raises(InputError) as error:
         ingest_paths([str(tmp_path)])
-    assert error.value.message == (
-        f"{tmp_path}: no readable files (2 skipped: 1 binary, 1 ignored by .gitignore)"
-    )
+    assert error.value.message == (f"{tmp_path}: no readable files (2 skipped: 1 binary, 1 ignored by .gitignore)")
 
 
 @pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")

@@ -15,9 +15,18 @@ from longdoc.pipeline import ModelInfo, make_plan
 
 def info(window: int = 32768, weight_bytes: int = 1_000_000_000) -> ModelInfo:
     return ModelInfo(
-        name="tiny", source=models.ModelSource(kind="folder", name="tiny", path=Path(".")), folder=Path("."),
-        tokenizer=None, window=window, n_layers=24, n_kv_heads=2, head_dim=64, device=torch.device("cpu"),
-        dtype=torch.bfloat16, weight_bytes=weight_bytes, stop_ids=set(),
+        name="tiny",
+        source=models.ModelSource(kind="folder", name="tiny", path=Path(".")),
+        folder=Path("."),
+        tokenizer=None,
+        window=window,
+        n_layers=24,
+        n_kv_heads=2,
+        head_dim=64,
+        device=torch.device("cpu"),
+        dtype=torch.bfloat16,
+        weight_bytes=weight_bytes,
+        stop_ids=set(),
     )
 
 

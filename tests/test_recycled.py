@@ -13,8 +13,8 @@ from longdoc.engine.decode import generate
 from longdoc.engine.prefill import prefill
 from longdoc.engine.recycled import (
     POOL_KERNEL,
-    RecycledSet,
     RecycledPolicy,
+    RecycledSet,
     StreamingPolicy,
     full_attention_probs,
     select_top_k,
