@@ -146,11 +146,15 @@ def _ingest(
     from longdoc import ingest
 
     t0 = time.perf_counter()
+    reporter.status(f"reading {', '.join(paths) if len(paths) <= 3 else f'{len(paths)} inputs'}")
     docs = ingest.ingest_paths(paths, pages=pages, include=include or [], exclude=exclude or [])
     for doc in docs:
         for w in doc.warnings:
             reporter.warn(w)
-    return docs, round(time.perf_counter() - t0, 3)
+    elapsed = time.perf_counter() - t0
+    segments = sum(len(d.segments) for d in docs)
+    reporter.status(f"read {len(docs)} source(s), {segments} page(s)/file(s) in {elapsed:.1f}s")
+    return docs, round(elapsed, 3)
 
 
 @app.command()
