@@ -34,8 +34,8 @@ for step in "${steps[@]}"; do
       run longdoc eval ppl "$CORPUS" --lengths 36864 --dca --json > "$OUT/ppl_36k_dca.json"
       run longdoc eval ppl "$CORPUS" --lengths 36864 --no-dca --max-context 70000 --json > "$OUT/ppl_36k_plain.json"
       run longdoc eval ppl "$CORPUS" --lengths 36864 --dca --dca-temperature --json > "$OUT/ppl_36k_dca_temp.json"
-      run longdoc eval passkey --lengths 36864 --depths 0.5 --dca --json > "$OUT/passkey_36k_dca.json"
-      run longdoc eval passkey --lengths 36864 --depths 0.5 --no-dca --max-context 70000 --json > "$OUT/passkey_36k_plain.json" ;;
+      run longdoc eval passkey --lengths 36864 --depths 0.02 --dca --json > "$OUT/passkey_36k_dca.json"
+      run longdoc eval passkey --lengths 36864 --depths 0.02 --no-dca --max-context 70000 --json > "$OUT/passkey_36k_plain.json" ;;
     summarize) # issue 5: five papers in one DCA pass vs map-reduce
       run python -m benchmarks.bench_summarize --papers 2 --map-context 8192 --new 200 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
