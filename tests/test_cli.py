@@ -255,3 +255,38 @@ def test_answers_stay_right_in_each_dtype(dtype):
     )
     assert result.exit_code == 0, result.stderr
     assert "900" in json.loads(result.stdout)["answer"]
+
+
+@pytest.mark.slow
+def test_eval_commands_on_the_real_model():
+    """passkey finds the key through DCA with a chunk far smaller than the prompt; ppl and needle
+    report their documented fields."""
+    passkey = invoke(
+        "eval", "passkey", "--lengths", "1536", "--depths", "0.2", "--dca", "--chunk-size", "512", "--json", "--quiet"
+    )
+    assert passkey.exit_code == 0, passkey.stderr
+    data = json.loads(passkey.stdout)
+    assert data["accuracy"] == 1.0
+    assert set(data["results"][0]) >= {"length", "depth", "key", "answer", "correct"}
+    assert data["settings"]["chunk_size"] == 512
+    ppl = json.loads(invoke("eval", "ppl", str(SAMPLES / "notes.md"), "--lengths", "300", "--json").stdout)
+    assert 1.0 < ppl["results"][0]["ppl"] < 100.0
+    needle = invoke(
+        "eval",
+        "needle",
+        "--lengths",
+        "1024",
+        "--depths",
+        "0.5",
+        "--keys",
+        "1",
+        "--recycle-k",
+        "64",
+        "--recycle-stride",
+        "4",
+        "--json",
+    )
+    assert needle.exit_code == 0, needle.stderr
+    data = json.loads(needle.stdout)
+    assert set(data["accuracy"]) == {"full", "recycled", "streaming"}
+    assert data["accuracy"]["full"] == 1.0
