@@ -9,7 +9,7 @@ class KVStore:
     """K/V for ``n_layers`` layers, each (1, Hkv, capacity, D).
 
     Keys are stored already rotated (at their DCA key position, or absolute without DCA), values as
-    projected. ``length`` is the number of positions written.
+    projected. Callers track how many positions they have written.
     """
 
     def __init__(
@@ -19,7 +19,6 @@ class KVStore:
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.capacity = capacity
-        self.length = 0
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v (1, Hkv, L, D) at positions start .. start+L-1."""
@@ -28,8 +27,6 @@ class KVStore:
             raise RuntimeError(f"KV store full: {end} > capacity {self.capacity}")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
-        if layer == len(self.k) - 1:
-            self.length = max(self.length, end)
 
     @property
     def nbytes(self) -> int:

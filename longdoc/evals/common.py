@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -72,8 +73,8 @@ def answers(
     Decoding only writes KV positions after the prompt, so each policy starts from the same cache.
     With ``window`` the prefill and decoding use the sliding-window baseline instead.
     """
-    cfg = session.cfg
-    cfg.generation = GenerationConfig(max_new_tokens=max_new_tokens)
+    # a local copy: the session's own settings stay as the user gave them
+    cfg = replace(session.cfg, generation=GenerationConfig(max_new_tokens=max_new_tokens))
     plan = make_plan(cfg, session.info, len(ids))
     model = session.patched(plan)
     kv = model.new_store(len(ids) + max_new_tokens)

@@ -6,11 +6,13 @@ Logits are formed a slice of positions at a time, so no (L x vocab) buffer is ev
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from longdoc.attention.dca import chunk_steps
+from longdoc.config import GenerationConfig
 from longdoc.pipeline import Session, make_plan
 
 LOGIT_SLICE = 512  # positions per lm_head call: 512 x 151,936 float32 = 311 MB at most
@@ -18,8 +20,7 @@ LOGIT_SLICE = 512  # positions per lm_head call: 512 x 151,936 float32 = 311 MB 
 
 def nll_sum(session: Session, ids: list[int]) -> tuple[float, int]:
     """Sum of next-token negative log-likelihoods over ids[1:], and their count."""
-    cfg = session.cfg
-    cfg.generation.max_new_tokens = 1
+    cfg = replace(session.cfg, generation=GenerationConfig(max_new_tokens=1))  # the session's settings stay
     plan = make_plan(cfg, session.info, len(ids))
     model = session.patched(plan)
     kv = model.new_store(len(ids))
