@@ -99,10 +99,11 @@ def run_config(opts: dict[str, Any]) -> RunConfig:
         raise UsageError("--recycle-k and --recycle-stride must be at least 1")
     if chunk_size is not None and chunk_size < 2:
         raise UsageError("--chunk-size must be at least 2")
-    if chunk_size is not None and local_window is None:
-        local_window = chunk_size // 8
-    if chunk_size is not None and local_window is not None and not 0 <= local_window < chunk_size:
+    if local_window is not None and local_window < 0:
+        raise UsageError("--local-window must be at least 0")
+    if chunk_size is not None and local_window is not None and local_window >= chunk_size:
         raise UsageError("--local-window must be smaller than --chunk-size")
+    # the rest of the layout rule needs the model's trained window: ChunkLayout.for_window, at planning
     return RunConfig(
         model=opts.get("model"),
         device=opts.get("device", d.device),
@@ -528,13 +529,16 @@ def eval_ppl(
 
 
 def _print_eval(reporter: Reporter, session: Any, result: dict[str, Any], line: str) -> None:
+    from longdoc.attention.dca import ChunkLayout
+
     cfg = session.cfg
+    layout = ChunkLayout.for_window(session.info.window, cfg.dca.chunk_size, cfg.dca.local_window)
     result["settings"] = {
         "model": session.info.name,
         "dtype": session.info.dtype_name,
         "dca": cfg.dca.enabled,
-        "chunk_size": cfg.dca.chunk_size,
-        "local_window": cfg.dca.local_window,
+        "chunk_size": layout.chunk_size,
+        "local_window": layout.local_window,
         "dca_temperature": cfg.dca.temperature,
     }
     if reporter.json_mode:

@@ -36,6 +36,7 @@ from typing import Any, BinaryIO, Literal
 
 import torch
 
+from longdoc.attention.patch import SUPPORTED_MODEL_TYPES, onednn_packs, unsupported_features
 from longdoc.errors import ModelError, UsageError
 
 try:  # POSIX; elsewhere unique temp names plus an atomic rename still keep the cache consistent
@@ -47,8 +48,6 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
-#: Architectures whose RoPE/GQA layout the attention code supports (config.model_type).
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 #: GGUF ``general.architecture`` values we convert (Mistral GGUFs are written as "llama").
 SUPPORTED_GGUF_ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2")
 
@@ -183,9 +182,13 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 def cpu_flags() -> frozenset[str]:
     """The CPU feature flags from /proc/cpuinfo (empty where it can't be read)."""
     try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
+        return parse_cpu_flags(Path("/proc/cpuinfo").read_text(errors="replace"))
     except OSError:
         return frozenset()
+
+
+def parse_cpu_flags(text: str) -> frozenset[str]:
+    """The first processor's flags ("flags" on x86, "Features" on ARM) from /proc/cpuinfo text."""
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
@@ -194,8 +197,9 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with native bfloat16 matmuls (AMX or AVX512_BF16); ~4x float32 speed with AMX here."""
-    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+    """True on CPUs with native bfloat16 matmuls (AMX or AVX512_BF16) that oneDNN is allowed to use;
+    ~4x float32 speed with AMX, ~2.4x with AVX512_BF16 alone (measured, DESIGN.md section 6)."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags()) and onednn_packs(torch.bfloat16)
 
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {
@@ -792,6 +796,9 @@ def check_model_folder(folder: Path) -> dict[str, Any]:
         raise ModelError(
             f"{folder}: model type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+    dropped = unsupported_features(config)
+    if dropped:
+        raise ModelError(f"{folder}: longdoc cannot run this model faithfully: it uses {', '.join(dropped)}")
     names = [p.name for p in folder.iterdir() if p.is_file()]
     if not any(n.endswith(".safetensors") for n in names):
         pickled = sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES))

@@ -136,7 +136,9 @@ def make_plan(cfg: RunConfig, info: ModelInfo, prompt_tokens: int) -> Plan:
     window = info.window
     need = prompt_tokens + cfg.generation.max_new_tokens
     dca_on = cfg.dca.enabled if cfg.dca.enabled is not None else need > window
-    layout = ChunkLayout.for_window(window, cfg.dca.chunk_size, cfg.dca.local_window) if dca_on else None
+    # built (and so validated) even when DCA stays off: a bad --chunk-size is an error either way
+    candidate = ChunkLayout.for_window(window, cfg.dca.chunk_size, cfg.dca.local_window)
+    layout = candidate if dca_on else None
     ceiling = window * DCA_CONTEXT_FACTOR if cfg.dca.enabled is not False else window
     max_context = cfg.max_context or ceiling
     hint = "pass fewer inputs, select pages with --pages, narrow a folder with --include/--exclude" + (
@@ -205,7 +207,12 @@ class Session:
             folder = models.ModelSource(kind="folder", name=self.info.name, path=self.info.folder)
             self._loaded = models.load_model(folder, self.info.device, self.info.dtype, tokenizer=self.tokenizer)
             folder_path = self.info.folder
-            pack_linears(self._loaded.model, after_each=lambda: models.release_mapped_pages(folder_path))
+            packed = pack_linears(self._loaded.model, after_each=lambda: models.release_mapped_pages(folder_path))
+            if not packed and self.info.device.type == "cpu" and self.info.dtype == torch.bfloat16:
+                self.reporter.warn(
+                    "this CPU (or oneDNN's ISA cap) has no native bfloat16 matmuls: bfloat16 runs slowly here;"
+                    " --dtype float32 is faster"
+                )
             self.load_s = time.perf_counter() - t0
         return self._loaded
 

@@ -97,6 +97,18 @@ def test_query_and_key_positions():
     assert int(torch.stack([intra, succ, inter]).max()) - 0 <= layout.chunk_size
 
 
+def test_layout_rule_defaults_and_limits():
+    from longdoc.attention.dca import LayoutError
+
+    assert ChunkLayout.for_window(32768) == ChunkLayout(24576, 4096)  # 3W/4 and W/8
+    assert ChunkLayout.for_window(32768, chunk_size=2048) == ChunkLayout(2048, 256)  # s/8 when only s is given
+    assert ChunkLayout.for_window(32768, chunk_size=2048, local_window=0) == ChunkLayout(2048, 0)
+    assert ChunkLayout.for_window(32768, local_window=100) == ChunkLayout(24576, 100)
+    for bad in ({"chunk_size": 32768}, {"chunk_size": 1}, {"local_window": 24576}, {"local_window": -1}):
+        with pytest.raises(LayoutError):
+            ChunkLayout.for_window(32768, **bad)
+
+
 def test_chunk_steps_never_cross_chunks():
     layout = ChunkLayout(16, 4)  # c = 12
     steps = chunk_steps(5, 50, 7, layout)
@@ -128,10 +140,11 @@ def test_dca_equals_plain_when_input_fits_one_chunk(kernel):
 
 
 def load_vectors():
-    safetensors = pytest.importorskip("safetensors")
+    """The independent float64 reference is part of the contract: missing vectors fail, never skip."""
+    import safetensors
+
     path = TESTDATA / "dca_vectors.safetensors"
-    if not path.exists():
-        pytest.skip("shared test vectors absent")
+    assert path.exists(), f"shared DCA test vectors missing at {path}"
     f = safetensors.safe_open(str(path), "pt")
     return f, json.loads(f.metadata()["cases"])
 

@@ -188,11 +188,38 @@ def test_ask_real_paper_from_corpus():
     assert "Dual Chunk Attention" in data["answer"] or "DCA" in data["answer"]
 
 
-def test_models_lists_default():
+def test_models_reports_the_cache_it_uses(tmp_path, monkeypatch):
+    """`models` reads the configured cache (never the user's real one in tests) and says what is converted."""
+    monkeypatch.setenv("LONGDOC_CACHE_DIR", str(tmp_path / "cache"))
     result = invoke("models", "--json")
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
-    assert any("qwen2.5-coder-0.5b" in json.dumps(m) for m in data["models"])
+    assert data["cache_dir"] == str(tmp_path / "cache")
+    default = [m for m in data["models"] if m.get("default")]
+    assert len(default) == 1 and default[0]["name"] == "qwen2.5-coder-0.5b"
+    assert default[0]["cached"] is False and default[0]["path"] is None  # nothing converted in a new cache
+    plain = invoke("models")
+    assert plain.exit_code == 0 and str(tmp_path / "cache") in plain.stdout
+
+
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (("--chunk-size", "4096"), "--chunk-size must be between 2 and 4095"),
+        (("--chunk-size", "100000", "--dca"), "--chunk-size must be between 2 and 4095"),
+        (("--local-window", "5000"), "--local-window must be between 0 and 3071"),
+        (("--local-window", "-1"), "--local-window must be at least 0"),
+    ],
+)
+def test_bad_dca_layouts_are_usage_errors(tmp_path, monkeypatch, extra, fragment):
+    """The layout rule needs the model's trained window (4096 here): checked before any weights load."""
+    from .test_models import save_tiny_qwen2
+
+    monkeypatch.setenv("LONGDOC_CACHE_DIR", str(tmp_path / "cache"))
+    save_tiny_qwen2(tmp_path / "tiny", window=4096)
+    result = invoke("ask", str(SAMPLES / "notes.md"), "Which port?", "--model", str(tmp_path / "tiny"), *extra)
+    assert_clean_error(result, 2, fragment)
+    assert "loading" not in result.stderr
 
 
 @pytest.mark.slow

@@ -120,10 +120,12 @@ def test_cache_dir_env_and_default(monkeypatch, tmp_path):
     monkeypatch.setenv("LONGDOC_CACHE_DIR", str(tmp_path / "c"))
     assert models.cache_dir() == tmp_path / "c"
     assert models.models_dir() == tmp_path / "c" / "models"
+    # without the override it follows the platform's user cache (XDG on Linux), never the CWD
     monkeypatch.delenv("LONGDOC_CACHE_DIR")
-    import platformdirs
-
-    assert models.cache_dir() == Path(platformdirs.user_cache_dir("longdoc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    if sys.platform.startswith("linux"):
+        assert models.cache_dir() == tmp_path / "xdg" / "longdoc"
+    assert models.cache_dir().is_absolute() and models.cache_dir().name == "longdoc"
 
 
 def test_resolve_device(monkeypatch):
@@ -166,12 +168,48 @@ def test_resolve_dtype_explicit():
         models.resolve_dtype("int8", cpu)
 
 
-def test_cpu_flags_reads_proc_cpuinfo():
-    if not Path("/proc/cpuinfo").exists():
-        pytest.skip("no /proc/cpuinfo")
-    flags = models.cpu_flags()
-    assert flags, "expected CPU flags from /proc/cpuinfo"
-    assert models.cpu_has_fast_bf16() == bool({"amx_bf16", "avx512_bf16"} & flags)
+AMD_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx avx2 avx512f avx512bw avx512_bf16
+processor\t: 1
+flags\t\t: fpu sse2
+"""
+
+
+def test_parse_cpu_flags_takes_the_first_processor():
+    assert models.parse_cpu_flags(AMD_CPUINFO) == {"fpu", "sse2", "avx", "avx2", "avx512f", "avx512bw", "avx512_bf16"}
+    assert models.parse_cpu_flags("Processor\t: AArch64\nFeatures\t: fp asimd bf16\n") == {"fp", "asimd", "bf16"}
+    assert models.parse_cpu_flags("model name: unknown\n") == frozenset()
+
+
+def test_auto_dtype_is_float32_where_onednn_cannot_pack_bfloat16(monkeypatch):
+    """The CPU may have AVX512_BF16 while oneDNN is capped below it: auto must not pick bfloat16 then."""
+    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    monkeypatch.setattr(models, "onednn_packs", lambda dtype: False)
+    assert models.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_bfloat16_under_an_avx2_cap_falls_back_to_plain_matmuls():
+    """With oneDNN capped at AVX2, packing a bfloat16 weight raises; loading must fall back, not crash."""
+    import subprocess
+
+    script = (
+        "import torch\n"
+        "from longdoc import models\n"
+        "from longdoc.attention.patch import pack_linears, onednn_packs\n"
+        "from tests.conftest import tiny_model\n"
+        "m = tiny_model(dtype=torch.bfloat16)\n"
+        "n = pack_linears(m)\n"
+        "out = m(torch.tensor([[1, 2, 3]])).logits\n"
+        "print(onednn_packs(torch.bfloat16), n, models.resolve_dtype('auto', torch.device('cpu')), out.shape[-1])\n"
+    )
+    env = {**__import__("os").environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "0", "torch.float32", "256"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,6 +383,49 @@ def test_refuses_unsupported_model_type(tmp_path, tiny_folder):
     assert "'gpt2' is not supported" in info.value.message
     for name in ("llama", "mistral", "qwen2"):
         assert name in info.value.message
+
+
+@pytest.mark.parametrize(
+    "change,fragment",
+    [
+        ({"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1}, "sliding-window"),
+        ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "'dynamic' RoPE"),
+    ],
+)
+def test_refuses_attention_features_the_layer_loop_would_drop(tmp_path, tiny_folder, change, fragment):
+    import shutil
+
+    folder = tmp_path / "windowed"
+    shutil.copytree(tiny_folder[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ModelError, match=fragment):
+        models.check_model_folder(folder)
+
+
+def test_sliding_window_rule_per_family():
+    from longdoc.attention.patch import unsupported_features
+
+    base = {"max_position_embeddings": 32768}
+    assert unsupported_features({**base, "model_type": "mistral", "sliding_window": 4096}) != []
+    assert unsupported_features({**base, "model_type": "mistral", "sliding_window": None}) == []
+    assert unsupported_features({**base, "model_type": "mistral", "sliding_window": 32768}) == []
+    # Qwen2 configs carry a sliding_window that only use_sliding_window switches on
+    assert unsupported_features({**base, "model_type": "qwen2", "sliding_window": 4096}) == []
+    assert unsupported_features({**base, "model_type": "llama", "rope_scaling": {"rope_type": "llama3"}}) == []
+    assert unsupported_features({**base, "model_type": "llama", "rope_scaling": {"type": "longrope"}}) != []
+
+
+def test_patched_model_refuses_an_active_sliding_window():
+    from longdoc.attention.kernels import attend_reference
+    from longdoc.attention.patch import AttentionSettings, PatchedModel
+    from tests.conftest import tiny_model
+
+    model = tiny_model("mistral")
+    model.config.sliding_window = 16  # shorter than its 512-token window
+    with pytest.raises(ValueError, match="sliding window of 16"):
+        PatchedModel(model, AttentionSettings(None, attend_reference))
 
 
 def test_never_runs_code_shipped_with_a_model(tmp_path, tiny_folder):

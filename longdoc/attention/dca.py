@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from longdoc.attention.kernels import Kernel, merge_partials
+from longdoc.errors import UsageError
 
 # rotate(x, positions) -> x rotated at those integer positions; x (B, H, L, D), positions (L,)
 Rotate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -42,10 +43,26 @@ class ChunkLayout:
 
     @classmethod
     def for_window(cls, window: int, chunk_size: int | None = None, local_window: int | None = None) -> ChunkLayout:
-        """Defaults from the trained window W: s = 3W/4, w = W/8 (ChunkLlama's choice)."""
+        """The one rule for DCA geometry from the trained window W and the user's overrides.
+
+        s defaults to 3W/4 and w to W/8 (ChunkLlama's choice); given only s, w defaults to s/8 (the
+        layouts measured in benchmarks/RESULTS.md). s must stay below W (else DCA would use distances the
+        model never saw) and 0 <= w < s. Raises ``LayoutError`` naming the option to fix.
+        """
         s = chunk_size if chunk_size is not None else (3 * window) // 4
-        w = local_window if local_window is not None else min(window // 8, s // 2)
+        w = local_window if local_window is not None else (window // 8 if chunk_size is None else s // 8)
+        if not 2 <= s < window:
+            raise LayoutError(
+                f"--chunk-size must be between 2 and {window - 1} (below the model's trained window of {window:,}"
+                f" tokens), not {s:,}"
+            )
+        if not 0 <= w < s:
+            raise LayoutError(f"--local-window must be between 0 and {s - 1} (below --chunk-size {s:,}), not {w:,}")
         return cls(s, w)
+
+
+class LayoutError(UsageError, ValueError):
+    """A DCA chunk size or local window the model cannot use (a usage error at the CLI)."""
 
 
 def key_positions(positions: torch.Tensor, layout: ChunkLayout | None) -> torch.Tensor:

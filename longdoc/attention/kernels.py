@@ -1,5 +1,6 @@
 """Attention kernels that return the output *and* its log-sum-exp, so partial results over disjoint
-key sets can be merged exactly (Dual Chunk Attention computes up to three of them per query block).
+key sets can be merged exactly (Dual Chunk Attention makes up to four calls per query block: earlier keys of its own
+chunk, the causal diagonal block, the previous chunk, and everything before that).
 
 Every kernel has the same signature::
 

@@ -1,14 +1,18 @@
 """Run a transformers decoder (Llama, Qwen2, Mistral families) with longdoc's attention.
 
 transformers 5.x rotates q and k at absolute positions before its attention functions see them, and
-DCA needs other rotations (keys at p mod c, queries three ways). So longdoc replaces the attention
-module's forward: it reuses the module's own projections, scaling and the model's RoPE frequencies,
-rotates as DCA prescribes, writes keys and values into a preallocated ``KVStore``, and attends with
-a chosen kernel. The rest of each decoder layer (norms, MLP, residuals) is the model's own code.
+DCA needs other rotations (keys at p mod c, queries three ways). So longdoc does not go through the
+model's forward at all: ``PatchedModel.forward`` walks the decoder layers itself, calling each
+attention module's own projections, the model's RoPE frequencies and scaling, rotating as DCA
+prescribes, writing keys and values into a preallocated ``KVStore`` and attending with a chosen
+kernel; norms, MLP and LM head are the model's own modules. Nothing in transformers is modified, so
+a config feature that this loop does not implement (a sliding window, say) must be refused up front
+(``unsupported_features``) rather than silently dropped.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,11 +25,36 @@ from longdoc.attention.kernels import Kernel
 from longdoc.attention.rope import RopeTable
 from longdoc.engine.kvstore import KVStore
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+# RoPE variants whose frequencies are fixed at load (``inv_freq`` and ``attention_scaling`` say all);
+# "dynamic" and "longrope" change them with the sequence length, which the layer loop does not do.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 # attend(layer, q, start) -> (B, H, Lq, D): attention of un-rotated queries at start.. against the
 # store. The default is ``chunked_attention``; recycled decoding substitutes its own.
 Attend = Callable[[int, torch.Tensor, int], torch.Tensor]
+
+
+def unsupported_features(config: dict[str, Any]) -> list[str]:
+    """What in a model's config.json the patched layer loop would silently drop; empty if none.
+
+    Only features that change attention within the trained window count: a sliding window at least
+    as long as the window never masks anything there (beyond it DCA takes over).
+    """
+    found = []
+    window = int(config.get("max_position_embeddings") or 0)
+    layer_types = config.get("layer_types") or []
+    if config.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
+        found.append("sliding-window attention layers")
+    elif config.get("model_type") != "qwen2":  # Qwen2 ignores sliding_window unless use_sliding_window
+        sliding = config.get("sliding_window")
+        if sliding is not None and int(sliding) < window:
+            found.append(f"a sliding window of {int(sliding):,} tokens (shorter than the {window:,}-token window)")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type not in STATIC_ROPE_TYPES:
+        found.append(f"{rope_type!r} RoPE scaling")
+    return found
 
 
 @dataclass
@@ -44,6 +73,9 @@ class PatchedModel:
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"unsupported model type {config.model_type!r}")
+        dropped = unsupported_features(config.to_dict())
+        if dropped:
+            raise ValueError(f"longdoc cannot run a model with {', '.join(dropped)}")
         model.requires_grad_(False)
         self.model = model
         self.config = config
@@ -128,14 +160,23 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+@functools.cache
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN will pack a CPU weight of this dtype. A bfloat16 pack raises on CPUs without
+    AVX-512 (or with oneDNN capped below it, ``ONEDNN_MAX_CPU_ISA=AVX2``): probing one small weight
+    lets those runs fall back to plain matmuls instead of crashing mid-load."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype))
+    except RuntimeError:
+        return False
+    return True
+
+
 def can_pack(model: nn.Module) -> bool:
     param = next(model.parameters())
-    return (
-        param.device.type == "cpu"
-        and param.dtype in (torch.bfloat16, torch.float32)
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+    return param.device.type == "cpu" and param.dtype in (torch.bfloat16, torch.float32) and onednn_packs(param.dtype)
 
 
 def pack_linears(model: nn.Module, after_each: Callable[[], object] | None = None) -> int:
