@@ -278,7 +278,6 @@ def run_prompt(
         interrupted = True
     decode_s = time.perf_counter() - t1
     n_gen = len(streamer.ids)
-    recycle_stats = policy.stats if policy else {}
     result: dict[str, Any] = {
         "answer": streamer.text().strip(),
         "model": session.info.name,
@@ -306,13 +305,7 @@ def run_prompt(
             "local_window": plan.layout.local_window if plan.layout else 0,
             "logit_scale": round(plan.logit_scale, 4),
         },
-        "recycle": {
-            "enabled": policy is not None,
-            "k": recycle_stats.get("k", 0),
-            "stride": recycle_stats.get("stride", 0),
-            "full_steps": recycle_stats.get("full_steps", 0),
-            "recycled_steps": recycle_stats.get("recycled_steps", 0),
-        },
+        "recycle": {"enabled": policy is not None, **(policy.stats if policy else RecycledPolicy.idle_stats())},
         "cache": {"hit": False},
     }
     if interrupted:

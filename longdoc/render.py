@@ -107,7 +107,10 @@ class Reporter:
             parts.append(f"DCA chunk {result['dca']['chunk_size']}")
         if result["recycle"]["enabled"]:
             r = result["recycle"]
-            parts.append(f"recycle k={r['k']} ({r['full_steps']} full / {r['recycled_steps']} recycled)")
+            parts.append(
+                f"recycle k={r['effective_k']} {r['schedule']}/{r['stride']} "
+                f"({r['full_steps']} full / {r['recycled_steps']} recycled steps)"
+            )
         self.err.print("[dim]" + " · ".join(parts) + "[/dim]")
 
 

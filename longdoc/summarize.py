@@ -481,6 +481,7 @@ class _MapReduce:
             "enabled": any(r["recycle"]["enabled"] for r in steps),
             "full_steps": sum(r["recycle"]["full_steps"] for r in steps),
             "recycled_steps": sum(r["recycle"]["recycled_steps"] for r in steps),
+            "layer_refreshes": sum(r["recycle"].get("layer_refreshes", 0) for r in steps),
         }
         final["answer"] = final_text
         final["plan"] = {"mode": "map-reduce", "pieces": pieces, "levels": levels, "steps": len(steps)}

@@ -36,9 +36,18 @@ class RopeTable:
         self.cos = (emb.cos() * self.scaling).to(self.dtype)
         self.sin = (emb.sin() * self.scaling).to(self.dtype)
 
+    def angles(self, positions: torch.Tensor, top: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin rows (L, D) for positions (L,). Pass ``top`` (> every position) when the caller
+        knows it, to skip reading the maximum back from the device."""
+        self.ensure(top if top is not None else int(positions.max()) + 1)
+        return self.cos[positions], self.sin[positions]
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, L, D) rotated by rows cos, sin (L, D) -> same shape and dtype as x."""
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        return x * cos + rotate_half(x) * sin
+
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (B, H, L, D) rotated at positions (L,) -> same shape and dtype."""
-        self.ensure(int(positions.max()) + 1)
-        cos = self.cos[positions].to(x.dtype)
-        sin = self.sin[positions].to(x.dtype)
-        return x * cos + rotate_half(x) * sin
+        return self.apply(x, *self.angles(positions))

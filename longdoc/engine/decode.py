@@ -16,7 +16,8 @@ class DecodePolicy:
     """Chooses the attention of each decode step. Plain decoding attends to the whole cache;
     recycled decoding (``longdoc.engine.recycled``) overrides ``attend_for``."""
 
-    def attend_for(self, model: PatchedModel, kv: KVStore, step: int) -> Attend | None:
+    def attend_for(self, model: PatchedModel, kv: KVStore, step: int, pos: int) -> Attend | None:
+        """The attention for decode step ``step`` (0 = the first after prefill), whose token is at ``pos``."""
         return None
 
 
@@ -50,5 +51,5 @@ def generate(
         yield token
         if step + 1 == gen.max_new_tokens:
             return
-        logits = decode_one_token(model, token, pos, kv, policy.attend_for(model, kv, step))
+        logits = decode_one_token(model, token, pos, kv, policy.attend_for(model, kv, step, pos))
         pos += 1

@@ -1,11 +1,19 @@
 """Recycled Attention decoding (Xu, Goyal, Choi 2024; later "RefreshKV").
 
-The whole KV cache is kept. A *full* step attends over all of it and, per layer and KV head, keeps
-the top-K key positions of that step's attention (max over the query heads of a GQA group, then
-max-pooled along the keys so neighbours of a peak come along). The following *recycled* steps attend
-only to that set plus every token generated since the full step, so their cost is O(K), not
-O(context). With DCA each selected key is scored with the query rotation of its region (intra,
-successive or inter) relative to the current query's chunk.
+The whole KV cache is kept. A *full* step attends over all of it with the attention kernel and, per
+layer and KV head, keeps the top-K key positions of that step's attention (float32 probabilities,
+max over the query heads of a GQA group, then max-pooled along the keys so neighbours of a peak come
+along). The following *recycled* steps attend only to that set plus every token generated since the
+full step, so their cost is O(K), not O(context).
+
+Recycled steps call the same kernel as full attention, one call per DCA key region (intra,
+successive, inter: each region's keys are a contiguous run of the position-sorted set, scored with
+that region's query rotation), and merge the results through their log-sum-exps. So when the set
+holds every key, a recycled step computes exactly what a full step computes, in any dtype.
+
+Schedules: ``fixed`` refreshes every layer every ``stride`` steps; ``dynamic`` checks every
+``stride`` steps how far each layer's query has drifted (cosine similarity to its query at that
+layer's last refresh) and refreshes, on the next step, only the layers below the threshold.
 
 A StreamingLLM-style baseline (attention sinks + recent window of the same budget) lives here too,
 only so evaluations can compare against it.
@@ -13,67 +21,69 @@ only so evaluations can compare against it.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from longdoc.attention.dca import ChunkLayout, query_positions
+from longdoc.attention.kernels import merge_partials
 from longdoc.attention.patch import Attend, PatchedModel
+from longdoc.attention.rope import RopeTable
 from longdoc.config import RecycleConfig
 from longdoc.engine.decode import DecodePolicy
 from longdoc.engine.kvstore import KVStore
 
 POOL_KERNEL = 7  # max-pool width along keys when choosing the recycled set
 
+# (cos, sin) rows (R, D) of one query position's rotations: R = 1 plain, 3 with DCA
+Rotations = tuple[torch.Tensor, torch.Tensor]
 
-def rotated_queries(model: PatchedModel, q: torch.Tensor, pos: int) -> torch.Tensor:
-    """q (1, H, 1, D) un-rotated at position ``pos`` -> (R, 1, Hkv, G, D): R = 1 rotation without DCA,
-    3 with DCA (intra, successive, inter)."""
+
+def query_rotations(model: PatchedModel, pos: int) -> Rotations:
+    """The query rotations at ``pos`` for the key regions (intra, successive, inter), computed once
+    per step for all layers."""
     layout = model.settings.layout
-    p = torch.tensor([pos], device=q.device)
-    rotations = (p,) if layout is None else query_positions(p, layout)
-    h, d = q.shape[1], q.shape[3]
-    hkv = model.n_kv_heads
-    return torch.stack([model.rope.rotate(q, r).view(1, hkv, h // hkv, d) for r in rotations])
+    p = torch.tensor([pos], device=model.device)
+    rows = p if layout is None else torch.cat(query_positions(p, layout))
+    top = pos + 1 if layout is None else layout.chunk_size + 1
+    return model.rope.angles(rows, top=top)
 
 
-def key_regions(idx: torch.Tensor, pos: int, layout: ChunkLayout | None) -> torch.Tensor | None:
-    """Region of each key index relative to a query at ``pos``: 0 intra, 1 successive, 2 inter."""
+def region_bounds(pos: int, layout: ChunkLayout | None) -> tuple[int, int]:
+    """(start of the previous chunk, start of the current chunk) for a query at ``pos``: keys below
+    the first are inter, between the two successive, from the second on intra. (0, 0) without DCA."""
     if layout is None:
-        return None
-    c = layout.chunk_len
-    gap = pos // c - torch.div(idx, c, rounding_mode="floor")
-    return gap.clamp(max=2)
+        return 0, 0
+    chunk_start = pos // layout.chunk_len * layout.chunk_len
+    return max(0, chunk_start - layout.chunk_len), chunk_start
 
 
-def scores_for(model: PatchedModel, qr: torch.Tensor, keys: torch.Tensor, regions: torch.Tensor | None) -> torch.Tensor:
-    """qr (R, 1, Hkv, G, D), keys (1, Hkv, N, D) -> scaled scores (1, Hkv, G, N) in float32 (float64 stays), each key
-    scored with its region's query rotation."""
-    s = torch.matmul(qr, keys.unsqueeze(0).transpose(-1, -2))  # (R, 1, Hkv, G, N)
-    s = (s if s.dtype == torch.float64 else s.float()) * model.scale
-    if regions is None:
-        return s[0]
-    # regions (N,) or (1, Hkv, N): pick rotation r for each key
-    n = regions.shape[-1]
-    reg = regions.view(1, 1, -1, 1, n) if regions.dim() == 3 else regions.view(1, 1, 1, 1, n)
-    reg = reg.expand(1, *s.shape[1:])
-    return s.gather(0, reg)[0]
+def rotated(q: torch.Tensor, rot: Rotations, r: int) -> torch.Tensor:
+    """q (1, H, 1, D) at rotation r of ``rot`` -> (1, H, 1, D) in q's dtype."""
+    return RopeTable.apply(q, rot[0][r : r + 1], rot[1][r : r + 1])
 
 
-def full_attention_probs(
-    model: PatchedModel, q: torch.Tensor, kv: KVStore, layer: int, pos: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of one query at ``pos`` over keys 0..pos with materialized probabilities.
+def selection_probs(model: PatchedModel, q: torch.Tensor, kv: KVStore, layer: int, pos: int) -> torch.Tensor:
+    """Float32 attention probabilities (1, Hkv, G, pos+1) of the query at ``pos`` over keys 0..pos.
 
-    Returns (out (1, H, 1, D), probs (1, Hkv, G, pos+1) float32). The score row is O(context) per
-    head, which a full step pays once; it never forms an L x L matrix.
+    Each region's keys are upcast and scored with that region's query rotation, one contiguous slice
+    at a time, so no key is copied once per rotation. Used only to choose the recycled set; the full
+    step's output comes from the attention kernel.
     """
-    n = pos + 1
-    keys, values = kv.k[layer][:, :, :n], kv.v[layer][:, :, :n]
-    qr = rotated_queries(model, q, pos)
-    regions = key_regions(torch.arange(n, device=q.device), pos, model.settings.layout)
-    probs = torch.softmax(scores_for(model, qr, keys, regions), dim=-1)
-    out = torch.matmul(probs.to(values.dtype), values)  # (1, Hkv, G, D); head h = kv * G + g
-    return out.reshape(1, q.shape[1], 1, q.shape[3]), probs
+    rot = query_rotations(model, pos)
+    inter_end, intra_start = region_bounds(pos, model.settings.layout)
+    hkv, d = model.n_kv_heads, model.head_dim
+    qf = q.float()
+    keys = kv.k[layer]
+    parts = []
+    # regions in key order: inter [0, inter_end), successive [inter_end, intra_start), intra [intra_start, pos]
+    for r, (a, b) in ((2, (0, inter_end)), (1, (inter_end, intra_start)), (0, (intra_start, pos + 1))):
+        if b > a:
+            qr = rotated(qf, rot, r).view(1, hkv, -1, d)
+            parts.append(torch.matmul(qr, keys[:, :, a:b].float().transpose(-1, -2)))
+    return torch.softmax(torch.cat(parts, dim=-1) * model.scale, dim=-1)
 
 
 def select_top_k(probs: torch.Tensor, k: int) -> torch.Tensor:
@@ -87,32 +97,15 @@ def select_top_k(probs: torch.Tensor, k: int) -> torch.Tensor:
     return pooled.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
-def compact_attention(
-    model: PatchedModel, q: torch.Tensor, pos: int, keys: torch.Tensor, values: torch.Tensor, idx: torch.Tensor
-) -> torch.Tensor:
-    """Attention of one query at ``pos`` over a compact set of cached keys.
-
-    keys, values: (1, Hkv, N, D) copies of cache rows; idx (1, Hkv, N) their positions (for DCA
-    regions). Returns (1, H, 1, D).
-    """
-    qr = rotated_queries(model, q, pos)
-    probs = torch.softmax(scores_for(model, qr, keys, key_regions(idx, pos, model.settings.layout)), dim=-1)
-    out = torch.matmul(probs.to(values.dtype), values)
-    return out.reshape(1, q.shape[1], 1, q.shape[3])
-
-
-def sparse_attention(
-    model: PatchedModel, q: torch.Tensor, kv: KVStore, layer: int, pos: int, idx: torch.Tensor
-) -> torch.Tensor:
-    """Attention of one query at ``pos`` over the key indices idx (1, Hkv, N) of the cache -> (1, H, 1, D)."""
-    gather = idx.unsqueeze(-1).expand(-1, -1, -1, q.shape[3])
-    return compact_attention(model, q, pos, kv.k[layer].gather(2, gather), kv.v[layer].gather(2, gather), idx)
-
-
 class RecycledSet:
-    """One layer's recycled keys: copies of the selected cache rows plus every row decoded since the
-    full step, in preallocated buffers, so a recycled step reads O(K) contiguous memory and allocates
-    nothing (capacity doubles in the rare case the schedule runs long)."""
+    """One layer's recycled keys: copies of the selected cache rows, sorted by position, plus every
+    row decoded since, in preallocated buffers (capacity doubles if a schedule runs long). A recycled
+    step reads O(K) contiguous memory and allocates nothing.
+
+    ``splits`` holds, per KV head, how many of its keys lie before the previous chunk and before the
+    current chunk (host integers, refreshed only when the set is rebuilt or a chunk boundary is
+    crossed): the DCA regions are then contiguous slices of the buffers.
+    """
 
     def __init__(self, kv: KVStore, layer: int, selected: torch.Tensor, extra: int):
         hkv, n = selected.shape[1], selected.shape[2]
@@ -126,6 +119,7 @@ class RecycledSet:
         torch.gather(kv.v[layer], 2, gather, out=self.values[:, :, :n])
         self.idx[:, :, :n] = selected
         self.n = n
+        self.splits: list[tuple[int, int]] = [(0, 0)] * hkv
 
     def append(self, kv: KVStore, layer: int, pos: int) -> None:
         if self.n == self.keys.shape[2]:
@@ -137,99 +131,194 @@ class RecycledSet:
         self.idx[:, :, self.n] = pos
         self.n += 1
 
-    def attend(self, model: PatchedModel, q: torch.Tensor, pos: int) -> torch.Tensor:
-        n = self.n
-        return compact_attention(model, q, pos, self.keys[:, :, :n], self.values[:, :, :n], self.idx[:, :, :n])
+    def counts_below(self, bounds: torch.Tensor) -> torch.Tensor:
+        """(Hkv, len(bounds)): per head, how many held positions lie below each bound (on device)."""
+        return (self.idx[0, :, : self.n, None] < bounds).sum(dim=1)
+
+    def attend(self, model: PatchedModel, q: torch.Tensor, rot: Rotations) -> torch.Tensor:
+        """Attention of q (1, H, 1, D) over the held keys -> (1, H, 1, D): one kernel call per DCA
+        region (per head only where heads split differently), merged through the log-sum-exps in the
+        order full attention merges them (intra, successive, inter)."""
+        kernel, scale, n = model.settings.kernel, model.scale, self.n
+        if model.settings.layout is None:
+            return kernel(rotated(q, rot, 0), self.keys[:, :, :n], self.values[:, :, :n], False, scale)[0]
+        parts = []
+        for r in range(3):
+            ranges = [((b2, n), (b1, b2), (0, b1))[r] for b1, b2 in self.splits]
+            if all(b <= a for a, b in ranges):
+                continue
+            qr = rotated(q, rot, r)
+            if len(set(ranges)) == 1:
+                a, b = ranges[0]
+                parts.append(kernel(qr, self.keys[:, :, a:b], self.values[:, :, a:b], False, scale))
+            else:
+                parts.append(self._per_head(model, qr, ranges))
+        return merge_partials(parts)[0]
+
+    def _per_head(
+        self, model: PatchedModel, qr: torch.Tensor, ranges: Sequence[tuple[int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        g = qr.shape[1] // len(ranges)
+        outs, lses = [], []
+        for h, (a, b) in enumerate(ranges):
+            qh = qr[:, h * g : (h + 1) * g]
+            if b > a:
+                o, s = model.settings.kernel(
+                    qh, self.keys[:, h : h + 1, a:b], self.values[:, h : h + 1, a:b], False, model.scale
+                )
+            else:  # this head holds no key of the region: zero weight in the merge
+                o = torch.zeros_like(qh)
+                s = torch.full(qh.shape[:3], float("-inf"), device=qh.device)
+            outs.append(o)
+            lses.append(s.float() if s.dtype != torch.float64 else s)
+        return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
 
 
 class RecycledPolicy(DecodePolicy):
-    """Chooses full or recycled attention for each decode step and keeps the recycled sets.
+    """Chooses full or recycled attention for each layer and decode step and keeps the recycled sets.
 
     A full step at position p selects the top-K among keys 0..p-1 and adds p itself; each recycled
     step adds its own position. So with K covering the context every key is attended, exactly once.
+    Host reads happen once per step at most (the dynamic schedule's verdicts, region splits after a
+    refresh or a chunk boundary), never once per layer.
     """
 
     def __init__(self, cfg: RecycleConfig, n_layers: int):
         self.cfg = cfg
+        self.n_layers = n_layers
         self.sets: list[RecycledSet | None] = [None] * n_layers
         self.full_queries: list[torch.Tensor | None] = [None] * n_layers
-        self.last_full_pos = -1
+        self.similarity = torch.ones(n_layers)  # dynamic schedule: cosine to the last refresh's query
+        self._checked = False
+        self._stale: set[int] = set()  # layers whose region splits must be recounted
+        self._split_chunk = -1
         self.full_steps = 0
         self.recycled_steps = 0
-        self._refresh = True  # the first step after prefill is full
+        self.layer_refreshes = 0  # dynamic schedule: single layers refreshed within recycled steps
+        self.effective_k = 0  # largest recycled set chosen (K, or the context when shorter)
+
+    @staticmethod
+    def idle_stats() -> dict[str, int | float | str]:
+        """The JSON ``recycle`` fields of a run that decoded without recycling."""
+        return RecycledPolicy(RecycleConfig(k=0, stride=0, schedule="none"), 0).stats
 
     @property
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | float | str]:
         return {
             "k": self.cfg.k,
+            "effective_k": self.effective_k,
             "stride": self.cfg.stride,
+            "schedule": self.cfg.schedule,
+            "threshold": self.cfg.threshold if self.cfg.schedule == "dynamic" else 0.0,
             "full_steps": self.full_steps,
             "recycled_steps": self.recycled_steps,
+            "layer_refreshes": self.layer_refreshes,
         }
 
-    def is_full_step(self, step: int) -> bool:
-        if self._refresh or self.last_full_pos < 0:
-            return True
-        return self.cfg.schedule == "fixed" and step % self.cfg.stride == 0
+    def full_layers(self, step: int) -> list[bool]:
+        """Which layers attend fully (and refresh their set) at this decode step."""
+        if step == 0 or any(s is None for s in self.sets):
+            return [True] * self.n_layers  # the first step after prefill is full
+        if self.cfg.schedule == "fixed":
+            return [step % self.cfg.stride == 0] * self.n_layers
+        if self._checked:  # the last check's verdicts: one host read for all layers
+            self._checked = False
+            return (self.similarity < self.cfg.threshold).tolist()
+        return [False] * self.n_layers
 
-    def attend_for(self, model: PatchedModel, kv: KVStore, step: int) -> Attend:
-        if self.is_full_step(step):
-            self._refresh = False
+    def attend_for(self, model: PatchedModel, kv: KVStore, step: int, pos: int) -> Attend:
+        if self.similarity.device != model.device:
+            self.similarity = self.similarity.to(model.device)
+        full = self.full_layers(step)
+        if all(full):
             self.full_steps += 1
-            return self._full(model, kv)
-        self.recycled_steps += 1
-        return self._recycled(model, kv)
-
-    def _full(self, model: PatchedModel, kv: KVStore) -> Attend:
-        # room for the tokens decoded before the next full step (grown if a schedule runs longer)
+        else:
+            self.recycled_steps += 1
+            self.layer_refreshes += sum(full)
+            self._recount_splits(model.settings.layout, pos, [i for i, f in enumerate(full) if not f])
+        check = self.cfg.schedule == "dynamic" and step % self.cfg.stride == 0 and not all(full)
+        self._checked = check
+        rot = query_rotations(model, pos)
+        default = model.default_attend(kv)
+        # room for the tokens decoded before the next refresh (grown if a schedule runs longer)
         extra = min(self.cfg.stride, 256) if self.cfg.schedule == "fixed" else 64
 
         def attend(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
-            out, probs = full_attention_probs(model, q, kv, layer, start)
-            selected = (
-                select_top_k(probs[..., :start], self.cfg.k)
-                if start > 0
-                else probs.new_empty(1, model.n_kv_heads, 0, dtype=torch.long)
-            )
-            recycled = RecycledSet(kv, layer, selected, extra)
-            recycled.append(kv, layer, start)
-            self.sets[layer] = recycled
-            self.full_queries[layer] = q.flatten().float()
-            self.last_full_pos = start
-            return out
-
-        return attend
-
-    def _recycled(self, model: PatchedModel, kv: KVStore) -> Attend:
-        def attend(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
+            if full[layer]:
+                out = default(layer, q, start)
+                selected = (
+                    select_top_k(selection_probs(model, q, kv, layer, start)[..., :start], self.cfg.k)
+                    if start > 0
+                    else torch.empty(1, model.n_kv_heads, 0, dtype=torch.long, device=q.device)
+                )
+                self.effective_k = max(self.effective_k, selected.shape[-1])
+                fresh = RecycledSet(kv, layer, selected, extra)
+                fresh.append(kv, layer, start)
+                self.sets[layer] = fresh
+                self.full_queries[layer] = q.flatten().float()
+                self.similarity[layer] = 1.0
+                self._stale.add(layer)
+                return out
             recycled = self.sets[layer]
             assert recycled is not None
             recycled.append(kv, layer, start)
-            if self.cfg.schedule == "dynamic":
+            if check:
                 ref = self.full_queries[layer]
                 assert ref is not None
-                if F.cosine_similarity(q.flatten().float(), ref, dim=0) < self.cfg.threshold:
-                    self._refresh = True  # next step is full
-            return recycled.attend(model, q, start)
+                self.similarity[layer] = F.cosine_similarity(q.flatten().float(), ref, dim=0)
+            return recycled.attend(model, q, rot)
 
         return attend
+
+    def _recount_splits(self, layout: ChunkLayout | None, pos: int, layers: list[int]) -> None:
+        """Refresh the region splits of the given layers' sets if they were rebuilt or the query
+        entered a new chunk: one host read for all of them."""
+        if layout is None:
+            return
+        chunk = pos // layout.chunk_len
+        todo = layers if chunk != self._split_chunk else [i for i in layers if i in self._stale]
+        self._split_chunk = chunk
+        if not todo:
+            return
+        bounds = torch.tensor(region_bounds(pos, layout), device=self.similarity.device)
+        counts = torch.stack([self._set(i).counts_below(bounds) for i in todo])
+        for i, per_head in zip(todo, counts.tolist(), strict=True):
+            self._set(i).splits = [(b1, b2) for b1, b2 in per_head]
+            self._stale.discard(i)
+
+    def _set(self, layer: int) -> RecycledSet:
+        recycled = self.sets[layer]
+        assert recycled is not None
+        return recycled
+
+
+def streaming_positions(n: int, budget: int, sinks: int) -> list[int]:
+    """The keys a StreamingLLM query at position n-1 sees: the first ``sinks`` and the most recent
+    ``budget - sinks`` (all n when they fit the budget)."""
+    if n <= budget:
+        return list(range(n))
+    return list(range(sinks)) + list(range(n - (budget - sinks), n))
 
 
 class StreamingPolicy(DecodePolicy):
     """Baseline only: attention sinks plus a recent window, ``budget`` keys in all (StreamingLLM)."""
 
     def __init__(self, budget: int, sinks: int = 4):
+        if not 0 <= sinks < budget:
+            raise ValueError("the streaming baseline needs 0 <= sinks < budget")
         self.budget = budget
         self.sinks = sinks
 
-    def attend_for(self, model: PatchedModel, kv: KVStore, step: int) -> Attend:
+    def attend_for(self, model: PatchedModel, kv: KVStore, step: int, pos: int) -> Attend:
+        keep = streaming_positions(pos + 1, self.budget, self.sinks)
+        rot = query_rotations(model, pos)
+        inter_end, intra_start = region_bounds(pos, model.settings.layout)
+        split = (bisect_left(keep, inter_end), bisect_left(keep, intra_start))
+        idx = torch.tensor(keep, device=model.device).expand(1, model.n_kv_heads, -1)
+
         def attend(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
-            n = start + 1
-            if n <= self.budget:
-                idx = torch.arange(n, device=q.device)
-            else:
-                recent = torch.arange(n - (self.budget - self.sinks), n, device=q.device)
-                idx = torch.cat([torch.arange(self.sinks, device=q.device), recent])
-            return sparse_attention(model, q, kv, layer, start, idx.expand(1, model.n_kv_heads, -1))
+            window = RecycledSet(kv, layer, idx, extra=0)
+            window.splits = [split] * model.n_kv_heads
+            return window.attend(model, q, rot)
 
         return attend

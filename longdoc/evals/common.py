@@ -54,7 +54,7 @@ class SlidingWindow(DecodePolicy):
 
         return attend
 
-    def attend_for(self, model: PatchedModel, kv: KVStore, step: int) -> Attend:
+    def attend_for(self, model: PatchedModel, kv: KVStore, step: int, pos: int) -> Attend:
         return self.attend(model, kv)
 
 
