@@ -1,0 +1,82 @@
+"""Deliberate breaks that the fast tests must catch (issue 8). Each mutant edits one line of the
+package, runs ``pytest -m "not slow"`` and restores the file; a mutant with 0 failures is a gap.
+
+    python tests/mutants.py
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+MUTANTS = [
+    (
+        "least-attended keys",
+        "longdoc/engine/recycled.py",
+        "pooled.topk(k, dim=-1)",
+        "pooled.topk(k, dim=-1, largest=False)",
+    ),
+    (
+        "drop tokens since full step",
+        "longdoc/engine/recycled.py",
+        "            recycled.append(kv, layer, start)\n            if check:",
+        "            if check:",
+    ),
+    (
+        "current query as dynamic reference",
+        "longdoc/engine/recycled.py",
+        "ref = self.full_queries[layer]",
+        "ref = q.flatten().float()",
+    ),
+    (
+        "streaming without sinks",
+        "longdoc/engine/recycled.py",
+        "def __init__(self, budget: int, sinks: int = 4):",
+        "def __init__(self, budget: int, sinks: int = 0):",
+    ),
+    (
+        "streaming with half the budget",
+        "longdoc/engine/recycled.py",
+        "list(range(n - (budget - sinks), n))",
+        "list(range(n - (budget // 2 - sinks), n))",
+    ),
+    (
+        "inter-chunk query at s-1",
+        "longdoc/attention/dca.py",
+        "inter = torch.full_like(positions, s)",
+        "inter = torch.full_like(positions, s - 1)",
+    ),
+    (
+        "successive query unclamped",
+        "longdoc/attention/dca.py",
+        "succ = torch.clamp(intra + c, max=s)",
+        "succ = intra + c",
+    ),
+    (
+        "no bf16 packing fallback",
+        "longdoc/attention/patch.py",
+        "    except RuntimeError:\n        return False\n    return True",
+        "    except ZeroDivisionError:\n        return False\n    return True",
+    ),
+]
+
+
+def main() -> None:
+    for name, path, old, new in MUTANTS:
+        file = Path(path)
+        src = file.read_text()
+        assert src.count(old) == 1, (name, src.count(old))
+        file.write_text(src.replace(old, new))
+        try:
+            run = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", "tests/"],
+                capture_output=True,
+                text=True,
+            )
+            failed = [line.split(" ")[1] for line in run.stdout.splitlines() if line.startswith("FAILED")]
+            print(f"{name}: {len(failed)} failed: {failed[:6]}", flush=True)
+        finally:
+            file.write_text(src)
+
+
+if __name__ == "__main__":
+    main()
