@@ -6,8 +6,10 @@ and segment gets a header carrying the label that answers should cite.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from longdoc.errors import DoesNotFitError, UsageError
@@ -21,6 +23,11 @@ STYLES = {
 
 
 def template(name: str) -> str:
+    """The text of prompt template ``name``: from $LONGDOC_PROMPTS when that folder has it (to try
+    other wordings, e.g. in benchmarks), else the packaged one."""
+    override = os.environ.get("LONGDOC_PROMPTS")
+    if override and (Path(override) / f"{name}.txt").is_file():
+        return (Path(override) / f"{name}.txt").read_text(encoding="utf-8")
     return resources.files("longdoc").joinpath("prompts", f"{name}.txt").read_text(encoding="utf-8")
 
 

@@ -260,11 +260,12 @@ def group_summaries(summaries: Sequence[str], budget: int, count: Count) -> list
 def reduce_text(summaries: Sequence[str], first: int = 0, total: int | None = None) -> str:
     """Partial summaries as the ``documents`` of a reduce prompt, numbered by part ("of N": all parts).
 
-    Plain "Summary of part 2 of 3:" headers: with "--- ... ---" rulers the default model tended to
-    copy the first summary and then make things up rather than combine.
+    Plain "Notes on part 2 of 3:" headers: with "--- ... ---" rulers the default model tended to
+    copy the first summary and then make things up rather than combine; with "Summary of part ..."
+    it wrote summaries of summaries ("This part of the input summarizes ...") and lost the facts.
     """
     total = total or first + len(summaries)
-    return "\n\n".join(f"Summary of part {first + k + 1} of {total}:\n{s.strip()}" for k, s in enumerate(summaries))
+    return "\n\n".join(f"Notes on part {first + k + 1} of {total}:\n{s.strip()}" for k, s in enumerate(summaries))
 
 
 # --------------------------------------------------------------------------------------------------

