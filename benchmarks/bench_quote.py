@@ -16,7 +16,6 @@ their decoding.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import sys
@@ -24,15 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from benchmarks.common import corpus_text, save
+from benchmarks.common import corpus_text, prefilled, save
 from longdoc.config import GenerationConfig, RecycleConfig, RunConfig
 from longdoc.engine.decode import generate
-from longdoc.engine.prefill import prefill
 from longdoc.engine.recycled import RecycledPolicy
 from longdoc.ingest import Document
-from longdoc.pipeline import Session, make_plan
+from longdoc.pipeline import Session
 from longdoc.prompt import ask_prompt
 from longdoc.render import Reporter
 
@@ -41,13 +38,13 @@ LENGTHS = (16384, 20480, 24576, 28672, 32000)
 DEPTHS = (0.15, 0.35, 0.5, 0.65, 0.85)
 
 
-def tasks(session: Session, n: int, seed: int) -> list[dict]:
+def tasks(session: Session, n: int, seed: int, lengths: tuple[int, ...] = LENGTHS) -> list[dict]:
     """n prompts: windows of the corpus at staggered offsets, each with a planted key at a depth."""
     ids = session.encode(corpus_text())
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        length = LENGTHS[i % len(LENGTHS)]
+        length = lengths[i % len(lengths)]
         depth = DEPTHS[(i * 3) % len(DEPTHS)]
         start = (i * 4099) % max(1, len(ids) - length)
         text = session.tokenizer.decode(ids[start : start + length - 400])
@@ -59,33 +56,6 @@ def tasks(session: Session, n: int, seed: int) -> list[dict]:
         )
         out.append({"key": key, "depth": depth, "prompt": prompt})
     return out
-
-
-def prefilled(session: Session, cfg: RunConfig, prompt_ids: list[int], new: int, kv_dir: Path):
-    """Prefill (or load the saved prefill of) one prompt; returns (model, kv, first logits, prefill_s)."""
-    plan = make_plan(cfg, session.info, len(prompt_ids))
-    model = session.patched(plan)
-    kv = model.new_store(len(prompt_ids) + new + 1)
-    n = len(prompt_ids)
-    digest = hashlib.sha256(json.dumps([prompt_ids, session.info.dtype_name, str(plan.layout)]).encode()).hexdigest()
-    path = kv_dir / f"{digest[:24]}.safetensors"
-    if path.exists():
-        saved = load_file(str(path))
-        for i in range(len(kv.k)):
-            kv.k[i][:, :, :n] = saved[f"k{i}"]
-            kv.v[i][:, :, :n] = saved[f"v{i}"]
-        return model, kv, saved["logits"], float(saved["prefill_s"])
-    t0 = time.perf_counter()
-    logits = prefill(model, torch.tensor([prompt_ids]), kv, cfg.prefill_step)
-    prefill_s = time.perf_counter() - t0
-    kv_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {f"k{i}": kv.k[i][:, :, :n].contiguous() for i in range(len(kv.k))}
-    tensors.update({f"v{i}": kv.v[i][:, :, :n].contiguous() for i in range(len(kv.v))})
-    tensors.update({"logits": logits, "prefill_s": torch.tensor(prefill_s)})
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
-    return model, kv, logits, prefill_s
 
 
 def policy_for(spec: str, n_layers: int) -> RecycledPolicy | None:
@@ -102,6 +72,7 @@ def main() -> None:
     ap.add_argument("--configs", default="full,fixed:2048:16")
     ap.add_argument("--new", type=int, default=240)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="prompt lengths, cycled over the docs")
     ap.add_argument("--kv-dir", default="/tmp/longdoc-bench-kv")
     ap.add_argument("--name", default="quote")
     a = ap.parse_args()
@@ -109,7 +80,7 @@ def main() -> None:
     session = Session(cfg, Reporter(quiet=True))
     configs = a.configs.split(",")
     rows = []
-    for i, task in enumerate(tasks(session, a.docs, a.seed)):
+    for i, task in enumerate(tasks(session, a.docs, a.seed, tuple(int(x) for x in a.lengths.split(",")))):
         ids = session.encode(task["prompt"])
         model, kv, logits, prefill_s = prefilled(session, cfg, ids, a.new, Path(a.kv_dir))
         row: dict = {"doc": i, "tokens": len(ids), "depth": task["depth"], "key": task["key"], "prefill_s": prefill_s}

@@ -340,3 +340,25 @@ def test_eval_commands_on_the_real_model():
     data = json.loads(needle.stdout)
     assert set(data["accuracy"]) == {"full", "recycled", "streaming"}
     assert all(0.0 <= a <= 1.0 for a in data["accuracy"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [(), ("--dca", "--chunk-size", "256")])
+def test_recycled_decoding_covering_the_context_equals_full_in_bfloat16(layout):
+    """With K above the context, recycled steps attend to every key through the same kernel calls as
+    full attention: the same answer token for token in bfloat16 (with DCA: over several chunks)."""
+    args = (
+        "ask",
+        str(SAMPLES / "notes.md"),
+        "Describe the eviction policy in detail.",
+        "--json",
+        "--dtype",
+        "bfloat16",
+    )
+    args += ("--max-new-tokens", "48", *layout)
+    full = json.loads(invoke(*args, "--no-recycle").stdout)
+    recycled = json.loads(invoke(*args, "--recycle", "--recycle-k", "100000", "--recycle-stride", "4").stdout)
+    assert recycled["recycle"]["enabled"] and recycled["recycle"]["recycled_steps"] > 0
+    assert recycled["recycle"]["effective_k"] >= full["prompt_tokens"]
+    assert recycled["generated_tokens"] == full["generated_tokens"] > 10
+    assert recycled["answer"] == full["answer"]

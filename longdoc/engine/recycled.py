@@ -76,14 +76,14 @@ def selection_probs(model: PatchedModel, q: torch.Tensor, kv: KVStore, layer: in
     inter_end, intra_start = region_bounds(pos, model.settings.layout)
     hkv, d = model.n_kv_heads, model.head_dim
     qf = q.float()
-    keys = kv.k[layer]
-    parts = []
+    keys = kv.k[layer][:, :, : pos + 1].float()  # one upcast; regions are slices of it
+    scores = keys.new_empty(1, hkv, q.shape[1] // hkv, pos + 1)
     # regions in key order: inter [0, inter_end), successive [inter_end, intra_start), intra [intra_start, pos]
     for r, (a, b) in ((2, (0, inter_end)), (1, (inter_end, intra_start)), (0, (intra_start, pos + 1))):
         if b > a:
             qr = rotated(qf, rot, r).view(1, hkv, -1, d)
-            parts.append(torch.matmul(qr, keys[:, :, a:b].float().transpose(-1, -2)))
-    return torch.softmax(torch.cat(parts, dim=-1) * model.scale, dim=-1)
+            torch.matmul(qr, keys[:, :, a:b].transpose(-1, -2), out=scores[..., a:b])
+    return torch.softmax(scores.mul_(model.scale), dim=-1)
 
 
 def select_top_k(probs: torch.Tensor, k: int) -> torch.Tensor:
@@ -114,9 +114,9 @@ class RecycledSet:
         self.keys = kv.k[layer].new_empty(1, hkv, cap, d)
         self.values = kv.v[layer].new_empty(1, hkv, cap, d)
         self.idx = selected.new_empty(1, hkv, cap)
-        gather = selected.unsqueeze(-1).expand(-1, -1, -1, d)
-        torch.gather(kv.k[layer], 2, gather, out=self.keys[:, :, :n])
-        torch.gather(kv.v[layer], 2, gather, out=self.values[:, :, :n])
+        for h in range(hkv):  # index_select per head: an order of magnitude faster than gather here
+            torch.index_select(kv.k[layer][0, h], 0, selected[0, h], out=self.keys[0, h, :n])
+            torch.index_select(kv.v[layer][0, h], 0, selected[0, h], out=self.values[0, h, :n])
         self.idx[:, :, :n] = selected
         self.n = n
         self.splits: list[tuple[int, int]] = [(0, 0)] * hkv
