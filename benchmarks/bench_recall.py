@@ -26,12 +26,13 @@ from benchmarks.common import CORPUS, REPO, save
 from longdoc.ingest import ingest_paths
 
 SAMPLES = REPO / "sample_docs"
-# (path, pages): the sample report and the first pages of three corpus papers
+# (path, pages, --max-context, --max-new-tokens): the sample report and the first pages of three corpus
+# papers, each with a context just large enough for one page per map step
 DOCS = [
-    (SAMPLES / "report.pdf", "1-3"),
-    (CORPUS / "chunkllama.pdf", "1-4"),
-    (CORPUS / "longlora.pdf", "1-4"),
-    (CORPUS / "yarn.pdf", "1-4"),
+    (SAMPLES / "report.pdf", "1-3", 480, 96),
+    (CORPUS / "chunkllama.pdf", "1-4", 1536, 160),
+    (CORPUS / "longlora.pdf", "1-4", 1536, 160),
+    (CORPUS / "yarn.pdf", "1-4", 1536, 160),
 ]
 TERM = re.compile(r"(?<![\w.])(?:\d+(?:[.,]\d+)+%?|\d{2,}%?|[A-Za-z]*[A-Z][a-z]*[A-Z0-9][\w-]*)(?![\w])")
 
@@ -73,8 +74,6 @@ def score(summary: str, facts: list[set[str]]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--context", type=int, default=1536)
-    ap.add_argument("--new", type=int, default=160)
     ap.add_argument("--before", default=None, help="also run this git revision (e.g. the last landed commit)")
     ap.add_argument("--name", default="recall")
     a = ap.parse_args()
@@ -86,13 +85,13 @@ def main() -> None:
         variants = {f"before ({a.before})": worktree, **variants}
     rows = []
     try:
-        for path, pages in DOCS:
+        for path, pages, context, new in DOCS:
             if not path.exists():
                 continue
             facts = page_facts(path, pages)
-            row: dict = {"doc": path.name, "pages": pages}
+            row: dict = {"doc": path.name, "pages": pages, "context": context, "new": new}
             for name, pythonpath in variants.items():
-                run = summarize(path, pages, a.context, a.new, pythonpath)
+                run = summarize(path, pages, context, new, pythonpath)
                 row[name] = {**run, **(score(run["summary"], facts) if "summary" in run else {})}
                 print(path.name, name, {k: v for k, v in row[name].items() if k != "summary"}, file=sys.stderr)
             rows.append(row)
@@ -107,7 +106,7 @@ def main() -> None:
         for name in variants
     }
     print(json.dumps(totals), file=sys.stderr)
-    print(save(a.name, {"context": a.context, "new": a.new, "totals": totals, "rows": rows}))
+    print(save(a.name, {"totals": totals, "rows": rows}))
 
 
 if __name__ == "__main__":

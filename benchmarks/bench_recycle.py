@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--k", type=int, default=RecycleConfig.k)
     ap.add_argument("--stride", type=int, default=RecycleConfig.stride)
+    ap.add_argument("--schedule", default=RecycleConfig.schedule, help="fixed | dynamic (this revision only)")
+    ap.add_argument("--threshold", type=float, default=RecycleConfig.threshold)
     ap.add_argument("--before", default=None, help="also decode with this git revision's code, same prefill")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the profiled step breakdown")
     ap.add_argument("--name", default="recycle")
@@ -139,7 +141,10 @@ def main() -> None:
             outputs = {}
             for name in ("full", "recycled"):
                 policy = (
-                    RecycledPolicy(RecycleConfig(k=a.k, stride=a.stride), session.info.n_layers)
+                    RecycledPolicy(
+                        RecycleConfig(k=a.k, stride=a.stride, schedule=a.schedule, threshold=a.threshold),
+                        session.info.n_layers,
+                    )
                     if name == "recycled"
                     else None
                 )
@@ -149,6 +154,7 @@ def main() -> None:
                 outputs[name] = toks
                 row[f"{name}_decode_tok_s"] = round((len(toks) - 1) / dt, 2)
             row["speedup"] = round(row["recycled_decode_tok_s"] / row["full_decode_tok_s"], 3)
+            row["schedule"] = policy.stats if policy else None
             pairs = list(zip(outputs["full"], outputs["recycled"], strict=False))
             first_diff = next((i for i, (x, y) in enumerate(pairs) if x != y), None)
             row["identical_prefix_tokens"] = first_diff if first_diff is not None else len(outputs["full"])

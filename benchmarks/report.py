@@ -58,33 +58,98 @@ def engine(name: str, title: str) -> str | None:
     return f"### {title}\n\n" + table(head, rows)
 
 
-def recycle() -> str | None:
-    data = load("recycle")
+def recycle(name: str = "recycle", title: str = "Decode: full vs recycled") -> str | None:
+    data = load(name)
     if not data:
         return None
     rows, steps = [], []
+    before = any("before" in r for r in data["rows"])
     for r in data["rows"]:
+        row = [
+            r["length"],
+            "on" if r.get("dca") else "off",
+            r["full_decode_tok_s"],
+            r["recycled_decode_tok_s"],
+            f"{r['speedup']:.2f}x",
+            r["identical_prefix_tokens"],
+            r["new"],
+        ]
+        if before:
+            b = r.get("before", {})
+            ratio = b.get("recycled_decode_tok_s", 0) / b["full_decode_tok_s"] if b.get("full_decode_tok_s") else 0
+            row += [b.get("full_decode_tok_s", "-"), b.get("recycled_decode_tok_s", "-"), f"{ratio:.2f}x"]
+        rows.append(row)
+        for kind in ("full_step", "recycled_step"):
+            if kind in r:
+                s = r[kind]
+                steps.append(
+                    [
+                        r["length"],
+                        kind.replace("_step", ""),
+                        s["step_ms"],
+                        s["linear_ms"],
+                        s["attention_ms"],
+                        s["other_ms"],
+                    ]
+                )
+    k, stride = data["rows"][0]["k"], data["rows"][0]["stride"]
+    head = ["context", "DCA", "full tok/s", "recycled tok/s", "speedup", "same first tokens", "new tokens"]
+    if before:
+        rev = next(r["before"]["rev"] for r in data["rows"] if "before" in r)
+        head += [f"before ({rev}): full", "before: recycled", "before: speedup"]
+    text = f"### {title} (K={k}, stride {stride})\n\n" + table(head, rows)
+    if steps:
+        text += "\n\nWhere a decode step's time goes (ms per step, torch profiler, 16 steps):\n\n" + table(
+            ["context", "step", "total", "linear (weights)", "attention (KV)", "other (overhead)"], steps
+        )
+    return text
+
+
+def quote(name: str = "quote") -> str | None:
+    data = load(name)
+    if not data:
+        return None
+    configs = list(data["summary"])
+    rows = []
+    for spec in configs:
+        agree = sum(r[spec]["found"] == r["full"]["found"] for r in data["rows"]) if "full" in configs else ""
+        stats = [r[spec]["stats"] for r in data["rows"] if r[spec]["stats"]]
+        full_steps = sum(s["full_steps"] for s in stats)
+        refresh = sum(s.get("layer_refreshes", 0) for s in stats)
         rows.append(
             [
-                r["length"],
-                r["full_decode_tok_s"],
-                r["recycled_decode_tok_s"],
-                f"{r['speedup']:.2f}x",
-                r["identical_prefix_tokens"],
-                r["new"],
+                spec,
+                f"{data['summary'][spec]['found']}/{data['summary'][spec]['of']}",
+                f"{agree}/{len(data['rows'])}" if agree != "" else "",
+                data["summary"][spec]["mean_decode_tok_s"],
+                f"{full_steps} / {refresh}" if stats else "",
             ]
         )
-        for kind in ("full_step", "recycled_step"):
-            s = r[kind]
-            steps.append(
-                [r["length"], kind.replace("_step", ""), s["step_ms"], s["linear_ms"], s["attention_ms"], s["other_ms"]]
-            )
-    k, stride = data["rows"][0]["k"], data["rows"][0]["stride"]
+    lengths = sorted({r["tokens"] for r in data["rows"]})
+    depths = sorted({r["depth"] for r in data["rows"]})
     return (
-        f"### Decode: full vs recycled (K={k}, stride {stride})\n\n"
-        + table(["context", "full tok/s", "recycled tok/s", "speedup", "same first tokens", "new tokens"], rows)
-        + "\n\nWhere a decode step's time goes (ms per step, torch profiler, 16 steps):\n\n"
-        + table(["context", "step", "total", "linear (weights)", "attention (KV)", "other (overhead)"], steps)
+        f"### Summarize, then quote the pass key ({len(data['rows'])} documents, {lengths[0]:,}-{lengths[-1]:,} tokens,"
+        f" key depths {', '.join(map(str, depths))})\n\n"
+        + table(["decoding", "key stated", "same as full", "mean decode tok/s", "full steps / layer refreshes"], rows)
+    )
+
+
+def recall(name: str = "recall") -> str | None:
+    data = load(name)
+    if not data:
+        return None
+    rows = [
+        [
+            variant,
+            f"{t['pages_recalled']}/{t['pages']}",
+            f"{t['terms_recalled']}/{t['terms']}",
+            t["filler"],
+        ]
+        for variant, t in data["totals"].items()
+    ]
+    docs = ", ".join(f"{r['doc']} p. {r['pages']}" for r in data["rows"])
+    return f"### Summary recall per page (map-reduce at --max-context {data['context']}; {docs})\n\n" + table(
+        ["prompts", "pages with a fact in the summary", "page facts in the summary", "filler openings"], rows
     )
 
 
@@ -160,8 +225,11 @@ def main() -> None:
         engine("engine", "longdoc vs transformers `generate` (same model, 32 new tokens)"),
         engine("dca", "DCA vs plain attention prefill (longdoc, bfloat16)"),
         recycle(),
+        recycle("recycle_32k", "Recycled decode at 32K with DCA, before and after issue 9"),
+        quote(),
         evals(),
         summarize(),
+        recall(),
     ]
     print("\n\n".join(s for s in sections if s))
 
