@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
-import typer
-from rich.console import Console
+try:
+    import typer
 
-from longdoc import errors
-from longdoc.config import DCAConfig, GenerationConfig, RecycleConfig, RunConfig
-from longdoc.errors import LongdocError, UsageError
-from longdoc.render import Reporter
+    from longdoc import errors
+    from longdoc.config import DCAConfig, GenerationConfig, RecycleConfig, RunConfig
+    from longdoc.errors import LongdocError, UsageError
+    from longdoc.render import Reporter, console, plain
+except KeyboardInterrupt:  # Ctrl-C while starting up: interrupted, without a traceback
+    if "--json" in sys.argv:  # scripts still get their (empty) partial result
+        print('{"answer": "", "interrupted": true, "stage": "start"}', flush=True)
+    raise SystemExit(130) from None
 
 app = typer.Typer(
     add_completion=False,
@@ -68,11 +73,35 @@ MaxContext = Annotated[int | None, typer.Option("--max-context", help="Refuse pr
 Pages = Annotated[str | None, typer.Option("--pages", help="PDF pages, e.g. 1-5,9.")]
 Include = Annotated[list[str] | None, typer.Option("--include", help="Only files matching GLOB (folders).")]
 Exclude = Annotated[list[str] | None, typer.Option("--exclude", help="Skip files matching GLOB (folders).")]
+MaxFileSize = Annotated[
+    str, typer.Option("--max-file-size", metavar="SIZE", help="Refuse any one input larger than this (e.g. 1G).")
+]
+MaxTotalSize = Annotated[
+    str, typer.Option("--max-total-size", metavar="SIZE", help="Refuse inputs adding up to more than this.")
+]
+Prompts = Annotated[
+    str | None,
+    typer.Option(
+        "--prompts", metavar="DIR", help="Prompt templates (ask.txt, ...) overriding the packaged ones file by file."
+    ),
+]
+
+# Defaults of the size caps, as the options show them (longdoc.ingest.MAX_FILE_SIZE / MAX_TOTAL_SIZE).
+DEFAULT_MAX_FILE_SIZE = "256M"
+DEFAULT_MAX_TOTAL_SIZE = "1G"
+
+# What an interrupted run knows so far, for the partial JSON result: the stage it was in, and the
+# model, sources and result once they exist.
+RunState = dict[str, Any]
 
 
 @contextmanager
-def handled(reporter: Reporter) -> Iterator[None]:
-    """Turn user errors into one line and their exit code; never a traceback for them."""
+def handled(reporter: Reporter, state: RunState | None = None) -> Iterator[None]:
+    """Turn user errors into one line and their exit code; never a traceback for them.
+
+    Ctrl-C (anywhere: reading inputs, loading, prefill, map-reduce) exits 130, and with --json
+    prints the partial result that ``state`` describes unless a JSON object is out already.
+    """
     try:
         yield
     except LongdocError as exc:
@@ -80,23 +109,123 @@ def handled(reporter: Reporter) -> Iterator[None]:
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         reporter.error("interrupted")
+        if state is not None and reporter.json_mode and not reporter.json_printed:
+            reporter.json(partial_result(state))
         raise typer.Exit(errors.EXIT_INTERRUPTED) from None
     except MemoryError:
         reporter.error("out of memory; try a shorter input or --dtype bfloat16")
         raise typer.Exit(errors.EXIT_DOES_NOT_FIT) from None
+    except Exception as exc:
+        if not _caused_by_interrupt(exc):
+            raise  # a bug: the traceback is what a report needs
+        reporter.error("interrupted")
+        if state is not None and reporter.json_mode and not reporter.json_printed:
+            reporter.json(partial_result(state))
+        raise typer.Exit(errors.EXIT_INTERRUPTED) from None
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether a library wrapped a Ctrl-C in its own error (lazy importers turn an interrupted import
+    into an ImportError or RuntimeError that names it)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt) or "KeyboardInterrupt" in str(cause):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def partial_result(state: RunState) -> dict[str, Any]:
+    """The JSON of a run interrupted before it had a result: what it knew, and ``interrupted``."""
+    if "result" in state:
+        return {**state["result"], "interrupted": True}
+    return {
+        "answer": "",
+        "model": state.get("model"),
+        "prompt_tokens": 0,
+        "generated_tokens": 0,
+        "sources": state.get("sources", []),
+        "interrupted": True,
+        "stage": state.get("stage", "start"),
+    }
+
+
+def _positive(opts: dict[str, Any], name: str, option: str) -> None:
+    value = opts.get(name)
+    if value is not None and value < 1:
+        raise UsageError(f"{option} must be at least 1")
+
+
+def check_options(opts: dict[str, Any]) -> None:
+    """Every option a command has, checked before any input is read or model loaded.
+
+    Sampling values are checked here because a bad one fails only after the prefill (NaN
+    probabilities), the device and dtype because a typo should not cost a model load, and the
+    inputs' options because a typo should not cost reading a large folder.
+    """
+    from longdoc import models
+
+    for name, option in (("max_new_tokens", "--max-new-tokens"), ("max_context", "--max-context")):
+        _positive(opts, name, option)
+    if opts.get("recycle_k", 1) < 1 or opts.get("recycle_stride", 1) < 1:
+        raise UsageError("--recycle-k and --recycle-stride must be at least 1")
+    temperature, top_p = opts.get("temperature", 0.0), opts.get("top_p", 1.0)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UsageError(f"--temperature must be 0 (greedy) or more, not {temperature}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise UsageError(f"--top-p must be above 0 and at most 1, not {top_p}")
+    threshold = opts.get("recycle_threshold", 0.9)
+    if not (math.isfinite(threshold) and -1 <= threshold <= 1):
+        raise UsageError(f"--recycle-threshold is a cosine similarity between -1 and 1, not {threshold}")
+    models.resolve_dtype(opts.get("dtype", "auto"), models.resolve_device(opts.get("device", "auto")))
+    if opts.get("pages"):
+        from longdoc.ingest.pdf import check_pages
+
+        check_pages(opts["pages"])
+    for name in ("include", "exclude"):
+        _check_globs(opts.get(name) or [], f"--{name}")
+    if "max_file_size" in opts:
+        read_budget(opts)
+    if "prompts" in opts:  # commands that build prompts: a broken template is a usage error up front
+        from longdoc import prompt
+
+        prompt.use_prompts_dir(opts["prompts"])
+        prompt.check_templates()
+
+
+def _check_globs(globs: list[str], option: str) -> None:
+    import pathspec
+
+    for glob in globs:
+        try:
+            pathspec.GitIgnoreSpec.from_lines([glob])
+        except Exception as exc:  # pathspec raises assorted errors for malformed patterns
+            raise UsageError(f"{option} {glob!r} is not a valid pattern ({exc})") from None
+
+
+def read_budget(opts: dict[str, Any]) -> Any:
+    """The size caps of --max-file-size and --max-total-size."""
+    from longdoc.ingest import ReadBudget, parse_size
+
+    try:
+        return ReadBudget(
+            parse_size(opts.get("max_file_size", DEFAULT_MAX_FILE_SIZE), "--max-file-size"),
+            parse_size(opts.get("max_total_size", DEFAULT_MAX_TOTAL_SIZE), "--max-total-size"),
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def run_config(opts: dict[str, Any]) -> RunConfig:
     """Build the run settings from a command's parsed options (its ``locals()``); absent options keep
-    their defaults, so every command shares one validation."""
+    their defaults, so every command shares one validation (``check_options``)."""
     d = RunConfig()
     chunk_size, local_window = opts.get("chunk_size"), opts.get("local_window")
-    if opts.get("max_new_tokens", 1) < 1:
-        raise UsageError("--max-new-tokens must be at least 1")
+    check_options(opts)
     if opts.get("recycle_schedule", "fixed") not in ("fixed", "dynamic"):
         raise UsageError("--recycle-schedule must be fixed or dynamic")
-    if opts.get("recycle_k", 1) < 1 or opts.get("recycle_stride", 1) < 1:
-        raise UsageError("--recycle-k and --recycle-stride must be at least 1")
     if chunk_size is not None and chunk_size < 2:
         raise UsageError("--chunk-size must be at least 2")
     if local_window is not None and local_window < 0:
@@ -142,13 +271,26 @@ def _finish(reporter: Reporter, result: dict[str, Any]) -> None:
 
 
 def _ingest(
-    reporter: Reporter, paths: list[str], pages: str | None, include: list[str] | None, exclude: list[str] | None
+    reporter: Reporter,
+    paths: list[str],
+    pages: str | None,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    budget: Any = None,
 ) -> tuple[list[Any], float]:
     from longdoc import ingest
 
     t0 = time.perf_counter()
     reporter.status(f"reading {', '.join(paths) if len(paths) <= 3 else f'{len(paths)} inputs'}")
-    docs = ingest.ingest_paths(paths, pages=pages, include=include or [], exclude=exclude or [])
+    with reporter.progress("reading", 0, unit="files/pages", lazy=True):
+        docs = ingest.ingest_paths(
+            paths,
+            pages=pages,
+            include=include or [],
+            exclude=exclude or [],
+            budget=budget,
+            progress=lambda done, total: reporter.advance(done, total),
+        )
     for doc in docs:
         for w in doc.warnings:
             reporter.warn(w)
@@ -185,25 +327,34 @@ def ask(
     pages: Pages = None,
     include: Include = None,
     exclude: Exclude = None,
+    max_file_size: MaxFileSize = DEFAULT_MAX_FILE_SIZE,
+    max_total_size: MaxTotalSize = DEFAULT_MAX_TOTAL_SIZE,
+    prompts: Prompts = None,
 ) -> None:
     """Answer a question about the inputs."""
-    from longdoc import pipeline
-    from longdoc.citations import extract_citations
-    from longdoc.prompt import ask_prompt
-
     reporter = Reporter(quiet=quiet, json_mode=json_out)
-    with handled(reporter):
+    state: RunState = {"stage": "start"}
+    with handled(reporter, state):
+        from longdoc import pipeline
+        from longdoc.citations import extract_citations
+        from longdoc.prompt import ask_prompt
+
         if len(args) < 2:
             raise UsageError('give at least one PATH and a QUESTION, e.g. longdoc ask paper.pdf "What is proposed?"')
         *paths, question = args
         if not question.strip():
             raise UsageError("the question is empty; ask something about the documents")
         cfg = run_config(locals())
-        docs, ingest_s = _ingest(reporter, paths, pages, include, exclude)
+        state["stage"] = "ingest"
+        docs, ingest_s = _ingest(reporter, paths, pages, include, exclude, read_budget(locals()))
+        state["stage"] = "load"
         session = pipeline.Session(cfg, reporter)
+        state["model"] = session.info.name
         prompt = ask_prompt(session.tokenizer, docs, question)
-        sources = pipeline.source_entries(docs, session.count)
+        state["sources"] = sources = pipeline.source_entries(docs, session.count)
+        state["stage"] = "generate"
         result = pipeline.run_prompt(session, prompt, sources, on_text=reporter.stream)
+        state["result"] = result
         result["timings"]["ingest_s"] = ingest_s
         result["citations"] = extract_citations(result["answer"], docs)
         _finish(reporter, result)
@@ -246,68 +397,118 @@ def summarize(
     pages: Pages = None,
     include: Include = None,
     exclude: Exclude = None,
+    max_file_size: MaxFileSize = DEFAULT_MAX_FILE_SIZE,
+    max_total_size: MaxTotalSize = DEFAULT_MAX_TOTAL_SIZE,
+    prompts: Prompts = None,
 ) -> None:
     """Summarize the inputs (together, or one by one with --each); map-reduce when they do not fit at once."""
-    from longdoc import pipeline
-    from longdoc.citations import extract_citations
-    from longdoc.prompt import summary_instructions
-    from longdoc.summarize import read_paths_from
-    from longdoc.summarize import summarize as summarize_docs
-
     reporter = Reporter(quiet=quiet, json_mode=json_out)
-    with handled(reporter):
-        paths = list(paths or [])
+    state: RunState = {"stage": "start"}
+    # --each: Ctrl-C within an input gives that input its line (one_of_each); before the first input
+    # starts, the command-wide handler prints the partial result of ``state``
+    with handled(reporter, state):
+        from longdoc.prompt import summary_instructions
+        from longdoc.summarize import read_paths_from
+
         if null and paths_from is None:
             raise UsageError("-0/--null applies to --paths-from; give --paths-from FILE or -")
-        if paths_from is not None:
-            if paths_from == "-" and "-" in paths:
-                raise UsageError("stdin cannot be both an input ('-') and the --paths-from list")
-            paths += read_paths_from(paths_from, null)
-        if not paths:
-            raise UsageError("give at least one PATH to summarize ('-' reads stdin), or --paths-from FILE")
+        if paths_from == "-" and "-" in (paths or []):
+            raise UsageError("stdin cannot be both an input ('-') and the --paths-from list")
         summary_instructions(style, max_words)  # a bad --style is a usage error before any work
         if max_words is not None and max_words < 1:
             raise UsageError("--max-words must be at least 1")
         cfg = run_config(locals())
-        session: pipeline.Session | None = None
-        groups = [[p] for p in paths] if each else [paths]
-        failures: list[int] = []
-        for group in groups:
-            try:
-                docs, ingest_s = _ingest(reporter, group, pages, include, exclude)
-                session = session or pipeline.Session(cfg, reporter)
-                if each:
-                    reporter.status(f"summarizing {group[0]}")
-                result = summarize_docs(session, docs, style, max_words, reporter, on_text=reporter.stream)
-            except (errors.InputError, errors.DoesNotFitError) as exc:
-                if not each:
-                    raise
-                failures.append(exc.exit_code)
-                reporter.error(exc.message)
-                if json_out:
-                    reporter.json({"path": group[0], "error": exc.message})
-                continue
-            result["timings"]["ingest_s"] = ingest_s
-            result["citations"] = extract_citations(result["answer"], docs)
-            if each and json_out:
-                line = {
-                    "path": group[0],
-                    "summary": result["answer"],
-                    "prompt_tokens": result["prompt_tokens"],
-                    "timings": result["timings"],
-                    "plan": result["plan"],
-                }
-                if result["citations"]:
-                    line["citations"] = result["citations"]
-                reporter.json(line)
-                reporter.stats(result)
-                if result.get("interrupted"):
-                    raise typer.Exit(errors.EXIT_INTERRUPTED)
-            else:
-                _finish(reporter, result)
+        budget = read_budget(locals())
+        paths = list(paths or []) + (read_paths_from(paths_from, null) if paths_from is not None else [])
+        if not paths:
+            raise UsageError("give at least one PATH to summarize ('-' reads stdin), or --paths-from FILE")
+        run = _Summaries(reporter, cfg, style, max_words, (pages, include, exclude, budget))
+        if not each:
+            run.together(paths, state)
+            return
+        failures = [code for path in paths if (code := run.one_of_each(path)) is not None]
         if failures:
-            # an unreadable input outranks one that did not fit
-            raise typer.Exit(errors.EXIT_INPUT if errors.EXIT_INPUT in failures else max(failures))
+            # any unreadable input: 3; only inputs that did not fit: 4 (README "Exit codes")
+            raise typer.Exit(errors.EXIT_INPUT if errors.EXIT_INPUT in failures else errors.EXIT_DOES_NOT_FIT)
+
+
+class _Summaries:
+    """The runs of one ``summarize`` command: all inputs together, or each on its own (``--each``),
+    sharing one loaded model."""
+
+    def __init__(
+        self, reporter: Reporter, cfg: RunConfig, style: str, max_words: int | None, inputs: tuple[Any, ...]
+    ) -> None:
+        self.reporter = reporter
+        self.cfg = cfg
+        self.style = style
+        self.max_words = max_words
+        self.inputs = inputs  # pages, include, exclude, read budget
+        self.session: Any = None
+
+    def summarize(self, paths: list[str], state: RunState) -> dict[str, Any]:
+        """Read ``paths``, load the model once, summarize; ``state`` follows the stages for Ctrl-C."""
+        from longdoc import pipeline
+        from longdoc.citations import extract_citations
+        from longdoc.summarize import summarize as summarize_docs
+
+        state["stage"] = "ingest"
+        pages, include, exclude, budget = self.inputs
+        docs, ingest_s = _ingest(self.reporter, paths, pages, include, exclude, budget)
+        state["stage"] = "load"
+        self.session = self.session or pipeline.Session(self.cfg, self.reporter)
+        state["model"] = self.session.info.name
+        state["stage"] = "generate"
+        result = summarize_docs(
+            self.session, docs, self.style, self.max_words, self.reporter, on_text=self.reporter.stream
+        )
+        state["result"] = result
+        result["timings"]["ingest_s"] = ingest_s
+        result["citations"] = extract_citations(result["answer"], docs)
+        return result
+
+    def together(self, paths: list[str], state: RunState) -> None:
+        _finish(self.reporter, self.summarize(paths, state))
+
+    def one_of_each(self, path: str) -> int | None:
+        """Summarize one input of ``--each``: its JSON line (or streamed text); the exit code of a
+        failure that should not stop the batch, or None. Ctrl-C gives the input a line marked
+        ``interrupted`` (lines already out stay) and ends the batch with 130."""
+        reporter = self.reporter
+        state: RunState = {"stage": "start"}
+        try:
+            reporter.status(f"summarizing {path}")
+            result = self.summarize([path], state)
+        except (errors.InputError, errors.DoesNotFitError) as exc:
+            reporter.error(exc.message)
+            if reporter.json_mode:
+                reporter.json({"path": path, "error": exc.message})
+            return exc.exit_code
+        except KeyboardInterrupt:
+            result = state.get("result") or {**partial_result(state), "timings": {}, "plan": None}
+            result["interrupted"] = True
+        if reporter.json_mode:
+            line = {
+                "path": path,
+                "summary": result["answer"],
+                "prompt_tokens": result["prompt_tokens"],
+                "timings": result["timings"],
+                "plan": result["plan"],
+            }
+            if result.get("citations"):
+                line["citations"] = result["citations"]
+            if result.get("interrupted"):
+                line["interrupted"] = True
+                line["stage"] = result.get("stage", "generate")
+            reporter.json(line)
+        else:
+            reporter.end_answer()
+        if "memory" in result:  # a full result (a partial one from before the model ran has no stats)
+            reporter.stats(result)
+        if result.get("interrupted"):
+            reporter.error(f"interrupted while summarizing {path}")
+            raise typer.Exit(errors.EXIT_INTERRUPTED)
+        return None
 
 
 @app.command()
@@ -324,27 +525,23 @@ def count(
     pages: Pages = None,
     include: Include = None,
     exclude: Exclude = None,
+    max_file_size: MaxFileSize = DEFAULT_MAX_FILE_SIZE,
+    max_total_size: MaxTotalSize = DEFAULT_MAX_TOTAL_SIZE,
+    prompts: Prompts = None,
 ) -> None:
     """Per-source token counts (model tokenizer and cl100k estimate) and whether they fit."""
-    from rich.table import Table
-
-    from longdoc import pipeline
-    from longdoc.prompt import ask_prompt
-    from longdoc.tokens import estimate_cl100k
-
     reporter = Reporter(quiet=quiet, json_mode=json_out)
     with handled(reporter):
+        from rich.table import Table
+
+        from longdoc import pipeline
+        from longdoc.prompt import ask_prompt
+        from longdoc.tokens import estimate_cl100k
+
         if not paths:
             raise UsageError("give at least one PATH to count")
-        cfg = RunConfig(
-            model=model,
-            device=device,
-            dtype=dtype,
-            max_context=max_context,
-            dca=DCAConfig(enabled=dca),
-            generation=GenerationConfig(max_new_tokens=max_new_tokens),
-        )
-        docs, _ = _ingest(reporter, paths, pages, include, exclude)
+        cfg = run_config(locals())
+        docs, _ = _ingest(reporter, paths, pages, include, exclude, read_budget(locals()))
         session = pipeline.Session(cfg, reporter)
         rows = [
             {**entry, "cl100k": estimate_cl100k(doc.text)}
@@ -370,10 +567,12 @@ def count(
             reporter.json(summary)
         else:
             table = Table("source", "kind", "pages", "tokens", "cl100k")
-            for r in rows:
-                table.add_row(r["path"], r["kind"], str(r["pages"] or ""), f"{r['tokens']:,}", f"{r['cl100k']:,}")
+            for r in rows:  # paths as Text: never markup, never cut (the console is unbounded off a terminal)
+                table.add_row(
+                    plain(r["path"]), r["kind"], str(r["pages"] or ""), f"{r['tokens']:,}", f"{r['cl100k']:,}"
+                )
             table.add_row("total", "", "", f"{summary['total_tokens']:,}", f"{sum(r['cl100k'] for r in rows):,}")
-            out = Console(file=sys.stdout, highlight=False)
+            out = console(sys.stdout)
             out.print(table)
             if verdict["fits"]:
                 mode = "with DCA" if verdict.get("dca") else "with plain attention"
@@ -382,7 +581,7 @@ def count(
                     f"limit {verdict['max_context']:,})"
                 )
             else:
-                out.print(f"does not fit: {verdict['reason']}")
+                out.print(plain(f"does not fit: {verdict['reason']}"))
         if not verdict["fits"]:
             raise typer.Exit(errors.EXIT_DOES_NOT_FIT)
 
@@ -390,29 +589,48 @@ def count(
 @app.command("models")
 def models_cmd(json_out: Json = False) -> None:
     """The default model, known models, cached conversions, and what --model accepts."""
-    from longdoc import models
-
     reporter = Reporter(json_mode=json_out)
     with handled(reporter):
+        from longdoc import models
+
         rows = models.list_models()
         if json_out:
             reporter.json({"models": rows, "cache_dir": str(models.cache_dir())})
             return
-        out = Console(file=sys.stdout, highlight=False)
+        out = console(sys.stdout)
         for row in rows:
-            out.print(" · ".join(f"{k}: {v}" for k, v in row.items() if v not in (None, "")))
-        out.print(f"cache: {models.cache_dir()}")
+            out.print(plain(" · ".join(f"{k}: {v}" for k, v in row.items() if v not in (None, ""))))
+        out.print(plain(f"cache: {models.cache_dir()}"))
         out.print(
             "--model accepts: an alias above, a local Hugging Face folder (config.json + *.safetensors; "
             "llama, qwen2, mistral), or a .gguf file"
         )
 
 
-def _csv(values: str, cast: Any) -> list[Any]:
+def _csv(values: str, cast: Any, option: str = "", low: float = 1, high: float = math.inf) -> list[Any]:
+    """A comma-separated option value, each item between ``low`` and ``high``; a usage error otherwise."""
     try:
-        return [cast(v) for v in values.split(",") if v.strip()]
+        items = [cast(v) for v in values.split(",") if v.strip()]
     except ValueError:
-        raise UsageError(f"expected a comma-separated list, got {values!r}") from None
+        raise UsageError(f"{option} expects a comma-separated list, got {values!r}".strip()) from None
+    bad = [v for v in items if not (low <= v <= high)]
+    if not items or bad:
+        limits = f"between {low} and {high}" if high != math.inf else f"at least {low}"
+        raise UsageError(f"{option} {values!r}: every value must be {limits}".strip())
+    return items
+
+
+def _eval_checks(opts: dict[str, Any]) -> dict[str, list[Any]]:
+    """The eval options' lists and counts, checked (with the common options) before any model loads."""
+    run_config({**opts, "recycle": False})
+    for name in ("trials", "window", "recycle_k", "recycle_stride"):
+        _positive(opts, name, "--" + name.replace("_", "-"))
+    lists = {"lengths": _csv(opts["lengths"], int, "--lengths")}
+    if "depths" in opts:
+        lists["depths"] = _csv(opts["depths"], float, "--depths", 0.0, 1.0)
+    if "keys" in opts:
+        lists["keys"] = _csv(opts["keys"], int, "--keys")
+    return lists
 
 
 def _eval_session(reporter: Reporter, opts: dict[str, Any]) -> Any:
@@ -447,14 +665,13 @@ def eval_passkey(
     quiet: Quiet = False,
 ) -> None:
     """Passkey retrieval: a 5-digit key hidden in filler at each depth."""
-    from longdoc.evals import passkey
-
     reporter = Reporter(quiet=quiet, json_mode=json_out)
     with handled(reporter):
+        from longdoc.evals import passkey
+
+        lists = _eval_checks(locals())
         session = _eval_session(reporter, locals())
-        result = passkey.run(
-            session, _csv(lengths, int), _csv(depths, float), trials, seed, _eval_row(reporter), window
-        )
+        result = passkey.run(session, lists["lengths"], lists["depths"], trials, seed, _eval_row(reporter), window)
         _print_eval(reporter, session, result, f"passkey accuracy {result['accuracy']:.2f}")
 
 
@@ -479,16 +696,17 @@ def eval_needle(
     quiet: Quiet = False,
 ) -> None:
     """Multi-token needle retrieval: full attention vs Recycled Attention vs a StreamingLLM baseline."""
-    from longdoc.evals import needle
-
     reporter = Reporter(quiet=quiet, json_mode=json_out)
     with handled(reporter):
+        from longdoc.evals import needle
+
+        lists = _eval_checks(locals())
         session = _eval_session(reporter, locals())
         result = needle.run(
             session,
-            _csv(lengths, int),
-            _csv(depths, float),
-            _csv(keys, int),
+            lists["lengths"],
+            lists["depths"],
+            lists["keys"],
             recycle_k,
             recycle_stride,
             trials,
@@ -516,14 +734,15 @@ def eval_ppl(
     pages: Pages = None,
 ) -> None:
     """Perplexity of a text at given context lengths."""
-    from longdoc.evals import ppl
-    from longdoc.prompt import format_documents
-
     reporter = Reporter(quiet=quiet, json_mode=json_out)
     with handled(reporter):
-        docs, _ = _ingest(reporter, [file], pages, None, None)
+        from longdoc.evals import ppl
+        from longdoc.prompt import format_documents
+
+        lists = _eval_checks(locals())
+        docs, _ = _ingest(reporter, [file], pages, None, None, read_budget({}))
         session = _eval_session(reporter, locals())
-        result = ppl.run(session, format_documents(docs), _csv(lengths, int))
+        result = ppl.run(session, format_documents(docs), lists["lengths"])
         line = " ".join(f"{r['length']}:{r.get('ppl', r.get('error'))}" for r in result["results"])
         _print_eval(reporter, session, result, f"perplexity {line}")
 
@@ -544,7 +763,7 @@ def _print_eval(reporter: Reporter, session: Any, result: dict[str, Any], line: 
     if reporter.json_mode:
         reporter.json(result)
     else:
-        Console(file=sys.stdout, highlight=False).print(line)
+        console(sys.stdout).print(plain(line))
 
 
 def main() -> None:

@@ -34,15 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+import filelock
 import torch
 
 from longdoc.attention.patch import SUPPORTED_MODEL_TYPES, onednn_packs, unsupported_features
 from longdoc.errors import ModelError, UsageError
-
-try:  # POSIX; elsewhere unique temp names plus an atomic rename still keep the cache consistent
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -474,23 +470,40 @@ def converted_path(source: ModelSource, sha256: str) -> Path:
     return models_dir() / f"{_safe_name(source.name)}-{sha256[:12]}"
 
 
+# How long a run waits for another process's conversion before giving up ($LONGDOC_LOCK_TIMEOUT, seconds):
+# a conversion takes about a minute, several on a slow or busy machine.
+LOCK_TIMEOUT_S = 900.0
+
+
+def lock_timeout() -> float:
+    try:
+        return float(os.environ.get("LONGDOC_LOCK_TIMEOUT", LOCK_TIMEOUT_S))
+    except ValueError:
+        raise UsageError("LONGDOC_LOCK_TIMEOUT must be a number of seconds") from None
+
+
 @contextlib.contextmanager
 def _lock(path: Path, progress: Progress | None) -> Iterator[bool]:
-    """Exclusive advisory lock on ``path`` (flock); yields whether a real lock is held."""
-    if fcntl is None:  # pragma: no cover
-        yield False
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    """Exclusive lock on ``path`` (filelock: flock on POSIX, released when a holder dies, even by
+    kill -9); yields whether a real lock is held. Waits at most ``lock_timeout()`` and says so."""
+    lock = filelock.FileLock(str(path))
     try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        timeout = lock_timeout()
+        if progress:
+            progress(f"waiting up to {timeout:.0f}s for another longdoc process to finish converting the model")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if progress:
-                progress("waiting for another longdoc process to finish converting the model")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            lock.acquire(timeout=timeout, poll_interval=0.2)
+        except filelock.Timeout:
+            raise ModelError(
+                f"gave up after {timeout:.0f}s waiting for another longdoc process converting the model (lock "
+                f"{path}); try again when it is done, or raise LONGDOC_LOCK_TIMEOUT"
+            ) from None
+    try:
         yield True
     finally:
-        os.close(fd)  # closing releases the lock
+        lock.release()
 
 
 @contextlib.contextmanager

@@ -239,8 +239,8 @@ def run_prompt(
 ) -> dict[str, Any]:
     """Prefill ``prompt`` and decode an answer; returns the JSON result.
 
-    On Ctrl-C during decoding the partial answer is kept: the result is returned with
-    ``interrupted: true`` (the caller exits 130).
+    On Ctrl-C during prefill or decoding the partial answer (empty during prefill) is kept: the
+    result is returned with ``interrupted: true`` (the caller exits 130).
     """
     cfg, rep = session.cfg, session.reporter
     ids = session.encode(prompt)
@@ -252,23 +252,29 @@ def run_prompt(
 
     t0 = time.perf_counter()
     id_tensor = torch.tensor([ids], device=session.info.device)
-    with rep.progress("prefill", len(ids)):
-        logits = prefill(
-            model,
-            id_tensor,
-            kv,
-            cfg.prefill_step,
-            progress=lambda done, total: rep.advance(done, total, done / max(1e-9, time.perf_counter() - t0)),
-        )
+    interrupted = False
+    try:
+        with rep.progress("prefill", len(ids)):
+            logits = prefill(
+                model,
+                id_tensor,
+                kv,
+                cfg.prefill_step,
+                progress=lambda done, total: rep.advance(done, total, done / max(1e-9, time.perf_counter() - t0)),
+            )
+    except KeyboardInterrupt:  # Ctrl-C before the first token: a result with nothing generated
+        interrupted = True
     prefill_s = time.perf_counter() - t0
 
     policy = RecycledPolicy(cfg.recycle, session.info.n_layers) if plan.recycle else None
     streamer = TokenStreamer(session.tokenizer)
     ttft = None
     t1 = time.perf_counter()
-    interrupted = False
     try:
-        for token in generate(model, logits, len(ids), kv, cfg.generation, session.info.stop_ids, policy):
+        tokens = (
+            () if interrupted else generate(model, logits, len(ids), kv, cfg.generation, session.info.stop_ids, policy)
+        )
+        for token in tokens:
             if ttft is None:
                 ttft = time.perf_counter() - t0
             piece = streamer.push(token)

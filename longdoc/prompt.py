@@ -7,6 +7,7 @@ and segment gets a header carrying the label that answers should cite.
 from __future__ import annotations
 
 import os
+import string
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 from longdoc.errors import DoesNotFitError, UsageError
 from longdoc.ingest import Document
+from longdoc.render import safe_text
 
 STYLES = {
     "brief": "Write one short paragraph.",
@@ -22,27 +24,120 @@ STYLES = {
 }
 
 
+# Each template and the placeholders it may use; the first ones listed are required (a template
+# without {documents} would silently drop the inputs from the prompt).
+TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "system": ((), ()),
+    "ask": (("documents", "question"), ()),
+    "summarize": (("documents",), ("style_instruction", "length_instruction")),
+    "map": (("documents",), ("part", "parts", "length_instruction")),
+    "reduce": (("documents",), ("style_instruction", "length_instruction")),
+}
+# Environment overrides, file by file; LONGDOC_PROMPTS is the older name, still honoured.
+PROMPTS_ENV = ("LONGDOC_PROMPTS_DIR", "LONGDOC_PROMPTS")
+# The folder given with --prompts (set by the CLI; takes precedence over the environment).
+_prompts_dir: Path | None = None
+
+
+def use_prompts_dir(folder: str | None) -> None:
+    """Take templates from ``folder`` where it has them (--prompts DIR); None restores the default."""
+    global _prompts_dir
+    if folder is None:
+        _prompts_dir = None
+        return
+    path = Path(folder)
+    if not path.is_dir():
+        raise UsageError(f"--prompts {folder}: not a folder (it should hold files such as ask.txt)")
+    _prompts_dir = path
+
+
+def override_dir() -> Path | None:
+    """Where user templates come from: --prompts, else $LONGDOC_PROMPTS_DIR (or $LONGDOC_PROMPTS)."""
+    if _prompts_dir is not None:
+        return _prompts_dir
+    for name in PROMPTS_ENV:
+        if os.environ.get(name):
+            return Path(os.environ[name])
+    return None
+
+
+def template_source(name: str) -> Path | None:
+    """The user's file for template ``name``, or None when the packaged one applies."""
+    folder = override_dir()
+    if folder is not None and (folder / f"{name}.txt").is_file():
+        return folder / f"{name}.txt"
+    return None
+
+
+def packaged_template(name: str) -> str:
+    """A template shipped with longdoc: package data ``longdoc.prompts`` (the top-level ``prompts/``
+    folder mapped there by setuptools), or ``prompts/`` beside the package in a source checkout
+    whose install predates that mapping."""
+    try:
+        return resources.files("longdoc.prompts").joinpath(f"{name}.txt").read_text(encoding="utf-8")
+    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
+        return (Path(__file__).resolve().parents[1] / "prompts" / f"{name}.txt").read_text(encoding="utf-8")
+
+
 def template(name: str) -> str:
-    """The text of prompt template ``name``: from $LONGDOC_PROMPTS when that folder has it (to try
-    other wordings, e.g. in benchmarks), else the packaged one."""
-    override = os.environ.get("LONGDOC_PROMPTS")
-    if override and (Path(override) / f"{name}.txt").is_file():
-        return (Path(override) / f"{name}.txt").read_text(encoding="utf-8")
-    return resources.files("longdoc").joinpath("prompts", f"{name}.txt").read_text(encoding="utf-8")
+    """The text of prompt template ``name``: the user's file if an override folder has one (to try other
+    wordings, e.g. in benchmarks), else the packaged one. User files are checked (``check_template``)."""
+    source = template_source(name)
+    if source is None:
+        return packaged_template(name)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"prompt template {source}: cannot read ({error})") from None
+    check_template(name, text, str(source))
+    return text
+
+
+def check_template(name: str, text: str, where: str) -> None:
+    """A clear usage error for a template that ``str.format`` would fail on or that drops an input:
+    a stray brace, an unknown or positional placeholder, or a required placeholder missing."""
+    required, optional = TEMPLATES[name]
+    hint = "write a literal brace as {{ or }}"
+    allowed = ", ".join("{" + f + "}" for f in (*required, *optional)) or "none"
+    try:
+        fields = [
+            (field, spec, conversion)
+            for _, field, spec, conversion in string.Formatter().parse(text)
+            if field is not None
+        ]
+    except ValueError as error:
+        raise UsageError(f"prompt template {where}: {error}; {hint}") from None
+    for field, spec, conversion in fields:
+        if field not in (*required, *optional) or spec or conversion:
+            shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise UsageError(f"prompt template {where}: unknown placeholder {shown} (allowed: {allowed}); {hint}")
+    missing = [f for f in required if f not in {field for field, _, _ in fields}]
+    if missing:
+        raise UsageError(f"prompt template {where}: the {{{missing[0]}}} placeholder is missing")
+
+
+def check_templates() -> None:
+    """Check every template a run may use (the user's and the packaged ones) before any work starts."""
+    for name in TEMPLATES:
+        if template_source(name) is None:
+            check_template(name, packaged_template(name), f"{name}.txt (packaged)")
+        else:
+            template(name)
 
 
 def format_document(doc: Document) -> str:
     """One source as text, each segment under a header with its citation label."""
+    source = doc.source
     if doc.kind == "pdf":
-        head = f"=== Document: {doc.source} (PDF, {doc.pages} pages) ==="
+        head = f"=== Document: {source} (PDF, {doc.pages} pages) ==="
         body = "\n\n".join(f"[{label}]\n{text.strip()}" for label, text in doc.segments)
     elif doc.kind == "code":
-        head = f"=== Folder: {doc.source} ({len(doc.segments)} files) ==="
+        head = f"=== Folder: {source} ({len(doc.segments)} files) ==="
         body = "\n\n".join(f"--- {label} ---\n{text.rstrip()}" for label, text in doc.segments)
     else:
-        head = f"=== Document: {doc.source} ==="
+        head = f"=== Document: {source} ==="
         body = "\n\n".join(text.strip() for _, text in doc.segments)
-    return f"{head}\n{body}"
+    return safe_text(f"{head}\n{body}")  # non-UTF-8 file names (lone surrogates) would break the tokenizer
 
 
 def format_documents(docs: list[Document]) -> str:
@@ -51,7 +146,8 @@ def format_documents(docs: list[Document]) -> str:
 
 def render(tokenizer: Any, name: str, **fields: str) -> str:
     """Fill template ``name`` and wrap it as one user turn of the model's chat template."""
-    user = template(name).format(**fields).strip()
+    # safe_text: a non-UTF-8 file name or argument (lone surrogates) would make the tokenizer fail
+    user = safe_text(template(name).format(**fields).strip())
     messages = [{"role": "system", "content": template("system").strip()}, {"role": "user", "content": user}]
     if getattr(tokenizer, "chat_template", None):
         return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))

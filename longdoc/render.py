@@ -8,12 +8,67 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+# Width given to consoles that are not terminals: rich would otherwise wrap or cut at 80 columns, and
+# logs and pipes want whole lines (full paths) instead.
+UNBOUNDED_WIDTH = 100_000
+# Plain progress lines (stderr not a terminal): one per this share of the work, or after this many
+# seconds without one, and none for work that ends before PLAIN_PROGRESS_AFTER_S.
+PLAIN_PROGRESS_STEP = 0.1
+PLAIN_PROGRESS_EVERY_S = 30.0
+PLAIN_PROGRESS_AFTER_S = 3.0
+
+
+def safe_text(value: object) -> str:
+    """A user-supplied string (a path, a file name) in a form that can be printed and encoded.
+
+    File names that are not UTF-8 reach Python as lone surrogates, which no UTF-8 stream can write
+    and no tokenizer accepts; their bytes are shown as ``\\xNN`` escapes instead.
+    """
+    text = str(value)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates that did not come from undecodable bytes
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# Control characters (C0, DEL, C1) that a file name may hold; on a status line they would break the
+# line (newline, carriage return) or drive the terminal (escape sequences).
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+def printable(value: object) -> str:
+    """``safe_text`` for one line of a terminal or log: control characters shown as escapes."""
+    return safe_text(value).translate(_CONTROLS)
+
+
+def plain(value: object, style: str = "") -> Text:
+    """User-supplied text for rich, never parsed: "[bold]x.txt" prints as itself, not as markup,
+    and a name holding a newline or an escape sequence cannot break the line or drive the terminal."""
+    return Text(printable(value), style=style)
+
+
+def console(file: TextIO) -> Console:
+    """A console for ``file`` that never interprets markup or emoji codes in what it is given as str,
+    and that never wraps or cuts lines when ``file`` is not a terminal (pipes, logs)."""
+    out = Console(file=file, highlight=False, emoji=False, markup=False, soft_wrap=True)
+    if not out.is_terminal:
+        out.width = UNBOUNDED_WIDTH
+    return out
 
 
 def human_bytes(n: int | None) -> str:
@@ -34,26 +89,57 @@ class Reporter:
         self.quiet = quiet
         self.json_mode = json_mode
         self.out = out or sys.stdout
-        self.err = Console(stderr=True, highlight=False)
+        self.err = console(sys.stderr)
+        self.json_printed = False  # whether a JSON object is out already (an interrupt must not add one)
         self._progress: Progress | None = None
+        self._plain: PlainProgress | None = None
+        self._pending: tuple[str, str] | None = None  # a lazy bar not started yet: (description, unit)
         self._task: Any = None
 
     # stderr: status, warnings, progress -------------------------------------------------------
+    # Messages carry user-supplied strings (paths, file names): they go out as Text, never as markup.
     def status(self, message: str) -> None:
         if not self.quiet:
-            self.err.print(f"[dim]{message}[/dim]")
+            self.err.print(plain(message, "dim"))
 
     def warn(self, message: str) -> None:
-        self.err.print(f"[yellow]warning:[/yellow] {message}")
+        self.err.print(Text.assemble(("warning:", "yellow"), " ", plain(message)))
 
     def error(self, message: str) -> None:
-        self.err.print(f"[bold red]error:[/bold red] {message}", soft_wrap=True)
+        self.err.print(Text.assemble(("error:", "bold red"), " ", plain(message)))
 
     @contextmanager
-    def progress(self, description: str, total: int, unit: str = "tok") -> Iterator[None]:
+    def progress(self, description: str, total: int, unit: str = "tok", lazy: bool = False) -> Iterator[None]:
+        """Progress of one long step: a bar in a terminal, plain lines at a steady pace otherwise.
+
+        ``lazy`` starts the bar on the first ``advance`` only (ingestion: most inputs are read before
+        a bar would be worth drawing, and the reader reports only large folders).
+        """
         if self.quiet:
             yield
             return
+        if not self.err.is_terminal:
+            self._plain = PlainProgress(self.err, description, unit)
+            try:
+                yield
+            finally:
+                self._plain = None
+            return
+        if lazy:
+            self._pending = (description, unit)
+            try:
+                yield
+            finally:
+                self._pending = None
+                self._stop_bar()
+            return
+        self._start_bar(description, unit, total)
+        try:
+            yield
+        finally:
+            self._stop_bar()
+
+    def _start_bar(self, description: str, unit: str, total: int) -> None:
         progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -65,11 +151,19 @@ class Reporter:
         )
         self._progress = progress
         self._task = progress.add_task(description, total=total, rate="")
-        with progress:
-            yield
-        self._progress = None
+        progress.start()
+
+    def _stop_bar(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
 
     def advance(self, done: int, total: int, rate: float | None = None) -> None:
+        if self._plain is not None:
+            self._plain.update(done, total, rate)
+            return
+        if self._pending is not None and self._progress is None:
+            self._start_bar(*self._pending, total)
         if self._progress is not None:
             self._progress.update(self._task, completed=done, total=total, rate=f"{rate:,.0f}/s" if rate else "")
 
@@ -85,8 +179,16 @@ class Reporter:
             self.out.flush()
 
     def json(self, obj: dict[str, Any]) -> None:
-        self.out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        """One JSON object on a line, always valid UTF-8: a path that is not (a non-UTF-8 file name)
+        turns the object into ASCII with \\u escapes rather than failing or writing bad bytes."""
+        text = json.dumps(obj, ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = json.dumps(obj, ensure_ascii=True)
+        self.out.write(text + "\n")
         self.out.flush()
+        self.json_printed = True
 
     def stats(self, result: dict[str, Any]) -> None:
         """One line of timings and memory on stderr."""
@@ -111,7 +213,49 @@ class Reporter:
                 f"recycle k={r['effective_k']} {r['schedule']}/{r['stride']} "
                 f"({r['full_steps']} full / {r['recycled_steps']} recycled steps)"
             )
-        self.err.print("[dim]" + " · ".join(parts) + "[/dim]")
+        self.err.print(Text(" · ".join(parts), style="dim"))
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class PlainProgress:
+    """Progress as plain stderr lines, for logs and CI where a bar would not show: one line each
+    PLAIN_PROGRESS_STEP of the work or PLAIN_PROGRESS_EVERY_S seconds, with the amount done, the
+    rate and the time left; silent for work that is over in a few seconds."""
+
+    def __init__(self, err: Console, description: str, unit: str) -> None:
+        self.err = err
+        self.description = description
+        self.unit = unit
+        self.start = time.monotonic()
+        self.last_time = self.start
+        self.last_share = 0.0
+
+    def update(self, done: int, total: int, rate: float | None = None) -> None:
+        now = time.monotonic()
+        elapsed = now - self.start
+        share = done / total if total > 0 else 0.0
+        if elapsed < PLAIN_PROGRESS_AFTER_S or done >= total:
+            return
+        if share - self.last_share < PLAIN_PROGRESS_STEP - 1e-9 and now - self.last_time < PLAIN_PROGRESS_EVERY_S:
+            return
+        self.last_share, self.last_time = share, now
+        rate = rate or done / max(elapsed, 1e-9)
+        eta = (total - done) / rate if rate > 0 else 0.0
+        self.err.print(
+            Text(
+                f"{self.description}: {done:,}/{total:,} {self.unit} ({share:.0%}), "
+                f"{rate:,.1f} {self.unit}/s, {_duration(elapsed)} elapsed, ETA {_duration(eta)}",
+                style="dim",
+            )
+        )
 
 
 class TokenStreamer:

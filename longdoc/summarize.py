@@ -326,7 +326,11 @@ def summarize(
     except DoesNotFitError as exc:
         reason = exc.message.split(";")[0]  # what is over; the advice that follows does not apply here
         reporter.status(f"the input does not fit in one pass ({reason}); summarizing it by map-reduce")
-        return _MapReduce(session, docs, fields, sources, reporter, on_text).run()
+        run = _MapReduce(session, docs, fields, sources, reporter, on_text)
+        try:
+            return run.run()
+        except KeyboardInterrupt:  # between or inside steps before the final one: a partial result
+            return run.interrupted()
     result: dict[str, Any] = pipeline.run_prompt(session, prompt, sources, on_text=on_text)
     result["plan"] = {"mode": "single", "pieces": 1, "levels": 1}
     return result
@@ -353,6 +357,19 @@ class _MapReduce:
         self.final_new = session.cfg.generation.max_new_tokens
         self.step_new = step_tokens(self.final_new)
         self.results: list[dict[str, Any]] = []
+        self.pieces = 0  # known once planned
+        self.level = 0  # the level running now
+
+    def interrupted(self) -> dict[str, Any]:
+        """The result of a run stopped by Ctrl-C before its final step finished streaming: the answer is
+        empty (nothing was shown), counts and timings cover the steps that ran, ``interrupted`` is set."""
+        if self.results:
+            result = self.result("", self.pieces, self.level)
+        else:
+            result = empty_result(self.session, self.sources)
+            result["plan"] = {"mode": "map-reduce", "pieces": self.pieces, "levels": self.level, "steps": 0}
+        result["interrupted"] = True
+        return result
 
     def run(self) -> dict[str, Any]:
         budget = self.context_budget()
@@ -370,7 +387,8 @@ class _MapReduce:
         if len(pieces) == 1:  # fits a map prompt but not the summarize prompt with the full answer budget: halve
             size = count(format_documents(pieces[0]))
             pieces = make_pieces(self.docs, max(MIN_PIECE_TOKENS, size // 2 + 1), count)
-        n = len(pieces)
+        n = self.pieces = len(pieces)
+        self.level = 1
         self.reporter.status(
             f"map-reduce plan: {n} pieces of at most {piece_budget:,} tokens of text; "
             f"level 1 summarizes each piece, then levels of combining until one summary is left"
@@ -391,6 +409,7 @@ class _MapReduce:
         reduce_overhead = count(render(self.session.tokenizer, "reduce", documents="", **self.fields))
         while True:
             level += 1
+            self.level = level
             final_budget = budget - self.final_new - reduce_overhead - SAFETY_TOKENS
             if count(reduce_text(summaries)) <= final_budget or len(summaries) == 1:
                 self.reporter.status(f"level {level}: combining {len(summaries)} summaries into the final summary")
@@ -487,6 +506,32 @@ class _MapReduce:
         final["answer"] = final_text
         final["plan"] = {"mode": "map-reduce", "pieces": pieces, "levels": levels, "steps": len(steps)}
         return final
+
+
+def empty_result(session: Session, sources: list[dict[str, Any]]) -> dict[str, Any]:
+    """A result with every field of ``run_prompt``'s and nothing run yet (a run interrupted early)."""
+    from longdoc import pipeline
+    from longdoc.engine.recycled import RecycledPolicy
+
+    return {
+        "answer": "",
+        "model": session.info.name,
+        "prompt_tokens": 0,
+        "generated_tokens": 0,
+        "sources": sources,
+        "timings": {
+            "load_s": round(session.load_s, 3),
+            "prefill_s": 0.0,
+            "decode_s": 0.0,
+            "prefill_tok_s": 0.0,
+            "decode_tok_s": 0.0,
+            "ttft_s": 0.0,
+        },
+        "memory": {"peak_rss_bytes": pipeline.peak_rss_bytes(), "kv_cache_bytes": 0, "gpu_peak_bytes": None},
+        "dca": {"enabled": False, "chunk_size": 0, "local_window": 0, "logit_scale": 1.0},
+        "recycle": {"enabled": False, **RecycledPolicy.idle_stats()},
+        "cache": {"hit": False},
+    }
 
 
 def step_tokens(final_new: int) -> int:

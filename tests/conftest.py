@@ -49,3 +49,11 @@ def tiny_model(family: str = "qwen2", dtype: torch.dtype = torch.float64, seed: 
 @pytest.fixture(params=list(FAMILIES))
 def family(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Fast tests never read or write the user's real cache (a test that passes only because some
+    earlier run left a conversion there proves nothing); the slow ones use it for the converted model."""
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch.setenv("LONGDOC_CACHE_DIR", str(tmp_path / "longdoc-cache"))

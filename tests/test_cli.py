@@ -362,3 +362,431 @@ def test_recycled_decoding_covering_the_context_equals_full_in_bfloat16(layout):
     assert recycled["recycle"]["effective_k"] >= full["prompt_tokens"]
     assert recycled["generated_tokens"] == full["generated_tokens"] > 10
     assert recycled["answer"] == full["answer"]
+
+
+# ---- hostile inputs, options checked first, Ctrl-C anywhere, the terminal (issue 10); fast ----------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Qwen2 folder (window 4096) for end-to-end runs without the real model."""
+    from .test_models import save_tiny_qwen2
+
+    folder = tmp_path_factory.mktemp("tiny-model") / "tiny"
+    save_tiny_qwen2(folder, window=4096)
+    return str(folder)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGDOC_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def one_line_error(result, code: int) -> str:
+    """The single error line of a failed run: the last on stderr (after any status lines), no traceback."""
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], result.stderr
+    return lines[-1]
+
+
+@pytest.mark.parametrize("quiet", [(), ("--quiet",)])
+@pytest.mark.parametrize("name", ["[bold]x.txt", "notes[/x].txt", "[red]a[/red] :smile: b.txt"])
+def test_markup_in_paths_prints_literally(tmp_path, name, quiet):
+    path = tmp_path / name
+    line = one_line_error(invoke("ask", str(path), "What?", *quiet), 3)
+    assert line == f"error: {path}: no such file or directory"
+
+
+def test_markup_named_file_is_read_and_shown_literally(tmp_path, tiny, cache_dir):
+    path = tmp_path / "[bold]x.txt"
+    path.write_text("The port is 7311.\n")
+    result = invoke("count", str(path), "--model", tiny)
+    assert result.exit_code == 0, result.stderr
+    assert f"reading {path}" in result.stderr and "[bold]x.txt" in result.stdout
+
+
+@pytest.mark.parametrize("make", ["fifo", "device"])
+def test_special_files_are_refused_with_exit_3(tmp_path, make):
+    import os
+    import signal
+
+    if make == "fifo":
+        path = tmp_path / "pipe"
+        os.mkfifo(path)
+    else:
+        path = tmp_path / "zero"
+        path.symlink_to("/dev/zero")
+    signal.alarm(20)  # a blocking read would hang the suite: fail it instead
+    try:
+        line = one_line_error(invoke("ask", str(path), "What?"), 3)
+    finally:
+        signal.alarm(0)
+    assert "not a regular file" in line and "'-'" in line
+
+
+def test_size_caps_have_options(tmp_path, tiny, cache_dir):
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 1000)
+    line = one_line_error(invoke("count", str(big), "--model", tiny, "--max-file-size", "1K"), 3)
+    assert "over the per-file limit of 1K; raise it with --max-file-size" in line
+    line = one_line_error(invoke("count", str(big), str(big), "--model", tiny, "--max-total-size", "6K"), 3)
+    assert "more than the total limit of 6K" in line and "--max-total-size" in line
+    assert invoke("count", str(big), "--model", tiny, "--max-file-size", "10K").exit_code == 0
+    line = one_line_error(invoke("count", str(big), "--max-file-size", "lots"), 2)
+    assert "--max-file-size 'lots'" in line
+
+
+def test_non_utf8_file_names_give_valid_utf8_json(tmp_path, tiny, cache_dir):
+    import os
+
+    raw = os.fsencode(tmp_path) + b"/r\xe9sum\xe9.txt"
+    with open(raw, "wb") as f:
+        f.write(b"The port is 7311.\n")
+    name = os.fsdecode(raw)
+    for args in (("count", name, "--json"), ("count", str(tmp_path), "--json"), ("count", name)):
+        result = runner.invoke(app, [*args, "--model", tiny])
+        assert result.exit_code == 0, result.stderr
+        text = result.stdout_bytes.decode("utf-8")  # strict: no raw non-UTF-8 bytes on stdout
+        if "--json" in args:
+            data = json.loads(text)
+            assert data["sources"][0]["path"] in (name, str(tmp_path))  # \udce9 escapes round-trip
+        else:
+            assert "r\\xe9sum\\xe9.txt" in text
+
+
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (("--temperature", "0.7", "--top-p", "0"), "--top-p must be above 0 and at most 1"),
+        (("--top-p", "1.5"), "--top-p must be above 0 and at most 1"),
+        (("--top-p", "nan"), "--top-p"),
+        (("--temperature", "-0.5"), "--temperature must be 0 (greedy) or more"),
+        (("--temperature", "inf"), "--temperature"),
+        (("--max-context", "0"), "--max-context must be at least 1"),
+        (("--max-context", "-5"), "--max-context must be at least 1"),
+        (("--dtype", "float8"), "--dtype accepts auto, bfloat16, float32 or float16"),
+        (("--device", "tpu"), "--device accepts auto, cpu or cuda"),
+        (("--pages", "3-1"), "--pages"),
+        (("--recycle-threshold", "7"), "--recycle-threshold"),
+    ],
+)
+def test_options_are_checked_before_any_input_is_read(tmp_path, extra, fragment):
+    """The input does not exist: a usage error (2), not the input error (3), proves the options came first."""
+    line = one_line_error(invoke("ask", str(tmp_path / "missing.pdf"), "What?", *extra), 2)
+    assert fragment in line
+    line = one_line_error(invoke("summarize", str(tmp_path / "missing.pdf"), "--each", *extra), 2)
+    assert fragment in line
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (("eval", "passkey", "--lengths", "abc"), "--lengths expects a comma-separated list"),
+        (("eval", "passkey", "--lengths", "0"), "--lengths '0': every value must be at least 1"),
+        (("eval", "passkey", "--depths", "1.5"), "--depths"),
+        (("eval", "needle", "--keys", "0"), "--keys"),
+        (("eval", "passkey", "--dtype", "int3"), "--dtype"),
+        (("eval", "ppl", "MISSING", "--lengths", "x"), "--lengths"),
+        (("eval", "ppl", "MISSING", "--max-context", "0"), "--max-context"),
+    ],
+)
+def test_eval_options_are_checked_before_loading(tmp_path, args, fragment):
+    args = tuple(str(tmp_path / "missing.txt") if a == "MISSING" else a for a in args)
+    line = one_line_error(invoke(*args), 2)
+    assert fragment in line
+
+
+def test_each_exit_codes_follow_the_readme(tmp_path, tiny, cache_dir):
+    """--each: 4 when every failure is "does not fit", 3 as soon as one input could not be read."""
+    notes = str(SAMPLES / "notes.md")
+    args = ("summarize", "--each", "--json", "--model", tiny, "--max-context", "40", "--max-new-tokens", "8")
+    only_too_long = invoke(*args, notes)
+    assert only_too_long.exit_code == 4, only_too_long.stderr
+    assert "error" in json.loads(only_too_long.stdout)
+    mixed = invoke(*args, notes, str(tmp_path / "missing.txt"))
+    assert mixed.exit_code == 3, mixed.stderr
+    assert [("error" in json.loads(line)) for line in mixed.stdout.splitlines()] == [True, True]
+
+
+# Ctrl-C at each phase: 130, what was streamed stays, --json prints a partial result marked interrupted
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    "target,stage",
+    [("longdoc.ingest.ingest_paths", "ingest"), ("longdoc.pipeline.model_info", "load")],
+)
+def test_ctrl_c_before_the_model_runs_gives_a_partial_json(monkeypatch, tiny, cache_dir, target, stage):
+    monkeypatch.setattr(target, _interrupt)
+    result = invoke("ask", str(SAMPLES / "notes.md"), "Which port?", "--model", tiny, "--json")
+    assert result.exit_code == 130 and "Traceback" not in result.stderr
+    data = json.loads(result.stdout)
+    assert data["interrupted"] is True and data["stage"] == stage and data["answer"] == ""
+    assert "interrupted" in result.stderr
+
+
+def test_ctrl_c_while_loading_weights_gives_a_partial_json(monkeypatch, tiny, cache_dir):
+    from longdoc import pipeline
+
+    monkeypatch.setattr(pipeline.Session, "loaded", _interrupt)
+    result = invoke("ask", str(SAMPLES / "notes.md"), "Which port?", "--model", tiny, "--json")
+    assert result.exit_code == 130
+    data = json.loads(result.stdout)
+    assert data["interrupted"] is True and data["model"] == "tiny" and data["sources"][0]["tokens"] > 100
+
+
+def test_ctrl_c_during_prefill_gives_the_full_shaped_result(monkeypatch, tiny, cache_dir):
+    from longdoc import pipeline
+
+    monkeypatch.setattr(pipeline, "prefill", _interrupt)
+    args = ("ask", str(SAMPLES / "notes.md"), "Which port?", "--model", tiny, "--dtype", "float32")
+    result = invoke(*args, "--json")
+    assert result.exit_code == 130, result.stderr
+    data = json.loads(result.stdout)
+    assert data["interrupted"] is True and data["generated_tokens"] == 0 and data["prompt_tokens"] > 100
+    assert {"timings", "memory", "dca", "recycle", "sources"} <= set(data)
+    plain = invoke(*args)
+    assert plain.exit_code == 130 and plain.stdout.strip() == "" and "Traceback" not in plain.stderr
+
+
+def test_ctrl_c_during_decoding_keeps_the_streamed_text(monkeypatch, tiny, cache_dir):
+    from longdoc import pipeline
+
+    real = pipeline.TokenStreamer.push
+    calls = {"n": 0}
+
+    def interrupt_after_three(self, token):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        return real(self, token)
+
+    monkeypatch.setattr(pipeline.TokenStreamer, "push", interrupt_after_three)
+    args = ("ask", str(SAMPLES / "notes.md"), "Which port?", "--model", tiny, "--max-new-tokens", "20")
+    result = invoke(*args, "--json")
+    assert result.exit_code == 130
+    data = json.loads(result.stdout)
+    assert data["interrupted"] is True and data["generated_tokens"] == 3
+    calls["n"] = 0
+    streamed = invoke(*args)
+    assert streamed.exit_code == 130 and streamed.stdout.strip()  # the three tokens' text stayed
+
+
+def test_ctrl_c_during_map_reduce_gives_a_partial_result(monkeypatch, tiny, cache_dir):
+    from longdoc import pipeline
+
+    real = pipeline.run_prompt
+    steps = []
+
+    def interrupt_second_step(session, prompt, sources, on_text=None):
+        steps.append(prompt)
+        if len(steps) == 2:
+            raise KeyboardInterrupt
+        return real(session, prompt, sources, on_text)
+
+    monkeypatch.setattr(pipeline, "run_prompt", interrupt_second_step)
+    args = ("summarize", str(SAMPLES / "report.pdf"), "--model", tiny, "--max-context", "1200")
+    result = invoke(*args, "--max-new-tokens", "40", "--json")
+    assert result.exit_code == 130, result.stderr
+    data = json.loads(result.stdout)
+    assert data["interrupted"] is True and data["answer"] == ""
+    assert data["plan"]["mode"] == "map-reduce" and data["plan"]["steps"] == 1 and data["prompt_tokens"] > 0
+
+
+def test_ctrl_c_during_each_keeps_done_lines_and_marks_the_interrupted_input(monkeypatch, tiny, cache_dir):
+    from longdoc import pipeline
+
+    calls = {"n": 0}
+    real = pipeline.prefill
+
+    def interrupt_second_prefill(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "prefill", interrupt_second_prefill)
+    paths = [str(SAMPLES / "notes.md"), str(SAMPLES / "report.pdf"), str(SAMPLES / "notes.md")]
+    result = invoke("summarize", "--each", "--json", "--model", tiny, "--max-new-tokens", "4", *paths)
+    assert result.exit_code == 130, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["path"] for line in lines] == paths[:2]  # the third input never started
+    assert "interrupted" not in lines[0] and lines[0]["prompt_tokens"] > 0
+    assert lines[1]["interrupted"] is True and lines[1]["summary"] == ""
+    # interrupted while reading the input: the line says so too
+    monkeypatch.setattr("longdoc.ingest.ingest_paths", _interrupt)
+    early = invoke("summarize", "--each", "--json", "--model", tiny, *paths)
+    assert early.exit_code == 130
+    assert [json.loads(line) for line in early.stdout.splitlines()] == [
+        {
+            "path": paths[0],
+            "summary": "",
+            "prompt_tokens": 0,
+            "timings": {},
+            "plan": None,
+            "interrupted": True,
+            "stage": "ingest",
+        }
+    ]
+
+
+# ---- the terminal: nothing wrapped or cut off a terminal; progress lines in logs -------------------
+
+
+def test_piped_output_keeps_whole_paths(tmp_path, tiny, cache_dir):
+    deep = tmp_path / ("a-rather-long-folder-name-" * 3) / ("and-deeper-still-" * 3)
+    deep.mkdir(parents=True)
+    (deep / "notes-with-a-long-file-name.md").write_text("The port is 7311.\n")
+    result = invoke("count", str(deep), "--model", tiny)
+    assert result.exit_code == 0, result.stderr
+    assert any(str(deep) in line for line in result.stdout.splitlines())  # on one line, uncut
+    assert f"reading {deep}" in result.stderr.splitlines()[0]
+    assert "…" not in result.stdout + result.stderr
+
+
+def test_plain_progress_lines_at_a_steady_pace(monkeypatch):
+    import io
+
+    from longdoc import render
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(render.time, "monotonic", lambda: clock["t"])
+    err = io.StringIO()
+    reporter = render.Reporter()
+    reporter.err = render.console(err)
+    with reporter.progress("prefill", 1000):
+        for step in range(1, 101):  # 10 tokens a second for 100 s
+            clock["t"] = step * 1.0
+            reporter.advance(step * 10, 1000)
+    lines = err.getvalue().splitlines()
+    # every 10% (the first 3 s are quiet, the end is the summary's job): 10%, 20%, ..., 90%
+    assert [line.split(" tok ")[0] for line in lines] == [f"prefill: {k * 100:,}/1,000" for k in range(1, 10)]
+    assert lines[0] == "prefill: 100/1,000 tok (10%), 10.0 tok/s, 10s elapsed, ETA 1m30s"
+    slow = io.StringIO()
+    reporter.err = render.console(slow)
+    clock["t"] = 0.0
+    with reporter.progress("prefill", 10_000):
+        for step in range(1, 7):  # 1% a minute: a line every 30 s regardless
+            clock["t"] = step * 60.0
+            reporter.advance(step * 100, 10_000)
+    assert len(slow.getvalue().splitlines()) == 6
+
+
+def test_terminal_ingestion_of_a_large_folder_shows_a_bar(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from longdoc import render
+    from longdoc.ingest import ingest_paths
+
+    for i in range(60):
+        (tmp_path / f"f{i:02d}.py").write_text(f"x = {i}\n")
+    reporter = render.Reporter()
+    out = io.StringIO()
+    reporter.err = Console(file=out, force_terminal=True, width=100)
+    with reporter.progress("reading", 0, unit="files", lazy=True):
+        ingest_paths([str(tmp_path)], progress=lambda done, total: reporter.advance(done, total))
+    assert "reading" in out.getvalue() and "60/60" in out.getvalue()
+
+
+# ---- prompt templates: top-level prompts/, --prompts DIR and LONGDOC_PROMPTS_DIR, checked placeholders ---
+
+
+def _prompt_of(monkeypatch, *args: str) -> str:
+    from longdoc import pipeline
+
+    seen = []
+    real = pipeline.run_prompt
+
+    def spy(session, prompt, sources, on_text=None):
+        seen.append(prompt)
+        return real(session, prompt, sources, on_text)
+
+    monkeypatch.setattr(pipeline, "run_prompt", spy)
+    result = invoke(*args)
+    assert result.exit_code == 0, result.stderr
+    return seen[-1]
+
+
+def test_prompts_dir_overrides_templates_file_by_file(tmp_path, tiny, cache_dir, monkeypatch):
+    custom = tmp_path / "prompts"
+    custom.mkdir()
+    (custom / "ask.txt").write_text("{documents}\nCUSTOM-ASK {{literal}} {question}\n")
+    args = ("ask", str(SAMPLES / "notes.md"), "Which port?", "--model", tiny, "--max-new-tokens", "1")
+    prompt = _prompt_of(monkeypatch, *args, "--prompts", str(custom))
+    assert "CUSTOM-ASK {literal} Which port?" in prompt
+    assert "You are longdoc" in prompt  # system.txt is not in the folder: the packaged one stays
+    monkeypatch.setenv("LONGDOC_PROMPTS_DIR", str(custom))
+    assert "CUSTOM-ASK" in _prompt_of(monkeypatch, *args)
+    monkeypatch.delenv("LONGDOC_PROMPTS_DIR")
+    monkeypatch.setenv("LONGDOC_PROMPTS", str(custom))  # the older name still works
+    assert "CUSTOM-ASK" in _prompt_of(monkeypatch, *args)
+    monkeypatch.delenv("LONGDOC_PROMPTS")
+    assert "CUSTOM-ASK" not in _prompt_of(monkeypatch, *args)  # and the override does not stick
+
+
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ('{documents}\nQ: {question} in JSON like {"a": 1}\n', "write a literal brace as {{ or }}"),
+        ("{documents} {question} {", "write a literal brace"),
+        ("{documents} {question} {answer}", "unknown placeholder {answer}"),
+        ("{documents} {question} {0}", "unknown placeholder {0}"),
+        ("{documents} {question!r}", "unknown placeholder {question!r}"),
+        ("Q: {question}", "the {documents} placeholder is missing"),
+    ],
+)
+def test_bad_user_templates_are_usage_errors(tmp_path, text, fragment):
+    custom = tmp_path / "prompts"
+    custom.mkdir()
+    (custom / "ask.txt").write_text(text)
+    line = one_line_error(invoke("ask", str(tmp_path / "missing.txt"), "q", "--prompts", str(custom)), 2)
+    assert "ask.txt" in line and fragment in line
+
+
+def test_prompts_option_must_be_a_folder(tmp_path):
+    line = one_line_error(invoke("ask", str(SAMPLES / "notes.md"), "q", "--prompts", str(tmp_path / "nope")), 2)
+    assert "--prompts" in line and "not a folder" in line
+
+
+def test_templates_ship_from_the_top_level_prompts_folder():
+    """Every template is in prompts/, passes its own placeholder check, and pyproject maps the folder
+    to longdoc.prompts and lists every subpackage (packages are listed, not found)."""
+    import tomllib
+
+    from longdoc import prompt
+
+    for name in prompt.TEMPLATES:
+        text = (REPO / "prompts" / f"{name}.txt").read_text(encoding="utf-8")
+        prompt.check_template(name, text, name)
+        assert prompt.packaged_template(name) == text
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {"longdoc.prompts": "prompts"}
+    assert setuptools["package-data"] == {"longdoc.prompts": ["*.txt"]}
+    subpackages = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "longdoc").rglob("__init__.py")}
+    assert subpackages | {"longdoc.prompts"} == set(setuptools["packages"])
+
+
+def test_ctrl_c_wrapped_by_a_library_is_still_an_interrupt(monkeypatch, tiny, cache_dir):
+    """Lazy importers turn an interrupted import into their own error: still 130 and a partial JSON."""
+
+    def wrapped(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise RuntimeError("Failed to import transformers.models.qwen2 because of: KeyboardInterrupt") from exc
+
+    monkeypatch.setattr("longdoc.pipeline.model_info", wrapped)
+    result = invoke("ask", str(SAMPLES / "notes.md"), "Which port?", "--model", tiny, "--json")
+    assert result.exit_code == 130 and "Traceback" not in result.stderr
+    assert json.loads(result.stdout)["interrupted"] is True
+    monkeypatch.setattr("longdoc.pipeline.model_info", lambda *a, **k: 1 / 0)  # a real bug stays a bug
+    assert isinstance(
+        invoke("ask", str(SAMPLES / "notes.md"), "Which port?", "--model", tiny).exception, ZeroDivisionError
+    )

@@ -426,3 +426,202 @@ def test_sample_code_tree_reads_with_its_gitignore(tmp_path: Path) -> None:
     assert "README.md" in labels(doc)
     assert "tinycalc/parser.py" in labels(doc)
     assert not [label for label in labels(doc) if label.endswith(".log") or label.startswith("build/")]
+
+
+# --- hostile inputs (issue 10) ------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_hang():
+    """Fail, rather than hang the suite, when reading blocks (a FIFO opened for reading waits for a writer)."""
+    import signal
+
+    def expire(signum, frame):
+        raise TimeoutError("ingestion blocked")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_symlink_loops_in_a_folder_are_skipped_with_a_warning(tmp_path: Path) -> None:
+    write(tmp_path, "real.py")
+    (tmp_path / "self").symlink_to("self")
+    (tmp_path / "ping").symlink_to("pong")
+    (tmp_path / "pong").symlink_to("ping")
+    doc = read_tree(tmp_path, [], [], 1000)
+    assert labels(doc) == ["real.py"]
+    assert sorted(w for w in doc.warnings if "symlink loop" in w) == [
+        "ping: skipped, symlink loop",
+        "pong: skipped, symlink loop",
+        "self: skipped, symlink loop",
+    ]
+
+
+def test_symlink_loop_given_as_a_path_is_an_input_error(tmp_path: Path) -> None:
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(InputError, match="loop: symlink loop"):
+        ingest_paths([str(tmp_path / "loop")])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "device"])
+def test_special_files_given_as_paths_are_refused(tmp_path: Path, kind: str, no_hang: None) -> None:
+    import socket
+
+    path = tmp_path / kind
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+    else:
+        path.symlink_to("/dev/zero")  # a link to a device is a device too
+    with pytest.raises(InputError) as raised:
+        ingest_paths([str(path)])
+    assert raised.value.exit_code == EXIT_INPUT
+    assert f"{path} is a" in raised.value.message and "'-'" in raised.value.message
+    assert {"fifo": "FIFO", "socket": "socket", "device": "device"}[kind] in raised.value.message
+
+
+def test_special_files_in_a_folder_are_skipped(tmp_path: Path, no_hang: None) -> None:
+    write(tmp_path, "a.py")
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "zero").symlink_to("/dev/zero")  # also a link leaving the folder
+    doc = read_tree(tmp_path, [], [], 1000)
+    assert labels(doc) == ["a.py"]
+
+
+def test_per_file_cap_refuses_big_files_and_can_be_raised(tmp_path: Path) -> None:
+    from longdoc.ingest import ReadBudget
+
+    big = write(tmp_path, "big.txt", "word " * 1000)
+    with pytest.raises(
+        InputError, match=r"big.txt: 4\.9K is over the per-file limit of 1K; raise it with --max-file-size"
+    ):
+        ingest_paths([str(big)], budget=ReadBudget(max_file=1024))
+    assert ingest_paths([str(big)], budget=ReadBudget(max_file=8192))[0].text.startswith("word")
+
+
+def test_stdin_over_the_per_file_cap_is_refused(monkeypatch) -> None:
+    import io
+    import sys
+
+    from longdoc.ingest import ReadBudget
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"x" * 5000)))
+    with pytest.raises(InputError, match="<stdin>: more than the per-file limit of 1K"):
+        ingest_paths(["-"], budget=ReadBudget(max_file=1024))
+
+
+def test_total_cap_stops_a_run_with_a_clear_message(tmp_path: Path) -> None:
+    from longdoc.ingest import ReadBudget
+
+    files = [str(write(tmp_path, f"part{i}.txt", "x" * 600)) for i in range(3)]
+    assert len(ingest_paths(files, budget=ReadBudget(max_total=2000))) == 3
+    with pytest.raises(InputError, match=r"part2.txt: the inputs add up to more than the total limit of 1.5K"):
+        ingest_paths(files, budget=ReadBudget(max_total=1536))
+    tree = tmp_path / "tree"
+    for i in range(3):
+        write(tree, f"f{i}.py", "y = 1\n" * 100)
+    with pytest.raises(InputError, match=r"tree/f2.py: the inputs add up to more than the total limit"):
+        read_tree(tree, [], [], 10_000, budget=ReadBudget(max_total=1500))
+
+
+def test_pdf_in_a_folder_over_the_per_file_cap_is_skipped(tmp_path: Path) -> None:
+    from longdoc.ingest import ReadBudget
+
+    shutil.copy(REPORT, tmp_path / "report.pdf")
+    write(tmp_path, "a.py")
+    doc = read_tree(tmp_path, [], [], 1000, budget=ReadBudget(max_file=1024))
+    assert labels(doc) == ["a.py"]
+    assert any("report.pdf" in w and "--max-file-size" in w for w in doc.warnings)
+
+
+@pytest.mark.parametrize(
+    ("spec", "size"),
+    [("500", 500), ("4K", 4096), ("1.5M", 3 * 512 * 1024), ("2g", 2 * 1024**3), ("256MB", 256 * 1024**2)],
+)
+def test_parse_size(spec: str, size: int) -> None:
+    from longdoc.ingest import parse_size
+
+    assert parse_size(spec, "--max-file-size") == size
+
+
+@pytest.mark.parametrize("spec", ["", "lots", "0", "-5M", "1X"])
+def test_parse_size_rejects_bad_values(spec: str) -> None:
+    from longdoc.ingest import parse_size
+
+    with pytest.raises(ValueError, match="--max-file-size"):
+        parse_size(spec, "--max-file-size")
+
+
+def test_tree_deeper_than_the_recursion_limit_is_read(tmp_path: Path) -> None:
+    import sys
+
+    depth = sys.getrecursionlimit() + 100
+    rel = "/".join(["d"] * depth)
+    folder = str(tmp_path)
+    for _ in range(depth):  # one level at a time: os.makedirs and mkdir(parents=True) recurse themselves
+        folder += "/d"
+        os.mkdir(folder)
+    try:
+        Path(f"{folder}/leaf.txt").write_text("deep")
+        write(tmp_path, "top.txt", "top")
+        doc = read_tree(tmp_path, [], [], 1000)
+        assert labels(doc) == [f"{rel}/leaf.txt", "top.txt"]  # depth first, in name order
+    finally:  # shutil.rmtree (and pytest's cleanup of old runs) recurse too: remove it level by level
+        os.unlink(f"{folder}/leaf.txt")
+        while folder != str(tmp_path):
+            os.rmdir(folder)
+            folder = folder.rsplit("/", 1)[0]
+
+
+def test_non_utf8_file_names_become_printable_and_tokenizable(tmp_path: Path) -> None:
+    from longdoc.prompt import format_document
+
+    fd = os.open(os.fsencode(tmp_path) + b"/caf\xe9.txt", os.O_WRONLY | os.O_CREAT)
+    os.write(fd, b"coffee")
+    os.close(fd)
+    doc = read_tree(tmp_path, [], [], 1000)
+    assert labels(doc) == ["caf\udce9.txt"]  # kept as the OS gave it: the label is the real name
+    text = format_document(doc)
+    assert "--- caf\\xe9.txt ---" in text and text.encode("utf-8")  # the prompt is valid UTF-8
+    direct = ingest_paths([os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.txt")])[0]
+    assert format_document(direct).encode("utf-8")
+
+
+@pytest.mark.parametrize("algorithm", ["RC4-128", "AES-128", "AES-256"])
+def test_encrypted_pdfs_with_an_empty_user_password_are_read(tmp_path: Path, algorithm: str) -> None:
+    writer = PdfWriter(clone_from=PdfReader(REPORT))
+    writer.encrypt(user_password="", owner_password="owner-secret", algorithm=algorithm)
+    path = tmp_path / "restricted.pdf"
+    with path.open("wb") as out:
+        writer.write(out)
+    doc = read_pdf(path)
+    assert labels(doc) == ["p. 1", "p. 2", "p. 3"] and "42.7" in dict(doc.segments)["p. 2"]
+
+
+@pytest.mark.parametrize("algorithm", ["RC4-128", "AES-256"])
+def test_encrypted_pdfs_with_a_user_password_say_encrypted(tmp_path: Path, algorithm: str) -> None:
+    writer = PdfWriter(clone_from=PdfReader(REPORT))
+    writer.encrypt(user_password="hunter2", owner_password="owner-secret", algorithm=algorithm)
+    path = tmp_path / "locked.pdf"
+    with path.open("wb") as out:
+        writer.write(out)
+    with pytest.raises(InputError, match="locked.pdf is encrypted with a password") as raised:
+        read_pdf(path)
+    assert raised.value.exit_code == EXIT_INPUT
+
+
+def test_missing_crypto_support_is_not_reported_as_no_text_layer(tmp_path: Path, monkeypatch) -> None:
+    from pypdf import PageObject
+    from pypdf.errors import DependencyError
+
+    def needs_crypto(self, *args, **kwargs):
+        raise DependencyError("cryptography>=3.1 is required for AES algorithm")
+
+    monkeypatch.setattr(PageObject, "extract_text", needs_crypto)
+    with pytest.raises(InputError, match="report.pdf is encrypted \\(AES\\); reading it needs the 'cryptography'"):
+        read_pdf(REPORT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from pypdf import PasswordType, PdfReader
@@ -12,6 +13,7 @@ from pypdf.errors import DependencyError
 
 from longdoc.errors import InputError, UsageError
 from longdoc.ingest import Document
+from longdoc.render import safe_text
 
 # pypdf logs a warning for every small defect it repairs ("EOF marker not found", odd xrefs);
 # those would drown the progress display, and real failures surface as exceptions anyway.
@@ -42,6 +44,17 @@ def parse_pages(spec: str, n_pages: int) -> list[int]:
     return sorted(pages)
 
 
+def check_pages(spec: str) -> None:
+    """Check the syntax of a --pages spec before any PDF is read (its page count is not known yet)."""
+    for part in spec.split(","):
+        match = _RANGE.match(part.strip())
+        if match is None:
+            raise UsageError(f"--pages {spec!r}: {part.strip()!r} is not a page or range like 1-5,9")
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        if first < 1 or last < first:
+            raise UsageError(f"--pages {spec!r}: {part.strip()!r} is not a valid range (pages start at 1)")
+
+
 def is_pdf(name: str, data: bytes) -> bool:
     """By suffix or by the "%PDF-" magic, so a PDF saved without its extension is not read as text."""
     return name.lower().endswith(".pdf") or data.startswith(b"%PDF-")
@@ -56,24 +69,35 @@ def read_pdf(path: Path, pages: str | None = None) -> Document:
     return read_pdf_bytes(str(path), data, pages)
 
 
-def read_pdf_bytes(name: str, data: bytes, pages: str | None = None) -> Document:
+# PDFs with fewer selected pages are read too fast for progress reports to help (pages take ~10-40 ms).
+PROGRESS_MIN_PAGES = 200
+
+
+def read_pdf_bytes(
+    name: str, data: bytes, pages: str | None = None, progress: Callable[[int, int], None] | None = None
+) -> Document:
     """Extract the text of the selected pages of a PDF held in memory (a file, or piped on stdin).
 
     Pages without a text layer (scans) are left out with a warning rather than failing the
     run, unless no selected page has text at all: then there is nothing to answer from.
+    `progress` hears (pages done, pages) for PDFs of PROGRESS_MIN_PAGES pages or more.
     """
     reader = _open(name, data)
     numbers = parse_pages(pages, len(reader.pages)) if pages else list(range(1, len(reader.pages) + 1))
     segments: list[tuple[str, str]] = []
     unreadable: list[int] = []
-    for number in numbers:
+    for done, number in enumerate(numbers):
+        if progress is not None and len(numbers) >= PROGRESS_MIN_PAGES:
+            progress(done, len(numbers))
         try:
             text = reader.pages[number - 1].extract_text()
+        except DependencyError:  # not damage: a missing crypto package must not read as "no text layer"
+            raise InputError(_crypto_message(name)) from None
         except Exception:  # a damaged page should not lose the rest of the document
             text = ""
             unreadable.append(number)
         if text.strip():
-            segments.append((f"p. {number}", text.strip()))
+            segments.append((f"p. {number}", safe_text(text.strip())))
 
     if not segments:
         raise InputError(
@@ -106,10 +130,15 @@ def _open(name: str, data: bytes) -> PdfReader:
     except InputError:
         raise
     except DependencyError:
-        raise InputError(
-            f"{name} is encrypted (AES); reading it needs the 'cryptography' package "
-            "(pip install cryptography), or decrypt it first"
-        ) from None
+        raise InputError(_crypto_message(name)) from None
     except Exception as error:  # see docstring
-        raise InputError(f"{name} is not a readable PDF (truncated or corrupt: {error})") from None
+        detail = " ".join(str(error).split())[:200] or type(error).__name__
+        raise InputError(f"{name} is not a readable PDF (truncated or corrupt: {detail})") from None
     return reader
+
+
+def _crypto_message(name: str) -> str:
+    return (
+        f"{name} is encrypted (AES); reading it needs the 'cryptography' package, which longdoc depends on "
+        "(pip install 'pypdf[crypto]'), or decrypt it first (e.g. qpdf --decrypt)"
+    )
