@@ -75,6 +75,7 @@ def score(summary: str, facts: list[set[str]]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--before", default=None, help="also run this git revision (e.g. the last landed commit)")
+    ap.add_argument("--only", default=None, help="comma-separated document names (default: all)")
     ap.add_argument("--name", default="recall")
     a = ap.parse_args()
     variants: dict[str, str | None] = {"current": None}
@@ -86,7 +87,7 @@ def main() -> None:
     rows = []
     try:
         for path, pages, context, new in DOCS:
-            if not path.exists():
+            if not path.exists() or (a.only and path.name not in a.only.split(",")):
                 continue
             facts = page_facts(path, pages)
             row: dict = {"doc": path.name, "pages": pages, "context": context, "new": new}

@@ -134,7 +134,7 @@ def quote(name: str = "quote") -> str | None:
     )
 
 
-def recall(name: str = "recall") -> str | None:
+def recall(name: str = "recall", label: str = "") -> str | None:
     data = load(name)
     if not data:
         return None
@@ -147,8 +147,8 @@ def recall(name: str = "recall") -> str | None:
         ]
         for variant, t in data["totals"].items()
     ]
-    docs = ", ".join(f"{r['doc']} p. {r['pages']}" for r in data["rows"])
-    return f"### Summary recall per page (map-reduce at --max-context {data['context']}; {docs})\n\n" + table(
+    docs = ", ".join(f"{r['doc']} p. {r['pages']} at {r['context']}" for r in data["rows"])
+    return f"### Summary recall per page{label} (map-reduce, one page per map step; --max-context: {docs})\n\n" + table(
         ["prompts", "pages with a fact in the summary", "page facts in the summary", "filler openings"], rows
     )
 
@@ -226,10 +226,12 @@ def main() -> None:
         engine("dca", "DCA vs plain attention prefill (longdoc, bfloat16)"),
         recycle(),
         recycle("recycle_32k", "Recycled decode at 32K with DCA, before and after issue 9"),
+        recycle("recycle_32k_k4096", "Recycled decode at 32K with DCA, K=4096"),
         quote(),
         evals(),
         summarize(),
-        recall(),
+        recall("recall", ", first revision of the new prompts"),
+        recall("recall_final", ", final prompts"),
     ]
     print("\n\n".join(s for s in sections if s))
 

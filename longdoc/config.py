@@ -21,8 +21,10 @@ class DCAConfig:
 class RecycleConfig:
     # None = automatic: on for contexts of at least `auto_min_context` tokens.
     enabled: bool | None = None
-    # Recycled set per layer and KV head; a few thousand keeps needle recall (RefreshKV uses 4096 at 32K).
-    k: int = 2048
+    # Recycled set per layer and KV head. 4096 (as RefreshKV at 32K): on the summarize-then-quote benchmark
+    # it stated the late-needed fact as often as full attention where 2048 did not, at 1.5x full attention's
+    # decode speed at 32K (benchmarks/RESULTS.md).
+    k: int = 4096
     # A full step every `stride` decode steps (fixed schedule).
     stride: int = 16
     schedule: str = "fixed"  # "fixed" | "dynamic"
