@@ -592,24 +592,23 @@ def test_non_utf8_file_names_become_printable_and_tokenizable(tmp_path: Path) ->
     assert format_document(direct).encode("utf-8")
 
 
-@pytest.mark.parametrize("algorithm", ["RC4-128", "AES-128", "AES-256"])
-def test_encrypted_pdfs_with_an_empty_user_password_are_read(tmp_path: Path, algorithm: str) -> None:
+def _encrypted_report(path: Path, user_password: str, algorithm: str) -> Path:
     writer = PdfWriter(clone_from=PdfReader(REPORT))
-    writer.encrypt(user_password="", owner_password="owner-secret", algorithm=algorithm)
-    path = tmp_path / "restricted.pdf"
+    writer.encrypt(user_password=user_password, owner_password="owner-secret", algorithm=algorithm)
     with path.open("wb") as out:
         writer.write(out)
-    doc = read_pdf(path)
+    return path
+
+
+@pytest.mark.parametrize("algorithm", ["RC4-128", "AES-128", "AES-256"])
+def test_encrypted_pdfs_with_an_empty_user_password_are_read(tmp_path: Path, algorithm: str) -> None:
+    doc = read_pdf(_encrypted_report(tmp_path / "restricted.pdf", "", algorithm))
     assert labels(doc) == ["p. 1", "p. 2", "p. 3"] and "42.7" in dict(doc.segments)["p. 2"]
 
 
 @pytest.mark.parametrize("algorithm", ["RC4-128", "AES-256"])
 def test_encrypted_pdfs_with_a_user_password_say_encrypted(tmp_path: Path, algorithm: str) -> None:
-    writer = PdfWriter(clone_from=PdfReader(REPORT))
-    writer.encrypt(user_password="hunter2", owner_password="owner-secret", algorithm=algorithm)
-    path = tmp_path / "locked.pdf"
-    with path.open("wb") as out:
-        writer.write(out)
+    path = _encrypted_report(tmp_path / "locked.pdf", "hunter2", algorithm)
     with pytest.raises(InputError, match="locked.pdf is encrypted with a password") as raised:
         read_pdf(path)
     assert raised.value.exit_code == EXIT_INPUT
