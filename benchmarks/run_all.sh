@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark behind benchmarks/RESULTS.md, run back to back on an otherwise idle machine.
 # JSON lands in benchmarks/out/. Takes well over an hour on 2 CPU cores; run pieces by name:
-#   benchmarks/run_all.sh engine dca passkey ppl recycle needle beyond summarize
+#   benchmarks/run_all.sh engine dca passkey ppl recycle needle beyond summarize recycle32 quote recall
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=benchmarks/out
@@ -36,6 +36,16 @@ for step in "${steps[@]}"; do
       run longdoc eval ppl "$CORPUS" --lengths 36864 --dca --dca-temperature --json > "$OUT/ppl_36k_dca_temp.json"
       run longdoc eval passkey --lengths 36864 --depths 0.02 --dca --json > "$OUT/passkey_36k_dca.json"
       run longdoc eval passkey --lengths 36864 --depths 0.02 --no-dca --max-context 70000 --json > "$OUT/passkey_36k_plain.json" ;;
+    recycle32) # issue 9: recycled decode at 32K with DCA, this revision vs the one before issue 9, one prefill
+      run python -m benchmarks.bench_recycle --lengths 32768 --new 128 --k 2048 --stride 16 --before 1236822 \
+        --no-breakdown --name recycle_32k
+      run python -m benchmarks.bench_recycle --lengths 32768 --new 128 --k 4096 --stride 16 --no-breakdown \
+        --name recycle_32k_k4096 ;;
+    quote)   # issue 9: summarize, then quote a planted pass key; every decoding on the same prefill
+      run python -m benchmarks.bench_quote --docs 10 --lengths 16384,20480,16384 --new 100 \
+        --configs full,fixed:2048:16,fixed:4096:16,dynamic:2048:8:0.9 --name quote ;;
+    recall)  # issue 8: page facts that reach a map-reduce summary, previous prompts vs current
+      run python -m benchmarks.bench_recall --before 1236822 ;;
     summarize) # issue 5: five papers in one DCA pass vs map-reduce
       run python -m benchmarks.bench_summarize --papers 2 --map-context 8192 --new 200 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
