@@ -107,15 +107,10 @@ def handled(reporter: Reporter, state: RunState | None = None) -> Iterator[None]
     except LongdocError as exc:
         reporter.error(exc.message)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        reporter.error("interrupted")
-        if state is not None and reporter.json_mode and not reporter.json_printed:
-            reporter.json(partial_result(state))
-        raise typer.Exit(errors.EXIT_INTERRUPTED) from None
     except MemoryError:
         reporter.error("out of memory; try a shorter input or --dtype bfloat16")
         raise typer.Exit(errors.EXIT_DOES_NOT_FIT) from None
-    except Exception as exc:
+    except (KeyboardInterrupt, Exception) as exc:
         if not _caused_by_interrupt(exc):
             raise  # a bug: the traceback is what a report needs
         reporter.error("interrupted")
@@ -314,9 +309,9 @@ def ask(
     dca_temperature: DcaTemperature = False,
     recycle: Recycle = None,
     recycle_k: RecycleK = RecycleConfig.k,
-    recycle_stride: RecycleStride = 16,
-    recycle_schedule: RecycleSchedule = "fixed",
-    recycle_threshold: RecycleThreshold = 0.9,
+    recycle_stride: RecycleStride = RecycleConfig.stride,
+    recycle_schedule: RecycleSchedule = RecycleConfig.schedule,
+    recycle_threshold: RecycleThreshold = RecycleConfig.threshold,
     max_new_tokens: MaxNew = 512,
     temperature: Temperature = 0.0,
     top_p: TopP = 1.0,
@@ -384,9 +379,9 @@ def summarize(
     dca_temperature: DcaTemperature = False,
     recycle: Recycle = None,
     recycle_k: RecycleK = RecycleConfig.k,
-    recycle_stride: RecycleStride = 16,
-    recycle_schedule: RecycleSchedule = "fixed",
-    recycle_threshold: RecycleThreshold = 0.9,
+    recycle_stride: RecycleStride = RecycleConfig.stride,
+    recycle_schedule: RecycleSchedule = RecycleConfig.schedule,
+    recycle_threshold: RecycleThreshold = RecycleConfig.threshold,
     max_new_tokens: MaxNew = 512,
     temperature: Temperature = 0.0,
     top_p: TopP = 1.0,

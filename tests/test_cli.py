@@ -27,6 +27,23 @@ def assert_clean_error(result, code: int, fragment: str) -> None:
     assert result.stdout == ""
 
 
+def interrupt_streaming_after(monkeypatch, n: int) -> dict[str, int]:
+    """Ctrl-C as the answer's (n+1)-th token arrives; returns the push counter (reset it to rerun)."""
+    from longdoc import pipeline
+
+    real = pipeline.TokenStreamer.push
+    calls = {"n": 0}
+
+    def interrupting_push(self, token):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise KeyboardInterrupt
+        return real(self, token)
+
+    monkeypatch.setattr(pipeline.TokenStreamer, "push", interrupting_push)
+    return calls
+
+
 def test_missing_path_is_an_input_error(tmp_path):
     assert_clean_error(invoke("ask", str(tmp_path / "nope.pdf"), "What?"), 3, "no such file")
 
@@ -234,18 +251,7 @@ def test_bad_dca_layouts_are_usage_errors(tmp_path, monkeypatch, extra, fragment
 @pytest.mark.slow
 def test_ctrl_c_keeps_what_was_streamed(monkeypatch):
     """An interrupt mid-answer exits 130, keeps the streamed text, and --json still prints the partial result."""
-    from longdoc import pipeline
-
-    real = pipeline.TokenStreamer.push
-    calls = {"n": 0}
-
-    def interrupt_after_five(self, token):
-        calls["n"] += 1
-        if calls["n"] > 5:
-            raise KeyboardInterrupt
-        return real(self, token)
-
-    monkeypatch.setattr(pipeline.TokenStreamer, "push", interrupt_after_five)
+    calls = interrupt_streaming_after(monkeypatch, 5)
     args = ("ask", str(SAMPLES / "notes.md"), "Describe the eviction policy in detail.", "--max-new-tokens", "64")
     result = invoke(*args)
     assert result.exit_code == 130, result.stderr
@@ -555,18 +561,7 @@ def test_ctrl_c_during_prefill_gives_the_full_shaped_result(monkeypatch, tiny, c
 
 
 def test_ctrl_c_during_decoding_keeps_the_streamed_text(monkeypatch, tiny, cache_dir):
-    from longdoc import pipeline
-
-    real = pipeline.TokenStreamer.push
-    calls = {"n": 0}
-
-    def interrupt_after_three(self, token):
-        calls["n"] += 1
-        if calls["n"] > 3:
-            raise KeyboardInterrupt
-        return real(self, token)
-
-    monkeypatch.setattr(pipeline.TokenStreamer, "push", interrupt_after_three)
+    calls = interrupt_streaming_after(monkeypatch, 3)
     args = ("ask", str(SAMPLES / "notes.md"), "Which port?", "--model", tiny, "--max-new-tokens", "20")
     result = invoke(*args, "--json")
     assert result.exit_code == 130

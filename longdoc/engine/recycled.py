@@ -65,14 +65,17 @@ def rotated(q: torch.Tensor, rot: Rotations, r: int) -> torch.Tensor:
     return RopeTable.apply(q, rot[0][r : r + 1], rot[1][r : r + 1])
 
 
-def selection_probs(model: PatchedModel, q: torch.Tensor, kv: KVStore, layer: int, pos: int) -> torch.Tensor:
-    """Float32 attention probabilities (1, Hkv, G, pos+1) of the query at ``pos`` over keys 0..pos.
+def selection_probs(
+    model: PatchedModel, q: torch.Tensor, kv: KVStore, layer: int, pos: int, rot: Rotations | None = None
+) -> torch.Tensor:
+    """Float32 attention probabilities (1, Hkv, G, pos+1) of the query at ``pos`` over keys 0..pos
+    (``rot``: the step's ``query_rotations``, computed once for all layers when given).
 
     Each region's keys are upcast and scored with that region's query rotation, one contiguous slice
     at a time, so no key is copied once per rotation. Used only to choose the recycled set; the full
     step's output comes from the attention kernel.
     """
-    rot = query_rotations(model, pos)
+    rot = rot if rot is not None else query_rotations(model, pos)
     inter_end, intra_start = region_bounds(pos, model.settings.layout)
     hkv, d = model.n_kv_heads, model.head_dim
     qf = q.float()
@@ -247,7 +250,7 @@ class RecycledPolicy(DecodePolicy):
             if full[layer]:
                 out = default(layer, q, start)
                 selected = (
-                    select_top_k(selection_probs(model, q, kv, layer, start)[..., :start], self.cfg.k)
+                    select_top_k(selection_probs(model, q, kv, layer, start, rot)[..., :start], self.cfg.k)
                     if start > 0
                     else torch.empty(1, model.n_kv_heads, 0, dtype=torch.long, device=q.device)
                 )
