@@ -24,7 +24,7 @@ from longdoc.attention.kernels import get_kernel
 from longdoc.attention.patch import AttentionSettings, PatchedModel, pack_linears
 from longdoc.config import RunConfig
 from longdoc.engine.decode import generate
-from longdoc.engine.kvstore import KVStore
+from longdoc.attention.kvstore import KVStore
 from longdoc.engine.prefill import prefill
 from longdoc.engine.recycled import RecycledPolicy
 from longdoc.errors import DoesNotFitError

@@ -8,7 +8,7 @@ import torch
 
 from longdoc.attention.patch import Attend, PatchedModel
 from longdoc.config import GenerationConfig
-from longdoc.engine.kvstore import KVStore
+from longdoc.attention.kvstore import KVStore
 from longdoc.engine.sampling import sample
 
 

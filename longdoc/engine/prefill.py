@@ -8,7 +8,7 @@ import torch
 
 from longdoc.attention.dca import chunk_steps
 from longdoc.attention.patch import Attend, PatchedModel
-from longdoc.engine.kvstore import KVStore
+from longdoc.attention.kvstore import KVStore
 
 # progress(done_tokens, total_tokens)
 Progress = Callable[[int, int], None]

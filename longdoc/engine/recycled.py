@@ -33,7 +33,7 @@ from longdoc.attention.patch import Attend, PatchedModel
 from longdoc.attention.rope import RopeTable
 from longdoc.config import RecycleConfig
 from longdoc.engine.decode import DecodePolicy
-from longdoc.engine.kvstore import KVStore
+from longdoc.attention.kvstore import KVStore
 
 POOL_KERNEL = 7  # max-pool width along keys when choosing the recycled set
 
