@@ -21,10 +21,10 @@ import torch
 from longdoc import models
 from longdoc.attention.dca import ChunkLayout
 from longdoc.attention.kernels import get_kernel
+from longdoc.attention.kvstore import KVStore
 from longdoc.attention.patch import AttentionSettings, PatchedModel, pack_linears
 from longdoc.config import RunConfig
 from longdoc.engine.decode import generate
-from longdoc.attention.kvstore import KVStore
 from longdoc.engine.prefill import prefill
 from longdoc.engine.recycled import RecycledPolicy
 from longdoc.errors import DoesNotFitError

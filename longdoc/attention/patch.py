@@ -22,8 +22,8 @@ from torch import nn
 
 from longdoc.attention.dca import ChunkLayout, chunked_attention, key_positions
 from longdoc.attention.kernels import Kernel
-from longdoc.attention.rope import RopeTable
 from longdoc.attention.kvstore import KVStore
+from longdoc.attention.rope import RopeTable
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 # RoPE variants whose frequencies are fixed at load (``inv_freq`` and ``attention_scaling`` say all);

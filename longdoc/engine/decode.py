@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import torch
 
+from longdoc.attention.kvstore import KVStore
 from longdoc.attention.patch import Attend, PatchedModel
 from longdoc.config import GenerationConfig
-from longdoc.attention.kvstore import KVStore
 from longdoc.engine.sampling import sample
 
 

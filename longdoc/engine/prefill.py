@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 
 from longdoc.attention.dca import chunk_steps
-from longdoc.attention.patch import Attend, PatchedModel
 from longdoc.attention.kvstore import KVStore
+from longdoc.attention.patch import Attend, PatchedModel
 
 # progress(done_tokens, total_tokens)
 Progress = Callable[[int, int], None]

@@ -29,11 +29,11 @@ import torch.nn.functional as F
 
 from longdoc.attention.dca import ChunkLayout, query_positions
 from longdoc.attention.kernels import merge_partials
+from longdoc.attention.kvstore import KVStore
 from longdoc.attention.patch import Attend, PatchedModel
 from longdoc.attention.rope import RopeTable
 from longdoc.config import RecycleConfig
 from longdoc.engine.decode import DecodePolicy
-from longdoc.attention.kvstore import KVStore
 
 POOL_KERNEL = 7  # max-pool width along keys when choosing the recycled set
 

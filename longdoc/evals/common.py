@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 from longdoc.attention.kernels import merge_partials
+from longdoc.attention.kvstore import KVStore
 from longdoc.attention.patch import Attend, PatchedModel
 from longdoc.config import GenerationConfig
 from longdoc.engine.decode import DecodePolicy, generate
-from longdoc.attention.kvstore import KVStore
 from longdoc.engine.prefill import prefill
 from longdoc.errors import UsageError
 from longdoc.pipeline import Session, make_plan
