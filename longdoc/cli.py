@@ -15,7 +15,7 @@ try:
     from longdoc import errors
     from longdoc.config import DCAConfig, GenerationConfig, RecycleConfig, RunConfig
     from longdoc.errors import LongdocError, UsageError
-    from longdoc.render import Reporter, console, plain
+    from longdoc.render import Reporter, console, human_bytes, plain
 except KeyboardInterrupt:  # Ctrl-C while starting up: interrupted, without a traceback
     if "--json" in sys.argv:  # scripts still get their (empty) partial result
         print('{"answer": "", "interrupted": true, "stage": "start"}', flush=True)
@@ -84,6 +84,14 @@ Prompts = Annotated[
     typer.Option(
         "--prompts", metavar="DIR", help="Prompt templates (ask.txt, ...) overriding the packaged ones file by file."
     ),
+]
+
+NoCache = Annotated[
+    bool, typer.Option("--no-cache", help="Neither read nor write the document KV cache (see `longdoc cache`).")
+]
+CacheMaxGb = Annotated[
+    float,
+    typer.Option("--cache-max-gb", help="Document KV cache size cap in GB; least recently used entries go first."),
 ]
 
 # Defaults of the size caps, as the options show them (longdoc.ingest.MAX_FILE_SIZE / MAX_TOTAL_SIZE).
@@ -164,6 +172,9 @@ def check_options(opts: dict[str, Any]) -> None:
 
     for name, option in (("max_new_tokens", "--max-new-tokens"), ("max_context", "--max-context")):
         _positive(opts, name, option)
+    cap = opts.get("cache_max_gb", 1.0)
+    if not (math.isfinite(cap) and cap > 0):
+        raise UsageError(f"--cache-max-gb must be a size in GB above 0, not {cap}")
     if opts.get("recycle_k", 1) < 1 or opts.get("recycle_stride", 1) < 1:
         raise UsageError("--recycle-k and --recycle-stride must be at least 1")
     temperature, top_p = opts.get("temperature", 0.0), opts.get("top_p", 1.0)
@@ -233,6 +244,8 @@ def run_config(opts: dict[str, Any]) -> RunConfig:
         device=opts.get("device", d.device),
         dtype=opts.get("dtype", d.dtype),
         max_context=opts.get("max_context"),
+        doc_cache=not opts.get("no_cache", False),
+        cache_max_gb=opts.get("cache_max_gb", d.cache_max_gb),
         dca=DCAConfig(
             enabled=opts.get("dca"),
             chunk_size=chunk_size,
@@ -300,6 +313,14 @@ def ask(
     args: Annotated[
         list[str], typer.Argument(metavar="PATH... QUESTION", help="Inputs ('-' for stdin), then the question.")
     ],
+    question: Annotated[
+        list[str] | None,
+        typer.Option("-Q", "--question", help="A question (repeatable); with it every argument is a PATH."),
+    ] = None,
+    questions: Annotated[
+        str | None,
+        typer.Option("--questions", metavar="FILE|-", help="Questions, one per line ('-': stdin); args are PATHs."),
+    ] = None,
     model: Model = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -325,34 +346,66 @@ def ask(
     max_file_size: MaxFileSize = DEFAULT_MAX_FILE_SIZE,
     max_total_size: MaxTotalSize = DEFAULT_MAX_TOTAL_SIZE,
     prompts: Prompts = None,
+    no_cache: NoCache = False,
+    cache_max_gb: CacheMaxGb = RunConfig.cache_max_gb,
 ) -> None:
-    """Answer a question about the inputs."""
+    """Answer one or more questions about the inputs (the documents are prefilled once)."""
     reporter = Reporter(quiet=quiet, json_mode=json_out)
     state: RunState = {"stage": "start"}
     with handled(reporter, state):
         from longdoc import pipeline
+        from longdoc.chat import ask_all, read_questions
         from longdoc.citations import extract_citations
-        from longdoc.prompt import ask_prompt
 
-        if len(args) < 2:
-            raise UsageError('give at least one PATH and a QUESTION, e.g. longdoc ask paper.pdf "What is proposed?"')
-        *paths, question = args
-        if not question.strip():
-            raise UsageError("the question is empty; ask something about the documents")
+        paths, asked = _paths_and_questions(args, question, questions)
         cfg = run_config(locals())
+        if questions is not None:
+            asked += read_questions(questions)
         state["stage"] = "ingest"
         docs, ingest_s = _ingest(reporter, paths, pages, include, exclude, read_budget(locals()))
         state["stage"] = "load"
         session = pipeline.Session(cfg, reporter)
         state["model"] = session.info.name
-        prompt = ask_prompt(session.tokenizer, docs, question)
         state["sources"] = sources = pipeline.source_entries(docs, session.count)
         state["stage"] = "generate"
-        result = pipeline.run_prompt(session, prompt, sources, on_text=reporter.stream)
-        state["result"] = result
-        result["timings"]["ingest_s"] = ingest_s
-        result["citations"] = extract_citations(result["answer"], docs)
-        _finish(reporter, result)
+        many = len(asked) > 1
+
+        def before(q: str) -> None:
+            if many and not json_out:
+                reporter.stream(f"Q: {q}\n")
+
+        def emit(q: str, result: dict[str, Any]) -> None:
+            state["result"] = result
+            result["question"] = q
+            result["timings"]["ingest_s"] = ingest_s
+            result["citations"] = extract_citations(result["answer"], docs)
+            _finish(reporter, result)
+            if many and not json_out:
+                reporter.stream("\n")
+            state.pop("result")
+
+        ask_all(session, docs, asked, sources, emit, before=before, on_text=reporter.stream)
+
+
+def _paths_and_questions(
+    args: list[str], options: list[str] | None, from_file: str | None
+) -> tuple[list[str], list[str]]:
+    """Split ask's arguments: with --question/--questions every argument is a path, else the last is
+    the question. The --questions file is read by the caller."""
+    if options or from_file is not None:
+        paths, asked = list(args), list(options or [])
+    else:
+        if len(args) < 2:
+            raise UsageError('give at least one PATH and a QUESTION, e.g. longdoc ask paper.pdf "What is proposed?"')
+        *paths, last = args
+        asked = [last]
+    if not paths:
+        raise UsageError("give at least one PATH to ask about")
+    if any(not q.strip() for q in asked):
+        raise UsageError("the question is empty; ask something about the documents")
+    if from_file == "-" and "-" in paths:
+        raise UsageError("stdin cannot be both an input ('-') and the --questions list")
+    return paths, [q.strip() for q in asked]
 
 
 @app.command()
@@ -395,6 +448,8 @@ def summarize(
     max_file_size: MaxFileSize = DEFAULT_MAX_FILE_SIZE,
     max_total_size: MaxTotalSize = DEFAULT_MAX_TOTAL_SIZE,
     prompts: Prompts = None,
+    no_cache: NoCache = False,
+    cache_max_gb: CacheMaxGb = RunConfig.cache_max_gb,
 ) -> None:
     """Summarize the inputs (together, or one by one with --each); map-reduce when they do not fit at once."""
     reporter = Reporter(quiet=quiet, json_mode=json_out)
@@ -579,6 +634,143 @@ def count(
                 out.print(plain(f"does not fit: {verdict['reason']}"))
         if not verdict["fits"]:
             raise typer.Exit(errors.EXIT_DOES_NOT_FIT)
+
+
+@app.command()
+def chat(
+    paths: Annotated[list[str] | None, typer.Argument(metavar="PATH...", help="Inputs ('-' for stdin).")] = None,
+    model: Model = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    dca: Dca = None,
+    chunk_size: ChunkSize = None,
+    local_window: LocalWindow = None,
+    dca_temperature: DcaTemperature = False,
+    recycle: Recycle = None,
+    recycle_k: RecycleK = RecycleConfig.k,
+    recycle_stride: RecycleStride = RecycleConfig.stride,
+    recycle_schedule: RecycleSchedule = RecycleConfig.schedule,
+    recycle_threshold: RecycleThreshold = RecycleConfig.threshold,
+    max_new_tokens: MaxNew = 512,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    seed: Seed = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
+    max_context: MaxContext = None,
+    pages: Pages = None,
+    include: Include = None,
+    exclude: Exclude = None,
+    max_file_size: MaxFileSize = DEFAULT_MAX_FILE_SIZE,
+    max_total_size: MaxTotalSize = DEFAULT_MAX_TOTAL_SIZE,
+    prompts: Prompts = None,
+    no_cache: NoCache = False,
+    cache_max_gb: CacheMaxGb = RunConfig.cache_max_gb,
+) -> None:
+    """Questions about the same documents, each answer in context of the earlier ones.
+
+    In a terminal: line editing and history; Ctrl-C stops an answer, Ctrl-D leaves. Otherwise one
+    question per line of stdin (JSON lines with --json).
+    """
+    reporter = Reporter(quiet=quiet, json_mode=json_out)
+    state: RunState = {"stage": "start"}
+    with handled(reporter, state):
+        from longdoc import pipeline
+        from longdoc.chat import Chat, piped_questions, terminal_questions
+        from longdoc.citations import extract_citations
+
+        if not paths:
+            raise UsageError("give at least one PATH to chat about")
+        interactive = sys.stdin.isatty()
+        if "-" in paths and not interactive:
+            raise UsageError("chat reads its questions from stdin; pass the documents as files, not '-'")
+        cfg = run_config(locals())
+        state["stage"] = "ingest"
+        docs, ingest_s = _ingest(reporter, paths, pages, include, exclude, read_budget(locals()))
+        state["stage"] = "load"
+        session = pipeline.Session(cfg, reporter)
+        state["model"] = session.info.name
+        state["sources"] = sources = pipeline.source_entries(docs, session.count)
+        conversation = Chat(session, docs, sources)
+        conversation.prepare()
+        state["stage"] = "generate"
+        if interactive:
+            from longdoc.store import cache_dir
+
+            reporter.status("ready: ask about the documents (Ctrl-D to leave)")
+            asked = terminal_questions(cache_dir() / "chat_history")
+        else:
+            asked = piped_questions(sys.stdin)
+        for q in asked:
+            try:
+                result = conversation.turn(q, on_text=reporter.stream)
+            except errors.DoesNotFitError as exc:
+                reporter.error(exc.message)
+                raise typer.Exit(exc.exit_code) from None
+            result["timings"]["ingest_s"] = ingest_s
+            result["citations"] = extract_citations(result["answer"], docs)
+            if interactive and result.get("interrupted"):  # Ctrl-C in a terminal stops the answer, not the chat
+                reporter.end_answer()
+                reporter.status("(stopped)")
+                continue
+            state["result"] = result
+            _finish(reporter, result)
+            state.pop("result")
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The document KV cache: prefilled documents kept across runs.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("ls")
+def cache_ls(json_out: Json = False) -> None:
+    """Entries with their sizes, last use, token counts and source paths (most recent first)."""
+    reporter = Reporter(json_mode=json_out)
+    with handled(reporter):
+        from rich.table import Table
+
+        from longdoc import doccache
+        from longdoc.store import documents_dir
+
+        rows = doccache.entries()
+        if json_out:
+            reporter.json({"entries": rows, "folder": str(documents_dir()), "bytes": sum(r["bytes"] for r in rows)})
+            return
+        out = console(sys.stdout)
+        table = Table("key", "size", "used", "tokens", "model", "sources")
+        now = time.time()
+        for r in rows:
+            table.add_row(
+                r["key"][:12],
+                human_bytes(r["bytes"]),
+                f"{_age(now - r['used'])} ago",
+                f"{r['tokens']:,}",
+                plain(r["model"]),
+                plain(", ".join(r["sources"]) if r["valid"] else "(unreadable header)"),
+            )
+        out.print(table)
+        out.print(plain(f"{len(rows)} entries, {human_bytes(sum(r['bytes'] for r in rows))} in {documents_dir()}"))
+
+
+@cache_app.command("clear")
+def cache_clear(json_out: Json = False) -> None:
+    """Delete every entry of the document KV cache (converted models stay)."""
+    reporter = Reporter(json_mode=json_out)
+    with handled(reporter):
+        from longdoc import doccache
+
+        count, size = doccache.clear()
+        if json_out:
+            reporter.json({"removed": count, "bytes": size})
+        else:
+            console(sys.stdout).print(f"removed {count} entries ({human_bytes(size)})")
+
+
+def _age(seconds: float) -> str:
+    for unit, span in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.0f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 @app.command("models")

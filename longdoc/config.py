@@ -51,6 +51,10 @@ class RunConfig:
     # Prefill step in tokens: bounds working memory (activations of one step) and paces the progress bar.
     prefill_step: int = 2048
     max_context: int | None = None  # None = what the model and settings support
+    # The document KV cache (longdoc.doccache): reuse a document prefix's prefill across runs.
+    doc_cache: bool = True
+    # Its size cap in GB (least recently used entries go first); 10 GB holds ~25 prefixes of 32K tokens.
+    cache_max_gb: float = 10.0
     dca: DCAConfig = field(default_factory=DCAConfig)
     recycle: RecycleConfig = field(default_factory=RecycleConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)

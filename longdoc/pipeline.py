@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 import psutil
 import torch
 
-from longdoc import models
+from longdoc import doccache, models
 from longdoc.attention.dca import ChunkLayout
 from longdoc.attention.kernels import get_kernel
 from longdoc.attention.kvstore import KVStore
@@ -29,7 +30,7 @@ from longdoc.engine.prefill import prefill
 from longdoc.engine.recycled import RecycledPolicy
 from longdoc.errors import DoesNotFitError
 from longdoc.ingest import Document
-from longdoc.prompt import Budget
+from longdoc.prompt import Budget, Prompt
 from longdoc.render import Reporter, TokenStreamer
 
 # With DCA no relative distance exceeds the chunk size, so length is limited by memory, not the
@@ -131,10 +132,14 @@ class Plan:
         return self.weight_bytes + self.kv_bytes + WORKING_SET_BYTES
 
 
-def make_plan(cfg: RunConfig, info: ModelInfo, prompt_tokens: int) -> Plan:
-    """Decide DCA, context ceiling and recycling for this prompt; refuse what does not fit."""
+def make_plan(cfg: RunConfig, info: ModelInfo, prompt_tokens: int, reserve: int = 0) -> Plan:
+    """Decide DCA, context ceiling and recycling for this prompt; refuse what does not fit.
+
+    ``reserve`` is room beyond prompt and answer that a chat may grow into: it counts towards
+    turning DCA on and towards memory, not towards the fit check.
+    """
     window = info.window
-    need = prompt_tokens + cfg.generation.max_new_tokens
+    need = prompt_tokens + cfg.generation.max_new_tokens + reserve
     dca_on = cfg.dca.enabled if cfg.dca.enabled is not None else need > window
     # built (and so validated) even when DCA stays off: a bad --chunk-size is an error either way
     candidate = ChunkLayout.for_window(window, cfg.dca.chunk_size, cfg.dca.local_window)
@@ -145,6 +150,7 @@ def make_plan(cfg: RunConfig, info: ModelInfo, prompt_tokens: int) -> Plan:
         ", or allow DCA (drop --no-dca)" if cfg.dca.enabled is False else ", or raise --max-context"
     )
     Budget(prompt_tokens, cfg.generation.max_new_tokens, max_context).check(hint)
+    need = min(need, max_context)
     recycle = cfg.recycle.enabled if cfg.recycle.enabled is not None else prompt_tokens >= cfg.recycle.auto_min_context
     plan = Plan(
         prompt_tokens=prompt_tokens,
@@ -188,6 +194,7 @@ class Session:
     reporter: Reporter
     info: ModelInfo = field(init=False)
     _loaded: models.LoadedModel | None = None
+    _identity: str | None = None
     load_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -217,10 +224,15 @@ class Session:
         return self._loaded
 
     def count(self, text: str) -> int:
-        return len(self.encode(text))
+        return sum(len(ids) for ids in split_ids(self, text))
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def model_identity(self) -> str:
+        if self._identity is None:
+            self._identity = doccache.model_identity(self.info.folder)
+        return self._identity
 
     def patched(self, plan: Plan) -> PatchedModel:
         kernel = get_kernel(self.cfg.kernel, self.info.device)
@@ -231,89 +243,258 @@ def source_entries(docs: list[Document], count: Callable[[str], int]) -> list[di
     return [{"path": d.source, "kind": d.kind, "pages": d.pages, "tokens": count(d.text)} for d in docs]
 
 
+def device_kind(device: torch.device) -> str:
+    """The device as the document cache keys it: values computed by other kernels round differently."""
+    if device.type == "cuda":
+        return f"cuda/{torch.cuda.get_device_name(device)}"
+    amx = "amx" if "amx_bf16" in models.cpu_flags() else "no-amx"
+    return f"cpu/{torch.backends.cpu.get_cpu_capability()}/{amx}"
+
+
+def split_ids(session: Session, prompt: str) -> tuple[list[int], list[int]]:
+    """A prompt's token ids as (document prefix, rest), tokenized apart (``prompt.Prompt``)."""
+    if isinstance(prompt, Prompt) and prompt.prefix_chars:
+        return session.encode(prompt.prefix), session.encode(prompt.rest)
+    return [], session.encode(prompt)
+
+
+class Conversation:
+    """A KV store holding a document prefix, prefilled or loaded from the document cache, and what
+    follows it: independent questions (``answer`` from the prefix) or a chat (``answer`` after the
+    last turn, with ``follow=True``).
+
+    The plan is made once, for the longest request it will see (``prompt_tokens``) plus ``reserve``
+    tokens of room for a chat to grow into.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        prefix_ids: list[int],
+        prompt_tokens: int,
+        sources: list[dict[str, Any]],
+        reserve: int = 0,
+        use_cache: bool = True,
+    ):
+        self.session = session
+        self.sources = sources
+        self.plan = make_plan(session.cfg, session.info, prompt_tokens, reserve)
+        self.model = session.patched(self.plan)
+        self.kv = self.model.new_store(self.plan.prompt_tokens + self.plan.max_new_tokens + reserve)
+        self.prefix_ids = prefix_ids
+        self.use_cache = use_cache and session.cfg.doc_cache and len(prefix_ids) >= doccache.MIN_PREFIX_TOKENS
+        self.ready = not prefix_ids  # whether the prefix is in the store
+        self.pos = len(prefix_ids)  # where the next turn starts (chat: after the last answer)
+        self.pending: list[int] = []  # tokens generated but not yet fed (the last one of a cut answer)
+        self.cache: dict[str, Any] = {"hit": False, "bytes": 0, "load_s": 0.0}
+
+    def _key(self) -> str:
+        info, plan, cfg = self.session.info, self.plan, self.session.cfg
+        parts = doccache.KeyParts(
+            model=self.session.model_identity(),
+            dtype=info.dtype_name,
+            device=device_kind(info.device),
+            kernel=self.model.settings.kernel.__name__,
+            layout=(plan.layout.chunk_size, plan.layout.local_window) if plan.layout else None,
+            logit_scale=round(plan.logit_scale, 6),
+            prefill="exact",
+            prefill_step=cfg.prefill_step,
+        )
+        return doccache.entry_key(parts, self.prefix_ids)
+
+    def _open(self, progress: Callable[[int, int], None]) -> float:
+        """Put the prefix in the store: from the document cache when it has it, else by prefill (then
+        saved). Returns the seconds the prefill took (0 on a hit)."""
+        rep = self.session.reporter
+        key = self._key() if self.use_cache else ""
+        if key:
+            try:
+                loaded = doccache.load(key, self.kv, self.prefix_ids)
+            except doccache.DamagedEntry as exc:
+                rep.warn(f"document cache entry {key[:12]} was damaged ({exc}); deleted it, prefilling again")
+                loaded = None
+            if loaded is not None:
+                self.cache = {"hit": True, "bytes": loaded.bytes, "load_s": round(loaded.load_s, 3), "key": key[:16]}
+                rep.status(
+                    f"document cache hit: {len(self.prefix_ids):,} tokens in {loaded.load_s:.2f}s "
+                    f"({loaded.bytes / 1e6:,.0f} MB)"
+                )
+                self.ready = True
+                return 0.0
+        t0 = time.perf_counter()
+        ids = torch.tensor([self.prefix_ids], device=self.session.info.device)
+        prefill(self.model, ids, self.kv, self.session.cfg.prefill_step, progress=progress)
+        self.ready = True
+        prefill_s = time.perf_counter() - t0
+        if key:
+            self._save(key)
+        return prefill_s
+
+    def _save(self, key: str) -> None:
+        rep, info = self.session.reporter, self.session.info
+        t0 = time.perf_counter()
+        meta = {
+            "model": info.name,
+            "sources": json.dumps([_absolute(s["path"]) for s in self.sources]),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        try:
+            size = doccache.save(key, self.kv, self.prefix_ids, meta)
+            doccache.evict(int(self.session.cfg.cache_max_gb * 1e9), keep=key, warn=rep.warn)
+        except OSError as exc:  # a full or read-only disk costs the next run its reuse, not this answer
+            rep.warn(f"could not write the document cache ({exc.strerror or exc}); the answer is unaffected")
+            return
+        self.cache = {"hit": False, "bytes": size, "load_s": 0.0, "key": key[:16], "save_s": 0.0}
+        self.cache["save_s"] = round(time.perf_counter() - t0, 3)
+        rep.status(f"saved the document prefix to the cache ({size / 1e6:,.0f} MB in {self.cache['save_s']:.2f}s)")
+
+    def prepare(self) -> None:
+        """Bring the prefix in now (a chat, before its first question) rather than with the first answer."""
+        if self.ready:
+            return
+        rep, total, t0 = self.session.reporter, len(self.prefix_ids), time.perf_counter()
+        with rep.progress("prefill", total):
+            self._open(lambda n, _: rep.advance(n, total, n / max(1e-9, time.perf_counter() - t0)))
+
+    def answer(
+        self,
+        ids: list[int],
+        sources: list[dict[str, Any]],
+        on_text: Callable[[str], None] | None = None,
+        follow: bool = False,
+    ) -> dict[str, Any]:
+        """Prefill ``ids`` (the request) after the prefix, or with ``follow`` after the last turn,
+        and decode an answer; returns the JSON result.
+
+        On Ctrl-C during prefill or decoding the partial answer (empty during prefill) is kept: the
+        result is returned with ``interrupted: true`` (the caller exits 130).
+        """
+        session = self.session
+        cfg, rep, device = session.cfg, session.reporter, session.info.device
+        first = not self.ready
+        start = self.pos if follow else len(self.prefix_ids)
+        ids = (self.pending if follow else []) + ids
+        self._make_room(start + len(ids) + cfg.generation.max_new_tokens)
+        total = len(self.prefix_ids) + len(ids) if first else len(ids)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        t0 = time.perf_counter()
+        interrupted = prefilled = False
+        prefix_s = 0.0
+        try:
+            with rep.progress("prefill", total):
+                done = 0
+
+                def progress(n: int, _: int) -> None:
+                    rep.advance(done + n, total, (done + n) / max(1e-9, time.perf_counter() - t0))
+
+                if first:
+                    prefix_s = self._open(progress)
+                    done = len(self.prefix_ids)
+                logits = prefill(
+                    self.model, torch.tensor([ids], device=device), self.kv, cfg.prefill_step, start, progress
+                )
+                prefilled = True
+        except KeyboardInterrupt:  # Ctrl-C before the first token: a result with nothing generated
+            interrupted = True
+        prefill_s = time.perf_counter() - t0
+        # an answer after the one that brought the prefix in reuses it from memory
+        cache = self.cache if first else {**self.cache, "hit": True, "load_s": 0.0, "in_memory": True}
+
+        plan = self.plan
+        policy = RecycledPolicy(cfg.recycle, session.info.n_layers) if plan.recycle else None
+        streamer = TokenStreamer(session.tokenizer)
+        ttft = None
+        pos = start + len(ids)
+        t1 = time.perf_counter()
+        try:
+            tokens = (
+                ()
+                if interrupted
+                else generate(self.model, logits, pos, self.kv, cfg.generation, session.info.stop_ids, policy)
+            )
+            for token in tokens:
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                piece = streamer.push(token)
+                if piece and on_text:
+                    on_text(piece)
+        except KeyboardInterrupt:
+            interrupted = True
+        decode_s = time.perf_counter() - t1
+        n_gen = len(streamer.ids)
+        # generate feeds every token it yields except the last one of a cut answer (max tokens or
+        # Ctrl-C); a chat's next turn feeds that one first
+        fed = n_gen if not interrupted and n_gen < cfg.generation.max_new_tokens else max(0, n_gen - 1)
+        if prefilled:  # a turn whose request was cut short leaves no trace in the conversation
+            self.pos, self.pending = pos + fed, streamer.ids[fed:]
+        prompt_tokens = len(self.prefix_ids) + len(ids) if not follow else start + len(ids)
+        result: dict[str, Any] = {
+            "answer": streamer.text().strip(),
+            "model": session.info.name,
+            "prompt_tokens": prompt_tokens,
+            "generated_tokens": n_gen,
+            "sources": sources,
+            "timings": {
+                "load_s": round(session.load_s, 3),
+                "prefill_s": round(prefill_s, 3),
+                "decode_s": round(decode_s, 3),
+                "prefill_tok_s": round(total / prefill_s, 1) if prefill_s else 0.0,
+                "decode_tok_s": round(max(0, n_gen - 1) / decode_s, 2) if decode_s and n_gen > 1 else 0.0,
+                "ttft_s": round(ttft if ttft is not None else prefill_s, 3),
+            },
+            "memory": {
+                "peak_rss_bytes": peak_rss_bytes(),
+                "kv_cache_bytes": self.kv.nbytes,
+                "gpu_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            },
+            "dca": {
+                "enabled": plan.layout is not None,
+                "chunk_size": plan.layout.chunk_size if plan.layout else 0,
+                "local_window": plan.layout.local_window if plan.layout else 0,
+                "logit_scale": round(plan.logit_scale, 4),
+            },
+            "recycle": {"enabled": policy is not None, **(policy.stats if policy else RecycledPolicy.idle_stats())},
+            "cache": {**cache, "prefix_tokens": len(self.prefix_ids)},
+        }
+        if first and prefix_s:
+            result["timings"]["prefix_prefill_s"] = round(prefix_s, 3)
+        if interrupted:
+            result["interrupted"] = True
+        return result
+
+    def _make_room(self, needed: int) -> None:
+        """Grow the store for a chat turn, up to the context limit (then refuse the turn)."""
+        if needed <= self.kv.capacity:
+            return
+        # without DCA, positions past the trained window are out of the model's range
+        limit = self.plan.max_context if self.plan.layout else min(self.plan.max_context, self.plan.window)
+        if needed > limit:
+            raise DoesNotFitError(
+                f"this turn would bring the conversation to {needed:,} tokens, over the context limit of {limit:,};"
+                " start a new chat (or raise --max-context)"
+            )
+        self.kv.grow(min(limit, max(needed, 2 * self.kv.capacity)))
+
+
+def _absolute(path: str) -> str:
+    """A source as `cache ls` shows it: an absolute path where it is one (not stdin)."""
+    return os.path.abspath(path) if os.path.exists(path) else path
+
+
 def run_prompt(
     session: Session,
     prompt: str,
     sources: list[dict[str, Any]],
     on_text: Callable[[str], None] | None = None,
+    cache: bool = True,
 ) -> dict[str, Any]:
     """Prefill ``prompt`` and decode an answer; returns the JSON result.
 
-    On Ctrl-C during prefill or decoding the partial answer (empty during prefill) is kept: the
-    result is returned with ``interrupted: true`` (the caller exits 130).
+    A ``prompt.Prompt`` with a document prefix reuses the document cache (unless ``cache`` is off);
+    Ctrl-C is handled as in ``Conversation.answer``.
     """
-    cfg, rep = session.cfg, session.reporter
-    ids = session.encode(prompt)
-    plan = make_plan(cfg, session.info, len(ids))
-    model = session.patched(plan)
-    kv = model.new_store(plan.prompt_tokens + plan.max_new_tokens)
-    if session.info.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(session.info.device)
-
-    t0 = time.perf_counter()
-    id_tensor = torch.tensor([ids], device=session.info.device)
-    interrupted = False
-    try:
-        with rep.progress("prefill", len(ids)):
-            logits = prefill(
-                model,
-                id_tensor,
-                kv,
-                cfg.prefill_step,
-                progress=lambda done, total: rep.advance(done, total, done / max(1e-9, time.perf_counter() - t0)),
-            )
-    except KeyboardInterrupt:  # Ctrl-C before the first token: a result with nothing generated
-        interrupted = True
-    prefill_s = time.perf_counter() - t0
-
-    policy = RecycledPolicy(cfg.recycle, session.info.n_layers) if plan.recycle else None
-    streamer = TokenStreamer(session.tokenizer)
-    ttft = None
-    t1 = time.perf_counter()
-    try:
-        tokens = (
-            () if interrupted else generate(model, logits, len(ids), kv, cfg.generation, session.info.stop_ids, policy)
-        )
-        for token in tokens:
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            piece = streamer.push(token)
-            if piece and on_text:
-                on_text(piece)
-    except KeyboardInterrupt:
-        interrupted = True
-    decode_s = time.perf_counter() - t1
-    n_gen = len(streamer.ids)
-    result: dict[str, Any] = {
-        "answer": streamer.text().strip(),
-        "model": session.info.name,
-        "prompt_tokens": len(ids),
-        "generated_tokens": n_gen,
-        "sources": sources,
-        "timings": {
-            "load_s": round(session.load_s, 3),
-            "prefill_s": round(prefill_s, 3),
-            "decode_s": round(decode_s, 3),
-            "prefill_tok_s": round(len(ids) / prefill_s, 1) if prefill_s else 0.0,
-            "decode_tok_s": round(max(0, n_gen - 1) / decode_s, 2) if decode_s and n_gen > 1 else 0.0,
-            "ttft_s": round(ttft if ttft is not None else prefill_s, 3),
-        },
-        "memory": {
-            "peak_rss_bytes": peak_rss_bytes(),
-            "kv_cache_bytes": kv.nbytes,
-            "gpu_peak_bytes": torch.cuda.max_memory_allocated(session.info.device)
-            if session.info.device.type == "cuda"
-            else None,
-        },
-        "dca": {
-            "enabled": plan.layout is not None,
-            "chunk_size": plan.layout.chunk_size if plan.layout else 0,
-            "local_window": plan.layout.local_window if plan.layout else 0,
-            "logit_scale": round(plan.logit_scale, 4),
-        },
-        "recycle": {"enabled": policy is not None, **(policy.stats if policy else RecycledPolicy.idle_stats())},
-        "cache": {"hit": False},
-    }
-    if interrupted:
-        result["interrupted"] = True
-    return result
+    prefix, rest = split_ids(session, prompt)
+    conversation = Conversation(session, prefix, len(prefix) + len(rest), sources, use_cache=cache)
+    return conversation.answer(rest, sources, on_text)

@@ -144,20 +144,87 @@ def format_documents(docs: list[Document]) -> str:
     return "\n\n".join(format_document(d) for d in docs)
 
 
-def render(tokenizer: Any, name: str, **fields: str) -> str:
-    """Fill template ``name`` and wrap it as one user turn of the model's chat template."""
+class Prompt(str):
+    """A rendered prompt that knows where its document prefix (system text and documents) ends.
+
+    The prefix and the rest (the request) are tokenized separately, so BPE merges never cross the
+    boundary and the prefix's tokens, and so its KV cache, are the same whatever the question.
+    """
+
+    prefix_chars: int
+
+    def __new__(cls, prefix: str, rest: str) -> Prompt:
+        obj = super().__new__(cls, prefix + rest)
+        obj.prefix_chars = len(prefix)
+        return obj
+
+    @property
+    def prefix(self) -> str:
+        return str.__str__(self)[: self.prefix_chars]
+
+    @property
+    def rest(self) -> str:
+        return str.__str__(self)[self.prefix_chars :]
+
+
+# Stands in for the documents while a template is rendered, to find where they end in the chat text.
+_DOCUMENTS_MARK = "\ue000longdoc-documents\ue000"
+
+
+def render(tokenizer: Any, name: str, **fields: str) -> Prompt:
+    """Fill template ``name`` and wrap it as one user turn of the model's chat template.
+
+    The result's prefix runs to the end of the ``{documents}`` field (empty for a template without
+    one). A user template that puts the question before the documents still works; its prefix just
+    differs from question to question, so it is never reused.
+    """
+    documents = fields.pop("documents", None)
+    # the stand-in's character is dropped from the other fields, so they can never hold it
+    fields = {name: value.replace(_DOCUMENTS_MARK[0], "") for name, value in fields.items()}
+    if documents is None:
+        return Prompt("", _chat(tokenizer, template(name).format(**fields)))
+    text = _chat(tokenizer, template(name).format(documents=_DOCUMENTS_MARK, **fields))
+    if text.count(_DOCUMENTS_MARK) != 1:  # a user template with {documents} twice: no reusable prefix
+        return Prompt("", _chat(tokenizer, template(name).format(documents=documents, **fields)))
+    head, _, tail = text.partition(_DOCUMENTS_MARK)
+    return Prompt(head + safe_text(documents), tail)
+
+
+def _chat(tokenizer: Any, user_text: str) -> str:
     # safe_text: a non-UTF-8 file name or argument (lone surrogates) would make the tokenizer fail
-    user = safe_text(template(name).format(**fields).strip())
+    user = safe_text(user_text.strip())
     messages = [{"role": "system", "content": template("system").strip()}, {"role": "user", "content": user}]
     if getattr(tokenizer, "chat_template", None):
         return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     return f"{messages[0]['content']}\n\n{user}\n\nAnswer:"
 
 
-def ask_prompt(tokenizer: Any, docs: list[Document], question: str) -> str:
+def ask_prompt(tokenizer: Any, docs: list[Document], question: str) -> Prompt:
     if not question.strip():
         raise UsageError("the question is empty; ask something about the documents")
     return render(tokenizer, "ask", documents=format_documents(docs), question=question.strip())
+
+
+def follow_up(tokenizer: Any, question: str) -> str:
+    """The text that closes the model's last answer and asks ``question`` as the next user turn.
+
+    Rendered from the chat template with a stand-in answer, so it is right for any template; the
+    answer's own tokens stay as generated (they are never re-tokenized).
+    """
+    if not question.strip():
+        raise UsageError("the question is empty")
+    mark = "\ue000longdoc-answer\ue000"
+    question = safe_text(question.strip())
+    if not getattr(tokenizer, "chat_template", None):
+        return f"\n\n{question}\n\nAnswer:"
+    messages = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": mark},
+        {"role": "user", "content": question},
+    ]
+    text = str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return text.partition(mark)[2]
 
 
 def summary_instructions(style: str, max_words: int | None) -> dict[str, str]:

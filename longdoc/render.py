@@ -197,7 +197,7 @@ class Reporter:
         t, m = result["timings"], result["memory"]
         parts = [
             f"load {t['load_s']:.1f}s",
-            f"prefill {result['prompt_tokens']:,} tok at {t['prefill_tok_s']:,.0f} tok/s",
+            _prefill_part(result),
             f"decode {result['generated_tokens']} tok at {t['decode_tok_s']:.1f} tok/s",
             f"ttft {t['ttft_s']:.1f}s",
             f"peak RSS {human_bytes(m['peak_rss_bytes'])}",
@@ -214,6 +214,14 @@ class Reporter:
                 f"({r['full_steps']} full / {r['recycled_steps']} recycled steps)"
             )
         self.err.print(Text(" · ".join(parts), style="dim"))
+
+
+def _prefill_part(result: dict[str, Any]) -> str:
+    cache, t = result.get("cache") or {}, result["timings"]
+    if cache.get("hit"):
+        where = "memory" if cache.get("in_memory") else f"the document cache in {cache.get('load_s', 0):.2f}s"
+        return f"prefill {result['prompt_tokens']:,} tok ({cache.get('prefix_tokens', 0):,} from {where})"
+    return f"prefill {result['prompt_tokens']:,} tok at {t['prefill_tok_s']:,.0f} tok/s"
 
 
 def _duration(seconds: float) -> str:

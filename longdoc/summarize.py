@@ -465,7 +465,10 @@ class _MapReduce:
         cfg = self.session.cfg
         self.session.cfg = replace(cfg, generation=replace(cfg.generation, max_new_tokens=max_new))
         try:
-            result: dict[str, Any] = pipeline.run_prompt(self.session, prompt, self.sources, on_text=on_text)
+            # map and reduce prompts are not reused across runs: only one-pass plans use the document cache
+            result: dict[str, Any] = pipeline.run_prompt(
+                self.session, prompt, self.sources, on_text=on_text, cache=False
+            )
         finally:
             self.session.cfg = cfg
         self.results.append(result)

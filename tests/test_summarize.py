@@ -202,7 +202,7 @@ def fake_model(monkeypatch):
             raise DoesNotFitError(f"{prompt_tokens} + {cfg.generation.max_new_tokens} > {limit}")
         return SimpleNamespace(max_context=limit)
 
-    def run_prompt(session, prompt, sources, on_text=None):
+    def run_prompt(session, prompt, sources, on_text=None, cache=True):
         n = words(prompt)
         make_plan(session.cfg, None, n)  # every step must fit
         keys = list(dict.fromkeys(re.findall(r"KEY\d+", prompt)))
@@ -414,8 +414,8 @@ def test_forced_map_reduce_passes_every_map_output_to_the_reduce(monkeypatch):
     steps: list[tuple[str, dict]] = []
     real = pipeline.run_prompt
 
-    def spy(session, prompt, sources, on_text=None):
-        result = real(session, prompt, sources, on_text)
+    def spy(session, prompt, sources, on_text=None, cache=True):
+        result = real(session, prompt, sources, on_text, cache)
         steps.append((prompt, result))
         return result
 

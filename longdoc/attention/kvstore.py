@@ -28,6 +28,17 @@ class KVStore:
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
 
+    def grow(self, capacity: int) -> None:
+        """Reallocate with room for ``capacity`` positions, keeping what is written (a growing chat)."""
+        if capacity <= self.capacity:
+            return
+        for tensors in (self.k, self.v):
+            for layer, old in enumerate(tensors):
+                new = old.new_empty((*old.shape[:2], capacity, old.shape[3]))
+                new[:, :, : self.capacity] = old
+                tensors[layer] = new
+        self.capacity = capacity
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -33,6 +33,8 @@ CHILD = r"""
 import json, sys, time
 from pathlib import Path
 from longdoc import models
+from longdoc.errors import ModelError
+from longdoc.models import convert
 from tests.test_models import save_tiny_qwen2
 
 def slow_convert(gguf_path, out_dir, progress):
@@ -45,10 +47,10 @@ def slow_convert(gguf_path, out_dir, progress):
         (out_dir / f"scratch-{step}.bin").unlink()
     save_tiny_qwen2(out_dir)
 
-models._convert_gguf = slow_convert
+convert._convert_gguf = slow_convert
 try:
     folder = models.ensure_converted(models.resolve_model(sys.argv[1]), progress=lambda m: print(m, file=sys.stderr))
-except models.ModelError as error:
+except ModelError as error:
     print(json.dumps({"error": error.message}))
     sys.exit(3)
 print(json.dumps({"folder": str(folder), "verified": models.check_conversion(folder) is None}))
@@ -132,13 +134,14 @@ def lock_timeout(work: Path) -> dict[str, Any]:
     import filelock
 
     from longdoc import models
+    from longdoc.models import convert
 
     cache = work / "cache-lock"
     env = {**os.environ, "LONGDOC_CACHE_DIR": str(cache), "PYTHONPATH": os.getcwd(), "LONGDOC_LOCK_TIMEOUT": "3"}
     gguf = _gguf(work / "tiny-lock.gguf")
     os.environ["LONGDOC_CACHE_DIR"] = str(cache)
     source = models.resolve_model(gguf)
-    target = models.converted_path(source, models._source_sha256(source, None))
+    target = models.converted_path(source, convert._source_sha256(source, None))
     target.parent.mkdir(parents=True, exist_ok=True)
     holder = filelock.FileLock(str(target.parent / f".{target.name}.lock"))
     holder.acquire()
