@@ -335,3 +335,19 @@ def test_cache_ls_and_clear(tiny_folder):
     cleared = longdoc("cache", "clear")
     assert cleared.returncode == 0 and "removed 1 entries" in cleared.stdout
     assert json_lines(longdoc("cache", "ls", "--json").stdout)[0]["entries"] == []
+
+
+@pytest.mark.slow
+def test_real_model_second_question_loads_the_real_pdf_prefix():
+    """The embedded model on a real PDF: the second run loads the prefix, and the same question asked
+    again gives the cold run's greedy answer token for token (same machine, same bytes)."""
+    pdf = str(SAMPLES / "report.pdf")
+    opts = ("--json", "--max-new-tokens", "24")
+    cold = json_lines(longdoc("ask", pdf, "What was the measured throughput of the Heron pump?", *opts).stdout)[0]
+    other = json_lines(longdoc("ask", pdf, "Who wrote the report?", *opts).stdout)[0]
+    again = json_lines(longdoc("ask", pdf, "What was the measured throughput of the Heron pump?", *opts).stdout)[0]
+    assert cold["cache"]["hit"] is False and cold["cache"]["bytes"] > 0
+    assert other["cache"]["hit"] is True and again["cache"]["hit"] is True
+    assert other["cache"]["prefix_tokens"] == cold["cache"]["prefix_tokens"] >= doccache.MIN_PREFIX_TOKENS
+    assert again["answer"] == cold["answer"] and again["generated_tokens"] == cold["generated_tokens"]
+    assert other["prompt_tokens"] != cold["prompt_tokens"]
