@@ -220,6 +220,112 @@ def summarize() -> str | None:
     )
 
 
+def fuzz() -> str | None:
+    """The fuzz, Ctrl-C and model-cache fault figures (tests/fuzz)."""
+    data = load("fuzz")
+    if not data:
+        return None
+    rows = []
+    halves = [v for k, v in sorted(data.items()) if k.startswith("ingest")]
+    for run in halves:
+        last = run["first_case"] + run["tried"] - 1
+        slow = run["slowest"]
+        rows.append(
+            [
+                f"ingestion, seed {run['seed']}, cases {run['first_case']:,}-{last:,}",
+                f"{run['tried']:,}",
+                f"{run['read']:,} read, {run['refused']:,} refused",
+                run["crashes"],
+                run["hangs"],
+                f"case {slow['index']} `{slow['kind']}`: {slow['cpu_seconds']} s CPU ({slow['seconds']} s wall)",
+            ]
+        )
+    if len(halves) > 1:
+        rows.append(
+            [
+                "**ingestion, all**",
+                f"**{sum(r['tried'] for r in halves):,}**",
+                f"{sum(r['read'] for r in halves):,} read, {sum(r['refused'] for r in halves):,} refused",
+                f"**{sum(r['crashes'] for r in halves)}**",
+                f"**{sum(r['hangs'] for r in halves)}**",
+                "",
+            ]
+        )
+    for key, label in (("cli_local_model", "CLI, tiny local model"), ("cli", "CLI, embedded model")):
+        run = data.get(key)
+        if run:
+            codes = ", ".join(f"exit {c}: {n}" for c, n in sorted(run["exit_codes"].items()))
+            slow = run["slowest"]
+            rows.append(
+                [
+                    f"{label}, seed {run['seed']}",
+                    run["tried"],
+                    codes,
+                    run["crashes"],
+                    run["hangs"],
+                    f"case {slow['index']} `{slow['command']}` of `{slow['kind']}`: {slow['seconds']} s",
+                ]
+            )
+    out = "### Fuzz\n\n" + table(["run", "tried", "outcome", "crashes", "hangs", "slowest case"], rows)
+    sig = data.get("sigint")
+    if sig:
+        stages = ", ".join(f"{k} {v}" for k, v in sorted(sig.get("json_stages", {}).items()))
+        out += "\n\n### Ctrl-C at random moments\n\n" + table(
+            ["runs", "exit 130", "finished first", "problems", "hangs", "partial JSON by stage"],
+            [
+                [
+                    sig["runs"],
+                    sig["interrupted_exit_130"],
+                    sig["finished_before_signal"],
+                    sig["problems"],
+                    sig["hangs"],
+                    stages,
+                ]
+            ],
+        )
+    cache = data.get("cache")
+    if cache:
+        k, race, wait = cache["kill9"], cache["race"], cache["lock_timeout"]
+        out += "\n\n### Model cache under faults\n\n" + table(
+            ["fault", "result"],
+            [
+                [
+                    f"kill -9 during conversion, {k['kills']} times",
+                    f"next run exit {k['final_exit']}, verified model: {k['final_verified']}, "
+                    f"temp dirs left: {len(k['leftover_temp_dirs'])}",
+                ],
+                [
+                    f"{race['processes']} processes converting at once",
+                    f"{race['conversions']} conversion, all answered: {race['all_answered']}",
+                ],
+                ["lock held past LONGDOC_LOCK_TIMEOUT", f"exit {wait['exit']} with: {wait['message'][:90]}..."],
+            ],
+        )
+    return out
+
+
+def cache() -> str | None:
+    """Time to first token of a second question, cold vs the document cache (bench_cache)."""
+    data = load("cache")
+    if not data:
+        return None
+    rows = [
+        [
+            f"{r['tokens']:,}",
+            r["cold"]["ttft_s"],
+            r["warm"]["ttft_s"],
+            f"{100 * r['ttft_ratio']:.2f}%",
+            f"{r['entry_bytes'] / 1e6:,.0f} MB",
+            r["entry_load_s"],
+            r["save_s"],
+            r["cold"]["dca"],
+        ]
+        for r in data["rows"]
+    ]
+    head = ["document tokens", "cold TTFT s", "warm TTFT s", "warm / cold", "entry size", "load s", "save s", "DCA"]
+    return f"### Second question: cold vs document cache ({data['cpu']})\n\n" + table(head, rows)
+
+
 def main() -> None:
     sections = [
         engine("engine", "longdoc vs transformers `generate` (same model, 32 new tokens)"),
@@ -232,6 +338,8 @@ def main() -> None:
         summarize(),
         recall("recall", ", first revision of the new prompts"),
         recall("recall_final", ", final prompts"),
+        cache(),
+        fuzz(),
     ]
     print("\n\n".join(s for s in sections if s))
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -13,7 +16,7 @@ try:
     import typer
 
     from longdoc import errors
-    from longdoc.config import DCAConfig, GenerationConfig, RecycleConfig, RunConfig
+    from longdoc.config import QUANTIZE_SCHEMES, DCAConfig, GenerationConfig, RecycleConfig, RunConfig
     from longdoc.errors import LongdocError, UsageError
     from longdoc.render import Reporter, console, human_bytes, plain
 except KeyboardInterrupt:  # Ctrl-C while starting up: interrupted, without a traceback
@@ -35,6 +38,12 @@ Model = Annotated[
 ]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto | bfloat16 | float32 | float16")]
+Quantize = Annotated[
+    str,
+    typer.Option(
+        "--quantize", help="Weight-only quantized linears for decoding: none | int8 | int4 (made once, cached)."
+    ),
+]
 Dca = Annotated[
     bool | None,
     typer.Option("--dca/--no-dca", help="Dual Chunk Attention (default: on when the prompt exceeds the model window)."),
@@ -186,6 +195,8 @@ def check_options(opts: dict[str, Any]) -> None:
     if not (math.isfinite(threshold) and -1 <= threshold <= 1):
         raise UsageError(f"--recycle-threshold is a cosine similarity between -1 and 1, not {threshold}")
     models.resolve_dtype(opts.get("dtype", "auto"), models.resolve_device(opts.get("device", "auto")))
+    if opts.get("quantize", "none") not in QUANTIZE_SCHEMES:
+        raise UsageError(f"--quantize accepts {', '.join(QUANTIZE_SCHEMES)}, not {opts['quantize']!r}")
     if opts.get("pages"):
         from longdoc.ingest.pdf import check_pages
 
@@ -243,6 +254,7 @@ def run_config(opts: dict[str, Any]) -> RunConfig:
         model=opts.get("model"),
         device=opts.get("device", d.device),
         dtype=opts.get("dtype", d.dtype),
+        quantize=opts.get("quantize", d.quantize),
         max_context=opts.get("max_context"),
         doc_cache=not opts.get("no_cache", False),
         cache_max_gb=opts.get("cache_max_gb", d.cache_max_gb),
@@ -324,6 +336,7 @@ def ask(
     model: Model = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    quantize: Quantize = RunConfig.quantize,
     dca: Dca = None,
     chunk_size: ChunkSize = None,
     local_window: LocalWindow = None,
@@ -426,6 +439,7 @@ def summarize(
     model: Model = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    quantize: Quantize = RunConfig.quantize,
     dca: Dca = None,
     chunk_size: ChunkSize = None,
     local_window: LocalWindow = None,
@@ -642,6 +656,7 @@ def chat(
     model: Model = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    quantize: Quantize = RunConfig.quantize,
     dca: Dca = None,
     chunk_size: ChunkSize = None,
     local_window: LocalWindow = None,
@@ -843,6 +858,7 @@ def eval_passkey(
     model: Model = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    quantize: Quantize = RunConfig.quantize,
     dca: Dca = None,
     chunk_size: ChunkSize = None,
     local_window: LocalWindow = None,
@@ -874,6 +890,7 @@ def eval_needle(
     model: Model = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    quantize: Quantize = RunConfig.quantize,
     dca: Dca = None,
     chunk_size: ChunkSize = None,
     local_window: LocalWindow = None,
@@ -911,6 +928,7 @@ def eval_ppl(
     model: Model = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    quantize: Quantize = RunConfig.quantize,
     dca: Dca = None,
     chunk_size: ChunkSize = None,
     local_window: LocalWindow = None,
@@ -942,6 +960,7 @@ def _print_eval(reporter: Reporter, session: Any, result: dict[str, Any], line: 
     result["settings"] = {
         "model": session.info.name,
         "dtype": session.info.dtype_name,
+        "quantize": session.info.quantize,
         "dca": cfg.dca.enabled,
         "chunk_size": layout.chunk_size,
         "local_window": layout.local_window,
@@ -954,4 +973,16 @@ def _print_eval(reporter: Reporter, session: Any, result: dict[str, Any], line: 
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except (SystemExit, KeyboardInterrupt) as exc:
+        # The command is over and its output is out. A Ctrl-C from here on lands in the interpreter's
+        # teardown, where it would turn the exit status into a death by SIGINT (exit -2 in the SIGINT
+        # fuzz, after complete output): ignore it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if isinstance(exc, SystemExit) and exc.code != errors.EXIT_INTERRUPTED:
+            raise
+        with contextlib.suppress(Exception):  # interrupted: leave now, with what was printed
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(errors.EXIT_INTERRUPTED)

@@ -142,7 +142,7 @@ def run_ingest(
                     print(f"{index - start + 1}/{cases} cases, {dict(counts)}", file=sys.stderr)
                 if checkpoint is not None:
                     figures = _ingest_figures(seed, start, index - start + 1, counts, kinds, failures, slowest)
-                    save("ingest", {**figures, "complete": False, "time_limit_cpu_s": limit_s}, checkpoint)
+                    save(ingest_key(start), {**figures, "complete": False, "time_limit_cpu_s": limit_s}, checkpoint)
     signal.signal(signal.SIGALRM, previous[0])
     signal.signal(signal.SIGPROF, previous[1])
     return {
@@ -154,6 +154,11 @@ def run_ingest(
         "caps": {"max_file_bytes": FUZZ_MAX_FILE, "max_total_bytes": FUZZ_MAX_TOTAL},
         "scale": scale,
     }
+
+
+def ingest_key(start: int) -> str:
+    """Where an ingestion run's figures go: a run of part of the cases (``--start``) keeps its own."""
+    return "ingest" if start == 0 else f"ingest_from_{start}"
 
 
 def _ingest_figures(
@@ -230,9 +235,10 @@ def run_cli(seed: int, cases: int, start: int, limit_s: float, model: str | None
     failures: list[dict[str, Any]] = []
     slowest = {"index": -1, "kind": "", "seconds": 0.0, "command": ""}
     t_all = time.perf_counter()
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     with tempfile.TemporaryDirectory(prefix="longdoc-fuzz-cli-") as tmp:
         work = Path(tmp)
+        # the fuzz's document prefixes never land in (or hit) the user's document cache
+        env = {**os.environ, "PYTHONIOENCODING": "utf-8", "LONGDOC_DOC_CACHE_DIR": str(work / "documents")}
         for index in range(start, start + cases):
             case = make_case(seed, index, work)
             rng = random.Random(f"cli:{seed}:{index}")
@@ -279,7 +285,10 @@ SIGINT_COMMANDS = [
     ["ask", str(SAMPLES / "notes.md"), "Describe the eviction policy in detail."],
     ["summarize", "--each", "--json", str(SAMPLES / "notes.md"), str(SAMPLES / "report.pdf")],
     ["summarize", str(SAMPLES / "report.pdf"), "--json", "--max-context", "480"],  # map-reduce
+    ["ask", str(SAMPLES / "report.pdf"), "-Q", "Who wrote it?", "-Q", "What is the TTL?", "--json"],
+    ["chat", str(SAMPLES / "notes.md"), "--json"],  # questions on stdin: CHAT_QUESTIONS
 ]
+CHAT_QUESTIONS = b"Which TCP port does Lighthouse use?\nWhy that one?\n"
 
 
 def _default_sigint() -> None:
@@ -295,19 +304,25 @@ def run_sigint(seed: int, runs: int, max_delay_s: float, model: str | None) -> d
     results: Counter[str] = Counter()
     failures: list[dict[str, Any]] = []
     stages: Counter[str] = Counter()
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    # one document cache for the whole harness (not the user's): later runs load what earlier ones saved,
+    # so Ctrl-C also lands while an entry is loaded or written
+    docs_cache = tempfile.TemporaryDirectory(prefix="longdoc-fuzz-sigint-")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "LONGDOC_DOC_CACHE_DIR": docs_cache.name}
     for run in range(runs):
         command = rng.choice(SIGINT_COMMANDS)
         delay = round(rng.uniform(0.2, max_delay_s), 2)
         args = [sys.executable, "-m", "longdoc", *command, "--max-new-tokens", "24", "--dtype", "float32"]
         args += ["--model", model] if model else []
-        proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=_default_sigint
-        )
+        questions = Path(docs_cache.name) / "questions.txt"
+        questions.write_bytes(CHAT_QUESTIONS if command[0] == "chat" else b"")
+        with questions.open("rb") as stdin:
+            proc = subprocess.Popen(
+                args, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=_default_sigint
+            )
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         try:
-            out_b, err_b = proc.communicate(timeout=120)
+            out_b, err_b = proc.communicate(timeout=180)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
@@ -343,6 +358,7 @@ def run_sigint(seed: int, runs: int, max_delay_s: float, model: str | None) -> d
                 {"run": run, "delay_s": delay, "command": command[0], "problem": problem, "stderr": err[-600:]}
             )
         print(f"sigint run {run} {command[0]} at {delay}s: exit {proc.returncode} {problem or ''}", file=sys.stderr)
+    docs_cache.cleanup()
     return {
         "seed": seed,
         "runs": runs,
@@ -387,8 +403,11 @@ def main(argv: list[str] | None = None) -> int:
         figures = run_cli(args.seed, args.cases, args.start, args.time_limit or 180.0, args.model)
     else:
         figures = run_sigint(args.seed, args.runs, args.max_delay, args.model)
-    # runs with --model (a tiny local model, say) are kept apart from those with the embedded one
-    save(args.mode if args.model is None or args.mode == "ingest" else f"{args.mode}_local_model", figures, args.out)
+    if args.mode == "ingest":
+        key = ingest_key(args.start)
+    else:  # runs with --model (a tiny local model, say) are kept apart from those with the embedded one
+        key = args.mode if args.model is None else f"{args.mode}_local_model"
+    save(key, figures, args.out)
     summary = {k: v for k, v in figures.items() if k not in ("failures", "kinds")}
     print(json.dumps(summary), file=sys.stderr)
     bad = figures.get("crashes", 0) + figures.get("hangs", 0) + figures.get("problems", 0)
