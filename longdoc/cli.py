@@ -12,16 +12,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
+# The partial result of a run interrupted before any command started (importing, parsing arguments).
+STARTED_JSON = '{"answer": "", "interrupted": true, "stage": "start"}'
+
 try:
     import typer
 
-    from longdoc import errors
+    from longdoc import errors, render
     from longdoc.config import QUANTIZE_SCHEMES, DCAConfig, GenerationConfig, RecycleConfig, RunConfig
     from longdoc.errors import LongdocError, UsageError
     from longdoc.render import Reporter, console, human_bytes, plain
 except KeyboardInterrupt:  # Ctrl-C while starting up: interrupted, without a traceback
     if "--json" in sys.argv:  # scripts still get their (empty) partial result
-        print('{"answer": "", "interrupted": true, "stage": "start"}', flush=True)
+        print(STARTED_JSON, flush=True)
     raise SystemExit(130) from None
 
 app = typer.Typer(
@@ -983,6 +986,8 @@ def main() -> None:
         if isinstance(exc, SystemExit) and exc.code != errors.EXIT_INTERRUPTED:
             raise
         with contextlib.suppress(Exception):  # interrupted: leave now, with what was printed
+            if "--json" in sys.argv and not render.json_printed_by_any:  # before any command started
+                print(STARTED_JSON, flush=True)
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(errors.EXIT_INTERRUPTED)

@@ -82,6 +82,11 @@ def human_bytes(n: int | None) -> str:
     return f"{value:.2f} GB"
 
 
+# Whether any reporter of this process printed a JSON object: a Ctrl-C caught outside every command
+# (while the arguments are parsed) prints the empty partial result only if none did.
+json_printed_by_any = False
+
+
 class Reporter:
     """Everything a run shows. ``quiet`` silences stderr chatter (errors still print)."""
 
@@ -189,6 +194,8 @@ class Reporter:
         self.out.write(text + "\n")
         self.out.flush()
         self.json_printed = True
+        global json_printed_by_any
+        json_printed_by_any = True
 
     def stats(self, result: dict[str, Any]) -> None:
         """One line of timings and memory on stderr."""

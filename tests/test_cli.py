@@ -4,6 +4,7 @@ real embedded model (marked slow; CI runs them)."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -476,6 +477,7 @@ def test_non_utf8_file_names_give_valid_utf8_json(tmp_path, tiny, cache_dir):
         (("--device", "tpu"), "--device accepts auto, cpu or cuda"),
         (("--pages", "3-1"), "--pages"),
         (("--recycle-threshold", "7"), "--recycle-threshold"),
+        (("--quantize", "int3"), "--quantize accepts none, int8, int4, not 'int3'"),
     ],
 )
 def test_options_are_checked_before_any_input_is_read(tmp_path, extra, fragment):
@@ -494,6 +496,8 @@ def test_options_are_checked_before_any_input_is_read(tmp_path, extra, fragment)
         (("eval", "passkey", "--depths", "1.5"), "--depths"),
         (("eval", "needle", "--keys", "0"), "--keys"),
         (("eval", "passkey", "--dtype", "int3"), "--dtype"),
+        (("eval", "ppl", "MISSING", "--quantize", "fp8"), "--quantize"),
+        (("eval", "needle", "--quantize", "INT8"), "--quantize"),
         (("eval", "ppl", "MISSING", "--lengths", "x"), "--lengths"),
         (("eval", "ppl", "MISSING", "--max-context", "0"), "--max-context"),
     ],
@@ -786,3 +790,46 @@ def test_ctrl_c_wrapped_by_a_library_is_still_an_interrupt(monkeypatch, tiny, ca
     assert isinstance(
         invoke("ask", str(SAMPLES / "notes.md"), "Which port?", "--model", tiny).exception, ZeroDivisionError
     )
+
+
+@pytest.mark.parametrize("printed", [False, True])
+def test_ctrl_c_outside_any_command_exits_130_with_one_start_result(monkeypatch, capsys, printed):
+    """A Ctrl-C while the arguments are parsed (no command has run) still gives --json its partial
+    result; after a command printed its own, none is added."""
+    import signal as signal_module
+
+    from longdoc import cli, render
+
+    def interrupted_while_parsing():
+        raise KeyboardInterrupt
+
+    exits, handlers = [], []
+    monkeypatch.setattr(cli, "app", interrupted_while_parsing)
+    monkeypatch.setattr(render, "json_printed_by_any", printed)
+    monkeypatch.setattr(sys, "argv", ["longdoc", "ask", "paper.pdf", "q", "--json"])
+    monkeypatch.setattr(cli.os, "_exit", exits.append)
+    monkeypatch.setattr(signal_module, "signal", lambda sig, handler: handlers.append((sig, handler)))
+    cli.main()
+    assert exits == [130] and handlers == [(signal_module.SIGINT, signal_module.SIG_IGN)]
+    out = capsys.readouterr().out
+    if printed:
+        assert out == ""
+    else:
+        assert json.loads(out) == {"answer": "", "interrupted": True, "stage": "start"}
+
+
+def test_finished_command_ignores_a_late_ctrl_c(monkeypatch):
+    """Once a command is over, a Ctrl-C in the interpreter's teardown cannot change its exit status."""
+    import signal as signal_module
+
+    from longdoc import cli
+
+    def finished():
+        raise SystemExit(0)
+
+    handlers = []
+    monkeypatch.setattr(cli, "app", finished)
+    monkeypatch.setattr(signal_module, "signal", lambda sig, handler: handlers.append((sig, handler)))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 0 and handlers == [(signal_module.SIGINT, signal_module.SIG_IGN)]
