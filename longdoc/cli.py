@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -290,6 +292,7 @@ def _finish(reporter: Reporter, result: dict[str, Any]) -> None:
         reporter.end_answer()
     reporter.stats(result)
     if result.get("interrupted"):
+        reporter.error("interrupted")
         raise typer.Exit(errors.EXIT_INTERRUPTED)
 
 
@@ -975,7 +978,19 @@ def _print_eval(reporter: Reporter, session: Any, result: dict[str, Any], line: 
         console(sys.stdout).print(plain(line))
 
 
+def _redeliver_interrupt(unraisable: Any) -> None:
+    """A Ctrl-C that lands while a finalizer (``__del__``) runs cannot propagate from there: Python
+    prints it and carries on, and the run would ignore the user (seen in the SIGINT fuzz). Raise the
+    signal again, to be handled where the program is, once the finalizer is done."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        # from another thread, a moment later: raised here, inside the hook, it would be lost again
+        threading.Timer(0.02, _thread.interrupt_main, args=(signal.SIGINT,)).start()
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
 def main() -> None:
+    sys.unraisablehook = _redeliver_interrupt
     try:
         app()
     except (SystemExit, KeyboardInterrupt) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -574,6 +575,7 @@ def test_ctrl_c_during_decoding_keeps_the_streamed_text(monkeypatch, tiny, cache
     calls["n"] = 0
     streamed = invoke(*args)
     assert streamed.exit_code == 130 and streamed.stdout.strip()  # the three tokens' text stayed
+    assert streamed.stderr.strip().splitlines()[-1] == "error: interrupted"  # and the user is told
 
 
 def test_ctrl_c_during_map_reduce_gives_a_partial_result(monkeypatch, tiny, cache_dir):
@@ -833,3 +835,19 @@ def test_finished_command_ignores_a_late_ctrl_c(monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     assert exit_info.value.code == 0 and handlers == [(signal_module.SIGINT, signal_module.SIG_IGN)]
+
+
+def test_ctrl_c_in_a_finalizer_is_not_lost(monkeypatch):
+    """Python cannot raise a KeyboardInterrupt out of a ``__del__``; longdoc raises the signal again."""
+    from longdoc import cli
+
+    class Finalized:
+        def __del__(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "unraisablehook", cli._redeliver_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        obj = Finalized()
+        del obj
+        for _ in range(100):  # the signal comes again a moment later
+            time.sleep(0.01)
