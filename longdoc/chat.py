@@ -17,6 +17,7 @@ from longdoc.errors import UsageError
 from longdoc.ingest import Document
 from longdoc.pipeline import Conversation, Session, run_prompt, split_ids
 from longdoc.prompt import ask_prompt, follow_up
+from longdoc.summarize import empty_result
 
 # Room a chat plans for beyond the documents and the first question (it grows further on demand, up
 # to the context limit): it decides DCA up front, because the prefix's keys depend on it.
@@ -61,10 +62,13 @@ def ask_all(
     for question, prompt, (head, rest) in zip(questions, prompts, splits, strict=True):
         if before:
             before(question)
-        if head == prefix:
-            result = conversation.answer(rest, sources, on_text)
-        else:  # a user template that puts the question before the documents: nothing to share
-            result = run_prompt(session, prompt, sources, on_text)
+        try:
+            if head == prefix:
+                result = conversation.answer(rest, sources, on_text)
+            else:  # a user template that puts the question before the documents: nothing to share
+                result = run_prompt(session, prompt, sources, on_text)
+        except KeyboardInterrupt:  # between the steps of an answer: the question still gets its result
+            result = {**empty_result(session, sources), "interrupted": True}
         emit(question, result)
 
 

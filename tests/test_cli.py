@@ -851,3 +851,27 @@ def test_ctrl_c_in_a_finalizer_is_not_lost(monkeypatch):
         del obj
         for _ in range(100):  # the signal comes again a moment later
             time.sleep(0.01)
+
+
+def test_ctrl_c_between_questions_gives_the_question_its_line(monkeypatch, tiny, cache_dir):
+    """Ctrl-C outside an answer's prefill and decoding (here: as the second question starts) still
+    gives that question a JSON line marked interrupted, after the first question's complete one."""
+    from longdoc import pipeline
+
+    real = pipeline.Conversation._make_room
+    calls = {"n": 0}
+
+    def interrupt_second(self, needed):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, needed)
+
+    monkeypatch.setattr(pipeline.Conversation, "_make_room", interrupt_second)
+    args = ("ask", str(SAMPLES / "notes.md"), "-Q", "Which port?", "-Q", "Which TTL?", "--model", tiny)
+    result = invoke(*args, "--max-new-tokens", "4", "--json")
+    assert result.exit_code == 130, result.stderr
+    first, second = [json.loads(line) for line in result.stdout.splitlines()]
+    assert first["question"] == "Which port?" and "interrupted" not in first and first["generated_tokens"] > 0
+    assert second["question"] == "Which TTL?" and second["interrupted"] is True and second["answer"] == ""
+    assert result.stderr.strip().splitlines()[-1] == "error: interrupted"
