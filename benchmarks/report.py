@@ -326,10 +326,60 @@ def cache() -> str | None:
     return f"### Second question: cold vs document cache ({data['cpu']})\n\n" + table(head, rows)
 
 
+def llamacpp(name: str = "llamacpp") -> str | None:
+    """longdoc (each --quantize) vs transformers bfloat16 vs llama.cpp, one run (bench_llamacpp.py)."""
+    data = load(name)
+    if not data:
+        return None
+    rows = []
+    for r in data["rows"]:
+        if "error" in r:
+            rows.append([r["config"], r.get("length", ""), "error: " + str(r["error"]), "", "", "", ""])
+            continue
+        flags = ", ".join(f for f in ("amx", "avx512_bf16") if r.get(f)) or "neither"
+        extra = [k for k in ("dca", "recycle") if r.get(k)]
+        label = r["config"] + (f" ({', '.join(extra)})" if extra else "")
+        rows.append(
+            [
+                label,
+                r["length"],
+                r["prefill_tok_s"],
+                r["decode_tok_s"],
+                f"{r['peak_rss_bytes'] / GB:.2f} GB",
+                f"{r['cpu']} ({flags}), {r['threads']} threads",
+            ]
+        )
+    head = ["config", "prompt tokens", "prefill tok/s", "decode tok/s", "peak RSS", "CPU"]
+    return f"### longdoc vs transformers vs llama.cpp ({data['new_tokens']} new tokens)\n\n" + table(head, rows)
+
+
+def quantized() -> str | None:
+    """Quality of --quantize against bfloat16: perplexity (every position through the quantized
+    weights), passkey and needle (prompt prefilled unquantized, answer decoded quantized)."""
+    rows = []
+    labels = {"int4_mse": "int4, least-squares step per group (tried, not kept)"}
+    for scheme in ("none", "int8", "int4", "int4_mse"):
+        cells = []
+        ppl = load(f"quant_ppl_{scheme}")
+        cells.append(", ".join(f"{r['length']}: {r.get('ppl', r.get('error'))}" for r in ppl["results"]) if ppl else "")
+        passkey = load(f"quant_passkey_{scheme}")
+        cells.append(f"{passkey['accuracy']:.2f}" if passkey else "")
+        needle = load(f"quant_needle_{scheme}")
+        cells.append(" ".join(f"{m}={a:.2f}" for m, a in needle["accuracy"].items()) if needle else "")
+        if any(cells):
+            rows.append([labels.get(scheme, scheme), *cells])
+    if not rows:
+        return None
+    head = ["--quantize", "perplexity (no DCA)", "passkey 4K, 8K x 3 depths", "needle 8K, 16K, keys 1 and 4"]
+    return "### Weight-only quantization: quality against bfloat16\n\n" + table(head, rows)
+
+
 def main() -> None:
     sections = [
         engine("engine", "longdoc vs transformers `generate` (same model, 32 new tokens)"),
         engine("dca", "DCA vs plain attention prefill (longdoc, bfloat16)"),
+        llamacpp(),
+        quantized(),
         recycle(),
         recycle("recycle_32k", "Recycled decode at 32K with DCA, before and after issue 9"),
         recycle("recycle_32k_k4096", "Recycled decode at 32K with DCA, K=4096"),

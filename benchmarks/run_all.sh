@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Every benchmark behind benchmarks/RESULTS.md, run back to back on an otherwise idle machine.
 # JSON lands in benchmarks/out/. Takes well over an hour on 2 CPU cores; run pieces by name:
-#   benchmarks/run_all.sh engine dca passkey ppl recycle needle beyond summarize recycle32 quote recall
+#   benchmarks/run_all.sh engine dca passkey ppl recycle needle beyond summarize recycle32 quote recall llamacpp quant
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=benchmarks/out
 mkdir -p "$OUT"
 CORPUS=../shared/corpus
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(engine dca passkey ppl recycle needle beyond summarize)
+[ ${#steps[@]} -eq 0 ] && steps=(engine dca passkey ppl recycle needle beyond summarize llamacpp quant)
 run() { echo "+ $*" >&2; "$@"; }
 for step in "${steps[@]}"; do
   case "$step" in
@@ -46,6 +46,16 @@ for step in "${steps[@]}"; do
         --configs full,fixed:2048:16,fixed:4096:16,dynamic:2048:8:0.9 --name quote ;;
     recall)  # issue 8: page facts that reach a map-reduce summary, previous prompts vs current
       run python -m benchmarks.bench_recall --before 1236822 ;;
+    llamacpp) # issue 13: longdoc (each --quantize) vs transformers bfloat16 vs llama.cpp, same GGUF, one run
+      run python -m benchmarks.bench_llamacpp --lengths 2048,8192,32768 --new 32 --name llamacpp ;;
+    quant)   # issue 13: quality of --quantize against bfloat16 (perplexity through the quantized weights)
+      for q in none int8 int4; do
+        run longdoc eval ppl "$CORPUS" --lengths 4096,16384 --no-dca --quantize $q --json > "$OUT/quant_ppl_$q.json"
+        run longdoc eval passkey --lengths 4096,8192 --depths 0.1,0.5,0.9 --quantize $q --json \
+          > "$OUT/quant_passkey_$q.json"
+        run longdoc eval needle --lengths 8192,16384 --depths 0.5 --keys 1,4 --quantize $q --json \
+          > "$OUT/quant_needle_$q.json"
+      done ;;
     summarize) # issue 5: five papers in one DCA pass vs map-reduce
       run python -m benchmarks.bench_summarize --papers 2 --map-context 8192 --new 200 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;

@@ -752,6 +752,72 @@ def chat(
             state.pop("result")
 
 
+@app.command("serve")
+def serve_cmd(
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (the default, 127.0.0.1, is this machine only).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port to listen on (0 picks a free one).")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="LONGDOC_API_KEY",
+            show_envvar=True,
+            help="Require 'Authorization: Bearer KEY' on the /v1 routes (/health stays open).",
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", help="Generations run at once, each with its own KV cache.")
+    ] = 1,
+    queue: Annotated[int, typer.Option("--queue", help="Requests that may wait for a slot; more get HTTP 429.")] = 8,
+    model: Model = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    quantize: Quantize = RunConfig.quantize,
+    dca: Dca = None,
+    chunk_size: ChunkSize = None,
+    local_window: LocalWindow = None,
+    dca_temperature: DcaTemperature = False,
+    recycle: Recycle = None,
+    recycle_k: RecycleK = RecycleConfig.k,
+    recycle_stride: RecycleStride = RecycleConfig.stride,
+    recycle_schedule: RecycleSchedule = RecycleConfig.schedule,
+    recycle_threshold: RecycleThreshold = RecycleConfig.threshold,
+    max_new_tokens: MaxNew = 512,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    seed: Seed = None,
+    quiet: Quiet = False,
+    max_context: MaxContext = None,
+    no_cache: NoCache = False,
+    cache_max_gb: CacheMaxGb = RunConfig.cache_max_gb,
+) -> None:
+    """An OpenAI-compatible server over the local engine: /v1/chat/completions, /v1/models, /health.
+
+    Requests run with DCA, recycled decoding and the document KV cache (two requests about one document
+    share its prefill). --max-new-tokens, --temperature, --top-p and --seed are the defaults of requests
+    that do not set them. Ctrl-C stops the server (exit 130).
+    """
+    reporter = Reporter(quiet=quiet)
+    with handled(reporter):
+        from longdoc import pipeline
+        from longdoc import serve as server
+
+        if not 0 <= port <= 65535:
+            raise UsageError(f"--port must be between 0 and 65535, not {port}")
+        if concurrency < 1:
+            raise UsageError("--concurrency must be at least 1")
+        if queue < 0:
+            raise UsageError("--queue must be 0 or more")
+        if api_key is not None and not api_key.strip():
+            raise UsageError("--api-key (or LONGDOC_API_KEY) is empty")
+        cfg = run_config(locals())
+        server.check_installed()  # the serve extra, before the model loads
+        session = pipeline.Session(cfg, reporter)
+        server.serve(session, host=host, port=port, api_key=api_key, concurrency=concurrency, queue=queue)
+
+
 cache_app = typer.Typer(no_args_is_help=True, help="The document KV cache: prefilled documents kept across runs.")
 app.add_typer(cache_app, name="cache")
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# --quantize values: weight-only quantization of the linears that decode steps run (longdoc.attention.quant)
+QUANTIZE_SCHEMES: tuple[str, ...] = ("none", "int8", "int4")
+
 
 @dataclass
 class DCAConfig:
@@ -47,6 +50,12 @@ class RunConfig:
     model: str | None = None  # None = the embedded default model
     device: str = "auto"
     dtype: str = "auto"
+    # Weight-only quantization of the linears for decode steps: none | int8 | int4 (longdoc.attention.quant).
+    # "none": neither scheme qualifies as a default here (benchmarks/RESULTS.md, EPYC with AVX-512-BF16).
+    # int4 decodes 1.7-2x faster (37.4 vs 18.3 tok/s at 2K, 28.7 vs 16.4 at 8K) but costs 4% perplexity
+    # (corpus, 4K: 14.94 vs 14.37; 16K: 11.09 vs 10.63), over the 1% a default may lose; int8 loses
+    # little but is no faster (torch's int8 weight-only CPU kernel is compute-bound: 16.9 vs 16.4 tok/s).
+    quantize: str = "none"
     kernel: str = "auto"  # attention back end: auto | reference | cpu | cuda
     # Prefill step in tokens: bounds working memory (activations of one step) and paces the progress bar.
     prefill_step: int = 2048

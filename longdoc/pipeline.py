@@ -20,6 +20,7 @@ import psutil
 import torch
 
 from longdoc import doccache, models
+from longdoc.attention import quant
 from longdoc.attention.dca import ChunkLayout
 from longdoc.attention.kernels import get_kernel
 from longdoc.attention.kvstore import KVStore
@@ -28,8 +29,9 @@ from longdoc.config import RunConfig
 from longdoc.engine.decode import generate
 from longdoc.engine.prefill import prefill
 from longdoc.engine.recycled import RecycledPolicy
-from longdoc.errors import DoesNotFitError
+from longdoc.errors import DoesNotFitError, ModelError
 from longdoc.ingest import Document
+from longdoc.models.quantize import QUANT_FILE, ensure_quantized, load_quantized
 from longdoc.prompt import Budget, Prompt
 from longdoc.render import Reporter, TokenStreamer
 
@@ -60,10 +62,19 @@ class ModelInfo:
     dtype: torch.dtype
     weight_bytes: int
     stop_ids: set[int]
+    #: weight-only quantization of the decode step's linears ("none", "int8", "int4") and its verified
+    #: cache folder (``longdoc.models.quantize``); "none" where asked for or where the kernel is missing
+    quantize: str = "none"
+    quant_folder: Path | None = None
 
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def numerics(self) -> str:
+        """The dtype, and the quantization where there is one (what the document cache keys on)."""
+        return self.dtype_name if self.quantize == "none" else f"{self.dtype_name}+{self.quantize}"
 
 
 def model_info(
@@ -72,8 +83,10 @@ def model_info(
     dtype: str,
     progress: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    quantize: str = "none",
 ) -> ModelInfo:
-    """Resolve and verify a model (converting it once if needed) and read its config and tokenizer."""
+    """Resolve and verify a model (converting it once if needed) and read its config and tokenizer;
+    with ``quantize``, verify (or make once) its quantized weights too."""
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
@@ -97,6 +110,16 @@ def model_info(
         stop_ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
         stop_ids.add(int(tokenizer.eos_token_id))
+    weight_bytes = n_params * torch.empty(0, dtype=dt).element_size()
+    quant_folder = None
+    if quantize != "none":
+        why = quant_unavailable(quantize, dev, dt)
+        if why:
+            (warn or (lambda _m: None))(f"--quantize {quantize}: {why}; running unquantized")
+            quantize = "none"
+        else:
+            quant_folder = ensure_quantized(folder, quantize, source.name, progress=progress, warn=warn)
+            weight_bytes += (quant_folder / QUANT_FILE).stat().st_size
     return ModelInfo(
         name=source.name,
         source=source,
@@ -108,9 +131,20 @@ def model_info(
         head_dim=int(head_dim),
         device=dev,
         dtype=dt,
-        weight_bytes=n_params * torch.empty(0, dtype=dt).element_size(),
+        weight_bytes=weight_bytes,
         stop_ids=stop_ids,
+        quantize=quantize,
+        quant_folder=quant_folder,
     )
+
+
+def quant_unavailable(scheme: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``scheme`` can't run here (a phrase), or None if it can."""
+    if device.type != "cpu":
+        return f"the weight-only kernels are CPU kernels, and this run is on {device.type}"
+    if not quant.kernel_available(scheme, dtype):
+        return f"this torch build has no CPU {scheme} weight-only kernel for {str(dtype).removeprefix('torch.')}"
+    return None
 
 
 @dataclass
@@ -199,7 +233,12 @@ class Session:
 
     def __post_init__(self) -> None:
         self.info = model_info(
-            self.cfg.model, self.cfg.device, self.cfg.dtype, progress=self.reporter.status, warn=self.reporter.warn
+            self.cfg.model,
+            self.cfg.device,
+            self.cfg.dtype,
+            progress=self.reporter.status,
+            warn=self.reporter.warn,
+            quantize=self.cfg.quantize,
         )
 
     @property
@@ -209,11 +248,19 @@ class Session:
     def loaded(self) -> models.LoadedModel:
         if self._loaded is None:
             t0 = time.perf_counter()
-            self.reporter.status(f"loading {self.info.name} ({self.info.dtype_name}, {self.info.device})")
+            self.reporter.status(f"loading {self.info.name} ({self.info.numerics}, {self.info.device})")
             # the folder is verified already: load it as a plain folder source
             folder = models.ModelSource(kind="folder", name=self.info.name, path=self.info.folder)
             self._loaded = models.load_model(folder, self.info.device, self.info.dtype, tokenizer=self.tokenizer)
             folder_path = self.info.folder
+            if self.info.quant_folder is not None:
+                # wrapped before packing: pack_linears then packs the wrapped layers (prefill's path)
+                tensors = load_quantized(self.info.quant_folder)
+                try:
+                    quant.quantize_linears(self._loaded.model, self.info.quantize, tensors)
+                except ValueError as exc:
+                    raise ModelError(f"{self.info.quant_folder}: {exc}") from exc
+                del tensors
             packed = pack_linears(self._loaded.model, after_each=lambda: models.release_mapped_pages(folder_path))
             if not packed and self.info.device.type == "cpu" and self.info.dtype == torch.bfloat16:
                 self.reporter.warn(
@@ -292,7 +339,7 @@ class Conversation:
         info, plan, cfg = self.session.info, self.plan, self.session.cfg
         parts = doccache.KeyParts(
             model=self.session.model_identity(),
-            dtype=info.dtype_name,
+            dtype=info.numerics,
             device=device_kind(info.device),
             kernel=self.model.settings.kernel.__name__,
             layout=(plan.layout.chunk_size, plan.layout.local_window) if plan.layout else None,
@@ -433,6 +480,7 @@ class Conversation:
         result: dict[str, Any] = {
             "answer": streamer.text().strip(),
             "model": session.info.name,
+            "quantize": session.info.quantize,
             "prompt_tokens": prompt_tokens,
             "generated_tokens": n_gen,
             "sources": sources,

@@ -519,6 +519,7 @@ def empty_result(session: Session, sources: list[dict[str, Any]]) -> dict[str, A
     return {
         "answer": "",
         "model": session.info.name,
+        "quantize": session.info.quantize,
         "prompt_tokens": 0,
         "generated_tokens": 0,
         "sources": sources,

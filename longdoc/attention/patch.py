@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from longdoc.attention.dca import ChunkLayout, chunked_attention, key_positions
-from longdoc.attention.kernels import Kernel
+from longdoc.attention.dca import ChunkLayout, chunked_attention, key_positions, query_positions
+from longdoc.attention.kernels import Kernel, merge_partials
 from longdoc.attention.kvstore import KVStore
 from longdoc.attention.rope import RopeTable
 
@@ -105,6 +105,41 @@ class PatchedModel:
 
         return attend
 
+    def query_rotations(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin rows (R, D) in the model's dtype of one query at ``pos``, for the key regions in
+        the order intra, successive, inter (R = 1 without DCA, 3 with): computed once per decode step
+        for all layers (``chunked_attention`` would index the table again in every layer)."""
+        layout = self.settings.layout
+        p = torch.tensor([pos], device=self.device)
+        rows = p if layout is None else torch.cat(query_positions(p, layout))
+        top = pos + 1 if layout is None else layout.chunk_size + 1
+        cos, sin = self.rope.angles(rows, top=top)
+        return cos.to(self.dtype), sin.to(self.dtype)
+
+    def step_attend(self, kv: KVStore, pos: int) -> Attend:
+        """Full attention of the one query of a decode step at ``pos``: the kernel calls, and their
+        merge order, of ``chunked_attention`` for a single query, with the query rotations and the key
+        regions worked out once for all layers. No host reads, nothing allocated beyond the outputs."""
+        layout, kernel, scale = self.settings.layout, self.settings.kernel, self.scale
+        cos, sin = self.query_rotations(pos)
+        rots = [(cos[r : r + 1], sin[r : r + 1]) for r in range(cos.shape[0])]
+        chunk_start = 0 if layout is None else pos // layout.chunk_len * layout.chunk_len
+        prev = 0 if layout is None else max(0, chunk_start - layout.chunk_len)
+        # (rotation, first key, end key) per region, as chunked_attention orders them
+        regions = [(0, chunk_start, pos + 1)]
+        if layout is not None and chunk_start > 0:
+            regions.append((1, prev, chunk_start))
+            if prev > 0:
+                regions.append((2, 0, prev))
+        apply = RopeTable.apply
+
+        def attend(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
+            k, v = kv.k[layer], kv.v[layer]
+            parts = [kernel(apply(q, *rots[r]), k[:, :, a:b], v[:, :, a:b], False, scale) for r, a, b in regions]
+            return parts[0][0] if len(parts) == 1 else merge_partials(parts)[0]
+
+        return attend
+
     @torch.inference_mode()
     def forward(
         self, ids: torch.Tensor, start: int, kv: KVStore, attend: Attend | None = None, all_logits: bool = False
@@ -114,19 +149,27 @@ class PatchedModel:
         Returns logits (1, V) for the last position only (a full (L, V) buffer costs GBs at 8K), or
         hidden states (1, L, hidden) after the final norm when ``all_logits`` (the caller projects
         them in slices, e.g. for perplexity).
+
+        The key rotation is looked up once for all layers, and a single token (a decode step) attends
+        through ``step_attend``; per layer there remain the model's own modules, one rotation of the
+        keys, the cache write and the attention call.
         """
-        attend = attend or self.default_attend(kv)
         length = ids.shape[1]
-        key_pos = key_positions(torch.arange(start, start + length, device=self.device), self.settings.layout)
+        if attend is None:
+            attend = self.step_attend(kv, start) if length == 1 else self.default_attend(kv)
+        layout = self.settings.layout
+        key_pos = key_positions(torch.arange(start, start + length, device=self.device), layout)
+        cos, sin = self.rope.angles(key_pos, top=start + length if layout is None else layout.chunk_len)
+        cos, sin = cos.to(self.dtype), sin.to(self.dtype)
+        shape = (1, length, -1, self.head_dim)
         h = self.model.model.embed_tokens(ids)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            shape = (1, length, -1, self.head_dim)
             q = attn.q_proj(x).view(shape).transpose(1, 2)
             k = attn.k_proj(x).view(shape).transpose(1, 2)
             v = attn.v_proj(x).view(shape).transpose(1, 2)
-            kv.update(i, start, self.rope.rotate(k, key_pos), v)
+            kv.update(i, start, RopeTable.apply(k, cos, sin), v)
             o = attend(i, q, start)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(1, length, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))

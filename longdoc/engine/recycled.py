@@ -242,7 +242,7 @@ class RecycledPolicy(DecodePolicy):
         check = self.cfg.schedule == "dynamic" and step % self.cfg.stride == 0 and not all(full)
         self._checked = check
         rot = query_rotations(model, pos)
-        default = model.default_attend(kv)
+        default = model.step_attend(kv, pos)  # full attention, rotations and regions worked out once
         # room for the tokens decoded before the next refresh (grown if a schedule runs longer)
         extra = min(self.cfg.stride, 256) if self.cfg.schedule == "fixed" else 64
 

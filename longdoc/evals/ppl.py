@@ -1,6 +1,11 @@
 """Perplexity of a text at given context lengths, through the same prefill path as answering.
 
 Logits are formed a slice of positions at a time, so no (L x vocab) buffer is ever held.
+
+With ``--quantize`` every position runs through the quantized weights (``quant.every_row``), not only
+the decode-sized steps that use them in a real run (prefill keeps the unquantized layers): the
+perplexity is then that of the model each decoded token is predicted by, which is what the quantized
+default must be judged on. It is slower than an unquantized measurement.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from typing import Any
 
 import torch
 
+from longdoc.attention import quant
 from longdoc.attention.dca import chunk_steps
 from longdoc.config import GenerationConfig
 from longdoc.pipeline import Session, make_plan
@@ -26,15 +32,16 @@ def nll_sum(session: Session, ids: list[int]) -> tuple[float, int]:
     kv = model.new_store(len(ids))
     tokens = torch.tensor([ids], device=session.info.device)
     total, count = 0.0, 0
-    for a, b in chunk_steps(0, len(ids), cfg.prefill_step, plan.layout):
-        hidden = model.forward(tokens[:, a:b], a, kv, all_logits=True)
-        for s in range(0, b - a, LOGIT_SLICE):
-            e = min(b - a, s + LOGIT_SLICE)
-            targets = tokens[0, a + s + 1 : a + e + 1]
-            logits = model.logits(hidden[0, s : s + len(targets)])
-            if len(targets):
-                total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-                count += len(targets)
+    with quant.every_row(model.model):
+        for a, b in chunk_steps(0, len(ids), cfg.prefill_step, plan.layout):
+            hidden = model.forward(tokens[:, a:b], a, kv, all_logits=True)
+            for s in range(0, b - a, LOGIT_SLICE):
+                e = min(b - a, s + LOGIT_SLICE)
+                targets = tokens[0, a + s + 1 : a + e + 1]
+                logits = model.logits(hidden[0, s : s + len(targets)])
+                if len(targets):
+                    total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+                    count += len(targets)
     return total, count
 
 

@@ -204,7 +204,7 @@ def release_mapped_pages(folder: Path) -> int:
     if not maps.exists() or not hasattr(mmap, "MADV_DONTNEED"):
         return 0
     libc = ctypes.CDLL(None, use_errno=True)
-    prefix = str(folder.resolve())
+    prefix = str(folder.resolve()) + "/"  # not a sibling folder named after it (a quantized copy)
     advised = 0
     for line in maps.read_text().splitlines():
         fields = line.split(maxsplit=5)

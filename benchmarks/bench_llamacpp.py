@@ -1,0 +1,237 @@
+"""Prefill and decode throughput and peak RSS: longdoc (each ``--quantize``) vs plain transformers
+bfloat16 vs llama.cpp on the very GGUF longdoc embeds, at the same prompt lengths, in one run.
+
+Each configuration runs in its own process (peak RSS is per process), back to back, so the ratios
+compare like with like on a noisy machine. Every row records the CPU it ran on (model name, AMX,
+AVX-512-BF16). The prompt is the shared corpus cut to each length, tokenized once by the model's
+tokenizer; llama.cpp is fed the same token ids. Decode is greedy, ``--new`` tokens after the prompt;
+decode tok/s counts the steps after the first token (which ends the prefill). longdoc runs as a user
+gets it: DCA and recycled decoding on where its defaults turn them on (the row says).
+
+llama.cpp is a benchmark-only dependency (never in CI, never a package requirement). Build it from
+source, for the CPU at hand, into the venv (10-40 minutes on 2 cores)::
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+      -DGGML_AVX512=ON -DGGML_AVX512_BF16=ON" pip install --no-binary :all: llama-cpp-python
+
+(without the two AVX512 flags on CPUs that lack them). Without it the llama.cpp rows say so.
+
+    python -m benchmarks.bench_llamacpp --lengths 2048,8192,32768 --new 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import corpus_text, run_child, save
+
+GGUF_DIR = Path("/tmp/longdoc-bench-gguf")
+CONFIGS = "longdoc:none,longdoc:int8,longdoc:int4,hf:bfloat16,llamacpp"
+
+
+def rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cpu() -> dict[str, Any]:
+    from longdoc.models import cpu_flags
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_flags()
+    return {
+        "cpu": name,
+        "amx": "amx_bf16" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def embedded_gguf() -> Path:
+    """The embedded model's GGUF, assembled from its packages (and verified) once into a temp folder."""
+    from longdoc.models.convert import _assemble_parts
+    from longdoc.models.resolve import DEFAULT_MODEL, KNOWN_MODELS
+
+    known = KNOWN_MODELS[DEFAULT_MODEL]
+    path = GGUF_DIR / f"{DEFAULT_MODEL}.gguf"
+    if path.exists() and path.stat().st_size == known.size:
+        return path
+    GGUF_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    _assemble_parts(known, tmp, None)  # raises on a size or sha256 mismatch
+    tmp.replace(path)
+    return path
+
+
+def prompt_ids(length: int) -> list[int]:
+    from longdoc.pipeline import model_info
+
+    tokenizer = model_info(None, "cpu", "auto").tokenizer
+    ids = list(tokenizer(corpus_text(), add_special_tokens=False)["input_ids"])
+    if len(ids) < length:
+        raise SystemExit(f"the corpus has only {len(ids)} tokens")
+    return ids[:length]
+
+
+def child_longdoc(quantize: str, ids: list[int], new: int) -> dict[str, Any]:
+    from longdoc.config import GenerationConfig, RunConfig
+    from longdoc.engine.decode import generate
+    from longdoc.engine.prefill import prefill
+    from longdoc.engine.recycled import RecycledPolicy
+    from longdoc.pipeline import Session, make_plan
+    from longdoc.render import Reporter
+
+    cfg = RunConfig(quantize=quantize, doc_cache=False, generation=GenerationConfig(max_new_tokens=new))
+    t0 = time.perf_counter()
+    session = Session(cfg, Reporter(quiet=True))
+    plan = make_plan(cfg, session.info, len(ids))
+    model = session.patched(plan)
+    load_s = time.perf_counter() - t0
+    warm = model.new_store(32)
+    prefill(model, torch.tensor([ids[:16]]), warm, cfg.prefill_step)  # first-call costs, as every config gets
+    kv = model.new_store(len(ids) + new)
+    t1 = time.perf_counter()
+    logits = prefill(model, torch.tensor([ids]), kv, cfg.prefill_step)
+    prefill_s = time.perf_counter() - t1
+    policy = RecycledPolicy(cfg.recycle, len(model.layers)) if plan.recycle else None
+    stamps = []
+    for _ in generate(model, logits, len(ids), kv, cfg.generation, set(), policy):
+        stamps.append(time.perf_counter())
+    return {
+        "quantize": session.info.quantize,
+        "dtype": session.info.dtype_name,
+        "dca": plan.layout is not None,
+        "recycle": plan.recycle,
+        "load_s": round(load_s, 2),
+        "prefill_s": prefill_s,
+        "stamps": stamps,
+    }
+
+
+def child_hf(ids: list[int], new: int) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    from longdoc.pipeline import model_info
+
+    info = model_info(None, "cpu", "bfloat16")
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(info.folder), dtype=torch.bfloat16, attn_implementation="sdpa")
+    load_s = time.perf_counter() - t0
+    stamps: list[float] = []
+
+    class Clock(BaseStreamer):
+        def put(self, value: torch.Tensor) -> None:
+            stamps.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        model.generate(x[:, :16], max_new_tokens=2, do_sample=False)
+        t1 = time.perf_counter()
+        model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=Clock())
+    # put() is called with the prompt first, then once per generated token
+    return {"dtype": "bfloat16", "load_s": round(load_s, 2), "prefill_s": stamps[1] - t1, "stamps": stamps[1:]}
+
+
+def child_llamacpp(ids: list[int], new: int, threads: int) -> dict[str, Any]:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise SystemExit("llama-cpp-python is not installed (see this script's docstring)") from None
+    path = embedded_gguf()
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=len(ids) + new + 16, n_threads=threads, n_batch=512, verbose=False
+    )
+    load_s = time.perf_counter() - t0
+    llm.eval(ids[:16])  # first-call costs
+    llm.reset()
+    stamps = []
+    t1 = time.perf_counter()
+    for _tok in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        stamps.append(time.perf_counter())
+        if len(stamps) == new:
+            break
+    return {
+        "dtype": "gguf Q4_K_M",
+        "llama_cpp": getattr(llama_cpp, "__version__", "?"),
+        "load_s": round(load_s, 2),
+        "prefill_s": stamps[0] - t1,
+        "stamps": stamps,
+    }
+
+
+def child(mode: str, quantize: str, length: int, new: int) -> dict[str, Any]:
+    ids = prompt_ids(length)
+    if mode == "longdoc":
+        raw = child_longdoc(quantize, ids, new)
+    elif mode == "hf":
+        raw = child_hf(ids, new)
+    elif mode == "llamacpp":
+        raw = child_llamacpp(ids, new, torch.get_num_threads())
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+    stamps = raw.pop("stamps")
+    decode_s = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
+    return {
+        "mode": mode,
+        **raw,
+        "length": len(ids),
+        "generated": len(stamps),
+        "prefill_s": round(raw["prefill_s"], 2),
+        "prefill_tok_s": round(len(ids) / raw["prefill_s"], 1),
+        "decode_tok_s": round((len(stamps) - 1) / decode_s, 2) if decode_s > 0 else None,
+        "peak_rss_bytes": rss(),
+        **cpu(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--mode", default="longdoc")
+    ap.add_argument("--quantize", default="none")
+    ap.add_argument("--length", type=int, default=2048)
+    ap.add_argument("--lengths", default="2048,8192,32768")
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--configs", default=CONFIGS, help="longdoc:<quantize> | hf:bfloat16 | llamacpp, comma-separated")
+    ap.add_argument("--name", default="llamacpp")
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(a.mode, a.quantize, a.length, a.new)))
+        return
+    rows = []
+    for length in [int(x) for x in a.lengths.split(",")]:
+        for spec in a.configs.split(","):
+            mode, _, quantize = spec.partition(":")
+            args = ["--mode", mode, "--length", str(length), "--new", str(a.new)]
+            if mode == "longdoc":
+                args += ["--quantize", quantize or "none"]
+            row = run_child("bench_llamacpp.py", args)
+            row.update({"config": spec, "length": row.get("length", length)})
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    payload = {"torch": torch.__version__, "new_tokens": a.new, **cpu(), "rows": rows}
+    print(save(a.name, payload))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Weight-only quantized linears for CPU decoding (``--quantize int8|int4``).
+
+A decode step multiplies one row by every weight of the model, so its time is the time to read the
+weights: about 1 GB per token in bfloat16 for the embedded 0.5B model. Quantized weights halve (int8)
+or quarter (int4) that. torch's CPU weight-only kernels do the multiply without materializing the
+dequantized weight: ``_weight_int8pack_mm`` (per output channel, symmetric) and
+``_weight_int4pack_mm_for_cpu`` (per group of input channels, asymmetric: scale and minimum).
+
+Those kernels lose to oneDNN's packed bfloat16 matmul on prefill-sized inputs (2.5-3x slower at 2,048
+rows here), and dequantizing per call loses too (1.2-2x). So a ``QuantLinear`` keeps the layer it
+replaces (packed bfloat16, as ``pack_linears`` leaves it) for inputs of more than ``max_rows`` rows and
+uses the quantized weight only for the few rows of a decode step: prefill steps run as unquantized
+(all but a final step of at most ``max_rows`` tokens), so the prompt's KV cache is bfloat16's. The
+cost is memory: the quantized copy comes on top (peak RSS at 8K: 1.84 GB unquantized, 2.19 GB int4, 2.30 GB int8).
+
+Measured on an EPYC with AVX-512-BF16 (2 cores): int4 decodes 1.7-2x faster than packed bfloat16;
+torch's int8 kernel is compute-bound there and no faster than bfloat16, so int8 saves nothing but
+bandwidth it cannot use. Quality and speed figures: benchmarks/RESULTS.md.
+
+Quantization itself happens once, when the model is converted (``longdoc.models.quantize``); these are
+the pure tensor functions it uses and the module that runs the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from longdoc.config import QUANTIZE_SCHEMES
+
+SCHEMES = QUANTIZE_SCHEMES
+
+# Bumped when quantization changes its output: cached quantized weights of another version are rebuilt.
+QUANT_VERSION = 3
+
+# int4 group size (input channels sharing one scale and minimum): 32, the finest the CPU kernel takes,
+# and the sub-block size of the GGUF Q4_K weights the embedded model comes from. Its perplexity cost is
+# in benchmarks/RESULTS.md ("Weight-only quantization").
+INT4_GROUP = 32
+
+# Inputs of at most this many rows use the quantized kernel; larger ones the unquantized layer. Measured
+# on one decoder layer's seven linears (bfloat16, 1 thread, EPYC with AVX-512-BF16): 1 row: packed bf16
+# 1.57 ms, int8 1.11, int4 0.88; 4 rows: 1.64, 2.11, 1.50; 8 rows: 2.22, 3.82, 2.94. A decode step has
+# one row; short prefill steps (a question's last few tokens) stay near the crossover.
+MAX_QUANT_ROWS = 4
+
+# The tensor names a quantized cache stores for each quantized linear ``<module>``.
+QWEIGHT, QSCALES = "qweight", "scales"
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: weight (N, K) -> (q int8 (N, K), scales float32 (N,)).
+
+    ``weight ~= q * scales[:, None]``. Scales are rounded to bfloat16 first, so the kernel (which takes
+    scales in the activations' dtype) multiplies by exactly the scale q was computed with.
+    """
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16).float()
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group asymmetric int4: weight (N, K) -> (q uint8 (N, K/2): two 4-bit values per byte, low
+    nibble first; scales float32 (N, K/group, 2): each group's scale and minimum).
+
+    ``weight[n, j] ~= q[n, j] * scale + minimum`` for j in the group, with q in 0..15, the group's
+    range split in 15 steps. (Choosing each group's step for the least squared error instead lowered
+    the weights' error by 9% but raised perplexity by 0.6-0.8%: it clips the largest weights;
+    benchmarks/RESULTS.md.)
+    """
+    n, k = weight.shape
+    if k % group or group % 2:
+        raise ValueError(f"int4 needs the input size ({k}) to be a multiple of the group size ({group})")
+    qs, ss = [], []
+    for rows in weight.detach().split(8192):  # bounded temporaries for the LM head
+        w = rows.float().view(rows.shape[0], k // group, group)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-12).to(torch.bfloat16).float()
+        lo = lo.to(torch.bfloat16).float()
+        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8)
+        qs.append(q.view(rows.shape[0], k))
+        ss.append(torch.stack([scale, lo], dim=-1))
+    q = torch.cat(qs)
+    return q[:, 0::2] | (q[:, 1::2] << 4), torch.cat(ss)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 nibbles -> (N, K) int32 values in 0..15."""
+    n = packed.shape[0]
+    return torch.stack([packed & 15, packed >> 4], dim=-1).view(n, -1).to(torch.int32)
+
+
+def dequantize(scheme: str, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float64 weight (N, K) a quantized one stands for (the reference for tests)."""
+    if scheme == "int8":
+        return qweight.double() * scales.double()[:, None]
+    if scheme == "int4":
+        q = unpack_int4(qweight).double()
+        n, groups = scales.shape[:2]
+        scale, lo = scales[..., 0].double(), scales[..., 1].double()
+        return (q.view(n, groups, -1) * scale[..., None] + lo[..., None]).view(n, -1)
+    raise ValueError(f"unknown quantization {scheme!r}")
+
+
+def quantize(scheme: str, weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    if scheme == "int8":
+        return quantize_int8(weight)
+    if scheme == "int4":
+        return quantize_int4(weight, group)
+    raise ValueError(f"unknown quantization {scheme!r}")
+
+
+@functools.cache
+def kernel_available(scheme: str, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether this torch build runs ``scheme``'s CPU kernel for activations of ``dtype`` (probed on a
+    tiny weight: builds without the op, or whose op refuses the dtype, fall back to unquantized)."""
+    try:
+        w = torch.randn(16, 64)
+        layer = QuantLinear(nn.Linear(64, 16, bias=False), scheme, *quantize(scheme, w, 32), dtype=dtype)
+        layer(torch.randn(1, 64, dtype=dtype))
+    except (RuntimeError, AttributeError, NotImplementedError, ValueError):
+        return False
+    return True
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with a weight-only quantized copy for small inputs.
+
+    ``dense`` is the layer being replaced (an ``nn.Linear``, or a ``PackedLinear`` once
+    ``pack_linears`` has run over the model, which packs it in place). Inputs (..., K) with at most
+    ``max_rows`` rows run the quantized kernel, plus the bias; larger ones run ``dense``.
+    """
+
+    def __init__(
+        self,
+        dense: nn.Module,
+        scheme: str,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        dtype: torch.dtype = torch.bfloat16,
+        max_rows: int = MAX_QUANT_ROWS,
+    ):
+        super().__init__()
+        self.dense = dense
+        self.scheme = scheme
+        self.max_rows = max_rows
+        self.in_features = int(qweight.shape[1] * (2 if scheme == "int4" else 1))
+        self.out_features = int(qweight.shape[0])
+        bias = getattr(dense, "bias", None)
+        self.qbias = None if bias is None else bias.detach().to(dtype)
+        if scheme == "int8":
+            self.qweight = qweight.to(torch.int8).contiguous()
+            self.scales = scales.to(dtype).contiguous()
+            self.group = 0
+        elif scheme == "int4":
+            self.group = self.in_features // int(scales.shape[1])
+            # packed a block of rows at a time: unpacked int32 values of the LM head would be 0.5 GB at once
+            self.qweight = torch.cat(
+                [
+                    torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(qweight[i : i + 8192]), 1)
+                    for i in range(0, qweight.shape[0], 8192)
+                ]
+            )
+            # the kernel's layout: (K/group, N, 2) of (scale, zero) with w = (q - 8) * scale + zero
+            scale, lo = scales[..., 0].float(), scales[..., 1].float()
+            self.scales = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        else:
+            raise ValueError(f"unknown quantization {scheme!r}")
+
+    def quantized(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) through the quantized weight, whatever the number of rows."""
+        rows = x.reshape(-1, self.in_features)
+        if self.scheme == "int8":
+            out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qweight, self.group, self.scales)
+        if self.qbias is not None:
+            out += self.qbias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= self.max_rows * self.in_features:
+            return self.quantized(x)
+        out: torch.Tensor = self.dense(x)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales))
+
+
+def quantized_names(model: nn.Module) -> list[str]:
+    """The linears a quantized cache covers: every ``nn.Linear`` of the model (attention and MLP
+    projections and the LM head), by module name."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def quantize_linears(
+    model: nn.Module, scheme: str, tensors: Mapping[str, torch.Tensor], max_rows: int = MAX_QUANT_ROWS
+) -> int:
+    """Replace each ``nn.Linear`` named in ``tensors`` (``<name>.qweight``, ``<name>.scales``) by a
+    ``QuantLinear`` wrapping it; returns how many. Run before ``pack_linears``, which then packs the
+    wrapped layers (prefill's path) in place. Raises ValueError when a linear has no tensors or the
+    shapes disagree (the cache belongs to another model)."""
+    param = next(model.parameters())
+    count = 0
+    for name in quantized_names(model):
+        module = model.get_submodule(name)
+        try:
+            qweight, scales = tensors[f"{name}.{QWEIGHT}"], tensors[f"{name}.{QSCALES}"]
+        except KeyError:
+            raise ValueError(f"the quantized weights have no entry for {name}") from None
+        width = qweight.shape[1] * (2 if scheme == "int4" else 1)
+        if (qweight.shape[0], width) != (module.out_features, module.in_features):
+            raise ValueError(f"the quantized weights of {name} do not match the model's shape")
+        parent, _, child = name.rpartition(".")
+        layer = QuantLinear(module, scheme, qweight, scales, dtype=param.dtype, max_rows=max_rows)
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        count += 1
+    return count
+
+
+@contextlib.contextmanager
+def every_row(model: nn.Module) -> Iterator[None]:
+    """Within the block, every input of the model's ``QuantLinear`` layers, however many rows, runs
+    through the quantized weight (to measure the quantized model itself, e.g. its perplexity)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    saved = [m.max_rows for m in layers]
+    for m in layers:
+        m.max_rows = sys.maxsize
+    try:
+        yield
+    finally:
+        for m, rows in zip(layers, saved, strict=True):
+            m.max_rows = rows
+
+
+def quant_bytes(model: nn.Module) -> int:
+    return sum(m.nbytes for m in model.modules() if isinstance(m, QuantLinear))

@@ -1,0 +1,208 @@
+"""Weight-only quantized copies of a model's linears, made once into the verified model cache.
+
+``--quantize int8|int4`` runs the decoder's linears through ``longdoc.attention.quant.QuantLinear``.
+Their quantized weights are computed once per model and scheme, from the verified bfloat16 folder
+(a cached GGUF conversion, or the user's model folder), and kept beside it as
+``<cache>/models/<base>-<scheme>/``: ``quantized.safetensors`` (``<linear>.qweight`` and
+``<linear>.scales`` for every ``nn.Linear``, the tied LM head included), a copy of ``config.json``, and
+a manifest written last that records every file's sha256 and which base weights it was made from.
+Each use verifies the manifest and the base identity; a damaged or stale entry is reported, deleted and
+rebuilt, under the same lock and atomic-rename rules as conversions (``longdoc.store``).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longdoc import store
+from longdoc.attention import quant
+from longdoc.errors import ModelError
+from longdoc.models.convert import Progress, check_conversion, quiet_transformers, safe_name
+
+QUANT_FILE = "quantized.safetensors"
+
+
+def base_identity(folder: Path) -> str:
+    """What the quantized weights were made from: the sha256 of the base manifest's weights (cached
+    conversions, verified on load), else of the weights files' names, sizes and mtimes (a user's
+    folder, which is not hashed on every run)."""
+    manifest = store.read_manifest(folder)
+    files = manifest.get("files") if manifest else None
+    digest = hashlib.sha256()
+    if isinstance(files, dict):
+        for name in sorted(files):
+            if name.endswith(".safetensors") and isinstance(files[name], dict):
+                digest.update(f"{name}:{files[name].get('sha256')}\n".encode())
+        return digest.hexdigest()
+    for p in sorted(folder.glob("*.safetensors")):
+        st = p.stat()
+        digest.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def quantized_path(base: Path, scheme: str) -> Path:
+    """``<base>-<scheme>`` beside a cached conversion; for a user's folder, named after it and its
+    path (never written inside the user's folder)."""
+    root = store.models_dir()
+    if base.parent.resolve() == root.resolve():
+        return root / f"{base.name}-{scheme}"
+    tag = hashlib.sha256(str(base.resolve()).encode()).hexdigest()[:12]
+    return root / f"{safe_name(base.name)}-{tag}-{scheme}"
+
+
+def check_quantized(folder: Path, base: Path, scheme: str) -> str | None:
+    """Why the quantized entry in ``folder`` can't be trusted for ``base``, or None if it can."""
+    reason = check_conversion(folder)
+    if reason is not None:
+        return reason
+    manifest = store.read_manifest(folder) or {}
+    source = manifest.get("source")
+    if not isinstance(source, dict):
+        return "manifest names no source"
+    if QUANT_FILE not in (manifest.get("files") or {}):
+        return f"manifest lists no {QUANT_FILE}"
+    if source.get("quantize") != scheme:
+        return f"it holds {source.get('quantize')!r} weights, not {scheme}"
+    if source.get("version") != quant.QUANT_VERSION:
+        return f"it was made by quantization version {source.get('version')}, not {quant.QUANT_VERSION}"
+    if source.get("base_identity") != base_identity(base):
+        return "it was made from other weights than the model's current ones"
+    return None
+
+
+def ensure_quantized(
+    base: Path, scheme: str, name: str, progress: Progress | None = None, warn: Progress | None = None
+) -> Path:
+    """The verified folder of ``scheme`` weights for the model folder ``base``, made once if needed."""
+    target = quantized_path(base, scheme)
+    if target.exists():
+        if progress:
+            progress(f"verifying cached {scheme} weights")
+        reason = check_quantized(target, base, scheme)
+        if reason is None:
+            return target
+        (warn or (lambda _m: None))(f"cached {scheme} weights of {name} cannot be used ({reason}); rebuilding them")
+    try:
+        _quantize_locked(base, scheme, name, target, progress)
+    except OSError as exc:
+        raise ModelError(
+            f"could not write the {scheme} weights under {target.parent} ({exc}); "
+            "set LONGDOC_CACHE_DIR to a writable folder with a GB free"
+        ) from exc
+    return target
+
+
+def _quantize_locked(base: Path, scheme: str, name: str, target: Path, progress: Progress | None) -> None:
+    root = target.parent
+    root.mkdir(parents=True, exist_ok=True)
+    with store.lock(root / f".{target.name}.lock", f"quantizing the model to {scheme}", progress):
+        if target.exists():
+            if check_quantized(target, base, scheme) is None:  # another process made it while we waited
+                return
+            store.discard(target)
+        for stale in [*root.glob(f".{target.name}.tmp-*"), *root.glob(f".{target.name}.trash-*")]:
+            store.remove_tree(stale)
+        work = root / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        work.mkdir()
+        try:
+            if progress:
+                progress(f"quantizing {name} to {scheme} (one time, about half a minute)")
+            _build(base, scheme, work)
+            store.write_manifest(
+                work,
+                {
+                    "kind": "quantized",
+                    "name": name,
+                    "quantize": scheme,
+                    "version": quant.QUANT_VERSION,
+                    "group": quant.INT4_GROUP if scheme == "int4" else None,
+                    "base": str(base),
+                    "base_identity": base_identity(base),
+                },
+            )
+            os.replace(work, target)
+        finally:
+            store.remove_tree(work)
+
+
+def _linear_sources(base: Path) -> dict[str, str]:
+    """Each ``nn.Linear`` of the model in ``base`` -> the weights key it is read from (a tied LM head
+    reads the input embedding). Builds the model on the meta device: no weights are read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(str(base), trust_remote_code=False)
+        with torch.device("meta"):
+            model: Any = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    embed = model.get_input_embeddings()
+    embed_name = next(n for n, m in model.named_modules() if m is embed)
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embed.weight
+    head = model.get_output_embeddings()
+    return {
+        name: f"{embed_name}.weight" if tied and model.get_submodule(name) is head else f"{name}.weight"
+        for name in quant.quantized_names(model)
+    }
+
+
+def _build(base: Path, scheme: str, out: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    keys: dict[str, Path] = {}
+    for f in sorted(base.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            keys.update({k: f for k in st.keys()})  # noqa: SIM118 (safe_open is not a mapping)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, key in _linear_sources(base).items():
+        if key not in keys:
+            raise ModelError(f"{base}: no weights {key} for the linear {name}")
+        with safe_open(str(keys[key]), "pt") as st:
+            weight = st.get_tensor(key)
+        qweight, scales = quant.quantize(scheme, weight)
+        tensors[f"{name}.{quant.QWEIGHT}"] = qweight.contiguous()
+        tensors[f"{name}.{quant.QSCALES}"] = scales.contiguous()
+        del weight
+    save_file(tensors, str(out / QUANT_FILE), metadata={"quantize": scheme})
+    shutil.copyfile(base / "config.json", out / "config.json")
+    del tensors
+    gc.collect()
+
+
+class QuantizedTensors(Mapping[str, torch.Tensor]):
+    """The tensors of a quantized cache, read one at a time from the file when asked for (so loading
+    never holds the whole file in memory next to the layers built from it)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        try:
+            self._file = safe_open(str(folder / QUANT_FILE), "pt")
+            self._keys = list(self._file.keys())
+            self._names = set(self._keys)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelError(f"could not read the quantized weights in {folder}: {exc}") from exc
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._names:
+            raise KeyError(key)
+        tensor: torch.Tensor = self._file.get_tensor(key)
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def load_quantized(folder: Path) -> QuantizedTensors:
+    return QuantizedTensors(folder)

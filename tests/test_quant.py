@@ -1,0 +1,267 @@
+"""Weight-only quantized linears (longdoc.attention.quant) and their cache (longdoc.models.quantize)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from longdoc import store
+from longdoc.attention import quant
+from longdoc.attention.kernels import get_kernel
+from longdoc.attention.patch import AttentionSettings, PatchedModel, pack_linears
+from longdoc.config import GenerationConfig
+from longdoc.engine.decode import generate
+from longdoc.engine.prefill import prefill
+from longdoc.models import quantize as mq
+
+from .conftest import REPO, tiny_model
+
+SCHEMES = ["int8", "int4"]
+
+
+def quantized_tensors(model: nn.Module, scheme: str) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name in quant.quantized_names(model):
+        q, s = quant.quantize(scheme, model.get_submodule(name).weight)
+        tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = q, s
+    return tensors
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_quant_linear_matches_a_float64_reference(scheme, bias):
+    """x @ (q * scale).T (+ bias) in float64, against the CPU kernel in float32."""
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 48, bias=bias)
+    q, s = quant.quantize(scheme, dense.weight)
+    layer = quant.QuantLinear(dense, scheme, q, s, dtype=torch.float32)
+    x = torch.randn(2, 1, 64)
+    ref = x.double() @ quant.dequantize(scheme, q, s).T
+    if bias:
+        ref += dense.bias.double()
+    out = layer(x)  # 2 rows: the quantized kernel
+    assert out.shape == (2, 1, 48) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    # the quantized weight is close to the original one, and each scheme's error is what it should be
+    err = (quant.dequantize(scheme, q, s) - dense.weight.double()).abs().max()
+    assert 0 < err < (0.01 if scheme == "int8" else 0.05)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_large_inputs_run_the_unquantized_layer(scheme):
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 32)
+    layer = quant.QuantLinear(dense, scheme, *quant.quantize(scheme, dense.weight), dtype=torch.float32, max_rows=4)
+    big = torch.randn(5, 64)
+    assert torch.equal(layer(big), dense(big))
+    small = torch.randn(4, 64)
+    assert not torch.equal(layer(small), dense(small))
+    with quant.every_row(nn.Sequential(layer)):
+        assert not torch.equal(layer(big), dense(big))
+    assert layer.max_rows == 4
+
+
+def test_int4_packing_round_trips():
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    q, s = quant.quantize_int4(w, 32)
+    values = quant.unpack_int4(q)
+    assert values.shape == (8, 64) and int(values.min()) >= 0 and int(values.max()) <= 15
+    groups = w.view(8, 2, 32)
+    # each group's extremes are representable: the minimum exactly (q=0), the maximum to bf16 rounding
+    lowest = quant.dequantize("int4", q, s).view(8, 2, 32).amin(-1)
+    torch.testing.assert_close(lowest, groups.amin(-1).double(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("layout", [None, "dca"])
+def test_quantized_greedy_decode_equals_the_dequantized_reference(scheme, layout):
+    """A tiny model whose linears all run quantized decodes exactly the tokens of the same model with
+    the dequantized weights in its plain Linear layers (float32)."""
+    from longdoc.attention.dca import ChunkLayout
+
+    torch.manual_seed(0)
+    model = tiny_model("qwen2", dtype=torch.float32)
+    tensors = quantized_tensors(model, scheme)
+    reference = copy.deepcopy(model)
+    for name in quant.quantized_names(reference):
+        linear = reference.get_submodule(name)
+        q, s = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
+        linear.weight.data = quant.dequantize(scheme, q, s).float()
+    assert quant.quantize_linears(model, scheme, tensors) == len(quant.quantized_names(reference))
+    dca = ChunkLayout(24, 4) if layout else None
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
+    gen = GenerationConfig(max_new_tokens=24)
+
+    def decode(m: nn.Module) -> list[int]:
+        pm = PatchedModel(m, AttentionSettings(dca, get_kernel("cpu", torch.device("cpu"))))
+        kv = pm.new_store(80)
+        logits = prefill(pm, ids, kv, 16)
+        return list(generate(pm, logits, 40, kv, gen, set()))
+
+    with quant.every_row(model):
+        got = decode(model)
+    want = decode(reference)
+    assert got == want and len(set(want)) > 3
+
+
+def test_quantized_layers_pack_their_unquantized_path():
+    """pack_linears after quantize_linears packs the wrapped layer (prefill's path) and nothing else."""
+    from longdoc.attention.patch import PackedLinear, can_pack
+
+    model = tiny_model("qwen2", dtype=torch.float32)
+    if not can_pack(model):
+        pytest.skip("oneDNN cannot pack here")
+    x = torch.randn(1, 20, 64)
+    before = model.model.layers[0].mlp.down_proj(torch.randn(1, 20, 128))
+    del before
+    n = quant.quantize_linears(model, "int8", quantized_tensors(model, "int8"))
+    assert pack_linears(model) == n
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, quant.QuantLinear) and isinstance(layer.dense, PackedLinear)
+    assert layer(x).shape == (1, 20, 64)
+
+
+def test_quantize_linears_refuses_another_models_weights():
+    model = tiny_model("qwen2", dtype=torch.float32)
+    other = tiny_model("llama", dtype=torch.float32)
+    tensors = quantized_tensors(model, "int8")
+    other.model.layers[0].mlp.up_proj = nn.Linear(64, 96)
+    with pytest.raises(ValueError, match="shape"):
+        quant.quantize_linears(other, "int8", tensors)
+    del tensors["lm_head.qweight"]
+    with pytest.raises(ValueError, match="lm_head"):
+        quant.quantize_linears(model, "int8", tensors)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the cache
+
+
+@pytest.fixture
+def base(tmp_path):
+    from .test_models import save_tiny_qwen2
+
+    folder = store.models_dir() / "tiny-0123456789ab"
+    model, _ = save_tiny_qwen2(folder)
+    store.write_manifest(folder, {"kind": "test", "name": "tiny"})
+    return folder, model
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_cache_round_trip(base, scheme):
+    folder, model = base
+    made = mq.ensure_quantized(folder, scheme, "tiny")
+    assert made == folder.parent / f"{folder.name}-{scheme}"
+    manifest = store.read_manifest(made)
+    assert manifest["source"]["quantize"] == scheme and mq.QUANT_FILE in manifest["files"]
+    assert mq.check_quantized(made, folder, scheme) is None
+    tensors = mq.load_quantized(made)
+    for name in quant.quantized_names(model):  # the tied or untied LM head included
+        q, s = quant.quantize(scheme, model.get_submodule(name).weight)
+        assert torch.equal(tensors[f"{name}.qweight"], q) and torch.equal(tensors[f"{name}.scales"], s)
+    assert mq.ensure_quantized(folder, scheme, "tiny") == made  # verified, not rebuilt
+    assert mq.check_quantized(made, folder, "int4" if scheme == "int8" else "int8") is not None
+
+
+def test_tied_lm_head_is_quantized_from_the_embedding(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder = tmp_path / "tied"
+    config = Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    tensors = mq.load_quantized(mq.ensure_quantized(folder, "int8", "tied"))
+    q, _ = quant.quantize_int8(model.model.embed_tokens.weight)
+    assert torch.equal(tensors["lm_head.qweight"], q)
+    assert mq.quantized_path(folder, "int8").parent == store.models_dir()  # never inside the user's folder
+
+
+def test_damaged_or_stale_quantized_cache_is_rebuilt(base):
+    folder, _ = base
+    made = mq.ensure_quantized(folder, "int8", "tiny")
+    data = bytearray((made / mq.QUANT_FILE).read_bytes())
+    data[-10] ^= 0xFF
+    (made / mq.QUANT_FILE).write_bytes(bytes(data))
+    assert "sha256" in (mq.check_quantized(made, folder, "int8") or "")
+    warnings: list[str] = []
+    assert mq.ensure_quantized(folder, "int8", "tiny", warn=warnings.append) == made
+    assert len(warnings) == 1 and "sha256" in warnings[0] and "rebuilding" in warnings[0]
+    assert mq.check_quantized(made, folder, "int8") is None
+    # the base weights changed (a rebuilt conversion): the quantized copy no longer belongs to them
+    manifest = json.loads((folder / store.MANIFEST_NAME).read_text())
+    manifest["files"]["model.safetensors"]["sha256"] = "0" * 64
+    (folder / store.MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert "other weights" in (mq.check_quantized(made, folder, "int8") or "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the run path
+
+
+def test_session_runs_quantized_and_falls_back_where_the_kernel_is_missing(tmp_path, monkeypatch):
+    from longdoc.config import RunConfig
+    from longdoc.pipeline import Session
+    from longdoc.render import Reporter
+
+    from .test_models import save_tiny_qwen2
+
+    save_tiny_qwen2(tmp_path / "tiny", window=512)
+    warnings: list[str] = []
+    reporter = Reporter(quiet=True)
+    monkeypatch.setattr(reporter, "warn", warnings.append)
+    cfg = RunConfig(model=str(tmp_path / "tiny"), dtype="float32", quantize="int8")
+    session = Session(cfg, reporter)
+    assert session.info.quantize == "int8" and session.info.quant_folder is not None
+    assert session.info.numerics == "float32+int8"
+    assert isinstance(session.loaded().model.lm_head, quant.QuantLinear)
+    assert warnings == []
+
+    monkeypatch.setattr(quant, "kernel_available", lambda scheme, dtype=None: False)
+    fallback = Session(cfg, reporter)
+    assert fallback.info.quantize == "none" and fallback.info.quant_folder is None
+    assert len(warnings) == 1 and warnings[0].startswith("--quantize int8:") and "\n" not in warnings[0]
+    assert not any(isinstance(m, quant.QuantLinear) for m in fallback.loaded().model.modules())
+
+
+def test_kernel_probe_says_no_when_the_op_fails(monkeypatch):
+    """A build whose op is missing or refuses the dtype: the probe says so (and is cached per dtype)."""
+
+    def missing(*args):
+        raise RuntimeError("Could not run '_weight_int8pack_mm' with arguments from the 'CPU' backend")
+
+    quant.kernel_available.cache_clear()
+    try:
+        assert quant.kernel_available("int8", torch.float32)
+        quant.kernel_available.cache_clear()
+        monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", missing)
+        assert not quant.kernel_available("int8", torch.float32)
+        assert quant.kernel_available("int4", torch.float32)
+    finally:
+        quant.kernel_available.cache_clear()
+
+
+def test_ask_with_quantize_end_to_end(tmp_path):
+    """The CLI path on a tiny local model: the quantized weights are made once, then reused."""
+    from typer.testing import CliRunner
+
+    from longdoc.cli import app
+
+    from .test_models import save_tiny_qwen2
+
+    save_tiny_qwen2(tmp_path / "tiny", window=4096)
+    args = ["ask", str(REPO / "sample_docs" / "notes.md"), "Which port?", "--model", str(tmp_path / "tiny")]
+    args += ["--json", "--max-new-tokens", "4", "--dtype", "float32", "--quantize", "int4", "--no-cache"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.stderr
+    assert json.loads(first.stdout)["quantize"] == "int4" and "quantizing tiny to int4" in first.stderr
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "quantizing" not in again.stderr
+    assert json.loads(again.stdout)["answer"] == json.loads(first.stdout)["answer"]

@@ -1,0 +1,670 @@
+"""``longdoc serve``: a real server on a loopback port (uvicorn in a thread, through ``serve.serve``) over a
+tiny random-weight model with DCA and recycled decoding on, driven through the ``openai`` client and httpx.
+
+Greedy answers through the server equal the local pipeline's; a request shaped like the local ask prompt
+gets its token ids (so its document-cache entry); bad requests get 4xx and the server carries on.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from longdoc import serve  # noqa: E402
+from longdoc.config import DCAConfig, GenerationConfig, RecycleConfig, RunConfig  # noqa: E402
+from longdoc.engine import decode  # noqa: E402
+from longdoc.errors import DoesNotFitError  # noqa: E402
+from longdoc.ingest import Document  # noqa: E402
+from longdoc.pipeline import Session, run_prompt, split_ids  # noqa: E402
+from longdoc.prompt import ask_prompt, format_documents, template  # noqa: E402
+from longdoc.render import Reporter  # noqa: E402
+
+from .test_models import save_tiny_qwen2  # noqa: E402
+
+KEY = "test-key"
+NEW = 8  # the server's default answer budget, and every request's here
+MAX_CONTEXT = 3000
+# Qwen2's template in miniature: the tiny tokenizer has none, and the server renders with the model's own.
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+DOC = Document(
+    source="heron.txt",
+    kind="text",
+    segments=[
+        ("", "The Heron pump moved 40 litres per minute at 3 bar. " * 12),
+        ("", "Its service port is 8081; the cache TTL is 300 seconds. " * 12),
+    ],
+)
+
+
+class Collect(Reporter):
+    """A quiet reporter that keeps the status lines (the server's 'serving ...' line among them)."""
+
+    def __init__(self) -> None:
+        super().__init__(quiet=True)
+        self.lines: list[str] = []
+
+    def status(self, message: str) -> None:
+        self.lines.append(message)
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory) -> Session:
+    folder = tmp_path_factory.mktemp("serve-model") / "tiny"
+    _, tokenizer = save_tiny_qwen2(folder, window=4096)
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(folder)
+    cfg = RunConfig(
+        model=str(folder),
+        dtype="float32",
+        max_context=MAX_CONTEXT,
+        # DCA with many 96-token chunks and recycled decoding with a set far smaller than the context:
+        # every path of the engine runs behind the server
+        dca=DCAConfig(enabled=True, chunk_size=96, local_window=16),
+        recycle=RecycleConfig(enabled=True, k=64, stride=4),
+        generation=GenerationConfig(max_new_tokens=NEW),
+    )
+    return Session(cfg, Collect())
+
+
+class Served:
+    def __init__(self, running: serve.Running, thread: threading.Thread):
+        self.running = running
+        self.thread = thread
+        self.url = running.url
+        self.engine: serve.Engine = running.app.state.engine
+
+    def client(self, key: str | None = KEY, **kw: Any) -> Any:
+        return openai.OpenAI(base_url=self.url, api_key=key or "none", max_retries=0, timeout=60, **kw)
+
+    def post(self, body: Any, key: str | None = KEY, timeout: float = 60) -> Any:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        data = {"content": body} if isinstance(body, bytes | str) else {"json": body}
+        return httpx.post(f"{self.url}/chat/completions", headers=headers, timeout=timeout, **data)
+
+    def idle(self, timeout: float = 30.0) -> bool:
+        """Wait until no request is running or waiting."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.engine.admitted == 0 and self.engine.running == 0:
+                return True
+            time.sleep(0.02)
+        return False
+
+
+def start(session: Session, **kw: Any) -> Served:
+    """``serve.serve`` on a free loopback port in a thread; returns once /health answers."""
+    box: dict[str, serve.Running] = {}
+    up = threading.Event()
+
+    def ready(running: serve.Running) -> None:
+        box["running"] = running
+        up.set()
+
+    thread = threading.Thread(
+        target=serve.serve, args=(session,), kwargs={"port": 0, "api_key": KEY, "ready": ready, **kw}, daemon=True
+    )
+    thread.start()
+    assert up.wait(60), "the server did not start"
+    served = Served(box["running"], thread)
+    assert httpx.get(served.url.removesuffix("/v1") + "/health", timeout=10).json()["status"] == "ok"
+    return served
+
+
+def stop(served: Served) -> None:
+    served.running.stop()
+    served.thread.join(30)
+    assert not served.thread.is_alive(), "the server did not stop"
+
+
+@pytest.fixture(scope="module")
+def server(session) -> Iterator[Served]:
+    served = start(session, concurrency=2, queue=8)
+    yield served
+    stop(served)
+
+
+def ask_messages(question: str, docs: list[Document] = [DOC]) -> tuple[list[dict[str, str]], int]:  # noqa: B006
+    """The messages of longdoc's own ask prompt, and the characters of its document part."""
+    documents = format_documents(docs)
+    user = template("ask").format(documents=documents, question=question).strip()
+    system = template("system").strip()
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}], user.index(documents) + len(
+        documents
+    )
+
+
+def local(session: Session, question: str, **generation: Any) -> dict[str, Any]:
+    """The local pipeline's answer to the ask prompt (the same settings as the server's)."""
+    cfg = replace(session.cfg, generation=replace(session.cfg.generation, **generation))
+    return run_prompt(replace_cfg(session, cfg), ask_prompt(session.tokenizer, [DOC], question), [])
+
+
+def replace_cfg(session: Session, cfg: RunConfig) -> Session:
+    import copy
+
+    other = copy.copy(session)
+    other.cfg = cfg
+    return other
+
+
+# --------------------------------------------------------------------------------------------------
+# prompts: the same token ids as the local path
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_ask_shaped_request_gets_the_local_token_ids(session, chat_template, monkeypatch):
+    tokenizer = session.tokenizer
+    if not chat_template:  # the fallback layout of a model without a chat template
+        monkeypatch.setattr(tokenizer, "chat_template", None)
+    messages, chars = ask_messages("What is the TTL?")
+    served = serve.chat_prompt(tokenizer, messages, chars)
+    mine = ask_prompt(tokenizer, [DOC], "What is the TTL?")
+    assert served.prefix == mine.prefix and served.rest == mine.rest
+    assert split_ids(session, served) == split_ids(session, mine)
+    assert len(split_ids(session, served)[0]) > 256  # long enough for the document cache
+
+
+def test_blank_line_heuristic_splits_the_last_user_message():
+    messages = [{"role": "user", "content": "A long document.\n\nWith paragraphs.\n\nWhat is it?"}]
+    prompt = serve.chat_prompt(None, messages)  # no template: the fallback layout
+    assert prompt.prefix == "A long document.\n\nWith paragraphs."
+    assert prompt.rest == "\n\nWhat is it?\n\nAnswer:"
+    assert serve.chat_prompt(None, messages, 0).prefix == ""
+    one_line = [{"role": "system", "content": "S"}, {"role": "user", "content": "no blank line"}]
+    assert serve.chat_prompt(None, one_line).prefix == "S\n\n"  # everything before the message
+
+
+def test_prefix_mark_cannot_be_smuggled_in():
+    text = "doc \ue000longdoc-prefix\ue000 more\n\nq"
+    prompt = serve.chat_prompt(None, [{"role": "user", "content": text}])
+    assert "\ue000" not in prompt and prompt.prefix == "doc longdoc-prefix more"
+
+
+# --------------------------------------------------------------------------------------------------
+# answers
+
+
+def test_models_health_and_status_line(server, session):
+    models = server.client().models.list().data
+    assert [m.id for m in models] == [session.info.name]
+    assert models[0].model_extra["max_model_len"] == MAX_CONTEXT
+    health = httpx.get(server.url.removesuffix("/v1") + "/health", timeout=10)  # open without a token
+    assert health.status_code == 200 and health.json()["model"] == session.info.name
+    assert f"serving {session.info.name} on {server.url}" in session.reporter.lines
+    assert server.url.startswith("http://127.0.0.1:")
+
+
+def test_greedy_answer_equals_the_local_one_with_the_same_token_ids(server, session):
+    expected = local(session, "What is the TTL?")  # writes the prefix's document-cache entry
+    assert expected["cache"]["hit"] is False and expected["cache"]["bytes"] > 0
+    messages, chars = ask_messages("What is the TTL?")
+    out = server.client().chat.completions.create(
+        model=session.info.name, messages=messages, max_tokens=NEW, extra_body={"longdoc_prefix_chars": chars}
+    )
+    choice = out.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == expected["answer"]
+    assert out.usage.prompt_tokens == expected["prompt_tokens"]
+    assert out.usage.completion_tokens == expected["generated_tokens"]
+    assert out.usage.total_tokens == expected["prompt_tokens"] + expected["generated_tokens"]
+    assert choice.finish_reason == ("length" if expected["generated_tokens"] == NEW else "stop")
+    # the server found the local run's entry: its key hashes the prefix's token ids, which the load checks
+    cache = out.model_extra["longdoc"]["cache"]
+    assert cache["hit"] is True and cache["prefix_tokens"] == expected["cache"]["prefix_tokens"]
+    assert out.model_extra["longdoc"]["dca"]["enabled"] and out.model_extra["longdoc"]["recycle"]["enabled"]
+
+
+def test_streaming_concatenates_to_the_answer(server, session):
+    messages, chars = ask_messages("Which port?")
+    body = {"model": session.info.name, "messages": messages, "max_tokens": NEW, "longdoc_prefix_chars": chars}
+    whole = server.post(body).json()
+    chunks = list(
+        server.client().chat.completions.create(
+            **{k: v for k, v in body.items() if k != "longdoc_prefix_chars"},
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"longdoc_prefix_chars": chars},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole["choices"][0]["message"]["content"] == local(session, "Which port?")["answer"]
+    assert text  # something was generated to compare
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == whole["choices"][0]["finish_reason"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump(include={"prompt_tokens", "completion_tokens"}) == {
+        "prompt_tokens": whole["usage"]["prompt_tokens"],
+        "completion_tokens": whole["usage"]["completion_tokens"],
+    }
+    # the raw stream: server-sent events ending in [DONE]; no usage chunk unless asked
+    with httpx.stream(
+        "POST",
+        f"{server.url}/chat/completions",
+        json={**body, "stream": True},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    events = list(serve.iter_sse(iter(lines)))
+    assert all(e["object"] == "chat.completion.chunk" and e["choices"] for e in events)
+
+
+def test_two_requests_about_one_document_share_its_prefix(server, session):
+    """Without the extension field the last blank line marks the prefix: two questions share it."""
+    documents = format_documents([DOC])
+    client = server.client()
+    first, second = (
+        client.chat.completions.create(
+            model=session.info.name, messages=[{"role": "user", "content": f"{documents}\n\n{q}"}], max_tokens=4
+        )
+        for q in ("What is the TTL?", "Which port does the service use?")
+    )
+    a, b = first.model_extra["longdoc"]["cache"], second.model_extra["longdoc"]["cache"]
+    assert a["hit"] is False and a["bytes"] > 0 and b["hit"] is True
+    assert a["prefix_tokens"] == b["prefix_tokens"] > 256
+
+
+def test_conversation_turns_are_rendered_with_the_template(server, session):
+    messages, _ = ask_messages("What is the TTL?")
+    turns = [*messages, {"role": "assistant", "content": "300 seconds."}, {"role": "user", "content": "And the port?"}]
+    out = server.client().chat.completions.create(model=session.info.name, messages=turns, max_tokens=4)
+
+    def tokens(msgs: list[dict[str, str]]) -> int:
+        return sum(len(ids) for ids in split_ids(session, serve.chat_prompt(session.tokenizer, msgs)))
+
+    assert out.usage.prompt_tokens == tokens(turns) > tokens(messages)
+
+
+def test_concurrent_requests_equal_sequential_ones(server, session):
+    questions = ["What is the TTL?", "Which port?", "How fast is the pump?"]
+    sequential = {q: local(session, q)["answer"] for q in questions}
+    answers: dict[str, str] = {}
+    failures: list[BaseException] = []
+
+    def ask(q: str) -> None:
+        try:
+            messages, chars = ask_messages(q)
+            out = server.client().chat.completions.create(
+                model=session.info.name, messages=messages, max_tokens=NEW, extra_body={"longdoc_prefix_chars": chars}
+            )
+            answers[q] = out.choices[0].message.content
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            failures.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(q,)) for q in questions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures and answers == sequential
+    assert server.idle()
+
+
+# --------------------------------------------------------------------------------------------------
+# errors
+
+
+def test_over_long_prompt_is_400_with_the_exit_4_message(server, session):
+    docs = [replace(DOC, segments=DOC.segments * 6)]
+    question = "What is the TTL?"
+    with pytest.raises(DoesNotFitError) as local_error:
+        run_prompt(session, ask_prompt(session.tokenizer, docs, question), [])
+    messages, chars = ask_messages(question, docs)
+    response = server.post({"messages": messages, "max_tokens": NEW, "longdoc_prefix_chars": chars})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert "exceeds the context limit" in error["message"]
+    assert error["message"] == local_error.value.message
+    assert error["code"] == "context_length_exceeded" and error["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="exceeds the context limit"):
+        server.client().chat.completions.create(model=session.info.name, messages=messages, stream=True)
+    # a prompt that fits only without the default answer budget gets the room that is left
+    assert server.engine.context_length == MAX_CONTEXT
+
+
+USER = {"role": "user", "content": "Hello there"}
+MALFORMED = [
+    (b"{not json", "not valid JSON"),
+    (b"\xff\xfe", "not valid JSON"),
+    ([USER], "must be a JSON object"),
+    ({}, "'messages'"),
+    ({"messages": "hi"}, "'messages'"),
+    ({"messages": []}, "'messages'"),
+    ({"messages": ["hi"]}, "messages[0]"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+    ({"messages": [{"content": "x"}]}, "role"),
+    ({"messages": [{"role": "user", "content": "  "}]}, "empty"),
+    ({"messages": [{"role": "user", "content": 5}]}, "content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text parts"),
+    ({"messages": [USER, {"role": "assistant", "content": "x"}]}, "last message"),
+    ({"messages": [USER], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [USER], "max_tokens": "8"}, "max_tokens"),
+    ({"messages": [USER], "max_completion_tokens": True}, "max_completion_tokens"),
+    ({"messages": [USER], "temperature": -0.5}, "temperature"),
+    ({"messages": [USER], "top_p": 0}, "top_p"),
+    ({"messages": [USER], "top_p": 1.5}, "top_p"),
+    ({"messages": [USER], "stream": "yes"}, "stream"),
+    ({"messages": [USER], "n": 2}, "n=1"),
+    ({"messages": [USER], "stop": ["\n"]}, "stop"),
+    ({"messages": [USER], "longdoc_prefix_chars": 999}, "longdoc_prefix_chars"),
+    ({"messages": [USER], "model": 7}, "'model'"),
+]
+
+
+def test_malformed_requests_get_400_with_one_line(server):
+    for body, needle in MALFORMED:
+        response = server.post(body if isinstance(body, bytes) else json.dumps(body))
+        assert response.status_code == 400, (body, response.text)
+        error = response.json()["error"]
+        assert needle in error["message"] and "\n" not in error["message"], (body, error)
+        assert error["type"] == "invalid_request_error"
+    response = server.post(b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}')
+    assert response.status_code == 400 and "temperature" in response.json()["error"]["message"]
+    unknown = server.post({"model": "gpt-4o", "messages": [USER]})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    assert server.post({"messages": [USER], "max_tokens": 2}).status_code == 200  # still serving
+
+
+def test_token_is_required_on_v1_routes(server, session):
+    for key in (None, "wrong", f"{KEY}x"):
+        response = server.post({"messages": [USER], "max_tokens": 2}, key=key)
+        assert response.status_code == 401, key
+        assert response.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{server.url}/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="wrong").chat.completions.create(model=session.info.name, messages=[USER], max_tokens=2)
+    assert httpx.get(f"{server.url}/models", headers={"Authorization": f"bearer {KEY}"}).status_code == 200
+
+
+def test_a_failing_request_is_500_and_the_server_carries_on(server, session, monkeypatch):
+    def boom(*_args: Any, **_kw: Any) -> None:
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr("longdoc.pipeline.Conversation.answer", boom)
+    response = server.post({"messages": [USER], "max_tokens": 2})
+    assert response.status_code == 500
+    assert response.json()["error"]["message"] == "internal error: RuntimeError: boom"
+    with pytest.raises(openai.APIError, match="boom"):
+        list(server.client().chat.completions.create(model=session.info.name, messages=[USER], stream=True))
+    monkeypatch.undo()
+    assert server.post({"messages": [USER], "max_tokens": 2}).status_code == 200
+    assert server.idle()
+
+
+# --------------------------------------------------------------------------------------------------
+# slots: the queue, and clients that leave
+
+
+@pytest.fixture
+def gate(monkeypatch) -> Iterator[threading.Event]:
+    """Decode steps wait for this event (set it to let generations go on): a request that runs for as
+    long as a test needs, deterministically."""
+    event = threading.Event()
+    real = decode.decode_one_token
+
+    def gated(*args: Any, **kw: Any) -> Any:
+        assert event.wait(30), "the gate was never opened"
+        time.sleep(0.01)  # and slowly after: a client that leaves is noticed long before the answer ends
+        return real(*args, **kw)
+
+    monkeypatch.setattr(decode, "decode_one_token", gated)
+    yield event
+    event.set()
+
+
+def test_full_queue_gets_429_and_the_slot_comes_back(session, gate):
+    served = start(session, concurrency=1, queue=0)
+    try:
+        results: list[Any] = []
+        first = threading.Thread(target=lambda: results.append(served.post({"messages": [USER], "max_tokens": 4})))
+        first.start()
+        end = time.monotonic() + 30
+        while served.engine.running == 0 and time.monotonic() < end:  # the first request holds the slot
+            time.sleep(0.01)
+        busy = served.post({"messages": [USER], "max_tokens": 4})
+        assert busy.status_code == 429 and busy.headers["retry-after"]
+        assert busy.json()["error"]["code"] == "server_busy"
+        with pytest.raises(openai.RateLimitError):
+            served.client().chat.completions.create(model=session.info.name, messages=[USER], stream=True)
+        gate.set()
+        first.join(30)
+        assert results[0].status_code == 200 and results[0].json()["usage"]["completion_tokens"] > 0
+        assert served.idle()
+        assert served.post({"messages": [USER], "max_tokens": 4}).status_code == 200  # the slot is free again
+    finally:
+        gate.set()
+        stop(served)
+
+
+def test_client_leaving_mid_stream_stops_its_generation(server, session, gate):
+    messages, chars = ask_messages("What is the TTL?")
+    body = {"messages": messages, "max_tokens": 200, "stream": True, "longdoc_prefix_chars": chars}
+    before = dict(server.engine.stats)
+    received = []
+    with httpx.stream(
+        "POST", f"{server.url}/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        received.append(next(line for line in lines if line.startswith("data:")))  # the role chunk
+        gate.set()  # decoding goes on; the client leaves after the first piece of text
+        received.append(next(line for line in lines if '"content"' in line and line.startswith("data:")))
+    assert server.idle(), "the generation went on after its client left"
+    assert server.engine.stats["cancelled"] == before["cancelled"] + 1
+    assert server.engine.stats["completed"] == before["completed"]
+    # the server carries on: the next request is answered, and equals the local greedy answer
+    out = server.client().chat.completions.create(
+        model=session.info.name,
+        messages=messages,
+        max_tokens=NEW,
+        extra_body={"longdoc_prefix_chars": chars},
+    )
+    assert out.choices[0].message.content == local(session, "What is the TTL?")["answer"]
+
+
+def test_client_leaving_a_non_streamed_request_stops_it(server, gate):
+    before = dict(server.engine.stats)
+    with pytest.raises(httpx.ReadTimeout):
+        server.post({"messages": [USER], "max_tokens": 200}, timeout=1.0)
+    assert server.engine.running == 1  # still held by the gate
+    gate.set()
+    assert server.idle()
+    assert server.engine.stats["cancelled"] == before["cancelled"] + 1
+
+
+def test_serve_refuses_bad_slot_counts(session):
+    from longdoc.errors import UsageError
+
+    for kw in ({"concurrency": 0}, {"queue": -1}):
+        with pytest.raises(UsageError):
+            serve.create_app(session, api_key=None, **kw)
+
+
+def test_importing_serve_does_not_import_fastapi():
+    import subprocess
+    import sys
+
+    code = "import sys, longdoc.serve; print(sorted(m for m in ('fastapi', 'uvicorn', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path.cwd())
+    assert out.stdout.strip() == "[]"
+
+
+def test_streamed_text_is_cut_like_the_answer():
+    visible = serve.VisibleText()
+    pieces = [visible.push(p) for p in ("\n ", "Paris", " is", " ", "\n", "big", " \n")]
+    assert pieces == ["", "Paris", " is", "", "", " \nbig", ""]
+    assert "".join(pieces) + visible.finish("Paris is \nbig") == "Paris is \nbig"
+    held = serve.VisibleText()
+    held.push("caf")  # a last character the streamer held back as incomplete arrives with the answer
+    assert held.finish("café") == "é"
+
+
+def test_without_max_tokens_the_answer_gets_the_room_left(server, session):
+    def tokens(content: str) -> int:
+        msgs = [{"role": "user", "content": content}]
+        return sum(len(ids) for ids in split_ids(session, serve.chat_prompt(session.tokenizer, msgs)))
+
+    content = "x" * (MAX_CONTEXT - 3)
+    while tokens(content) > MAX_CONTEXT - 3:  # a prompt 3 tokens short of the limit
+        content = content[: len(content) - (tokens(content) - (MAX_CONTEXT - 3))]
+    assert tokens(content) > MAX_CONTEXT - NEW  # the default budget would not fit
+    response = server.post({"messages": [{"role": "user", "content": content}]})
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]
+    assert usage["prompt_tokens"] == tokens(content) and usage["completion_tokens"] <= MAX_CONTEXT - tokens(content)
+    over = server.post({"messages": [{"role": "user", "content": content}], "max_tokens": NEW})
+    assert over.status_code == 400 and "exceeds the context limit" in over.json()["error"]["message"]
+
+
+SERVE_SCRIPT = """
+import sys, time
+from longdoc import serve
+from longdoc.config import GenerationConfig, RunConfig
+from longdoc.engine import decode
+from longdoc.pipeline import Session
+from longdoc.render import Reporter
+
+real = decode.decode_one_token
+def slow(*args, **kw):  # a generation that would run for a minute
+    time.sleep(0.05)
+    return real(*args, **kw)
+decode.decode_one_token = slow
+cfg = RunConfig(model=sys.argv[1], dtype="float32", generation=GenerationConfig(max_new_tokens=8))
+session = Session(cfg, Reporter())
+try:
+    serve.serve(session, port=0)
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr, flush=True)
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_cancels_generations_and_raises_keyboardinterrupt(session, tmp_path):
+    """``serve`` in a process of its own: Ctrl-C with a stream in flight ends the stream with an error
+    event, stops the generation and leaves ``serve`` by KeyboardInterrupt (the CLI's exit 130)."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE_SCRIPT, str(session.info.folder)],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        assert proc.stderr is not None
+        line = ""
+        while "serving" not in line:
+            line = proc.stderr.readline()
+            assert line, "the server did not start"
+        url = line.split(" on ")[1].strip()
+        body = {"messages": [USER], "max_tokens": 1200, "stream": True}
+        with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if '"content"' in line and '"role"' not in line)  # decoding is under way
+            proc.send_signal(signal.SIGINT)
+            events = list(serve.iter_sse(line for line in lines if line))
+        assert "shutting down" in events[-1]["error"]["message"]
+        assert proc.wait(60) == 130
+        rest = proc.stderr.read()
+        assert "interrupted" in rest and "Traceback" not in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_concurrency_two_runs_two_generations_at_once(server, gate):
+    """The module's server has two slots: two held requests run side by side (a third would wait)."""
+    results: list[Any] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(server.post({"messages": [USER], "max_tokens": 3})))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    end = time.monotonic() + 30
+    while (server.engine.running, server.engine.admitted) != (2, 3) and time.monotonic() < end:
+        time.sleep(0.01)
+    assert (server.engine.running, server.engine.admitted) == (2, 3)
+    gate.set()
+    for t in threads:
+        t.join(30)
+    assert [r.status_code for r in results] == [200, 200, 200]
+    assert server.idle()
+
+
+def test_client_leaving_during_prefill_stops_it_before_the_cache_is_written(server, monkeypatch):
+    from longdoc import doccache, pipeline
+
+    entered, gate = threading.Event(), threading.Event()
+    real = pipeline.prefill
+
+    def gated(*args: Any, **kw: Any) -> Any:
+        entered.set()
+        assert gate.wait(30), "the gate was never opened"
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pipeline, "prefill", gated)
+    before = dict(server.engine.stats)
+    messages, chars = ask_messages("What is the TTL?")  # a prefix long enough to be cached once prefilled
+    body = {"messages": messages, "max_tokens": NEW, "stream": True, "longdoc_prefix_chars": chars}
+    try:
+        with httpx.stream(
+            "POST", f"{server.url}/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+        ) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data:"))
+            if not entered.wait(30):
+                engine = server.engine
+                stream = next(lines, "") if engine.stats != before else "(still open)"
+                pytest.fail(
+                    f"the request never reached its prefill: running {engine.running}, admitted {engine.admitted},"
+                    f" stats {before} -> {engine.stats}; the stream: {stream}"
+                )
+        end = time.monotonic() + 30
+        while not all(job.cancel.is_set() for job in list(server.engine.jobs)) and time.monotonic() < end:
+            time.sleep(0.01)
+        noticed = [job.cancel.is_set() for job in list(server.engine.jobs)]
+    finally:
+        gate.set()
+    assert noticed == [True], f"the server did not notice the client leave: {noticed}"
+    assert server.idle()
+    assert server.engine.stats["cancelled"] == before["cancelled"] + 1, (before, server.engine.stats)
+    assert doccache.entries() == []  # stopped within the prefix's prefill: nothing half-done was saved
+
+
+def test_keepalive_comments_while_nothing_is_generated(server, session, gate, monkeypatch):
+    monkeypatch.setattr(serve, "KEEPALIVE_S", 0.05)
+    body = {"messages": [USER], "max_tokens": 3, "stream": True}
+    with httpx.stream(
+        "POST", f"{server.url}/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    ) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith(":")) == ": keep-alive"  # decoding is held
+        gate.set()
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    gate.clear()  # the openai client reads past the comments
+    threading.Timer(0.3, gate.set).start()
+    client = server.client()
+    chunks = client.chat.completions.create(model=session.info.name, messages=[USER], max_tokens=3, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == server.post({"messages": [USER], "max_tokens": 3}).json()["choices"][0]["message"]["content"]
