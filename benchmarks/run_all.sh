@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark behind benchmarks/RESULTS.md, run back to back on an otherwise idle machine.
 # JSON lands in benchmarks/out/. Takes well over an hour on 2 CPU cores; run pieces by name:
-#   benchmarks/run_all.sh engine dca passkey ppl recycle needle beyond summarize recycle32 quote recall llamacpp quant
+#   benchmarks/run_all.sh engine dca passkey ppl recycle needle beyond summarize recycle32 quote recall cache fuzz llamacpp quant
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=benchmarks/out
@@ -46,6 +46,15 @@ for step in "${steps[@]}"; do
         --configs full,fixed:2048:16,fixed:4096:16,dynamic:2048:8:0.9 --name quote ;;
     recall)  # issue 8: page facts that reach a map-reduce summary, previous prompts vs current
       run python -m benchmarks.bench_recall --before 1236822 ;;
+    cache)   # issue 11: time to first token of a second question, cold vs the document cache
+      run python -m benchmarks.bench_cache --lengths 16384,32768 ;;
+    fuzz)    # issue 10: ingestion, CLI and Ctrl-C fuzz, model-cache faults (all into out/fuzz.json)
+      run python -m tests.fuzz.run ingest --cases 5000 --seed 0
+      run python -m tests.fuzz.run ingest --start 5000 --cases 5000 --seed 0
+      run python -c "from pathlib import Path; from tests.test_models import save_tiny_qwen2; save_tiny_qwen2(Path('/tmp/tiny-model'), window=4096)"
+      run python -m tests.fuzz.run cli --cases 300 --seed 0 --model /tmp/tiny-model
+      run python -m tests.fuzz.run sigint --runs 50 --seed 3 --max-delay 15
+      run python -m tests.fuzz.cache_faults --kills 20 --racers 3 --seed 0 ;;
     llamacpp) # issue 13: longdoc (each --quantize) vs transformers bfloat16 vs llama.cpp, same GGUF, one run
       run python -m benchmarks.bench_llamacpp --lengths 2048,8192,32768 --new 32 --name llamacpp ;;
     quant)   # issue 13: quality of --quantize against bfloat16 (perplexity through the quantized weights)
