@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from benchmarks.common import corpus_text, run_child, save
+from benchmarks.common import corpus_text, hf_generate_timed, run_child, save
 
 
 def rss() -> int:
@@ -40,28 +40,8 @@ def child(mode: str, dtype: str, length: int, new: int, dca: str, chunk: int | N
     info = session.info
     t0 = time.perf_counter()
     if mode == "hf":
-        from transformers import AutoModelForCausalLM
-        from transformers.generation.streamers import BaseStreamer
-
-        model = AutoModelForCausalLM.from_pretrained(str(info.folder), dtype=info.dtype, attn_implementation="sdpa")
-        load_s = time.perf_counter() - t0
-        x = torch.tensor([ids])
-        stamps: list[float] = []
-
-        class Clock(BaseStreamer):
-            """Timestamps each generated token (generate calls put() once with the prompt first)."""
-
-            def put(self, value: torch.Tensor) -> None:
-                stamps.append(time.perf_counter())
-
-            def end(self) -> None:
-                pass
-
-        with torch.inference_mode():
-            model.generate(x[:, :16], max_new_tokens=2, do_sample=False)  # warm-up, as the longdoc path gets
-            t1 = time.perf_counter()
-            out = model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=Clock())
-        n_gen = out.shape[1] - len(ids)
+        model, load_s, t1, stamps = hf_generate_timed(info.folder, info.dtype, ids, new)
+        n_gen = len(stamps) - 1
         t_prefill = stamps[1] - t1  # the first generated token ends the prefill
         decode_s = stamps[-1] - stamps[1]
         kv_bytes = None

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import corpus_text, run_child, save
+from benchmarks.common import corpus_text, hf_generate_timed, run_child, save
 
 GGUF_DIR = Path("/tmp/longdoc-bench-gguf")
 CONFIGS = "longdoc:none,longdoc:int8,longdoc:int4,hf:bfloat16,llamacpp"
@@ -124,30 +124,10 @@ def child_longdoc(quantize: str, ids: list[int], new: int) -> dict[str, Any]:
 
 
 def child_hf(ids: list[int], new: int) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM
-    from transformers.generation.streamers import BaseStreamer
-
     from longdoc.pipeline import model_info
 
     info = model_info(None, "cpu", "bfloat16")
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(info.folder), dtype=torch.bfloat16, attn_implementation="sdpa")
-    load_s = time.perf_counter() - t0
-    stamps: list[float] = []
-
-    class Clock(BaseStreamer):
-        def put(self, value: torch.Tensor) -> None:
-            stamps.append(time.perf_counter())
-
-        def end(self) -> None:
-            pass
-
-    x = torch.tensor([ids])
-    with torch.inference_mode():
-        model.generate(x[:, :16], max_new_tokens=2, do_sample=False)
-        t1 = time.perf_counter()
-        model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=Clock())
-    # put() is called with the prompt first, then once per generated token
+    _, load_s, t1, stamps = hf_generate_timed(info.folder, torch.bfloat16, ids, new)
     return {"dtype": "bfloat16", "load_s": round(load_s, 2), "prefill_s": stamps[1] - t1, "stamps": stamps[1:]}
 
 

@@ -84,3 +84,36 @@ def prefilled(session: Any, cfg: Any, prompt_ids: list[int], new: int, kv_dir: P
     save_file(tensors, str(tmp))
     tmp.replace(path)
     return model, kv, logits, prefill_s
+
+
+def hf_generate_timed(
+    folder: Path, dtype: torch.dtype, ids: list[int], new: int
+) -> tuple[Any, float, float, list[float]]:
+    """Plain transformers (SDPA) greedy ``generate`` of ``new`` tokens after ``ids``, timed per token.
+
+    Returns (model, load_s, t_start, stamps): ``stamps[0]`` is the prompt's ``put``, ``stamps[1]`` the first
+    generated token (the end of the prefill), then one per token; a short warm-up runs first, as longdoc's
+    path gets one.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa")
+    load_s = time.perf_counter() - t0
+    stamps: list[float] = []
+
+    class Clock(BaseStreamer):
+        def put(self, value: torch.Tensor) -> None:
+            stamps.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        model.generate(x[:, :16], max_new_tokens=2, do_sample=False)
+        stamps.clear()
+        t1 = time.perf_counter()
+        model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=Clock())
+    return model, load_s, t1, stamps
