@@ -15,19 +15,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+# fastapi, uvicorn, openai and httpx come with the dev extra: a missing one fails here, never skips
+import httpx
+import openai
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-
-from longdoc import serve  # noqa: E402
-from longdoc.config import DCAConfig, GenerationConfig, RecycleConfig, RunConfig  # noqa: E402
-from longdoc.engine import decode  # noqa: E402
-from longdoc.errors import DoesNotFitError  # noqa: E402
-from longdoc.ingest import Document  # noqa: E402
-from longdoc.pipeline import Session, run_prompt, split_ids  # noqa: E402
+from longdoc import serve
+from longdoc.config import DCAConfig, GenerationConfig, RecycleConfig, RunConfig
+from longdoc.engine import decode
+from longdoc.errors import DoesNotFitError
+from longdoc.ingest import Document
+from longdoc.pipeline import Session, run_prompt, split_ids
 from longdoc.prompt import ask_prompt, format_documents, template  # noqa: E402
 from longdoc.render import Reporter  # noqa: E402
 
