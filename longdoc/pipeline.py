@@ -229,6 +229,7 @@ class Session:
     info: ModelInfo = field(init=False)
     _loaded: models.LoadedModel | None = None
     _identity: str | None = None
+    _prefix: tuple[str, list[int]] | None = None  # the last document prefix and its ids (split_ids)
     load_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -301,7 +302,11 @@ def device_kind(device: torch.device) -> str:
 def split_ids(session: Session, prompt: str) -> tuple[list[int], list[int]]:
     """A prompt's token ids as (document prefix, rest), tokenized apart (``prompt.Prompt``)."""
     if isinstance(prompt, Prompt) and prompt.prefix_chars:
-        return session.encode(prompt.prefix), session.encode(prompt.rest)
+        prefix = prompt.prefix
+        # the same documents come back with every question, fit check and chat turn: tokenize them once
+        if session._prefix is None or session._prefix[0] != prefix:
+            session._prefix = (prefix, session.encode(prefix))
+        return session._prefix[1], session.encode(prompt.rest)
     return [], session.encode(prompt)
 
 
@@ -391,9 +396,9 @@ class Conversation:
         except OSError as exc:  # a full or read-only disk costs the next run its reuse, not this answer
             rep.warn(f"could not write the document cache ({exc.strerror or exc}); the answer is unaffected")
             return
-        self.cache = {"hit": False, "bytes": size, "load_s": 0.0, "key": key[:16], "save_s": 0.0}
-        self.cache["save_s"] = round(time.perf_counter() - t0, 3)
-        rep.status(f"saved the document prefix to the cache ({size / 1e6:,.0f} MB in {self.cache['save_s']:.2f}s)")
+        save_s = round(time.perf_counter() - t0, 3)
+        self.cache = {"hit": False, "bytes": size, "load_s": 0.0, "key": key[:16], "save_s": save_s}
+        rep.status(f"saved the document prefix to the cache ({size / 1e6:,.0f} MB in {save_s:.2f}s)")
 
     def prepare(self) -> None:
         """Bring the prefix in now (a chat, before its first question) rather than with the first answer."""

@@ -193,10 +193,23 @@ def render(tokenizer: Any, name: str, **fields: str) -> Prompt:
 def _chat(tokenizer: Any, user_text: str) -> str:
     # safe_text: a non-UTF-8 file name or argument (lone surrogates) would make the tokenizer fail
     user = safe_text(user_text.strip())
-    messages = [{"role": "system", "content": template("system").strip()}, {"role": "user", "content": user}]
+    return chat_text(
+        tokenizer, [{"role": "system", "content": template("system").strip()}, {"role": "user", "content": user}]
+    )
+
+
+def chat_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """``messages`` in the model's chat template, ready for the answer; without a template, plain
+    turns: the system text, then each user turn followed by a blank line and ``Answer:``."""
     if getattr(tokenizer, "chat_template", None):
         return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    return f"{messages[0]['content']}\n\n{user}\n\nAnswer:"
+    text = ""
+    for m in messages:
+        if m["role"] == "assistant":
+            text += " " + m["content"]
+        else:
+            text += ("\n\n" if text else "") + m["content"] + ("\n\nAnswer:" if m["role"] == "user" else "")
+    return text
 
 
 def ask_prompt(tokenizer: Any, docs: list[Document], question: str) -> Prompt:

@@ -255,32 +255,18 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, str]], prefix_chars: in
     messages are laid out as ``prompt`` lays out its fallback (``system``, blank line, ``user``, blank
     line, ``Answer:``).
     """
-    from longdoc.prompt import Prompt
+    from longdoc.prompt import Prompt, chat_text
 
     # the stand-in's character is dropped from the content, so it can never hold it
     clean = [{**m, "content": safe_text(m["content"]).replace(_PREFIX_MARK[0], "")} for m in messages]
     last = clean[-1]["content"]
     cut = min(document_chars(last, prefix_chars), len(last))
     marked = [*clean[:-1], {**clean[-1], "content": last[:cut] + _PREFIX_MARK + last[cut:]}]
-    text = _render(tokenizer, marked)
+    text = chat_text(tokenizer, marked)
     if text.count(_PREFIX_MARK) != 1:  # a template that repeats or drops the content: no shared prefix
-        return Prompt("", _render(tokenizer, clean))
+        return Prompt("", chat_text(tokenizer, clean))
     head, _, tail = text.partition(_PREFIX_MARK)
     return Prompt(head, tail)
-
-
-def _render(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    text = ""
-    for m in messages:
-        if m["role"] == "system":
-            text += ("\n\n" if text else "") + m["content"]
-        elif m["role"] == "user":
-            text += ("\n\n" if text else "") + m["content"] + "\n\nAnswer:"
-        else:
-            text += " " + m["content"]
-    return text
 
 
 # --------------------------------------------------------------------------------------------------
