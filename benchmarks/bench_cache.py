@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, corpus_text, save
+from benchmarks.common import REPO, corpus_text, cpu_info, save
 
 QUESTIONS = ("What problem does the paper address?", "Which datasets are used in the experiments?")
 
@@ -85,18 +85,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
     import torch
 
-    payload = {"rows": rows, "new_tokens": args.new, "torch": torch.__version__, "cpu": _cpu()}
+    payload = {"rows": rows, "new_tokens": args.new, "torch": torch.__version__, "cpu": cpu_info()["cpu"]}
     print(save(args.name, payload))
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -28,6 +28,27 @@ def corpus_text() -> str:
     return format_documents(ingest_paths(pdfs))
 
 
+def cpu_info() -> dict[str, Any]:
+    """The CPU a row ran on: model name, the bfloat16 matrix units, threads."""
+    from longdoc.models import cpu_flags
+
+    name = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_flags()
+    return {
+        "cpu": name,
+        "amx": "amx_bf16" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def run_child(script: str, args: list[str]) -> dict[str, Any]:
     """Run one configuration in its own process so its peak RSS is its own."""
     module = "benchmarks." + script.removesuffix(".py")

@@ -371,7 +371,132 @@ def quantized() -> str | None:
     if not rows:
         return None
     head = ["--quantize", "perplexity (no DCA)", "passkey 4K, 8K x 3 depths", "needle 8K, 16K, keys 1 and 4"]
-    return "### Weight-only quantization: quality against bfloat16\n\n" + table(head, rows)
+    out = "### Weight-only quantization: quality against bfloat16\n\n" + table(head, rows)
+    mix = load("quant_mix")
+    if mix:
+        base = mix["rows"][0]  # the "none" selection
+        lengths = [k for k in base if k.isdigit()]
+        mix_rows = [[r["selection"], *(f"{r[n]} ({r[n] / base[n] - 1:+.1%})" for n in lengths)] for r in mix["rows"]]
+        out += (
+            f"\n\nWhich linears can take int4: perplexity of mixed selections (`{mix['command']}`, "
+            f"{mix['cpu']}, corpus PDFs only)\n\n" + table(["linears", *(f"ppl {n}" for n in lengths)], mix_rows)
+        )
+    return out
+
+
+def prefill_breakdown(names: tuple[str, ...] = ("prefill", "prefill_64k")) -> str | None:
+    """Where prefill time goes, exact vs sparse, and the ETA check (bench_prefill.py)."""
+    rows, notes = [], []
+    for name in names:
+        data = load(name)
+        if not data:
+            continue
+        notes.append(
+            f"`{data['command']}`: {data['cpu']}, {data['threads']} threads, {data['dtype']}, "
+            f"matmul ceiling {data['matmul_ceiling_gflops']:.0f} GFLOP/s"
+        )
+        exact = {(r["tokens"], r["layers"]): r["prefill_s"] for r in data["rows"] if r["mode"] == "exact"}
+        hf = {(r["tokens"], r["layers"]): r["prefill_s"] for r in data["rows"] if r["mode"] == "transformers"}
+        for r in data["rows"]:
+            base = exact.get((r["tokens"], r["layers"]))
+            total = r["prefill_s"]
+            tokens = f"{r['tokens']:,}" + ("" if r["layers"] >= 24 else f" ({r['layers']} layers)")
+            against = (hf.get((r["tokens"], r["layers"])) or 0) / total
+            if r["mode"] == "transformers":
+                rows.append([tokens, "transformers (SDPA)", "1.000", f"{total:.1f}", f"{r['tok_s']:,.0f}", *[""] * 7])
+                continue
+            mode = "exact" if r["mode"] == "exact" else f"sparse {r['budget']}"
+            rows.append(
+                [
+                    tokens,
+                    mode + (" + DCA" if r["dca"] else ""),
+                    f"{r['kept_fraction']:.3f}",
+                    f"{total:.1f}",
+                    f"{r['tok_s']:,.0f}",
+                    f"{r['linear_s']:.1f} ({r['linear_s'] / total:.0%}) at {r['linear_gflops']:.0f}",
+                    f"{r['attention_s']:.1f} ({r['attention_s'] / total:.0%}) at {r['attention_gflops']:.0f}",
+                    f"{r['attention_vs_ceiling']:.2f}",
+                    f"{r['other_s']:.1f}",
+                    f"{base / total:.2f}x" if base else "",
+                    f"{against:.2f}x" if against else "",
+                    f"{r['eta_at_half_s']:.0f} / {r['actual_after_half_s']:.0f} ({r['eta_error']:+.0%})",
+                ]
+            )
+    if not rows:
+        return None
+    head = [
+        "tokens",
+        "prefill",
+        "kept pairs",
+        "seconds",
+        "tok/s",
+        "linear s (share) at GFLOP/s",
+        "attention s (share) at GFLOP/s",
+        "attention / ceiling",
+        "other s",
+        "vs exact",
+        "vs transformers",
+        "ETA at half / actual",
+    ]
+    return (
+        "### Where prefill time goes; exact vs sparse prefill\n\n"
+        + "\n".join(f"- {n}" for n in notes)
+        + "\n\n"
+        + table(head, rows)
+    )
+
+
+def sparse_quality() -> str | None:
+    """Quality gates of sparse prefill against exact (benchmarks/out/sparse/*.json, `longdoc eval`)."""
+    rows = []
+    for task in ("passkey32k", "passkey64k", "ppl32k", "needle16k", "needle32k"):
+        cells = []
+        for mode in ("exact", "sparse"):
+            data = load(f"sparse/{task}_{mode}")
+            if not data:
+                cells.append("not run")
+            elif data["task"] == "ppl":
+                cells.append(", ".join(f"{r['length']}: {r.get('ppl', r.get('error'))}" for r in data["results"]))
+            else:
+                # the needle eval also decodes with baselines: its "full" rows are this prefill's answers
+                right = [bool(r["correct"]) for r in data["results"] if r.get("method", "full") == "full"]
+                cells.append(f"{sum(right)}/{len(right)}")
+        if any(c != "not run" for c in cells):
+            rows.append([task, *cells])
+    if not rows:
+        return None
+    return "### Sparse prefill: quality against exact\n\n" + table(["check", "exact", "sparse (default)"], rows)
+
+
+def serve() -> None | str:
+    """summarize --each in process vs through longdoc serve (--endpoint), warm document cache (bench_serve)."""
+    data = load("serve")
+    if not data:
+        return None
+    rows = []
+    for r in data["rows"]:
+        hits = r.get("server_cache_hits", r.get("cache_hits"))
+        overhead = r.get("overhead_s")
+        rows.append(
+            [
+                r["variant"],
+                r["wall_s"],
+                round(sum(r["ttft_s"]) / len(r["ttft_s"]), 2),
+                f"{r['overhead_mean_s']:.3f} (max {max(overhead):.3f})" if overhead else "-",
+                "-" if hits is None else f"{hits}/{r['papers']}",
+            ]
+        )
+    head = ["variant", "wall s", "mean TTFT s", "server overhead per request s", "prefixes from the cache"]
+    pages = f"pages {data['pages']} of each" if data.get("pages") else "whole papers"
+    note = (
+        f"{len(data['papers'])} corpus papers ({pages}, {min(data['prompt_tokens']):,}-{max(data['prompt_tokens']):,}"
+        f" prompt tokens), `--max-new-tokens {data['new_tokens']}`, document KV cache warmed first (the cold"
+        f" in-process pass took {data['cold_wall_s']} s), `longdoc serve --concurrency {data['server_concurrency']}`;"
+        f" one run each, wall = the whole `longdoc summarize --each --json` process; server overhead = the client's"
+        f" time for a request minus the server's own prefill and decode time. Same summaries in every variant:"
+        f" {data['same_summaries']}."
+    )
+    return f"### summarize --each: in process vs longdoc serve ({data['cpu']})\n\n{note}\n\n" + table(head, rows)
 
 
 def main() -> None:
@@ -380,6 +505,8 @@ def main() -> None:
         engine("dca", "DCA vs plain attention prefill (longdoc, bfloat16)"),
         llamacpp(),
         quantized(),
+        prefill_breakdown(),
+        sparse_quality(),
         recycle(),
         recycle("recycle_32k", "Recycled decode at 32K with DCA, before and after issue 9"),
         recycle("recycle_32k_k4096", "Recycled decode at 32K with DCA, K=4096"),
@@ -389,6 +516,7 @@ def main() -> None:
         recall("recall", ", first revision of the new prompts"),
         recall("recall_final", ", final prompts"),
         cache(),
+        serve(),
         fuzz(),
     ]
     print("\n\n".join(s for s in sections if s))

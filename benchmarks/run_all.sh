@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every benchmark behind benchmarks/RESULTS.md, run back to back on an otherwise idle machine.
 # JSON lands in benchmarks/out/. Takes well over an hour on 2 CPU cores; run pieces by name:
-#   benchmarks/run_all.sh engine dca passkey ppl recycle needle beyond summarize recycle32 quote recall cache fuzz llamacpp quant
+#   benchmarks/run_all.sh engine dca passkey ppl recycle needle beyond summarize recycle32 quote recall cache fuzz llamacpp quant serve \
+#   prefill sparse
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=benchmarks/out
@@ -64,7 +65,24 @@ for step in "${steps[@]}"; do
           > "$OUT/quant_passkey_$q.json"
         run longdoc eval needle --lengths 8192,16384 --depths 0.5 --keys 1,4 --quantize $q --json \
           > "$OUT/quant_needle_$q.json"
-      done ;;
+      done
+      run python -m benchmarks.bench_quant --lengths 4096 ;;  # mixed int8/int4 selections (not schemes)
+    prefill) # issue 12: where prefill time goes, exact vs sparse vs transformers (a 64K exact prefill of all
+             # 24 layers takes over 20 minutes on 2 cores: those rows run the first 2 layers)
+      run python -m benchmarks.bench_prefill --lengths 8192,16384,32768 --modes exact,sparse,transformers \
+        --budgets 1024,2048 --layers 4 --name prefill
+      run python -m benchmarks.bench_prefill --lengths 65536 --modes exact,sparse,transformers --budgets 1024,2048 \
+        --layers 2 --name prefill_64k ;;
+    sparse)  # issue 12: quality of sparse prefill against exact, and the end-to-end asks
+      S="$OUT/sparse"; mkdir -p "$S"
+      run longdoc eval passkey --lengths 32768 --depths 0.1,0.5,0.9 --prefill sparse --json > "$S/passkey32k_sparse.json"
+      run longdoc eval passkey --lengths 65536 --depths 0.1,0.5,0.9 --prefill sparse --json > "$S/passkey64k_sparse.json"
+      run longdoc eval ppl "$CORPUS" --lengths 32768 --prefill sparse --json > "$S/ppl32k_sparse.json"
+      run longdoc eval ppl "$CORPUS" --lengths 32768 --prefill exact --json > "$S/ppl32k_exact.json"
+      run longdoc eval needle --lengths 16384 --depths 0.5 --keys 1,4 --trials 3 --prefill sparse --json > "$S/needle16k_sparse.json"
+      run longdoc eval needle --lengths 16384 --depths 0.5 --keys 1,4 --trials 3 --prefill exact --json > "$S/needle16k_exact.json" ;;
+    serve)   # issue 14: summarize --each in process vs through longdoc serve (--endpoint), concurrency 1 and 2
+      run python -m benchmarks.bench_serve --new 64 --pages 1-5 ;;
     summarize) # issue 5: five papers in one DCA pass vs map-reduce
       run python -m benchmarks.bench_summarize --papers 2 --map-context 8192 --new 200 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;

@@ -16,7 +16,8 @@ from typing import Any, TextIO
 from longdoc.errors import UsageError
 from longdoc.ingest import Document
 from longdoc.pipeline import Conversation, Session, run_prompt, split_ids
-from longdoc.prompt import ask_prompt, follow_up
+from longdoc.prompt import Prompt, ask_prompt, follow_up
+from longdoc.remote import RemoteChat, RemoteSession
 from longdoc.summarize import empty_result
 
 # Room a chat plans for beyond the documents and the first question (it grows further on demand, up
@@ -56,20 +57,37 @@ def ask_all(
     """Answer each question from the documents' prefix, prefilled (or loaded) once; ``emit`` gets
     each question and its result (and may end the run, e.g. on an interrupted answer)."""
     prompts = [ask_prompt(session.tokenizer, docs, q) for q in questions]
-    splits = [split_ids(session, p) for p in prompts]
-    prefix = splits[0][0]
-    conversation = Conversation(session, prefix, max(len(a) + len(b) for a, b in splits), sources)
-    for question, prompt, (head, rest) in zip(questions, prompts, splits, strict=True):
+    answer = _prefix_sharing(session, prompts, sources)
+    for question, prompt in zip(questions, prompts, strict=True):
         if before:
             before(question)
         try:
-            if head == prefix:
-                result = conversation.answer(rest, sources, on_text)
-            else:  # a user template that puts the question before the documents: nothing to share
-                result = run_prompt(session, prompt, sources, on_text)
+            result = answer(prompt, on_text)
         except KeyboardInterrupt:  # between the steps of an answer: the question still gets its result
             result = {**empty_result(session, sources), "interrupted": True}
         emit(question, result)
+
+
+def _prefix_sharing(
+    session: Session, prompts: list[Prompt], sources: list[dict[str, Any]]
+) -> Callable[[Prompt, Callable[[str], None] | None], dict[str, Any]]:
+    """How each of ``prompts`` (one document prefix, several questions) gets its answer: from one
+    ``Conversation`` that holds the prefix; through ``--endpoint`` one request each, the server
+    sharing the prefix between them."""
+    if isinstance(session, RemoteSession):
+        return lambda prompt, on_text: session.run_prompt(prompt, sources, on_text)
+    splits = [split_ids(session, p) for p in prompts]
+    prefix = splits[0][0]
+    conversation = Conversation(session, prefix, max(len(a) + len(b) for a, b in splits), sources)
+
+    def answer(prompt: Prompt, on_text: Callable[[str], None] | None) -> dict[str, Any]:
+        head, rest = split_ids(session, prompt)  # the prefix's ids are remembered: only the question is tokenized
+        if head == prefix:
+            return conversation.answer(rest, sources, on_text)
+        # a user template that puts the question before the documents: nothing to share
+        return run_prompt(session, prompt, sources, on_text)
+
+    return answer
 
 
 def terminal_questions(history: Path | None) -> Iterator[str]:
@@ -109,6 +127,13 @@ def piped_questions(stream: TextIO) -> Iterator[str]:
     for line in stream:
         if line.strip():
             yield line.strip()
+
+
+def open_chat(session: Session, docs: list[Document], sources: list[dict[str, Any]]) -> Chat | RemoteChat:
+    """A conversation over ``docs``: in this process's KV cache, or through ``--endpoint``."""
+    if isinstance(session, RemoteSession):
+        return RemoteChat(session, docs, sources)
+    return Chat(session, docs, sources)
 
 
 class Chat:

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
@@ -21,7 +21,15 @@ try:
     import typer
 
     from longdoc import errors, render
-    from longdoc.config import QUANTIZE_SCHEMES, DCAConfig, GenerationConfig, RecycleConfig, RunConfig
+    from longdoc.config import (
+        PREFILL_MODES,
+        QUANTIZE_SCHEMES,
+        DCAConfig,
+        GenerationConfig,
+        PrefillConfig,
+        RecycleConfig,
+        RunConfig,
+    )
     from longdoc.errors import LongdocError, UsageError
     from longdoc.render import Reporter, console, human_bytes, plain
 except KeyboardInterrupt:  # Ctrl-C while starting up: interrupted, without a traceback
@@ -39,7 +47,13 @@ app.add_typer(eval_app, name="eval")
 
 # Options shared by every command that runs the model (names are part of the contract).
 Model = Annotated[
-    str | None, typer.Option("-m", "--model", help="Model: default embedded, a local HF folder, or a .gguf file.")
+    str | None,
+    typer.Option(
+        "-m",
+        "--model",
+        help="Model: default embedded, a local HF folder, or a .gguf file. With --endpoint only its tokenizer is"
+        " used, to count tokens for the fit checks: an estimate when the server runs another model.",
+    ),
 ]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto | bfloat16 | float32 | float16")]
@@ -48,6 +62,15 @@ Quantize = Annotated[
     typer.Option(
         "--quantize", help="Weight-only quantized linears for decoding: none | int8 | int4 (made once, cached)."
     ),
+]
+Prefill = Annotated[
+    str,
+    typer.Option(
+        "--prefill", help="Prefill attention: auto (sparse for long prompts) | exact | sparse (see RESULTS.md)."
+    ),
+]
+PrefillBudget = Annotated[
+    int, typer.Option("--prefill-budget", help="Sparse prefill: keys each query picks beyond its local band.")
 ]
 Dca = Annotated[
     bool | None,
@@ -108,6 +131,34 @@ CacheMaxGb = Annotated[
     typer.Option("--cache-max-gb", help="Document KV cache size cap in GB; least recently used entries go first."),
 ]
 
+# --endpoint: the model calls go to an OpenAI-compatible server (longdoc.remote); the rest stays here.
+Endpoint = Annotated[
+    str | None,
+    typer.Option(
+        "--endpoint",
+        metavar="URL",
+        help="Send the model calls to this OpenAI-compatible server (longdoc serve, vLLM, llama-server), e.g."
+        " http://127.0.0.1:8000/v1; reading, prompts, fit checks and the JSON stay local.",
+    ),
+]
+ApiKey = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="OPENAI_API_KEY", show_envvar=True, help="With --endpoint: its bearer token."),
+]
+RemoteModel = Annotated[
+    str | None,
+    typer.Option(
+        "--remote-model", metavar="NAME", help="With --endpoint: the served model to use (default: the first listed)."
+    ),
+]
+Concurrency = Annotated[
+    int,
+    typer.Option(
+        "--concurrency",
+        help="With --endpoint: requests sent at once by --each and map-reduce (a batching server runs them together).",
+    ),
+]
+
 # Defaults of the size caps, as the options show them (longdoc.ingest.MAX_FILE_SIZE / MAX_TOTAL_SIZE).
 DEFAULT_MAX_FILE_SIZE = "256M"
 DEFAULT_MAX_TOTAL_SIZE = "1G"
@@ -126,6 +177,8 @@ def handled(reporter: Reporter, state: RunState | None = None) -> Iterator[None]
     """
     try:
         yield
+    except typer.Exit:  # a decided exit (an interrupted result already reported by _finish)
+        raise
     except LongdocError as exc:
         reporter.error(exc.message)
         raise typer.Exit(exc.exit_code) from None
@@ -213,6 +266,9 @@ def check_options(opts: dict[str, Any]) -> None:
     if not (math.isfinite(threshold) and -1 <= threshold <= 1):
         raise UsageError(f"--recycle-threshold is a cosine similarity between -1 and 1, not {threshold}")
     models.resolve_dtype(opts.get("dtype", "auto"), models.resolve_device(opts.get("device", "auto")))
+    if opts.get("prefill", "auto") not in PREFILL_MODES:
+        raise UsageError(f"--prefill accepts {', '.join(PREFILL_MODES)}, not {opts['prefill']!r}")
+    _positive(opts, "prefill_budget", "--prefill-budget")
     if opts.get("quantize", "none") not in QUANTIZE_SCHEMES:
         raise UsageError(f"--quantize accepts {', '.join(QUANTIZE_SCHEMES)}, not {opts['quantize']!r}")
     if opts.get("pages"):
@@ -223,6 +279,10 @@ def check_options(opts: dict[str, Any]) -> None:
         _check_globs(opts.get(name) or [], f"--{name}")
     if "max_file_size" in opts:
         read_budget(opts)
+    if "endpoint" in opts:  # commands that can run remotely: --endpoint and its companions
+        from longdoc import remote
+
+        remote.options(opts)
     if "prompts" in opts:  # commands that build prompts: a broken template is a usage error up front
         from longdoc import prompt
 
@@ -282,6 +342,9 @@ def run_config(opts: dict[str, Any]) -> RunConfig:
             local_window=local_window,
             temperature=opts.get("dca_temperature", d.dca.temperature),
         ),
+        prefill=PrefillConfig(
+            mode=opts.get("prefill", d.prefill.mode), budget=opts.get("prefill_budget", d.prefill.budget)
+        ),
         recycle=RecycleConfig(
             enabled=opts.get("recycle", d.recycle.enabled),
             k=opts.get("recycle_k", d.recycle.k),
@@ -296,6 +359,20 @@ def run_config(opts: dict[str, Any]) -> RunConfig:
             seed=opts.get("seed"),
         ),
     )
+
+
+def open_session(cfg: RunConfig, reporter: Reporter, opts: dict[str, Any]) -> Any:
+    """The engine a command runs on: the local model, or with --endpoint a server (``remote.RemoteSession``:
+    the local tokenizer only, never the weights). ``opts`` are the command's parsed options."""
+    from longdoc import pipeline, remote
+
+    options = remote.options(opts)
+    if options is None:
+        return pipeline.Session(cfg, reporter)
+    ignored = remote.local_only(opts)
+    if ignored:
+        reporter.warn(f"{', '.join(ignored)}: not applicable with --endpoint (the server runs the model its own way)")
+    return remote.RemoteSession(cfg, reporter, options)
 
 
 def _finish(reporter: Reporter, result: dict[str, Any]) -> None:
@@ -356,6 +433,8 @@ def ask(
     device: Device = "auto",
     dtype: Dtype = "auto",
     quantize: Quantize = RunConfig.quantize,
+    prefill: Prefill = PrefillConfig.mode,
+    prefill_budget: PrefillBudget = PrefillConfig.budget,
     dca: Dca = None,
     chunk_size: ChunkSize = None,
     local_window: LocalWindow = None,
@@ -380,6 +459,9 @@ def ask(
     prompts: Prompts = None,
     no_cache: NoCache = False,
     cache_max_gb: CacheMaxGb = RunConfig.cache_max_gb,
+    endpoint: Endpoint = None,
+    api_key: ApiKey = None,
+    remote_model: RemoteModel = None,
 ) -> None:
     """Answer one or more questions about the inputs (the documents are prefilled once)."""
     reporter = Reporter(quiet=quiet, json_mode=json_out)
@@ -390,13 +472,14 @@ def ask(
         from longdoc.citations import extract_citations
 
         paths, asked = _paths_and_questions(args, question, questions)
-        cfg = run_config(locals())
+        opts = locals()
+        cfg = run_config(opts)
         if questions is not None:
             asked += read_questions(questions)
         state["stage"] = "ingest"
         docs, ingest_s = _ingest(reporter, paths, pages, include, exclude, read_budget(locals()))
         state["stage"] = "load"
-        session = pipeline.Session(cfg, reporter)
+        session = open_session(cfg, reporter, opts)
         state["model"] = session.info.name
         state["sources"] = sources = pipeline.source_entries(docs, session.count)
         state["stage"] = "generate"
@@ -459,6 +542,8 @@ def summarize(
     device: Device = "auto",
     dtype: Dtype = "auto",
     quantize: Quantize = RunConfig.quantize,
+    prefill: Prefill = PrefillConfig.mode,
+    prefill_budget: PrefillBudget = PrefillConfig.budget,
     dca: Dca = None,
     chunk_size: ChunkSize = None,
     local_window: LocalWindow = None,
@@ -483,6 +568,10 @@ def summarize(
     prompts: Prompts = None,
     no_cache: NoCache = False,
     cache_max_gb: CacheMaxGb = RunConfig.cache_max_gb,
+    endpoint: Endpoint = None,
+    api_key: ApiKey = None,
+    remote_model: RemoteModel = None,
+    concurrency: Concurrency = 1,
 ) -> None:
     """Summarize the inputs (together, or one by one with --each); map-reduce when they do not fit at once."""
     reporter = Reporter(quiet=quiet, json_mode=json_out)
@@ -500,16 +589,17 @@ def summarize(
         summary_instructions(style, max_words)  # a bad --style is a usage error before any work
         if max_words is not None and max_words < 1:
             raise UsageError("--max-words must be at least 1")
-        cfg = run_config(locals())
-        budget = read_budget(locals())
+        opts = locals()
+        cfg = run_config(opts)
+        budget = read_budget(opts)
         paths = list(paths or []) + (read_paths_from(paths_from, null) if paths_from is not None else [])
         if not paths:
             raise UsageError("give at least one PATH to summarize ('-' reads stdin), or --paths-from FILE")
-        run = _Summaries(reporter, cfg, style, max_words, (pages, include, exclude, budget))
+        run = _Summaries(reporter, cfg, style, max_words, (pages, include, exclude, budget), opts)
         if not each:
             run.together(paths, state)
             return
-        failures = [code for path in paths if (code := run.one_of_each(path)) is not None]
+        failures = run.each(paths)
         if failures:
             # any unreadable input: 3; only inputs that did not fit: 4 (README "Exit codes")
             raise typer.Exit(errors.EXIT_INPUT if errors.EXIT_INPUT in failures else errors.EXIT_DOES_NOT_FIT)
@@ -517,59 +607,133 @@ def summarize(
 
 class _Summaries:
     """The runs of one ``summarize`` command: all inputs together, or each on its own (``--each``),
-    sharing one loaded model."""
+    sharing one loaded model (or one connection to --endpoint)."""
 
     def __init__(
-        self, reporter: Reporter, cfg: RunConfig, style: str, max_words: int | None, inputs: tuple[Any, ...]
+        self,
+        reporter: Reporter,
+        cfg: RunConfig,
+        style: str,
+        max_words: int | None,
+        inputs: tuple[Any, ...],
+        opts: dict[str, Any],
     ) -> None:
         self.reporter = reporter
         self.cfg = cfg
         self.style = style
         self.max_words = max_words
         self.inputs = inputs  # pages, include, exclude, read budget
+        self.opts = opts  # the command's options, for open_session
         self.session: Any = None
 
-    def summarize(self, paths: list[str], state: RunState) -> dict[str, Any]:
-        """Read ``paths``, load the model once, summarize; ``state`` follows the stages for Ctrl-C."""
-        from longdoc import pipeline
+    def open(self) -> Any:
+        self.session = self.session or open_session(self.cfg, self.reporter, self.opts)
+        return self.session
+
+    def read(self, paths: list[str]) -> tuple[list[Any], float]:
+        pages, include, exclude, budget = self.inputs
+        return _ingest(self.reporter, paths, pages, include, exclude, budget)
+
+    def run(self, docs: list[Any], ingest_s: float, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
         from longdoc.citations import extract_citations
         from longdoc.summarize import summarize as summarize_docs
 
-        state["stage"] = "ingest"
-        pages, include, exclude, budget = self.inputs
-        docs, ingest_s = _ingest(self.reporter, paths, pages, include, exclude, budget)
-        state["stage"] = "load"
-        self.session = self.session or pipeline.Session(self.cfg, self.reporter)
-        state["model"] = self.session.info.name
-        state["stage"] = "generate"
-        result = summarize_docs(
-            self.session, docs, self.style, self.max_words, self.reporter, on_text=self.reporter.stream
-        )
-        state["result"] = result
+        result = summarize_docs(self.session, docs, self.style, self.max_words, self.reporter, on_text=on_text)
         result["timings"]["ingest_s"] = ingest_s
         result["citations"] = extract_citations(result["answer"], docs)
+        return result
+
+    def summarize(self, paths: list[str], state: RunState) -> dict[str, Any]:
+        """Read ``paths``, load the model once, summarize; ``state`` follows the stages for Ctrl-C."""
+        state["stage"] = "ingest"
+        docs, ingest_s = self.read(paths)
+        state["stage"] = "load"
+        state["model"] = self.open().info.name
+        state["stage"] = "generate"
+        result = state["result"] = self.run(docs, ingest_s, on_text=self.reporter.stream)
         return result
 
     def together(self, paths: list[str], state: RunState) -> None:
         _finish(self.reporter, self.summarize(paths, state))
 
+    def each(self, paths: list[str]) -> list[int]:
+        """``--each``: the exit codes of the inputs that failed without stopping the batch."""
+        if self.opts.get("concurrency", 1) > 1:
+            return self.each_at_once(paths)
+        return [code for path in paths if (code := self.one_of_each(path)) is not None]
+
     def one_of_each(self, path: str) -> int | None:
         """Summarize one input of ``--each``: its JSON line (or streamed text); the exit code of a
         failure that should not stop the batch, or None. Ctrl-C gives the input a line marked
         ``interrupted`` (lines already out stay) and ends the batch with 130."""
-        reporter = self.reporter
         state: RunState = {"stage": "start"}
         try:
-            reporter.status(f"summarizing {path}")
+            self.reporter.status(f"summarizing {path}")
             result = self.summarize([path], state)
         except (errors.InputError, errors.DoesNotFitError) as exc:
-            reporter.error(exc.message)
-            if reporter.json_mode:
-                reporter.json({"path": path, "error": exc.message})
-            return exc.exit_code
+            return self.failed(path, exc)
         except KeyboardInterrupt:
-            result = state.get("result") or {**partial_result(state), "timings": {}, "plan": None}
-            result["interrupted"] = True
+            result = _interrupted_each(state)
+        self.emit(path, result)
+        return None
+
+    def each_at_once(self, paths: list[str]) -> list[int]:
+        """``--each`` with ``--concurrency N`` (through --endpoint): inputs are read here, one after the
+        other, and summarized up to N at once in threads; each summary is printed whole, in input order."""
+        from collections import deque
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        failures: list[int] = []
+        waiting: deque[tuple[str, Future[dict[str, Any]]]] = deque()
+        here = {"path": paths[0], "stage": "load"}  # what this thread does (a Ctrl-C with nothing waiting cuts it)
+        pool = ThreadPoolExecutor(self.opts["concurrency"], thread_name_prefix="longdoc-each")
+        try:
+            self.open()  # connect once, before any thread starts
+            for path in paths:
+                here = {"path": path, "stage": "ingest"}
+                self.reporter.status(f"summarizing {path}")
+                try:
+                    docs, ingest_s = self.read([path])
+                    work = pool.submit(self.run, docs, ingest_s)
+                except errors.InputError as exc:
+                    work = Future()
+                    work.set_exception(exc)
+                waiting.append((path, work))
+                while waiting and (len(waiting) >= self.opts["concurrency"] or waiting[0][1].done()):
+                    self.finish_each(*waiting[0], failures)
+                    waiting.popleft()  # only now: a Ctrl-C while it was awaited gives it the interrupted line
+            while waiting:
+                self.finish_each(*waiting[0], failures)
+                waiting.popleft()
+        except KeyboardInterrupt:
+            if self.session is not None:
+                self.session.stop()
+            if waiting:  # the first input not printed yet gets the interrupted line
+                here = {"path": waiting[0][0], "stage": "generate"}
+            self.emit(here["path"], _interrupted_each({"stage": here["stage"]}))
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return failures
+
+    def finish_each(self, path: str, work: Any, failures: list[int]) -> None:
+        try:
+            result = work.result()
+        except (errors.InputError, errors.DoesNotFitError) as exc:
+            failures.append(self.failed(path, exc))
+            return
+        if not self.reporter.json_mode:  # summaries made side by side are printed whole, not streamed
+            self.reporter.stream(result["answer"])
+        self.emit(path, result)
+
+    def failed(self, path: str, exc: errors.LongdocError) -> int:
+        self.reporter.error(exc.message)
+        if self.reporter.json_mode:
+            self.reporter.json({"path": path, "error": exc.message})
+        return exc.exit_code
+
+    def emit(self, path: str, result: dict[str, Any]) -> None:
+        """One input's JSON line (or the end of its streamed text) and stats; exits 130 when interrupted."""
+        reporter = self.reporter
         if reporter.json_mode:
             line = {
                 "path": path,
@@ -578,6 +742,9 @@ class _Summaries:
                 "timings": result["timings"],
                 "plan": result["plan"],
             }
+            for key in ("engine", "cache", "usage", "server"):  # where known (a full result; through --endpoint)
+                if key in result:
+                    line[key] = result[key]
             if result.get("citations"):
                 line["citations"] = result["citations"]
             if result.get("interrupted"):
@@ -591,7 +758,13 @@ class _Summaries:
         if result.get("interrupted"):
             reporter.error(f"interrupted while summarizing {path}")
             raise typer.Exit(errors.EXIT_INTERRUPTED)
-        return None
+
+
+def _interrupted_each(state: RunState) -> dict[str, Any]:
+    """The result of an ``--each`` input that a Ctrl-C cut short: what it had, marked ``interrupted``."""
+    result = state.get("result") or {**partial_result(state), "timings": {}, "plan": None}
+    result["interrupted"] = True
+    return result
 
 
 @app.command()
@@ -676,6 +849,8 @@ def chat(
     device: Device = "auto",
     dtype: Dtype = "auto",
     quantize: Quantize = RunConfig.quantize,
+    prefill: Prefill = PrefillConfig.mode,
+    prefill_budget: PrefillBudget = PrefillConfig.budget,
     dca: Dca = None,
     chunk_size: ChunkSize = None,
     local_window: LocalWindow = None,
@@ -700,6 +875,9 @@ def chat(
     prompts: Prompts = None,
     no_cache: NoCache = False,
     cache_max_gb: CacheMaxGb = RunConfig.cache_max_gb,
+    endpoint: Endpoint = None,
+    api_key: ApiKey = None,
+    remote_model: RemoteModel = None,
 ) -> None:
     """Questions about the same documents, each answer in context of the earlier ones.
 
@@ -710,7 +888,7 @@ def chat(
     state: RunState = {"stage": "start"}
     with handled(reporter, state):
         from longdoc import pipeline
-        from longdoc.chat import Chat, piped_questions, terminal_questions
+        from longdoc.chat import open_chat, piped_questions, terminal_questions
         from longdoc.citations import extract_citations
 
         if not paths:
@@ -718,14 +896,15 @@ def chat(
         interactive = sys.stdin.isatty()
         if "-" in paths and not interactive:
             raise UsageError("chat reads its questions from stdin; pass the documents as files, not '-'")
-        cfg = run_config(locals())
+        opts = locals()
+        cfg = run_config(opts)
         state["stage"] = "ingest"
-        docs, ingest_s = _ingest(reporter, paths, pages, include, exclude, read_budget(locals()))
+        docs, ingest_s = _ingest(reporter, paths, pages, include, exclude, read_budget(opts))
         state["stage"] = "load"
-        session = pipeline.Session(cfg, reporter)
+        session = open_session(cfg, reporter, opts)
         state["model"] = session.info.name
         state["sources"] = sources = pipeline.source_entries(docs, session.count)
-        conversation = Chat(session, docs, sources)
+        conversation = open_chat(session, docs, sources)
         conversation.prepare()
         state["stage"] = "generate"
         if interactive:
@@ -775,6 +954,8 @@ def serve_cmd(
     device: Device = "auto",
     dtype: Dtype = "auto",
     quantize: Quantize = RunConfig.quantize,
+    prefill: Prefill = PrefillConfig.mode,
+    prefill_budget: PrefillBudget = PrefillConfig.budget,
     dca: Dca = None,
     chunk_size: ChunkSize = None,
     local_window: LocalWindow = None,
@@ -944,6 +1125,8 @@ def eval_passkey(
     device: Device = "auto",
     dtype: Dtype = "auto",
     quantize: Quantize = RunConfig.quantize,
+    prefill: Prefill = PrefillConfig.mode,
+    prefill_budget: PrefillBudget = PrefillConfig.budget,
     dca: Dca = None,
     chunk_size: ChunkSize = None,
     local_window: LocalWindow = None,
@@ -976,6 +1159,8 @@ def eval_needle(
     device: Device = "auto",
     dtype: Dtype = "auto",
     quantize: Quantize = RunConfig.quantize,
+    prefill: Prefill = PrefillConfig.mode,
+    prefill_budget: PrefillBudget = PrefillConfig.budget,
     dca: Dca = None,
     chunk_size: ChunkSize = None,
     local_window: LocalWindow = None,
@@ -1014,6 +1199,8 @@ def eval_ppl(
     device: Device = "auto",
     dtype: Dtype = "auto",
     quantize: Quantize = RunConfig.quantize,
+    prefill: Prefill = PrefillConfig.mode,
+    prefill_budget: PrefillBudget = PrefillConfig.budget,
     dca: Dca = None,
     chunk_size: ChunkSize = None,
     local_window: LocalWindow = None,

@@ -37,6 +37,19 @@ class RecycleConfig:
     auto_min_context: int = 8192
 
 
+# --prefill values: exact attention, sparse (longdoc.attention.sparse), or auto: sparse from a length on.
+PREFILL_MODES: tuple[str, ...] = ("auto", "exact", "sparse")
+
+
+@dataclass
+class PrefillConfig:
+    mode: str = "auto"
+    # Selected keys per query beyond the exact band and sinks (longdoc.attention.sparse.SparseConfig).
+    budget: int = 2048
+    # auto: sparse from this many prompt tokens on (benchmarks/RESULTS.md, "Sparse prefill").
+    auto_min_tokens: int = 16384
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 512
@@ -66,4 +79,5 @@ class RunConfig:
     cache_max_gb: float = 10.0
     dca: DCAConfig = field(default_factory=DCAConfig)
     recycle: RecycleConfig = field(default_factory=RecycleConfig)
+    prefill: PrefillConfig = field(default_factory=PrefillConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)

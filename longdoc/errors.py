@@ -43,3 +43,11 @@ class ModelError(LongdocError):
     """The model could not be found, verified or loaded."""
 
     exit_code = EXIT_INPUT
+
+
+class RemoteError(LongdocError):
+    """The ``--endpoint`` server could not be reached, or failed or refused a request (5xx, a 429 that
+    outlasted the retries, a 400 that is not about length): the model is out of reach, as a local model
+    that cannot be loaded is (``ModelError``)."""
+
+    exit_code = EXIT_INPUT

@@ -11,10 +11,10 @@ import math
 import os
 import resource
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import torch
@@ -25,9 +25,10 @@ from longdoc.attention.dca import ChunkLayout
 from longdoc.attention.kernels import get_kernel
 from longdoc.attention.kvstore import KVStore
 from longdoc.attention.patch import AttentionSettings, PatchedModel, pack_linears
+from longdoc.attention.sparse import SparseConfig, SparseStats
 from longdoc.config import RunConfig
 from longdoc.engine.decode import generate
-from longdoc.engine.prefill import prefill
+from longdoc.engine.prefill import Progress, prefill
 from longdoc.engine.recycled import RecycledPolicy
 from longdoc.errors import DoesNotFitError, ModelError
 from longdoc.ingest import Document
@@ -40,6 +41,9 @@ from longdoc.render import Reporter, TokenStreamer
 DCA_CONTEXT_FACTOR = 4
 # Activations of one prefill step, the allocator's slack and the Python runtime, beyond weights + KV.
 WORKING_SET_BYTES = 1_200_000_000
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 def peak_rss_bytes() -> int:
@@ -160,6 +164,7 @@ class Plan:
     kv_bytes: int
     weight_bytes: int
     logit_scale: float = 1.0
+    sparse: SparseConfig | None = None  # sparse prefill's settings; None = exact
 
     @property
     def total_bytes(self) -> int:
@@ -196,10 +201,22 @@ def make_plan(cfg: RunConfig, info: ModelInfo, prompt_tokens: int, reserve: int 
         kv_bytes=need * KVStore.bytes_per_token(info.n_layers, info.n_kv_heads, info.head_dim, info.dtype),
         weight_bytes=info.weight_bytes,
     )
+    mode = cfg.prefill.mode
+    if mode == "sparse" or (mode == "auto" and prompt_tokens >= cfg.prefill.auto_min_tokens):
+        plan.sparse = SparseConfig(budget=cfg.prefill.budget)
     if layout is not None and cfg.dca.temperature and need > window:
         plan.logit_scale = (0.1 * math.log(need / window) + 1) ** 2
     check_memory(plan, info.device)
     return plan
+
+
+def prefill_entry(plan: Plan, stats: SparseStats) -> dict[str, Any]:
+    """The JSON result's "prefill": the mode, the sparse budget, and the share of exact attention's
+    (query, key) pairs that this run's prefill attended to (1.0 when exact, or when nothing was
+    prefilled: a document cache hit)."""
+    if plan.sparse is None:
+        return {"mode": "exact", "budget": None, "kept_fraction": 1.0}
+    return {"mode": "sparse", "budget": plan.sparse.budget, "kept_fraction": round(stats.kept_fraction, 4)}
 
 
 def check_memory(plan: Plan, device: torch.device) -> None:
@@ -284,7 +301,42 @@ class Session:
 
     def patched(self, plan: Plan) -> PatchedModel:
         kernel = get_kernel(self.cfg.kernel, self.info.device)
-        return PatchedModel(self.loaded().model, AttentionSettings(plan.layout, kernel, plan.logit_scale))
+        settings = AttentionSettings(plan.layout, kernel, plan.logit_scale, sparse=plan.sparse)
+        return PatchedModel(self.loaded().model, settings)
+
+    # The engine's side of the pipeline: ``remote.RemoteSession`` overrides these four to send the model
+    # calls to a server, so that summarize, ask and chat run the same code either way.
+    @property
+    def engine(self) -> dict[str, Any]:
+        """What runs the model, as the JSON result records it."""
+        return {"kind": "local", "model": self.info.name, "device": str(self.info.device), "dtype": self.info.numerics}
+
+    def plan(self, prompt_tokens: int, reserve: int = 0) -> Plan:
+        """The plan for a prompt this long (``make_plan``: the fit checks, context and memory)."""
+        return make_plan(self.cfg, self.info, prompt_tokens, reserve)
+
+    def run_prompt(
+        self,
+        prompt: str,
+        sources: list[dict[str, Any]],
+        on_text: Callable[[str], None] | None = None,
+        cache: bool = True,
+        max_new_tokens: int | None = None,
+    ) -> dict[str, Any]:
+        """``run_prompt`` in this session, with another answer budget where given (map-reduce steps)."""
+        if max_new_tokens is None:
+            return run_prompt(self, prompt, sources, on_text, cache)
+        cfg = self.cfg
+        self.cfg = replace(cfg, generation=replace(cfg.generation, max_new_tokens=max_new_tokens))
+        try:
+            return run_prompt(self, prompt, sources, on_text, cache)
+        finally:
+            self.cfg = cfg
+
+    def map(self, fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
+        """``fn`` over ``items``, results in order: one at a time here (one model on shared cores, and a
+        Ctrl-C must land in the generation, which runs in the main thread)."""
+        return [fn(item) for item in items]
 
 
 def source_entries(docs: list[Document], count: Callable[[str], int]) -> list[dict[str, Any]]:
@@ -349,12 +401,12 @@ class Conversation:
             kernel=self.model.settings.kernel.__name__,
             layout=(plan.layout.chunk_size, plan.layout.local_window) if plan.layout else None,
             logit_scale=round(plan.logit_scale, 6),
-            prefill="exact",
+            prefill=plan.sparse.describe() if plan.sparse else "exact",
             prefill_step=cfg.prefill_step,
         )
         return doccache.entry_key(parts, self.prefix_ids)
 
-    def _open(self, progress: Callable[[int, int], None]) -> float:
+    def _open(self, progress: Progress) -> float:
         """Put the prefix in the store: from the document cache when it has it, else by prefill (then
         saved). Returns the seconds the prefill took (0 on a hit)."""
         rep = self.session.reporter
@@ -406,7 +458,7 @@ class Conversation:
             return
         rep, total, t0 = self.session.reporter, len(self.prefix_ids), time.perf_counter()
         with rep.progress("prefill", total):
-            self._open(lambda n, _: rep.advance(n, total, n / max(1e-9, time.perf_counter() - t0)))
+            self._open(lambda n, _, left: rep.advance(n, total, n / max(1e-9, time.perf_counter() - t0), left))
 
     def answer(
         self,
@@ -438,8 +490,9 @@ class Conversation:
             with rep.progress("prefill", total):
                 done = 0
 
-                def progress(n: int, _: int) -> None:
-                    rep.advance(done + n, total, (done + n) / max(1e-9, time.perf_counter() - t0))
+                def progress(n: int, _: int, left: float | None) -> None:
+                    # the question after the prefix costs little next to it: the prefix's clock is the ETA
+                    rep.advance(done + n, total, (done + n) / max(1e-9, time.perf_counter() - t0), left)
 
                 if first:
                     prefix_s = self._open(progress)
@@ -485,6 +538,7 @@ class Conversation:
         result: dict[str, Any] = {
             "answer": streamer.text().strip(),
             "model": session.info.name,
+            "engine": session.engine,
             "quantize": session.info.quantize,
             "prompt_tokens": prompt_tokens,
             "generated_tokens": n_gen,
@@ -509,6 +563,7 @@ class Conversation:
                 "logit_scale": round(plan.logit_scale, 4),
             },
             "recycle": {"enabled": policy is not None, **(policy.stats if policy else RecycledPolicy.idle_stats())},
+            "prefill": prefill_entry(plan, self.model.settings.sparse_stats),
             "cache": {**cache, "prefix_tokens": len(self.prefix_ids)},
         }
         if first and prefix_s:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any, TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
 # Width given to consoles that are not terminals: rich would otherwise wrap or cut at 80 columns, and
@@ -150,12 +150,12 @@ class Reporter:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn(f"{unit} · {{task.fields[rate]}}"),
-            TimeRemainingColumn(),
+            LeftColumn(),
             console=self.err,
             transient=True,
         )
         self._progress = progress
-        self._task = progress.add_task(description, total=total, rate="")
+        self._task = progress.add_task(description, total=total, rate="", left=None)
         progress.start()
 
     def _stop_bar(self) -> None:
@@ -163,14 +163,18 @@ class Reporter:
             self._progress.stop()
             self._progress = None
 
-    def advance(self, done: int, total: int, rate: float | None = None) -> None:
+    def advance(self, done: int, total: int, rate: float | None = None, left: float | None = None) -> None:
+        """``left``: seconds to go when the caller models them (a prefill's later steps cost more);
+        else the bar extrapolates from the rate."""
         if self._plain is not None:
-            self._plain.update(done, total, rate)
+            self._plain.update(done, total, rate, left)
             return
         if self._pending is not None and self._progress is None:
             self._start_bar(*self._pending, total)
         if self._progress is not None:
-            self._progress.update(self._task, completed=done, total=total, rate=f"{rate:,.0f}/s" if rate else "")
+            self._progress.update(
+                self._task, completed=done, total=total, rate=f"{rate:,.0f}/s" if rate else "", left=left
+            )
 
     # stdout: the answer -----------------------------------------------------------------------
     def stream(self, text: str) -> None:
@@ -201,6 +205,9 @@ class Reporter:
         """One line of timings and memory on stderr."""
         if self.quiet:
             return
+        if result.get("engine", {}).get("kind") == "remote":
+            self.err.print(Text(_remote_stats(result), style="dim"))
+            return
         t, m = result["timings"], result["memory"]
         parts = [
             f"load {t['load_s']:.1f}s",
@@ -223,6 +230,23 @@ class Reporter:
         self.err.print(Text(" · ".join(parts), style="dim"))
 
 
+def _remote_stats(result: dict[str, Any]) -> str:
+    """The stats line of a run through --endpoint: what the client saw, and the server's cache if it says."""
+    engine, t = result["engine"], result["timings"]
+    source = "the server's usage" if result.get("usage") else "local estimates"
+    parts = [
+        f"{engine['model']} at {engine['url']}",
+        f"prompt {result['prompt_tokens']:,} tok",
+        f"ttft {t['ttft_s']:.1f}s",
+        f"decode {result['generated_tokens']} tok at {t['decode_tok_s']:.1f} tok/s",
+        f"counts from {source}",
+    ]
+    cache = (result.get("server") or {}).get("cache") or {}
+    if cache.get("hit"):
+        parts.append(f"{cache.get('prefix_tokens', 0):,} prefix tok from the server's document cache")
+    return " · ".join(parts)
+
+
 def _prefill_part(result: dict[str, Any]) -> str:
     cache, t = result.get("cache") or {}, result["timings"]
     if cache.get("hit"):
@@ -240,6 +264,16 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+class LeftColumn(TimeRemainingColumn):
+    """Time remaining: the caller's estimate (``left`` field) when it gives one, else rich's own."""
+
+    def render(self, task: Task) -> Text:
+        left = task.fields.get("left")
+        if left is None:
+            return super().render(task)
+        return Text(_duration(left), style="progress.remaining")
+
+
 class PlainProgress:
     """Progress as plain stderr lines, for logs and CI where a bar would not show: one line each
     PLAIN_PROGRESS_STEP of the work or PLAIN_PROGRESS_EVERY_S seconds, with the amount done, the
@@ -253,7 +287,7 @@ class PlainProgress:
         self.last_time = self.start
         self.last_share = 0.0
 
-    def update(self, done: int, total: int, rate: float | None = None) -> None:
+    def update(self, done: int, total: int, rate: float | None = None, left: float | None = None) -> None:
         now = time.monotonic()
         elapsed = now - self.start
         share = done / total if total > 0 else 0.0
@@ -263,7 +297,7 @@ class PlainProgress:
             return
         self.last_share, self.last_time = share, now
         rate = rate or done / max(elapsed, 1e-9)
-        eta = (total - done) / rate if rate > 0 else 0.0
+        eta = left if left is not None else (total - done) / rate if rate > 0 else 0.0
         self.err.print(
             Text(
                 f"{self.description}: {done:,}/{total:,} {self.unit} ({share:.0%}), "

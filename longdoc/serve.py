@@ -286,7 +286,7 @@ class _RequestReporter(Reporter):
         self.cancel = cancel
         self.server = server
 
-    def advance(self, done: int, total: int, rate: float | None = None) -> None:
+    def advance(self, done: int, total: int, rate: float | None = None, left: float | None = None) -> None:
         if self.cancel.is_set():
             raise Cancelled()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from longdoc.errors import DoesNotFitError, InputError
@@ -20,8 +20,7 @@ from longdoc.ingest import Document
 from longdoc.prompt import format_documents, render, summary_instructions
 
 if TYPE_CHECKING:
-    from longdoc.config import RunConfig
-    from longdoc.pipeline import ModelInfo, Session
+    from longdoc.pipeline import Session
     from longdoc.render import Reporter
 
 Count = Callable[[str], int]
@@ -322,7 +321,7 @@ def summarize(
     sources = pipeline.source_entries(docs, session.count)
     prompt = render(session.tokenizer, "summarize", documents=format_documents(docs), **fields)
     try:
-        pipeline.make_plan(session.cfg, session.info, session.count(prompt))
+        session.plan(session.count(prompt))
     except DoesNotFitError as exc:
         reason = exc.message.split(";")[0]  # what is over; the advice that follows does not apply here
         reporter.status(f"the input does not fit in one pass ({reason}); summarizing it by map-reduce")
@@ -331,7 +330,7 @@ def summarize(
             return run.run()
         except KeyboardInterrupt:  # between or inside steps before the final one: a partial result
             return run.interrupted()
-    result: dict[str, Any] = pipeline.run_prompt(session, prompt, sources, on_text=on_text)
+    result: dict[str, Any] = session.run_prompt(prompt, sources, on_text=on_text)
     result["plan"] = {"mode": "single", "pieces": 1, "levels": 1}
     return result
 
@@ -393,9 +392,8 @@ class _MapReduce:
             f"map-reduce plan: {n} pieces of at most {piece_budget:,} tokens of text; "
             f"level 1 summarizes each piece, then levels of combining until one summary is left"
         )
-        summaries = []
-        for k, piece in enumerate(pieces, start=1):
-            prompt = render(
+        prompts = [
+            render(
                 self.session.tokenizer,
                 "map",
                 documents=format_documents(piece),
@@ -403,8 +401,14 @@ class _MapReduce:
                 parts=str(n),
                 **map_fields,
             )
-            self.reporter.status(f"level 1: summarizing piece {k}/{n} ({_where(piece)})")
-            summaries.append(self.step(prompt, self.step_new, None))
+            for k, piece in enumerate(pieces, start=1)
+        ]
+
+        def summarize_piece(k: int) -> str:
+            self.reporter.status(f"level 1: summarizing piece {k + 1}/{n} ({_where(pieces[k])})")
+            return self.step(prompts[k], self.step_new, None)
+
+        summaries = self.session.map(summarize_piece, range(n))
         level = 1
         reduce_overhead = count(render(self.session.tokenizer, "reduce", documents="", **self.fields))
         while True:
@@ -428,49 +432,38 @@ class _MapReduce:
                     "plus the prompt; raise --max-context or lower --max-new-tokens"
                 )
             self.reporter.status(f"level {level}: combining {len(summaries)} summaries in {len(groups)} groups")
-            combined = []
-            for g, group in enumerate(groups, start=1):
-                if len(group) == 1:
-                    combined.append(summaries[group[0]])
-                    continue
-                self.reporter.status(
-                    f"level {level}: combining summaries {group[0] + 1}-{group[-1] + 1} (group {g}/{len(groups)})"
-                )
-                prompt = render(
-                    self.session.tokenizer,
-                    "reduce",
-                    documents=reduce_text([summaries[i] for i in group], group[0], len(summaries)),
-                    **self.fields,
-                )
-                combined.append(self.step(prompt, self.step_new, None))
-            summaries = combined
+            summaries = self.session.map(partial(self.combine, summaries, groups), range(len(groups)))
+
+    def combine(self, summaries: list[str], groups: list[list[int]], g: int) -> str:
+        """The summary of group ``g`` of ``summaries`` at this level (a group of one is kept as it is)."""
+        group = groups[g]
+        if len(group) == 1:
+            return summaries[group[0]]
+        self.reporter.status(
+            f"level {self.level}: combining summaries {group[0] + 1}-{group[-1] + 1} (group {g + 1}/{len(groups)})"
+        )
+        prompt = render(
+            self.session.tokenizer,
+            "reduce",
+            documents=reduce_text([summaries[i] for i in group], group[0], len(summaries)),
+            **self.fields,
+        )
+        return self.step(prompt, self.step_new, None)
 
     def context_budget(self) -> int:
         """The context one step may use: --max-context (or the model's ceiling), halved until memory fits."""
-        from longdoc import pipeline
-
-        cfg, info = self.session.cfg, self.session.info
-        new = cfg.generation.max_new_tokens
+        new = self.session.cfg.generation.max_new_tokens
         # raises the explanatory error when not even a one-token prompt fits (answer budget, weights)
-        budget = pipeline.make_plan(cfg, info, 1).max_context
+        budget = self.session.plan(1).max_context
         while budget > new + MIN_PIECE_TOKENS:
-            if _fits(cfg, info, budget - new):
+            if _fits(self.session, budget - new):
                 return int(budget)
             budget //= 2
         raise DoesNotFitError("not enough memory for even a small piece of the input; try --dtype bfloat16")
 
     def step(self, prompt: str, max_new: int, on_text: Callable[[str], None] | None, final: bool = False) -> str:
-        from longdoc import pipeline
-
-        cfg = self.session.cfg
-        self.session.cfg = replace(cfg, generation=replace(cfg.generation, max_new_tokens=max_new))
-        try:
-            # map and reduce prompts are not reused across runs: only one-pass plans use the document cache
-            result: dict[str, Any] = pipeline.run_prompt(
-                self.session, prompt, self.sources, on_text=on_text, cache=False
-            )
-        finally:
-            self.session.cfg = cfg
+        # map and reduce prompts are not reused across runs: only one-pass plans use the document cache
+        result = self.session.run_prompt(prompt, self.sources, on_text, cache=False, max_new_tokens=max_new)
         self.results.append(result)
         if result.get("interrupted") and not final:
             raise KeyboardInterrupt  # nothing was shown yet: stop the whole run
@@ -506,6 +499,8 @@ class _MapReduce:
             "recycled_steps": sum(r["recycle"]["recycled_steps"] for r in steps),
             "layer_refreshes": sum(r["recycle"].get("layer_refreshes", 0) for r in steps),
         }
+        if all(r.get("usage") for r in steps):  # through --endpoint: what the server counted, over all steps
+            final["usage"] = {k: sum(r["usage"][k] for r in steps) for k in ("prompt_tokens", "completion_tokens")}
         final["answer"] = final_text
         final["plan"] = {"mode": "map-reduce", "pieces": pieces, "levels": levels, "steps": len(steps)}
         return final
@@ -519,6 +514,7 @@ def empty_result(session: Session, sources: list[dict[str, Any]]) -> dict[str, A
     return {
         "answer": "",
         "model": session.info.name,
+        "engine": session.engine,
         "quantize": session.info.quantize,
         "prompt_tokens": 0,
         "generated_tokens": 0,
@@ -558,11 +554,9 @@ def complete_sentences(text: str) -> str:
     return text
 
 
-def _fits(cfg: RunConfig, info: ModelInfo, prompt_tokens: int) -> bool:
-    from longdoc import pipeline
-
+def _fits(session: Session, prompt_tokens: int) -> bool:
     try:
-        pipeline.make_plan(cfg, info, prompt_tokens)
+        session.plan(prompt_tokens)
     except DoesNotFitError:
         return False
     return True

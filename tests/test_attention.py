@@ -16,8 +16,9 @@ from .conftest import TESTDATA
 KERNELS = [attend_reference, attend_cpu]
 
 
-def naive_dca(q, k, v, layout, theta):
-    """Independent float64 DCA: materialize every (query, key) score with its own rotation pair."""
+def naive_dca(q, k, v, layout, theta, keep=None):
+    """Independent float64 DCA: materialize every (query, key) score with its own rotation pair.
+    ``keep`` (Hkv, L, L) bool, optional: the only keys each query may see (sparse prefill)."""
     h, n, d = q.shape
     g = h // k.shape[0]
     inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
@@ -31,8 +32,11 @@ def naive_dca(q, k, v, layout, theta):
     for hh in range(h):
         kh = hh // g
         for i in range(n):
-            scores = []
+            scores, seen = [], []
             for j in range(i + 1):
+                if keep is not None and not keep[kh, i, j]:
+                    continue
+                seen.append(j)
                 if layout is None:
                     qp, kp = i, j
                 else:
@@ -42,7 +46,7 @@ def naive_dca(q, k, v, layout, theta):
                     qp = i % c if gap == 0 else (min(i % c + c, s) if gap == 1 else s)
                 scores.append(rot(q[hh, i], qp) @ rot(k[kh, j], kp) / d**0.5)
             p = torch.softmax(torch.stack(scores), 0)
-            out[hh, i] = p @ v[kh, : i + 1]
+            out[hh, i] = p @ v[kh, seen]
     return out
 
 

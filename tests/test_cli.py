@@ -576,6 +576,12 @@ def test_ctrl_c_during_decoding_keeps_the_streamed_text(monkeypatch, tiny, cache
     streamed = invoke(*args)
     assert streamed.exit_code == 130 and streamed.stdout.strip()  # the three tokens' text stayed
     assert streamed.stderr.strip().splitlines()[-1] == "error: interrupted"  # and the user is told
+    # after a real SIGINT (counted by main) the decided exit is not reported a second time
+    from longdoc import cli
+
+    monkeypatch.setattr(cli, "_sigints", 1)
+    calls["n"] = 0
+    assert invoke(*args).stderr.count("error: interrupted") == 1
 
 
 def test_ctrl_c_during_map_reduce_gives_a_partial_result(monkeypatch, tiny, cache_dir):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -188,7 +189,12 @@ class FakeTokenizer:
 
 def fake_session(max_context: int, max_new: int) -> Any:
     cfg = RunConfig(max_context=max_context, generation=GenerationConfig(max_new_tokens=max_new))
-    return SimpleNamespace(cfg=cfg, info=None, tokenizer=FakeTokenizer(), count=words)
+    session = SimpleNamespace(cfg=cfg, info=None, tokenizer=FakeTokenizer(), count=words, engine={"kind": "fake"})
+    # pipeline.Session's engine methods, over the fake model that fake_model patches into pipeline
+    session.plan = lambda prompt_tokens, reserve=0: pipeline.make_plan(session.cfg, None, prompt_tokens)
+    session.run_prompt = partial(pipeline.Session.run_prompt, session)
+    session.map = partial(pipeline.Session.map, session)
+    return session
 
 
 @pytest.fixture

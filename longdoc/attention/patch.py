@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from longdoc.attention.dca import ChunkLayout, chunked_attention, key_positions,
 from longdoc.attention.kernels import Kernel, merge_partials
 from longdoc.attention.kvstore import KVStore
 from longdoc.attention.rope import RopeTable
+from longdoc.attention.sparse import SparseConfig, SparseStats, sparse_chunked_attention
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 # RoPE variants whose frequencies are fixed at load (``inv_freq`` and ``attention_scaling`` say all);
@@ -63,6 +64,9 @@ class AttentionSettings:
     kernel: Kernel
     # Multiplies the softmax scale: the DCA attention temperature for lengths beyond the window.
     logit_scale: float = 1.0
+    # Sparse prefill (None = exact); what it kept is counted in ``sparse_stats``.
+    sparse: SparseConfig | None = None
+    sparse_stats: SparseStats = field(default_factory=SparseStats)
 
 
 class PatchedModel:
@@ -94,14 +98,19 @@ class PatchedModel:
     def new_store(self, capacity: int) -> KVStore:
         return KVStore(len(self.layers), self.n_kv_heads, self.head_dim, capacity, self.dtype, self.device)
 
-    def default_attend(self, kv: KVStore) -> Attend:
+    def default_attend(self, kv: KVStore, exact: bool = False) -> Attend:
+        """Attention of prefill steps: sparse when the settings say so, unless ``exact``."""
         layout, kernel = self.settings.layout, self.settings.kernel
+        sparse = None if exact else self.settings.sparse
 
         def attend(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
             end = start + q.shape[2]
-            return chunked_attention(
-                q, kv.k[layer][:, :, :end], kv.v[layer][:, :, :end], start, self.rope.rotate, layout, kernel, self.scale
-            )
+            k, v = kv.k[layer][:, :, :end], kv.v[layer][:, :, :end]
+            if sparse is not None:
+                return sparse_chunked_attention(
+                    q, k, v, start, self.rope.rotate, layout, kernel, self.scale, sparse, self.settings.sparse_stats
+                )
+            return chunked_attention(q, k, v, start, self.rope.rotate, layout, kernel, self.scale)
 
         return attend
 
