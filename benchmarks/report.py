@@ -447,25 +447,39 @@ def prefill_breakdown(names: tuple[str, ...] = ("prefill", "prefill_64k")) -> st
 
 
 def sparse_quality() -> str | None:
-    """Quality gates of sparse prefill against exact (benchmarks/out/sparse/*.json, `longdoc eval`)."""
-    rows = []
-    for task in ("passkey32k", "passkey64k", "ppl32k", "needle16k", "needle32k"):
-        cells = []
-        for mode in ("exact", "sparse"):
-            data = load(f"sparse/{task}_{mode}")
-            if not data:
-                cells.append("not run")
-            elif data["task"] == "ppl":
-                cells.append(", ".join(f"{r['length']}: {r.get('ppl', r.get('error'))}" for r in data["results"]))
-            else:
-                # the needle eval also decodes with baselines: its "full" rows are this prefill's answers
-                right = [bool(r["correct"]) for r in data["results"] if r.get("method", "full") == "full"]
-                cells.append(f"{sum(right)}/{len(right)}")
-        if any(c != "not run" for c in cells):
-            rows.append([task, *cells])
-    if not rows:
+    """Quality gates of sparse prefill against exact (benchmarks/out/sparse/*.json: `longdoc eval` and
+    `longdoc ask --json` outputs)."""
+
+    def cell(name: str) -> str:
+        data = load(f"sparse/{name}")
+        if not data:
+            return "not run"
+        if data.get("task") == "ppl":
+            return ", ".join(f"{r['length']:,}: {r.get('ppl', r.get('error'))}" for r in data["results"])
+        if "answer" in data:  # a longdoc ask result
+            t, m = data["timings"], data["memory"]
+            return (
+                f"{data['answer'][:60]!r}, {data['prompt_tokens']:,} tokens, prefill {t['prefill_s']:.0f} s, "
+                f"peak RSS {m['peak_rss_bytes'] / GB:.2f} GB (KV {m['kv_cache_bytes'] / GB:.2f} GB)"
+            )
+        # the needle eval also decodes with baselines: its "full" rows are this prefill's answers
+        rows = [r for r in data["results"] if r.get("method", "full") == "full"]
+        return (
+            f"{sum(bool(r['correct']) for r in rows)}/{len(rows)} (depths {', '.join(str(r['depth']) for r in rows)})"
+        )
+
+    checks = [
+        ("perplexity, corpus, 32K", "ppl32k_exact", "ppl32k_sparse"),
+        ("passkey 32K, exact last 512 tokens", "passkey32k_exact", "passkey32k_sparse"),
+        ("passkey 32K, before the exact tail", "passkey32k_exact", "passkey32k_sparse_notail"),
+        ("passkey 64K", "passkey64k_exact", "passkey64k_sparse"),
+        ("ask: pass key in ~32K tokens of corpus text", "ask32k_passkey_exact", "ask32k_passkey"),
+        ("ask: five papers + code, ~100K tokens", "ask100k_exact", "ask100k"),
+    ]
+    rows = [[label, cell(e), cell(sp)] for label, e, sp in checks]
+    if all(r[1] == r[2] == "not run" for r in rows):
         return None
-    return "### Sparse prefill: quality against exact\n\n" + table(["check", "exact", "sparse (default)"], rows)
+    return "### Sparse prefill: quality against exact (budget 2048)\n\n" + table(["check", "exact", "sparse"], rows)
 
 
 def serve() -> None | str:

@@ -46,8 +46,10 @@ class PrefillConfig:
     mode: str = "auto"
     # Selected keys per query beyond the exact band and sinks (longdoc.attention.sparse.SparseConfig).
     budget: int = 2048
-    # auto: sparse from this many prompt tokens on (benchmarks/RESULTS.md, "Sparse prefill").
-    auto_min_tokens: int = 16384
+    # auto: sparse from this many prompt tokens on. Sparse prefill costs quality (corpus perplexity at
+    # 32K: 10.30 against 9.55 exact, +7.8%), so auto keeps it for lengths where an exact prefill takes
+    # over 20 minutes on 2 cores and sparse is 4-5x faster (benchmarks/RESULTS.md, "Sparse prefill").
+    auto_min_tokens: int = 65536
 
 
 @dataclass

@@ -221,6 +221,9 @@ class Reporter:
             parts.append(f"GPU peak {human_bytes(m['gpu_peak_bytes'])}")
         if result["dca"]["enabled"]:
             parts.append(f"DCA chunk {result['dca']['chunk_size']}")
+        prefill = result.get("prefill") or {}
+        if prefill.get("mode") == "sparse":
+            parts.append(f"sparse prefill (kept {prefill['kept_fraction']:.0%} of attention pairs)")
         if result["recycle"]["enabled"]:
             r = result["recycle"]
             parts.append(
