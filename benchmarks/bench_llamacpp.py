@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import corpus_text, hf_generate_timed, run_child, save
+from benchmarks.common import corpus_text, cpu_info, hf_generate_timed, run_child, save
 
 GGUF_DIR = Path("/tmp/longdoc-bench-gguf")
 CONFIGS = "longdoc:none,longdoc:int8,longdoc:int4,hf:bfloat16,llamacpp"
@@ -40,26 +39,6 @@ CONFIGS = "longdoc:none,longdoc:int8,longdoc:int4,hf:bfloat16,llamacpp"
 
 def rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def cpu() -> dict[str, Any]:
-    from longdoc.models import cpu_flags
-
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = cpu_flags()
-    return {
-        "cpu": name,
-        "amx": "amx_bf16" in flags,
-        "avx512_bf16": "avx512_bf16" in flags,
-        "threads": torch.get_num_threads(),
-    }
 
 
 def embedded_gguf() -> Path:
@@ -180,7 +159,7 @@ def child(mode: str, quantize: str, length: int, new: int) -> dict[str, Any]:
         "prefill_tok_s": round(len(ids) / raw["prefill_s"], 1),
         "decode_tok_s": round((len(stamps) - 1) / decode_s, 2) if decode_s > 0 else None,
         "peak_rss_bytes": rss(),
-        **cpu(),
+        **cpu_info(),
     }
 
 
@@ -209,7 +188,7 @@ def main() -> None:
             row.update({"config": spec, "length": row.get("length", length)})
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    payload = {"torch": torch.__version__, "new_tokens": a.new, **cpu(), "rows": rows}
+    payload = {"torch": torch.__version__, "new_tokens": a.new, **cpu_info(), "rows": rows}
     print(save(a.name, payload))
 
 

@@ -28,8 +28,7 @@ from longdoc.config import RunConfig
 from longdoc.pipeline import Session
 
 from .conftest import REPO
-from .test_models import save_tiny_qwen2
-from .test_serve import CHATML, KEY, Collect, Served, start, stop
+from .test_serve import KEY, Collect, Served, save_chat_model, spawn_server, start, stop
 
 SAMPLES = REPO / "sample_docs"
 NOTES = str(SAMPLES / "notes.md")
@@ -44,11 +43,7 @@ def invoke(*args: str, input: str | None = None) -> Any:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
     """The tiny model with a ChatML template (prompts go out as chat messages, rendered by the server)."""
-    folder = tmp_path_factory.mktemp("remote-model") / "tiny"
-    _, tokenizer = save_tiny_qwen2(folder, window=4096)
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_chat_model(tmp_path_factory.mktemp("remote-model") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -360,19 +355,8 @@ def test_embedded_model_through_longdoc_serve_equals_local(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "longdoc", "serve", "--port", str(port)],
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
+    proc, url = spawn_server([sys.executable, "-m", "longdoc", "serve", "--port", str(port)])
     try:
-        assert proc.stderr is not None
-        line = ""
-        while "serving" not in line:
-            line = proc.stderr.readline()
-            assert line, "the server did not start"
-        url = line.split(" on ")[1].strip()
         args = ("ask", str(SAMPLES / "report.pdf"), "What was the measured throughput of the Heron pump?")
         args += ("--max-new-tokens", "16", "--json")
         mine = json.loads(ok(invoke(*args)).stdout)

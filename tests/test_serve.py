@@ -60,12 +60,18 @@ class Collect(Reporter):
         self.lines.append(message)
 
 
-@pytest.fixture(scope="module")
-def session(tmp_path_factory) -> Session:
-    folder = tmp_path_factory.mktemp("serve-model") / "tiny"
+def save_chat_model(folder: Path) -> str:
+    """The tiny model with a ChatML template (a server renders chat messages with it)."""
     _, tokenizer = save_tiny_qwen2(folder, window=4096)
     tokenizer.chat_template = CHATML
     tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory) -> Session:
+    folder = tmp_path_factory.mktemp("serve-model") / "tiny"
+    save_chat_model(folder)
     cfg = RunConfig(
         model=str(folder),
         dtype="float32",
@@ -553,26 +559,30 @@ except KeyboardInterrupt:
 """
 
 
+def spawn_server(cmd: list[str]) -> tuple[Any, str]:
+    """A server process started by ``cmd``, once it says where it serves: (process, its /v1 URL)."""
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.stderr is not None
+    line = ""
+    while "serving" not in line:
+        line = proc.stderr.readline()
+        if not line:
+            proc.kill()
+            raise AssertionError("the server did not start")
+    return proc, line.split(" on ")[1].strip()
+
+
 def test_ctrl_c_cancels_generations_and_raises_keyboardinterrupt(session, tmp_path):
     """``serve`` in a process of its own: Ctrl-C with a stream in flight ends the stream with an error
     event, stops the generation and leaves ``serve`` by KeyboardInterrupt (the CLI's exit 130)."""
     import signal
-    import subprocess
     import sys
 
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVE_SCRIPT, str(session.info.folder)],
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).resolve().parents[1],
-    )
+    proc, url = spawn_server([sys.executable, "-c", SERVE_SCRIPT, str(session.info.folder)])
     try:
         assert proc.stderr is not None
-        line = ""
-        while "serving" not in line:
-            line = proc.stderr.readline()
-            assert line, "the server did not start"
-        url = line.split(" on ")[1].strip()
         body = {"messages": [USER], "max_tokens": 1200, "stream": True}
         with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=60) as response:
             lines = response.iter_lines()
