@@ -197,5 +197,7 @@ def test_the_prompt_tail_is_prefilled_exactly():
     ids = torch.randint(0, 256, (1, 150))
     kv = pm.new_store(150)
     prefill(pm, ids, kv, step=16)
-    picks = pm.settings.sparse_stats.picks
-    assert picks and max(b for _, b, _ in picks) == 130
+    stats = pm.settings.sparse_stats
+    assert stats.picks and max(b for _, b, _ in stats.picks) == 130
+    # the exact tail counts too: the kept fraction is over every pair of the prefill, in all 3 layers
+    assert stats.total == 3 * 150 * 151 // 2 and stats.kept < stats.total

@@ -100,16 +100,19 @@ class PatchedModel:
 
     def default_attend(self, kv: KVStore, exact: bool = False) -> Attend:
         """Attention of prefill steps: sparse when the settings say so, unless ``exact``."""
-        layout, kernel = self.settings.layout, self.settings.kernel
+        layout, kernel, stats = self.settings.layout, self.settings.kernel, self.settings.sparse_stats
         sparse = None if exact else self.settings.sparse
+        count = self.settings.sparse is not None  # an exact step of a sparse prefill counts as all kept
 
         def attend(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
             end = start + q.shape[2]
             k, v = kv.k[layer][:, :, :end], kv.v[layer][:, :, :end]
             if sparse is not None:
                 return sparse_chunked_attention(
-                    q, k, v, start, self.rope.rotate, layout, kernel, self.scale, sparse, self.settings.sparse_stats
+                    q, k, v, start, self.rope.rotate, layout, kernel, self.scale, sparse, stats
                 )
+            if count:
+                stats.count_exact(q.shape[2], start)
             return chunked_attention(q, k, v, start, self.rope.rotate, layout, kernel, self.scale)
 
         return attend

@@ -78,18 +78,26 @@ class SparseStats:
     def kept_fraction(self) -> float:
         return self.kept / self.total if self.total else 1.0
 
+    def count_exact(self, queries: int, start: int) -> None:
+        """A step of ``queries`` queries at ``start`` that attended to every earlier key."""
+        pairs = queries * start + queries * (queries + 1) // 2
+        self.kept += pairs
+        self.total += pairs
 
-def past_regions(pos: torch.Tensor, start: int, layout: ChunkLayout | None) -> list[tuple[torch.Tensor, int, int]]:
+
+def past_regions(
+    pos: torch.Tensor, own: torch.Tensor, start: int, layout: ChunkLayout | None
+) -> list[tuple[torch.Tensor, int, int]]:
     """The keys before ``start`` by DCA region, as (query rotation positions (Lq,), first key, end key):
-    the own chunk's earlier keys, the previous chunk, and everything before it (``chunked_attention``'s
-    split). Empty regions are left out."""
+    the own chunk's earlier keys (rotated at ``own``, the positions the step's keys were rotated at), the
+    previous chunk, and everything before it (``chunked_attention``'s split). Empty regions are left out."""
     if layout is None:
-        return [(pos, 0, start)] if start > 0 else []
+        return [(own, 0, start)] if start > 0 else []
     c = layout.chunk_len
     chunk_start = (start // c) * c
-    intra, succ, inter = query_positions(pos, layout)
+    _, succ, inter = query_positions(pos, layout)
     prev = max(0, chunk_start - c)
-    regions = [(intra, chunk_start, start), (succ, prev, chunk_start), (inter, 0, prev)]
+    regions = [(own, chunk_start, start), (succ, prev, chunk_start), (inter, 0, prev)]
     return [r for r in regions if r[2] > r[1]]
 
 
@@ -136,21 +144,20 @@ def sparse_chunked_attention(
     lq = q.shape[2]
     block = cfg.block_for(layout)
     band_lo = 0 if not block else max(block, (start - cfg.band) // block * block)  # exact band [band_lo, start)
-    total = lq * start + lq * (lq + 1) // 2
     if lq == 1 or not block or band_lo <= block:
         if stats is not None:
-            stats.kept += total
-            stats.total += total
+            stats.count_exact(lq, start)
         return chunked_attention(q, k_cache, v_cache, start, rotate, layout, kernel, scale)
 
     end = start + lq
     pos = torch.arange(start, end, device=q.device)
-    q_own = rotate(q, key_positions(pos, layout))
+    own = key_positions(pos, layout)
+    q_own = rotate(q, own)
     parts = [kernel(q_own, k_cache[:, :, start:end], v_cache[:, :, start:end], True, scale)]
     kept = lq * (lq + 1) // 2
     selectable = []  # (rotated queries, first key, number of blocks)
-    for rot_pos, a, b in past_regions(pos, start, layout):
-        qr = rotate(q, rot_pos)
+    for rot_pos, a, b in past_regions(pos, own, start, layout):
+        qr = q_own if rot_pos is own else rotate(q, rot_pos)
         for x, y in ((a, min(b, block)), (max(a, band_lo), b)):  # the sinks, the band
             if y > x:
                 parts.append(kernel(qr, k_cache[:, :, x:y], v_cache[:, :, x:y], False, scale))
@@ -191,6 +198,6 @@ def sparse_chunked_attention(
             first_block += n
     if stats is not None:
         stats.kept += kept
-        stats.total += total
+        stats.total += lq * start + lq * (lq + 1) // 2
     result, _ = merge_partials(parts)
     return result

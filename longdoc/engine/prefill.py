@@ -105,10 +105,11 @@ def prefill(
     clock = PrefillClock(
         [(b - a, step_pairs(a, b, sparse if b <= tail else None)) for a, b in steps], pair_cost_prior(model)
     )
-    exact = model.default_attend(kv, exact=True) if attend is None and tail < end else None
+    # the tail runs exact unless the caller chose the attention itself
+    tail_attend = model.default_attend(kv, exact=True) if attend is None else attend
     for a, b in steps:
         t0 = time.perf_counter()
-        logits = model.forward(ids[:, a - start : b - start], a, kv, exact if a >= tail and exact else attend)
+        logits = model.forward(ids[:, a - start : b - start], a, kv, tail_attend if a >= tail else attend)
         left = clock.record(time.perf_counter() - t0)
         if progress is not None:
             progress(b - start, total, left)
