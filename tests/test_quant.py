@@ -31,10 +31,42 @@ def quantized_tensors(model: nn.Module, scheme: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+needs_int8_gemm = pytest.mark.skipif(not quant.int8_gemm_available(), reason="no x86 int8 GEMM with VNNI here")
+
+
+@pytest.fixture
+def weight_only_int8(monkeypatch):
+    """int8 as on CPUs without the int8 GEMM: the weight-only kernel."""
+    monkeypatch.setattr(quant, "int8_gemm_available", lambda: False)
+
+
+def w8a8_reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block: int, bias=None) -> torch.Tensor:
+    """What the int8 GEMM path computes, in float64: each row's blocks divided by their largest
+    magnitude and spread over the rows of a block-diagonal matrix; that matrix quantized to 8 bits
+    with one step and zero point; its product with the int8 weight; the rows' products, times their
+    block maxima, summed."""
+    k = x.shape[-1]
+    weight = quant.dequantize("int8", q, s)
+    out = []
+    for row in x.reshape(-1, k).double():
+        blocks = row.view(-1, block)
+        amax = blocks.abs().amax(-1, keepdim=True)
+        spread = torch.block_diag(*(blocks / amax))
+        # fbgemm's choice: a float32 step over [min(x, 0), max(x, 0)], inputs times its float32 inverse
+        lo, hi = min(float(spread.min()), 0.0), max(float(spread.max()), 0.0)
+        step = torch.tensor((hi - lo) / 255, dtype=torch.float32)
+        zero = round(-lo / float(step))
+        codes = torch.clamp(torch.round(spread.float() * (1 / step) + zero), 0, 255)
+        levels = (codes.double() - zero) * float(step)
+        out.append(amax.T @ (levels @ weight.T))
+    result = torch.cat(out).view(*x.shape[:-1], -1)
+    return result if bias is None else result + bias.double()
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_quant_linear_matches_a_float64_reference(scheme, bias):
-    """x @ (q * scale).T (+ bias) in float64, against the CPU kernel in float32."""
+def test_quant_linear_matches_a_float64_reference(scheme, bias, weight_only_int8):
+    """Weight-only kernels: x @ (q * scale).T (+ bias) in float64, against the CPU kernel in float32."""
     torch.manual_seed(0)
     dense = nn.Linear(64, 48, bias=bias)
     q, s = quant.quantize(scheme, dense.weight)
@@ -49,6 +81,70 @@ def test_quant_linear_matches_a_float64_reference(scheme, bias):
     # the quantized weight is close to the original one, and each scheme's error is what it should be
     err = (quant.dequantize(scheme, q, s) - dense.weight.double()).abs().max()
     assert 0 < err < (0.01 if scheme == "int8" else 0.05)
+
+
+@needs_int8_gemm
+@pytest.mark.parametrize("block", [16, 0])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_gemm_matches_a_float64_reference(block, bias):
+    """The int8 GEMM path (activations quantized per block of channels, or per row) against its float64
+    emulation, on inputs with a few large channels (as normalized hidden states have)."""
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 48, bias=bias)
+    with torch.no_grad():
+        dense.weight[:, :16] = 0  # the large channels' own products vanish: what is left is their step
+    q, s = quant.quantize("int8", dense.weight)
+    layer = quant.QuantLinear(dense, "int8", q, s, dtype=torch.float32, act_block=block)
+    assert layer.gemm is not None
+    x = torch.randn(3, 1, 64)
+    x[..., 5] *= 40.0
+    x[1, 0, 10] = -60.0
+    ref = w8a8_reference(x, q, s, block or 64, dense.bias if bias else None)
+    out = layer(x)  # 3 rows: quantized, one row at a time
+    assert out.shape == (3, 1, 48) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    # quantizing the activations is visible, and blocks keep the large channels' step off the others
+    exact = x.double() @ quant.dequantize("int8", q, s).T + (dense.bias.double() if bias else 0)
+    blocked_err = (ref - exact).abs().max()
+    per_row_err = (w8a8_reference(x, q, s, 64, dense.bias if bias else None) - exact).abs().max()
+    assert blocked_err > 0
+    if block:
+        assert blocked_err < per_row_err / 5
+
+
+@needs_int8_gemm
+def test_int8_gemm_prepares_a_shared_input_once_and_only_for_that_input():
+    """q/k/v (and gate/up) get the same input tensor: its blocks are prepared once; another input with
+    the same shape, or the same input for a layer with other blocks, is prepared afresh."""
+    torch.manual_seed(0)
+    layers = []
+    for block in (16, 16, 32):
+        dense = nn.Linear(64, 8, bias=False)
+        q, s = quant.quantize("int8", dense.weight)
+        layers.append((quant.QuantLinear(dense, "int8", q, s, dtype=torch.float32, act_block=block), q, s, block))
+    x1, x2 = torch.randn(1, 64), torch.randn(1, 64) * 3
+    for x in (x1, x2, x1):
+        for layer, q, s, block in layers:
+            torch.testing.assert_close(layer(x).double(), w8a8_reference(x, q, s, block), rtol=1e-4, atol=1e-4)
+
+
+def test_int8_gemm_probe_refuses_a_saturating_kernel(monkeypatch):
+    """Without VNNI the x86 kernel adds pairs of uint8 x int8 products in 16 bits and saturates on
+    large inputs: the probe must then say no (int8 falls back to the weight-only kernel)."""
+    real = torch.ops.quantized.linear_dynamic
+
+    def saturating(x, packed, reduce_range):
+        return real(x, packed, reduce_range).clamp(max=32767.0 * x.shape[-1] / 2 / 255)
+
+    quant.int8_gemm_available.cache_clear()
+    try:
+        monkeypatch.setattr(torch.ops.quantized, "linear_dynamic", saturating)
+        assert not quant.int8_gemm_available()
+        dense = nn.Linear(64, 8)
+        layer = quant.QuantLinear(dense, "int8", *quant.quantize("int8", dense.weight), dtype=torch.float32)
+        assert layer.gemm is None and layer.qweight.numel() == 64 * 8
+    finally:
+        quant.int8_gemm_available.cache_clear()
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -77,13 +173,31 @@ def test_int4_packing_round_trips():
     torch.testing.assert_close(lowest, groups.amin(-1).double(), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+class W8A8Reference(nn.Module):
+    """A linear computed as ``w8a8_reference`` says (float64, cast back)."""
+
+    def __init__(self, linear: nn.Linear, q: torch.Tensor, s: torch.Tensor, block: int):
+        super().__init__()
+        self.q, self.s, self.block, self.bias = q, s, block, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return w8a8_reference(x, self.q, self.s, self.block, self.bias).to(x.dtype)
+
+
+@pytest.mark.parametrize(
+    "scheme, path",
+    [pytest.param("int8", "gemm", marks=needs_int8_gemm), ("int8", "weight-only"), ("int4", "weight-only")],
+)
 @pytest.mark.parametrize("layout", [None, "dca"])
-def test_quantized_greedy_decode_equals_the_dequantized_reference(scheme, layout):
+def test_quantized_greedy_decode_equals_the_dequantized_reference(scheme, path, layout, monkeypatch):
     """A tiny model whose linears all run quantized decodes exactly the tokens of the same model with
-    the dequantized weights in its plain Linear layers (float32)."""
+    the quantized computation done in float64 in its layers: the dequantized weights in plain Linear
+    layers for the weight-only kernels; for the int8 GEMM, its activation quantization too (per block
+    of 16 channels on the normalized inputs, per row on o_proj and down_proj)."""
     from longdoc.attention.dca import ChunkLayout
 
+    if path == "weight-only":
+        monkeypatch.setattr(quant, "int8_gemm_available", lambda: False)
     torch.manual_seed(0)
     model = tiny_model("qwen2", dtype=torch.float32)
     tensors = quantized_tensors(model, scheme)
@@ -91,8 +205,14 @@ def test_quantized_greedy_decode_equals_the_dequantized_reference(scheme, layout
     for name in quant.quantized_names(reference):
         linear = reference.get_submodule(name)
         q, s = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
-        linear.weight.data = quant.dequantize(scheme, q, s).float()
-    assert quant.quantize_linears(model, scheme, tensors) == len(quant.quantized_names(reference))
+        if path == "gemm":
+            parent, _, child = name.rpartition(".")
+            block = 16 if child in quant.BLOCKED_INPUTS else linear.in_features
+            setattr(reference.get_submodule(parent) if parent else reference, child, W8A8Reference(linear, q, s, block))
+        else:
+            linear.weight.data = quant.dequantize(scheme, q, s).float()
+    assert quant.quantize_linears(model, scheme, tensors, act_block=16) == len(quant.quantized_names(model))
+    assert all((m.gemm is not None) == (path == "gemm") for m in model.modules() if isinstance(m, quant.QuantLinear))
     dca = ChunkLayout(24, 4) if layout else None
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
     gen = GenerationConfig(max_new_tokens=24)
@@ -231,7 +351,7 @@ def test_session_runs_quantized_and_falls_back_where_the_kernel_is_missing(tmp_p
     assert not any(isinstance(m, quant.QuantLinear) for m in fallback.loaded().model.modules())
 
 
-def test_kernel_probe_says_no_when_the_op_fails(monkeypatch):
+def test_kernel_probe_says_no_when_the_op_fails(monkeypatch, weight_only_int8):
     """A build whose op is missing or refuses the dtype: the probe says so (and is cached per dtype)."""
 
     def missing(*args):

@@ -1,4 +1,4 @@
-"""Weight-only quantized linears for CPU decoding (``--quantize int8|int4``).
+"""Quantized linears for CPU decoding (``--quantize int8|int4``).
 
 A decode step multiplies one row by every weight of the model, so its time is the time to read the
 weights: about 1 GB per token in bfloat16 for the embedded 0.5B model. Quantized weights halve (int8)
@@ -13,9 +13,18 @@ uses the quantized weight only for the few rows of a decode step: prefill steps 
 (all but a final step of at most ``max_rows`` tokens), so the prompt's KV cache is bfloat16's. The
 cost is memory: the quantized copy comes on top (peak RSS at 8K: 1.84 GB unquantized, 2.19 GB int4, 2.30 GB int8).
 
-Measured on an EPYC with AVX-512-BF16 (2 cores): int4 decodes 1.7-2x faster than packed bfloat16;
-torch's int8 kernel is compute-bound there and no faster than bfloat16, so int8 saves nothing but
-bandwidth it cannot use. Quality and speed figures: benchmarks/RESULTS.md.
+int8 runs as llama.cpp runs its Q8_0 weights: the activations are quantized too, per block, and the
+product is an int8 x uint8 matrix multiply (torch's x86 ``quantized::linear_dynamic``, fbgemm with
+VNNI). torch's int8 *weight-only* kernel is compute-bound on these CPUs (no faster than bfloat16);
+the int8 GEMM reads the weights at memory speed. The kernel quantizes its whole input with one scale
+and zero point (per row, for a decode step's one row), which loses to the few large channels of a
+normalized hidden state: perplexity +0.8% at 4K. So the inputs that are normalized hidden states (q,
+k, v, gate, up, the LM head) are cut into blocks of ``ACT_BLOCK`` channels, each block scaled to its own
+maximum and placed on its own row of a block-diagonal matrix: the kernel then quantizes every block
+with the same relative step, and the rows' outputs, times their block maxima, add up to the product.
+A block-diagonal row costs no more weight reads than one row. Where the int8 GEMM is missing or
+saturates (CPUs without VNNI add pairs of products in 16 bits), int8 falls back to the weight-only
+kernel. Quality and speed figures: benchmarks/RESULTS.md.
 
 Quantization itself happens once, when the model is converted (``longdoc.models.quantize``); these are
 the pure tensor functions it uses and the module that runs the result.
@@ -26,6 +35,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import threading
+import warnings
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -48,6 +59,14 @@ INT4_GROUP = 32
 # 1.57 ms, int8 1.11, int4 0.88; 4 rows: 1.64, 2.11, 1.50; 8 rows: 2.22, 3.82, 2.94. A decode step has
 # one row; short prefill steps (a question's last few tokens) stay near the crossover.
 MAX_QUANT_ROWS = 4
+
+# int8 activations: blocks of this many input channels get their own scale (llama.cpp's Q8_0 uses 32).
+# Perplexity at 4K on the corpus, every position quantized: one scale per row +0.8%; blocks of 128 on
+# the normalized inputs +0.46% (weight-only int8: +0.20%).
+ACT_BLOCK = 128
+# The linears whose input is a normalized hidden state (blocked); o_proj's and down_proj's inputs are
+# quantized per row (blocking them too gained 0.1-0.3% for 4-38 times the rows).
+BLOCKED_INPUTS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
 
 # The tensor names a quantized cache stores for each quantized linear ``<module>``.
 QWEIGHT, QSCALES = "qweight", "scales"
@@ -117,6 +136,49 @@ def quantize(scheme: str, weight: torch.Tensor, group: int = INT4_GROUP) -> tupl
 
 
 @functools.cache
+def int8_gemm_available() -> bool:
+    """Whether torch's x86 int8 GEMM (``quantized::linear_dynamic``) runs here with full 8-bit
+    activations: probed with all-maximal inputs and weights, whose pairwise sums overflow 16 bits on
+    CPUs without VNNI (where the kernel saturates instead of adding)."""
+    try:
+        n, k = 8, 256
+        q = torch.full((n, k), 127, dtype=torch.int8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            packed = torch.ops.quantized.linear_prepack(
+                torch._make_per_channel_quantized_tensor(
+                    q, torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.long), 0
+                ),
+                None,
+            )
+        x = torch.ones(1, k)
+        x[0, 0] = -1 / 255  # the zero point at 1: every other input quantizes to 255
+        out = torch.ops.quantized.linear_dynamic(x, packed, False)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return bool(torch.allclose(out, x @ q.float().T, rtol=1e-2))
+
+
+@functools.cache
+def _block_diagonal(blocks: int) -> torch.Tensor:
+    """(M, M, 1) identity: spreads M blocks of one row over M rows."""
+    return torch.eye(blocks)[:, :, None]
+
+
+# The last blocked input (per thread): q/k/v, and gate/up, share one input and so one preparation.
+_prepared = threading.local()
+
+
+def prepare_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row x (1, K) -> (blocks (M, K) float32, block maxima (M, 1)), M = K / block: block m of x,
+    divided by its largest magnitude, on row m (zeros elsewhere)."""
+    k = x.shape[-1]
+    xb = x.reshape(k // block, block).float()
+    amax = xb.abs().amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
+    return (_block_diagonal(k // block) * (xb / amax)).view(-1, k), amax
+
+
+@functools.cache
 def kernel_available(scheme: str, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether this torch build runs ``scheme``'s CPU kernel for activations of ``dtype`` (probed on a
     tiny weight: builds without the op, or whose op refuses the dtype, fall back to unquantized)."""
@@ -145,16 +207,37 @@ class QuantLinear(nn.Module):
         scales: torch.Tensor,
         dtype: torch.dtype = torch.bfloat16,
         max_rows: int = MAX_QUANT_ROWS,
+        act_block: int = ACT_BLOCK,
     ):
         super().__init__()
         self.dense = dense
         self.scheme = scheme
         self.max_rows = max_rows
+        self.dtype = dtype
         self.in_features = int(qweight.shape[1] * (2 if scheme == "int4" else 1))
         self.out_features = int(qweight.shape[0])
         bias = getattr(dense, "bias", None)
         self.qbias = None if bias is None else bias.detach().to(dtype)
-        if scheme == "int8":
+        self.gemm: torch.Tensor | None = None  # the int8 GEMM's packed weight (int8 where it runs)
+        self.packed_bytes = 0
+        # input channels per activation scale: a block, or the whole row
+        self.act_block = act_block if act_block and self.in_features % act_block == 0 else self.in_features
+        if scheme == "int8" and int8_gemm_available():
+            with warnings.catch_warnings():  # quantized tensors are deprecated, their kernels are not
+                warnings.simplefilter("ignore")
+                weight = torch._make_per_channel_quantized_tensor(
+                    qweight.to(torch.int8).contiguous(),
+                    scales.double(),
+                    torch.zeros(self.out_features, dtype=torch.long),
+                    0,
+                )
+                self.gemm = torch.ops.quantized.linear_prepack(weight, None)
+            self.fbias = None if bias is None else bias.detach().float()
+            # the packed weight is the only copy; these stand for its size
+            self.qweight, self.scales = torch.empty(0, dtype=torch.int8), torch.empty(0)
+            self.packed_bytes = qweight.numel() + 4 * self.out_features
+            self.group = 0
+        elif scheme == "int8":
             self.qweight = qweight.to(torch.int8).contiguous()
             self.scales = scales.to(dtype).contiguous()
             self.group = 0
@@ -173,9 +256,31 @@ class QuantLinear(nn.Module):
         else:
             raise ValueError(f"unknown quantization {scheme!r}")
 
+    def int8_row(self, x: torch.Tensor) -> torch.Tensor:
+        """One row x (1, K) through the int8 GEMM -> (1, N) float32, bias included."""
+        assert self.gemm is not None
+        if self.act_block == self.in_features:
+            out = torch.ops.quantized.linear_dynamic(x.reshape(1, -1).float(), self.gemm, False)
+            return out if self.fbias is None else out.add_(self.fbias)
+        last = getattr(_prepared, "entry", None)
+        if last is not None and last[0] is x and last[1] == self.act_block:
+            blocks, amax = last[2], last[3]
+        else:
+            blocks, amax = prepare_blocks(x, self.act_block)
+            _prepared.entry = (x, self.act_block, blocks, amax)
+        parts = torch.ops.quantized.linear_dynamic(blocks, self.gemm, False)  # (M, N)
+        if self.fbias is None:
+            return torch.mm(amax.T, parts)
+        return torch.addmm(self.fbias[None], amax.T, parts)
+
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) through the quantized weight, whatever the number of rows."""
         rows = x.reshape(-1, self.in_features)
+        if self.gemm is not None:
+            # row by row: each row's activation scales are its own, as in a decode step
+            one = rows.shape[0] == 1  # x itself: q/k/v (gate/up) share its prepared blocks
+            out = self.int8_row(x) if one else torch.cat([self.int8_row(row) for row in rows.split(1)])
+            return out.to(self.dtype).view(*x.shape[:-1], self.out_features)
         if self.scheme == "int8":
             out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales)
         else:
@@ -192,7 +297,7 @@ class QuantLinear(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales))
+        return self.packed_bytes + sum(t.numel() * t.element_size() for t in (self.qweight, self.scales))
 
 
 def quantized_names(model: nn.Module) -> list[str]:
@@ -202,12 +307,17 @@ def quantized_names(model: nn.Module) -> list[str]:
 
 
 def quantize_linears(
-    model: nn.Module, scheme: str, tensors: Mapping[str, torch.Tensor], max_rows: int = MAX_QUANT_ROWS
+    model: nn.Module,
+    scheme: str,
+    tensors: Mapping[str, torch.Tensor],
+    max_rows: int = MAX_QUANT_ROWS,
+    act_block: int = ACT_BLOCK,
 ) -> int:
     """Replace each ``nn.Linear`` named in ``tensors`` (``<name>.qweight``, ``<name>.scales``) by a
     ``QuantLinear`` wrapping it; returns how many. Run before ``pack_linears``, which then packs the
     wrapped layers (prefill's path) in place. Raises ValueError when a linear has no tensors or the
-    shapes disagree (the cache belongs to another model)."""
+    shapes disagree (the cache belongs to another model). int8 linears named in ``BLOCKED_INPUTS``
+    scale their activations per ``act_block`` channels, the others per row."""
     param = next(model.parameters())
     count = 0
     for name in quantized_names(model):
@@ -220,7 +330,8 @@ def quantize_linears(
         if (qweight.shape[0], width) != (module.out_features, module.in_features):
             raise ValueError(f"the quantized weights of {name} do not match the model's shape")
         parent, _, child = name.rpartition(".")
-        layer = QuantLinear(module, scheme, qweight, scales, dtype=param.dtype, max_rows=max_rows)
+        block = act_block if child in BLOCKED_INPUTS else 0
+        layer = QuantLinear(module, scheme, qweight, scales, dtype=param.dtype, max_rows=max_rows, act_block=block)
         setattr(model.get_submodule(parent) if parent else model, child, layer)
         count += 1
     return count
