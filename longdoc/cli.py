@@ -23,7 +23,7 @@ try:
     from longdoc import errors, render
     from longdoc.config import (
         PREFILL_MODES,
-        QUANTIZE_SCHEMES,
+        QUANTIZE_CHOICES,
         DCAConfig,
         GenerationConfig,
         PrefillConfig,
@@ -60,7 +60,9 @@ Dtype = Annotated[str, typer.Option("--dtype", help="auto | bfloat16 | float32 |
 Quantize = Annotated[
     str,
     typer.Option(
-        "--quantize", help="Weight-only quantized linears for decoding: none | int8 | int4 (made once, cached)."
+        "--quantize",
+        help="Quantized linears for decoding: auto (int8 on x86 CPUs with VNNI) | none | int8 | int4"
+        " (made once, cached).",
     ),
 ]
 Prefill = Annotated[
@@ -269,8 +271,8 @@ def check_options(opts: dict[str, Any]) -> None:
     if opts.get("prefill", "auto") not in PREFILL_MODES:
         raise UsageError(f"--prefill accepts {', '.join(PREFILL_MODES)}, not {opts['prefill']!r}")
     _positive(opts, "prefill_budget", "--prefill-budget")
-    if opts.get("quantize", "none") not in QUANTIZE_SCHEMES:
-        raise UsageError(f"--quantize accepts {', '.join(QUANTIZE_SCHEMES)}, not {opts['quantize']!r}")
+    if opts.get("quantize", "auto") not in QUANTIZE_CHOICES:
+        raise UsageError(f"--quantize accepts {', '.join(QUANTIZE_CHOICES)}, not {opts['quantize']!r}")
     if opts.get("pages"):
         from longdoc.ingest.pdf import check_pages
 
@@ -1198,7 +1200,9 @@ def eval_ppl(
     model: Model = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
-    quantize: Quantize = RunConfig.quantize,
+    # the prefill model (what reads the documents) unless a scheme is named: --quantize int8 measures
+    # the decode model, every position through the quantized weights
+    quantize: Quantize = "none",
     prefill: Prefill = PrefillConfig.mode,
     prefill_budget: PrefillBudget = PrefillConfig.budget,
     dca: Dca = None,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# --quantize values: weight-only quantization of the linears that decode steps run (longdoc.attention.quant)
+# Quantizations of the linears that decode steps run (longdoc.attention.quant), and the --quantize
+# values: those or "auto" (int8 where torch's x86 int8 GEMM runs a bfloat16 model on CPU, else none).
 QUANTIZE_SCHEMES: tuple[str, ...] = ("none", "int8", "int4")
+QUANTIZE_CHOICES: tuple[str, ...] = ("auto", *QUANTIZE_SCHEMES)
 
 
 @dataclass
@@ -65,12 +67,12 @@ class RunConfig:
     model: str | None = None  # None = the embedded default model
     device: str = "auto"
     dtype: str = "auto"
-    # Weight-only quantization of the linears for decode steps: none | int8 | int4 (longdoc.attention.quant).
-    # "none": neither scheme qualifies as a default here (benchmarks/RESULTS.md, EPYC with AVX-512-BF16).
-    # int4 decodes 1.7-2x faster (37.4 vs 18.3 tok/s at 2K, 28.7 vs 16.4 at 8K) but costs 4% perplexity
-    # (corpus, 4K: 14.94 vs 14.37; 16K: 11.09 vs 10.63), over the 1% a default may lose; int8 loses
-    # little but is no faster (torch's int8 weight-only CPU kernel is compute-bound: 16.9 vs 16.4 tok/s).
-    quantize: str = "none"
+    # Quantized linears for decode steps: auto | none | int8 | int4 (longdoc.attention.quant). "auto" is
+    # int8 where the int8 GEMM runs (x86 with VNNI, bfloat16 on CPU), else none: measured on an EPYC
+    # with AVX-512-BF16 (benchmarks/RESULTS.md), int8 (activations per block of 128) costs +0.46%
+    # perplexity at 4K and decodes 1.4x faster than bfloat16 (25 vs 18 tok/s at 2K); int4 decodes
+    # faster still but costs 4%, over the 1% a default may lose.
+    quantize: str = "auto"
     kernel: str = "auto"  # attention back end: auto | reference | cpu | cuda
     # Prefill step in tokens: bounds working memory (activations of one step) and paces the progress bar.
     prefill_step: int = 2048

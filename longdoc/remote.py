@@ -92,7 +92,7 @@ def options(opts: dict[str, Any]) -> RemoteOptions | None:
         return None
     if importlib.util.find_spec("openai") is None:
         raise UsageError("--endpoint needs the openai client library: pip install 'longdoc[remote]'")
-    if opts.get("quantize", "none") != "none":
+    if opts.get("quantize", "auto") not in ("auto", "none"):
         raise UsageError("--quantize quantizes the local model; with --endpoint the server's weights are its own")
     return RemoteOptions(url=base_url(url), api_key=opts.get("api_key") or None, model=model, concurrency=concurrency)
 

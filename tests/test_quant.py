@@ -113,19 +113,24 @@ def test_int8_gemm_matches_a_float64_reference(block, bias):
 
 
 @needs_int8_gemm
-def test_int8_gemm_prepares_a_shared_input_once_and_only_for_that_input():
-    """q/k/v (and gate/up) get the same input tensor: its blocks are prepared once; another input with
-    the same shape, or the same input for a layer with other blocks, is prepared afresh."""
+def test_int8_linears_that_share_an_input_share_one_gemm():
+    """q/k/v (and gate/up) are one GEMM: the first call computes all of them, the others take theirs
+    for the same input tensor; another input, or the first again after it, is computed afresh."""
     torch.manual_seed(0)
-    layers = []
-    for block in (16, 16, 32):
-        dense = nn.Linear(64, 8, bias=False)
-        q, s = quant.quantize("int8", dense.weight)
-        layers.append((quant.QuantLinear(dense, "int8", q, s, dtype=torch.float32, act_block=block), q, s, block))
-    x1, x2 = torch.randn(1, 64), torch.randn(1, 64) * 3
+    model = tiny_model("qwen2", dtype=torch.float32)
+    tensors = quantized_tensors(model, "int8")
+    quant.quantize_linears(model, "int8", tensors, act_block=16)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.q_proj.gemm is attn.k_proj.gemm is attn.v_proj.gemm is not attn.o_proj.gemm
+    assert mlp.gate_proj.gemm is mlp.up_proj.gemm is not mlp.down_proj.gemm
+    prefix = "model.layers.0.self_attn"
+    x1, x2 = torch.randn(1, 1, 64), torch.randn(1, 1, 64) * 3
     for x in (x1, x2, x1):
-        for layer, q, s, block in layers:
-            torch.testing.assert_close(layer(x).double(), w8a8_reference(x, q, s, block), rtol=1e-4, atol=1e-4)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            layer = getattr(attn, name)
+            q, s = tensors[f"{prefix}.{name}.qweight"], tensors[f"{prefix}.{name}.scales"]
+            want = w8a8_reference(x, q, s, 16, layer.dense.bias)
+            torch.testing.assert_close(layer(x).double(), want, rtol=1e-4, atol=1e-4)
 
 
 def test_int8_gemm_probe_refuses_a_saturating_kernel(monkeypatch):

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-import threading
 import warnings
 from collections.abc import Iterator, Mapping
 
@@ -67,6 +66,8 @@ ACT_BLOCK = 128
 # The linears whose input is a normalized hidden state (blocked); o_proj's and down_proj's inputs are
 # quantized per row (blocking them too gained 0.1-0.3% for 4-38 times the rows).
 BLOCKED_INPUTS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
+# Linears of one module that get the same input: one int8 GEMM each set (fewer, larger calls per step).
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 # The tensor names a quantized cache stores for each quantized linear ``<module>``.
 QWEIGHT, QSCALES = "qweight", "scales"
@@ -165,10 +166,6 @@ def _block_diagonal(blocks: int) -> torch.Tensor:
     return torch.eye(blocks)[:, :, None]
 
 
-# The last blocked input (per thread): q/k/v, and gate/up, share one input and so one preparation.
-_prepared = threading.local()
-
-
 def prepare_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One row x (1, K) -> (blocks (M, K) float32, block maxima (M, 1)), M = K / block: block m of x,
     divided by its largest magnitude, on row m (zeros elsewhere)."""
@@ -176,6 +173,64 @@ def prepare_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Ten
     xb = x.reshape(k // block, block).float()
     amax = xb.abs().amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
     return (_block_diagonal(k // block) * (xb / amax)).view(-1, k), amax
+
+
+class Int8Gemm:
+    """The int8 GEMM of one or more linears that share their input (q/k/v; gate/up): their weights
+    stacked into one packed matrix, so a decode step makes one call for all of them and hands each
+    its columns. Each output channel gets the numbers separate calls would give (the same quantized
+    input, per-channel weight scales).
+
+    ``act_block``: input channels per activation scale (0, or one that does not divide K: per row).
+    """
+
+    def __init__(
+        self,
+        qweights: list[torch.Tensor],
+        scales: list[torch.Tensor],
+        biases: list[torch.Tensor | None],
+        act_block: int,
+    ):
+        qweight = torch.cat([q.to(torch.int8) for q in qweights]).contiguous()
+        self.sizes = [int(q.shape[0]) for q in qweights]
+        self.in_features = int(qweight.shape[1])
+        self.act_block = act_block if act_block and self.in_features % act_block == 0 else self.in_features
+        with warnings.catch_warnings():  # quantized tensors are deprecated, their kernels are not
+            warnings.simplefilter("ignore")
+            weight = torch._make_per_channel_quantized_tensor(
+                qweight, torch.cat(scales).double(), torch.zeros(qweight.shape[0], dtype=torch.long), 0
+            )
+            self.packed = torch.ops.quantized.linear_prepack(weight, None)
+        self.bias: torch.Tensor | None = None
+        if any(b is not None for b in biases):
+            self.bias = torch.cat(
+                [torch.zeros(n) if b is None else b.detach().float() for b, n in zip(biases, self.sizes, strict=True)]
+            )
+        self.nbytes = qweight.numel() + 4 * qweight.shape[0]
+        self._last: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+
+    def row(self, x: torch.Tensor) -> torch.Tensor:
+        """One row x (1, K) -> (1, N) float32, biases included."""
+        if self.act_block == self.in_features:
+            out = torch.ops.quantized.linear_dynamic(x.reshape(1, -1).float(), self.packed, False)
+            return out if self.bias is None else out.add_(self.bias)
+        blocks, amax = prepare_blocks(x, self.act_block)
+        parts = torch.ops.quantized.linear_dynamic(blocks, self.packed, False)  # (M, N)
+        amax = amax.view(1, -1)
+        return torch.mm(amax, parts) if self.bias is None else torch.addmm(self.bias[None], amax, parts)
+
+    def outputs(self, x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+        """x (..., K) -> each linear's output (..., N_i) in ``dtype``, row by row (each row's activation
+        scales are its own, as in a decode step). The last input's outputs are kept: the linears after
+        the first that get the same tensor take theirs from there."""
+        last = self._last
+        if last is not None and last[0] is x:
+            return last[1]
+        rows = x.reshape(-1, self.in_features)
+        out = self.row(rows) if rows.shape[0] == 1 else torch.cat([self.row(r) for r in rows.split(1)])
+        parts = [p.reshape(*x.shape[:-1], -1) for p in out.to(dtype).split(self.sizes, dim=-1)]
+        self._last = (x, parts)
+        return parts
 
 
 @functools.cache
@@ -192,11 +247,13 @@ def kernel_available(scheme: str, dtype: torch.dtype = torch.bfloat16) -> bool:
 
 
 class QuantLinear(nn.Module):
-    """A linear layer with a weight-only quantized copy for small inputs.
+    """A linear layer with a quantized copy for small inputs.
 
     ``dense`` is the layer being replaced (an ``nn.Linear``, or a ``PackedLinear`` once
     ``pack_linears`` has run over the model, which packs it in place). Inputs (..., K) with at most
-    ``max_rows`` rows run the quantized kernel, plus the bias; larger ones run ``dense``.
+    ``max_rows`` rows run the quantized kernel, plus the bias; larger ones run ``dense``. int8 runs
+    through ``gemm`` (its ``part``; its own where none is given) where the int8 GEMM runs, else
+    through the weight-only kernel.
     """
 
     def __init__(
@@ -208,6 +265,8 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         max_rows: int = MAX_QUANT_ROWS,
         act_block: int = ACT_BLOCK,
+        gemm: Int8Gemm | None = None,
+        part: int = 0,
     ):
         super().__init__()
         self.dense = dense
@@ -218,29 +277,15 @@ class QuantLinear(nn.Module):
         self.out_features = int(qweight.shape[0])
         bias = getattr(dense, "bias", None)
         self.qbias = None if bias is None else bias.detach().to(dtype)
-        self.gemm: torch.Tensor | None = None  # the int8 GEMM's packed weight (int8 where it runs)
-        self.packed_bytes = 0
-        # input channels per activation scale: a block, or the whole row
-        self.act_block = act_block if act_block and self.in_features % act_block == 0 else self.in_features
-        if scheme == "int8" and int8_gemm_available():
-            with warnings.catch_warnings():  # quantized tensors are deprecated, their kernels are not
-                warnings.simplefilter("ignore")
-                weight = torch._make_per_channel_quantized_tensor(
-                    qweight.to(torch.int8).contiguous(),
-                    scales.double(),
-                    torch.zeros(self.out_features, dtype=torch.long),
-                    0,
-                )
-                self.gemm = torch.ops.quantized.linear_prepack(weight, None)
-            self.fbias = None if bias is None else bias.detach().float()
-            # the packed weight is the only copy; these stand for its size
-            self.qweight, self.scales = torch.empty(0, dtype=torch.int8), torch.empty(0)
-            self.packed_bytes = qweight.numel() + 4 * self.out_features
-            self.group = 0
+        if scheme == "int8" and gemm is None and int8_gemm_available():
+            gemm = Int8Gemm([qweight], [scales], [bias], act_block)
+        self.gemm, self.part = (gemm, part) if scheme == "int8" else (None, 0)
+        self.group = 0
+        if self.gemm is not None:
+            self.qweight, self.scales = torch.empty(0, dtype=torch.int8), torch.empty(0)  # packed in gemm
         elif scheme == "int8":
             self.qweight = qweight.to(torch.int8).contiguous()
             self.scales = scales.to(dtype).contiguous()
-            self.group = 0
         elif scheme == "int4":
             self.group = self.in_features // int(scales.shape[1])
             # packed a block of rows at a time: unpacked int32 values of the LM head would be 0.5 GB at once
@@ -256,31 +301,11 @@ class QuantLinear(nn.Module):
         else:
             raise ValueError(f"unknown quantization {scheme!r}")
 
-    def int8_row(self, x: torch.Tensor) -> torch.Tensor:
-        """One row x (1, K) through the int8 GEMM -> (1, N) float32, bias included."""
-        assert self.gemm is not None
-        if self.act_block == self.in_features:
-            out = torch.ops.quantized.linear_dynamic(x.reshape(1, -1).float(), self.gemm, False)
-            return out if self.fbias is None else out.add_(self.fbias)
-        last = getattr(_prepared, "entry", None)
-        if last is not None and last[0] is x and last[1] == self.act_block:
-            blocks, amax = last[2], last[3]
-        else:
-            blocks, amax = prepare_blocks(x, self.act_block)
-            _prepared.entry = (x, self.act_block, blocks, amax)
-        parts = torch.ops.quantized.linear_dynamic(blocks, self.gemm, False)  # (M, N)
-        if self.fbias is None:
-            return torch.mm(amax.T, parts)
-        return torch.addmm(self.fbias[None], amax.T, parts)
-
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) through the quantized weight, whatever the number of rows."""
-        rows = x.reshape(-1, self.in_features)
         if self.gemm is not None:
-            # row by row: each row's activation scales are its own, as in a decode step
-            one = rows.shape[0] == 1  # x itself: q/k/v (gate/up) share its prepared blocks
-            out = self.int8_row(x) if one else torch.cat([self.int8_row(row) for row in rows.split(1)])
-            return out.to(self.dtype).view(*x.shape[:-1], self.out_features)
+            return self.gemm.outputs(x, self.dtype)[self.part]
+        rows = x.reshape(-1, self.in_features)
         if self.scheme == "int8":
             out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales)
         else:
@@ -297,7 +322,8 @@ class QuantLinear(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        return self.packed_bytes + sum(t.numel() * t.element_size() for t in (self.qweight, self.scales))
+        own = sum(t.numel() * t.element_size() for t in (self.qweight, self.scales))
+        return own + (self.gemm.nbytes * self.out_features // sum(self.gemm.sizes) if self.gemm else 0)
 
 
 def quantized_names(model: nn.Module) -> list[str]:
@@ -316,24 +342,45 @@ def quantize_linears(
     """Replace each ``nn.Linear`` named in ``tensors`` (``<name>.qweight``, ``<name>.scales``) by a
     ``QuantLinear`` wrapping it; returns how many. Run before ``pack_linears``, which then packs the
     wrapped layers (prefill's path) in place. Raises ValueError when a linear has no tensors or the
-    shapes disagree (the cache belongs to another model). int8 linears named in ``BLOCKED_INPUTS``
-    scale their activations per ``act_block`` channels, the others per row."""
+    shapes disagree (the cache belongs to another model).
+
+    int8 linears named in ``BLOCKED_INPUTS`` scale their activations per ``act_block`` channels, the
+    others per row; the linears of a module that share their input (``SHARED_INPUTS``) share one GEMM.
+    """
     param = next(model.parameters())
-    count = 0
+    by_parent: dict[str, list[str]] = {}
     for name in quantized_names(model):
-        module = model.get_submodule(name)
-        try:
-            qweight, scales = tensors[f"{name}.{QWEIGHT}"], tensors[f"{name}.{QSCALES}"]
-        except KeyError:
-            raise ValueError(f"the quantized weights have no entry for {name}") from None
-        width = qweight.shape[1] * (2 if scheme == "int4" else 1)
-        if (qweight.shape[0], width) != (module.out_features, module.in_features):
-            raise ValueError(f"the quantized weights of {name} do not match the model's shape")
-        parent, _, child = name.rpartition(".")
-        block = act_block if child in BLOCKED_INPUTS else 0
-        layer = QuantLinear(module, scheme, qweight, scales, dtype=param.dtype, max_rows=max_rows, act_block=block)
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
-        count += 1
+        by_parent.setdefault(name.rpartition(".")[0], []).append(name)
+    count = 0
+    for parent, names in by_parent.items():  # one module at a time: its tensors, then the next's
+        found = {}
+        for name in names:
+            module = model.get_submodule(name)
+            try:
+                qweight, scales = tensors[f"{name}.{QWEIGHT}"], tensors[f"{name}.{QSCALES}"]
+            except KeyError:
+                raise ValueError(f"the quantized weights have no entry for {name}") from None
+            width = qweight.shape[1] * (2 if scheme == "int4" else 1)
+            if (qweight.shape[0], width) != (module.out_features, module.in_features):
+                raise ValueError(f"the quantized weights of {name} do not match the model's shape")
+            found[name.rpartition(".")[2]] = (module, qweight, scales)
+        gemms: dict[str, tuple[Int8Gemm | None, int]] = {}
+        if scheme == "int8" and int8_gemm_available():
+            for siblings in SHARED_INPUTS:
+                if all(c in found for c in siblings):
+                    modules, qweights, scales_ = zip(*(found[c] for c in siblings), strict=True)
+                    block = act_block if siblings[0] in BLOCKED_INPUTS else 0
+                    shared = Int8Gemm(list(qweights), list(scales_), [m.bias for m in modules], block)
+                    gemms.update({c: (shared, i) for i, c in enumerate(siblings)})
+        owner = model.get_submodule(parent) if parent else model
+        for child, (module, qweight, scales) in found.items():
+            gemm, part = gemms.get(child, (None, 0))
+            block = act_block if child in BLOCKED_INPUTS else 0
+            layer = QuantLinear(
+                module, scheme, qweight, scales, param.dtype, max_rows, act_block=block, gemm=gemm, part=part
+            )
+            setattr(owner, child, layer)
+            count += 1
     return count
 
 
