@@ -357,7 +357,10 @@ def quantized() -> str | None:
     """Quality of --quantize against bfloat16: perplexity (every position through the quantized
     weights), passkey and needle (prompt prefilled unquantized, answer decoded quantized)."""
     rows = []
-    labels = {"int4_mse": "int4, least-squares step per group (tried, not kept)"}
+    labels = {
+        "int8": "int8 (int8 GEMM, activations per block of 128 / per row)",
+        "int4_mse": "int4, least-squares step per group (tried, not kept)",
+    }
     for scheme in ("none", "int8", "int4", "int4_mse"):
         cells = []
         ppl = load(f"quant_ppl_{scheme}")
@@ -371,7 +374,15 @@ def quantized() -> str | None:
     if not rows:
         return None
     head = ["--quantize", "perplexity (no DCA)", "passkey 4K, 8K x 3 depths", "needle 8K, 16K, keys 1 and 4"]
-    out = "### Weight-only quantization: quality against bfloat16\n\n" + table(head, rows)
+    out = "### Quantization: quality against bfloat16\n\n" + table(head, rows)
+    act = load("act_quant")
+    if act:
+        base = act["rows"][0]["ppl"]  # bfloat16
+        act_rows = [[r["selection"], f"{r['ppl']} ({r['ppl'] / base - 1:+.2%})"] for r in act["rows"]]
+        out += (
+            f"\n\nint8 weights, activations quantized how: emulated perplexity at {act['length']} (`{act['command']}`, "
+            f"{act['cpu']})\n\n" + table(["activations", f"ppl {act['length']}"], act_rows)
+        )
     mix = load("quant_mix")
     if mix:
         base = mix["rows"][0]  # the "none" selection
