@@ -37,6 +37,7 @@ import functools
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -351,8 +352,9 @@ def quantize_linears(
     by_parent: dict[str, list[str]] = {}
     for name in quantized_names(model):
         by_parent.setdefault(name.rpartition(".")[0], []).append(name)
-    count = 0
-    for parent, names in by_parent.items():  # one module at a time: its tensors, then the next's
+
+    def replace_in(parent: str, names: list[str]) -> int:
+        """Quantize the linears of one module: its tensors are read here, and freed once packed."""
         found = {}
         for name in names:
             module = model.get_submodule(name)
@@ -380,8 +382,11 @@ def quantize_linears(
                 module, scheme, qweight, scales, param.dtype, max_rows, act_block=block, gemm=gemm, part=part
             )
             setattr(owner, child, layer)
-            count += 1
-    return count
+        return len(found)
+
+    # packing a weight is single-threaded: modules are packed side by side, as many as there are threads
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        return sum(pool.map(replace_in, by_parent.keys(), by_parent.values()))
 
 
 @contextlib.contextmanager
