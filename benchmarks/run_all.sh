@@ -57,7 +57,7 @@ for step in "${steps[@]}"; do
       run python -m tests.fuzz.run sigint --runs 50 --seed 3 --max-delay 15
       run python -m tests.fuzz.cache_faults --kills 20 --racers 3 --seed 0 ;;
     llamacpp) # issue 13: longdoc (each --quantize) vs transformers bfloat16 vs llama.cpp, same GGUF, one run
-      run python -m benchmarks.bench_llamacpp --lengths 2048,8192,32768 --new 32 --name llamacpp ;;
+      run python -m benchmarks.bench_llamacpp --lengths 2048,8192 --new 64 --name llamacpp ;;
     quant)   # issue 13: quality of --quantize against bfloat16 (perplexity through the quantized weights)
       for q in none int8 int4; do
         run longdoc eval ppl "$CORPUS" --lengths 4096,16384 --no-dca --quantize $q --json > "$OUT/quant_ppl_$q.json"
@@ -66,7 +66,8 @@ for step in "${steps[@]}"; do
         run longdoc eval needle --lengths 8192,16384 --depths 0.5 --keys 1,4 --quantize $q --json \
           > "$OUT/quant_needle_$q.json"
       done
-      run python -m benchmarks.bench_quant --lengths 4096 ;;  # mixed int8/int4 selections (not schemes)
+      run python -m benchmarks.bench_quant --lengths 4096  # mixed int8/int4 selections (not schemes)
+      run python -m benchmarks.bench_act_quant --length 4096 ;;  # how int8 quantizes its activations
     prefill) # issue 12: where prefill time goes, exact vs sparse vs transformers (a 64K exact prefill of all
              # 24 layers takes over 20 minutes on 2 cores: those rows run the first 2 layers)
       run python -m benchmarks.bench_prefill --lengths 8192,16384,32768 --modes exact,sparse,transformers \
