@@ -52,6 +52,24 @@ MUTANTS = [
         "succ = intra + c",
     ),
     (
+        "int8 GEMM: siblings take stale outputs",
+        "longdoc/attention/quant.py",
+        "if last is not None and last[0] is x:",
+        "if last is not None:",
+    ),
+    (
+        "int8 GEMM: block maxima dropped",
+        "longdoc/attention/quant.py",
+        "amax = amax.view(1, -1)",
+        "amax = torch.ones_like(amax).view(1, -1)",
+    ),
+    (
+        "int8 GEMM: one activation scale per row",
+        "longdoc/attention/quant.py",
+        "self.act_block = act_block if act_block and self.in_features % act_block == 0 else self.in_features",
+        "self.act_block = self.in_features",
+    ),
+    (
         "no bf16 packing fallback",
         "longdoc/attention/patch.py",
         "    except RuntimeError:\n        return False\n    return True",

@@ -353,6 +353,9 @@ def quantize_linears(
     for name in quantized_names(model):
         by_parent.setdefault(name.rpartition(".")[0], []).append(name)
 
+    def block_of(child: str) -> int:
+        return act_block if child in BLOCKED_INPUTS else 0
+
     def replace_in(parent: str, names: list[str]) -> int:
         """Quantize the linears of one module: its tensors are read here, and freed once packed."""
         found = {}
@@ -371,15 +374,13 @@ def quantize_linears(
             for siblings in SHARED_INPUTS:
                 if all(c in found for c in siblings):
                     modules, qweights, scales_ = zip(*(found[c] for c in siblings), strict=True)
-                    block = act_block if siblings[0] in BLOCKED_INPUTS else 0
-                    shared = Int8Gemm(list(qweights), list(scales_), [m.bias for m in modules], block)
+                    shared = Int8Gemm(list(qweights), list(scales_), [m.bias for m in modules], block_of(siblings[0]))
                     gemms.update({c: (shared, i) for i, c in enumerate(siblings)})
         owner = model.get_submodule(parent) if parent else model
         for child, (module, qweight, scales) in found.items():
             gemm, part = gemms.get(child, (None, 0))
-            block = act_block if child in BLOCKED_INPUTS else 0
             layer = QuantLinear(
-                module, scheme, qweight, scales, param.dtype, max_rows, act_block=block, gemm=gemm, part=part
+                module, scheme, qweight, scales, param.dtype, max_rows, act_block=block_of(child), gemm=gemm, part=part
             )
             setattr(owner, child, layer)
         return len(found)
