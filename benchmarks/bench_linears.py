@@ -117,7 +117,7 @@ def main() -> None:
     if quant.int8_gemm_available():
         # 24 layers' gate/up GEMMs: one row, and a block-diagonal input of 7 rows (blocks of 128 of 896)
         weights = [torch.randint(-127, 128, (2 * INTER, HIDDEN), dtype=torch.int8) for _ in range(LAYERS)]
-        packs = [quant.Int8Gemm([w], [torch.rand(2 * INTER)], [None], 0) for w in weights]
+        packs = [quant.QuantGemm("int8", [w], [torch.rand(2 * INTER)], [None], torch.bfloat16) for w in weights]
         for rows_in in (1, 7):
             x = torch.randn(rows_in, HIDDEN)
             ms = timed(lambda x=x: [torch.ops.quantized.linear_dynamic(x, g.packed, False) for g in packs])

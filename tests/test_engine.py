@@ -7,7 +7,7 @@ import torch
 
 from longdoc.attention.dca import ChunkLayout, key_positions
 from longdoc.attention.kernels import get_kernel
-from longdoc.attention.patch import AttentionSettings, PatchedModel
+from longdoc.attention.patch import AttentionSettings, PatchedModel, rms_norm
 from longdoc.config import GenerationConfig
 from longdoc.engine.decode import generate
 from longdoc.engine.prefill import prefill
@@ -40,6 +40,19 @@ def test_plain_attention_equals_transformers(family, kernel):
     ref = model(ids).logits[0].double()
     got, _ = all_logits(patched(model, None, kernel), ids, step=8)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)  # HF rounds RoPE angles in float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_rms_norm_equals_the_models_module(family, dtype):
+    """The layer loop's norm gives the module's numbers bit for bit, on the model's own norms (their
+    weights made non-trivial) and hidden states with a few large channels."""
+    model = tiny_model(family, dtype=dtype)
+    norm = model.model.layers[1].post_attention_layernorm
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.1, 3.0, norm.weight.shape[0]))
+    x = torch.randn(1, 7, 64, generator=torch.Generator().manual_seed(0)).to(dtype) * 4
+    x[..., 3] *= 50
+    assert torch.equal(rms_norm(norm, x), norm(x))
 
 
 def test_dca_in_one_chunk_equals_transformers(family):

@@ -95,7 +95,7 @@ def test_int8_gemm_matches_a_float64_reference(block, bias):
         dense.weight[:, :16] = 0  # the large channels' own products vanish: what is left is their step
     q, s = quant.quantize("int8", dense.weight)
     layer = quant.QuantLinear(dense, "int8", q, s, dtype=torch.float32, act_block=block)
-    assert layer.gemm is not None
+    assert layer.gemm.kind == "gemm"
     x = torch.randn(3, 1, 64)
     x[..., 5] *= 40.0
     x[1, 0, 10] = -60.0
@@ -112,24 +112,34 @@ def test_int8_gemm_matches_a_float64_reference(block, bias):
         assert blocked_err < per_row_err / 5
 
 
-@needs_int8_gemm
-def test_int8_linears_that_share_an_input_share_one_gemm():
-    """q/k/v (and gate/up) are one GEMM: the first call computes all of them, the others take theirs
-    for the same input tensor; another input, or the first again after it, is computed afresh."""
+@pytest.mark.parametrize(
+    "scheme, path",
+    [pytest.param("int8", "gemm", marks=needs_int8_gemm), ("int8", "weight-only"), ("int4", "weight-only")],
+)
+def test_linears_that_share_an_input_share_one_matmul(scheme, path, monkeypatch):
+    """q/k/v (and gate/up) are one quantized matmul: the first call computes all of them, the others
+    take theirs for the same input tensor; another input, or the first again after it, is computed
+    afresh. Each gets what its own weight gives (float64 reference)."""
+    if path == "weight-only":
+        monkeypatch.setattr(quant, "int8_gemm_available", lambda: False)
     torch.manual_seed(0)
     model = tiny_model("qwen2", dtype=torch.float32)
-    tensors = quantized_tensors(model, "int8")
-    quant.quantize_linears(model, "int8", tensors, act_block=16)
+    tensors = quantized_tensors(model, scheme)
+    quant.quantize_linears(model, scheme, tensors, act_block=16)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert attn.q_proj.gemm is attn.k_proj.gemm is attn.v_proj.gemm is not attn.o_proj.gemm
     assert mlp.gate_proj.gemm is mlp.up_proj.gemm is not mlp.down_proj.gemm
+    assert attn.q_proj.gemm.kind == ("gemm" if path == "gemm" else scheme)
     prefix = "model.layers.0.self_attn"
     x1, x2 = torch.randn(1, 1, 64), torch.randn(1, 1, 64) * 3
     for x in (x1, x2, x1):
         for name in ("q_proj", "k_proj", "v_proj"):
             layer = getattr(attn, name)
             q, s = tensors[f"{prefix}.{name}.qweight"], tensors[f"{prefix}.{name}.scales"]
-            want = w8a8_reference(x, q, s, 16, layer.dense.bias)
+            if path == "gemm":
+                want = w8a8_reference(x, q, s, 16, layer.dense.bias)
+            else:
+                want = x.double() @ quant.dequantize(scheme, q, s).T + layer.dense.bias.double()
             torch.testing.assert_close(layer(x).double(), want, rtol=1e-4, atol=1e-4)
 
 
@@ -147,7 +157,7 @@ def test_int8_gemm_probe_refuses_a_saturating_kernel(monkeypatch):
         assert not quant.int8_gemm_available()
         dense = nn.Linear(64, 8)
         layer = quant.QuantLinear(dense, "int8", *quant.quantize("int8", dense.weight), dtype=torch.float32)
-        assert layer.gemm is None and layer.qweight.numel() == 64 * 8
+        assert layer.gemm.kind == "int8" and layer.gemm.qweight.numel() == 64 * 8
     finally:
         quant.int8_gemm_available.cache_clear()
 
@@ -217,7 +227,7 @@ def test_quantized_greedy_decode_equals_the_dequantized_reference(scheme, path, 
         else:
             linear.weight.data = quant.dequantize(scheme, q, s).float()
     assert quant.quantize_linears(model, scheme, tensors, act_block=16) == len(quant.quantized_names(model))
-    assert all((m.gemm is not None) == (path == "gemm") for m in model.modules() if isinstance(m, quant.QuantLinear))
+    assert all((m.gemm.kind == "gemm") == (path == "gemm") for m in model.modules() if isinstance(m, quant.QuantLinear))
     dca = ChunkLayout(24, 4) if layout else None
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
     gen = GenerationConfig(max_new_tokens=24)

@@ -69,6 +69,14 @@ class AttentionSettings:
     sparse_stats: SparseStats = field(default_factory=SparseStats)
 
 
+def rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    """What the model's RMSNorm module returns (Llama, Qwen2 and Mistral alike: normalized in float32,
+    rounded to x's dtype, times the weight), normalized by torch's op: 4 tensor operations instead of
+    the module's 8, twice per layer and step. ``norm``: the model's RMSNorm module."""
+    eps = float(norm.variance_epsilon)
+    return norm.weight * torch.rms_norm(x.to(torch.float32), (x.shape[-1],), None, eps).to(x.dtype)
+
+
 class PatchedModel:
     """A causal LM whose attention runs through longdoc (DCA or plain) over a ``KVStore``."""
 
@@ -176,16 +184,17 @@ class PatchedModel:
         shape = (1, length, -1, self.head_dim)
         h = self.model.model.embed_tokens(ids)
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
+            attn, mlp = layer.self_attn, layer.mlp
+            x = rms_norm(layer.input_layernorm, h)
             q = attn.q_proj(x).view(shape).transpose(1, 2)
             k = attn.k_proj(x).view(shape).transpose(1, 2)
             v = attn.v_proj(x).view(shape).transpose(1, 2)
             kv.update(i, start, RopeTable.apply(k, cos, sin), v)
             o = attend(i, q, start)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(1, length, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        h = self.model.model.norm(h)
+            x = rms_norm(layer.post_attention_layernorm, h)
+            h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        h = rms_norm(self.model.model.norm, h)
         if all_logits:
             return h
         return self.logits(h[:, -1])

@@ -7,12 +7,18 @@ import torch
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The model's own formulation (x1, x2) -> (-x2, x1), the yardstick of ``RopeTable.apply``."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class RopeTable:
     """cos/sin rows for positions 0..n-1, grown on demand.
+
+    The sine rows are stored signed, (-sin, sin) over the two halves, so a rotation is
+    ``x * cos + swap(x) * sin`` with ``swap`` exchanging the halves: the numbers of the model's
+    ``x * cos + rotate_half(x) * sin`` (negation is exact), in 4 tensor operations instead of 7,
+    which counts in a decode step that rotates a single row per layer.
 
     ``inv_freq`` (D/2,) and ``attention_scaling`` come from the model's rotary embedding, so RoPE
     variants (Llama-3 scaling, YaRN factors) behave as the model defines them.
@@ -34,20 +40,22 @@ class RopeTable:
         freqs = torch.outer(pos, self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = (emb.cos() * self.scaling).to(self.dtype)
-        self.sin = (emb.sin() * self.scaling).to(self.dtype)
+        sin = emb.sin() * self.scaling
+        sin[:, : self.inv_freq.shape[0]].neg_()
+        self.sin = sin.to(self.dtype)
 
     def angles(self, positions: torch.Tensor, top: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin rows (L, D) for positions (L,). Pass ``top`` (> every position) when the caller
-        knows it, to skip reading the maximum back from the device."""
+        """cos, signed sin rows (L, D) for positions (L,). Pass ``top`` (> every position) when the
+        caller knows it, to skip reading the maximum back from the device."""
         self.ensure(top if top is not None else int(positions.max()) + 1)
         return self.cos[positions], self.sin[positions]
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, L, D) rotated by rows cos, sin (L, D) -> same shape and dtype as x."""
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        return x * cos + rotate_half(x) * sin
+        """x: (B, H, L, D) rotated by rows cos, signed sin (L, D) of x's dtype -> same shape and dtype."""
+        return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (B, H, L, D) rotated at positions (L,) -> same shape and dtype."""
-        return self.apply(x, *self.angles(positions))
+        cos, sin = self.angles(positions)
+        return self.apply(x, cos.to(x.dtype), sin.to(x.dtype))

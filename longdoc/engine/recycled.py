@@ -62,7 +62,7 @@ def region_bounds(pos: int, layout: ChunkLayout | None) -> tuple[int, int]:
 
 def rotated(q: torch.Tensor, rot: Rotations, r: int) -> torch.Tensor:
     """q (1, H, 1, D) at rotation r of ``rot`` -> (1, H, 1, D) in q's dtype."""
-    return RopeTable.apply(q, rot[0][r : r + 1], rot[1][r : r + 1])
+    return RopeTable.apply(q, rot[0][r : r + 1].to(q.dtype), rot[1][r : r + 1].to(q.dtype))
 
 
 def selection_probs(

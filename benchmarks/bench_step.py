@@ -1,0 +1,97 @@
+"""What one decode step costs, and where it goes (issue 13's "leaner decode step").
+
+For each quantization, in its own process: a prompt of ``--length`` corpus tokens is prefilled, then
+greedy steps are timed (four blocks of 24 steps; the fastest block counts, the machine being noisy),
+and 8 further steps run under torch's profiler, which counts the tensor operations a step issues (a
+number the code controls, unlike the time) and splits the step's CPU time into the quantized or
+packed linear kernels, the attention kernel, and everything else.
+
+    python -m benchmarks.bench_step --length 2048 --quantize none,int8,int4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from benchmarks.common import corpus_text, cpu_info, run_child, save
+
+LINEAR_OPS = ("quantized::linear_dynamic", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm")
+LINEAR_PREFIXES = ("mkldnn::_linear_pointwise",)
+ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu",)
+
+
+def child(quantize: str, length: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from longdoc.config import GenerationConfig, RunConfig
+    from longdoc.engine.prefill import prefill
+    from longdoc.pipeline import Session, make_plan
+    from longdoc.render import Reporter
+
+    cfg = RunConfig(dtype="bfloat16", quantize=quantize, generation=GenerationConfig(max_new_tokens=128))
+    session = Session(cfg, Reporter(quiet=True))
+    ids = session.encode(corpus_text())[:length]
+    model = session.patched(make_plan(cfg, session.info, len(ids)))
+    kv = model.new_store(len(ids) + 160)
+    logits = prefill(model, torch.tensor([ids]), kv, cfg.prefill_step)
+    state = {"pos": len(ids), "token": int(logits.argmax())}
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            out = model.forward(torch.tensor([[state["token"]]]), state["pos"], kv)
+            state["token"], state["pos"] = int(out.argmax()), state["pos"] + 1
+
+    steps(4)
+    blocks = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        steps(24)
+        blocks.append((time.perf_counter() - t0) / 24 * 1e3)
+    n = 8
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        steps(n)
+    top = [e for e in prof.events() if e.cpu_parent is None]
+    split = {"linear": 0.0, "attention": 0.0, "other": 0.0}
+    for e in top:
+        name = e.name
+        part = "other"
+        if name in LINEAR_OPS or name.startswith(LINEAR_PREFIXES):
+            part = "linear"
+        elif name in ATTENTION_OPS:
+            part = "attention"
+        split[part] += e.cpu_time_total / 1e3 / n
+    return {
+        "quantize": quantize,
+        "length": length,
+        "step_ms": round(min(blocks), 2),
+        "step_ms_blocks": [round(b, 2) for b in blocks],
+        "ops_per_step": len(top) // n,
+        "profiled_ms": {k: round(v, 2) for k, v in split.items()},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--quantize", default="none,int8,int4")
+    p.add_argument("--name", default="step")
+    p.add_argument("--child", action="store_true")
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(child(a.quantize, a.length)))
+        return
+    rows = []
+    for scheme in a.quantize.split(","):
+        row = run_child("bench_step.py", ["--quantize", scheme, "--length", str(a.length)])
+        print(row, flush=True)
+        rows.append(row)
+    command = f"python -m benchmarks.bench_step --length {a.length} --quantize {a.quantize}"
+    print(save(a.name, {"command": command, "torch": torch.__version__, **cpu_info(), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
