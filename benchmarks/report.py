@@ -353,6 +353,49 @@ def llamacpp(name: str = "llamacpp") -> str | None:
     return f"### longdoc vs transformers vs llama.cpp ({data['new_tokens']} new tokens)\n\n" + table(head, rows)
 
 
+def step() -> str | None:
+    """A decode step's time, tensor operations and profiled split, before and after (bench_step.py)."""
+    rows = []
+    for name in ("step_before", "step"):
+        data = load(name)
+        for r in (data or {}).get("rows", []):
+            if "error" in r:
+                continue
+            split = r["profiled_ms"]
+            rows.append(
+                [
+                    data["code"],
+                    r["quantize"],
+                    r["length"],
+                    r["step_ms"],
+                    r["ops_per_step"],
+                    f"{split['linear']} / {split['attention']} / {split['other']}",
+                ]
+            )
+    if not rows:
+        return None
+    head = [
+        "code",
+        "--quantize",
+        "context",
+        "step ms (best of 4 x 24)",
+        "tensor ops per step",
+        "profiled ms: linear / attention / other",
+    ]
+    return "### One decode step: time, operations, where it goes\n\n" + table(head, rows)
+
+
+def llamacpp_ppl() -> str | None:
+    """Perplexity of llama.cpp's GGUF and of longdoc's weights on the same ids (bench_llamacpp_ppl.py)."""
+    data = load("llamacpp_ppl")
+    if not data:
+        return None
+    rows = [[r["model"], r["length"], r["ppl"]] for r in data["rows"] if "error" not in r]
+    return f"### Perplexity: llama.cpp's model vs longdoc's (`{data['command']}`, {data['cpu']})\n\n" + table(
+        ["model", "tokens", "ppl"], rows
+    )
+
+
 def quantized() -> str | None:
     """Quality of --quantize against bfloat16: perplexity (every position through the quantized
     weights), passkey and needle (prompt prefilled unquantized, answer decoded quantized)."""
@@ -529,6 +572,8 @@ def main() -> None:
         engine("engine", "longdoc vs transformers `generate` (same model, 32 new tokens)"),
         engine("dca", "DCA vs plain attention prefill (longdoc, bfloat16)"),
         llamacpp(),
+        llamacpp_ppl(),
+        step(),
         quantized(),
         prefill_breakdown(),
         sparse_quality(),
