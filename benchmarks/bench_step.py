@@ -6,7 +6,13 @@ and 8 further steps run under torch's profiler, which counts the tensor operatio
 number the code controls, unlike the time) and splits the step's CPU time into the quantized or
 packed linear kernels, the attention kernel, and everything else.
 
+``--compile`` runs the step through ``torch.compile`` (inductor, dynamic shapes) instead, and reports
+the first two calls' times: the first compiles for the prompt's position, the second recompiles with
+the position symbolic; later steps reuse that. (int4 only: the int8 GEMM's packed weights are a
+TorchScript object that dynamo cannot trace, and bfloat16's oneDNN-packed weights are opaque tensors.)
+
     python -m benchmarks.bench_step --length 2048 --quantize none,int8,int4
+    python -m benchmarks.bench_step --length 2048 --quantize int4 --compile --name step_compile
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ LINEAR_PREFIXES = ("mkldnn::_linear_pointwise",)
 ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu",)
 
 
-def child(quantize: str, length: int) -> dict:
+def child(quantize: str, length: int, compiled: bool) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from longdoc.config import GenerationConfig, RunConfig
@@ -39,13 +45,26 @@ def child(quantize: str, length: int) -> dict:
     kv = model.new_store(len(ids) + 160)
     logits = prefill(model, torch.tensor([ids]), kv, cfg.prefill_step)
     state = {"pos": len(ids), "token": int(logits.argmax())}
+    forward = model.forward
+    if compiled:
+        # compiled without inference_mode (dynamo cannot write the KV cache's inference tensors)
+        inner = torch.compile(type(model).forward.__wrapped__, dynamic=True)
+
+        def forward(ids: torch.Tensor, pos: int, store: object) -> torch.Tensor:
+            with torch.no_grad():
+                return inner(model, ids, pos, store)
 
     def steps(n: int) -> None:
         for _ in range(n):
-            out = model.forward(torch.tensor([[state["token"]]]), state["pos"], kv)
+            out = forward(torch.tensor([[state["token"]]]), state["pos"], kv)
             state["token"], state["pos"] = int(out.argmax()), state["pos"] + 1
 
-    steps(4)
+    first_calls = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        steps(1)
+        first_calls.append(round(time.perf_counter() - t0, 2))
+    steps(2)
     blocks = []
     for _ in range(4):
         t0 = time.perf_counter()
@@ -66,6 +85,8 @@ def child(quantize: str, length: int) -> dict:
         split[part] += e.cpu_time_total / 1e3 / n
     return {
         "quantize": quantize,
+        "compiled": compiled,
+        "first_calls_s": first_calls,
         "length": length,
         "step_ms": round(min(blocks), 2),
         "step_ms_blocks": [round(b, 2) for b in blocks],
@@ -78,18 +99,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--quantize", default="none,int8,int4")
+    p.add_argument("--compile", action="store_true")
     p.add_argument("--name", default="step")
     p.add_argument("--child", action="store_true")
     a = p.parse_args()
     if a.child:
-        print(json.dumps(child(a.quantize, a.length)))
+        print(json.dumps(child(a.quantize, a.length, a.compile)))
         return
     rows = []
     for scheme in a.quantize.split(","):
-        row = run_child("bench_step.py", ["--quantize", scheme, "--length", str(a.length)])
+        flags = ["--compile"] if a.compile else []
+        row = run_child("bench_step.py", ["--quantize", scheme, "--length", str(a.length), *flags])
         print(row, flush=True)
         rows.append(row)
-    command = f"python -m benchmarks.bench_step --length {a.length} --quantize {a.quantize}"
+    command = f"python -m benchmarks.bench_step --length {a.length} --quantize {a.quantize}" + (
+        " --compile" if a.compile else ""
+    )
     print(save(a.name, {"command": command, "torch": torch.__version__, **cpu_info(), "rows": rows}))
 
 

@@ -354,22 +354,25 @@ def llamacpp(name: str = "llamacpp") -> str | None:
 
 
 def step() -> str | None:
-    """A decode step's time, tensor operations and profiled split, before and after (bench_step.py)."""
+    """A decode step's time, tensor operations and profiled split: before and after the leaner step,
+    and eager against torch.compile (bench_step.py)."""
     rows = []
-    for name in ("step_before", "step"):
+    for name in ("step_before", "step", "step_int4", "step_compile"):
         data = load(name)
         for r in (data or {}).get("rows", []):
             if "error" in r:
                 continue
             split = r["profiled_ms"]
+            compiled = r.get("compiled", False)
             rows.append(
                 [
                     data["code"],
                     r["quantize"],
                     r["length"],
                     r["step_ms"],
-                    r["ops_per_step"],
-                    f"{split['linear']} / {split['attention']} / {split['other']}",
+                    f"{r['first_calls_s'][0]} s, {r['first_calls_s'][1]} s" if compiled else "",
+                    "" if compiled else r["ops_per_step"],
+                    "" if compiled else f"{split['linear']} / {split['attention']} / {split['other']}",
                 ]
             )
     if not rows:
@@ -379,6 +382,7 @@ def step() -> str | None:
         "--quantize",
         "context",
         "step ms (best of 4 x 24)",
+        "first two calls (compiling)",
         "tensor ops per step",
         "profiled ms: linear / attention / other",
     ]
