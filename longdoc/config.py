@@ -70,9 +70,9 @@ class RunConfig:
     # Quantized linears for decode steps: auto | none | int8 | int4 (longdoc.attention.quant). "auto" is
     # int8 where the int8 GEMM runs (x86 with VNNI, bfloat16 on CPU), else none: measured on an EPYC
     # with AVX-512-BF16 (benchmarks/RESULTS.md), int8 (activations per block of 128) costs +0.21%
-    # perplexity at 4K and +0.59% at 16K, and decodes 1.2-1.4x faster than bfloat16 (22.6-26.7 vs
-    # 18.6 tok/s at 2K, 22.0 vs 17.8 at 8K); int4 decodes faster still but costs 4%, over the 1% a
-    # default may lose.
+    # perplexity at 4K and +0.59% at 16K, and decodes 1.3-1.5x faster than bfloat16 (25.1 vs 17.3
+    # tok/s at 2K, 21.5 vs 16.1 at 8K); int4 decodes faster still but costs 4%, over the 1% a default
+    # may lose.
     quantize: str = "auto"
     kernel: str = "auto"  # attention back end: auto | reference | cpu | cuda
     # Prefill step in tokens: bounds working memory (activations of one step) and paces the progress bar.

@@ -179,8 +179,9 @@ def prepare_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Ten
 class QuantGemm:
     """The quantized weights of one or more linears that share their input (q/k/v; gate/up), stacked
     into one matrix, so a decode step makes one kernel call for all of them and hands each its
-    columns (24 layers' q/k/v and gate/up in int4: 8.7 ms as five calls per layer, 7.7 ms as two).
-    Each output channel gets the numbers a call of its own would give.
+    columns. Each output channel gets the numbers a call of its own would give. (Fewer, larger calls:
+    a scratch timing put 24 layers' q/k/v and gate/up in int4 at 8.7 ms as five calls per layer and
+    7.7 ms as two; a whole decode step did not move measurably, benchmarks/RESULTS.md.)
 
     ``kind`` is the kernel: "gemm" (int8 through the int8 GEMM, where it runs), "int8" (weight-only)
     or "int4". ``act_block``: input channels per activation scale of the int8 GEMM (0, or one that does
