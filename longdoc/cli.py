@@ -72,7 +72,11 @@ Prefill = Annotated[
     ),
 ]
 PrefillBudget = Annotated[
-    int, typer.Option("--prefill-budget", help="Sparse prefill: keys each query picks beyond its local band.")
+    int | None,
+    typer.Option(
+        "--prefill-budget",
+        help="Sparse prefill: keys each query picks beyond its local band (default: 8192, 2048 from 64K tokens).",
+    ),
 ]
 Dca = Annotated[
     bool | None,

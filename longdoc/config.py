@@ -45,13 +45,27 @@ PREFILL_MODES: tuple[str, ...] = ("auto", "exact", "sparse")
 
 @dataclass
 class PrefillConfig:
+    """Sparse or exact prefill. Sparse prefill costs quality in proportion to what it skips (corpus
+    perplexity at 32K against exact 9.55: +1.13% at budget 8192, +5.6% at 4096, +7.8% at 2048), and
+    pays in proportion too (at 32K: 1.52x, 1.92x and 2.2x exact). So by default (``budget`` None) the
+    budget follows the prompt's length: 8192, within the 2% quality gate, from ``auto_min_tokens``;
+    2048 from ``long_min_tokens``, where an exact prefill takes over 20 minutes on 2 cores and sparse
+    is 4-5x faster (benchmarks/RESULTS.md, "Sparse prefill")."""
+
     mode: str = "auto"
-    # Selected keys per query beyond the exact band and sinks (longdoc.attention.sparse.SparseConfig).
-    budget: int = 2048
-    # auto: sparse from this many prompt tokens on. Sparse prefill costs quality (corpus perplexity at
-    # 32K: 10.30 against 9.55 exact, +7.8%), so auto keeps it for lengths where an exact prefill takes
-    # over 20 minutes on 2 cores and sparse is 4-5x faster (benchmarks/RESULTS.md, "Sparse prefill").
-    auto_min_tokens: int = 65536
+    # Selected keys per query beyond the exact band and sinks (longdoc.attention.sparse.SparseConfig);
+    # None = ``budget_for`` the prompt's length.
+    budget: int | None = None
+    # auto: sparse from this many prompt tokens on.
+    auto_min_tokens: int = 24576
+    long_min_tokens: int = 65536
+    budget_default: int = 8192
+    budget_long: int = 2048
+
+    def budget_for(self, prompt_tokens: int) -> int:
+        if self.budget is not None:
+            return self.budget
+        return self.budget_long if prompt_tokens >= self.long_min_tokens else self.budget_default
 
 
 @dataclass

@@ -213,7 +213,7 @@ def make_plan(cfg: RunConfig, info: ModelInfo, prompt_tokens: int, reserve: int 
     )
     mode = cfg.prefill.mode
     if mode == "sparse" or (mode == "auto" and prompt_tokens >= cfg.prefill.auto_min_tokens):
-        plan.sparse = SparseConfig(budget=cfg.prefill.budget)
+        plan.sparse = SparseConfig(budget=cfg.prefill.budget_for(prompt_tokens))
     if layout is not None and cfg.dca.temperature and need > window:
         plan.logit_scale = (0.1 * math.log(need / window) + 1) ** 2
     check_memory(plan, info.device)

@@ -143,10 +143,18 @@ def test_auto_prefill_turns_sparse_from_the_threshold():
     def plan(tokens, **kw):
         return make_plan(RunConfig(prefill=PrefillConfig(**kw)), info(), tokens)
 
-    threshold = PrefillConfig().auto_min_tokens
+    d = PrefillConfig()
+    threshold, long = d.auto_min_tokens, d.long_min_tokens
+    assert threshold < long and d.budget is None
     assert plan(threshold - 1).sparse is None
-    assert plan(threshold).sparse == SparseConfig(budget=PrefillConfig().budget)
+    # the budget follows the length: the one within the quality gate, then the fast one
+    assert plan(threshold).sparse == SparseConfig(budget=d.budget_default)
+    assert plan(long - 1).sparse == SparseConfig(budget=d.budget_default)
+    assert plan(long).sparse == SparseConfig(budget=d.budget_long) != SparseConfig(budget=d.budget_default)
+    assert plan(100, mode="sparse").sparse == SparseConfig(budget=d.budget_default)
+    # a budget given is used at any length
     assert plan(100, mode="sparse", budget=512).sparse == SparseConfig(budget=512)
+    assert plan(long, budget=512).sparse == SparseConfig(budget=512)
     assert plan(100_000, mode="exact").sparse is None
 
 
