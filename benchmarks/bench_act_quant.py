@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.common import corpus_text, cpu_info, save
+from benchmarks.common import corpus_text, save_rows
 
 
 def fake_quantize(x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -142,7 +142,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     cmd = f"python -m benchmarks.bench_act_quant --length {a.length}"
-    print(save(a.name, {"command": cmd, "length": a.length, "torch": torch.__version__, **cpu_info(), "rows": rows}))
+    save_rows(a.name, cmd, rows, length=a.length)
 
 
 if __name__ == "__main__":

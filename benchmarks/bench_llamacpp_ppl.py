@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from benchmarks.bench_llamacpp import embedded_gguf, prompt_ids
-from benchmarks.common import cpu_info, run_child, save
+from benchmarks.common import run_child, save_rows
 
 SLICE = 512  # positions per log-softmax
 
@@ -83,7 +83,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     command = f"python -m benchmarks.bench_llamacpp_ppl --length {a.length} --configs {a.configs}"
-    print(save(a.name, {"command": command, "torch": torch.__version__, **cpu_info(), "rows": rows}))
+    save_rows(a.name, command, rows)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
-from benchmarks.common import corpus_text, cpu_info, save
+from benchmarks.common import corpus_text, save_rows
 
 # The layers whose attn_v / ffn_down the embedded Q4_K_M GGUF keeps at Q8_0 / Q6_K (the rest: Q5_0 /
 # Q4_K). llama.cpp picks them by position in its tensor order, which sorts layer numbers as strings.
@@ -99,7 +97,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     cmd = f"python -m benchmarks.bench_quant --lengths {a.lengths}"
-    print(save(a.name, {"command": cmd, "torch": torch.__version__, **cpu_info(), "rows": rows}))
+    save_rows(a.name, cmd, rows)
 
 
 if __name__ == "__main__":

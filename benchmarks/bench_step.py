@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from benchmarks.common import corpus_text, cpu_info, run_child, save
+from benchmarks.common import corpus_text, run_child, save_rows
 
 LINEAR_OPS = ("quantized::linear_dynamic", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm")
 LINEAR_PREFIXES = ("mkldnn::_linear_pointwise",)
@@ -115,7 +115,7 @@ def main() -> None:
     command = f"python -m benchmarks.bench_step --length {a.length} --quantize {a.quantize}" + (
         " --compile" if a.compile else ""
     )
-    print(save(a.name, {"command": command, "torch": torch.__version__, **cpu_info(), "rows": rows}))
+    save_rows(a.name, command, rows)
 
 
 if __name__ == "__main__":

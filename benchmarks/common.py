@@ -67,6 +67,11 @@ def save(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+def save_rows(name: str, command: str, rows: list[dict[str, Any]], **extra: Any) -> None:
+    """Save a benchmark's rows with the command, torch version and CPU that produced them; print where."""
+    print(save(name, {"command": command, "torch": torch.__version__, **cpu_info(), **extra, "rows": rows}))
+
+
 KV_DIR = Path("/tmp/longdoc-bench-kv")
 
 
