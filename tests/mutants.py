@@ -70,6 +70,24 @@ MUTANTS = [
         "self.act_block = self.in_features",
     ),
     (
+        "RoPE: sines not signed",
+        "longdoc/attention/rope.py",
+        "        sin[:, : self.inv_freq.shape[0]].neg_()",
+        "        sin[:, : self.inv_freq.shape[0]].abs_()",
+    ),
+    (
+        "RMSNorm: no rounding before the weight",
+        "longdoc/attention/patch.py",
+        "None, eps).to(x.dtype)",
+        "None, eps)",
+    ),
+    (
+        "sparse budget: the long one everywhere",
+        "longdoc/config.py",
+        "return self.budget_long if prompt_tokens >= self.long_min_tokens else self.budget_default",
+        "return self.budget_long",
+    ),
+    (
         "no bf16 packing fallback",
         "longdoc/attention/patch.py",
         "    except RuntimeError:\n        return False\n    return True",
