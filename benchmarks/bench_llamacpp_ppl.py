@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from typing import Any
 
 import torch
 
 from benchmarks.bench_llamacpp import embedded_gguf, prompt_ids
-from benchmarks.common import run_child, save_rows
+from benchmarks.common import child_rows, save_rows
 
 SLICE = 512  # positions per log-softmax
 
@@ -77,11 +76,8 @@ def main() -> None:
     if a.child:
         print(json.dumps(child(a.spec, a.length)))
         return
-    rows = []
-    for spec in a.configs.split(","):
-        row = run_child("bench_llamacpp_ppl.py", ["--spec", spec, "--length", str(a.length)])
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
+    specs = a.configs.split(",")
+    rows = child_rows("bench_llamacpp_ppl.py", [["--spec", spec, "--length", str(a.length)] for spec in specs])
     command = f"python -m benchmarks.bench_llamacpp_ppl --length {a.length} --configs {a.configs}"
     save_rows(a.name, command, rows)
 

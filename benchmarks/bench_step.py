@@ -23,10 +23,14 @@ import time
 
 import torch
 
-from benchmarks.common import corpus_text, run_child, save_rows
+from benchmarks.common import child_rows, corpus_text, save_rows
 
-LINEAR_OPS = ("quantized::linear_dynamic", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm")
-LINEAR_PREFIXES = ("mkldnn::_linear_pointwise",)
+LINEAR_OPS = (
+    "quantized::linear_dynamic",
+    "aten::_weight_int4pack_mm_for_cpu",
+    "aten::_weight_int8pack_mm",
+    "mkldnn::_linear_pointwise",
+)
 ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu",)
 
 
@@ -78,7 +82,7 @@ def child(quantize: str, length: int, compiled: bool) -> dict:
     for e in top:
         name = e.name
         part = "other"
-        if name in LINEAR_OPS or name.startswith(LINEAR_PREFIXES):
+        if name in LINEAR_OPS:
             part = "linear"
         elif name in ATTENTION_OPS:
             part = "attention"
@@ -106,12 +110,9 @@ def main() -> None:
     if a.child:
         print(json.dumps(child(a.quantize, a.length, a.compile)))
         return
-    rows = []
-    for scheme in a.quantize.split(","):
-        flags = ["--compile"] if a.compile else []
-        row = run_child("bench_step.py", ["--quantize", scheme, "--length", str(a.length), *flags])
-        print(row, flush=True)
-        rows.append(row)
+    flags = ["--compile"] if a.compile else []
+    schemes = a.quantize.split(",")
+    rows = child_rows("bench_step.py", [["--quantize", s, "--length", str(a.length), *flags] for s in schemes])
     command = f"python -m benchmarks.bench_step --length {a.length} --quantize {a.quantize}" + (
         " --compile" if a.compile else ""
     )

@@ -67,6 +67,16 @@ def save(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+def child_rows(script: str, arg_lists: list[list[str]]) -> list[dict[str, Any]]:
+    """``run_child`` for each argument list, back to back; each row is printed to stderr as it comes."""
+    rows = []
+    for args in arg_lists:
+        row = run_child(script, args)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
 def save_rows(name: str, command: str, rows: list[dict[str, Any]], **extra: Any) -> None:
     """Save a benchmark's rows with the command, torch version and CPU that produced them; print where."""
     print(save(name, {"command": command, "torch": torch.__version__, **cpu_info(), **extra, "rows": rows}))

@@ -75,7 +75,8 @@ PrefillBudget = Annotated[
     int | None,
     typer.Option(
         "--prefill-budget",
-        help="Sparse prefill: keys each query picks beyond its local band (default: 8192, 2048 from 64K tokens).",
+        help="Sparse prefill: keys each query picks beyond its local band (default: "
+        f"{PrefillConfig.budget_default}, {PrefillConfig.budget_long} from {PrefillConfig.long_min_tokens:,} tokens).",
     ),
 ]
 Dca = Annotated[

@@ -145,8 +145,8 @@ def model_info(
 
 
 def default_quantize(device: torch.device, dtype: torch.dtype) -> str:
-    """What ``--quantize auto`` runs: int8 where the int8 GEMM runs a bfloat16 model on CPU (within 1%
-    perplexity, 1.2-1.4x bfloat16's decode speed: benchmarks/RESULTS.md), else none."""
+    """What ``--quantize auto`` runs: int8 where the int8 GEMM runs a bfloat16 model on CPU, else none
+    (why: the comment on ``RunConfig.quantize``)."""
     if device.type == "cpu" and dtype == torch.bfloat16 and quant.int8_gemm_available():
         return "int8"
     return "none"

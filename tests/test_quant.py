@@ -40,6 +40,10 @@ def weight_only_int8(monkeypatch):
     monkeypatch.setattr(quant, "int8_gemm_available", lambda: False)
 
 
+# each quantized kernel: int8 through the int8 GEMM (where it runs), int8 and int4 weight-only
+KERNEL_PATHS = [pytest.param("int8", "gemm", marks=needs_int8_gemm), ("int8", "weight-only"), ("int4", "weight-only")]
+
+
 def w8a8_reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block: int, bias=None) -> torch.Tensor:
     """What the int8 GEMM path computes, in float64: each row's blocks divided by their largest
     magnitude and spread over the rows of a block-diagonal matrix; that matrix quantized to 8 bits
@@ -112,16 +116,13 @@ def test_int8_gemm_matches_a_float64_reference(block, bias):
         assert blocked_err < per_row_err / 5
 
 
-@pytest.mark.parametrize(
-    "scheme, path",
-    [pytest.param("int8", "gemm", marks=needs_int8_gemm), ("int8", "weight-only"), ("int4", "weight-only")],
-)
-def test_linears_that_share_an_input_share_one_matmul(scheme, path, monkeypatch):
+@pytest.mark.parametrize("scheme, path", KERNEL_PATHS)
+def test_linears_that_share_an_input_share_one_matmul(scheme, path, request):
     """q/k/v (and gate/up) are one quantized matmul: the first call computes all of them, the others
     take theirs for the same input tensor; another input, or the first again after it, is computed
     afresh. Each gets what its own weight gives (float64 reference)."""
     if path == "weight-only":
-        monkeypatch.setattr(quant, "int8_gemm_available", lambda: False)
+        request.getfixturevalue("weight_only_int8")
     torch.manual_seed(0)
     model = tiny_model("qwen2", dtype=torch.float32)
     tensors = quantized_tensors(model, scheme)
@@ -199,12 +200,9 @@ class W8A8Reference(nn.Module):
         return w8a8_reference(x, self.q, self.s, self.block, self.bias).to(x.dtype)
 
 
-@pytest.mark.parametrize(
-    "scheme, path",
-    [pytest.param("int8", "gemm", marks=needs_int8_gemm), ("int8", "weight-only"), ("int4", "weight-only")],
-)
+@pytest.mark.parametrize("scheme, path", KERNEL_PATHS)
 @pytest.mark.parametrize("layout", [None, "dca"])
-def test_quantized_greedy_decode_equals_the_dequantized_reference(scheme, path, layout, monkeypatch):
+def test_quantized_greedy_decode_equals_the_dequantized_reference(scheme, path, layout, request):
     """A tiny model whose linears all run quantized decodes exactly the tokens of the same model with
     the quantized computation done in float64 in its layers: the dequantized weights in plain Linear
     layers for the weight-only kernels; for the int8 GEMM, its activation quantization too (per block
@@ -212,7 +210,7 @@ def test_quantized_greedy_decode_equals_the_dequantized_reference(scheme, path, 
     from longdoc.attention.dca import ChunkLayout
 
     if path == "weight-only":
-        monkeypatch.setattr(quant, "int8_gemm_available", lambda: False)
+        request.getfixturevalue("weight_only_int8")
     torch.manual_seed(0)
     model = tiny_model("qwen2", dtype=torch.float32)
     tensors = quantized_tensors(model, scheme)

@@ -113,7 +113,7 @@ def chunked_attention(
     lq = q.shape[2]
     end = start + lq
     pos = torch.arange(start, end, device=q.device)
-    chunk_start = 0 if layout is None else (start // layout.chunk_len) * layout.chunk_len
+    prev, chunk_start = region_bounds(start, layout)
     if layout is not None and end > chunk_start + layout.chunk_len:
         raise ValueError("a DCA query block must not cross a chunk boundary")
 
@@ -129,7 +129,6 @@ def chunked_attention(
         parts.append(kernel(q_intra, k_cache[:, :, start:end], v_cache[:, :, start:end], True, scale))
     if layout is not None and chunk_start > 0:
         _, succ, inter = query_positions(pos, layout)
-        prev = chunk_start - layout.chunk_len
         parts.append(
             kernel(rotate(q, succ), k_cache[:, :, prev:chunk_start], v_cache[:, :, prev:chunk_start], False, scale)
         )
@@ -137,3 +136,12 @@ def chunked_attention(
             parts.append(kernel(rotate(q, inter), k_cache[:, :, :prev], v_cache[:, :, :prev], False, scale))
     out, _ = merge_partials(parts)
     return out
+
+
+def region_bounds(pos: int, layout: ChunkLayout | None) -> tuple[int, int]:
+    """(start of the previous chunk, start of the current chunk) for a query at ``pos``: keys below
+    the first are inter, between the two successive, from the second on intra. (0, 0) without DCA."""
+    if layout is None:
+        return 0, 0
+    chunk_start = pos // layout.chunk_len * layout.chunk_len
+    return max(0, chunk_start - layout.chunk_len), chunk_start

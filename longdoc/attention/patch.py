@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from longdoc.attention.dca import ChunkLayout, chunked_attention, key_positions, query_positions
+from longdoc.attention.dca import ChunkLayout, chunked_attention, key_positions, query_positions, region_bounds
 from longdoc.attention.kernels import Kernel, merge_partials
 from longdoc.attention.kvstore import KVStore
 from longdoc.attention.rope import RopeTable
@@ -125,16 +125,18 @@ class PatchedModel:
 
         return attend
 
-    def query_rotations(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin rows (R, D) in the model's dtype of one query at ``pos``, for the key regions in
-        the order intra, successive, inter (R = 1 without DCA, 3 with): computed once per decode step
-        for all layers (``chunked_attention`` would index the table again in every layer)."""
+    def query_rotations(self, pos: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin rows (R, D) of one query at ``pos``, for the key regions in the order
+        intra, successive, inter (R = 1 without DCA, 3 with), in ``dtype`` (the model's by default;
+        recycled decoding also scores in float32): computed once per decode step for all layers
+        (``chunked_attention`` would index the table again in every layer)."""
         layout = self.settings.layout
         p = torch.tensor([pos], device=self.device)
         rows = p if layout is None else torch.cat(query_positions(p, layout))
         top = pos + 1 if layout is None else layout.chunk_size + 1
         cos, sin = self.rope.angles(rows, top=top)
-        return cos.to(self.dtype), sin.to(self.dtype)
+        dtype = dtype or self.dtype
+        return cos.to(dtype), sin.to(dtype)
 
     def step_attend(self, kv: KVStore, pos: int) -> Attend:
         """Full attention of the one query of a decode step at ``pos``: the kernel calls, and their
@@ -143,14 +145,13 @@ class PatchedModel:
         layout, kernel, scale = self.settings.layout, self.settings.kernel, self.scale
         cos, sin = self.query_rotations(pos)
         rots = [(cos[r : r + 1], sin[r : r + 1]) for r in range(cos.shape[0])]
-        chunk_start = 0 if layout is None else pos // layout.chunk_len * layout.chunk_len
-        prev = 0 if layout is None else max(0, chunk_start - layout.chunk_len)
+        prev, chunk_start = region_bounds(pos, layout)
         # (rotation, first key, end key) per region, as chunked_attention orders them
         regions = [(0, chunk_start, pos + 1)]
-        if layout is not None and chunk_start > 0:
+        if chunk_start > 0:
             regions.append((1, prev, chunk_start))
-            if prev > 0:
-                regions.append((2, 0, prev))
+        if prev > 0:
+            regions.append((2, 0, prev))
         apply = RopeTable.apply
 
         def attend(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:

@@ -11,7 +11,8 @@ rows here), and dequantizing per call loses too (1.2-2x). So a ``QuantLinear`` k
 replaces (packed bfloat16, as ``pack_linears`` leaves it) for inputs of more than ``max_rows`` rows and
 uses the quantized weight only for the few rows of a decode step: prefill steps run as unquantized
 (all but a final step of at most ``max_rows`` tokens), so the prompt's KV cache is bfloat16's. The
-cost is memory: the quantized copy comes on top (peak RSS at 8K: 1.84 GB unquantized, 2.19 GB int4, 2.30 GB int8).
+cost is memory: the quantized copy comes on top (peak RSS at 8K: 1.84 GB unquantized, 2.17 GB int4,
+2.45 GB int8; benchmarks/out/llamacpp.json).
 
 int8 runs as llama.cpp runs its Q8_0 weights: the activations are quantized too, per block, and the
 product is an int8 x uint8 matrix multiply (torch's x86 ``quantized::linear_dynamic``, fbgemm with
@@ -311,7 +312,6 @@ class QuantLinear(nn.Module):
     ):
         super().__init__()
         self.dense = dense
-        self.scheme = scheme
         self.max_rows = max_rows
         self.in_features = int(qweight.shape[1] * (2 if scheme == "int4" else 1))
         self.out_features = int(qweight.shape[0])

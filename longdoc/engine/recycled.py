@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from longdoc.attention.dca import ChunkLayout, query_positions
+from longdoc.attention.dca import ChunkLayout, region_bounds
 from longdoc.attention.kernels import merge_partials
 from longdoc.attention.kvstore import KVStore
 from longdoc.attention.patch import Attend, PatchedModel
@@ -41,25 +41,6 @@ POOL_KERNEL = 7  # max-pool width along keys when choosing the recycled set
 Rotations = tuple[torch.Tensor, torch.Tensor]
 
 
-def query_rotations(model: PatchedModel, pos: int) -> Rotations:
-    """The query rotations at ``pos`` for the key regions (intra, successive, inter), computed once
-    per step for all layers."""
-    layout = model.settings.layout
-    p = torch.tensor([pos], device=model.device)
-    rows = p if layout is None else torch.cat(query_positions(p, layout))
-    top = pos + 1 if layout is None else layout.chunk_size + 1
-    return model.rope.angles(rows, top=top)
-
-
-def region_bounds(pos: int, layout: ChunkLayout | None) -> tuple[int, int]:
-    """(start of the previous chunk, start of the current chunk) for a query at ``pos``: keys below
-    the first are inter, between the two successive, from the second on intra. (0, 0) without DCA."""
-    if layout is None:
-        return 0, 0
-    chunk_start = pos // layout.chunk_len * layout.chunk_len
-    return max(0, chunk_start - layout.chunk_len), chunk_start
-
-
 def rotated(q: torch.Tensor, rot: Rotations, r: int) -> torch.Tensor:
     """q (1, H, 1, D) at rotation r of ``rot`` -> (1, H, 1, D) in q's dtype."""
     return RopeTable.apply(q, rot[0][r : r + 1].to(q.dtype), rot[1][r : r + 1].to(q.dtype))
@@ -69,13 +50,14 @@ def selection_probs(
     model: PatchedModel, q: torch.Tensor, kv: KVStore, layer: int, pos: int, rot: Rotations | None = None
 ) -> torch.Tensor:
     """Float32 attention probabilities (1, Hkv, G, pos+1) of the query at ``pos`` over keys 0..pos
-    (``rot``: the step's ``query_rotations``, computed once for all layers when given).
+    (``rot``: the step's ``PatchedModel.query_rotations`` in the table's dtype, computed once for all
+    layers when given).
 
     Each region's keys are upcast and scored with that region's query rotation, one contiguous slice
     at a time, so no key is copied once per rotation. Used only to choose the recycled set; the full
     step's output comes from the attention kernel.
     """
-    rot = rot if rot is not None else query_rotations(model, pos)
+    rot = rot if rot is not None else model.query_rotations(pos, model.rope.dtype)
     inter_end, intra_start = region_bounds(pos, model.settings.layout)
     hkv, d = model.n_kv_heads, model.head_dim
     qf = q.float()
@@ -241,7 +223,7 @@ class RecycledPolicy(DecodePolicy):
             self._recount_splits(model.settings.layout, pos, [i for i, f in enumerate(full) if not f])
         check = self.cfg.schedule == "dynamic" and step % self.cfg.stride == 0 and not all(full)
         self._checked = check
-        rot = query_rotations(model, pos)
+        rot = model.query_rotations(pos, model.rope.dtype)
         default = model.step_attend(kv, pos)  # full attention, rotations and regions worked out once
         # room for the tokens decoded before the next refresh (grown if a schedule runs longer)
         extra = min(self.cfg.stride, 256) if self.cfg.schedule == "fixed" else 64
@@ -314,7 +296,7 @@ class StreamingPolicy(DecodePolicy):
 
     def attend_for(self, model: PatchedModel, kv: KVStore, step: int, pos: int) -> Attend:
         keep = streaming_positions(pos + 1, self.budget, self.sinks)
-        rot = query_rotations(model, pos)
+        rot = model.query_rotations(pos, model.rope.dtype)
         inter_end, intra_start = region_bounds(pos, model.settings.layout)
         split = (bisect_left(keep, inter_end), bisect_left(keep, intra_start))
         idx = torch.tensor(keep, device=model.device).expand(1, model.n_kv_heads, -1)
