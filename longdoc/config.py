@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 # Quantizations of the linears that decode steps run (longdoc.attention.quant), and the --quantize
 # values: those or "auto" (int8 where torch's x86 int8 GEMM runs a bfloat16 model on CPU, else none).
-QUANTIZE_SCHEMES: tuple[str, ...] = ("none", "int8", "int4")
+QUANTIZE_SCHEMES: tuple[str, ...] = ("none", "int8", "int4", "int5")
 QUANTIZE_CHOICES: tuple[str, ...] = ("auto", *QUANTIZE_SCHEMES)
 
 

@@ -20,7 +20,7 @@ import psutil
 import torch
 
 from longdoc import doccache, models
-from longdoc.attention import quant
+from longdoc.attention import native, quant
 from longdoc.attention.dca import ChunkLayout
 from longdoc.attention.kernels import get_kernel
 from longdoc.attention.kvstore import KVStore
@@ -156,6 +156,8 @@ def quant_unavailable(scheme: str, device: torch.device, dtype: torch.dtype) -> 
     """Why ``scheme`` can't run here (a phrase), or None if it can."""
     if device.type != "cpu":
         return f"the weight-only kernels are CPU kernels, and this run is on {device.type}"
+    if scheme == "int5" and native.library() is None:
+        return f"the int5 kernel can't run here: {native.why_unavailable()}"
     if not quant.kernel_available(scheme, dtype):
         return f"this torch build has no CPU {scheme} weight-only kernel for {str(dtype).removeprefix('torch.')}"
     return None
