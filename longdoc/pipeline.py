@@ -117,9 +117,9 @@ def model_info(
     weight_bytes = n_params * torch.empty(0, dtype=dt).element_size()
     quant_folder = None
     if quantize == "auto":
-        quantize = default_quantize(dev, dt)
+        quantize = default_quantize(dev, dt, config)
     if quantize != "none":
-        why = quant_unavailable(quantize, dev, dt)
+        why = quant_unavailable(quantize, dev, dt, config)
         if why:
             (warn or (lambda _m: None))(f"--quantize {quantize}: {why}; running unquantized")
             quantize = "none"
@@ -144,20 +144,31 @@ def model_info(
     )
 
 
-def default_quantize(device: torch.device, dtype: torch.dtype) -> str:
-    """What ``--quantize auto`` runs: int8 where the int8 GEMM runs a bfloat16 model on CPU, else none
-    (why: the comment on ``RunConfig.quantize``)."""
-    if device.type == "cpu" and dtype == torch.bfloat16 and quant.int8_gemm_available():
-        return "int8"
-    return "none"
+def default_quantize(device: torch.device, dtype: torch.dtype, config: dict[str, Any] | None = None) -> str:
+    """What ``--quantize auto`` runs for a bfloat16 model on CPU: int5 where its kernel runs (and fits the
+    model's widths), else int8 where the int8 GEMM runs, else none; none for other runs (why: the
+    comment on ``RunConfig.quantize``)."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return "none"
+    if quant_unavailable("int5", device, dtype, config) is None:
+        return "int5"
+    return "int8" if quant.int8_gemm_available() else "none"
 
 
-def quant_unavailable(scheme: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why ``scheme`` can't run here (a phrase), or None if it can."""
+def quant_unavailable(
+    scheme: str, device: torch.device, dtype: torch.dtype, config: dict[str, Any] | None = None
+) -> str | None:
+    """Why ``scheme`` can't run here, or on the model of ``config`` (a phrase), or None if it can."""
     if device.type != "cpu":
         return f"the weight-only kernels are CPU kernels, and this run is on {device.type}"
-    if scheme == "int5" and native.library() is None:
-        return f"the int5 kernel can't run here: {native.why_unavailable()}"
+    if scheme == "int5":
+        if native.library() is None:
+            return f"the int5 kernel can't run here: {native.why_unavailable()}"
+        widths = quant.input_widths(config or {})
+        if any(w % native.BLOCK for w in widths):
+            return (
+                f"int5 needs the model's layer widths ({', '.join(map(str, widths))}) to be multiples of {native.BLOCK}"
+            )
     if not quant.kernel_available(scheme, dtype):
         return f"this torch build has no CPU {scheme} weight-only kernel for {str(dtype).removeprefix('torch.')}"
     return None

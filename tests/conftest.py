@@ -26,14 +26,16 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str = "qwen2", dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.nn.Module:
+def tiny_model(
+    family: str = "qwen2", dtype: torch.dtype = torch.float64, seed: int = 0, hidden: int = 64, mlp: int = 128
+) -> torch.nn.Module:
     """3 layers, 4 query heads over 2 KV heads (GQA), random weights large enough that greedy
-    decoding does not collapse onto one token."""
+    decoding does not collapse onto one token. ``hidden`` and ``mlp``: the widths."""
     config_cls, model_cls = FAMILIES[family]
     config = config_cls(
         vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=mlp,
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -39,7 +39,7 @@ def _tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
-def save_tiny_qwen2(folder: Path, *, window: int = 256, seed: int = 0):
+def save_tiny_qwen2(folder: Path, *, window: int = 256, seed: int = 0, hidden: int = 32, mlp: int = 64):
     """A random-weight two-layer Qwen2 with a tokenizer, saved like a Hugging Face model folder."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -47,8 +47,8 @@ def save_tiny_qwen2(folder: Path, *, window: int = 256, seed: int = 0):
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=mlp,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -22,6 +22,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -144,13 +145,17 @@ int longdoc_int5_supported(void) {
 /* out (m, n) = x (m, k) @ W^T + bias, W (n, k) in the int5 layout above (ceil(n / 4) * 4 * k / 128 * 96
    bytes).
    x is bfloat16 (x_bf16 != 0) or float32; out likewise; bias is float32 or NULL. k % 128 == 0.
-   scratch: at least k + 2 * (k / 32) * 4 bytes. Rows of W are split over `threads` OpenMP threads. */
+   Rows of W are split over `threads` OpenMP threads. Returns 0, or 1 for an input it can't take, 2
+   when out of memory. Its scratch is its own: calls from several threads don't share state. */
 int longdoc_int5_matmul(const void *x, int x_bf16, int64_t m, int64_t k, const uint8_t *w, int64_t n,
-                        const float *bias, void *out, int out_bf16, int threads, float *xbuf, int8_t *xq,
-                        float *sx, float *sums) {
+                        const float *bias, void *out, int out_bf16, int threads) {
 #ifdef LONGDOC_X86
     if (k % SB != 0 || !longdoc_int5_supported()) return 1;
     const int64_t nsb = k / SB, row_bytes = nsb * SB_BYTES;
+    float *xbuf = malloc((size_t)k * sizeof(float) + (size_t)(k / 32) * 2 * sizeof(float) + (size_t)k + 64);
+    if (!xbuf) return 2;
+    float *sx = xbuf + k, *sums = sx + k / 32;
+    int8_t *xq = (int8_t *)(sums + k / 32);
     for (int64_t i = 0; i < m; i++) {
         const float *xr;
         if (x_bf16) {
@@ -176,10 +181,11 @@ int longdoc_int5_matmul(const void *x, int x_bf16, int64_t m, int64_t k, const u
             }
         }
     }
+    free(xbuf);
     return 0;
 #else
     (void)x; (void)x_bf16; (void)m; (void)k; (void)w; (void)n; (void)bias; (void)out; (void)out_bf16;
-    (void)threads; (void)xbuf; (void)xq; (void)sx; (void)sums;
+    (void)threads;
     return 1;
 #endif
 }

@@ -72,7 +72,7 @@ def _configure(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.longdoc_int5_supported.restype = c_int
     lib.longdoc_int5_supported.argtypes = []
     lib.longdoc_int5_matmul.restype = c_int
-    lib.longdoc_int5_matmul.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int, p, p, p, p]
+    lib.longdoc_int5_matmul.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int]
     return lib
 
 
@@ -125,7 +125,7 @@ def layout(bits: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 class Int5Matmul:
-    """Calls of the kernel for one packed weight (N, K): scratch buffers are allocated once."""
+    """Calls of the kernel for one packed weight (N, K), bias added."""
 
     def __init__(self, packed: torch.Tensor, in_features: int, out_features: int, bias: torch.Tensor | None):
         lib = library()
@@ -134,10 +134,6 @@ class Int5Matmul:
         self.lib, self.packed, self.k = lib, packed.contiguous(), in_features
         self.n = out_features
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        self.xbuf = torch.empty(in_features, dtype=torch.float32)
-        self.xq = torch.empty(in_features, dtype=torch.int8)
-        self.sx = torch.empty(in_features // 32, dtype=torch.float32)
-        self.sums = torch.empty(in_features // 32, dtype=torch.float32)
 
     def __call__(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """rows (M, K) bfloat16 or float32 -> (M, N) in ``dtype`` (bfloat16 or float32)."""
@@ -156,11 +152,7 @@ class Int5Matmul:
             out.data_ptr(),
             int(dtype == torch.bfloat16),
             torch.get_num_threads(),
-            self.xbuf.data_ptr(),
-            self.xq.data_ptr(),
-            self.sx.data_ptr(),
-            self.sums.data_ptr(),
         )
         if rc != 0:
-            raise RuntimeError("the int5 kernel refused its input")
+            raise RuntimeError("the int5 kernel refused its input" if rc == 1 else "the int5 kernel ran out of memory")
         return out

@@ -39,6 +39,7 @@ import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 from torch import nn
@@ -80,6 +81,13 @@ def in_features(scheme: str, qweight: torch.Tensor) -> int:
     """The input size K of a linear from its quantized weight's width."""
     width = int(qweight.shape[1])
     return width * 2 if scheme == "int4" else width * native.BLOCK // 80 if scheme == "int5" else width
+
+
+def input_widths(config: Mapping[str, Any]) -> list[int]:
+    """The input sizes of a decoder's linears, from its config: hidden, attention output, MLP."""
+    hidden, heads = int(config.get("hidden_size", 0)), int(config.get("num_attention_heads", 1))
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    return [hidden, heads * head_dim, int(config.get("intermediate_size", 0))]
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +179,10 @@ def unpack_int5(bits: torch.Tensor) -> torch.Tensor:
     nib = b[..., :64].reshape(n, sb * 2, 2, 16).to(torch.int32)
     masks = b[..., 64:].reshape(n, sb * 2, 8, 1).to(torch.int32)
     lanes = ((masks >> torch.arange(8, dtype=torch.int32)) & 1).reshape(n, sb * 2, 64)
-    high = torch.stack([torch.cat([lanes[..., 0:16], lanes[..., 32:48]], -1), torch.cat([lanes[..., 16:32], lanes[..., 48:64]], -1)], dim=2)
+    high = torch.stack(
+        [torch.cat([lanes[..., 0:16], lanes[..., 32:48]], -1), torch.cat([lanes[..., 16:32], lanes[..., 48:64]], -1)],
+        dim=2,
+    )
     low = torch.cat([nib & 15, nib >> 4], dim=-1)  # (n, pairs, 2, 32)
     return (low | (high << 4)).reshape(n, -1)
 
