@@ -88,6 +88,36 @@ MUTANTS = [
         "return self.budget_long",
     ),
     (
+        "int5: pair a's scales for pair b",
+        "longdoc/attention/int5.c",
+        "_mm512_permutexvar_ps(p ? pick_b : pick_a, ds)",
+        "_mm512_permutexvar_ps(pick_a, ds)",
+    ),
+    (
+        "int5: fifth bits dropped",
+        "longdoc/attention/int5.c",
+        "                qh = _mm512_mask_add_epi16(qh, (__mmask32)(h[p] >> 32), qh, five);\n",
+        "",
+    ),
+    (
+        "int5: minima's term dropped",
+        "longdoc/attention/int5.c",
+        "            accm[r] = _mm_fmadd_ps(m4, sum4, accm[r]);\n",
+        "",
+    ),
+    (
+        "int5: bfloat16 output truncated",
+        "longdoc/attention/int5.c",
+        "    u += 0x7fffu + ((u >> 16) & 1u);",
+        "",
+    ),
+    (
+        "int5: fifth bits in group order",
+        "longdoc/attention/quant.py",
+        "[q[..., 0, :16], q[..., 1, :16], q[..., 0, 16:], q[..., 1, 16:]]",
+        "[q[..., 0, :16], q[..., 0, 16:], q[..., 1, :16], q[..., 1, 16:]]",
+    ),
+    (
         "no bf16 packing fallback",
         "longdoc/attention/patch.py",
         "    except RuntimeError:\n        return False\n    return True",
