@@ -34,7 +34,7 @@ import torch
 from benchmarks.common import corpus_text, cpu_info, hf_generate_timed, run_child, save
 
 GGUF_DIR = Path("/tmp/longdoc-bench-gguf")
-CONFIGS = "longdoc:none,longdoc:int8,longdoc:int4,hf:bfloat16,llamacpp"
+CONFIGS = "longdoc:none,longdoc:int5,longdoc:int8,longdoc:int4,hf:bfloat16,llamacpp"
 
 
 def rss() -> int:

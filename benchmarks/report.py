@@ -357,7 +357,7 @@ def step() -> str | None:
     """A decode step's time, tensor operations and profiled split: before and after the leaner step,
     and eager against torch.compile (bench_step.py)."""
     rows = []
-    for name in ("step_before", "step", "step_int4", "step_compile"):
+    for name in ("step_before", "step", "step_int4", "step_compile", "step_int5"):
         data = load(name)
         for r in (data or {}).get("rows", []):
             if "error" in r:
@@ -405,10 +405,13 @@ def quantized() -> str | None:
     weights), passkey and needle (prompt prefilled unquantized, answer decoded quantized)."""
     rows = []
     labels = {
+        "int5": "int5 (longdoc's kernel, int16 activations per group of 32; the default)",
+        "int5_act8": "int5, int8 activations per group of 32 (tried, not kept)",
+        "int5_mixed": "int5, LM head and down_proj in int8 through the int8 GEMM (tried, not kept)",
         "int8": "int8 (int8 GEMM, activations per block of 128 / per row)",
         "int4_mse": "int4, least-squares step per group (tried, not kept)",
     }
-    for scheme in ("none", "int8", "int4", "int4_mse"):
+    for scheme in ("none", "int5", "int5_act8", "int5_mixed", "int8", "int4", "int4_mse"):
         cells = []
         ppl = load(f"quant_ppl_{scheme}")
         cells.append(", ".join(f"{r['length']}: {r.get('ppl', r.get('error'))}" for r in ppl["results"]) if ppl else "")

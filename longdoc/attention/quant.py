@@ -1,4 +1,4 @@
-"""Quantized linears for CPU decoding (``--quantize int8|int4``).
+"""Quantized linears for CPU decoding (``--quantize int5|int8|int4``).
 
 A decode step multiplies one row by every weight of the model, so its time is the time to read the
 weights: about 1 GB per token in bfloat16 for the embedded 0.5B model. Quantized weights halve (int8)
@@ -25,7 +25,12 @@ maximum and placed on its own row of a block-diagonal matrix: the kernel then qu
 with the same relative step, and the rows' outputs, times their block maxima, add up to the product.
 A block-diagonal row costs no more weight reads than one row. Where the int8 GEMM is missing or
 saturates (CPUs without VNNI add pairs of products in 16 bits), int8 falls back to the weight-only
-kernel. Quality and speed figures: benchmarks/RESULTS.md.
+kernel.
+
+int5 runs longdoc's own kernel (``native``, ``int5.c``: 5-bit weights in groups of 32 with a float16
+step and minimum, 6 bits per weight, times int16 activations per group of 32), built once per machine
+where a C compiler and AVX-512 VNNI are found. It reads 25% fewer bytes than int8 and keeps the
+activations' large channels to their own groups. Quality and speed figures: benchmarks/RESULTS.md.
 
 Quantization itself happens once, when the model is converted (``longdoc.models.quantize``); these are
 the pure tensor functions it uses and the module that runs the result.
