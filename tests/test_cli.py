@@ -10,7 +10,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from longdoc.attention import quant
+from longdoc.attention import native, quant
 from longdoc.cli import app
 
 from .conftest import CORPUS, REPO
@@ -287,7 +287,8 @@ def test_ask_with_a_local_model_folder(tmp_path, monkeypatch):
 
 # Facts the 0.5B model states in float32 and in bfloat16 alike (checked on Xeon/AMX and EPYC/AVX-512-BF16
 # machines, and with oneDNN capped at AVX2): the only assertions here that need the model to be right.
-# bfloat16 with int8 decoding (the default where the int8 GEMM runs) was checked on the EPYC only.
+# bfloat16 with int8 decoding (the default where the int8 GEMM runs) and with int5 decoding (the default
+# where its kernel runs) were checked on the EPYC only.
 FACTS = [
     ("notes.md", "What is the default time-to-live for an entry?", "900"),
     ("notes.md", "Which TCP port does Lighthouse use for cache traffic?", "7311"),
@@ -302,6 +303,7 @@ FACTS = [
         ("float32", "none"),
         ("bfloat16", "none"),
         pytest.param("bfloat16", "int8", marks=pytest.mark.skipif(not quant.int8_gemm_available(), reason="no GEMM")),
+        pytest.param("bfloat16", "int5", marks=pytest.mark.skipif(native.library() is None, reason="no int5 kernel")),
     ],
 )
 @pytest.mark.parametrize("source,question,fact", FACTS)

@@ -173,7 +173,12 @@ def test_native_library_builds_once_verifies_and_rebuilds_a_damaged_file(tmp_pat
 
 @pytest.mark.parametrize(
     "env, reason",
-    [({"LONGDOC_NATIVE": "0"}, "LONGDOC_NATIVE=0"), ({"CC": "/nonexistent/cc"}, "could not build the int5 kernel")],
+    [
+        ({"LONGDOC_NATIVE": "0"}, "LONGDOC_NATIVE=0"),
+        ({"CC": "/nonexistent/cc"}, "could not build the int5 kernel"),
+        ({"ATEN_CPU_CAPABILITY": "avx2"}, "ATEN_CPU_CAPABILITY=avx2 caps the CPU below AVX-512"),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, "ONEDNN_MAX_CPU_ISA=AVX2 caps the CPU below AVX-512"),
+    ],
 )
 def test_int5_is_unavailable_without_its_kernel_and_auto_falls_back(tmp_path, monkeypatch, env, reason):
     from longdoc import pipeline

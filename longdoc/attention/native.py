@@ -10,7 +10,8 @@ flags: a changed source or compiler builds anew. It is written to a temporary na
 (atomic), with its sha256 beside it, checked on every load; a file that fails the check is rebuilt.
 No compiler, a failed build, or a CPU without AVX-512 VNNI makes ``library()`` return None, and
 int5 is then not available (``quant.kernel_available``); the reason is in ``why_unavailable()``.
-``LONGDOC_NATIVE=0`` turns the kernel off.
+``LONGDOC_NATIVE=0`` turns the kernel off, and so do ``ATEN_CPU_CAPABILITY`` or ``ONEDNN_MAX_CPU_ISA``
+capping torch below AVX-512 VNNI (running as another CPU would).
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11")
 BLOCK, BLOCK_BYTES = 128, 96
 
 _why: list[str] = []
+
+
+def _isa_cap() -> str | None:
+    """The setting that caps torch's kernels below AVX-512 (to run as on an older CPU), if one does:
+    the int5 kernel then stays off too, so such a run sees what that CPU would."""
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    if aten in ("default", "avx2", "zvector", "vsx"):
+        return f"ATEN_CPU_CAPABILITY={aten}"
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if onednn.startswith(("SSE", "AVX2")) or onednn in ("AVX", "AVX512_CORE"):
+        return f"ONEDNN_MAX_CPU_ISA={onednn}"
+    return None
 
 
 def _compiler() -> str | None:
@@ -83,6 +96,10 @@ def library() -> ctypes.CDLL | None:
     """The loaded int5 kernel library, built if needed; None where it can't run here."""
     if os.environ.get("LONGDOC_NATIVE", "1") == "0":
         _why.append("LONGDOC_NATIVE=0")
+        return None
+    capped = _isa_cap()
+    if capped:
+        _why.append(f"{capped} caps the CPU below AVX-512")
         return None
     cc = _compiler()
     if cc is None:
