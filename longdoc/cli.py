@@ -61,8 +61,8 @@ Quantize = Annotated[
     str,
     typer.Option(
         "--quantize",
-        help="Quantized linears for decoding: auto (int8 on x86 CPUs with VNNI) | none | int8 | int4"
-        " (made once, cached).",
+        help="Quantized linears for decoding: auto (int5 on x86 CPUs with AVX-512 VNNI and a C compiler, else int8"
+        " where VNNI is) | none | int5 | int8 | int4 (made once, cached).",
     ),
 ]
 Prefill = Annotated[

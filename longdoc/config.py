@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # Quantizations of the linears that decode steps run (longdoc.attention.quant), and the --quantize
-# values: those or "auto" (int8 where torch's x86 int8 GEMM runs a bfloat16 model on CPU, else none).
+# values: those or "auto" (see RunConfig.quantize).
 QUANTIZE_SCHEMES: tuple[str, ...] = ("none", "int8", "int4", "int5")
 QUANTIZE_CHOICES: tuple[str, ...] = ("auto", *QUANTIZE_SCHEMES)
 
@@ -81,12 +81,12 @@ class RunConfig:
     model: str | None = None  # None = the embedded default model
     device: str = "auto"
     dtype: str = "auto"
-    # Quantized linears for decode steps: auto | none | int8 | int4 (longdoc.attention.quant). "auto" is
-    # int8 where the int8 GEMM runs (x86 with VNNI, bfloat16 on CPU), else none: measured on an EPYC
-    # with AVX-512-BF16 (benchmarks/RESULTS.md), int8 (activations per block of 128) costs +0.21%
-    # perplexity at 4K and +0.59% at 16K, and decodes 1.3-1.5x faster than bfloat16 (25.1 vs 17.3
-    # tok/s at 2K, 21.5 vs 16.1 at 8K); int4 decodes faster still but costs 4%, over the 1% a default
-    # may lose.
+    # Quantized linears for decode steps: auto | none | int5 | int8 | int4 (longdoc.attention.quant). "auto"
+    # is int5 where longdoc's int5 kernel runs (x86 with AVX-512 VNNI and a C compiler; a bfloat16 model
+    # on CPU whose widths are multiples of 128), else int8 where torch's int8 GEMM runs (VNNI), else none.
+    # Measured on an EPYC with AVX-512-BF16 (benchmarks/RESULTS.md): int5 costs +0.35% perplexity at 4K
+    # and +0.81% at 16K (int8 +0.21% and +0.59%), within the 1% a default may lose, and decodes faster
+    # than int8 and than llama.cpp on the same GGUF; int4 costs 4%.
     quantize: str = "auto"
     kernel: str = "auto"  # attention back end: auto | reference | cpu | cuda
     # Prefill step in tokens: bounds working memory (activations of one step) and paces the progress bar.

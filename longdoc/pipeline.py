@@ -66,7 +66,7 @@ class ModelInfo:
     dtype: torch.dtype
     weight_bytes: int
     stop_ids: set[int]
-    #: weight-only quantization of the decode step's linears ("none", "int8", "int4") and its verified
+    #: quantization of the decode step's linears ("none", "int5", "int8", "int4") and its verified
     #: cache folder (``longdoc.models.quantize``); "none" where asked for or where the kernel is missing
     quantize: str = "none"
     quant_folder: Path | None = None

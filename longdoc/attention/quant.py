@@ -260,9 +260,10 @@ class QuantGemm:
     a scratch timing put 24 layers' q/k/v and gate/up in int4 at 8.7 ms as five calls per layer and
     7.7 ms as two; a whole decode step did not move measurably, benchmarks/RESULTS.md.)
 
-    ``kind`` is the kernel: "gemm" (int8 through the int8 GEMM, where it runs), "int8" (weight-only)
-    or "int4". ``act_block``: input channels per activation scale of the int8 GEMM (0, or one that does
-    not divide K: per row). Outputs are in ``dtype``, biases included.
+    ``kind`` is the kernel: "gemm" (int8 through the int8 GEMM, where it runs), "int8" (weight-only),
+    "int4", or "int5" (longdoc's own, ``native``; it adds the biases itself). ``act_block``: input
+    channels per activation scale of the int8 GEMM (0, or one that does not divide K: per row).
+    Outputs are in ``dtype``, biases included.
     """
 
     def __init__(
