@@ -366,7 +366,7 @@ def step() -> str | None:
             compiled = r.get("compiled", False)
             rows.append(
                 [
-                    data["code"],
+                    data.get("code", name),
                     r["quantize"],
                     r["length"],
                     r["step_ms"],

@@ -57,9 +57,11 @@ for step in "${steps[@]}"; do
       run python -m tests.fuzz.run sigint --runs 50 --seed 3 --max-delay 15
       run python -m tests.fuzz.cache_faults --kills 20 --racers 3 --seed 0 ;;
     llamacpp) # issue 13: longdoc (each --quantize) vs transformers bfloat16 vs llama.cpp, same GGUF, one run
-      run python -m benchmarks.bench_llamacpp --lengths 2048,8192 --new 64 --name llamacpp ;;
+      run python -m benchmarks.bench_llamacpp --lengths 2048,8192 --new 64 --name llamacpp
+      run python -m benchmarks.bench_llamacpp --lengths 2048 --new 64 --name llamacpp_2k_int5_repeat \
+        --configs longdoc:int5,llamacpp,longdoc:int5,llamacpp,longdoc:int5,llamacpp ;;
     quant)   # issue 13: quality of --quantize against bfloat16 (perplexity through the quantized weights)
-      for q in none int8 int4; do
+      for q in none int5 int8 int4; do
         run longdoc eval ppl "$CORPUS" --lengths 4096,16384 --no-dca --quantize $q --json > "$OUT/quant_ppl_$q.json"
         run longdoc eval passkey --lengths 4096,8192 --depths 0.1,0.5,0.9 --quantize $q --json \
           > "$OUT/quant_passkey_$q.json"

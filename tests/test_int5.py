@@ -17,7 +17,8 @@ from longdoc.engine.prefill import prefill
 
 from .conftest import tiny_model
 
-needs_int5 = pytest.mark.skipif(native.library() is None, reason=f"no int5 kernel here: {native.why_unavailable()}")
+# judged without building (collection must not write a cache): the tests themselves build the kernel
+needs_int5 = pytest.mark.skipif(not native.likely_available(), reason="no C compiler or AVX-512 VNNI here")
 
 
 def emulated(

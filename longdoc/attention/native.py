@@ -125,6 +125,18 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def likely_available() -> bool:
+    """Whether ``library()`` should succeed here, judged without building anything (no compile, no
+    cache write): a compiler, no cap, and on Linux the CPU flags the kernel needs."""
+    if os.environ.get("LONGDOC_NATIVE", "1") == "0" or _isa_cap() or _compiler() is None:
+        return False
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return True  # no cpuinfo to read: the build and the kernel's own probe decide
+    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma"} <= flags
+
+
 def why_unavailable() -> str | None:
     """Why ``library()`` is None (after it was called), else None."""
     return _why[-1] if _why else None
