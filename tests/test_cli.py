@@ -778,7 +778,8 @@ def test_prompts_option_must_be_a_folder(tmp_path):
 
 def test_templates_ship_from_the_top_level_prompts_folder():
     """Every template is in prompts/, passes its own placeholder check, and pyproject maps the folder
-    to longdoc.prompts and lists every subpackage (packages are listed, not found)."""
+    to longdoc.prompts, ships the int5 kernel's C source, and lists every subpackage (packages are
+    listed, not found)."""
     import tomllib
 
     from longdoc import prompt
@@ -789,7 +790,7 @@ def test_templates_ship_from_the_top_level_prompts_folder():
         assert prompt.packaged_template(name) == text
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert setuptools["package-dir"] == {"longdoc.prompts": "prompts"}
-    assert setuptools["package-data"] == {"longdoc.prompts": ["*.txt"]}
+    assert setuptools["package-data"] == {"longdoc.prompts": ["*.txt"], "longdoc.attention": ["*.c"]}
     subpackages = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "longdoc").rglob("__init__.py")}
     assert subpackages | {"longdoc.prompts"} == set(setuptools["packages"])
 
