@@ -326,7 +326,7 @@ def cache() -> str | None:
     return f"### Second question: cold vs document cache ({data['cpu']})\n\n" + table(head, rows)
 
 
-def llamacpp(name: str = "llamacpp") -> str | None:
+def llamacpp(name: str = "llamacpp", title: str = "longdoc vs transformers vs llama.cpp") -> str | None:
     """longdoc (each --quantize) vs transformers bfloat16 vs llama.cpp, one run (bench_llamacpp.py)."""
     data = load(name)
     if not data:
@@ -350,7 +350,7 @@ def llamacpp(name: str = "llamacpp") -> str | None:
             ]
         )
     head = ["config", "prompt tokens", "prefill tok/s", "decode tok/s", "peak RSS", "CPU"]
-    return f"### longdoc vs transformers vs llama.cpp ({data['new_tokens']} new tokens)\n\n" + table(head, rows)
+    return f"### {title} ({data['new_tokens']} new tokens)\n\n" + table(head, rows)
 
 
 def step() -> str | None:
@@ -590,6 +590,8 @@ def main() -> None:
         engine("engine", "longdoc vs transformers `generate` (same model, 32 new tokens)"),
         engine("dca", "DCA vs plain attention prefill (longdoc, bfloat16)"),
         llamacpp(),
+        llamacpp("llamacpp_2k_int5_repeat", "int5 and llama.cpp alternating at 2K, one run"),
+        llamacpp("llamacpp_32k", "longdoc int5 vs llama.cpp at 32K, one run"),
         llamacpp_ppl(),
         step(),
         quantized(),
