@@ -145,9 +145,10 @@ def quantize_int5(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group (32) asymmetric 5-bit: weight (N, K) -> (bits uint8 (N, K/128 * 80): each super-block's
     nibbles and fifth bits in the kernel's order (``pack_int5_bits``), scales float16 (N, K/32, 2): each
     group's step and minimum). ``weight[n, j] ~= q * step + minimum``, q in 0..31, the group's range
-    split in 31 steps: weights dequantized from the GGUF's 5-bit blocks of 32 that span their 32 levels
-    come back exactly. (Choosing each group's number of steps, 15 to 31, for the least squared error, which
-    matches more blocks' grids and clips nothing, raised perplexity at 4K from +0.64% to +0.85%.)
+    split in 31 steps: weights on a 5-bit grid of 32 levels per group (the GGUF's Q5_0 blocks that span
+    them) come back to within their bfloat16 rounding. (Choosing each group's number of steps, 15 to 31,
+    for the least squared error, which matches more blocks' grids and clips nothing, raised perplexity
+    at 4K from +0.64% to +0.85% in a scratch emulation; benchmarks/RESULTS.md.)
     """
     n, k = weight.shape
     if k % native.BLOCK:
