@@ -144,7 +144,7 @@ def model_info(
     )
 
 
-def default_quantize(device: torch.device, dtype: torch.dtype, config: dict[str, Any] | None = None) -> str:
+def default_quantize(device: torch.device, dtype: torch.dtype, config: dict[str, Any]) -> str:
     """What ``--quantize auto`` runs for a bfloat16 model on CPU: int5 where its kernel runs (and fits the
     model's widths), else int8 where the int8 GEMM runs, else none; none for other runs (why: the
     comment on ``RunConfig.quantize``)."""
@@ -155,16 +155,14 @@ def default_quantize(device: torch.device, dtype: torch.dtype, config: dict[str,
     return "int8" if quant.int8_gemm_available() else "none"
 
 
-def quant_unavailable(
-    scheme: str, device: torch.device, dtype: torch.dtype, config: dict[str, Any] | None = None
-) -> str | None:
+def quant_unavailable(scheme: str, device: torch.device, dtype: torch.dtype, config: dict[str, Any]) -> str | None:
     """Why ``scheme`` can't run here, or on the model of ``config`` (a phrase), or None if it can."""
     if device.type != "cpu":
         return f"the weight-only kernels are CPU kernels, and this run is on {device.type}"
     if scheme == "int5":
         if native.library() is None:
             return f"the int5 kernel can't run here: {native.why_unavailable()}"
-        widths = quant.input_widths(config or {})
+        widths = quant.input_widths(config)
         if any(w % native.BLOCK for w in widths):
             return (
                 f"int5 needs the model's layer widths ({', '.join(map(str, widths))}) to be multiples of {native.BLOCK}"

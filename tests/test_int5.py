@@ -88,16 +88,14 @@ def test_int5_kernel_matches_its_float64_emulation(n, k, dtype, bias):
             torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
         else:  # rounded to the nearest bfloat16: off only where float32 and float64 straddle a midpoint
             assert (out != want.to(dtype)).float().mean() < 0.02
-    # the activations' quantization is per group: the large channel does not coarsen the other groups
+    # against the unquantized inputs the error is 16-bit activations': at most 9e-5 of the products'
+    # magnitude (|x| @ |W|.T) here; 8-bit ones, as llama.cpp's, would be at least 2.2e-3
     x = torch.randn(1, k)
     x[0, 3] = 100.0
-    exact = x.double() @ quant.dequantize("int5", bits, scales).T + (b.double() if bias else 0)
-    other = mm(x[:, :] * torch.cat([torch.zeros(32), torch.ones(k - 32)]), torch.float32).double()
-    exact_other = (x.double() * torch.cat([torch.zeros(32), torch.ones(k - 32)]).double()) @ quant.dequantize(
-        "int5", bits, scales
-    ).T + (b.double() if bias else 0)
-    assert (other - exact_other).abs().max() < 0.05 * exact_other.abs().max()
-    assert (mm(x, torch.float32).double() - exact).abs().max() < 0.05 * exact.abs().max() + 1.0
+    weight = quant.dequantize("int5", bits, scales)
+    exact = x.double() @ weight.T + (b.double() if bias else 0)
+    magnitude = (x.double().abs() @ weight.abs().T).max()
+    assert (mm(x, torch.float32).double() - exact).abs().max() < 5e-4 * magnitude
 
 
 @needs_int5

@@ -52,6 +52,16 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+def _switched_off() -> str | None:
+    """Why the kernel is off before anything is built (a setting, a cap, no compiler), or None."""
+    if os.environ.get("LONGDOC_NATIVE", "1") == "0":
+        return "LONGDOC_NATIVE=0"
+    capped = _isa_cap()
+    if capped:
+        return f"{capped} caps the CPU below AVX-512"
+    return None if _compiler() else "no C compiler (cc, gcc or clang) on PATH"
+
+
 def _digest(cc: str, source: bytes) -> str:
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -94,16 +104,10 @@ def _configure(lib: ctypes.CDLL) -> ctypes.CDLL:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded int5 kernel library, built if needed; None where it can't run here."""
-    if os.environ.get("LONGDOC_NATIVE", "1") == "0":
-        _why.append("LONGDOC_NATIVE=0")
-        return None
-    capped = _isa_cap()
-    if capped:
-        _why.append(f"{capped} caps the CPU below AVX-512")
-        return None
+    off = _switched_off()
     cc = _compiler()
-    if cc is None:
-        _why.append("no C compiler (cc, gcc or clang) on PATH")
+    if off or cc is None:
+        _why.append(off or "no C compiler")
         return None
     source = SOURCE.read_bytes()
     target = store.cache_dir() / "native" / f"int5-{_digest(cc, source)}.so"
@@ -128,7 +132,7 @@ def library() -> ctypes.CDLL | None:
 def likely_available() -> bool:
     """Whether ``library()`` should succeed here, judged without building anything (no compile, no
     cache write): a compiler, no cap, and on Linux the CPU flags the kernel needs."""
-    if os.environ.get("LONGDOC_NATIVE", "1") == "0" or _isa_cap() or _compiler() is None:
+    if _switched_off():
         return False
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
