@@ -88,7 +88,7 @@ class RunConfig:
     # and +0.81% at 16K (int8 +0.21% and +0.59%), within the 1% a default may lose, and decodes faster
     # than int8 and than llama.cpp on the same GGUF; int4 costs 4%.
     quantize: str = "auto"
-    kernel: str = "auto"  # attention back end: auto | reference | cpu | cuda
+    kernel: str = "auto"  # attention back end: auto | reference | cpu | cpu-torch | cuda
     # Prefill step in tokens: bounds working memory (activations of one step) and paces the progress bar.
     prefill_step: int = 2048
     max_context: int | None = None  # None = what the model and settings support

@@ -160,8 +160,8 @@ def quant_unavailable(scheme: str, device: torch.device, dtype: torch.dtype, con
     if device.type != "cpu":
         return f"the weight-only kernels are CPU kernels, and this run is on {device.type}"
     if scheme == "int5":
-        if native.library() is None:
-            return f"the int5 kernel can't run here: {native.why_unavailable()}"
+        if native.library("int5") is None:
+            return f"the int5 kernel can't run here: {native.why_unavailable('int5')}"
         widths = quant.input_widths(config)
         if any(w % native.BLOCK for w in widths):
             return (

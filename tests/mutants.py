@@ -123,18 +123,60 @@ MUTANTS = [
         "    except RuntimeError:\n        return False\n    return True",
         "    except ZeroDivisionError:\n        return False\n    return True",
     ),
+    (
+        "flash: causal mask one key late",
+        "longdoc/attention/flash.c",
+        "if (pr->causal && q0 + t - k0 + 1 < valid) valid = q0 + t - k0 + 1;",
+        "if (pr->causal && q0 + t - k0 + 2 < valid) valid = q0 + t - k0 + 2;",
+    ),
+    (
+        "flash: output not rescaled when the maximum moves",
+        "longdoc/attention/flash.c",
+        "for (int64_t c = 0; c < d; c += 16) _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(o + c), a));",
+        "(void)a;",
+    ),
+    (
+        "flash: query heads read the wrong KV head",
+        "longdoc/attention/flash.c",
+        "const int64_t head = kh * g + gi, row",
+        "const int64_t head = gi * pr->hkv + kh, row",
+    ),
+    (
+        "flash: padded keys of the last block attended",
+        "longdoc/attention/flash.c",
+        "            int64_t valid = pr->lk - k0;",
+        "            int64_t valid = KB;",
+    ),
+    (
+        "flash: log-sum-exp without the scale",
+        "longdoc/attention/flash.c",
+        "m[r] * pr->scale + logf(l[r])",
+        "m[r] + logf(l[r])",
+    ),
+    (
+        "flash: second value column pass skipped",
+        "longdoc/attention/flash.c",
+        "    if (c0 < d) values_2(",
+        "    if (0) values_2(",
+    ),
 ]
 
 
 def main() -> None:
+    """``python tests/mutants.py [NAME-PART [TEST-PATH ...]]``: only the mutants whose name contains
+    NAME-PART, against only those tests (default: all mutants, all fast tests)."""
+    only = sys.argv[1] if len(sys.argv) > 1 else ""
+    tests = sys.argv[2:] or ["tests/"]
     for name, path, old, new in MUTANTS:
+        if only not in name:
+            continue
         file = Path(path)
         src = file.read_text()
         assert src.count(old) == 1, (name, src.count(old))
         file.write_text(src.replace(old, new))
         try:
             run = subprocess.run(
-                [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", "tests/"],
+                [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", *tests],
                 capture_output=True,
                 text=True,
             )

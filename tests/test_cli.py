@@ -303,7 +303,9 @@ FACTS = [
         ("float32", "none"),
         ("bfloat16", "none"),
         pytest.param("bfloat16", "int8", marks=pytest.mark.skipif(not quant.int8_gemm_available(), reason="no GEMM")),
-        pytest.param("bfloat16", "int5", marks=pytest.mark.skipif(not native.likely_available(), reason="no int5")),
+        pytest.param(
+            "bfloat16", "int5", marks=pytest.mark.skipif(not native.likely_available("int5"), reason="no int5")
+        ),
     ],
 )
 @pytest.mark.parametrize("source,question,fact", FACTS)

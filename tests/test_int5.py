@@ -18,7 +18,7 @@ from longdoc.engine.prefill import prefill
 from .conftest import tiny_model
 
 # judged without building (collection must not write a cache): the tests themselves build the kernel
-needs_int5 = pytest.mark.skipif(not native.likely_available(), reason="no C compiler or AVX-512 VNNI here")
+needs_int5 = pytest.mark.skipif(not native.likely_available("int5"), reason="no C compiler or AVX-512 VNNI here")
 
 
 def emulated(
@@ -150,21 +150,21 @@ def test_native_library_builds_once_verifies_and_rebuilds_a_damaged_file(tmp_pat
     monkeypatch.setenv("LONGDOC_CACHE_DIR", str(tmp_path))
     native.library.cache_clear()
     try:
-        lib = native.library()
+        lib = native.library("int5")
         if lib is None:
-            pytest.skip(f"no int5 kernel here: {native.why_unavailable()}")
+            pytest.skip(f"no int5 kernel here: {native.why_unavailable('int5')}")
         built = list((tmp_path / "native").glob("int5-*.so"))
         assert len(built) == 1 and built[0].with_suffix(".sha256").read_text() == native._sha256(built[0])
         assert not [p for p in (tmp_path / "native").iterdir() if p.name.endswith(".tmp")]
         mtime = built[0].stat().st_mtime_ns
         native.library.cache_clear()
-        assert native.library() is not None and built[0].stat().st_mtime_ns == mtime  # verified, not rebuilt
+        assert native.library("int5") is not None and built[0].stat().st_mtime_ns == mtime  # verified, not rebuilt
         # damaged as a crash or a disk would leave it: a new file (this process keeps its mapping of the old)
         garbage = built[0].with_name("garbage")
         garbage.write_bytes(b"not a library")
         os.replace(garbage, built[0])
         native.library.cache_clear()
-        assert native.library() is not None  # the checksum fails: rebuilt
+        assert native.library("int5") is not None  # the checksum fails: rebuilt
         assert built[0].with_suffix(".sha256").read_text() == native._sha256(built[0])
     finally:
         native.library.cache_clear()
@@ -187,7 +187,7 @@ def test_int5_is_unavailable_without_its_kernel_and_auto_falls_back(tmp_path, mo
         monkeypatch.setenv(key, value)
     native.library.cache_clear()
     try:
-        assert native.library() is None and reason in (native.why_unavailable() or "")
+        assert native.library("int5") is None and reason in (native.why_unavailable("int5") or "")
         cpu, config = torch.device("cpu"), {"hidden_size": 896, "num_attention_heads": 14, "intermediate_size": 4864}
         why = pipeline.quant_unavailable("int5", cpu, torch.bfloat16, config)
         assert why is not None and reason in why

@@ -1,17 +1,19 @@
-"""The int5 CPU kernel (``int5.c``): built once per machine with the system C compiler, loaded with ctypes.
+"""longdoc's C kernels, built once per machine with the system C compiler and loaded with ctypes.
 
-torch has no CPU kernel for weights of fewer than 8 bits but 4, and 4 bits lose 4% perplexity on the
-embedded model (its GGUF is mostly 5-bit); ``int5.c`` multiplies 5-bit weights (6 bits per weight with
-their scales) by int16-quantized activations with AVX-512 VNNI, reading the weights at memory speed.
+* ``int5.c``: 5-bit weights times int16-quantized activations (AVX-512 VNNI) for decoding. torch has no
+  CPU kernel for weights of fewer than 8 bits but 4, and 4 bits lose 4% perplexity on the embedded
+  model (its GGUF is mostly 5-bit); this one reads the weights at memory speed.
+* ``flash.c``: exact bfloat16 attention with its log-sum-exp (AVX-512 BF16) for prefill, about twice
+  torch's fused CPU kernel on the model's shapes (``benchmarks/bench_attention.py``).
 
-The shared library is compiled from the packaged source on first use into
-``<cache>/native/int5-<digest>.so``, where the digest covers the source, the compiler's version and the
-flags: a changed source or compiler builds anew. It is written to a temporary name and renamed
-(atomic), with its sha256 beside it, checked on every load; a file that fails the check is rebuilt.
-No compiler, a failed build, or a CPU without AVX-512 VNNI makes ``library()`` return None, and
-int5 is then not available (``quant.kernel_available``); the reason is in ``why_unavailable()``.
-``LONGDOC_NATIVE=0`` turns the kernel off, and so do ``ATEN_CPU_CAPABILITY`` or ``ONEDNN_MAX_CPU_ISA``
-capping torch below AVX-512 VNNI (running as another CPU would).
+A library is compiled from the packaged source on first use into ``<cache>/native/<name>-<digest>.so``,
+where the digest covers the source, the compiler's version and the flags: a changed source or compiler
+builds anew. It is written to a temporary name and renamed (atomic), with its sha256 beside it, checked
+on every load; a file that fails the check is rebuilt. No compiler, a failed build, or a CPU without the
+instructions makes ``library(name)`` return None, and the caller then takes torch's path; the reason is
+in ``why_unavailable(name)``. ``LONGDOC_NATIVE=0`` turns the kernels off, and so do
+``ATEN_CPU_CAPABILITY`` or ``ONEDNN_MAX_CPU_ISA`` capping torch below what a kernel needs (running as
+another CPU would).
 """
 
 from __future__ import annotations
@@ -22,28 +24,53 @@ import hashlib
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from longdoc import store
 
-SOURCE = Path(__file__).with_name("int5.c")
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11")
 # int5 super-blocks: input channels, and bytes per output channel of each
 BLOCK, BLOCK_BYTES = 128, 96
 
-_why: list[str] = []
+
+@dataclass(frozen=True)
+class Source:
+    """One kernel library: its C file, what it is (for messages), the instructions it needs (as named in
+    messages and in /proc/cpuinfo), and the ``ONEDNN_MAX_CPU_ISA`` values below it besides pre-AVX-512."""
+
+    file: str
+    what: str
+    needs: str
+    cpu_flags: frozenset[str]
+    onednn_below: tuple[str, ...]
 
 
-def _isa_cap() -> str | None:
-    """The setting that caps torch's kernels below AVX-512 (to run as on an older CPU), if one does:
-    the int5 kernel then stays off too, so such a run sees what that CPU would."""
+_AVX512 = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"})
+SOURCES = {
+    "int5": Source("int5.c", "the int5 kernel", "AVX-512 VNNI", _AVX512 | {"avx512_vnni", "f16c"}, ("AVX512_CORE",)),
+    "flash": Source(
+        "flash.c",
+        "the attention kernel",
+        "AVX-512 BF16",
+        _AVX512 | {"avx512_bf16"},
+        ("AVX512_CORE", "AVX512_CORE_VNNI"),
+    ),
+}
+
+_why: dict[str, list[str]] = {name: [] for name in SOURCES}
+
+
+def _isa_cap(src: Source) -> str | None:
+    """The setting that caps torch's kernels below what ``src`` needs (to run as on an older CPU), if
+    one does: the kernel then stays off too, so such a run sees what that CPU would."""
     aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
     if aten in ("default", "avx2", "zvector", "vsx"):
         return f"ATEN_CPU_CAPABILITY={aten}"
     onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    if onednn.startswith(("SSE", "AVX2")) or onednn in ("AVX", "AVX512_CORE"):
+    if onednn.startswith(("SSE", "AVX2")) or onednn == "AVX" or onednn in src.onednn_below:
         return f"ONEDNN_MAX_CPU_ISA={onednn}"
     return None
 
@@ -52,13 +79,13 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def _switched_off() -> str | None:
+def _switched_off(src: Source) -> str | None:
     """Why the kernel is off before anything is built (a setting, a cap, no compiler), or None."""
     if os.environ.get("LONGDOC_NATIVE", "1") == "0":
         return "LONGDOC_NATIVE=0"
-    capped = _isa_cap()
+    capped = _isa_cap(src)
     if capped:
-        return f"{capped} caps the CPU below AVX-512"
+        return f"{capped} caps the CPU below {src.needs}"
     return None if _compiler() else "no C compiler (cc, gcc or clang) on PATH"
 
 
@@ -92,58 +119,66 @@ def _build(cc: str, source: bytes, target: Path) -> None:
         tmp.write_text(_sha256(target))
 
 
-def _configure(lib: ctypes.CDLL) -> ctypes.CDLL:
+def _configure(name: str, lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.longdoc_int5_supported.restype = c_int
-    lib.longdoc_int5_supported.argtypes = []
-    lib.longdoc_int5_matmul.restype = c_int
-    lib.longdoc_int5_matmul.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int]
+    supported = getattr(lib, f"longdoc_{name}_supported")
+    supported.restype, supported.argtypes = c_int, []
+    if name == "int5":
+        lib.longdoc_int5_matmul.restype = c_int
+        lib.longdoc_int5_matmul.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int]
+    else:
+        lib.longdoc_flash_attention.restype = c_int
+        lib.longdoc_flash_attention.argtypes = [p, p, p, p, p, p, p, p, *[i64] * 6, c_int, ctypes.c_float, c_int]
     return lib
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The loaded int5 kernel library, built if needed; None where it can't run here."""
-    off = _switched_off()
+def library(name: str) -> ctypes.CDLL | None:
+    """The loaded kernel library ``name`` (a key of ``SOURCES``), built if needed; None where it can't
+    run here."""
+    src = SOURCES[name]
+    why = _why[name]
+    off = _switched_off(src)
     cc = _compiler()
     if off or cc is None:
-        _why.append(off or "no C compiler")
+        why.append(off or "no C compiler")
         return None
-    source = SOURCE.read_bytes()
-    target = store.cache_dir() / "native" / f"int5-{_digest(cc, source)}.so"
+    source = Path(__file__).with_name(src.file).read_bytes()
+    target = store.cache_dir() / "native" / f"{name}-{_digest(cc, source)}.so"
     try:
-        with store.lock(target.with_suffix(".lock"), "building the int5 kernel"):
+        with store.lock(target.with_suffix(".lock"), f"building {src.what}"):
             check = target.with_suffix(".sha256")
             if not (target.exists() and check.exists() and check.read_text().strip() == _sha256(target)):
                 _build(cc, source, target)
-        lib = _configure(ctypes.CDLL(str(target)))
+        lib = _configure(name, ctypes.CDLL(str(target)))
     except (OSError, subprocess.SubprocessError) as exc:
-        _why.append(f"could not build the int5 kernel ({exc})")
+        why.append(f"could not build {src.what} ({exc})")
         return None
-    except Exception as exc:  # a lock timeout (ModelError) or a broken file: int5 is then just unavailable
-        _why.append(f"could not load the int5 kernel ({exc})")
+    except Exception as exc:  # a lock timeout (ModelError) or a broken file: the kernel is then just unavailable
+        why.append(f"could not load {src.what} ({exc})")
         return None
-    if not lib.longdoc_int5_supported():
-        _why.append("this CPU lacks AVX-512 VNNI")
+    if not getattr(lib, f"longdoc_{name}_supported")():
+        why.append(f"this CPU lacks {src.needs}")
         return None
     return lib
 
 
-def likely_available() -> bool:
-    """Whether ``library()`` should succeed here, judged without building anything (no compile, no
+def likely_available(name: str) -> bool:
+    """Whether ``library(name)`` should succeed here, judged without building anything (no compile, no
     cache write): a compiler, no cap, and on Linux the CPU flags the kernel needs."""
-    if _switched_off():
+    src = SOURCES[name]
+    if _switched_off(src):
         return False
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return True  # no cpuinfo to read: the build and the kernel's own probe decide
-    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma"} <= flags
+    return src.cpu_flags <= flags
 
 
-def why_unavailable() -> str | None:
-    """Why ``library()`` is None (after it was called), else None."""
-    return _why[-1] if _why else None
+def why_unavailable(name: str) -> str | None:
+    """Why ``library(name)`` is None (after it was called), else None."""
+    return _why[name][-1] if _why[name] else None
 
 
 def layout(bits: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -164,9 +199,9 @@ class Int5Matmul:
     """Calls of the kernel for one packed weight (N, K), bias added."""
 
     def __init__(self, packed: torch.Tensor, in_features: int, out_features: int, bias: torch.Tensor | None):
-        lib = library()
+        lib = library("int5")
         if lib is None:
-            raise RuntimeError(f"the int5 kernel is not available: {why_unavailable()}")
+            raise RuntimeError(f"the int5 kernel is not available: {why_unavailable('int5')}")
         self.lib, self.packed, self.k = lib, packed.contiguous(), in_features
         self.n = out_features
         self.bias = None if bias is None else bias.detach().float().contiguous()
@@ -192,3 +227,62 @@ class Int5Matmul:
         if rc != 0:
             raise RuntimeError("the int5 kernel refused its input" if rc == 1 else "the int5 kernel ran out of memory")
         return out
+
+
+# Fewer queries than a tile of flash.c (16) would leave most of its rows empty: decode steps stay on torch's kernel.
+FLASH_MIN_QUERIES = 16
+
+
+def flash_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``flash_attention`` runs on these inputs here: bfloat16 on the CPU, head size a multiple of
+    32 up to 256, the last dimension contiguous with even strides, and at least a tile of queries."""
+    return (
+        q.dtype == k.dtype == v.dtype == torch.bfloat16
+        and q.device.type == k.device.type == v.device.type == "cpu"
+        and q.shape[-1] % 32 == 0
+        and 32 <= q.shape[-1] <= 256
+        and q.shape[2] >= FLASH_MIN_QUERIES
+        and k.shape[2] >= 1
+        and all(t.stride(-1) == 1 and all(s % 2 == 0 for s in t.stride()[:3]) for t in (k, v))
+        and all(t.data_ptr() % 4 == 0 for t in (k, v))
+        and library("flash") is not None
+    )
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash.c on inputs ``flash_takes``: q (B, H, Lq, D), k and v (B, Hkv, Lk, D) -> out (B, H, Lq, D)
+    bfloat16 and lse (B, H, Lq) float32 (the kernel contract of ``kernels.py``)."""
+    lib = library("flash")
+    if lib is None:
+        raise RuntimeError(f"the attention kernel is not available: {why_unavailable('flash')}")
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    out = torch.empty(b, h, lq, d, dtype=torch.bfloat16)
+    lse = torch.empty(b, h, lq, dtype=torch.float32)
+    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v)]
+    rc = lib.longdoc_flash_attention(
+        q.data_ptr(),
+        strides[0],
+        k.data_ptr(),
+        strides[1],
+        v.data_ptr(),
+        strides[2],
+        out.data_ptr(),
+        lse.data_ptr(),
+        b,
+        h,
+        hkv,
+        lq,
+        lk,
+        d,
+        int(causal),
+        scale,
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        why = "refused its input" if rc == 1 else "ran out of memory"
+        raise RuntimeError(f"the attention kernel {why}")
+    return out, lse

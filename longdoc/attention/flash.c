@@ -1,0 +1,318 @@
+/* Exact bfloat16 attention with its log-sum-exp, for CPU prefill (AVX-512 BF16).
+
+   Built once per machine by longdoc/attention/native.py and called through ctypes. torch's fused CPU
+   flash kernel runs at about a third of the bfloat16 matmul ceiling on the model's shapes (head size
+   64); this one multiplies with vdpbf16ps (bfloat16 pairs summed into float32, as the matmuls do) and
+   reads each key block once for all the query heads that share its KV head (GQA).
+
+   Arithmetic, the same as torch's flash kernel for bfloat16: scores q.k in float32 from bfloat16
+   products, an online softmax in float32 (running max and sum per query), the probabilities rounded
+   to bfloat16 for the product with V, the output accumulated in float32 and rounded once.
+
+   Layout: a call handles (B, H, Lq, D) queries against (B, Hkv, Lk, D) keys and values given by
+   strides (the last dimension contiguous, D a multiple of 32 up to 256). Per (batch, KV head), K and
+   V are first repacked in blocks of 64 keys so the products need no shuffles:
+     K block: [D/2][64] pairs (k[key][2j], k[key][2j+1]): one register holds 16 keys' pair j;
+     V block: [32][D] pairs (v[2i][d], v[2i+1][d]): one register holds 16 columns of keys 2i, 2i+1.
+   Work items are (batch, KV head, tile of 16 queries), a tile holding the tile's queries for all G
+   query heads of the KV head (rows g*16 + t), run by OpenMP threads, costliest (causal) first. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LONGDOC_X86 1
+#endif
+
+#define KB 64  /* keys per block */
+#define TQ 16  /* queries per tile */
+#define MR 4   /* rows per micro-kernel */
+
+int longdoc_flash_supported(void) {
+#ifdef LONGDOC_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512bf16");
+#else
+    return 0;
+#endif
+}
+
+#ifdef LONGDOC_X86
+
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
+
+/* exp(x) for x <= 0 (x = -inf gives 0): 2^(x log2 e) split into 2^n * 2^f, |f| <= 1/2, with
+   2^f = e^(f ln 2) by its Taylor series to degree 7 (relative error below 2e-8). */
+TARGET static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f)); /* exp(-104) is below float's smallest; -inf -> 0 */
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Keys [k0, k0 + n) of one head (rows `kstride` and `vstride` elements apart) -> one packed K block
+   and V block, zero past n. */
+TARGET static void pack_block(const uint16_t *k, int64_t kstride, const uint16_t *v, int64_t vstride, int64_t n,
+                              int64_t d, uint32_t *kp, uint32_t *vp) {
+    const int64_t pairs = d / 2;
+    /* K: word j of 16 keys at a time (a gather of 32-bit pairs, key rows apart) */
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int)(kstride / 2)));
+    for (int64_t c = 0; c < KB / 16; c++) {
+        const int64_t left = n - c * 16;
+        const __mmask16 keep = left >= 16 ? (__mmask16)0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+        const int *base = (const int *)(k + c * 16 * kstride);
+        for (int64_t j = 0; j < pairs; j++)
+            _mm512_storeu_si512(kp + j * KB + c * 16,
+                                _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), keep, rows, base + j, 4));
+    }
+    /* V: rows 2i and 2i + 1 interleaved, 32 columns at a time */
+    const __m512i lo = _mm512_setr_epi32(0x00200000, 0x00210001, 0x00220002, 0x00230003, 0x00240004, 0x00250005,
+                                         0x00260006, 0x00270007, 0x00280008, 0x00290009, 0x002a000a, 0x002b000b,
+                                         0x002c000c, 0x002d000d, 0x002e000e, 0x002f000f);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    for (int64_t i = 0; i < KB / 2; i++) {
+        const __m512i zero = _mm512_setzero_si512();
+        for (int64_t c = 0; c < d; c += 32) {
+            __m512i a = 2 * i < n ? _mm512_loadu_si512(v + 2 * i * vstride + c) : zero;
+            __m512i b = 2 * i + 1 < n ? _mm512_loadu_si512(v + (2 * i + 1) * vstride + c) : zero;
+            _mm512_storeu_si512(vp + i * d + c, _mm512_permutex2var_epi16(a, lo, b));
+            _mm512_storeu_si512(vp + i * d + c + 16, _mm512_permutex2var_epi16(a, hi, b));
+        }
+    }
+}
+
+/* s (MR x KB floats) = rows q (MR x d bfloat16, contiguous) . the packed key block kp. */
+TARGET static void scores_mr(const uint16_t *q, int64_t d, const uint32_t *kp, float *s) {
+    __m512 acc[MR][4];
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+    const uint32_t *q32 = (const uint32_t *)q;
+    const int64_t pairs = d / 2;
+    for (int64_t j = 0; j < pairs; j++) {
+        __m512bh kv[4];
+        for (int c = 0; c < 4; c++) kv[c] = (__m512bh)_mm512_loadu_si512(kp + j * KB + c * 16);
+        for (int r = 0; r < MR; r++) {
+            __m512bh qb = (__m512bh)_mm512_set1_epi32((int)q32[r * pairs + j]);
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qb, kv[c]);
+        }
+    }
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(s + r * KB + c * 16, acc[r][c]);
+}
+
+/* o (MR x NC*16 floats, rows d apart) += p (MR x KB bfloat16 probabilities) . columns [0, NC*16) of the
+   packed value block vp (rows d apart). NC is a constant so the accumulators stay in registers. */
+#define VALUES(NC)                                                                                        \
+    TARGET static inline void values_##NC(const uint32_t *p32, int64_t d, const uint32_t *vp, float *o) { \
+        __m512 acc[MR][NC];                                                                               \
+        for (int r = 0; r < MR; r++)                                                                      \
+            for (int c = 0; c < NC; c++) acc[r][c] = _mm512_loadu_ps(o + r * d + c * 16);                 \
+        for (int64_t i = 0; i < KB / 2; i++) {                                                            \
+            __m512bh vv[NC];                                                                              \
+            for (int c = 0; c < NC; c++) vv[c] = (__m512bh)_mm512_loadu_si512(vp + i * d + c * 16);       \
+            for (int r = 0; r < MR; r++) {                                                                \
+                __m512bh pb = (__m512bh)_mm512_set1_epi32((int)p32[r * (KB / 2) + i]);                    \
+                for (int c = 0; c < NC; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pb, vv[c]);          \
+            }                                                                                             \
+        }                                                                                                 \
+        for (int r = 0; r < MR; r++)                                                                      \
+            for (int c = 0; c < NC; c++) _mm512_storeu_ps(o + r * d + c * 16, acc[r][c]);                \
+    }
+VALUES(4)
+VALUES(2)
+
+/* o (MR x d floats) += p (MR x KB bfloat16 probabilities) . the packed value block vp. */
+TARGET static void values_mr(const uint16_t *p, int64_t d, const uint32_t *vp, float *o) {
+    const uint32_t *p32 = (const uint32_t *)p;
+    int64_t c0 = 0;
+    for (; c0 + 64 <= d; c0 += 64) values_4(p32, d, vp + c0, o + c0);
+    if (c0 < d) values_2(p32, d, vp + c0, o + c0); /* d is a multiple of 32 */
+}
+
+/* One row's online-softmax step over a block of scores s (KB floats, the first `valid` real):
+   updates the running max m and sum l, rescales the row's output o (d floats) when m grows, and
+   writes the probabilities, rounded to bfloat16, to p (zero past `valid`). */
+TARGET static void softmax_row(float *s, int valid, float scale, float *m, float *l, float *o, int64_t d,
+                               uint16_t *p) {
+    if (valid <= 0) {
+        memset(p, 0, KB * sizeof(uint16_t));
+        return;
+    }
+    const __m512 neg = _mm512_set1_ps(-INFINITY);
+    __m512 x[4];
+    for (int c = 0; c < 4; c++) {
+        const int left = valid - c * 16;
+        const __mmask16 keep = left >= 16 ? (__mmask16)0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+        x[c] = _mm512_mask_loadu_ps(neg, keep, s + c * 16);
+    }
+    const float block_max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3])));
+    const float m_new = block_max > *m ? block_max : *m;
+    if (m_new > *m) {
+        const float alpha = *m == -INFINITY ? 0.0f : expf((*m - m_new) * scale);
+        *l *= alpha;
+        const __m512 a = _mm512_set1_ps(alpha);
+        for (int64_t c = 0; c < d; c += 16) _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(o + c), a));
+        *m = m_new;
+    }
+    const __m512 sc = _mm512_set1_ps(scale), shift = _mm512_set1_ps(-m_new * scale);
+    __m512 sum = _mm512_setzero_ps();
+    for (int c = 0; c < 4; c += 2) {
+        __m512 e0 = exp_ps(_mm512_fmadd_ps(x[c], sc, shift));
+        __m512 e1 = exp_ps(_mm512_fmadd_ps(x[c + 1], sc, shift));
+        _mm512_storeu_si512(p + c * 16, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+        /* the sum is of the unrounded probabilities, as torch's kernel sums them: summing the rounded
+           ones put 20x more error into the log-sum-exp (against float64, random inputs) */
+        sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+    }
+    *l += _mm512_reduce_add_ps(sum);
+}
+
+typedef struct {
+    const uint16_t *q, *k, *v;
+    int64_t qs[3], ks[3], vs[3]; /* strides of batch, head, position (elements) */
+    uint16_t *out;
+    float *lse;
+    int64_t b, h, hkv, lq, lk, d;
+    int causal;
+    float scale;
+} Problem;
+
+/* One work item: queries [q0, q0 + TQ) of every query head reading KV head `kh` of batch `bi`. */
+TARGET static void tile(const Problem *pr, int64_t bi, int64_t kh, int64_t q0, const uint32_t *kpack,
+                        const uint32_t *vpack, uint16_t *qt, float *s, uint16_t *p, float *o, float *m, float *l) {
+    const int64_t g = pr->h / pr->hkv, d = pr->d;
+    const int64_t rows = g * TQ; /* TQ is a multiple of MR, so rows is too */
+    const int64_t nq = pr->lq - q0 < TQ ? pr->lq - q0 : TQ;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t gi = r / TQ, t = r % TQ;
+        if (t < nq)
+            memcpy(qt + r * d, pr->q + bi * pr->qs[0] + (kh * g + gi) * pr->qs[1] + (q0 + t) * pr->qs[2],
+                   d * sizeof(uint16_t));
+        else
+            memset(qt + r * d, 0, d * sizeof(uint16_t));
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+    memset(o, 0, rows * d * sizeof(float));
+    int64_t kend = pr->lk;
+    if (pr->causal) kend = q0 + nq < kend ? q0 + nq : kend; /* keys past the tile's last query are masked */
+    const int64_t nblocks = (kend + KB - 1) / KB;
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const uint32_t *kp = kpack + blk * (d / 2) * KB, *vp = vpack + blk * (KB / 2) * d;
+        const int64_t k0 = blk * KB;
+        for (int64_t r = 0; r < rows; r += MR) scores_mr(qt + r * d, d, kp, s + r * KB);
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t t = r % TQ;
+            int64_t valid = pr->lk - k0;
+            if (pr->causal && q0 + t - k0 + 1 < valid) valid = q0 + t - k0 + 1;
+            if (t >= nq) valid = 0;
+            if (valid > KB) valid = KB;
+            softmax_row(s + r * KB, (int)valid, pr->scale, m + r, l + r, o + r * d, d, p + r * KB);
+        }
+        for (int64_t r = 0; r < rows; r += MR) values_mr(p + r * KB, d, vp, o + r * d);
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t gi = r / TQ, t = r % TQ;
+        if (t >= nq) continue;
+        const int64_t head = kh * g + gi, row = (bi * pr->h + head) * pr->lq + q0 + t;
+        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+        uint16_t *dst = pr->out + row * d;
+        for (int64_t c = 0; c < d; c += 32) {
+            __m512 a = _mm512_mul_ps(_mm512_loadu_ps(o + r * d + c), _mm512_set1_ps(inv));
+            __m512 b2 = _mm512_mul_ps(_mm512_loadu_ps(o + r * d + c + 16), _mm512_set1_ps(inv));
+            _mm512_storeu_si512(dst + c, (__m512i)_mm512_cvtne2ps_pbh(b2, a));
+        }
+        pr->lse[row] = l[r] > 0.0f ? m[r] * pr->scale + logf(l[r]) : -INFINITY;
+    }
+}
+
+TARGET static int run(const Problem *pr, int threads) {
+    const int64_t d = pr->d, g = pr->h / pr->hkv;
+    const int64_t nblocks = (pr->lk + KB - 1) / KB, heads = pr->b * pr->hkv;
+    const int64_t block_words = (d / 2) * KB; /* K and V blocks are the same size */
+    uint32_t *kpack = malloc((size_t)(heads * nblocks * block_words) * sizeof(uint32_t) + 64);
+    uint32_t *vpack = malloc((size_t)(heads * nblocks * block_words) * sizeof(uint32_t) + 64);
+    if (!kpack || !vpack) {
+        free(kpack);
+        free(vpack);
+        return 2;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t item = 0; item < heads * nblocks; item++) {
+        const int64_t hd = item / nblocks, blk = item % nblocks, bi = hd / pr->hkv, kh = hd % pr->hkv;
+        const int64_t k0 = blk * KB, n = pr->lk - k0 < KB ? pr->lk - k0 : KB;
+        pack_block(pr->k + bi * pr->ks[0] + kh * pr->ks[1] + k0 * pr->ks[2], pr->ks[2],
+                   pr->v + bi * pr->vs[0] + kh * pr->vs[1] + k0 * pr->vs[2], pr->vs[2], n, d,
+                   kpack + item * block_words, vpack + item * block_words);
+    }
+    const int64_t tiles = (pr->lq + TQ - 1) / TQ, rows = g * TQ;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        uint16_t *qt = malloc((size_t)(rows * d) * sizeof(uint16_t));
+        float *s = malloc((size_t)(rows * KB) * sizeof(float));
+        uint16_t *p = malloc((size_t)(rows * KB) * sizeof(uint16_t));
+        float *o = malloc((size_t)(rows * d) * sizeof(float));
+        float *m = malloc((size_t)rows * sizeof(float));
+        float *l = malloc((size_t)rows * sizeof(float));
+        if (!qt || !s || !p || !o || !m || !l) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < heads * tiles; item++) {
+            /* the last tiles of a causal call see the most keys: hand them out first */
+            const int64_t tl = tiles - 1 - item % tiles, hd = item / tiles;
+            int bad;
+#pragma omp atomic read
+            bad = failed;
+            if (bad) continue;
+            tile(pr, hd / pr->hkv, hd % pr->hkv, tl * TQ, kpack + hd * nblocks * block_words,
+                 vpack + hd * nblocks * block_words, qt, s, p, o, m, l);
+        }
+        free(qt);
+        free(s);
+        free(p);
+        free(o);
+        free(m);
+        free(l);
+    }
+    free(kpack);
+    free(vpack);
+    return failed ? 2 : 0;
+}
+
+#endif
+
+/* out (B, H, Lq, D) bfloat16 and lse (B, H, Lq) float32, both contiguous. Returns 0, 1 for arguments
+   the kernel does not take (or a CPU without AVX-512 BF16), 2 when out of memory. */
+int longdoc_flash_attention(const uint16_t *q, const int64_t *qs, const uint16_t *k, const int64_t *ks,
+                            const uint16_t *v, const int64_t *vs, uint16_t *out, float *lse, int64_t b, int64_t h,
+                            int64_t hkv, int64_t lq, int64_t lk, int64_t d, int causal, float scale, int threads) {
+#ifdef LONGDOC_X86
+    if (!longdoc_flash_supported() || b < 1 || hkv < 1 || h % hkv || lq < 1 || lk < 1 || d < 32 || d > 256 ||
+        d % 32 || (causal && lq != lk) || threads < 1)
+        return 1;
+    Problem pr = {q, k, v, {qs[0], qs[1], qs[2]}, {ks[0], ks[1], ks[2]}, {vs[0], vs[1], vs[2]}, out, lse,
+                  b, h, hkv, lq, lk, d, causal, scale};
+    return run(&pr, threads);
+#else
+    (void)q; (void)qs; (void)k; (void)ks; (void)v; (void)vs; (void)out; (void)lse; (void)b; (void)h;
+    (void)hkv; (void)lq; (void)lk; (void)d; (void)causal; (void)scale; (void)threads;
+    return 1;
+#endif
+}

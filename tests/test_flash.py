@@ -1,0 +1,136 @@
+"""longdoc's AVX-512 BF16 attention kernel (flash.c) against the float64 reference: shapes, GQA, masks,
+strided cache views, DCA on the shared vectors, and the fallbacks to torch's kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longdoc.attention import native
+from longdoc.attention.dca import ChunkLayout
+from longdoc.attention.kernels import attend_cpu, attend_reference, attend_torch_cpu
+
+from .test_attention import load_vectors, naive_dca, run_chunked
+
+needs_flash = pytest.mark.skipif(not native.likely_available("flash"), reason="no C compiler or AVX-512 BF16 here")
+
+
+def rounded(*shape: int, scale: float = 1.0) -> torch.Tensor:
+    """bfloat16 values held as float64, so the reference sees exactly the kernel's inputs."""
+    return (torch.randn(*shape, dtype=torch.float64) * scale).bfloat16().double()
+
+
+def check(q, k, v, causal, scale, out_tol=1.5e-2):
+    """The kernel's output and log-sum-exp against the float64 reference on the same inputs. The output
+    is rounded to bfloat16 once (2^-9 relative) after the probabilities were (as torch's kernel rounds
+    them); the log-sum-exp stays float32 throughout, so a lost term or a wrong mask shows at 1e-4."""
+    assert native.flash_takes(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    out, lse = native.flash_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal, scale)
+    ref_out, ref_lse = attend_reference(q, k, v, causal, scale)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.double(), ref_out, atol=out_tol, rtol=out_tol)
+    return out, lse
+
+
+@needs_flash
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    "b, h, hkv, lq, lk, d",
+    [
+        (1, 14, 2, 16, 16, 64),  # the model's heads, one tile
+        (1, 14, 2, 100, 100, 64),  # tiles and key blocks with remainders
+        (2, 4, 4, 37, 37, 128),  # MHA, batch 2, two column passes
+        (1, 6, 2, 130, 130, 96),  # a 64-column pass and a 32-column one
+        (1, 2, 1, 17, 17, 32),
+    ],
+)
+def test_kernel_matches_reference(b, h, hkv, lq, lk, d, causal):
+    torch.manual_seed(lq + d)
+    q, k, v = rounded(b, h, lq, d, scale=2.0), rounded(b, hkv, lk, d, scale=2.0), rounded(b, hkv, lk, d)
+    check(q, k, v, causal, d**-0.5)
+
+
+@needs_flash
+@pytest.mark.parametrize("lq, lk", [(16, 1), (20, 63), (48, 64), (33, 65), (128, 1000)])
+def test_kernel_non_causal_key_counts(lq, lk):
+    """Keys past the last full block are masked, whatever their count (a padded key would get weight)."""
+    torch.manual_seed(lk)
+    q, k, v = rounded(1, 14, lq, 64, scale=2.0), rounded(1, 2, lk, 64, scale=2.0), rounded(1, 2, lk, 64)
+    check(q, k, v, False, 0.125)
+
+
+@needs_flash
+def test_kernel_reads_strided_cache_views_and_large_scores():
+    """K/V as slices of a bigger cache (DCA's regions), q transposed, and scores large enough that the
+    running maximum moves many times (each move rescales what was summed)."""
+    torch.manual_seed(5)
+    cache_k, cache_v = rounded(1, 2, 400, 64, scale=3.0), rounded(1, 2, 400, 64)
+    k, v = cache_k[:, :, 37:300], cache_v[:, :, 37:300]
+    q = rounded(1, 70, 14, 64, scale=3.0).transpose(1, 2)  # (1, 14, 70, 64), not contiguous
+    ramp = torch.linspace(0, 6, 263, dtype=torch.float64)[None, None, :, None]
+    k = (k + ramp * q.mean((1, 2), keepdim=True)).bfloat16().double()  # later keys score higher
+    out, lse = check(q, k, v, False, 0.125)
+    assert lse.max() > 20  # the maximum really moved far
+
+
+@needs_flash
+def test_kernel_agrees_with_torchs_on_the_models_shapes():
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(1, h, 200, 64).bfloat16() for h in (14, 2, 2))
+    for causal in (False, True):
+        out, lse = native.flash_attention(q, k, v, causal, 0.125)
+        want, want_lse = attend_torch_cpu(q, k, v, causal, 0.125)
+        torch.testing.assert_close(out.float(), want.float(), atol=1.5e-2, rtol=1.5e-2)
+        torch.testing.assert_close(lse, want_lse, atol=2e-4, rtol=0)
+
+
+@needs_flash
+@pytest.mark.parametrize("step", [16, 64])
+def test_dca_on_shared_vectors_through_the_kernel(step):
+    """DCA's production path with attend_cpu on bfloat16 inputs, where the kernel takes every step of at
+    least a tile of queries, against the float64 DCA reference on the same rounded inputs."""
+    f, cases = load_vectors()
+    case = next(c for c in cases if c["D"] % 32 == 0)  # gqa_large_base: D 32, L 130, three chunk regions
+    q, k, v = (f.get_tensor(f"{case['name']}.{x}").bfloat16().double() for x in "qkv")
+    layout = ChunkLayout(case["s"], case["w"])
+    calls = []
+
+    def spy(q_, k_, v_, causal, scale):
+        calls.append(native.flash_takes(q_, k_, v_))
+        return attend_cpu(q_, k_, v_, causal, scale)
+
+    got = run_chunked(q.bfloat16(), k.bfloat16(), v.bfloat16(), layout, case["theta"], spy, step)
+    want = naive_dca(q, k, v, layout, case["theta"])
+    assert any(calls)
+    # the rotations round q and k to bfloat16 again, hence the wider tolerance than the kernel's own
+    torch.testing.assert_close(got.double(), want, atol=4e-2, rtol=4e-2)
+    assert (got.double() - want).abs().mean() < 4e-3
+
+
+def test_inputs_the_kernel_does_not_take_go_to_torchs():
+    q, k, v = torch.randn(1, 4, 20, 64), torch.randn(1, 2, 20, 64), torch.randn(1, 2, 20, 64)
+    assert not native.flash_takes(q, k, v)  # float32
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    assert not native.flash_takes(qb[:, :, :3], kb, vb)  # fewer queries than a tile: decode steps
+    assert not native.flash_takes(torch.randn(1, 4, 20, 48).bfloat16(), kb[..., :48], vb[..., :48])  # head size
+    for x in (q, qb[:, :, :3]):
+        out, lse = attend_cpu(x, k.to(x.dtype), v.to(x.dtype), False, 0.125)
+        want, want_lse = attend_reference(x.double(), k.double(), v.double(), False, 0.125)
+        torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_switched_off_kernel_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("LONGDOC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")  # a CPU with VNNI but no BF16
+    native.library.cache_clear()
+    try:
+        q, k, v = (torch.randn(1, h, 20, 64).bfloat16() for h in (4, 2, 2))
+        assert not native.flash_takes(q, k, v)
+        assert "caps the CPU below AVX-512 BF16" in (native.why_unavailable("flash") or "")
+        out, _ = attend_cpu(q, k, v, True, 0.125)
+        want, _ = attend_reference(q.double(), k.double(), v.double(), True, 0.125)
+        torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+    finally:
+        native.library.cache_clear()
