@@ -6,7 +6,9 @@ sparse at each budget), with the attention calls and the decoder's linears timed
 attention 4 * head_dim per (query, key) pair and query head. Each is reported as achieved GFLOP/s
 against the bfloat16 matmul ceiling measured in the same run (a packed MLP-shaped matmul of one
 prefill step). The prefill clock's ETA at the halfway mark is compared with the time it really took.
-Mode ``transformers`` is plain transformers (bfloat16, SDPA, one forward over the prompt), timed whole.
+``--kernels cpu,cpu-torch`` runs each mode with longdoc's attention kernel (flash.c, where it runs) and
+with torch's fused CPU kernel. Mode ``transformers`` is plain transformers (bfloat16, SDPA, one forward
+over the prompt), timed whole.
 ``--layers N`` runs only the first N decoder layers (same shapes per layer, 24/N times cheaper): for
 the 64K rows, where one exact prefill of all 24 layers takes over 20 minutes on 2 cores.
 
@@ -80,14 +82,17 @@ class Timers:
         return timed
 
 
-def run_one(session: Any, ids: list[int], mode: str, budget: int, layers: int) -> dict[str, Any]:
+def run_one(session: Any, ids: list[int], mode: str, budget: int, layers: int, kernel: str) -> dict[str, Any]:
+    from longdoc.attention.kernels import get_kernel
     from longdoc.config import PrefillConfig
     from longdoc.engine.prefill import prefill
     from longdoc.pipeline import make_plan
 
-    cfg = replace(session.cfg, prefill=PrefillConfig(mode=mode, budget=budget))
+    cfg = replace(session.cfg, prefill=PrefillConfig(mode=mode, budget=budget), kernel=kernel)
     plan = make_plan(cfg, session.info, len(ids))
+    session.cfg = cfg  # the session picks the attention kernel from its own settings
     model = session.patched(plan)
+    assert model.settings.kernel is get_kernel(kernel, session.info.device)
     model.layers = model.layers[:layers]
     kv = model.new_store(len(ids))
     timers = Timers(model)
@@ -117,6 +122,7 @@ def run_one(session: Any, ids: list[int], mode: str, budget: int, layers: int) -
     linear_flop, attn_flop = 2 * weights * len(ids), 4 * hd * h * pairs * layers
     return {
         "mode": mode,
+        "kernel": kernel,
         "budget": budget if plan.sparse else None,
         "dca": plan.layout is not None,
         "kept_fraction": round(stats.kept_fraction, 4) if plan.sparse else 1.0,
@@ -166,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", default="exact,sparse", help="exact, sparse, transformers")
     parser.add_argument("--budgets", default="2048", help="sparse budgets to run")
     parser.add_argument("--layers", type=int, default=0, help="run only the first N decoder layers (0 = all)")
+    parser.add_argument(
+        "--kernels", default="cpu", help="attention back ends to run each mode with: cpu (longdoc's), cpu-torch"
+    )
     parser.add_argument("--name", default="prefill")
     args = parser.parse_args(argv)
 
@@ -188,11 +197,16 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"tokens": length, "layers": layers, **run_hf(session, ids[:length], layers)})
                 print(rows[-1], flush=True)
                 continue
-            for budget in [int(b) for b in args.budgets.split(",")] if mode == "sparse" else [0]:
-                row = {"tokens": length, "layers": layers, **run_one(session, ids[:length], mode, budget, layers)}
-                row["attention_vs_ceiling"] = round(row["attention_gflops"] / ceiling, 3)
-                print(row, flush=True)
-                rows.append(row)
+            for kernel in args.kernels.split(","):
+                for budget in [int(b) for b in args.budgets.split(",")] if mode == "sparse" else [0]:
+                    row = {
+                        "tokens": length,
+                        "layers": layers,
+                        **run_one(session, ids[:length], mode, budget, layers, kernel),
+                    }
+                    row["attention_vs_ceiling"] = round(row["attention_gflops"] / ceiling, 3)
+                    print(row, flush=True)
+                    rows.append(row)
     save(
         args.name,
         {

@@ -445,10 +445,47 @@ def quantized() -> str | None:
     return out
 
 
+def attention_kernels(name: str = "attention") -> str | None:
+    """longdoc's attention kernel against torch's on the model's shapes (bench_attention.py)."""
+    data = load(name)
+    if not data:
+        return None
+    rows = [
+        [
+            r["shape"],
+            f"{r['queries']:,}",
+            f"{r['keys']:,}",
+            "yes" if r["causal"] else "no",
+            f"{r['torch_ms']:.1f} ms, {r['torch_gflops']:.0f} ({r['torch_vs_ceiling']:.2f})",
+            f"{r['longdoc_ms']:.1f} ms, {r['longdoc_gflops']:.0f} ({r['longdoc_vs_ceiling']:.2f})",
+            r["longdoc_kernel"],
+            f"{r['speedup']:.2f}x",
+        ]
+        for r in data["rows"]
+    ]
+    head = [
+        "call",
+        "queries",
+        "keys",
+        "causal",
+        "torch: time, GFLOP/s (/ ceiling)",
+        "longdoc",
+        "longdoc runs",
+        "speedup",
+    ]
+    return (
+        f"### Exact attention kernels on the model's shapes (`{data['command']}`; {data['cpu']}, "
+        f"{data['threads']} threads, matmul ceiling {data['matmul_ceiling_gflops']:.0f} GFLOP/s)\n\n"
+        + table(head, rows)
+    )
+
+
 def prefill_breakdown(
     names: tuple[str, ...] = ("prefill", "prefill_64k", "prefill_32k_budgets", "prefill_24k_b8192"),
+    title: str = "Where prefill time goes; exact vs sparse prefill",
 ) -> str | None:
-    """Where prefill time goes, exact vs sparse, and the ETA check (bench_prefill.py)."""
+    """Where prefill time goes, exact vs sparse, and the ETA check (bench_prefill.py). Rows name their
+    attention kernel where the run compared kernels (runs before flash.c used torch's)."""
     rows, notes = [], []
     for name in names:
         data = load(name)
@@ -458,10 +495,12 @@ def prefill_breakdown(
             f"`{data['command']}`: {data['cpu']}, {data['threads']} threads, {data['dtype']}, "
             f"matmul ceiling {data['matmul_ceiling_gflops']:.0f} GFLOP/s"
         )
-        exact = {(r["tokens"], r["layers"]): r["prefill_s"] for r in data["rows"] if r["mode"] == "exact"}
+        exact = {
+            (r["tokens"], r["layers"], r.get("kernel")): r["prefill_s"] for r in data["rows"] if r["mode"] == "exact"
+        }
         hf = {(r["tokens"], r["layers"]): r["prefill_s"] for r in data["rows"] if r["mode"] == "transformers"}
         for r in data["rows"]:
-            base = exact.get((r["tokens"], r["layers"]))
+            base = exact.get((r["tokens"], r["layers"], r.get("kernel")))
             total = r["prefill_s"]
             tokens = f"{r['tokens']:,}" + ("" if r["layers"] >= 24 else f" ({r['layers']} layers)")
             against = (hf.get((r["tokens"], r["layers"])) or 0) / total
@@ -469,10 +508,11 @@ def prefill_breakdown(
                 rows.append([tokens, "transformers (SDPA)", "1.000", f"{total:.1f}", f"{r['tok_s']:,.0f}", *[""] * 7])
                 continue
             mode = "exact" if r["mode"] == "exact" else f"sparse {r['budget']}"
+            kernel = {"cpu": ", flash.c", "cpu-torch": ", torch's kernel"}.get(r.get("kernel", ""), "")
             rows.append(
                 [
                     tokens,
-                    mode + (" + DCA" if r["dca"] else ""),
+                    mode + (" + DCA" if r["dca"] else "") + kernel,
                     f"{r['kept_fraction']:.3f}",
                     f"{total:.1f}",
                     f"{r['tok_s']:,.0f}",
@@ -501,12 +541,7 @@ def prefill_breakdown(
         "vs transformers",
         "ETA at half / actual",
     ]
-    return (
-        "### Where prefill time goes; exact vs sparse prefill\n\n"
-        + "\n".join(f"- {n}" for n in notes)
-        + "\n\n"
-        + table(head, rows)
-    )
+    return f"### {title}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n" + table(head, rows)
 
 
 def sparse_quality() -> str | None:
@@ -595,7 +630,11 @@ def main() -> None:
         llamacpp_ppl(),
         step(),
         quantized(),
-        prefill_breakdown(),
+        attention_kernels(),
+        prefill_breakdown(
+            ("prefill_kernel", "prefill_64k_kernel"), "Where prefill time goes, longdoc's kernel against torch's"
+        ),
+        prefill_breakdown(title="Where prefill time goes; exact vs sparse prefill (before flash.c: torch's kernel)"),
         sparse_quality(),
         recycle(),
         recycle("recycle_32k", "Recycled decode at 32K with DCA, before and after issue 9"),

@@ -150,8 +150,14 @@ MUTANTS = [
     (
         "flash: log-sum-exp without the scale",
         "longdoc/attention/flash.c",
-        "m[r] * pr->scale + logf(l[r])",
-        "m[r] + logf(l[r])",
+        "m[r] * pr->scale + logf(total)",
+        "m[r] + logf(total)",
+    ),
+    (
+        "flash: selected keys read from the block's start",
+        "longdoc/attention/flash.c",
+        "(idx ? idx[k0 + i] : k0 + i)",
+        "(idx ? idx[i] : k0 + i)",
     ),
     (
         "flash: second value column pass skipped",

@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from longdoc.attention import native
-from longdoc.attention.dca import ChunkLayout
-from longdoc.attention.kernels import attend_cpu, attend_reference, attend_torch_cpu
+from longdoc.attention.dca import ChunkLayout, chunk_steps, key_positions
+from longdoc.attention.kernels import attend_cpu, attend_reference, attend_selected, attend_torch_cpu
+from longdoc.attention.rope import RopeTable
+from longdoc.attention.sparse import SparseConfig, SparseStats, sparse_chunked_attention
 
 from .test_attention import load_vectors, naive_dca, run_chunked
+from .test_sparse import THETA, kept_mask
 
 needs_flash = pytest.mark.skipif(not native.likely_available("flash"), reason="no C compiler or AVX-512 BF16 here")
 
@@ -134,3 +137,63 @@ def test_switched_off_kernel_falls_back(monkeypatch, tmp_path):
         torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
     finally:
         native.library.cache_clear()
+
+
+@needs_flash
+def test_selected_keys_read_in_place_equal_a_gathered_copy():
+    """Sparse prefill's call: keys at listed positions (unsorted, repeated blocks' worth, any count) of a
+    cache read in place by the kernel, against the reference on gathered copies."""
+    torch.manual_seed(7)
+    k_cache, v_cache = rounded(1, 2, 500, 64, scale=2.0), rounded(1, 2, 500, 64)
+    q = rounded(1, 14, 40, 64, scale=2.0)
+    for n in (1, 64, 100, 200):
+        index = torch.stack([torch.randperm(480)[:n] + 10 for _ in range(2)])  # (Hkv, n), unsorted
+        k = torch.stack([k_cache[0, h, index[h]] for h in range(2)])[None]
+        v = torch.stack([v_cache[0, h, index[h]] for h in range(2)])[None]
+        out, lse = attend_selected(attend_cpu, q.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16(), index, 0.125)
+        want_out, want_lse = attend_reference(q, k, v, False, 0.125)
+        torch.testing.assert_close(lse.double(), want_lse, atol=1e-4, rtol=0)
+        torch.testing.assert_close(out.double(), want_out, atol=1.5e-2, rtol=1.5e-2)
+    with pytest.raises(ValueError):
+        native.flash_attention(q.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16(), False, 0.125, index=index + 400)
+
+
+@needs_flash
+def test_sparse_prefill_through_the_kernel_equals_reference_on_the_keys_it_kept(monkeypatch):
+    """Sparse prefill in bfloat16 with attend_cpu: flash.c reads the selected blocks in place (groups of
+    16 queries), against the float64 DCA reference restricted to exactly the recorded keys."""
+    n, step, hkv = 256, 64, 2
+    torch.manual_seed(8)
+    q, k, v = rounded(4, n, 32, scale=2.0), rounded(hkv, n, 32, scale=2.0), rounded(hkv, n, 32)
+    layout = ChunkLayout(100, 4)  # c = 96: three regions by the end
+    cfg = SparseConfig(budget=32, band=32, block=8, query_block=16)
+    table = RopeTable(1.0 / THETA ** (torch.arange(0, 32, 2, dtype=torch.float64) / 32), dtype=torch.float64)
+
+    def rotate(x, pos):
+        return table.rotate(x.double(), pos).bfloat16()
+
+    kc = rotate(k[None], key_positions(torch.arange(n), layout))
+    stats = SparseStats(record=True)
+    indexed = []
+    flash = native.flash_attention
+
+    def spy(*args, index=None):
+        indexed.append(index is not None)
+        return flash(*args, index=index)
+
+    monkeypatch.setattr(native, "flash_attention", spy)
+
+    got = torch.cat(
+        [
+            sparse_chunked_attention(
+                q[None, :, a:b].bfloat16(), kc, v[None].bfloat16(), a, rotate, layout, attend_cpu, 32**-0.5, cfg, stats
+            )
+            for a, b in chunk_steps(0, n, step, layout)
+        ],
+        dim=2,
+    )[0]
+    assert stats.picks and 0.2 < stats.kept_fraction < 0.9
+    assert any(indexed) and not all(indexed)  # selected blocks read in place; band, sinks, diagonal as slices
+    want = naive_dca(q, k, v, layout, THETA, kept_mask(n, hkv, layout, cfg, step, stats))
+    torch.testing.assert_close(got.double(), want, atol=4e-2, rtol=4e-2)
+    assert (got.double() - want).abs().mean() < 4e-3

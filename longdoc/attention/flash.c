@@ -45,36 +45,42 @@ int longdoc_flash_supported(void) {
 
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
 
-/* exp(x) for x <= 0 (x = -inf gives 0): 2^(x log2 e) split into 2^n * 2^f, |f| <= 1/2, with
-   2^f = e^(f ln 2) by its Taylor series to degree 7 (relative error below 2e-8). */
-TARGET static inline __m512 exp_ps(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f)); /* exp(-104) is below float's smallest; -inf -> 0 */
-    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+/* 2^t for finite t <= 0: 2^n * 2^f with n = round(t), |f| <= 1/2, and 2^f = e^(f ln 2) by its Taylor
+   series to degree 6 (relative error below 2e-7); scalef flushes what is below float's range to 0. */
+TARGET static inline __m512 exp2_ps(__m512 t) {
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f); /* ln2^6 / 6! */
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
 }
 
-/* Keys [k0, k0 + n) of one head (rows `kstride` and `vstride` elements apart) -> one packed K block
-   and V block, zero past n. */
-TARGET static void pack_block(const uint16_t *k, int64_t kstride, const uint16_t *v, int64_t vstride, int64_t n,
-                              int64_t d, uint32_t *kp, uint32_t *vp) {
+/* Keys k0 .. k0 + n - 1 of one head, or where `idx` is given the keys at positions idx[k0 ..] (rows
+   `kstride` and `vstride` elements apart from the head's first row k and v) -> one packed K block and
+   V block, zero past n. */
+TARGET static void pack_block(const uint16_t *k, int64_t kstride, const uint16_t *v, int64_t vstride,
+                              const int64_t *idx, int64_t k0, int64_t n, int64_t d, uint32_t *kp, uint32_t *vp) {
     const int64_t pairs = d / 2;
-    /* K: word j of 16 keys at a time (a gather of 32-bit pairs, key rows apart) */
-    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32((int)(kstride / 2)));
+    int64_t pos[KB];
+    for (int64_t i = 0; i < KB; i++) pos[i] = i < n ? (idx ? idx[k0 + i] : k0 + i) : 0;
+    /* K: word j of 16 keys at a time, a gather of 32-bit pairs (offsets from each group's first key) */
     for (int64_t c = 0; c < KB / 16; c++) {
         const int64_t left = n - c * 16;
-        const __mmask16 keep = left >= 16 ? (__mmask16)0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-        const int *base = (const int *)(k + c * 16 * kstride);
+        if (left <= 0) {
+            for (int64_t j = 0; j < pairs; j++) _mm512_storeu_si512(kp + j * KB + c * 16, _mm512_setzero_si512());
+            continue;
+        }
+        const __mmask16 keep = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+        const int64_t first = pos[c * 16];
+        int32_t offsets[16];
+        for (int i = 0; i < 16; i++) offsets[i] = (int32_t)((pos[c * 16 + i] - first) * kstride / 2);
+        const __m512i rows = _mm512_loadu_si512(offsets);
+        const int *base = (const int *)(k + first * kstride);
         for (int64_t j = 0; j < pairs; j++)
             _mm512_storeu_si512(kp + j * KB + c * 16,
                                 _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), keep, rows, base + j, 4));
@@ -86,9 +92,10 @@ TARGET static void pack_block(const uint16_t *k, int64_t kstride, const uint16_t
     const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
     for (int64_t i = 0; i < KB / 2; i++) {
         const __m512i zero = _mm512_setzero_si512();
+        const uint16_t *ra = v + pos[2 * i] * vstride, *rb = v + pos[2 * i + 1] * vstride;
         for (int64_t c = 0; c < d; c += 32) {
-            __m512i a = 2 * i < n ? _mm512_loadu_si512(v + 2 * i * vstride + c) : zero;
-            __m512i b = 2 * i + 1 < n ? _mm512_loadu_si512(v + (2 * i + 1) * vstride + c) : zero;
+            __m512i a = 2 * i < n ? _mm512_loadu_si512(ra + c) : zero;
+            __m512i b = 2 * i + 1 < n ? _mm512_loadu_si512(rb + c) : zero;
             _mm512_storeu_si512(vp + i * d + c, _mm512_permutex2var_epi16(a, lo, b));
             _mm512_storeu_si512(vp + i * d + c + 16, _mm512_permutex2var_epi16(a, hi, b));
         }
@@ -144,9 +151,9 @@ TARGET static void values_mr(const uint16_t *p, int64_t d, const uint32_t *vp, f
 }
 
 /* One row's online-softmax step over a block of scores s (KB floats, the first `valid` real):
-   updates the running max m and sum l, rescales the row's output o (d floats) when m grows, and
-   writes the probabilities, rounded to bfloat16, to p (zero past `valid`). */
-TARGET static void softmax_row(float *s, int valid, float scale, float *m, float *l, float *o, int64_t d,
+   updates the running max m and the row's 16 partial sums l, rescales the row's output o (d floats)
+   when m grows, and writes the probabilities, rounded to bfloat16, to p (zero past `valid`). */
+TARGET static void softmax_row(const float *s, int valid, float scale, float *m, float *l, float *o, int64_t d,
                                uint16_t *p) {
     if (valid <= 0) {
         memset(p, 0, KB * sizeof(uint16_t));
@@ -154,36 +161,40 @@ TARGET static void softmax_row(float *s, int valid, float scale, float *m, float
     }
     const __m512 neg = _mm512_set1_ps(-INFINITY);
     __m512 x[4];
+    __mmask16 keep[4];
     for (int c = 0; c < 4; c++) {
         const int left = valid - c * 16;
-        const __mmask16 keep = left >= 16 ? (__mmask16)0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-        x[c] = _mm512_mask_loadu_ps(neg, keep, s + c * 16);
+        keep[c] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+        x[c] = _mm512_mask_loadu_ps(neg, keep[c], s + c * 16);
     }
     const float block_max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3])));
-    const float m_new = block_max > *m ? block_max : *m;
-    if (m_new > *m) {
-        const float alpha = *m == -INFINITY ? 0.0f : expf((*m - m_new) * scale);
-        *l *= alpha;
+    __m512 sum = _mm512_loadu_ps(l);
+    if (block_max > *m) {
+        const float alpha = *m == -INFINITY ? 0.0f : expf((*m - block_max) * scale);
         const __m512 a = _mm512_set1_ps(alpha);
+        sum = _mm512_mul_ps(sum, a);
         for (int64_t c = 0; c < d; c += 16) _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(o + c), a));
-        *m = m_new;
+        *m = block_max;
     }
-    const __m512 sc = _mm512_set1_ps(scale), shift = _mm512_set1_ps(-m_new * scale);
-    __m512 sum = _mm512_setzero_ps();
+    /* exp(scale * (x - m)) as 2^(x * scale log2 e - m * scale log2 e): one fused multiply-add */
+    const float sl = scale * 1.44269504088896341f;
+    const __m512 sc = _mm512_set1_ps(sl), shift = _mm512_set1_ps(-*m * sl);
     for (int c = 0; c < 4; c += 2) {
-        __m512 e0 = exp_ps(_mm512_fmadd_ps(x[c], sc, shift));
-        __m512 e1 = exp_ps(_mm512_fmadd_ps(x[c + 1], sc, shift));
+        /* masked lanes hold -inf, whose exp2_ps is NaN: zeroed by the mask */
+        const __m512 e0 = _mm512_maskz_mov_ps(keep[c], exp2_ps(_mm512_fmadd_ps(x[c], sc, shift)));
+        const __m512 e1 = _mm512_maskz_mov_ps(keep[c + 1], exp2_ps(_mm512_fmadd_ps(x[c + 1], sc, shift)));
         _mm512_storeu_si512(p + c * 16, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
         /* the sum is of the unrounded probabilities, as torch's kernel sums them: summing the rounded
            ones put 20x more error into the log-sum-exp (against float64, random inputs) */
         sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
     }
-    *l += _mm512_reduce_add_ps(sum);
+    _mm512_storeu_ps(l, sum);
 }
 
 typedef struct {
     const uint16_t *q, *k, *v;
     int64_t qs[3], ks[3], vs[3]; /* strides of batch, head, position (elements) */
+    const int64_t *idx;          /* NULL, or per KV head the lk positions of the keys to attend (batch 1) */
     uint16_t *out;
     float *lse;
     int64_t b, h, hkv, lq, lk, d;
@@ -205,9 +216,9 @@ TARGET static void tile(const Problem *pr, int64_t bi, int64_t kh, int64_t q0, c
         else
             memset(qt + r * d, 0, d * sizeof(uint16_t));
         m[r] = -INFINITY;
-        l[r] = 0.0f;
     }
     memset(o, 0, rows * d * sizeof(float));
+    memset(l, 0, rows * 16 * sizeof(float));
     int64_t kend = pr->lk;
     if (pr->causal) kend = q0 + nq < kend ? q0 + nq : kend; /* keys past the tile's last query are masked */
     const int64_t nblocks = (kend + KB - 1) / KB;
@@ -221,7 +232,7 @@ TARGET static void tile(const Problem *pr, int64_t bi, int64_t kh, int64_t q0, c
             if (pr->causal && q0 + t - k0 + 1 < valid) valid = q0 + t - k0 + 1;
             if (t >= nq) valid = 0;
             if (valid > KB) valid = KB;
-            softmax_row(s + r * KB, (int)valid, pr->scale, m + r, l + r, o + r * d, d, p + r * KB);
+            softmax_row(s + r * KB, (int)valid, pr->scale, m + r, l + r * 16, o + r * d, d, p + r * KB);
         }
         for (int64_t r = 0; r < rows; r += MR) values_mr(p + r * KB, d, vp, o + r * d);
     }
@@ -229,14 +240,15 @@ TARGET static void tile(const Problem *pr, int64_t bi, int64_t kh, int64_t q0, c
         const int64_t gi = r / TQ, t = r % TQ;
         if (t >= nq) continue;
         const int64_t head = kh * g + gi, row = (bi * pr->h + head) * pr->lq + q0 + t;
-        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+        const float total = _mm512_reduce_add_ps(_mm512_loadu_ps(l + r * 16));
+        const float inv = total > 0.0f ? 1.0f / total : 0.0f;
         uint16_t *dst = pr->out + row * d;
         for (int64_t c = 0; c < d; c += 32) {
             __m512 a = _mm512_mul_ps(_mm512_loadu_ps(o + r * d + c), _mm512_set1_ps(inv));
             __m512 b2 = _mm512_mul_ps(_mm512_loadu_ps(o + r * d + c + 16), _mm512_set1_ps(inv));
             _mm512_storeu_si512(dst + c, (__m512i)_mm512_cvtne2ps_pbh(b2, a));
         }
-        pr->lse[row] = l[r] > 0.0f ? m[r] * pr->scale + logf(l[r]) : -INFINITY;
+        pr->lse[row] = total > 0.0f ? m[r] * pr->scale + logf(total) : -INFINITY;
     }
 }
 
@@ -255,9 +267,9 @@ TARGET static int run(const Problem *pr, int threads) {
     for (int64_t item = 0; item < heads * nblocks; item++) {
         const int64_t hd = item / nblocks, blk = item % nblocks, bi = hd / pr->hkv, kh = hd % pr->hkv;
         const int64_t k0 = blk * KB, n = pr->lk - k0 < KB ? pr->lk - k0 : KB;
-        pack_block(pr->k + bi * pr->ks[0] + kh * pr->ks[1] + k0 * pr->ks[2], pr->ks[2],
-                   pr->v + bi * pr->vs[0] + kh * pr->vs[1] + k0 * pr->vs[2], pr->vs[2], n, d,
-                   kpack + item * block_words, vpack + item * block_words);
+        pack_block(pr->k + bi * pr->ks[0] + kh * pr->ks[1], pr->ks[2], pr->v + bi * pr->vs[0] + kh * pr->vs[1],
+                   pr->vs[2], pr->idx ? pr->idx + kh * pr->lk : NULL, k0, n, d, kpack + item * block_words,
+                   vpack + item * block_words);
     }
     const int64_t tiles = (pr->lq + TQ - 1) / TQ, rows = g * TQ;
     int failed = 0;
@@ -268,7 +280,7 @@ TARGET static int run(const Problem *pr, int threads) {
         uint16_t *p = malloc((size_t)(rows * KB) * sizeof(uint16_t));
         float *o = malloc((size_t)(rows * d) * sizeof(float));
         float *m = malloc((size_t)rows * sizeof(float));
-        float *l = malloc((size_t)rows * sizeof(float));
+        float *l = malloc((size_t)(rows * 16) * sizeof(float)); /* per row, 16 partial sums */
         if (!qt || !s || !p || !o || !m || !l) {
 #pragma omp atomic write
             failed = 1;
@@ -298,20 +310,24 @@ TARGET static int run(const Problem *pr, int threads) {
 
 #endif
 
-/* out (B, H, Lq, D) bfloat16 and lse (B, H, Lq) float32, both contiguous. Returns 0, 1 for arguments
-   the kernel does not take (or a CPU without AVX-512 BF16), 2 when out of memory. */
+/* out (B, H, Lq, D) bfloat16 and lse (B, H, Lq) float32, both contiguous. With `idx` (Hkv, Lk) int64,
+   batch 1 and not causal, the keys are those at the listed positions of k and v (sparse prefill's
+   selected blocks, read in place of a gathered copy). Returns 0, 1 for arguments the kernel does not
+   take (or a CPU without AVX-512 BF16), 2 when out of memory. */
 int longdoc_flash_attention(const uint16_t *q, const int64_t *qs, const uint16_t *k, const int64_t *ks,
-                            const uint16_t *v, const int64_t *vs, uint16_t *out, float *lse, int64_t b, int64_t h,
-                            int64_t hkv, int64_t lq, int64_t lk, int64_t d, int causal, float scale, int threads) {
+                            const uint16_t *v, const int64_t *vs, const int64_t *idx, uint16_t *out, float *lse,
+                            int64_t b, int64_t h, int64_t hkv, int64_t lq, int64_t lk, int64_t d, int causal,
+                            float scale, int threads) {
 #ifdef LONGDOC_X86
+    if (idx && (b != 1 || causal)) return 1;
     if (!longdoc_flash_supported() || b < 1 || hkv < 1 || h % hkv || lq < 1 || lk < 1 || d < 32 || d > 256 ||
         d % 32 || (causal && lq != lk) || threads < 1)
         return 1;
-    Problem pr = {q, k, v, {qs[0], qs[1], qs[2]}, {ks[0], ks[1], ks[2]}, {vs[0], vs[1], vs[2]}, out, lse,
+    Problem pr = {q, k, v, {qs[0], qs[1], qs[2]}, {ks[0], ks[1], ks[2]}, {vs[0], vs[1], vs[2]}, idx, out, lse,
                   b, h, hkv, lq, lk, d, causal, scale};
     return run(&pr, threads);
 #else
-    (void)q; (void)qs; (void)k; (void)ks; (void)v; (void)vs; (void)out; (void)lse; (void)b; (void)h;
+    (void)q; (void)qs; (void)k; (void)ks; (void)v; (void)vs; (void)idx; (void)out; (void)lse; (void)b; (void)h;
     (void)hkv; (void)lq; (void)lk; (void)d; (void)causal; (void)scale; (void)threads;
     return 1;
 #endif

@@ -107,6 +107,22 @@ def attend_cpu(
     return attend_torch_cpu(q, k, v, causal, scale)
 
 
+def attend_selected(
+    kernel: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal attention of q (1, H, Lq, D) to the keys at positions ``index`` (Hkv, n) of each KV
+    head's k and v (1, Hkv, L, D): ``kernel`` on gathered copies, or flash.c reading them in place when
+    ``kernel`` is ``attend_cpu`` and flash.c takes the input."""
+    if kernel is attend_cpu and native.flash_takes(q, k, v):
+        return native.flash_attention(q, k, v, False, scale, index=index)
+    return kernel(q, _gather(k[0], index), _gather(v[0], index), False, scale)
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (Hkv, L, D), index (Hkv, n) -> x's rows ``index`` per head, (1, Hkv, n, D)."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1])).unsqueeze(0)
+
+
 def _cuda_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

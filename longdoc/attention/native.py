@@ -128,7 +128,7 @@ def _configure(name: str, lib: ctypes.CDLL) -> ctypes.CDLL:
         lib.longdoc_int5_matmul.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int]
     else:
         lib.longdoc_flash_attention.restype = c_int
-        lib.longdoc_flash_attention.argtypes = [p, p, p, p, p, p, p, p, *[i64] * 6, c_int, ctypes.c_float, c_int]
+        lib.longdoc_flash_attention.argtypes = [p, p, p, p, p, p, p, p, p, *[i64] * 6, c_int, ctypes.c_float, c_int]
     return lib
 
 
@@ -250,15 +250,29 @@ def flash_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """flash.c on inputs ``flash_takes``: q (B, H, Lq, D), k and v (B, Hkv, Lk, D) -> out (B, H, Lq, D)
-    bfloat16 and lse (B, H, Lq) float32 (the kernel contract of ``kernels.py``)."""
+    bfloat16 and lse (B, H, Lq) float32 (the kernel contract of ``kernels.py``). ``index`` (Hkv, n) int64,
+    batch 1 and not causal: attend only to the keys at those positions of each KV head's k and v (the
+    same as gathering them first, without the copy)."""
     lib = library("flash")
     if lib is None:
         raise RuntimeError(f"the attention kernel is not available: {why_unavailable('flash')}")
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
+    if index is not None:
+        if b != 1 or causal or index.shape[0] != hkv or index.dtype != torch.int64:
+            raise ValueError("an index takes batch 1, non-causal attention and (Hkv, n) int64 positions")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= lk):
+            raise ValueError("an index position is outside the keys")  # C would read past the cache
+        index = index.contiguous()
+        lk = index.shape[1]
     q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty(b, h, lq, d, dtype=torch.bfloat16)
     lse = torch.empty(b, h, lq, dtype=torch.float32)
@@ -270,6 +284,7 @@ def flash_attention(
         strides[1],
         v.data_ptr(),
         strides[2],
+        None if index is None else index.data_ptr(),
         out.data_ptr(),
         lse.data_ptr(),
         b,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from longdoc.attention.dca import ChunkLayout, Rotate, chunked_attention, key_positions, query_positions
-from longdoc.attention.kernels import Kernel, merge_partials
+from longdoc.attention.kernels import Kernel, attend_selected, merge_partials
 
 PREFILL_MODES = ("auto", "exact", "sparse")
 
@@ -122,11 +122,6 @@ def block_keys(first: int, blocks: torch.Tensor, block: int) -> torch.Tensor:
     return (first + blocks[..., None] * block + offsets).flatten(1)
 
 
-def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (Hkv, L, D), idx (Hkv, n) -> x's rows idx per head, (1, Hkv, n, D)."""
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])).unsqueeze(0)
-
-
 def sparse_chunked_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -187,9 +182,7 @@ def sparse_chunked_attention(
                 a = group * cfg.query_block
                 b = min(lq, a + cfg.query_block)
                 idx = block_keys(lo, region_scores[:, group].topk(count, dim=-1).indices, block)
-                out[:, :, a:b], lse[:, :, a:b] = kernel(
-                    qr[:, :, a:b], _gather(k_cache[0], idx), _gather(v_cache[0], idx), False, scale
-                )
+                out[:, :, a:b], lse[:, :, a:b] = attend_selected(kernel, qr[:, :, a:b], k_cache, v_cache, idx, scale)
                 if stats is not None and stats.record:
                     stats.picks.append((start + a, start + b, idx))
                 kept += (b - a) * count * block
