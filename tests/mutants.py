@@ -154,10 +154,22 @@ MUTANTS = [
         "m[r] + logf(total)",
     ),
     (
-        "flash: selected keys read from the block's start",
+        "flash: listed blocks ignored (the first ones read instead)",
         "longdoc/attention/flash.c",
-        "(idx ? idx[k0 + i] : k0 + i)",
-        "(idx ? idx[i] : k0 + i)",
+        "const int64_t blk = list ? list[i] : i;",
+        "const int64_t blk = i;",
+    ),
+    (
+        "flash: a group's blocks from the next group's list",
+        "longdoc/attention/flash.c",
+        "list = pr->blocks + (kh * groups + grp) * pr->width;",
+        "list = pr->blocks + (kh * groups + (grp + 1) % groups) * pr->width;",
+    ),
+    (
+        "sparse: blocks chosen for the first group serve all",
+        "longdoc/attention/kernels.py",
+        "return native.flash_attention(q, k, v, False, scale, blocks=(blocks, counts, group))",
+        "return native.flash_attention(q, k, v, False, scale, blocks=(blocks[:, :1].expand_as(blocks), counts, group))",
     ),
     (
         "flash: second value column pass skipped",

@@ -60,27 +60,18 @@ TARGET static inline __m512 exp2_ps(__m512 t) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* Keys k0 .. k0 + n - 1 of one head, or where `idx` is given the keys at positions idx[k0 ..] (rows
-   `kstride` and `vstride` elements apart from the head's first row k and v) -> one packed K block and
-   V block, zero past n. */
-TARGET static void pack_block(const uint16_t *k, int64_t kstride, const uint16_t *v, int64_t vstride,
-                              const int64_t *idx, int64_t k0, int64_t n, int64_t d, uint32_t *kp, uint32_t *vp) {
+/* Keys k0 .. k0 + n - 1 of one head (rows `kstride` and `vstride` elements apart from the head's first
+   row k and v) -> one packed K block and V block, zero past n. */
+TARGET static void pack_block(const uint16_t *k, int64_t kstride, const uint16_t *v, int64_t vstride, int64_t k0,
+                              int64_t n, int64_t d, uint32_t *kp, uint32_t *vp) {
     const int64_t pairs = d / 2;
-    int64_t pos[KB];
-    for (int64_t i = 0; i < KB; i++) pos[i] = i < n ? (idx ? idx[k0 + i] : k0 + i) : 0;
-    /* K: word j of 16 keys at a time, a gather of 32-bit pairs (offsets from each group's first key) */
+    /* K: word j of 16 keys at a time (a gather of 32-bit pairs, key rows apart) */
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int)(kstride / 2)));
     for (int64_t c = 0; c < KB / 16; c++) {
         const int64_t left = n - c * 16;
-        if (left <= 0) {
-            for (int64_t j = 0; j < pairs; j++) _mm512_storeu_si512(kp + j * KB + c * 16, _mm512_setzero_si512());
-            continue;
-        }
-        const __mmask16 keep = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-        const int64_t first = pos[c * 16];
-        int32_t offsets[16];
-        for (int i = 0; i < 16; i++) offsets[i] = (int32_t)((pos[c * 16 + i] - first) * kstride / 2);
-        const __m512i rows = _mm512_loadu_si512(offsets);
-        const int *base = (const int *)(k + first * kstride);
+        const __mmask16 keep = left >= 16 ? (__mmask16)0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+        const int *base = (const int *)(k + (k0 + (left > 0 ? c * 16 : 0)) * kstride);
         for (int64_t j = 0; j < pairs; j++)
             _mm512_storeu_si512(kp + j * KB + c * 16,
                                 _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), keep, rows, base + j, 4));
@@ -92,7 +83,7 @@ TARGET static void pack_block(const uint16_t *k, int64_t kstride, const uint16_t
     const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
     for (int64_t i = 0; i < KB / 2; i++) {
         const __m512i zero = _mm512_setzero_si512();
-        const uint16_t *ra = v + pos[2 * i] * vstride, *rb = v + pos[2 * i + 1] * vstride;
+        const uint16_t *ra = v + (k0 + 2 * i) * vstride, *rb = ra + vstride;
         for (int64_t c = 0; c < d; c += 32) {
             __m512i a = 2 * i < n ? _mm512_loadu_si512(ra + c) : zero;
             __m512i b = 2 * i + 1 < n ? _mm512_loadu_si512(rb + c) : zero;
@@ -194,7 +185,10 @@ TARGET static void softmax_row(const float *s, int valid, float scale, float *m,
 typedef struct {
     const uint16_t *q, *k, *v;
     int64_t qs[3], ks[3], vs[3]; /* strides of batch, head, position (elements) */
-    const int64_t *idx;          /* NULL, or per KV head the lk positions of the keys to attend (batch 1) */
+    /* block-sparse (batch 1, not causal): NULL, or per KV head and group of `group` queries the numbers
+       of the KB-key blocks it attends, `width` apart, the first count[group] of them used */
+    const int64_t *blocks, *count;
+    int64_t width, group;
     uint16_t *out;
     float *lse;
     int64_t b, h, hkv, lq, lk, d;
@@ -205,6 +199,8 @@ typedef struct {
 /* One work item: queries [q0, q0 + TQ) of every query head reading KV head `kh` of batch `bi`. */
 TARGET static void tile(const Problem *pr, int64_t bi, int64_t kh, int64_t q0, const uint32_t *kpack,
                         const uint32_t *vpack, uint16_t *qt, float *s, uint16_t *p, float *o, float *m, float *l) {
+    const int64_t *list = NULL; /* the blocks to visit, else all up to the causal limit */
+    int64_t nvisit;
     const int64_t g = pr->h / pr->hkv, d = pr->d;
     const int64_t rows = g * TQ; /* TQ is a multiple of MR, so rows is too */
     const int64_t nq = pr->lq - q0 < TQ ? pr->lq - q0 : TQ;
@@ -221,8 +217,14 @@ TARGET static void tile(const Problem *pr, int64_t bi, int64_t kh, int64_t q0, c
     memset(l, 0, rows * 16 * sizeof(float));
     int64_t kend = pr->lk;
     if (pr->causal) kend = q0 + nq < kend ? q0 + nq : kend; /* keys past the tile's last query are masked */
-    const int64_t nblocks = (kend + KB - 1) / KB;
-    for (int64_t blk = 0; blk < nblocks; blk++) {
+    nvisit = (kend + KB - 1) / KB;
+    if (pr->blocks) {
+        const int64_t grp = q0 / pr->group, groups = (pr->lq + pr->group - 1) / pr->group;
+        list = pr->blocks + (kh * groups + grp) * pr->width;
+        nvisit = pr->count[grp];
+    }
+    for (int64_t i = 0; i < nvisit; i++) {
+        const int64_t blk = list ? list[i] : i;
         const uint32_t *kp = kpack + blk * (d / 2) * KB, *vp = vpack + blk * (KB / 2) * d;
         const int64_t k0 = blk * KB;
         for (int64_t r = 0; r < rows; r += MR) scores_mr(qt + r * d, d, kp, s + r * KB);
@@ -268,8 +270,7 @@ TARGET static int run(const Problem *pr, int threads) {
         const int64_t hd = item / nblocks, blk = item % nblocks, bi = hd / pr->hkv, kh = hd % pr->hkv;
         const int64_t k0 = blk * KB, n = pr->lk - k0 < KB ? pr->lk - k0 : KB;
         pack_block(pr->k + bi * pr->ks[0] + kh * pr->ks[1], pr->ks[2], pr->v + bi * pr->vs[0] + kh * pr->vs[1],
-                   pr->vs[2], pr->idx ? pr->idx + kh * pr->lk : NULL, k0, n, d, kpack + item * block_words,
-                   vpack + item * block_words);
+                   pr->vs[2], k0, n, d, kpack + item * block_words, vpack + item * block_words);
     }
     const int64_t tiles = (pr->lq + TQ - 1) / TQ, rows = g * TQ;
     int failed = 0;
@@ -310,24 +311,34 @@ TARGET static int run(const Problem *pr, int threads) {
 
 #endif
 
-/* out (B, H, Lq, D) bfloat16 and lse (B, H, Lq) float32, both contiguous. With `idx` (Hkv, Lk) int64,
-   batch 1 and not causal, the keys are those at the listed positions of k and v (sparse prefill's
-   selected blocks, read in place of a gathered copy). Returns 0, 1 for arguments the kernel does not
-   take (or a CPU without AVX-512 BF16), 2 when out of memory. */
+/* out (B, H, Lq, D) bfloat16 and lse (B, H, Lq) float32, both contiguous. With `blocks` (Hkv, groups,
+   width) int64 and `count` (groups), batch 1 and not causal: the queries of each group of `group` (a
+   multiple of 16) attend only to the first count[g] listed 64-key blocks of k and v (sparse prefill's
+   selection: the keys are packed once for all groups); a group with none gets out 0 and lse -inf.
+   Returns 0, 1 for arguments the kernel does not take (or a CPU without AVX-512 BF16), 2 when out of
+   memory. */
 int longdoc_flash_attention(const uint16_t *q, const int64_t *qs, const uint16_t *k, const int64_t *ks,
-                            const uint16_t *v, const int64_t *vs, const int64_t *idx, uint16_t *out, float *lse,
-                            int64_t b, int64_t h, int64_t hkv, int64_t lq, int64_t lk, int64_t d, int causal,
-                            float scale, int threads) {
+                            const uint16_t *v, const int64_t *vs, const int64_t *blocks, const int64_t *count,
+                            int64_t width, int64_t group, uint16_t *out, float *lse, int64_t b, int64_t h,
+                            int64_t hkv, int64_t lq, int64_t lk, int64_t d, int causal, float scale, int threads) {
 #ifdef LONGDOC_X86
-    if (idx && (b != 1 || causal)) return 1;
+    if (blocks) { /* every listed block must exist: a bad number would read past the packed keys */
+        if (b != 1 || causal || !count || group < TQ || group % TQ || width < 0) return 1;
+        const int64_t groups = (lq + group - 1) / group, nblocks = (lk + KB - 1) / KB;
+        for (int64_t gi = 0; gi < groups; gi++)
+            if (count[gi] < 0 || count[gi] > width) return 1;
+        for (int64_t i = 0; i < hkv * groups * width; i++)
+            if (blocks[i] < 0 || blocks[i] >= nblocks) return 1;
+    }
     if (!longdoc_flash_supported() || b < 1 || hkv < 1 || h % hkv || lq < 1 || lk < 1 || d < 32 || d > 256 ||
         d % 32 || (causal && lq != lk) || threads < 1)
         return 1;
-    Problem pr = {q, k, v, {qs[0], qs[1], qs[2]}, {ks[0], ks[1], ks[2]}, {vs[0], vs[1], vs[2]}, idx, out, lse,
-                  b, h, hkv, lq, lk, d, causal, scale};
+    Problem pr = {q,     k,     v,     {qs[0], qs[1], qs[2]}, {ks[0], ks[1], ks[2]}, {vs[0], vs[1], vs[2]},
+                  blocks, count, width, group, out, lse, b, h, hkv, lq, lk, d, causal, scale};
     return run(&pr, threads);
 #else
-    (void)q; (void)qs; (void)k; (void)ks; (void)v; (void)vs; (void)idx; (void)out; (void)lse; (void)b; (void)h;
+    (void)q; (void)qs; (void)k; (void)ks; (void)v; (void)vs; (void)blocks; (void)count; (void)width; (void)group;
+    (void)out; (void)lse; (void)b; (void)h;
     (void)hkv; (void)lq; (void)lk; (void)d; (void)causal; (void)scale; (void)threads;
     return 1;
 #endif

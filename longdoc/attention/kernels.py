@@ -19,6 +19,7 @@ can force one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -107,15 +108,45 @@ def attend_cpu(
     return attend_torch_cpu(q, k, v, causal, scale)
 
 
-def attend_selected(
-    kernel: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, scale: float
+def attend_blocks(
+    kernel: Kernel,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    blocks: torch.Tensor,
+    counts: list[int],
+    group: int,
+    block: int,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-causal attention of q (1, H, Lq, D) to the keys at positions ``index`` (Hkv, n) of each KV
-    head's k and v (1, Hkv, L, D): ``kernel`` on gathered copies, or flash.c reading them in place when
-    ``kernel`` is ``attend_cpu`` and flash.c takes the input."""
-    if kernel is attend_cpu and native.flash_takes(q, k, v):
-        return native.flash_attention(q, k, v, False, scale, index=index)
-    return kernel(q, _gather(k[0], index), _gather(v[0], index), False, scale)
+    """Block-sparse non-causal attention: the queries of group s (``group`` queries of q (1, H, Lq, D)
+    each) attend to the first ``counts[s]`` of the ``block``-key blocks ``blocks`` (Hkv, S, C) of their KV
+    head's k and v (1, Hkv, n * block, D). Queries of a group with none get out 0 and lse -inf.
+
+    flash.c runs it in one call (the keys packed once for all groups) when ``kernel`` is ``attend_cpu``
+    and the sizes are its own; otherwise ``kernel`` runs per group on gathered copies."""
+    if (
+        kernel is attend_cpu
+        and block == native.FLASH_BLOCK
+        and group % native.FLASH_TILE == 0
+        and native.flash_takes(q, k, v)
+    ):
+        return native.flash_attention(q, k, v, False, scale, blocks=(blocks, counts, group))
+    lq = q.shape[2]
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    for s, count in enumerate(counts):
+        if count:
+            a, b = s * group, min(lq, (s + 1) * group)
+            idx = block_keys(0, blocks[:, s, :count], block)
+            out[:, :, a:b], lse[:, :, a:b] = kernel(q[:, :, a:b], _gather(k[0], idx), _gather(v[0], idx), False, scale)
+    return out, lse
+
+
+def block_keys(first: int, blocks: torch.Tensor, block: int) -> torch.Tensor:
+    """Block numbers (Hkv, n) counted from key ``first`` -> their key indices (Hkv, n * block)."""
+    offsets = torch.arange(block, device=blocks.device)
+    return (first + blocks[..., None] * block + offsets).flatten(1)
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

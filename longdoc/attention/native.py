@@ -128,7 +128,24 @@ def _configure(name: str, lib: ctypes.CDLL) -> ctypes.CDLL:
         lib.longdoc_int5_matmul.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int]
     else:
         lib.longdoc_flash_attention.restype = c_int
-        lib.longdoc_flash_attention.argtypes = [p, p, p, p, p, p, p, p, p, *[i64] * 6, c_int, ctypes.c_float, c_int]
+        lib.longdoc_flash_attention.argtypes = [
+            p,
+            p,
+            p,
+            p,
+            p,
+            p,
+            p,
+            p,
+            i64,
+            i64,
+            p,
+            p,
+            *[i64] * 6,
+            c_int,
+            ctypes.c_float,
+            c_int,
+        ]
     return lib
 
 
@@ -229,8 +246,9 @@ class Int5Matmul:
         return out
 
 
-# Fewer queries than a tile of flash.c (16) would leave most of its rows empty: decode steps stay on torch's kernel.
-FLASH_MIN_QUERIES = 16
+# flash.c's tile of queries and block of keys. Fewer queries than a tile would leave most of its rows
+# empty: decode steps stay on torch's kernel.
+FLASH_TILE, FLASH_BLOCK = 16, 64
 
 
 def flash_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -241,7 +259,7 @@ def flash_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         and q.device.type == k.device.type == v.device.type == "cpu"
         and q.shape[-1] % 32 == 0
         and 32 <= q.shape[-1] <= 256
-        and q.shape[2] >= FLASH_MIN_QUERIES
+        and q.shape[2] >= FLASH_TILE
         and k.shape[2] >= 1
         and all(t.stride(-1) == 1 and all(s % 2 == 0 for s in t.stride()[:3]) for t in (k, v))
         and all(t.data_ptr() % 4 == 0 for t in (k, v))
@@ -255,28 +273,32 @@ def flash_attention(
     v: torch.Tensor,
     causal: bool,
     scale: float,
-    index: torch.Tensor | None = None,
+    blocks: tuple[torch.Tensor, list[int], int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """flash.c on inputs ``flash_takes``: q (B, H, Lq, D), k and v (B, Hkv, Lk, D) -> out (B, H, Lq, D)
-    bfloat16 and lse (B, H, Lq) float32 (the kernel contract of ``kernels.py``). ``index`` (Hkv, n) int64,
-    batch 1 and not causal: attend only to the keys at those positions of each KV head's k and v (the
-    same as gathering them first, without the copy)."""
+    bfloat16 and lse (B, H, Lq) float32 (the kernel contract of ``kernels.py``).
+
+    ``blocks`` = (numbers (Hkv, S, C) int64, counts (S), group), batch 1 and not causal: block-sparse
+    attention, where the queries of group s (``group`` queries each, a multiple of ``FLASH_TILE``) attend
+    only to the first ``counts[s]`` of their KV head's listed ``FLASH_BLOCK``-key blocks of k and v; a
+    group with none gets out 0 and lse -inf."""
     lib = library("flash")
     if lib is None:
         raise RuntimeError(f"the attention kernel is not available: {why_unavailable('flash')}")
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    if index is not None:
-        if b != 1 or causal or index.shape[0] != hkv or index.dtype != torch.int64:
-            raise ValueError("an index takes batch 1, non-causal attention and (Hkv, n) int64 positions")
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= lk):
-            raise ValueError("an index position is outside the keys")  # C would read past the cache
-        index = index.contiguous()
-        lk = index.shape[1]
     q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty(b, h, lq, d, dtype=torch.bfloat16)
     lse = torch.empty(b, h, lq, dtype=torch.float32)
     strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v)]
+    numbers = counts = None
+    width = group = 0
+    if blocks is not None:
+        numbers = blocks[0].to(torch.int64).contiguous()
+        counts = torch.tensor(blocks[1], dtype=torch.int64)
+        width, group = numbers.shape[-1], blocks[2]
+        if numbers.shape[:2] != (hkv, len(counts)) or len(counts) != -(-lq // group):
+            raise ValueError("block lists need (Hkv, groups, n) numbers and a count per group")
     rc = lib.longdoc_flash_attention(
         q.data_ptr(),
         strides[0],
@@ -284,7 +306,10 @@ def flash_attention(
         strides[1],
         v.data_ptr(),
         strides[2],
-        None if index is None else index.data_ptr(),
+        None if numbers is None else numbers.data_ptr(),
+        None if counts is None else counts.data_ptr(),
+        width,
+        group,
         out.data_ptr(),
         lse.data_ptr(),
         b,

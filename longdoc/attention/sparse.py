@@ -22,13 +22,12 @@ few more keys than it asked for, never fewer.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from longdoc.attention.dca import ChunkLayout, Rotate, chunked_attention, key_positions, query_positions
-from longdoc.attention.kernels import Kernel, attend_selected, merge_partials
+from longdoc.attention.kernels import Kernel, attend_blocks, block_keys, merge_partials
 
 PREFILL_MODES = ("auto", "exact", "sparse")
 
@@ -116,12 +115,6 @@ def block_scores(q: torch.Tensor, keys: torch.Tensor, block: int, query_block: i
     return scores.amax(1)
 
 
-def block_keys(first: int, blocks: torch.Tensor, block: int) -> torch.Tensor:
-    """Block numbers (Hkv, n) counted from key ``first`` -> their key indices (Hkv, n * block)."""
-    offsets = torch.arange(block, device=blocks.device)
-    return (first + blocks[..., None] * block + offsets).flatten(1)
-
-
 def sparse_chunked_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -173,21 +166,18 @@ def sparse_chunked_attention(
         first_block = 0
         for qr, lo, n in selectable:
             in_region = ((picks >= first_block) & (picks < first_block + n)).sum(-1).amax(0).tolist()  # per group
-            region_scores = scores[..., first_block : first_block + n]
-            out = torch.zeros_like(q)
-            lse = torch.full(q.shape[:3], -math.inf, dtype=parts[0][1].dtype, device=q.device)
-            for group, count in enumerate(in_region):
-                if not count:
-                    continue
-                a = group * cfg.query_block
-                b = min(lq, a + cfg.query_block)
-                idx = block_keys(lo, region_scores[:, group].topk(count, dim=-1).indices, block)
-                out[:, :, a:b], lse[:, :, a:b] = attend_selected(kernel, qr[:, :, a:b], k_cache, v_cache, idx, scale)
-                if stats is not None and stats.record:
-                    stats.picks.append((start + a, start + b, idx))
-                kept += (b - a) * count * block
             if any(in_region):
-                parts.append((out, lse))
+                # each KV head's best blocks of the region, per group: the first in_region[group] are used
+                chosen = scores[..., first_block : first_block + n].topk(max(in_region), dim=-1).indices
+                k_region, v_region = k_cache[:, :, lo : lo + n * block], v_cache[:, :, lo : lo + n * block]
+                parts.append(
+                    attend_blocks(kernel, qr, k_region, v_region, chosen, in_region, cfg.query_block, block, scale)
+                )
+                for group, count in enumerate(in_region):
+                    a, b = group * cfg.query_block, min(lq, (group + 1) * cfg.query_block)
+                    kept += (b - a) * count * block
+                    if count and stats is not None and stats.record:
+                        stats.picks.append((start + a, start + b, block_keys(lo, chosen[:, group, :count], block)))
             first_block += n
     if stats is not None:
         stats.kept += kept
