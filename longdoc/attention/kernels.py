@@ -221,6 +221,8 @@ def merge_partials(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[
     lse_all = torch.stack([s.to(acc) for s in lses])  # (R, B, H, L)
     total = torch.logsumexp(lse_all, dim=0)
     weights = torch.exp(lse_all - total).unsqueeze(-1)
-    out = sum(w * o.to(acc) for w, o in zip(weights, outs, strict=True))
-    assert isinstance(out, torch.Tensor)
+    # accumulated in place: one pass per part, no converted copies (a long prefill merges every step)
+    out = outs[0] * weights[0]
+    for w, o in zip(weights[1:], outs[1:], strict=True):
+        out.addcmul_(o, w)
     return out.to(outs[0].dtype), total
