@@ -581,6 +581,14 @@ def sparse_quality() -> str | None:
             "ask32k_clean_exact",
             "ask32k_clean",
         ),
+        ("needle 16K, keys 1 and 4, 3 trials each", "needle16k_exact", "needle16k_sparse_b2048"),
+        ("with flash.c: perplexity, corpus, 32K, budget 8192", "ppl32k_exact_flash", "ppl32k_sparse_b8192_flash"),
+        ("with flash.c: passkey 32K, default (budget 8192)", "passkey32k_exact", "passkey32k_default_flash"),
+        (
+            "with flash.c: ask, five papers + code, ~100K tokens, default (budget 2048)",
+            "ask100k_exact",
+            "ask100k_flash",
+        ),
     ]
     rows = [[label, cell(e), cell(sp)] for label, e, sp in checks]
     if all(r[1] == r[2] == "not run" for r in rows):

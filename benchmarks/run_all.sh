@@ -72,18 +72,29 @@ for step in "${steps[@]}"; do
       run python -m benchmarks.bench_act_quant --length 4096 ;;  # how int8 quantizes its activations
     prefill) # issue 12: where prefill time goes, exact vs sparse vs transformers (a 64K exact prefill of all
              # 24 layers takes over 20 minutes on 2 cores: those rows run the first 2 layers)
+      # longdoc's attention kernel (flash.c) against torch's, on the model's shapes and in prefill
+      run python -m benchmarks.bench_attention
       run python -m benchmarks.bench_prefill --lengths 8192,16384,32768 --modes exact,sparse,transformers \
-        --budgets 1024,2048 --layers 4 --name prefill
-      run python -m benchmarks.bench_prefill --lengths 65536 --modes exact,sparse,transformers --budgets 1024,2048 \
-        --layers 2 --name prefill_64k ;;
+        --budgets 4096,8192 --kernels cpu,cpu-torch --layers 4 --name prefill_kernel
+      run python -m benchmarks.bench_prefill --lengths 65536 --modes exact,sparse,transformers --budgets 2048 \
+        --kernels cpu,cpu-torch --layers 2 --name prefill_64k_kernel ;;
     sparse)  # issue 12: quality of sparse prefill against exact, and the end-to-end asks
       S="$OUT/sparse"; mkdir -p "$S"
       run longdoc eval passkey --lengths 32768 --depths 0.1,0.5,0.9 --prefill sparse --json > "$S/passkey32k_sparse.json"
       run longdoc eval passkey --lengths 65536 --depths 0.1,0.5,0.9 --prefill sparse --json > "$S/passkey64k_sparse.json"
       run longdoc eval ppl "$CORPUS" --lengths 32768 --prefill sparse --json > "$S/ppl32k_sparse.json"
       run longdoc eval ppl "$CORPUS" --lengths 32768 --prefill exact --json > "$S/ppl32k_exact.json"
-      run longdoc eval needle --lengths 16384 --depths 0.5 --keys 1,4 --trials 3 --prefill sparse --json > "$S/needle16k_sparse.json"
-      run longdoc eval needle --lengths 16384 --depths 0.5 --keys 1,4 --trials 3 --prefill exact --json > "$S/needle16k_exact.json" ;;
+      run longdoc eval needle --lengths 16384 --depths 0.5 --keys 1,4 --trials 3 --prefill sparse --prefill-budget 2048 \
+        --json > "$S/needle16k_sparse_b2048.json"
+      run longdoc eval needle --lengths 16384 --depths 0.5 --keys 1,4 --trials 3 --prefill exact --json > "$S/needle16k_exact.json"
+      # fourth session, with flash.c: the 32K gate at the default budget, the default passkey, the ~100K ask
+      run longdoc eval ppl "$CORPUS" --lengths 32768 --prefill exact --json > "$S/ppl32k_exact_flash.json"
+      run longdoc eval ppl "$CORPUS" --lengths 32768 --prefill sparse --prefill-budget 8192 --json \
+        > "$S/ppl32k_sparse_b8192_flash.json"
+      run longdoc eval passkey --lengths 32768 --depths 0.1,0.5,0.9 --json > "$S/passkey32k_default_flash.json"
+      run longdoc ask "$CORPUS" longdoc/engine longdoc/attention/dca.py longdoc/attention/kernels.py \
+        "Which of these papers proposes Dual Chunk Attention, and what problem does it solve?" --json \
+        > "$S/ask100k_flash.json" ;;
     serve)   # issue 14: summarize --each in process vs through longdoc serve (--endpoint), concurrency 1 and 2
       run python -m benchmarks.bench_serve --new 64 --pages 1-5 ;;
     summarize) # issue 5: five papers in one DCA pass vs map-reduce

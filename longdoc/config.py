@@ -46,11 +46,11 @@ PREFILL_MODES: tuple[str, ...] = ("auto", "exact", "sparse")
 @dataclass
 class PrefillConfig:
     """Sparse or exact prefill. Sparse prefill costs quality in proportion to what it skips (corpus
-    perplexity at 32K against exact 9.55: +1.13% at budget 8192, +5.6% at 4096, +7.8% at 2048), and
-    pays in proportion too (at 32K: 1.52x, 1.92x and 2.2x exact). So by default (``budget`` None) the
-    budget follows the prompt's length: 8192, within the 2% quality gate, from ``auto_min_tokens``;
-    2048 from ``long_min_tokens``, where an exact prefill takes over 20 minutes on 2 cores and sparse
-    is 4-5x faster (benchmarks/RESULTS.md, "Sparse prefill")."""
+    perplexity at 32K against exact 9.55: +1.2% at budget 8192, +5.6% at 4096, +7.8% at 2048), and
+    pays in proportion too (at 32K with longdoc's attention kernel: 1.44x exact at 8192, 1.74x at 4096).
+    So by default (``budget`` None) the budget follows the prompt's length: 8192, within the 2% quality
+    gate, from ``auto_min_tokens``; 2048 from ``long_min_tokens``, where an exact prefill takes about 12
+    minutes on 2 cores and budget 2048 is 3.4x faster (benchmarks/RESULTS.md, "Sparse prefill")."""
 
     mode: str = "auto"
     # Selected keys per query beyond the exact band and sinks (longdoc.attention.sparse.SparseConfig);

@@ -146,25 +146,26 @@ def test_int5_linears_share_matmuls_and_every_call_matches_its_emulation(layout)
     assert rows.count(1) >= 23 * len(names) and max(rows) == 16  # decode steps and prefill steps
 
 
-def test_native_library_builds_once_verifies_and_rebuilds_a_damaged_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", sorted(native.SOURCES))
+def test_native_library_builds_once_verifies_and_rebuilds_a_damaged_file(tmp_path, monkeypatch, name):
     monkeypatch.setenv("LONGDOC_CACHE_DIR", str(tmp_path))
     native.library.cache_clear()
     try:
-        lib = native.library("int5")
+        lib = native.library(name)
         if lib is None:
-            pytest.skip(f"no int5 kernel here: {native.why_unavailable('int5')}")
-        built = list((tmp_path / "native").glob("int5-*.so"))
+            pytest.skip(f"no {name} kernel here: {native.why_unavailable(name)}")
+        built = list((tmp_path / "native").glob(f"{name}-*.so"))
         assert len(built) == 1 and built[0].with_suffix(".sha256").read_text() == native._sha256(built[0])
         assert not [p for p in (tmp_path / "native").iterdir() if p.name.endswith(".tmp")]
         mtime = built[0].stat().st_mtime_ns
         native.library.cache_clear()
-        assert native.library("int5") is not None and built[0].stat().st_mtime_ns == mtime  # verified, not rebuilt
+        assert native.library(name) is not None and built[0].stat().st_mtime_ns == mtime  # verified, not rebuilt
         # damaged as a crash or a disk would leave it: a new file (this process keeps its mapping of the old)
         garbage = built[0].with_name("garbage")
         garbage.write_bytes(b"not a library")
         os.replace(garbage, built[0])
         native.library.cache_clear()
-        assert native.library("int5") is not None  # the checksum fails: rebuilt
+        assert native.library(name) is not None  # the checksum fails: rebuilt
         assert built[0].with_suffix(".sha256").read_text() == native._sha256(built[0])
     finally:
         native.library.cache_clear()

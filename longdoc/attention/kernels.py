@@ -134,7 +134,8 @@ def attend_blocks(
         return native.flash_attention(q, k, v, False, scale, blocks=(blocks, counts, group))
     lq = q.shape[2]
     out = torch.zeros_like(q)
-    lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.full(q.shape[:3], -math.inf, dtype=lse_dtype, device=q.device)
     for s, count in enumerate(counts):
         if count:
             a, b = s * group, min(lq, (s + 1) * group)
