@@ -15,7 +15,9 @@
      K block: [D/2][64] pairs (k[key][2j], k[key][2j+1]): one register holds 16 keys' pair j;
      V block: [32][D] pairs (v[2i][d], v[2i+1][d]): one register holds 16 columns of keys 2i, 2i+1.
    Work items are (batch, KV head, tile of 16 queries), a tile holding the tile's queries for all G
-   query heads of the KV head (rows g*16 + t), run by OpenMP threads, costliest (causal) first. */
+   query heads of the KV head (rows g*16 + t), run by OpenMP threads, costliest (causal) first. A tile
+   visits every key block up to its causal limit, or, for sparse prefill, only the blocks listed for
+   its group of queries (the keys are packed once per call, for all groups). */
 
 #include <math.h>
 #include <stdint.h>
