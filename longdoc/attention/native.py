@@ -128,24 +128,8 @@ def _configure(name: str, lib: ctypes.CDLL) -> ctypes.CDLL:
         lib.longdoc_int5_matmul.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int]
     else:
         lib.longdoc_flash_attention.restype = c_int
-        lib.longdoc_flash_attention.argtypes = [
-            p,
-            p,
-            p,
-            p,
-            p,
-            p,
-            p,
-            p,
-            i64,
-            i64,
-            p,
-            p,
-            *[i64] * 6,
-            c_int,
-            ctypes.c_float,
-            c_int,
-        ]
+        # q, strides, k, strides, v, strides, block lists, counts, width, group, out, lse, sizes, causal, ...
+        lib.longdoc_flash_attention.argtypes = [*[p] * 8, i64, i64, p, p, *[i64] * 6, c_int, ctypes.c_float, c_int]
     return lib
 
 
