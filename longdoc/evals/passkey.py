@@ -18,10 +18,15 @@ INTRO = (
 QUESTION = "\nWhat is the pass key? The pass key is"
 
 
+def sentence(key: int) -> str:
+    """The sentence that hides the key (the DCA paper's phrasing)."""
+    return f" The pass key is {key}. Remember it. {key} is the pass key. "
+
+
 def build(session: Session, length: int, depth: float, key: int) -> list[int]:
     """Token ids of about ``length`` tokens with the key sentence at ``depth`` (0 = start, 1 = end)."""
     head = session.encode(INTRO)
-    needle = session.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ")
+    needle = session.encode(sentence(key))
     tail = session.encode(QUESTION)
     body = filler_ids(session, max(0, length - len(head) - len(needle) - len(tail)))
     cut = int(len(body) * depth)
