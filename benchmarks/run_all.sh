@@ -94,7 +94,15 @@ for step in "${steps[@]}"; do
       run longdoc eval passkey --lengths 32768 --depths 0.1,0.5,0.9 --json > "$S/passkey32k_default_flash.json"
       run longdoc ask "$CORPUS" longdoc/engine longdoc/attention/dca.py longdoc/attention/kernels.py \
         "Which of these papers proposes Dual Chunk Attention, and what problem does it solve?" --json \
-        > "$S/ask100k_flash.json" ;;
+        > "$S/ask100k_flash.json"
+      run longdoc ask "$CORPUS" longdoc/engine longdoc/attention/dca.py longdoc/attention/kernels.py \
+        "Which of these papers proposes Dual Chunk Attention, and what problem does it solve?" --prefill exact \
+        --json > "$S/ask100k_exact.json"
+      run python -m benchmarks.passkey_doc /tmp/corpus32k_passkey.txt --tokens 31500 --key 71946 --depth 0.5
+      for mode in auto exact; do
+        run longdoc ask /tmp/corpus32k_passkey.txt "What is the pass key? Answer with the number only." \
+          --prefill $mode --json > "$S/ask32k_passkey2$([ $mode = exact ] && echo _exact).json"
+      done ;;
     serve)   # issue 14: summarize --each in process vs through longdoc serve (--endpoint), concurrency 1 and 2
       run python -m benchmarks.bench_serve --new 64 --pages 1-5 ;;
     summarize) # issue 5: five papers in one DCA pass vs map-reduce
