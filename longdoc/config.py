@@ -50,7 +50,8 @@ class PrefillConfig:
     pays in proportion too (at 32K with longdoc's attention kernel: 1.44x exact at 8192, 1.74x at 4096).
     So by default (``budget`` None) the budget follows the prompt's length: 8192, within the 2% quality
     gate, from ``auto_min_tokens``; 2048 from ``long_min_tokens``, where an exact prefill takes about 12
-    minutes on 2 cores and budget 2048 is 3.4x faster (benchmarks/RESULTS.md, "Sparse prefill")."""
+    minutes on 2 cores (12x the measured 2-layer run) and budget 2048 is 3.4x faster
+    (benchmarks/RESULTS.md, "Sparse prefill")."""
 
     mode: str = "auto"
     # Selected keys per query beyond the exact band and sinks (longdoc.attention.sparse.SparseConfig);
