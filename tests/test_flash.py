@@ -17,7 +17,9 @@ from longdoc.attention.sparse import SparseConfig, SparseStats, sparse_chunked_a
 from .test_attention import load_vectors, naive_dca, run_chunked
 from .test_sparse import THETA
 
-needs_flash = pytest.mark.skipif(not native.likely_available("flash"), reason="no C compiler or AVX-512 BF16 here")
+needs_flash = pytest.mark.skipif(
+    not native.likely_available("flash"), reason="no C compiler, CPU flags or AVX-512 BF16 here"
+)
 
 
 def rounded(*shape: int, scale: float = 1.0) -> torch.Tensor:

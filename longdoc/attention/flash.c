@@ -1,9 +1,11 @@
 /* Exact bfloat16 attention with its log-sum-exp, for CPU prefill (AVX-512 BF16).
 
-   Built once per machine by longdoc/attention/native.py and called through ctypes. torch's fused CPU
-   flash kernel runs at about a third of the bfloat16 matmul ceiling on the model's shapes (head size
-   64); this one multiplies with vdpbf16ps (bfloat16 pairs summed into float32, as the matmuls do) and
-   reads each key block once for all the query heads that share its KV head (GQA).
+   Built once per machine by longdoc/attention/native.py and called through ctypes (with -fopenmp where
+   the compiler links it: else the pragmas are ignored and it runs on one thread); it compiles on any
+   architecture, where longdoc_flash_supported() says 0 off x86. torch's fused CPU flash kernel runs
+   at about a third of the bfloat16 matmul ceiling on the model's shapes (head size 64); this one
+   multiplies with vdpbf16ps (bfloat16 pairs summed into float32, as the matmuls do) and reads each key
+   block once for all the query heads that share its KV head (GQA).
 
    Arithmetic, the same as torch's flash kernel for bfloat16: scores q.k in float32 from bfloat16
    products, an online softmax in float32 (running max and sum per query), the probabilities rounded

@@ -6,32 +6,44 @@
 * ``flash.c``: exact bfloat16 attention with its log-sum-exp (AVX-512 BF16) for prefill, about twice
   torch's fused CPU kernel on the model's shapes (``benchmarks/bench_attention.py``).
 
-A library is compiled from the packaged source on first use into ``<cache>/native/<name>-<digest>.so``,
-where the digest covers the source, the compiler's version and the flags: a changed source or compiler
-builds anew. It is written to a temporary name and renamed (atomic), with its sha256 beside it, checked
-on every load; a file that fails the check is rebuilt. No compiler, a failed build, or a CPU without the
-instructions makes ``library(name)`` return None, and the caller then takes torch's path; the reason is
-in ``why_unavailable(name)``. ``LONGDOC_NATIVE=0`` turns the kernels off, and so do
-``ATEN_CPU_CAPABILITY`` or ``ONEDNN_MAX_CPU_ISA`` capping torch below what a kernel needs (running as
-another CPU would).
+A library is compiled from the packaged source on first use into ``<cache>/native/<name>-<arch>-<digest>.so``,
+where the digest covers the source, the compiler (its command and ``--version``) and the flags: a changed
+source or compiler builds anew, and machines of two architectures can share a cache folder. ``CC`` may
+carry arguments (``CC="ccache gcc"``). ``-fopenmp`` is used where the compiler links it (Apple's clang
+and clang without libomp don't): else the kernel runs on one thread, which ``notes(name)`` says.
+
+An already-built library is found without the lock (a read-only cache folder works); the lock is taken
+only to build. The library is written to a temporary name and renamed (atomic), with its sha256 beside
+it, checked on every load; a file that fails the check is rebuilt. A failed build leaves
+``<name>-<arch>-<digest>.failed`` with the compiler's last error line, so later processes don't retry it
+(delete it to retry; a changed compiler or source has another name, so it is tried anew).
+
+No compiler, a failed build, or a CPU without the instructions makes ``library(name)`` return None (a
+CPU whose flags say so is known before anything is built), and the caller then takes torch's path; the
+reason is in ``why_unavailable(name)``. ``LONGDOC_NATIVE=0`` turns the kernels off, and so does an ISA
+cap (``cpu.isa_cap()``: ``LONGDOC_ISA``, ``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``) below what a
+kernel needs (running as another CPU would).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from longdoc import store
+from longdoc import cpu, store
 
-FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11")
+BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11")
 # int5 super-blocks: input channels, and bytes per output channel of each
 BLOCK, BLOCK_BYTES = 128, 96
 
@@ -39,84 +51,175 @@ BLOCK, BLOCK_BYTES = 128, 96
 @dataclass(frozen=True)
 class Source:
     """One kernel library: its C file, what it is (for messages), the instructions it needs (as named in
-    messages and in /proc/cpuinfo), and the ``ONEDNN_MAX_CPU_ISA`` values below it besides pre-AVX-512."""
+    messages, as ``cpu.flags()`` names them, and the lowest ``cpu.ISA_LEVELS`` cap that keeps them)."""
 
     file: str
     what: str
     needs: str
     cpu_flags: frozenset[str]
-    onednn_below: tuple[str, ...]
+    level: str
 
 
 _AVX512 = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"})
 SOURCES = {
-    "int5": Source("int5.c", "the int5 kernel", "AVX-512 VNNI", _AVX512 | {"avx512_vnni", "f16c"}, ("AVX512_CORE",)),
-    "flash": Source(
-        "flash.c",
-        "the attention kernel",
-        "AVX-512 BF16",
-        _AVX512 | {"avx512_bf16"},
-        ("AVX512_CORE", "AVX512_CORE_VNNI"),
-    ),
+    "int5": Source("int5.c", "the int5 kernel", "AVX-512 VNNI", _AVX512 | {"avx512_vnni", "f16c"}, "avx512vnni"),
+    "flash": Source("flash.c", "the attention kernel", "AVX-512 BF16", _AVX512 | {"avx512_bf16"}, "avx512bf16"),
 }
 
 _why: dict[str, list[str]] = {name: [] for name in SOURCES}
+_notes: dict[str, list[str]] = {name: [] for name in SOURCES}
 
 
-def _isa_cap(src: Source) -> str | None:
-    """The setting that caps torch's kernels below what ``src`` needs (to run as on an older CPU), if
-    one does: the kernel then stays off too, so such a run sees what that CPU would."""
-    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
-    if aten in ("default", "avx2", "zvector", "vsx"):
-        return f"ATEN_CPU_CAPABILITY={aten}"
-    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    if onednn.startswith(("SSE", "AVX2")) or onednn == "AVX" or onednn in src.onednn_below:
-        return f"ONEDNN_MAX_CPU_ISA={onednn}"
-    return None
+class BuildError(OSError):
+    """The compiler refused a kernel (now or, remembered, in an earlier process)."""
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+def _compiler() -> list[str] | None:
+    """The C compiler's command: ``CC`` split as a shell would (``ccache gcc``, ``clang -fsomething``),
+    else the first of cc, gcc and clang on PATH; None where there is none."""
+    setting = os.environ.get("CC", "").strip()
+    if setting:
+        try:
+            command = shlex.split(setting)
+        except ValueError:
+            return None
+        return command if command and shutil.which(command[0]) else None
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return [found] if found else None
+
+
+def _cap_settings(level: str) -> str:
+    """The settings that make the ISA cap ``level``: ``LONGDOC_ISA`` where it alone does (torch's two
+    are then usually derived from it), else torch's variables that are set."""
+    asked = os.environ.get("LONGDOC_ISA", "").strip()
+    if asked.lower() == level:
+        return f"LONGDOC_ISA={asked} caps"
+    names = [f"{k}={os.environ[k].strip()}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ]
+    return " and ".join(names) + (" cap" if len(names) > 1 else " caps")
 
 
 def _switched_off(src: Source) -> str | None:
-    """Why the kernel is off before anything is built (a setting, a cap, no compiler), or None."""
+    """Why the kernel is off before anything is built (a setting, a cap, a CPU without the instructions,
+    no compiler), or None. Settings come first: a wrong one is what the user can fix."""
     if os.environ.get("LONGDOC_NATIVE", "1") == "0":
         return "LONGDOC_NATIVE=0"
-    capped = _isa_cap(src)
-    if capped:
-        return f"{capped} caps the CPU below {src.needs}"
-    return None if _compiler() else "no C compiler (cc, gcc or clang) on PATH"
-
-
-def _digest(cc: str, source: bytes) -> str:
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        cap = cpu.isa_cap()
+    except cpu.IsaCapError as exc:
+        return str(exc)
+    if cap is not None and cpu.ISA_LEVELS.index(cap) < cpu.ISA_LEVELS.index(src.level):
+        return f"{_cap_settings(cap)} the CPU below {src.needs}"
+    cc = _compiler()
+    if cc is None and os.environ.get("CC", "").strip():
+        return f"could not build {src.what}: CC={os.environ['CC']} names no program here"
+    # flags that can't be read (an unknown OS) leave it to the build and the kernel's own CPU probe
+    if cpu.flags_known() and not src.cpu_flags <= cpu.flags():
+        return f"this CPU lacks {src.needs}"
+    return None if cc else "no C compiler (cc, gcc or clang) on PATH"
+
+
+def _flags(openmp: bool) -> list[str]:
+    """The compiler flags of a kernel library, with or without OpenMP (without it the kernels' pragmas
+    are ignored: one thread)."""
+    return [*BASE_FLAGS, "-fopenmp"] if openmp else list(BASE_FLAGS)
+
+
+def _compile(cc: list[str], flags: list[str], source: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    """Run the compiler on one C file (whatever its suffix) to ``out``."""
+    command = [*cc, *flags, "-x", "c", str(source), "-o", str(out), "-lm"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def _last_error(cc: list[str], proc: subprocess.CompletedProcess[str]) -> str:
+    lines = (proc.stderr or proc.stdout).strip().splitlines()
+    return f"{Path(cc[0]).name} failed: {lines[-1] if lines else f'exit status {proc.returncode}'}"
+
+
+# a parallel loop, as the kernels have (no omp.h: they include none)
+_OPENMP_PROBE = """int longdoc_probe(int n) {
+    int s = 0;
+#pragma omp parallel for reduction(+ : s)
+    for (int i = 0; i < n; i++) s += i;
+    return s;
+}
+"""
+
+
+@functools.cache
+def _openmp(cc: tuple[str, ...]) -> str | None:
+    """None where ``cc`` compiles and links a shared library with ``-fopenmp``, else why not (Apple's
+    clang rejects the flag; clang without libomp can't link it). Once per compiler and process."""
+    with tempfile.TemporaryDirectory(prefix="longdoc-openmp-") as tmp:
+        probe = Path(tmp) / "probe.c"
+        probe.write_text(_OPENMP_PROBE)
+        try:
+            proc = _compile(list(cc), _flags(True), probe, Path(tmp) / "probe.so")
+        except (OSError, subprocess.SubprocessError) as exc:
+            return str(exc)
+    return None if proc.returncode == 0 else _last_error(list(cc), proc)
+
+
+def _target(name: str, cc: list[str], flags: list[str], source: bytes) -> Path:
+    """Where library ``name`` built by ``cc`` with ``flags`` from ``source`` lives in the cache."""
+    try:
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
     h = hashlib.sha256(source)
-    h.update(version.encode())
-    h.update(" ".join(FLAGS).encode())
-    return h.hexdigest()[:16]
+    for part in (version, shlex.join(cc), shlex.join(flags)):
+        h.update(b"\0" + part.encode())
+    return store.cache_dir() / "native" / f"{name}-{cpu.arch()}-{h.hexdigest()[:16]}.so"
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _build(cc: str, source: bytes, target: Path) -> None:
+def _verified(target: Path) -> bool:
+    """Whether ``target`` is built and matches its checksum."""
+    check = target.with_suffix(".sha256")
+    try:
+        return check.read_text().strip() == _sha256(target)
+    except OSError:
+        return False
+
+
+def _raise_if_failed(target: Path) -> None:
+    """Raise the remembered reason where an earlier build of ``target`` failed."""
+    marker = target.with_suffix(".failed")
+    try:
+        reason = marker.read_text().strip()
+    except OSError:
+        return
+    raise BuildError(f"{reason}; remembered in {marker}: delete it to retry")
+
+
+def _build(cc: list[str], flags: list[str], source: bytes, target: Path) -> None:
     """Compile ``source`` (the very bytes the target's name was hashed from: the packaged file may change
-    meanwhile) to a temporary file beside ``target``, then rename it and its checksum into place."""
+    meanwhile) to a temporary file beside ``target``, then rename it and its checksum into place. A
+    compiler error is remembered beside ``target`` (``.failed``) before it is raised."""
     with store.atomic_file(target.with_suffix(".c")) as src, store.atomic_file(target) as tmp:
         src.write_bytes(source)
-        proc = subprocess.run(
-            [cc, *FLAGS, "-x", "c", str(src), "-o", str(tmp), "-lm"], capture_output=True, text=True, timeout=300
-        )
+        proc = _compile(cc, flags, src, tmp)
         if proc.returncode != 0:
-            err = (proc.stderr.strip().splitlines() or ["no message"])[-1]
-            raise OSError(f"{Path(cc).name} failed: {err}")
+            reason = _last_error(cc, proc)
+            with contextlib.suppress(OSError), store.atomic_file(target.with_suffix(".failed")) as marker:
+                marker.write_text(reason + "\n")
+            raise BuildError(reason)
     with store.atomic_file(target.with_suffix(".sha256")) as tmp:
         tmp.write_text(_sha256(target))
+
+
+def _find_or_build(src: Source, cc: list[str], flags: list[str], source: bytes, target: Path) -> None:
+    """Make sure ``target`` is built: found without the lock (so a read-only cache folder works), else
+    built under it, unless an earlier build failed."""
+    if _verified(target):
+        return
+    _raise_if_failed(target)
+    with store.lock(target.with_suffix(".lock"), f"building {src.what}"):
+        if not _verified(target):  # another process may have built it, or failed, while this one waited
+            _raise_if_failed(target)
+            _build(cc, flags, source, target)
 
 
 def _configure(name: str, lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -136,21 +239,22 @@ def _configure(name: str, lib: ctypes.CDLL) -> ctypes.CDLL:
 @functools.cache
 def library(name: str) -> ctypes.CDLL | None:
     """The loaded kernel library ``name`` (a key of ``SOURCES``), built if needed; None where it can't
-    run here."""
+    run here (``why_unavailable(name)`` says why; ``notes(name)`` says how a loaded one runs)."""
     src = SOURCES[name]
-    why = _why[name]
+    why, notes = _why[name], _notes[name]
+    why.clear()
+    notes.clear()
     off = _switched_off(src)
     cc = _compiler()
     if off or cc is None:
         why.append(off or "no C compiler")
         return None
+    no_openmp = _openmp(tuple(cc))
+    flags = _flags(no_openmp is None)
     source = Path(__file__).with_name(src.file).read_bytes()
-    target = store.cache_dir() / "native" / f"{name}-{_digest(cc, source)}.so"
+    target = _target(name, cc, flags, source)
     try:
-        with store.lock(target.with_suffix(".lock"), f"building {src.what}"):
-            check = target.with_suffix(".sha256")
-            if not (target.exists() and check.exists() and check.read_text().strip() == _sha256(target)):
-                _build(cc, source, target)
+        _find_or_build(src, cc, flags, source, target)
         lib = _configure(name, ctypes.CDLL(str(target)))
     except (OSError, subprocess.SubprocessError) as exc:
         why.append(f"could not build {src.what} ({exc})")
@@ -161,25 +265,27 @@ def library(name: str) -> ctypes.CDLL | None:
     if not getattr(lib, f"longdoc_{name}_supported")():
         why.append(f"this CPU lacks {src.needs}")
         return None
+    if no_openmp:
+        notes.append(f"{src.what} runs on one thread: {shlex.join(cc)} has no OpenMP here ({no_openmp})")
     return lib
 
 
 def likely_available(name: str) -> bool:
     """Whether ``library(name)`` should succeed here, judged without building anything (no compile, no
-    cache write): a compiler, no cap, and on Linux the CPU flags the kernel needs."""
-    src = SOURCES[name]
-    if _switched_off(src):
-        return False
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return True  # no cpuinfo to read: the build and the kernel's own probe decide
-    return src.cpu_flags <= flags
+    cache write): a compiler, no cap, and CPU flags, read from the OS, that include the kernel's. Flags
+    that can't be read say no (a test's skip marker then skips)."""
+    return _switched_off(SOURCES[name]) is None and cpu.flags_known()
 
 
 def why_unavailable(name: str) -> str | None:
     """Why ``library(name)`` is None (after it was called), else None."""
     return _why[name][-1] if _why[name] else None
+
+
+def notes(name: str) -> list[str]:
+    """What to tell the user once about how ``library(name)`` runs (after it was called): the one
+    thread of a compiler without OpenMP."""
+    return list(_notes[name])
 
 
 def layout(bits: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
