@@ -1061,6 +1061,41 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
+@app.command("doctor")
+def doctor_cmd(
+    model: Model = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    quantize: Quantize = RunConfig.quantize,
+    json_out: Json = False,
+) -> None:
+    """What this machine gets: the CPU class, and the dtype, packing, quantization and attention kernel
+    that a run picks here, each with why (LONGDOC_ISA=avx2|... shows a lesser CPU's)."""
+    reporter = Reporter(json_mode=json_out)
+    with handled(reporter):
+        from longdoc import machine, pipeline
+
+        cfg = run_config({"model": model, "device": device, "dtype": dtype, "quantize": quantize})
+        info = pipeline.model_info(cfg.model, cfg.device, cfg.dtype, reporter.status, reporter.warn, cfg.quantize)
+        report = machine.doctor(machine.paths(info.device, info.dtype, info.quantize, cfg.pack, cfg.kernel))
+        if json_out:
+            reporter.json({"model": info.name, **report})
+            return
+        out = console(sys.stdout)
+        c = report["cpu"]
+        cap = f" · capped at {c['isa_cap']}" if c["isa_cap"] else ""
+        flags = (" ".join(c["flags"]) or "none of note") if c["flags_known"] else "unknown (no /proc/cpuinfo or sysctl)"
+        out.print(plain(f"cpu: {c['name']} · {c['arch']} · class {c['class']}{cap} · {c['threads']} threads"))
+        out.print(plain(f"flags: {flags} · torch kernels: {c['torch_capability']}"))
+        paths = report["paths"]
+        for key in ("dtype", "packed", "quantize", "attention"):
+            out.print(plain(f"{key}: {paths[key]} ({paths['why'][key]})"))
+        for name, state in report["kernels"].items():
+            out.print(plain(f"kernel {name}: {state}"))
+        if report["hint"]:
+            out.print(plain(report["hint"]))
+
+
 @app.command("models")
 def models_cmd(json_out: Json = False) -> None:
     """The default model, known models, cached conversions, and what --model accepts."""

@@ -17,8 +17,9 @@ class DCAConfig:
     # None = derived from the trained window W: chunk_size 3W/4, local_window W/8 (ChunkLlama).
     chunk_size: int | None = None
     local_window: int | None = None
-    # Attention temperature for prompts beyond the window: logits x (0.1 ln(L/W) + 1)^2, i.e. that factor
-    # on both q and k (ChunkLlama/vLLM, after YaRN). Off by default: benchmarks/RESULTS.md has the measurement.
+    # Attention temperature for prompts beyond the window: the softmax scale times (0.1 ln(L/W) + 1)^2, L the
+    # prompt length, i.e. that factor on both q and k. The 0.1 is vLLM's dual-chunk backend's (and YaRN's);
+    # ChunkLlama's get_mscale scales q and k by 0.05 ln(L/W) + 1. Off by default: benchmarks/RESULTS.md.
     temperature: bool = False
 
 
@@ -89,6 +90,9 @@ class RunConfig:
     # and +0.81% at 16K (int8 +0.21% and +0.59%), within the 1% a default may lose, and decodes faster
     # than int8 and than llama.cpp on the same GGUF; int4 costs 4%.
     quantize: str = "auto"
+    # Linears pre-packed for oneDNN on CPU: auto | on | off. "auto" packs where it pays (bfloat16 with
+    # native matmuls; see ``longdoc.attention.patch.packing_pays``), "on"/"off" force it (benchmarks).
+    pack: str = "auto"
     kernel: str = "auto"  # attention back end: auto | reference | cpu | cpu-torch | cuda
     # Prefill step in tokens: bounds working memory (activations of one step) and paces the progress bar.
     prefill_step: int = 2048

@@ -19,12 +19,12 @@ from typing import Any, TypeVar
 import psutil
 import torch
 
-from longdoc import doccache, models
-from longdoc.attention import native, quant
+from longdoc import doccache, machine, models
+from longdoc.attention import quant
 from longdoc.attention.dca import ChunkLayout
 from longdoc.attention.kernels import get_kernel
 from longdoc.attention.kvstore import KVStore
-from longdoc.attention.patch import AttentionSettings, PatchedModel, pack_linears
+from longdoc.attention.patch import AttentionSettings, PatchedModel, onednn_packs, pack_linears, packing_pays
 from longdoc.attention.sparse import SparseConfig, SparseStats
 from longdoc.config import RunConfig
 from longdoc.engine.decode import generate
@@ -32,6 +32,7 @@ from longdoc.engine.prefill import Progress, prefill
 from longdoc.engine.recycled import RecycledPolicy
 from longdoc.errors import DoesNotFitError, ModelError
 from longdoc.ingest import Document
+from longdoc.machine import default_quantize, quant_unavailable
 from longdoc.models.quantize import QUANT_FILE, ensure_quantized, load_quantized
 from longdoc.prompt import Budget, Prompt
 from longdoc.render import Reporter, TokenStreamer
@@ -116,12 +117,15 @@ def model_info(
         stop_ids.add(int(tokenizer.eos_token_id))
     weight_bytes = n_params * torch.empty(0, dtype=dt).element_size()
     quant_folder = None
+    say = warn or (lambda _m: None)
     if quantize == "auto":
         quantize = default_quantize(dev, dt, config)
+    elif machine.quant_slower(quantize, dev, dt):
+        say(f"--quantize {quantize}: {machine.quant_slower(quantize, dev, dt)} (--quantize auto picks none)")
     if quantize != "none":
         why = quant_unavailable(quantize, dev, dt, config)
         if why:
-            (warn or (lambda _m: None))(f"--quantize {quantize}: {why}; running unquantized")
+            say(f"--quantize {quantize}: {why}; running unquantized")
             quantize = "none"
         else:
             quant_folder = ensure_quantized(folder, quantize, source.name, progress=progress, warn=warn)
@@ -142,34 +146,6 @@ def model_info(
         quantize=quantize,
         quant_folder=quant_folder,
     )
-
-
-def default_quantize(device: torch.device, dtype: torch.dtype, config: dict[str, Any]) -> str:
-    """What ``--quantize auto`` runs for a bfloat16 model on CPU: int5 where its kernel runs (and fits the
-    model's widths), else int8 where the int8 GEMM runs, else none; none for other runs (why: the
-    comment on ``RunConfig.quantize``)."""
-    if device.type != "cpu" or dtype != torch.bfloat16:
-        return "none"
-    if quant_unavailable("int5", device, dtype, config) is None:
-        return "int5"
-    return "int8" if quant.int8_gemm_available() else "none"
-
-
-def quant_unavailable(scheme: str, device: torch.device, dtype: torch.dtype, config: dict[str, Any]) -> str | None:
-    """Why ``scheme`` can't run here, or on the model of ``config`` (a phrase), or None if it can."""
-    if device.type != "cpu":
-        return f"the weight-only kernels are CPU kernels, and this run is on {device.type}"
-    if scheme == "int5":
-        if native.library("int5") is None:
-            return f"the int5 kernel can't run here: {native.why_unavailable('int5')}"
-        widths = quant.input_widths(config)
-        if any(w % native.BLOCK for w in widths):
-            return (
-                f"int5 needs the model's layer widths ({', '.join(map(str, widths))}) to be multiples of {native.BLOCK}"
-            )
-    if not quant.kernel_available(scheme, dtype):
-        return f"this torch build has no CPU {scheme} weight-only kernel for {str(dtype).removeprefix('torch.')}"
-    return None
 
 
 @dataclass
@@ -225,8 +201,8 @@ def make_plan(cfg: RunConfig, info: ModelInfo, prompt_tokens: int, reserve: int 
     mode = cfg.prefill.mode
     if mode == "sparse" or (mode == "auto" and prompt_tokens >= cfg.prefill.auto_min_tokens):
         plan.sparse = SparseConfig(budget=cfg.prefill.budget_for(prompt_tokens))
-    if layout is not None and cfg.dca.temperature and need > window:
-        plan.logit_scale = (0.1 * math.log(need / window) + 1) ** 2
+    if layout is not None and cfg.dca.temperature and prompt_tokens > window:
+        plan.logit_scale = (0.1 * math.log(prompt_tokens / window) + 1) ** 2
     check_memory(plan, info.device)
     return plan
 
@@ -269,6 +245,7 @@ class Session:
     _identity: str | None = None
     _prefix: tuple[str, list[int]] | None = None  # the last document prefix and its ids (split_ids)
     load_s: float = 0.0
+    packed: bool = False  # whether the linears were packed for oneDNN at load
 
     def __post_init__(self) -> None:
         self.info = model_info(
@@ -287,6 +264,9 @@ class Session:
     def loaded(self) -> models.LoadedModel:
         if self._loaded is None:
             t0 = time.perf_counter()
+            hint = machine.slow_path_hint(self.paths) if self.info.device.type == "cpu" else None
+            if hint:
+                self.reporter.status(hint)
             self.reporter.status(f"loading {self.info.name} ({self.info.numerics}, {self.info.device})")
             # the folder is verified already: load it as a plain folder source
             folder = models.ModelSource(kind="folder", name=self.info.name, path=self.info.folder)
@@ -300,11 +280,17 @@ class Session:
                 except ValueError as exc:
                     raise ModelError(f"{self.info.quant_folder}: {exc}") from exc
                 del tensors
-            packed = pack_linears(self._loaded.model, after_each=lambda: models.release_mapped_pages(folder_path))
-            if not packed and self.info.device.type == "cpu" and self.info.dtype == torch.bfloat16:
+            pack = self.cfg.pack == "on" or (self.cfg.pack == "auto" and packing_pays(self.info.dtype))
+            release = lambda: models.release_mapped_pages(folder_path)  # noqa: E731
+            self.packed = bool(pack and pack_linears(self._loaded.model, after_each=release))
+            if (
+                not onednn_packs(self.info.dtype)
+                and self.info.device.type == "cpu"
+                and self.info.dtype == torch.bfloat16
+            ):
                 self.reporter.warn(
-                    "this CPU (or oneDNN's ISA cap) has no native bfloat16 matmuls: bfloat16 runs slowly here;"
-                    " --dtype float32 is faster"
+                    "this CPU (or the ISA cap) has no native bfloat16 matmuls: bfloat16 runs slowly here;"
+                    " --dtype float32 (what auto picks here) is faster"
                 )
             self.load_s = time.perf_counter() - t0
         return self._loaded
@@ -328,9 +314,26 @@ class Session:
     # The engine's side of the pipeline: ``remote.RemoteSession`` overrides these four to send the model
     # calls to a server, so that summarize, ask and chat run the same code either way.
     @property
+    def paths(self) -> machine.MachinePaths:
+        """What this run gets on this machine (dtype, packing, quantization, attention kernel) and why."""
+        info, cfg = self.info, self.cfg
+        return machine.paths(info.device, info.dtype, info.quantize, cfg.pack, cfg.kernel)
+
+    @property
     def engine(self) -> dict[str, Any]:
         """What runs the model, as the JSON result records it."""
-        return {"kind": "local", "model": self.info.name, "device": str(self.info.device), "dtype": self.info.numerics}
+        paths = self.paths
+        return {
+            "kind": "local",
+            "model": self.info.name,
+            "device": str(self.info.device),
+            "dtype": self.info.numerics,
+            "cpu": paths.cpu_class,
+            "isa_cap": paths.isa_cap,
+            "packed": paths.packed,
+            "quantize": paths.quantize,
+            "attention": paths.attention,
+        }
 
     def plan(self, prompt_tokens: int, reserve: int = 0) -> Plan:
         """The plan for a prompt this long (``make_plan``: the fit checks, context and memory)."""

@@ -17,7 +17,8 @@ from transformers import (
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "corpus"
-TESTDATA = REPO.parent / "shared" / "testdata"
+# float64 DCA test vectors, vendored from shared/testdata so a clone without shared/ still passes
+TESTDATA = REPO / "tests" / "data"
 
 FAMILIES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),

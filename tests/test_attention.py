@@ -64,8 +64,14 @@ def run_chunked(q, k, v, layout, theta, kernel, step):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_kernels_match_reference(kernel, causal, dtype, tol):
+# (dtype, output tolerance, log-sum-exp tolerance). bfloat16 outputs carry bfloat16's rounding; their
+# log-sum-exp is float32, but torch's AVX2 kernel forms bfloat16 scores its own way and lands up to
+# 5.5e-5 from float64 (1e-5 holds on AVX-512); 2e-4 still fails a wrong scale or a dropped key (1e-2+).
+@pytest.mark.parametrize(
+    "dtype,tol,lse_tol",
+    [(torch.float64, 1e-12, 1e-12), (torch.float32, 1e-5, 1e-5), (torch.bfloat16, 2e-2, 2e-4)],
+)
+def test_kernels_match_reference(kernel, causal, dtype, tol, lse_tol):
     torch.manual_seed(1)
     q = torch.randn(2, 6, 9, 16, dtype=torch.float64)
     k, v = torch.randn(2, 2, 9, 16, dtype=torch.float64), torch.randn(2, 2, 9, 16, dtype=torch.float64)
@@ -74,7 +80,7 @@ def test_kernels_match_reference(kernel, causal, dtype, tol):
     out, lse = kernel(q, k, v, causal, 0.25)
     assert out.dtype == dtype and lse.shape == (2, 6, 9)
     torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=lse_tol, rtol=lse_tol)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

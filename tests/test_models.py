@@ -142,7 +142,9 @@ def test_resolve_device(monkeypatch):
 
 
 def test_resolve_dtype_auto_cpu(monkeypatch):
+    """The flags decide where oneDNN has bfloat16 kernels (it has none on AVX2-only CPUs: pretend)."""
     cpu = torch.device("cpu")
+    monkeypatch.setattr(resolve, "onednn_packs", lambda dtype: True)
     monkeypatch.setattr(resolve, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     assert models.resolve_dtype("auto", cpu) == torch.bfloat16
     monkeypatch.setattr(resolve, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16", "amx_tile"}))

@@ -98,7 +98,7 @@ class PatchedModel:
         self.scale: float = first.scaling * settings.logit_scale
         self.n_heads: int = config.num_attention_heads
         self.n_kv_heads: int = config.num_key_value_heads
-        param = next(model.parameters())
+        param = linear_weight(model)  # the run's dtype (the embedding table may be kept narrower)
         self.dtype, self.device = param.dtype, param.device
         rotary = model.model.rotary_emb
         self.rope = RopeTable(rotary.inv_freq.to(self.device), float(rotary.attention_scaling))
@@ -239,9 +239,29 @@ def onednn_packs(dtype: torch.dtype) -> bool:
     return True
 
 
+def packing_pays(dtype: torch.dtype) -> bool:
+    """Whether ``pack_linears`` makes a CPU model of this dtype faster here: bfloat16 where oneDNN has
+    native matmuls for it (3x on decode steps, RESULTS.md). float32 packs no faster on AVX2 and costs
+    a second copy of every weight while packing (RESULTS.md, "CPU paths"), so it stays unpacked."""
+    return dtype == torch.bfloat16 and onednn_packs(dtype)
+
+
+def linear_weight(model: nn.Module) -> torch.Tensor:
+    """A linear layer's weight, packed or not: its dtype is the run's (the embedding table may be kept
+    narrower, ``longdoc.models.weights``)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            return module.weight
+        if isinstance(module, PackedLinear):
+            return module.packed
+    return next(model.parameters())
+
+
 def can_pack(model: nn.Module) -> bool:
-    param = next(model.parameters())
-    return param.device.type == "cpu" and param.dtype in (torch.bfloat16, torch.float32) and onednn_packs(param.dtype)
+    weight = linear_weight(model)
+    return (
+        weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float32) and onednn_packs(weight.dtype)
+    )
 
 
 def pack_linears(model: nn.Module, after_each: Callable[[], object] | None = None) -> int:

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from longdoc.attention import native
+from longdoc.attention.patch import linear_weight
 from longdoc.config import QUANTIZE_SCHEMES
 
 SCHEMES = QUANTIZE_SCHEMES
@@ -440,7 +441,7 @@ def quantize_linears(
     int8 linears named in ``BLOCKED_INPUTS`` scale their activations per ``act_block`` channels, the
     others per row; the linears of a module that share their input (``SHARED_INPUTS``) share one GEMM.
     """
-    param = next(model.parameters())
+    param = linear_weight(model)  # the run's dtype (the embedding table may be kept narrower)
     by_parent: dict[str, list[str]] = {}
     for name in quantized_names(model):
         by_parent.setdefault(name.rpartition(".")[0], []).append(name)

@@ -10,6 +10,7 @@ monkeypatch a function must patch it in the submodule that looks it up (e.g. ``c
 ``resolve.cpu_flags``), not here.
 """
 
+from longdoc.cpu import parse_cpu_flags
 from longdoc.models.convert import (
     CONVERTED_DTYPE,
     SUPPORTED_GGUF_ARCHS,
@@ -28,7 +29,6 @@ from longdoc.models.resolve import (
     ModelSource,
     cpu_flags,
     cpu_has_fast_bf16,
-    parse_cpu_flags,
     resolve_device,
     resolve_dtype,
     resolve_model,

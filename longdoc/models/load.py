@@ -27,6 +27,7 @@ from longdoc.models.resolve import (
     resolve_dtype,
     resolve_model,
 )
+from longdoc.models.weights import build_model
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -96,27 +97,18 @@ def load_model(
     folder = ensure_converted(source, progress=progress, warn=warn)
     config = check_model_folder(folder)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if progress:
         progress(f"loading {source.name} ({str(dt).removeprefix('torch.')}, {dev})")
     try:
         with quiet_transformers():
-            model: Any = AutoModelForCausalLM.from_pretrained(
-                str(folder),
-                dtype=dt,
-                use_safetensors=True,
-                trust_remote_code=False,
-                attn_implementation="sdpa",
-            )
+            model = build_model(folder, dt, dev)
             if tokenizer is None:
                 tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"could not load model from {folder}: {first}") from exc
-    model.to(dev)
-    model.eval()
-    model.requires_grad_(False)
     window = int(getattr(model.config, "max_position_embeddings", 0) or config.get("max_position_embeddings", 0))
     if window <= 0:
         raise ModelError(f"{folder}: config.json gives no max_position_embeddings (the trained window)")

@@ -11,7 +11,6 @@ Nothing here reads more than a few bytes of a model.
 
 from __future__ import annotations
 
-import functools
 import importlib.resources
 import importlib.util
 import os
@@ -22,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from longdoc import cpu
 from longdoc.attention.patch import onednn_packs
 from longdoc.errors import ModelError, UsageError
 
@@ -111,22 +111,9 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     raise UsageError(f"--device accepts auto, cpu or cuda, not {name!r}")
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags from /proc/cpuinfo (empty where it can't be read)."""
-    try:
-        return parse_cpu_flags(Path("/proc/cpuinfo").read_text(errors="replace"))
-    except OSError:
-        return frozenset()
-
-
-def parse_cpu_flags(text: str) -> frozenset[str]:
-    """The first processor's flags ("flags" on x86, "Features" on ARM) from /proc/cpuinfo text."""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+    """The CPU's feature flags, less those above the ISA cap (``longdoc.cpu``)."""
+    return cpu.flags()
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -1,0 +1,184 @@
+"""What this machine gets: the dtype, packing, quantization and attention kernel that ``auto`` picks
+for the CPU class at hand, and why, in one place (``longdoc doctor``, the JSON result's ``engine``).
+
+The rules, each measured (benchmarks/RESULTS.md, "CPU paths", rendered from ``bench_paths``):
+
+* dtype: bfloat16 where oneDNN has native bfloat16 matmuls (AMX, AVX-512 BF16), else float32. Without
+  them a bfloat16 matmul runs several times slower than float32.
+* packing: bfloat16 linears are packed for oneDNN (3x on decode steps); float32 ones are not (no
+  faster on AVX2, and packing held a second copy of every weight).
+* quantization: int5 where longdoc's kernel runs (AVX-512 VNNI), else int8 where torch's int8 GEMM
+  has VNNI, else none. On AVX2 torch's int8 and int4 CPU kernels are weight-only and decode several
+  times slower than float32, so ``auto`` never picks them there and an explicit choice says so.
+* attention: longdoc's ``flash.c`` for bfloat16 prefill where AVX-512 BF16 runs it, else torch's fused
+  CPU kernel; decode steps always use torch's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longdoc import cpu
+from longdoc.attention import native, quant
+from longdoc.attention.patch import onednn_packs, packing_pays
+
+# CPU classes with native bfloat16 matmuls, longdoc's int5 kernel and its attention kernel (for the
+# one-line hint on slower classes).
+FAST_CLASSES = "a CPU with AVX-512 BF16 or AMX (Zen 4 and later, Xeon Sapphire Rapids and later)"
+
+
+@dataclass(frozen=True)
+class MachinePaths:
+    """The choices for one run, as the JSON result's ``engine`` and ``longdoc doctor`` report them."""
+
+    cpu_class: str
+    isa_cap: str | None
+    dtype: str
+    packed: bool
+    quantize: str
+    attention: str
+    #: one phrase per choice: why it is what it is here
+    why: dict[str, str]
+
+    def entry(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_quantize(device: torch.device, dtype: torch.dtype, config: dict[str, Any]) -> str:
+    """What ``--quantize auto`` runs: int5 where its kernel runs (and fits the model's widths), else
+    int8 where the int8 GEMM runs, else none; none off the CPU and for float32 on CPUs where neither
+    runs (torch's weight-only kernels are slower than float32 there)."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return "none"
+    if quant_unavailable("int5", device, dtype, config) is None:
+        return "int5"
+    return "int8" if quant.int8_gemm_available() else "none"
+
+
+def quant_unavailable(scheme: str, device: torch.device, dtype: torch.dtype, config: dict[str, Any]) -> str | None:
+    """Why ``scheme`` can't run here, or on the model of ``config`` (a phrase), or None if it can."""
+    if device.type != "cpu":
+        return f"the weight-only kernels are CPU kernels, and this run is on {device.type}"
+    if scheme == "int5":
+        if native.library("int5") is None:
+            return f"the int5 kernel can't run here: {native.why_unavailable('int5')}"
+        widths = quant.input_widths(config)
+        if any(w % native.BLOCK for w in widths):
+            return (
+                f"int5 needs the model's layer widths ({', '.join(map(str, widths))}) to be multiples of {native.BLOCK}"
+            )
+    if not quant.kernel_available(scheme, dtype):
+        return f"this torch build has no CPU {scheme} weight-only kernel for {str(dtype).removeprefix('torch.')}"
+    return None
+
+
+def quant_slower(scheme: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why an explicit ``scheme`` decodes slower here than no quantization (one phrase), or None."""
+    if device.type != "cpu" or scheme in ("none", "int5"):
+        return None
+    if scheme == "int8" and not quant.int8_gemm_available():
+        return "without VNNI torch's int8 kernel is weight-only and decodes slower than unquantized here"
+    if scheme == "int4" and (dtype != torch.bfloat16 or not onednn_packs(torch.bfloat16)):
+        return "torch's int4 kernel is fast only for bfloat16 on AVX-512; here it decodes far slower than unquantized"
+    return None
+
+
+def attention_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """The attention kernel that serves prefill, and why."""
+    if kernel not in ("auto", "cpu"):
+        return kernel, "asked for with kernel=" + kernel
+    if device.type == "cuda":
+        return "torch-cuda", "torch's fused CUDA attention"
+    if dtype == torch.bfloat16 and native.likely_available("flash"):
+        return "flash.c", "longdoc's AVX-512 BF16 kernel for prefill (about 2x torch's); decode steps use torch's"
+    if dtype != torch.bfloat16:
+        return "torch-cpu", "torch's fused CPU kernel: longdoc's flash.c is for bfloat16 runs (AVX-512 BF16)"
+    return "torch-cpu", "torch's fused CPU kernel: flash.c can't run here (needs AVX-512 BF16 and a C compiler)"
+
+
+def paths(
+    device: torch.device, dtype: torch.dtype, quantize: str, pack: str = "auto", kernel: str = "auto"
+) -> MachinePaths:
+    """The choices a run with these resolved settings makes on this machine, with their reasons."""
+    klass = cpu.cpu_class() if device.type == "cpu" else f"cuda ({torch.cuda.get_device_name(device)})"
+    why: dict[str, str] = {}
+    fast_bf16 = onednn_packs(torch.bfloat16) and bool({"amx_bf16", "avx512_bf16"} & cpu.flags())
+    if device.type != "cpu":
+        why["dtype"] = "the GPU's"
+    elif dtype == torch.bfloat16:
+        why["dtype"] = (
+            "native bfloat16 matmuls (oneDNN)"
+            if fast_bf16
+            else "asked for, but this CPU has no native bfloat16 matmuls: several times slower than float32 here"
+        )
+    else:
+        why["dtype"] = "no native bfloat16 matmuls here" if not fast_bf16 else "asked for"
+    packed = device.type == "cpu" and (pack == "on" or (pack == "auto" and packing_pays(dtype)))
+    why["packed"] = (
+        "bfloat16 linears pre-packed for oneDNN (3x on decode steps)"
+        if packed and dtype == torch.bfloat16
+        else ("forced on" if packed else "float32 packs no faster and doubled the weights while packing")
+    )
+    if quantize == "none":
+        why["quantize"] = (
+            "no quantized kernel here decodes faster (int5 needs AVX-512 VNNI, int8 VNNI)"
+            if device.type == "cpu"
+            else "the quantized kernels are CPU kernels"
+        )
+    else:
+        why["quantize"] = quant_slower(quantize, device, dtype) or "decodes faster than unquantized here"
+    attention, why["attention"] = attention_kernel(kernel, device, dtype)
+    return MachinePaths(klass, cpu.isa_cap(), str(dtype).removeprefix("torch."), packed, quantize, attention, why)
+
+
+def slow_path_hint(p: MachinePaths) -> str | None:
+    """One line for a CPU run without native bfloat16 matmuls: what it gets, why, and what is faster."""
+    if p.cpu_class in ("amx", "avx512bf16") or p.cpu_class.startswith("cuda"):
+        return None
+    cap = f", capped by the ISA setting at {p.isa_cap}" if p.isa_cap else ""
+    return (
+        f"this CPU ({p.cpu_class}{cap}) runs {p.dtype} weights, quantize {p.quantize}, {p.attention} attention:"
+        f" each token reads every weight; {FAST_CLASSES} runs bfloat16 and longdoc's own kernels"
+        " (`longdoc doctor` says why)"
+    )
+
+
+def cpu_name() -> str:
+    """The CPU's model name where the OS says it, else the architecture."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        if line.startswith(("model name", "Model")):
+            return line.split(":", 1)[1].strip()
+    return cpu.arch()
+
+
+def doctor(p: MachinePaths) -> dict[str, Any]:
+    """What ``longdoc doctor`` reports: the CPU, the paths a run gets here and why, and each C kernel's
+    state (built and running, or the one-line reason it is off)."""
+    interesting = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "asimddp")
+    kernels = {}
+    for name in native.SOURCES:
+        lib = native.library(name)
+        kernels[name] = "on" if lib is not None else f"off: {native.why_unavailable(name)}"
+    return {
+        "cpu": {
+            "name": cpu_name(),
+            "arch": cpu.arch(),
+            "class": p.cpu_class,
+            "flags": [f for f in interesting if f in cpu.flags()],
+            "flags_known": cpu.flags_known(),
+            "isa_cap": p.isa_cap,
+            "torch_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
+        },
+        "paths": p.entry(),
+        "kernels": kernels,
+        "hint": slow_path_hint(p),
+    }
