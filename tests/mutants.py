@@ -1,9 +1,14 @@
-"""Deliberate breaks that the fast tests must catch (issue 8). Each mutant edits one line of the
-package, runs ``pytest -m "not slow"`` and restores the file; a mutant with 0 failures is a gap.
+"""Deliberate breaks that the fast tests must catch (issues 8 and 24). Each mutant edits one line of
+the package, runs ``pytest -m "not slow"`` and restores the file. A baseline run comes first: a
+mutant counts as caught only by tests that pass unbroken (a test failing already, say on a CPU
+without some instruction set, would otherwise catch every mutant). A mutant caught by none is a gap.
 
-    python tests/mutants.py
+    python tests/mutants.py                      # every mutant, every fast test
+    python tests/mutants.py merge tests/test_fidelity.py
+    python tests/mutants.py --list
 """
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +23,58 @@ MUTANTS = [
     (
         "drop tokens since full step",
         "longdoc/engine/recycled.py",
-        "            recycled.append(kv, layer, start)\n            if check:",
-        "            if check:",
+        "            recycled.append(kv, layer, start)\n            return recycled.attend(model, q, rot)",
+        "            return recycled.attend(model, q, rot)",
+    ),
+    (
+        "fixed schedule: phase off by one",
+        "longdoc/engine/recycled.py",
+        "return [step % self.cfg.stride == 0] * self.n_layers",
+        "return [(step + 1) % self.cfg.stride == 0] * self.n_layers",
+    ),
+    (
+        # issue 24's "similarity not reset at a refresh": the state since the last refresh left stale
+        # (the similarity itself is no longer kept: the check and its refresh are one step)
+        "dynamic schedule: reference query not renewed at its own refreshes",
+        "longdoc/engine/recycled.py",
+        "                self.full_queries[layer] = q.flatten().float()\n",
+        "                if full[layer]:\n                    self.full_queries[layer] = q.flatten().float()\n",
+    ),
+    (
+        "merge in bfloat16",
+        "longdoc/attention/kernels.py",
+        "acc = torch.float64 if outs[0].dtype == torch.float64 else torch.float32",
+        "acc = torch.float64 if outs[0].dtype == torch.float64 else torch.bfloat16",
+    ),
+    (
+        "merge without max-subtraction",
+        "longdoc/attention/kernels.py",
+        "total = torch.logsumexp(lse_all, dim=0)",
+        "total = torch.exp(lse_all).sum(dim=0).log()",
+    ),
+    (
+        "merge: a row with every part empty not guarded",
+        "longdoc/attention/kernels.py",
+        'shift = torch.where(total == float("-inf"), 0.0, total)',
+        "shift = total",
+    ),
+    (
+        "sparse: every region scored at the own-chunk rotation",
+        "longdoc/attention/sparse.py",
+        "block_scores(qr[0], k_cache[0, :, lo : lo + n * block]",
+        "block_scores(q_own[0], k_cache[0, :, lo : lo + n * block]",
+    ),
+    (
+        "sparse: a region's block count the minimum over heads",
+        "longdoc/attention/sparse.py",
+        ".sum(-1).amax(0).tolist()",
+        ".sum(-1).amin(0).tolist()",
+    ),
+    (
+        "DCA temperature from prompt + answer budget",
+        "longdoc/pipeline.py",
+        "math.log(prompt_tokens / window)",
+        "math.log((prompt_tokens + cfg.generation.max_new_tokens) / window)",
     ),
     (
         "current query as dynamic reference",
@@ -42,8 +97,14 @@ MUTANTS = [
     (
         "inter-chunk query at s-1",
         "longdoc/attention/dca.py",
+        "inter = torch.full_like(positions, min(2 * c - 1, s))",
+        "inter = torch.full_like(positions, min(2 * c - 1, s) - 1)",
+    ),
+    (
+        "inter-chunk query at s when the local window is at least the chunk length",
+        "longdoc/attention/dca.py",
+        "inter = torch.full_like(positions, min(2 * c - 1, s))",
         "inter = torch.full_like(positions, s)",
-        "inter = torch.full_like(positions, s - 1)",
     ),
     (
         "successive query unclamped",
@@ -180,29 +241,56 @@ MUTANTS = [
 ]
 
 
-def main() -> None:
-    """``python tests/mutants.py [NAME-PART [TEST-PATH ...]]``: only the mutants whose name contains
-    NAME-PART, against only those tests (default: all mutants, all fast tests)."""
-    only = sys.argv[1] if len(sys.argv) > 1 else ""
-    tests = sys.argv[2:] or ["tests/"]
-    for name, path, old, new in MUTANTS:
-        if only not in name:
-            continue
+def failing_tests(tests: list[str]) -> set[str]:
+    """Node ids of the fast tests among ``tests`` that fail or error (pytest's short summary)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rfE", "-m", "not slow", "-p", "no:cacheprovider", *tests],
+        capture_output=True,
+        text=True,
+    )
+    return {line.split(" ")[1] for line in run.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="python tests/mutants.py",
+        description="Apply each deliberate break in turn, run the fast tests, restore the file, and report "
+        "which tests caught it (only tests that pass unbroken count). Exit status 1 if a mutant is caught by none.",
+    )
+    parser.add_argument("name", nargs="?", default="", help="only the mutants whose name contains this")
+    parser.add_argument("tests", nargs="*", default=["tests/"], help="test paths to run (default: tests/)")
+    parser.add_argument("--list", action="store_true", help="list the mutants' names and exit")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if args.name in m[0]]
+    if not chosen:
+        parser.error(f"no mutant's name contains {args.name!r}; --list shows them")
+    if args.list:
+        print("\n".join(name for name, *_ in chosen))
+        return 0
+    for name, path, old, _ in chosen:  # every mutant applies before anything runs
+        count = Path(path).read_text().count(old)
+        if count != 1:
+            parser.error(f"mutant {name!r}: its line occurs {count} times in {path}, not once")
+
+    baseline = failing_tests(args.tests)
+    if baseline:
+        print(f"baseline: {len(baseline)} tests fail unbroken and catch nothing: {sorted(baseline)}", flush=True)
+    gaps = []
+    for name, path, old, new in chosen:
         file = Path(path)
         src = file.read_text()
-        assert src.count(old) == 1, (name, src.count(old))
         file.write_text(src.replace(old, new))
         try:
-            run = subprocess.run(
-                [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", *tests],
-                capture_output=True,
-                text=True,
-            )
-            failed = [line.split(" ")[1] for line in run.stdout.splitlines() if line.startswith("FAILED")]
-            print(f"{name}: {len(failed)} failed: {failed[:6]}", flush=True)
+            caught = sorted(failing_tests(args.tests) - baseline)
         finally:
             file.write_text(src)
+        print(f"{name}: {len(caught)} caught{': ' + str(caught[:6]) if caught else ' -- GAP'}", flush=True)
+        if not caught:
+            gaps.append(name)
+    if gaps:
+        print(f"{len(gaps)} of {len(chosen)} mutants caught by no test: {gaps}")
+    return 1 if gaps else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

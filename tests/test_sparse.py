@@ -66,6 +66,77 @@ def test_sparse_equals_reference_on_the_keys_it_kept(kernel, layout):
     torch.testing.assert_close(got, naive_dca(q, k, v, layout, THETA, keep), atol=1e-10, rtol=0)
 
 
+def query_index(pos: int, key: int, layout: ChunkLayout | None) -> int:
+    """The rotation index of a query at ``pos`` against a key at ``key`` (DCA by its definition)."""
+    if layout is None:
+        return pos
+    c, s = layout.chunk_len, layout.chunk_size
+    gap = pos // c - key // c
+    return pos % c if gap == 0 else (min(pos % c + c, s) if gap == 1 else min(2 * c - 1, s))
+
+
+def expected_selection(q, k, layout, cfg, step):
+    """The selection rule from its definition, in float64: {(first query, end query): per KV head the
+    set of selected key positions}. Per group of queries and KV head, a block scores its mean key
+    against the group's mean query rotated as DCA rotates it for that block's keys, maximized over the
+    head's query heads; each head's ``budget // block`` best blocks over all regions are counted per
+    region, and every head takes, in each region, as many of its own best blocks there as the head
+    that wants most. Also checks the promise that follows: each head keeps all of its own best blocks."""
+    h, n, d = q.shape
+    hkv = k.shape[0]
+    block = cfg.block_for(layout)
+    table = RopeTable(1.0 / THETA ** (torch.arange(0, d, 2, dtype=torch.float64) / d), dtype=torch.float64)
+    keys = table.rotate(k[None], key_positions(torch.arange(n), layout))[0]
+    picks = {}
+    for a, b in chunk_steps(0, n, step, layout):
+        band_lo = max(block, (a - cfg.band) // block * block)
+        if b - a == 1 or band_lo <= block:
+            continue
+        starts = list(range(block, band_lo, block))  # the selectable blocks, between the sinks and the band
+        region = [0 if layout is None else min(2, a // layout.chunk_len - j // layout.chunk_len) for j in starts]
+        mean_keys = torch.stack([keys[:, j : j + block].mean(1) for j in starts], 1)  # (Hkv, blocks, D)
+        for ga in range(a, b, cfg.query_block):
+            gb = min(b, ga + cfg.query_block)
+            scores = torch.empty(h, len(starts), dtype=torch.float64)
+            for i, j in enumerate(starts):
+                rot = torch.tensor([query_index(p, j, layout) for p in range(ga, gb)])
+                mean_query = table.rotate(q[None, :, ga:gb], rot)[0].mean(1)  # (H, D)
+                scores[:, i] = (mean_query * mean_keys[:, i].repeat_interleave(h // hkv, 0)).sum(-1)
+            scores = scores.view(hkv, h // hkv, -1).amax(1)  # (Hkv, blocks)
+            best = scores.topk(min(len(starts), cfg.budget // block), dim=-1).indices.tolist()
+            counts = [max(sum(region[i] == r for i in head) for head in best) for r in range(3)]
+            chosen = []
+            for head in range(hkv):
+                mine = set()
+                for r in range(3):
+                    ranked = sorted((i for i in range(len(starts)) if region[i] == r), key=lambda i: -scores[head, i])
+                    mine |= set(ranked[: counts[r]])
+                assert set(best[head]) <= mine  # never fewer than the head's own best
+                chosen.append({p for i in mine for p in range(starts[i], starts[i] + block)})
+            if any(chosen):
+                picks[(ga, gb)] = chosen
+    return picks
+
+
+@pytest.mark.parametrize("layout", [None, ChunkLayout(40, 8), ChunkLayout(36, 4), ChunkLayout(24, 12)])
+def test_sparse_selection_follows_its_definition(layout):
+    """The recorded picks are the rule's, each region scored at its own query rotation (scoring all at
+    the own-chunk one would give 40/8 and 36/4, which share c = 32, the same picks; 24/12 has w >= c).
+    Every KV head keeps at least its own best blocks (the kernel takes one count per region, the
+    largest). The exactness test above builds its mask from the picks, so it passes any selection."""
+    n, step = 120, 24
+    q, k, v = random_qkv(5, n)
+    cfg = SparseConfig(budget=8, band=10, block=4, query_block=8)
+    stats = SparseStats(record=True)
+    run_sparse(q, k, v, layout, cfg, attend_cpu, step, stats)
+    got: dict[tuple[int, int], list[set[int]]] = {}
+    for a, b, idx in stats.picks:
+        held = got.setdefault((a, b), [set() for _ in range(idx.shape[0])])
+        for head, keys in enumerate(idx.tolist()):
+            held[head] |= set(keys)
+    assert got == expected_selection(q, k, layout, cfg, step)
+
+
 @pytest.mark.parametrize("layout", [None, ChunkLayout(40, 8)])
 def test_sparse_equals_exact_when_the_budget_covers_every_block(layout):
     n, step = 96, 16

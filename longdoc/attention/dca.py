@@ -4,8 +4,8 @@ the chunk size s, so a model trained on a window W > s never sees an unseen dist
 Notation (DESIGN.md section 4): s = chunk_size, w = local_window, c = s - w = chunk length.
 Keys at absolute position p are rotated once at ``p mod c`` and cached that way. A query at p, in
 chunk i = p // c, is rotated three ways: at ``p mod c`` for keys of its own chunk (intra, causal),
-at ``min(p mod c + c, s)`` for chunk i-1 (successive), and at ``s`` for chunks <= i-2 (inter).
-The three attentions are merged exactly through their log-sum-exps.
+at ``min(p mod c + c, s)`` for chunk i-1 (successive), and at ``min(2c - 1, s)`` for chunks <= i-2
+(inter). The three attentions are merged exactly through their log-sum-exps.
 
 Plain causal attention is the same computation with no chunking (``layout=None``): positions are
 absolute and every key is "intra". One code path serves both, so DCA and plain attention can only
@@ -75,7 +75,9 @@ def query_positions(positions: torch.Tensor, layout: ChunkLayout) -> tuple[torch
     c, s = layout.chunk_len, layout.chunk_size
     intra = positions % c
     succ = torch.clamp(intra + c, max=s)
-    inter = torch.full_like(positions, s)
+    # as ChunkLlama (chunkllama_attn_replace.py): the successive index of a chunk's last query,
+    # min(2c - 1, s). That is s when w < c (the defaults), but 2c - 1 < s when w >= c.
+    inter = torch.full_like(positions, min(2 * c - 1, s))
     return intra, succ, inter
 
 

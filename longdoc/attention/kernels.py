@@ -213,15 +213,20 @@ def merge_partials(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[
     """Combine attention over disjoint key sets into attention over their union.
 
     out = sum_r exp(lse_r - logsumexp_r(lse_r)) * out_r, accumulated in float32 (float64 for float64).
-    Shapes: each out_r (B, H, L, D), lse_r (B, H, L); returns the same.
+    Shapes: each out_r (B, H, L, D), lse_r (B, H, L); returns the same. A row whose parts all have
+    lse -inf (no key anywhere) gives output 0 and lse -inf.
     """
     if len(parts) == 1:
         return parts[0]
     outs, lses = zip(*parts, strict=True)
+    # float32 at least: the weights of bfloat16 parts rounded to bfloat16 would cost several ulps
     acc = torch.float64 if outs[0].dtype == torch.float64 else torch.float32
     lse_all = torch.stack([s.to(acc) for s in lses])  # (R, B, H, L)
+    # logsumexp subtracts the maximum first: exp(lse) alone overflows float32 from lse ~ 89
     total = torch.logsumexp(lse_all, dim=0)
-    weights = torch.exp(lse_all - total).unsqueeze(-1)
+    # where every part is empty, -inf - -inf would be NaN; subtracting 0 there gives weights exp(-inf) = 0
+    shift = torch.where(total == float("-inf"), 0.0, total)
+    weights = torch.exp(lse_all - shift).unsqueeze(-1)
     # accumulated in place: one pass per part, no converted copies (a long prefill merges every step)
     out = outs[0] * weights[0]
     for w, o in zip(weights[1:], outs[1:], strict=True):

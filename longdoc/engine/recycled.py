@@ -13,7 +13,7 @@ holds every key, a recycled step computes exactly what a full step computes, in 
 
 Schedules: ``fixed`` refreshes every layer every ``stride`` steps; ``dynamic`` checks every
 ``stride`` steps how far each layer's query has drifted (cosine similarity to its query at that
-layer's last refresh) and refreshes, on the next step, only the layers below the threshold.
+layer's last refresh) and refreshes, in that same step, only the layers below the threshold.
 
 A StreamingLLM-style baseline (attention sinks + recent window of the same budget) lives here too,
 only so evaluations can compare against it.
@@ -164,22 +164,23 @@ class RecycledPolicy(DecodePolicy):
 
     A full step at position p selects the top-K among keys 0..p-1 and adds p itself; each recycled
     step adds its own position. So with K covering the context every key is attended, exactly once.
-    Host reads happen once per step at most (the dynamic schedule's verdicts, region splits after a
-    refresh or a chunk boundary), never once per layer.
+    Host reads happen once per step (region splits after a refresh or a chunk boundary), except at the
+    dynamic schedule's checks: there each layer reads its verdict before it attends, so that a layer
+    whose query drifted attends fully in the very step that saw the drift (the next layer's query
+    depends on this layer's output, so the verdicts cannot be read all at once).
     """
 
     def __init__(self, cfg: RecycleConfig, n_layers: int):
         self.cfg = cfg
         self.n_layers = n_layers
         self.sets: list[RecycledSet | None] = [None] * n_layers
+        # each layer's query at its last refresh: the dynamic schedule's reference
         self.full_queries: list[torch.Tensor | None] = [None] * n_layers
-        self.similarity = torch.ones(n_layers)  # dynamic schedule: cosine to the last refresh's query
-        self._checked = False
         self._stale: set[int] = set()  # layers whose region splits must be recounted
         self._split_chunk = -1
         self.full_steps = 0
         self.recycled_steps = 0
-        self.layer_refreshes = 0  # dynamic schedule: single layers refreshed within recycled steps
+        self.layer_refreshes = 0  # dynamic schedule: layers refreshed at checks (within recycled steps)
         self.effective_k = 0  # largest recycled set chosen (K, or the context when shorter)
 
     @staticmethod
@@ -201,35 +202,40 @@ class RecycledPolicy(DecodePolicy):
         }
 
     def full_layers(self, step: int) -> list[bool]:
-        """Which layers attend fully (and refresh their set) at this decode step."""
+        """Which layers are due a full step (and a refresh of their set) at this decode step, before
+        the dynamic schedule's check adds the layers whose query drifted."""
         if step == 0 or any(s is None for s in self.sets):
             return [True] * self.n_layers  # the first step after prefill is full
         if self.cfg.schedule == "fixed":
             return [step % self.cfg.stride == 0] * self.n_layers
-        if self._checked:  # the last check's verdicts: one host read for all layers
-            self._checked = False
-            return (self.similarity < self.cfg.threshold).tolist()
         return [False] * self.n_layers
 
+    def drifted(self, layer: int, q: torch.Tensor) -> bool:
+        """Dynamic schedule: the query's cosine similarity to the layer's query at its last refresh
+        is below the threshold (one host read)."""
+        ref = self.full_queries[layer]
+        assert ref is not None
+        return bool(F.cosine_similarity(q.flatten().float(), ref, dim=0) < self.cfg.threshold)
+
     def attend_for(self, model: PatchedModel, kv: KVStore, step: int, pos: int) -> Attend:
-        if self.similarity.device != model.device:
-            self.similarity = self.similarity.to(model.device)
         full = self.full_layers(step)
         if all(full):
             self.full_steps += 1
         else:
             self.recycled_steps += 1
-            self.layer_refreshes += sum(full)
-            self._recount_splits(model.settings.layout, pos, [i for i, f in enumerate(full) if not f])
+            self._recount_splits(model.device, model.settings.layout, pos, [i for i, f in enumerate(full) if not f])
         check = self.cfg.schedule == "dynamic" and step % self.cfg.stride == 0 and not all(full)
-        self._checked = check
         rot = model.query_rotations(pos, model.rope.dtype)
         default = model.step_attend(kv, pos)  # full attention, rotations and regions worked out once
         # room for the tokens decoded before the next refresh (grown if a schedule runs longer)
         extra = min(self.cfg.stride, 256) if self.cfg.schedule == "fixed" else 64
 
         def attend(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
-            if full[layer]:
+            refresh = full[layer]
+            if not refresh and check and self.drifted(layer, q):
+                refresh = True
+                self.layer_refreshes += 1
+            if refresh:
                 out = default(layer, q, start)
                 selected = (
                     select_top_k(selection_probs(model, q, kv, layer, start, rot)[..., :start], self.cfg.k)
@@ -241,21 +247,16 @@ class RecycledPolicy(DecodePolicy):
                 fresh.append(kv, layer, start)
                 self.sets[layer] = fresh
                 self.full_queries[layer] = q.flatten().float()
-                self.similarity[layer] = 1.0
                 self._stale.add(layer)
                 return out
             recycled = self.sets[layer]
             assert recycled is not None
             recycled.append(kv, layer, start)
-            if check:
-                ref = self.full_queries[layer]
-                assert ref is not None
-                self.similarity[layer] = F.cosine_similarity(q.flatten().float(), ref, dim=0)
             return recycled.attend(model, q, rot)
 
         return attend
 
-    def _recount_splits(self, layout: ChunkLayout | None, pos: int, layers: list[int]) -> None:
+    def _recount_splits(self, device: torch.device, layout: ChunkLayout | None, pos: int, layers: list[int]) -> None:
         """Refresh the region splits of the given layers' sets if they were rebuilt or the query
         entered a new chunk: one host read for all of them."""
         if layout is None:
@@ -265,7 +266,7 @@ class RecycledPolicy(DecodePolicy):
         self._split_chunk = chunk
         if not todo:
             return
-        bounds = torch.tensor(region_bounds(pos, layout), device=self.similarity.device)
+        bounds = torch.tensor(region_bounds(pos, layout), device=device)
         counts = torch.stack([self._set(i).counts_below(bounds) for i in todo])
         for i, per_head in zip(todo, counts.tolist(), strict=True):
             self._set(i).splits = [(b1, b2) for b1, b2 in per_head]
