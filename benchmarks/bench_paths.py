@@ -78,7 +78,8 @@ def child(dtype: str, pack: str, quantize: str, kernel: str, length: int, new: i
 
 def run_revision(commit: str, length: int, new: int) -> dict[str, Any]:
     """``bench_llamacpp``'s longdoc child (``--quantize auto``) on another revision, in a worktree."""
-    with tempfile.TemporaryDirectory() as tmp:
+    # beside this checkout, so the revision finds ../shared/corpus as this one does
+    with tempfile.TemporaryDirectory(dir=REPO.parent, prefix=".bench-rev-") as tmp:
         tree = Path(tmp) / "tree"
         subprocess.run(
             ["git", "worktree", "add", "--detach", str(tree), commit], cwd=REPO, check=True, capture_output=True

@@ -41,8 +41,12 @@ def cpu_info() -> dict[str, Any]:
     except OSError:
         pass
     flags = cpu_flags()
+    from longdoc import cpu
+
     return {
         "cpu": name,
+        "cpu_class": cpu.cpu_class(),
+        "isa_cap": cpu.isa_cap(),
         "amx": "amx_bf16" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
         "threads": torch.get_num_threads(),

@@ -353,6 +353,51 @@ def llamacpp(name: str = "llamacpp", title: str = "longdoc vs transformers vs ll
     return f"### {title} ({data['new_tokens']} new tokens)\n\n" + table(head, rows)
 
 
+def paths(name: str = "paths", title: str = "CPU paths: one row per choice, one run") -> str | None:
+    """Each dtype / packing / quantize / kernel choice on the machine at hand, alternating rounds, with
+    the revision before and llama.cpp in the same run (bench_paths.py). Medians over the rounds."""
+    data = load(name)
+    if not data:
+        return None
+    by_config: dict[str, list[dict[str, Any]]] = {}
+    for r in data["rows"]:
+        by_config.setdefault(r["config"], []).append(r)
+
+    def median(rows: list[dict[str, Any]], key: str) -> Any:
+        values = sorted(r[key] for r in rows if r.get(key) is not None)
+        return values[len(values) // 2] if values else ""
+
+    rows = []
+    for config, runs in by_config.items():
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            rows.append([config, "error: " + str(runs[0]["error"]), "", "", "", "", "", ""])
+            continue
+        first = ok[0]
+        what = (
+            "llama.cpp (same GGUF)"
+            if config == "llamacpp"
+            else f"{first.get('dtype', '')}, {'packed' if first.get('packed') else 'unpacked'}, "
+            f"quantize {first.get('quantize', '')}, {first.get('attention') or 'torch-cpu'}"
+        )
+        rows.append(
+            [
+                config,
+                what,
+                median(ok, "load_s"),
+                median(ok, "prefill_tok_s"),
+                median(ok, "decode_tok_s"),
+                ", ".join(str(r["decode_tok_s"]) for r in ok),
+                f"{median(ok, 'peak_rss_bytes') / GB:.2f} GB",
+                len(ok),
+            ]
+        )
+    head = ["config", "what runs", "load s", "prefill tok/s", "decode tok/s", "decode, each round", "peak RSS", "runs"]
+    length = data["rows"][0].get("length", "")
+    where = f"{data['cpu']}, class {data.get('cpu_class', '?')}, {data['threads']} threads"
+    return f"### {title} ({length}-token prompt; {where})\n\n`{data['command']}`\n\n" + table(head, rows)
+
+
 def step() -> str | None:
     """A decode step's time, tensor operations and profiled split: before and after the leaner step,
     and eager against torch.compile (bench_step.py)."""
@@ -635,6 +680,7 @@ def serve() -> None | str:
 
 def main() -> None:
     sections = [
+        paths(),
         engine("engine", "longdoc vs transformers `generate` (same model, 32 new tokens)"),
         engine("dca", "DCA vs plain attention prefill (longdoc, bfloat16)"),
         llamacpp(),

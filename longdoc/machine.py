@@ -135,6 +135,12 @@ def paths(
     return MachinePaths(klass, cpu.isa_cap(), str(dtype).removeprefix("torch."), packed, quantize, attention, why)
 
 
+def kernel_notes(p: MachinePaths) -> list[str]:
+    """What to say once about how the C kernels this run uses will run (one thread without OpenMP)."""
+    used = [name for name, on in (("int5", p.quantize == "int5"), ("flash", p.attention == "flash.c")) if on]
+    return [f"{native.SOURCES[name].what}: {note}" for name in used for note in native.notes(name)]
+
+
 def slow_path_hint(p: MachinePaths) -> str | None:
     """One line for a CPU run without native bfloat16 matmuls: what it gets, why, and what is faster."""
     if p.cpu_class in ("amx", "avx512bf16") or p.cpu_class.startswith("cuda"):
@@ -166,7 +172,8 @@ def doctor(p: MachinePaths) -> dict[str, Any]:
     kernels = {}
     for name in native.SOURCES:
         lib = native.library(name)
-        kernels[name] = "on" if lib is not None else f"off: {native.why_unavailable(name)}"
+        on = "; ".join(["on", *native.notes(name)])
+        kernels[name] = on if lib is not None else f"off: {native.why_unavailable(name)}"
     return {
         "cpu": {
             "name": cpu_name(),

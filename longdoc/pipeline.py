@@ -6,10 +6,15 @@ result of DESIGN.md section 2), so scripts, tests and benchmarks use the same pa
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import hmac
+import importlib
 import json
 import math
 import os
 import resource
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -34,6 +39,7 @@ from longdoc.errors import DoesNotFitError, ModelError
 from longdoc.ingest import Document
 from longdoc.machine import default_quantize, quant_unavailable
 from longdoc.models.quantize import QUANT_FILE, ensure_quantized, load_quantized
+from longdoc.models.weights import trim_heap
 from longdoc.prompt import Budget, Prompt
 from longdoc.render import Reporter, TokenStreamer
 
@@ -248,6 +254,13 @@ class Session:
     packed: bool = False  # whether the linears were packed for oneDNN at load
 
     def __post_init__(self) -> None:
+        # transformers' model code takes over a second to import: import it while the tokenizer loads
+        # and the weights are verified, rather than after (loaded() waits for it). The package itself
+        # first, here: a thread importing it half-way would show the tokenizer import a partial module.
+        import transformers  # noqa: F401
+
+        self._model_code = threading.Thread(target=_import_model_code, daemon=True)
+        self._model_code.start()
         self.info = model_info(
             self.cfg.model,
             self.cfg.device,
@@ -264,25 +277,29 @@ class Session:
     def loaded(self) -> models.LoadedModel:
         if self._loaded is None:
             t0 = time.perf_counter()
+            self._model_code.join()
             hint = machine.slow_path_hint(self.paths) if self.info.device.type == "cpu" else None
             if hint:
                 self.reporter.status(hint)
             self.reporter.status(f"loading {self.info.name} ({self.info.numerics}, {self.info.device})")
             # the folder is verified already: load it as a plain folder source
             folder = models.ModelSource(kind="folder", name=self.info.name, path=self.info.folder)
-            self._loaded = models.load_model(folder, self.info.device, self.info.dtype, tokenizer=self.tokenizer)
-            folder_path = self.info.folder
+            # packed runs load their linears as stored and widen each while packing it (no float32 copy
+            # of the weights beside the packed one)
+            pack = self.cfg.pack == "on" or (self.cfg.pack == "auto" and packing_pays(self.info.dtype))
+            pack = pack and self.info.device.type == "cpu" and onednn_packs(self.info.dtype)
+            self._loaded = models.load_model(
+                folder, self.info.device, self.info.dtype, tokenizer=self.tokenizer, narrow_linears=pack
+            )
             if self.info.quant_folder is not None:
                 # wrapped before packing: pack_linears then packs the wrapped layers (prefill's path)
                 tensors = load_quantized(self.info.quant_folder)
                 try:
-                    quant.quantize_linears(self._loaded.model, self.info.quantize, tensors)
+                    quant.quantize_linears(self._loaded.model, self.info.quantize, tensors, dtype=self.info.dtype)
                 except ValueError as exc:
                     raise ModelError(f"{self.info.quant_folder}: {exc}") from exc
                 del tensors
-            pack = self.cfg.pack == "on" or (self.cfg.pack == "auto" and packing_pays(self.info.dtype))
-            release = lambda: models.release_mapped_pages(folder_path)  # noqa: E731
-            self.packed = bool(pack and pack_linears(self._loaded.model, after_each=release))
+            self.packed = bool(pack and pack_linears(self._loaded.model, self.info.dtype, after_each=trim_heap))
             if (
                 not onednn_packs(self.info.dtype)
                 and self.info.device.type == "cpu"
@@ -292,6 +309,8 @@ class Session:
                     "this CPU (or the ISA cap) has no native bfloat16 matmuls: bfloat16 runs slowly here;"
                     " --dtype float32 (what auto picks here) is faster"
                 )
+            for note in machine.kernel_notes(self.paths):
+                self.reporter.warn(note)
             self.load_s = time.perf_counter() - t0
         return self._loaded
 
@@ -363,6 +382,12 @@ class Session:
         return [fn(item) for item in items]
 
 
+def _import_model_code() -> None:
+    """Import transformers' modeling code ahead of its use (a failure surfaces at the real import)."""
+    with contextlib.suppress(Exception):  # the load imports it again and reports what is wrong
+        importlib.import_module("transformers.modeling_utils")
+
+
 def source_entries(docs: list[Document], count: Callable[[str], int]) -> list[dict[str, Any]]:
     return [{"path": d.source, "kind": d.kind, "pages": d.pages, "tokens": count(d.text)} for d in docs]
 
@@ -403,9 +428,11 @@ class Conversation:
         sources: list[dict[str, Any]],
         reserve: int = 0,
         use_cache: bool = True,
+        cache_salt: bytes = b"",
     ):
         self.session = session
         self.sources = sources
+        self.cache_salt = cache_salt  # longdoc serve's requests: entry keys of their own (serve.cache_salt)
         self.plan = make_plan(session.cfg, session.info, prompt_tokens, reserve)
         self.model = session.patched(self.plan)
         self.kv = self.model.new_store(self.plan.prompt_tokens + self.plan.max_new_tokens + reserve)
@@ -428,7 +455,10 @@ class Conversation:
             prefill=plan.sparse.describe() if plan.sparse else "exact",
             prefill_step=cfg.prefill_step,
         )
-        return doccache.entry_key(parts, self.prefix_ids)
+        key = doccache.entry_key(parts, self.prefix_ids)
+        if self.cache_salt:  # a salted key is found only by requests with the same salt, never by a local run
+            key = hmac.new(self.cache_salt, key.encode(), hashlib.sha256).hexdigest()
+        return key
 
     def _open(self, progress: Progress) -> float:
         """Put the prefix in the store: from the document cache when it has it, else by prefill (then

@@ -432,6 +432,7 @@ def quantize_linears(
     tensors: Mapping[str, torch.Tensor],
     max_rows: int = MAX_QUANT_ROWS,
     act_block: int = ACT_BLOCK,
+    dtype: torch.dtype | None = None,
 ) -> int:
     """Replace each ``nn.Linear`` named in ``tensors`` (``<name>.qweight``, ``<name>.scales``) by a
     ``QuantLinear`` wrapping it; returns how many. Run before ``pack_linears``, which then packs the
@@ -441,7 +442,8 @@ def quantize_linears(
     int8 linears named in ``BLOCKED_INPUTS`` scale their activations per ``act_block`` channels, the
     others per row; the linears of a module that share their input (``SHARED_INPUTS``) share one GEMM.
     """
-    param = linear_weight(model)  # the run's dtype (the embedding table may be kept narrower)
+    # the run's dtype: the linears' unless they wait, narrower, to be widened as they are packed
+    run_dtype = dtype or linear_weight(model).dtype
     by_parent: dict[str, list[str]] = {}
     for name in quantized_names(model):
         by_parent.setdefault(name.rpartition(".")[0], []).append(name)
@@ -466,13 +468,13 @@ def quantize_linears(
             if all(c in found for c in siblings):
                 modules, qweights, scales_ = zip(*(found[c] for c in siblings), strict=True)
                 biases = [getattr(m, "bias", None) for m in modules]
-                shared = QuantGemm(scheme, list(qweights), list(scales_), biases, param.dtype, block_of(siblings[0]))
+                shared = QuantGemm(scheme, list(qweights), list(scales_), biases, run_dtype, block_of(siblings[0]))
                 gemms.update({c: (shared, i) for i, c in enumerate(siblings)})
         owner = model.get_submodule(parent) if parent else model
         for child, (module, qweight, scales) in found.items():
             gemm, part = gemms.get(child, (None, 0))
             layer = QuantLinear(
-                module, scheme, qweight, scales, param.dtype, max_rows, act_block=block_of(child), gemm=gemm, part=part
+                module, scheme, qweight, scales, run_dtype, max_rows, act_block=block_of(child), gemm=gemm, part=part
             )
             setattr(owner, child, layer)
         return len(found)

@@ -20,7 +20,7 @@ from longdoc.models.convert import (
     ensure_converted,
     gguf_architecture,
 )
-from longdoc.models.load import LoadedModel, check_model_folder, list_models, load_model, release_mapped_pages
+from longdoc.models.load import LoadedModel, check_model_folder, list_models, load_model
 from longdoc.models.resolve import (
     DEFAULT_MODEL,
     KNOWN_MODELS,
@@ -72,7 +72,6 @@ __all__ = [
     "models_dir",
     "parse_cpu_flags",
     "read_manifest",
-    "release_mapped_pages",
     "resolve_device",
     "resolve_dtype",
     "resolve_model",

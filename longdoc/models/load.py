@@ -85,10 +85,13 @@ def load_model(
     progress: Progress | None = None,
     warn: Progress | None = None,
     tokenizer: Any = None,
+    narrow_linears: bool = False,
 ) -> LoadedModel:
     """Resolve, verify (converting once if needed) and load a model for inference.
 
-    Pass an already loaded ``tokenizer`` to skip loading it again (about a second here).
+    Pass an already loaded ``tokenizer`` to skip loading it again (about a second here). With
+    ``narrow_linears`` the Linear weights stay in their stored dtype until ``pack_linears`` widens them
+    (``longdoc.models.weights.build_model``).
     """
     start = time.perf_counter()
     source = spec if isinstance(spec, ModelSource) else resolve_model(spec)
@@ -103,7 +106,7 @@ def load_model(
         progress(f"loading {source.name} ({str(dt).removeprefix('torch.')}, {dev})")
     try:
         with quiet_transformers():
-            model = build_model(folder, dt, dev)
+            model = build_model(folder, dt, dev, narrow_linears)
             if tokenizer is None:
                 tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -179,30 +182,3 @@ def list_models() -> list[dict[str, Any]]:
     listed = {r["path"] for r in rows if r["path"]}
     rows.extend(c for c in cached.values() if c["path"] not in listed)
     return rows
-
-
-def release_mapped_pages(folder: Path) -> int:
-    """Drop this process's resident pages of memory-mapped ``*.safetensors`` files under ``folder``.
-
-    transformers maps the weights file; once the weights have been copied elsewhere (packed for the CPU
-    kernels), those clean file pages only inflate RSS. MADV_DONTNEED unmaps them from this process; a
-    later read of a tensor still backed by the file faults its pages back in from disk, so it is safe.
-    Linux only; returns the number of bytes advised (0 elsewhere).
-    """
-    import ctypes
-    import mmap
-
-    maps = Path("/proc/self/maps")
-    if not maps.exists() or not hasattr(mmap, "MADV_DONTNEED"):
-        return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    prefix = str(folder.resolve()) + "/"  # not a sibling folder named after it (a quantized copy)
-    advised = 0
-    for line in maps.read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) < 6 or not fields[5].startswith(prefix) or not fields[5].endswith(".safetensors"):
-            continue
-        start, end = (int(x, 16) for x in fields[0].split("-"))
-        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED) == 0:
-            advised += end - start
-    return advised
