@@ -355,7 +355,8 @@ def llamacpp(name: str = "llamacpp", title: str = "longdoc vs transformers vs ll
 
 def paths(name: str = "paths", title: str = "CPU paths: one row per choice, one run") -> str | None:
     """Each dtype / packing / quantize / kernel choice on the machine at hand, alternating rounds, with
-    the revision before and llama.cpp in the same run (bench_paths.py). Medians over the rounds."""
+    the revision before and llama.cpp in the same run (bench_paths.py): the best round of each (the
+    cores are shared: a slow round is another process's), every round's decode beside it."""
     data = load(name)
     if not data:
         return None
@@ -363,9 +364,9 @@ def paths(name: str = "paths", title: str = "CPU paths: one row per choice, one 
     for r in data["rows"]:
         by_config.setdefault(r["config"], []).append(r)
 
-    def median(rows: list[dict[str, Any]], key: str) -> Any:
-        values = sorted(r[key] for r in rows if r.get(key) is not None)
-        return values[len(values) // 2] if values else ""
+    def best(rows: list[dict[str, Any]], key: str, pick: Any = max) -> Any:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return pick(values) if values else ""
 
     rows = []
     for config, runs in by_config.items():
@@ -374,21 +375,22 @@ def paths(name: str = "paths", title: str = "CPU paths: one row per choice, one 
             rows.append([config, "error: " + str(runs[0]["error"]), "", "", "", "", "", ""])
             continue
         first = ok[0]
-        what = (
-            "llama.cpp (same GGUF)"
-            if config == "llamacpp"
-            else f"{first.get('dtype', '')}, {'packed' if first.get('packed') else 'unpacked'}, "
-            f"quantize {first.get('quantize', '')}, {first.get('attention') or 'torch-cpu'}"
-        )
+        if config == "llamacpp":
+            what = "llama.cpp (same GGUF)"
+        elif config.startswith("rev:"):  # bench_llamacpp's child on that revision: as a user got it then
+            what = f"revision {config[4:]}: {first.get('dtype', '')}, quantize {first.get('quantize', '')}"
+        else:
+            packed = "packed" if first.get("packed") else "unpacked"
+            what = f"{first.get('dtype', '')}, {packed}, quantize {first.get('quantize', '')}, {first.get('attention')}"
         rows.append(
             [
                 config,
                 what,
-                median(ok, "load_s"),
-                median(ok, "prefill_tok_s"),
-                median(ok, "decode_tok_s"),
+                best(ok, "load_s", min),
+                best(ok, "prefill_tok_s"),
+                best(ok, "decode_tok_s"),
                 ", ".join(str(r["decode_tok_s"]) for r in ok),
-                f"{median(ok, 'peak_rss_bytes') / GB:.2f} GB",
+                f"{best(ok, 'peak_rss_bytes', min) / GB:.2f} GB",
                 len(ok),
             ]
         )
@@ -681,6 +683,7 @@ def serve() -> None | str:
 def main() -> None:
     sections = [
         paths(),
+        paths("paths_2k", "CPU paths: this revision, the one before and llama.cpp at 2K, one run"),
         engine("engine", "longdoc vs transformers `generate` (same model, 32 new tokens)"),
         engine("dca", "DCA vs plain attention prefill (longdoc, bfloat16)"),
         llamacpp(),
