@@ -148,9 +148,18 @@ Endpoint = Annotated[
         " http://127.0.0.1:8000/v1; reading, prompts, fit checks and the JSON stay local.",
     ),
 ]
+# Not $OPENAI_API_KEY: that key is meant for OpenAI, and --endpoint may name any server.
 ApiKey = Annotated[
     str | None,
-    typer.Option("--api-key", envvar="OPENAI_API_KEY", show_envvar=True, help="With --endpoint: its bearer token."),
+    typer.Option("--api-key", envvar="LONGDOC_API_KEY", show_envvar=True, help="With --endpoint: its bearer token."),
+]
+RemoteTimeout = Annotated[
+    float,
+    typer.Option(
+        "--timeout",
+        metavar="SECONDS",
+        help="With --endpoint: the longest the server may stay silent within an answer (a long prefill).",
+    ),
 ]
 RemoteModel = Annotated[
     str | None,
@@ -165,6 +174,9 @@ Concurrency = Annotated[
         help="With --endpoint: requests sent at once by --each and map-reduce (a batching server runs them together).",
     ),
 ]
+
+# --timeout's default, as the option shows it (longdoc.remote.READ_TIMEOUT_S; not imported: it imports torch).
+DEFAULT_REMOTE_TIMEOUT_S = 300.0
 
 # Defaults of the size caps, as the options show them (longdoc.ingest.MAX_FILE_SIZE / MAX_TOTAL_SIZE).
 DEFAULT_MAX_FILE_SIZE = "256M"
@@ -469,6 +481,7 @@ def ask(
     endpoint: Endpoint = None,
     api_key: ApiKey = None,
     remote_model: RemoteModel = None,
+    timeout: RemoteTimeout = DEFAULT_REMOTE_TIMEOUT_S,
 ) -> None:
     """Answer one or more questions about the inputs (the documents are prefilled once)."""
     reporter = Reporter(quiet=quiet, json_mode=json_out)
@@ -579,6 +592,7 @@ def summarize(
     api_key: ApiKey = None,
     remote_model: RemoteModel = None,
     concurrency: Concurrency = 1,
+    timeout: RemoteTimeout = DEFAULT_REMOTE_TIMEOUT_S,
 ) -> None:
     """Summarize the inputs (together, or one by one with --each); map-reduce when they do not fit at once."""
     reporter = Reporter(quiet=quiet, json_mode=json_out)
@@ -885,6 +899,7 @@ def chat(
     endpoint: Endpoint = None,
     api_key: ApiKey = None,
     remote_model: RemoteModel = None,
+    timeout: RemoteTimeout = DEFAULT_REMOTE_TIMEOUT_S,
 ) -> None:
     """Questions about the same documents, each answer in context of the earlier ones.
 
@@ -957,6 +972,23 @@ def serve_cmd(
         int, typer.Option("--concurrency", help="Generations run at once, each with its own KV cache.")
     ] = 1,
     queue: Annotated[int, typer.Option("--queue", help="Requests that may wait for a slot; more get HTTP 429.")] = 8,
+    max_body: Annotated[
+        str | None,
+        typer.Option(
+            "--max-body",
+            metavar="SIZE",
+            help="Refuse request bodies larger than this with HTTP 413 (default: 32 bytes per token of context,"
+            " at least 1M).",
+        ),
+    ] = None,
+    doc_cache: Annotated[
+        str,
+        typer.Option(
+            "--doc-cache",
+            help="Served requests' document cache: private (a folder of the server's own, keys salted per API"
+            " key) or shared (the user's own, as local runs; for a server only you use).",
+        ),
+    ] = "private",
     model: Model = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -1000,10 +1032,29 @@ def serve_cmd(
             raise UsageError("--queue must be 0 or more")
         if api_key is not None and not api_key.strip():
             raise UsageError("--api-key (or LONGDOC_API_KEY) is empty")
+        if doc_cache not in ("private", "shared"):
+            raise UsageError(f"--doc-cache must be private or shared, not {doc_cache!r}")
+        body_cap = None
+        if max_body is not None:
+            from longdoc.ingest import parse_size
+
+            try:
+                body_cap = parse_size(max_body, "--max-body")
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         cfg = run_config(locals())
         server.check_installed()  # the serve extra, before the model loads
         session = pipeline.Session(cfg, reporter)
-        server.serve(session, host=host, port=port, api_key=api_key, concurrency=concurrency, queue=queue)
+        server.serve(
+            session,
+            host=host,
+            port=port,
+            api_key=api_key,
+            concurrency=concurrency,
+            queue=queue,
+            max_body=body_cap,
+            doc_cache=doc_cache,
+        )
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="The document KV cache: prefilled documents kept across runs.")

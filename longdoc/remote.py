@@ -13,14 +13,19 @@ saying where its documents end, so that ``longdoc serve`` tokenizes it exactly a
 reuses the documents' KV cache. Answers stream back; greedy decoding is temperature 0, as locally.
 
 Failures become one line and an exit code (``RemoteSession._error``): a server that cannot be reached,
-fails (5xx) or refuses a request exits 3, like a model that cannot be loaded; a refused key 2; a prompt
-the server finds too long 4. A request is retried with backoff only before any of its answer arrived:
-on a refused connection, 429 and 503.
+fails (5xx), refuses a request, stays silent past the timeouts, answers something that is not the API,
+drops the connection or ends an answer without finishing it exits 3, like a model that cannot be
+loaded; a refused key 2; a prompt the server finds too long 4. A request is retried with backoff only
+before any of its answer arrived: on a refused connection, 429 and 503.
+
+The key sent is ``--api-key`` (or ``LONGDOC_API_KEY``), never the ambient ``OPENAI_API_KEY`` nor the
+openai client's organization and project variables: an endpoint is any server the user names.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import re
 import threading
 import time
@@ -45,9 +50,11 @@ _R = TypeVar("_R")
 # refuses to run without some key (vLLM's documentation uses the same word).
 NO_KEY = "EMPTY"
 CONNECT_TIMEOUT_S = 10.0
-# The longest silence tolerated inside an answer: a long prefill on a busy server sends nothing for
-# minutes (longdoc serve sends keep-alive comments; vLLM and llama.cpp do not).
-READ_TIMEOUT_S = 900.0
+# GET /models is answered at once by any working server: a silent one is given up on after this.
+MODELS_TIMEOUT_S = 30.0
+# The longest silence tolerated inside an answer (--timeout): a long prefill on a busy server sends
+# nothing for minutes (longdoc serve sends keep-alive comments; vLLM and llama.cpp do not).
+READ_TIMEOUT_S = 300.0
 # Pauses before the retries of a request that got no answer at all (a refused connection: the server
 # may still be starting; 429 and 503: busy). A Retry-After header takes precedence, up to the cap.
 RETRY_DELAYS_S: tuple[float, ...] = (0.5, 1.0, 2.0)
@@ -78,23 +85,43 @@ class RemoteOptions:
     api_key: str | None = None
     model: str | None = None  # None: the first model the server lists
     concurrency: int = 1  # requests in flight at once (--each, map-reduce)
+    timeout: float = READ_TIMEOUT_S  # seconds of silence tolerated within an answer (--timeout)
 
 
 def options(opts: dict[str, Any]) -> RemoteOptions | None:
     """The remote options of a command's parsed options (its ``locals()``), or None without --endpoint.
     Raises UsageError for a malformed URL and for options that need, or cannot go with, --endpoint."""
     url, model, concurrency = opts.get("endpoint"), opts.get("remote_model"), opts.get("concurrency", 1)
+    timeout = opts.get("timeout", READ_TIMEOUT_S)
     if concurrency < 1:
         raise UsageError("--concurrency must be at least 1")
+    if not timeout > 0:
+        raise UsageError("--timeout must be more than 0 seconds")
     if url is None:
-        if model is not None or concurrency != 1:
-            raise UsageError("--remote-model and --concurrency go with --endpoint URL (a server to send requests to)")
+        if model is not None or concurrency != 1 or timeout != READ_TIMEOUT_S:
+            raise UsageError(
+                "--remote-model, --concurrency and --timeout go with --endpoint URL (a server to send requests to)"
+            )
         return None
     if importlib.util.find_spec("openai") is None:
         raise UsageError("--endpoint needs the openai client library: pip install 'longdoc[remote]'")
     if opts.get("quantize", "auto") not in ("auto", "none"):
         raise UsageError("--quantize quantizes the local model; with --endpoint the server's weights are its own")
-    return RemoteOptions(url=base_url(url), api_key=opts.get("api_key") or None, model=model, concurrency=concurrency)
+    return RemoteOptions(
+        url=base_url(url), api_key=opts.get("api_key") or None, model=model, concurrency=concurrency, timeout=timeout
+    )
+
+
+def exposed_key(url: str, api_key: str | None) -> bool:
+    """Whether ``api_key`` would cross the network in clear: plain http to a host that is not this machine."""
+    parts = urlsplit(url)
+    if not api_key or parts.scheme != "http":
+        return False
+    host = parts.hostname or ""
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host != "localhost"
 
 
 def base_url(url: str) -> str:
@@ -155,11 +182,17 @@ class RemoteSession(Session):
         self.reporter = reporter
         self.url = remote.url
         self.concurrency = remote.concurrency
+        self.timeout = remote.timeout
+        if exposed_key(remote.url, remote.api_key):
+            reporter.warn(f"the API key goes to {remote.url} over plain http: anyone on the way can read it")
+        omit: Any = openai.Omit()  # a header the client must leave out
         self.client = openai.OpenAI(
             base_url=remote.url,
             api_key=remote.api_key or NO_KEY,
             max_retries=0,  # retried here, where it is known what is safe to retry
-            timeout=openai.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
+            timeout=openai.Timeout(remote.timeout, connect=CONNECT_TIMEOUT_S),
+            # the client would add $OPENAI_ORG_ID and $OPENAI_PROJECT_ID, meant for OpenAI, to every request
+            default_headers={"OpenAI-Organization": omit, "OpenAI-Project": omit},
         )
         self._slots = threading.BoundedSemaphore(remote.concurrency)
         self._tokenizer_lock = threading.Lock()  # counts run in worker threads too
@@ -301,6 +334,7 @@ class RemoteSession(Session):
         usage: Any = None
         extension: dict[str, Any] | None = None
         first: float | None = None
+        finished = False  # a finish_reason arrived: the server says the answer is whole
         interrupted = False
         with self._slots:
             t0 = time.perf_counter()
@@ -318,6 +352,7 @@ class RemoteSession(Session):
                         usage = chunk.usage or usage
                         extension = (chunk.model_extra or {}).get("longdoc") or extension
                         for choice in chunk.choices:
+                            finished = finished or bool(choice.finish_reason)
                             text = choice.delta.content if choice.delta else None
                             if text:
                                 first = first or time.perf_counter()
@@ -325,6 +360,11 @@ class RemoteSession(Session):
                                 if on_text:
                                     on_text(text)
                     interrupted = self._stop.is_set()
+                    if not finished and not interrupted:  # cut off: a partial answer is not an answer
+                        raise RemoteError(
+                            f"the server at {self.url} ended the answer before it was complete (no finish_reason"
+                            f" after {sum(map(len, pieces)):,} characters)"
+                        )
                 finally:
                     stream.close()  # a server that sees the client go stops generating
             except KeyboardInterrupt:
@@ -386,7 +426,20 @@ class RemoteSession(Session):
 
     def _connect(self, wanted: str | None) -> tuple[str, int | None]:
         """The served model (``wanted``, else the first listed) and the context length it reports."""
-        cards = {card.id: card for card in self._retrying(lambda: list(self.client.models.list()), "GET /models")}
+        import openai
+
+        quick = self.client.with_options(timeout=openai.Timeout(MODELS_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
+        raw = self._retrying(lambda: quick.models.with_raw_response.list(), "GET /models")
+        kind = raw.headers.get("content-type", "").partition(";")[0].strip() or "no content type"
+        not_api = f"the server at {self.url} answered GET /models with {{}}, not an OpenAI model list; is --endpoint"
+        not_api += " the API's address (it usually ends in /v1)?"
+        if "json" not in kind:
+            raise RemoteError(not_api.format(kind))
+        try:
+            listed = list(raw.parse())
+        except Exception:  # noqa: BLE001 (whatever the library makes of malformed JSON: one line, exit 3)
+            raise RemoteError(not_api.format("malformed JSON")) from None
+        cards = {card.id: card for card in listed if isinstance(getattr(card, "id", None), str)}
         if not cards:
             raise RemoteError(f"the server at {self.url} lists no model (GET /models)")
         if wanted is not None and wanted not in cards:
@@ -416,8 +469,15 @@ class RemoteSession(Session):
         import openai
 
         server = f"the server at {self.url}"
-        if isinstance(exc, openai.APIConnectionError):
+        cause = type(exc.__cause__).__name__  # httpx or httpx2, depending on the openai version
+        if isinstance(exc, openai.APIConnectionError) and cause in ("ConnectError", "ConnectTimeout"):
             return RemoteError(f"cannot reach {server} ({_reason(exc)}); is it running, and is --endpoint right?")
+        if isinstance(exc, openai.APITimeoutError):
+            limit = MODELS_TIMEOUT_S if what == "GET /models" else self.timeout
+            hint = "" if what == "GET /models" else "; a slow prefill may need a longer --timeout"
+            return RemoteError(f"{server} sent nothing for {limit:g}s during {what}{hint}")
+        if isinstance(exc, openai.APIConnectionError):  # it was reached: the connection broke afterwards
+            return RemoteError(f"the connection to {server} broke during {what} ({_reason(exc)})")
         text = _message(exc)
         if _over_long(exc):
             return DoesNotFitError(f"{server} says the prompt does not fit: {text}")
@@ -425,7 +485,7 @@ class RemoteSession(Session):
             return RemoteError(f"{server} failed during {what}: {text}")
         status = exc.status_code
         if status in (401, 403):
-            return UsageError(f"{server} refused the API key ({status}: {text}); pass --api-key or set OPENAI_API_KEY")
+            return UsageError(f"{server} refused the API key ({status}: {text}); pass --api-key or set LONGDOC_API_KEY")
         if status == 404 and what == "GET /models":
             return UsageError(f"no OpenAI-compatible API at {self.url} (GET /models: 404); it usually ends in /v1")
         if status == 404:

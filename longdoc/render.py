@@ -56,6 +56,24 @@ def printable(value: object) -> str:
     return safe_text(value).translate(_CONTROLS)
 
 
+# An answer keeps its lines and tabs; every other control character (escape sequences that set the
+# title or colours, a carriage return that overwrites a line) is shown escaped on a terminal.
+_ANSWER_CONTROLS = {c: e for c, e in _CONTROLS.items() if c not in (ord("\n"), ord("\t"))}
+
+
+def terminal_safe(text: str) -> str:
+    """Model output for a terminal: C0 and C1 controls other than newline and tab shown as escapes (a
+    document can steer a model into copying them; a terminal would obey them)."""
+    return text.translate(_ANSWER_CONTROLS)
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+
+
 def plain(value: object, style: str = "") -> Text:
     """User-supplied text for rich, never parsed: "[bold]x.txt" prints as itself, not as markup,
     and a name holding a newline or an escape sequence cannot break the line or drive the terminal."""
@@ -94,6 +112,8 @@ class Reporter:
         self.quiet = quiet
         self.json_mode = json_mode
         self.out = out or sys.stdout
+        # answers are escaped only for a terminal: piped and --json output stays byte-exact
+        self.out_is_terminal = _is_terminal(self.out)
         self.err = console(sys.stderr)
         self.json_printed = False  # whether a JSON object is out already (an interrupt must not add one)
         self._progress: Progress | None = None
@@ -179,7 +199,7 @@ class Reporter:
     # stdout: the answer -----------------------------------------------------------------------
     def stream(self, text: str) -> None:
         if not self.json_mode:
-            self.out.write(text)
+            self.out.write(terminal_safe(text) if self.out_is_terminal else text)
             self.out.flush()
 
     def end_answer(self) -> None:

@@ -20,10 +20,18 @@ matches). Where the prefix ends:
 
 The model is one: generations run in worker threads (``concurrency`` of them, default 1, so one at a
 time); each has its own KV store and shares only the read-only weights. At most ``queue`` more
-requests wait; beyond that a request gets 429. A prompt that does not fit gets 400 with the message
-of exit code 4, checked before it queues; a malformed request gets 400; any other failure gets 500
-with one line, and the server carries on. A client that goes away (mid-stream, or while waiting for a
-non-streamed answer) stops its generation at the next prefill step or token, freeing its slot.
+requests wait; beyond that a request gets 429. A request takes its slot before its body is read, so
+``concurrency + queue`` also bounds the bodies being read and the prompts being tokenized. A prompt
+that does not fit gets 400 with the message of exit code 4, checked before it queues; a malformed
+request gets 400; any other failure gets 500 with one line, and the server carries on. A client that
+goes away (mid-stream, while queued, or while waiting for a non-streamed answer) frees its slot at
+once when queued, else stops its generation at the next prefill step or token.
+
+What a request may cost before it is admitted is bounded (README "Serving"): JSON only (415), a body
+cap (``max_body``, 413, checked on Content-Length before reading), read deadlines on the head and the
+body (``DeadlineProtocol``, 408), a character count that no prompt within the context can exceed
+(400 before tokenizing), and without an API key only Host names that are this machine's (DNS
+rebinding). Served requests keep their document-cache entries apart (``doc_cache``).
 
 FastAPI and uvicorn are an optional extra (``pip install 'longdoc[serve]'``); importing this module
 does not import them, nor torch.
@@ -34,11 +42,14 @@ does not import them, nor torch.
 import asyncio
 import contextlib
 import copy
+import hashlib
 import hmac
 import ipaddress
 import json
 import logging
 import math
+import os
+import secrets
 import signal
 import threading
 import time
@@ -52,6 +63,8 @@ from longdoc.errors import DoesNotFitError, LongdocError, UsageError
 from longdoc.render import Reporter, safe_text
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from fastapi import FastAPI
 
     from longdoc.config import RunConfig
@@ -72,6 +85,47 @@ SHUTDOWN_GRACE_S = 3.0
 SERVED_SOURCE = "(longdoc serve request)"
 SHUTTING_DOWN = "the generation was cancelled: the server is shutting down"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+# Limits on what a request costs before it is admitted (README "Serving", "Limits").
+# The default body cap: bytes of request per token of context (JSON escapes of non-Latin text take up
+# to 12 bytes a character), at least MIN_MAX_BODY: 4 MiB for the embedded model's 131,072 tokens.
+MAX_BODY_PER_TOKEN = 32
+MIN_MAX_BODY = 1 << 20
+# A request's head must arrive within this of the connection (or of the previous answer on a kept-alive
+# connection), its body within BODY_TIMEOUT_S of its head: slow-loris connections are closed.
+HEADERS_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 30.0
+# After the app answered early (413, 429), the rest of a body is read and dropped (so that the client
+# reads the answer, not a reset) for at most this long before the connection is closed.
+DRAIN_TIMEOUT_S = 5.0
+KEEP_ALIVE_S = 5  # uvicorn's timeout_keep_alive: an idle kept-alive connection is closed after this
+MAX_HEADER_BYTES = 16 * 1024  # uvicorn's h11_max_incomplete_event_size: a larger head gets 400
+# uvicorn's limit_concurrency: connections (open ones, slow ones until their deadline) beyond this get
+# 503; far above any --concurrency + --queue, and below the usual limit of 1,024 open files.
+MAX_CONNECTIONS = 500
+# Temperatures below this are greedy (vLLM's rule; 1e-39 would overflow the logits), above MAX refused.
+MIN_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 2.0
+SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's seed is a 64-bit integer
+# Fields refused unless they ask for what longdoc does anyway: ignoring them would change the answer.
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "response_format": ({"type": "text"},),
+    "logit_bias": ({},),
+    "tool_choice": ("none", "auto"),  # with no tools, "auto" calls none
+    "tools": ([],),
+    "functions": ([],),
+    "function_call": ("none", "auto"),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "stop": ([], ""),
+}
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+# Served requests' document cache (doc_cache="private"): a folder beside the user's, and the secret
+# that salts its entry keys (made once, readable by the user only).
+SERVED_DOCUMENTS = "served-documents"
+SECRET_NAME = ".longdoc-serve-secret"
 # Stands in for the end of the document part while the chat template is rendered (prompt.render's trick).
 _PREFIX_MARK = "\ue000longdoc-prefix\ue000"
 
@@ -164,11 +218,25 @@ def _content(message: dict[str, Any], i: int) -> str:
     return content
 
 
+def _neutral(value: Any, allowed: tuple[Any, ...]) -> bool:
+    """Whether a field's value asks for nothing longdoc would ignore (None, or one of ``allowed``)."""
+    if value is None:
+        return True
+    if isinstance(value, bool) and not any(isinstance(a, bool) for a in allowed):
+        return False  # JSON true is not the number 1, nor false 0
+    return any(type(value) is type(a) or (_is_number(value) and _is_number(a)) for a in allowed if value == a)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def parse_request(body: Any) -> ChatRequest:
     """Check a chat-completions body; raises ApiError(400) with a one-line message for what is wrong.
 
     Fields outside the subset longdoc implements are ignored, except those whose silent omission would
-    change the answer's meaning (``n`` > 1, ``stop``, ``tools``, ``logprobs``): those are refused.
+    change the answer's meaning (``n`` > 1, ``stop``, ``tools``, ``logprobs``, ``response_format``,
+    ``logit_bias``, the penalties; ``NEUTRAL``): those are refused unless they ask for the default.
     """
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
@@ -195,12 +263,18 @@ def parse_request(body: Any) -> ChatRequest:
     if max_tokens is not None and max_tokens < 1:
         raise _bad(f"'max_tokens' must be at least 1, not {max_tokens}", "max_tokens")
     temperature = _number(body, "temperature")
-    if temperature is not None and temperature < 0:
-        raise _bad(f"'temperature' must be 0 (greedy) or more, not {temperature:g}", "temperature")
+    if temperature is not None and not 0 <= temperature <= MAX_TEMPERATURE:
+        raise _bad(
+            f"'temperature' must be between 0 (greedy) and {MAX_TEMPERATURE:g}, not {temperature:g}", "temperature"
+        )
+    if temperature is not None and temperature < MIN_TEMPERATURE:
+        temperature = 0.0  # greedy: dividing the logits by 1e-39 would overflow them
     top_p = _number(body, "top_p")
     if top_p is not None and not 0 < top_p <= 1:
         raise _bad(f"'top_p' must be above 0 and at most 1, not {top_p:g}", "top_p")
     seed = _integer(body, "seed")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise _bad("'seed' must be a 64-bit integer", "seed")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _bad("'stream' must be true or false", "stream")
@@ -213,11 +287,11 @@ def parse_request(body: Any) -> ChatRequest:
     n = _integer(body, "n")
     if n is not None and n != 1:
         raise _bad("only n=1 is supported", "n")
-    if body.get("stop"):
+    if not _neutral(body.get("stop"), NEUTRAL["stop"]):
         raise _bad("stop sequences are not supported by longdoc serve", "stop")
-    for name in ("tools", "functions", "logprobs"):
-        if body.get(name):
-            raise _bad(f"'{name}' is not supported by longdoc serve", name)
+    for name, allowed in NEUTRAL.items():
+        if not _neutral(body.get(name), allowed):
+            raise _bad(f"'{name}' is not supported by longdoc serve (only its default)", name)
     prefix_chars = _integer(body, "longdoc_prefix_chars")
     last = parsed[-1]["content"]
     if prefix_chars is not None and not 0 <= prefix_chars <= len(last):
@@ -294,28 +368,60 @@ class _RequestReporter(Reporter):
         self.server.warn(message)
 
 
+class Slot:
+    """A place among the ``concurrency + queue`` a server admits, taken before a request's body is read
+    and given back once, whichever way the request ends (``release`` is idempotent)."""
+
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self.held = True
+
+    def release(self) -> None:
+        with self.engine._lock:
+            if self.held:
+                self.held = False
+                self.engine.admitted -= 1
+
+
 @dataclass(eq=False)  # compared and hashed by identity (the engine keeps a set of them)
 class Job:
-    """One admitted request: its token ids, its settings, and its cancel flag."""
+    """One admitted request: its token ids, its settings, its slot, and its cancel flag."""
 
     id: str
     cfg: "RunConfig"
     prefix_ids: list[int]
     rest_ids: list[int]
+    slot: Slot | None = None
+    cache_salt: bytes = b""
     on_text: Callable[[str], None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.perf_counter)
+    future: "Future[dict[str, Any]] | None" = None
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.prefix_ids) + len(self.rest_ids)
+
+    def stop(self) -> None:
+        """Its client went away (or the server stops): a running generation ends at its next step, a
+        queued one never starts and gives its slot back now (``Engine.submit``'s done callback)."""
+        self.cancel.set()
+        if self.future is not None:
+            self.future.cancel()
 
 
 class Engine:
     """The served session: request preparation (template, tokens, fit), admission (``concurrency``
     running + ``queue`` waiting), and the worker threads that run generations."""
 
-    def __init__(self, session: "Session", concurrency: int, queue: int, model_name: str | None):
+    def __init__(
+        self,
+        session: "Session",
+        concurrency: int,
+        queue: int,
+        model_name: str | None,
+        cache_salt: bytes = b"",
+    ):
         from longdoc import pipeline
 
         if concurrency < 1:
@@ -330,6 +436,10 @@ class Engine:
         # the context limit as the fit check applies it (prompt + answer), known before any request
         probe = replace(session.cfg, generation=replace(session.cfg.generation, max_new_tokens=1))
         self.context_length = pipeline.make_plan(probe, session.info, 1).max_context
+        # No token is longer than the vocabulary's longest string: a text of more characters than this
+        # cannot fit, whatever its tokens (a bound checked before tokenizing, which is the costly part).
+        self.max_chars = self.context_length * longest_token(session.tokenizer)
+        self.cache_salt = cache_salt
         # load now (not in the first request) and compute what every request's copy of the session shares
         session.loaded()
         session.model_identity()
@@ -342,12 +452,25 @@ class Engine:
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
 
     # preparing -------------------------------------------------------------------------------------
-    def prepare(self, request: ChatRequest) -> Job:
+    def check_chars(self, request: ChatRequest) -> None:
+        """ApiError(400) for messages too long for the context whatever their tokens, before tokenizing."""
+        chars = sum(len(m["content"]) for m in request.messages)
+        if chars > self.max_chars:
+            raise ApiError(
+                400,
+                f"the messages hold {chars:,} characters, more than the context limit of {self.context_length:,}"
+                f" tokens can hold ({self.max_chars:,} characters at most)",
+                code="context_length_exceeded",
+                param="messages",
+            )
+
+    def prepare(self, request: ChatRequest, slot: Slot | None = None) -> Job:
         """Template, tokens and fit check of a request (off the event loop: a long document takes a
         while to tokenize). Raises ApiError(400) for a prompt that does not fit."""
         from longdoc import pipeline
         from longdoc.config import GenerationConfig
 
+        self.check_chars(request)
         session = self.session
         with self._tokenizer_lock:
             prompt = chat_prompt(session.tokenizer, request.messages, request.prefix_chars)
@@ -370,11 +493,18 @@ class Engine:
             pipeline.make_plan(cfg, session.info, prompt_tokens)
         except DoesNotFitError as exc:
             raise ApiError(400, exc.message, code="context_length_exceeded", param="messages") from None
-        return Job(id=f"chatcmpl-{uuid.uuid4().hex}", cfg=cfg, prefix_ids=prefix_ids, rest_ids=rest_ids)
+        return Job(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            cfg=cfg,
+            prefix_ids=prefix_ids,
+            rest_ids=rest_ids,
+            slot=slot,
+            cache_salt=self.cache_salt,
+        )
 
     # admission ---------------------------------------------------------------------------------------
-    def submit(self, job: Job) -> Future[dict[str, Any]]:
-        """Queue ``job`` for a worker, or refuse it (ApiError 429) when the queue is full."""
+    def reserve(self) -> Slot:
+        """A slot for a request about to be read, or ApiError 429 when ``concurrency + queue`` are taken."""
         with self._lock:
             if self.admitted >= self.concurrency + self.queue:
                 self.stats["rejected"] += 1
@@ -386,23 +516,35 @@ class Engine:
                     "server_busy",
                 )
             self.admitted += 1
+        return Slot(self)
+
+    def submit(self, job: Job) -> Future[dict[str, Any]]:
+        """Queue ``job`` (its slot reserved: ``reserve``) for a worker. A job whose future is cancelled
+        before a worker took it (``Job.stop``: its client left) gives its slot back at once."""
+        if job.slot is None:  # a job prepared without a slot (tests): take one now
+            job.slot = self.reserve()
+        with self._lock:
             self.jobs.add(job)
         try:
-            return self.executor.submit(self._run, job)
+            future = self.executor.submit(self._run, job)
         except RuntimeError:  # shutting down
             self._release(job)
             raise ApiError(503, "the server is shutting down", "server_error", "shutting_down") from None
+        future.add_done_callback(lambda f: self._release(job) if f.cancelled() else None)
+        job.future = future
+        return future
 
     def _release(self, job: Job) -> None:
         with self._lock:
-            self.admitted -= 1
             self.jobs.discard(job)
+        if job.slot is not None:
+            job.slot.release()
 
     def cancel_all(self) -> None:
         with self._lock:
             jobs = list(self.jobs)
         for job in jobs:
-            job.cancel.set()
+            job.stop()
 
     def shutdown(self) -> None:
         self.cancel_all()
@@ -431,7 +573,9 @@ class Engine:
                     job.on_text(piece)
 
             sources = [{"path": SERVED_SOURCE, "kind": "text", "pages": 0, "tokens": len(job.prefix_ids)}]
-            conversation = pipeline.Conversation(session, job.prefix_ids, job.prompt_tokens, sources)
+            conversation = pipeline.Conversation(
+                session, job.prefix_ids, job.prompt_tokens, sources, cache_salt=job.cache_salt
+            )
             result = conversation.answer(job.rest_ids, sources, on_text)
             outcome = "completed"
             return result
@@ -473,9 +617,24 @@ def usage(result: dict[str, Any]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def extension(result: dict[str, Any]) -> dict[str, Any]:
-    """What longdoc adds to a response (a field OpenAI clients keep and ignore): cache, timings, DCA, recycling."""
-    return {k: result[k] for k in ("cache", "timings", "dca", "recycle") if k in result}
+def extension(result: dict[str, Any], report_cache: bool = True) -> dict[str, Any]:
+    """What longdoc adds to a response (a field OpenAI clients keep and ignore): cache, timings, DCA,
+    recycling. Without ``report_cache`` the cache says only how long the document prefix was, not
+    whether it was found (which would tell a client what another one sent)."""
+    out: dict[str, Any] = {k: result[k] for k in ("cache", "timings", "dca", "recycle") if k in result}
+    if not report_cache and "cache" in out:
+        out["cache"] = {"prefix_tokens": out["cache"].get("prefix_tokens", 0)}
+    return out
+
+
+def longest_token(tokenizer: Any) -> int:
+    """The most characters one token stands for: the longest string in the vocabulary (byte-level BPE
+    strings hold a character per byte, so at least as many as the text they decode to)."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except (AttributeError, NotImplementedError):
+        vocab = {}
+    return max((len(token) for token in vocab), default=0) or 64
 
 
 class VisibleText:
@@ -511,6 +670,50 @@ def _one_line(exc: BaseException) -> str:
 # the app
 
 
+def default_max_body(context_length: int) -> int:
+    """The body cap when ``--max-body`` is not given: MAX_BODY_PER_TOKEN bytes a token of context."""
+    return max(MIN_MAX_BODY, MAX_BODY_PER_TOKEN * context_length)
+
+
+def allowed_hosts(host: str) -> list[str]:
+    """The Host names a server without an API key answers: this machine's loopback names and the
+    address it listens on (a browser page reaching it by DNS rebinding sends its own name)."""
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return sorted({*LOOPBACK_NAMES, shown.lower()})
+
+
+def served_documents_dir() -> "Path":
+    """Where served requests' document-cache entries go by default: ``served-documents`` beside the
+    user's document cache, so that requests neither find nor evict the user's own entries."""
+    from longdoc.store import documents_dir
+
+    return documents_dir().parent / SERVED_DOCUMENTS
+
+
+def cache_salt(api_key: str | None) -> bytes:
+    """The salt of served requests' entry keys: a secret kept in the served cache folder (made once,
+    readable by the user only) and the API key, so one key's clients never find another key's entries."""
+    from longdoc.store import documents_dir
+
+    folder = documents_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / SECRET_NAME
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        secret = path.read_bytes()
+    else:
+        secret = secrets.token_bytes(32)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secret)
+    return hmac.new(secret, (api_key or "").encode(), hashlib.sha256).digest()
+
+
+def _declared_length(headers: Any) -> int | None:
+    value = headers.get("content-length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
 def create_app(
     session: "Session",
     *,
@@ -518,16 +721,34 @@ def create_app(
     concurrency: int = 1,
     queue: int = 8,
     model_name: str | None = None,
+    host: str = "127.0.0.1",
+    max_body: int | None = None,
+    body_timeout_s: float = BODY_TIMEOUT_S,
+    doc_cache: str = "private",
 ) -> "FastAPI":
-    """The FastAPI app serving ``session`` (loads its model now). ``app.state.engine`` is the ``Engine``."""
+    """The FastAPI app serving ``session`` (loads its model now). ``app.state.engine`` is the ``Engine``.
+
+    ``doc_cache``: "private" salts served requests' entry keys (``cache_salt``) and reports a cache hit
+    only to a client that sent the API key (the entry's owner: clients without a key cannot be told
+    apart); "shared" uses the user's own entries as a local run does and reports every hit.
+    """
     check_installed()
     from fastapi import Depends, FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+    from starlette.requests import ClientDisconnect
     from starlette.responses import Response
 
-    engine = Engine(session, concurrency, queue, model_name)
+    if doc_cache not in ("private", "shared"):
+        raise UsageError(f"--doc-cache must be private or shared, not {doc_cache!r}")
+    private = doc_cache == "private" and session.cfg.doc_cache
+    engine = Engine(session, concurrency, queue, model_name, cache_salt(api_key) if private else b"")
+    report_cache = doc_cache == "shared" or api_key is not None
+    limit = max_body or default_max_body(engine.context_length)
+    if limit < 1:
+        raise UsageError("--max-body must be at least 1 byte")
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -536,6 +757,10 @@ def create_app(
 
     app = FastAPI(title="longdoc", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
+    app.state.max_body = limit
+    app.state.body_timeout_s = body_timeout_s
+    if api_key is None:  # a web page can reach a key-less server only under a name of its own (rebinding)
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host), www_redirect=False)
 
     def error(exc: ApiError) -> JSONResponse:
         headers = {"Retry-After": "1"} if exc.status == 429 else {}
@@ -587,14 +812,48 @@ def create_app(
             raise ApiError(404, f"the model {model!r} does not exist; this server serves {engine.model_name!r}")
         return model_card()
 
+    def too_large() -> ApiError:
+        return ApiError(413, f"the request body is over the server's limit of {limit:,} bytes (--max-body)")
+
+    async def read_body(request: Request) -> bytes:
+        """The body, up to ``limit`` bytes (413 past it) and within ``body_timeout_s`` (408)."""
+        chunks: list[bytes] = []
+        size = 0
+
+        async def read() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large()
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), body_timeout_s)
+        except asyncio.TimeoutError:  # not the builtin before Python 3.11
+            raise ApiError(408, f"the request body did not arrive within {body_timeout_s:g}s", code="timeout") from None
+        return b"".join(chunks)
+
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(request: Request) -> Response:
+        slot: Slot | None = None
+        job: Job | None = None
         try:
-            raw = await request.body()
+            # what a browser may send across sites without asking first (text/plain, forms) is refused
+            media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+            if media != "application/json":
+                raise ApiError(415, f"the request body must be application/json, not {media or 'untyped'}")
+            declared = _declared_length(request.headers)
+            if declared is not None and declared > limit:
+                raise too_large()  # refused before a byte of it is read
+            slot = engine.reserve()  # from here the request counts against --concurrency + --queue
+            raw = await read_body(request)
             try:
                 body = json.loads(raw)
             except (UnicodeDecodeError, ValueError) as exc:
                 raise _bad(f"the request body is not valid JSON ({str(exc).splitlines()[0][:120]})") from None
+            except RecursionError:
+                raise _bad("the request body is not valid JSON (nested too deeply)") from None
             parsed = parse_request(body)
             if parsed.model is not None and parsed.model not in (engine.model_name, session.info.name):
                 raise ApiError(
@@ -603,10 +862,13 @@ def create_app(
                     code="model_not_found",
                     param="model",
                 )
-            job = await run_in_threadpool(engine.prepare, parsed)
+            engine.check_chars(parsed)  # here too: an over-long prompt never waits for the tokenizer
+            job = await run_in_threadpool(engine.prepare, parsed, slot)
             if parsed.stream:
                 return streamed(request, parsed, job)
             return await complete(request, job)
+        except ClientDisconnect:  # left while its body was read: nobody to answer
+            return Response(status_code=499)
         except ApiError as exc:
             return error(exc)
         except LongdocError as exc:  # e.g. does not fit in memory once admitted
@@ -614,6 +876,9 @@ def create_app(
         except Exception as exc:  # a bug: one line to the client, and the server stays up
             failed(exc)
             return error(ApiError(500, f"internal error: {_one_line(exc)}", "server_error"))
+        finally:
+            if slot is not None and (job is None or job.future is None):  # never handed to a worker
+                slot.release()
 
     async def complete(request: Request, job: Job) -> Response:
         future = asyncio.wrap_future(engine.submit(job))
@@ -623,8 +888,10 @@ def create_app(
                 if done:
                     break
                 if await request.is_disconnected():
-                    job.cancel.set()
-            if future.cancelled():  # never started: the executor was shut down
+                    job.stop()
+            if future.cancelled():  # never started: its client left, or the executor was shut down
+                if await request.is_disconnected():
+                    return Response(status_code=499)
                 raise ApiError(503, SHUTTING_DOWN, "server_error")
             result = future.result()
         except Cancelled:
@@ -632,7 +899,7 @@ def create_app(
                 return Response(status_code=499)
             raise ApiError(503, SHUTTING_DOWN, "server_error") from None
         finally:
-            job.cancel.set()  # a no-op once it is done; stops it when this handler is cancelled
+            job.stop()  # a no-op once it is done; stops it when this handler is cancelled
         created = int(time.time())
         return JSONResponse(
             {
@@ -649,22 +916,23 @@ def create_app(
                     }
                 ],
                 "usage": usage(result),
-                "longdoc": extension(result),
+                "longdoc": extension(result, report_cache),
             }
         )
 
     class EventStream(StreamingResponse):
-        """A stream that cancels its generation however it ends (finished, client gone, shutdown)."""
+        """A stream that stops its job however it ends (finished, client gone while queued or
+        generating, shutdown): a queued job gives its slot back at once."""
 
-        def __init__(self, content: AsyncIterator[str], cancel: threading.Event):
+        def __init__(self, content: AsyncIterator[str], job: Job):
             super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-            self.cancel = cancel
+            self.job = job
 
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
             try:
                 await super().__call__(scope, receive, send)
             finally:
-                self.cancel.set()
+                self.job.stop()
 
     def streamed(request: Request, parsed: ChatRequest, job: Job) -> Response:
         loop = asyncio.get_running_loop()
@@ -675,7 +943,7 @@ def create_app(
                 loop.call_soon_threadsafe(pieces.put_nowait, (kind, value))
 
         job.on_text = lambda piece: put("text", piece)
-        future = engine.submit(job)  # before the response starts: a full queue is a 429
+        future = engine.submit(job)  # before the response starts: shutting down is a 503
         future.add_done_callback(lambda f: put("end", f))
         created = int(time.time())
 
@@ -692,58 +960,54 @@ def create_app(
             obj.update(extra)
             return _sse(obj)
 
+        def failure(exc: BaseException) -> ApiError:
+            if isinstance(exc, Cancelled | CancelledError):  # the client went away (nobody reads this) or shutdown
+                return ApiError(503, SHUTTING_DOWN, "server_error")
+            if isinstance(exc, LongdocError):
+                return ApiError(400, exc.message)
+            failed(exc)
+            return ApiError(500, f"internal error: {_one_line(exc)}", "server_error")
+
         async def events() -> AsyncIterator[str]:
             visible = VisibleText()
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    try:
-                        kind, value = await asyncio.wait_for(pieces.get(), KEEPALIVE_S)
-                    except asyncio.TimeoutError:  # not the builtin before Python 3.11
-                        yield ": keep-alive\n\n"
-                        continue
-                    if kind == "text":
-                        text = visible.push(value)
-                        if text:
-                            yield chunk({"content": text})
-                        continue
-                    break
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
                 try:
-                    result = value.result()
-                except (Cancelled, CancelledError):  # the client went away (nobody reads this) or shutdown
-                    yield _sse(
-                        ApiError(
-                            503, "the generation was cancelled: the server is shutting down", "server_error"
-                        ).body()
-                    )
-                    return
-                except LongdocError as exc:
-                    yield _sse(ApiError(400, exc.message).body())
-                    return
-                except Exception as exc:
-                    failed(exc)
-                    yield _sse(ApiError(500, f"internal error: {_one_line(exc)}", "server_error").body())
-                    return
-                rest = visible.finish(result["answer"])
-                if rest:
-                    yield chunk({"content": rest})
-                yield chunk({}, finish_reason(result, job), longdoc=extension(result))
-                if parsed.include_usage:
-                    yield _sse(
-                        {
-                            "id": job.id,
-                            "object": "chat.completion.chunk",
-                            "created": created,
-                            "model": engine.model_name,
-                            "choices": [],
-                            "usage": usage(result),
-                        }
-                    )
+                    kind, value = await asyncio.wait_for(pieces.get(), KEEPALIVE_S)
+                except asyncio.TimeoutError:  # not the builtin before Python 3.11
+                    yield ": keep-alive\n\n"
+                    continue
+                if kind == "text":
+                    text = visible.push(value)
+                    if text:
+                        yield chunk({"content": text})
+                    continue
+                break
+            try:
+                result = value.result()
+            except Exception as exc:  # noqa: BLE001 (each kind is answered: failure())
+                # an error event, then the end of the stream as OpenAI ends one
+                yield _sse(failure(exc).body())
                 yield "data: [DONE]\n\n"
-            finally:
-                job.cancel.set()
+                return
+            rest = visible.finish(result["answer"])
+            if rest:
+                yield chunk({"content": rest})
+            yield chunk({}, finish_reason(result, job), longdoc=extension(result, report_cache))
+            if parsed.include_usage:
+                yield _sse(
+                    {
+                        "id": job.id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": engine.model_name,
+                        "choices": [],
+                        "usage": usage(result),
+                    }
+                )
+            yield "data: [DONE]\n\n"
 
-        return EventStream(events(), job.cancel)
+        return EventStream(events(), job)
 
     return app
 
@@ -772,6 +1036,81 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def deadline_protocol(headers_timeout_s: float, body_timeout_s: float) -> type:
+    """uvicorn's h11 protocol with read deadlines, which uvicorn lacks (its keep-alive timer starts
+    only after a first answer, and any byte restarts it): a connection that has not sent a request's
+    whole head ``headers_timeout_s`` after it opened (or after the previous answer), or its body
+    ``body_timeout_s`` after the head (the app answers 408 first; this is the backstop), or the rest of
+    a body the app already refused within DRAIN_TIMEOUT_S, is closed. Slow-loris clients hold no more
+    than a socket for that long."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class DeadlineProtocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+        _phase: tuple[Any, bool] | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._watch()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._watch()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._arm(None, None)
+            super().connection_lost(exc)
+
+        def _watch(self) -> None:
+            """(Re)arm the deadline of the phase the connection is in, when it changed."""
+            theirs, answered = self.conn.their_state, self.conn.our_state is h11.DONE
+            if (theirs, answered) == self._phase:
+                return
+            if theirs is h11.IDLE:
+                limit: float | None = headers_timeout_s
+            elif theirs is h11.SEND_BODY:
+                limit = DRAIN_TIMEOUT_S if answered else body_timeout_s + 1.0
+            else:  # the request is in: the answer takes as long as it takes
+                limit = None
+            self._arm((theirs, answered), limit)
+
+        def _arm(self, phase: tuple[Any, bool] | None, limit: float | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._phase = phase
+            self._deadline = None if limit is None else self.loop.call_later(limit, self._expire)
+
+        def _expire(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return DeadlineProtocol
+
+
+@contextlib.contextmanager
+def _documents_dir(folder: "Path | None") -> Iterator[None]:
+    """The process's document cache folder set to ``folder`` while serving (None: left as it is)."""
+    if folder is None:
+        yield
+        return
+    name = "LONGDOC_DOC_CACHE_DIR"  # read by longdoc.store.documents_dir at every use
+    previous = os.environ.get(name)
+    os.environ[name] = str(folder)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
 def serve(
     session: "Session",
     host: str = "127.0.0.1",
@@ -781,20 +1120,53 @@ def serve(
     queue: int = 8,
     ready: Callable[[Running], None] | None = None,
     model_name: str | None = None,
+    max_body: int | None = None,
+    doc_cache: str = "private",
+    headers_timeout_s: float = HEADERS_TIMEOUT_S,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> None:
-    """Serve ``session`` until stopped (Ctrl-C, or ``Running.stop`` from ``ready``'s argument).
+    """Serve ``session`` until stopped (Ctrl-C, SIGTERM, or ``Running.stop`` from ``ready``'s argument).
 
     Port 0 picks a free port (the status line and ``ready`` give the one bound). After a Ctrl-C the
     in-flight generations are cancelled and the server shuts down; uvicorn then raises the
-    KeyboardInterrupt again, which the CLI turns into exit 130.
+    KeyboardInterrupt again, which the CLI turns into exit 130. With ``doc_cache="private"`` the
+    process's document cache is ``served_documents_dir()`` while it serves.
     """
     check_installed()
+    private = doc_cache == "private" and session.cfg.doc_cache
+    with _documents_dir(served_documents_dir() if private else None):
+        app = create_app(
+            session,
+            api_key=api_key,
+            concurrency=concurrency,
+            queue=queue,
+            model_name=model_name,
+            host=host,
+            max_body=max_body,
+            body_timeout_s=body_timeout_s,
+            doc_cache=doc_cache,
+        )
+        _run(app, session, host, port, api_key, ready, headers_timeout_s)
+
+
+def _run(
+    app: Any,
+    session: "Session",
+    host: str,
+    port: int,
+    api_key: str | None,
+    ready: Callable[[Running], None] | None,
+    headers_timeout_s: float,
+) -> None:
+    """``serve``'s uvicorn server, until it stops."""
     import uvicorn
 
-    app = create_app(session, api_key=api_key, concurrency=concurrency, queue=queue, model_name=model_name)
     engine: Engine = app.state.engine
     if api_key is None and not _is_loopback(host):
-        session.reporter.warn(f"serving on {host} without --api-key: anyone who can reach it can use the model")
+        session.reporter.warn(
+            f"serving on {host} without --api-key: anyone who can reach it can use the model (requests must"
+            f" name {host} or a loopback name as their Host)"
+        )
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
@@ -826,9 +1198,13 @@ def serve(
         app,
         host=host,
         port=port,
+        http=deadline_protocol(headers_timeout_s, app.state.body_timeout_s),
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
+        timeout_keep_alive=KEEP_ALIVE_S,
+        limit_concurrency=MAX_CONNECTIONS,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         lifespan="on",
     )
     server = Server(config)

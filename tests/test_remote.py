@@ -48,8 +48,10 @@ def tiny(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def server(tiny) -> Iterator[Served]:
-    """``longdoc serve`` over the tiny model with the settings a local ``--dtype float32`` run has."""
-    served = start(Session(RunConfig(model=tiny, dtype="float32"), Collect()), concurrency=2, queue=8)
+    """``longdoc serve`` over the tiny model with the settings a local ``--dtype float32`` run has, on the
+    user's own document cache (``--doc-cache shared``): a remote answer finds the local run's entry."""
+    session = Session(RunConfig(model=tiny, dtype="float32"), Collect())
+    served = start(session, concurrency=2, queue=8, doc_cache="shared")
     yield served
     stop(served)
 

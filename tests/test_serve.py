@@ -95,10 +95,15 @@ class Served:
     def client(self, key: str | None = KEY, **kw: Any) -> Any:
         return openai.OpenAI(base_url=self.url, api_key=key or "none", max_retries=0, timeout=60, **kw)
 
-    def post(self, body: Any, key: str | None = KEY, timeout: float = 60) -> Any:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        data = {"content": body} if isinstance(body, bytes | str) else {"json": body}
+    def post(self, body: Any, key: str | None = KEY, timeout: float = 60, **headers: str) -> Any:
+        headers = {"Content-Type": "application/json", **headers}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        data = {"content": body} if isinstance(body, bytes | str) else {"content": json.dumps(body)}
         return httpx.post(f"{self.url}/chat/completions", headers=headers, timeout=timeout, **data)
+
+    def health(self) -> dict[str, Any]:
+        return dict(httpx.get(self.url.removesuffix("/v1") + "/health", timeout=10).json())
 
     def idle(self, timeout: float = 30.0) -> bool:
         """Wait until no request is running or waiting."""
@@ -137,7 +142,9 @@ def stop(served: Served) -> None:
 
 @pytest.fixture(scope="module")
 def server(session) -> Iterator[Served]:
-    served = start(session, concurrency=2, queue=8)
+    # the user's own document cache, as a local run: a request shaped like the local prompt must find
+    # the local run's entry (the same token ids); the default, private cache is tested on its own
+    served = start(session, concurrency=2, queue=8, doc_cache="shared")
     yield served
     stop(served)
 
@@ -368,6 +375,19 @@ MALFORMED = [
     ({"messages": [USER], "stop": ["\n"]}, "stop"),
     ({"messages": [USER], "longdoc_prefix_chars": 999}, "longdoc_prefix_chars"),
     ({"messages": [USER], "model": 7}, "'model'"),
+    # once 500s, or accepted: out of range, or nested past the parser's recursion limit
+    ({"messages": [USER], "seed": 2**64}, "seed"),
+    ({"messages": [USER], "temperature": 5}, "temperature"),
+    ({"messages": [USER], "temperature": 1e308}, "temperature"),
+    (b"[" * 100_000, "nested"),
+    # once ignored, though they change what the answer means
+    ({"messages": [USER], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [USER], "logit_bias": {"5": 10}}, "logit_bias"),
+    ({"messages": [USER], "tool_choice": "required"}, "tool_choice"),
+    ({"messages": [USER], "presence_penalty": 0.5}, "presence_penalty"),
+    ({"messages": [USER], "frequency_penalty": -1}, "frequency_penalty"),
+    ({"messages": [USER], "top_logprobs": 3}, "top_logprobs"),
+    ({"messages": [USER], "logprobs": True}, "logprobs"),
 ]
 
 
@@ -383,6 +403,15 @@ def test_malformed_requests_get_400_with_one_line(server):
     unknown = server.post({"model": "gpt-4o", "messages": [USER]})
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
     assert server.post({"messages": [USER], "max_tokens": 2}).status_code == 200  # still serving
+
+
+def test_neutral_values_and_tiny_temperatures_are_answered(server):
+    greedy = server.post({"messages": [USER], "max_tokens": 4, "temperature": 0}).json()["choices"][0]["message"]
+    neutral = {"response_format": {"type": "text"}, "logit_bias": {}, "presence_penalty": 0, "tool_choice": "none"}
+    for extra in ({"temperature": 1e-39}, {"temperature": 5e-324}, neutral, {"seed": -(2**63)}):
+        response = server.post({"messages": [USER], "max_tokens": 4, **extra})
+        assert response.status_code == 200, (extra, response.text)
+        assert response.json()["choices"][0]["message"] == greedy, extra  # below 1e-5: greedy
 
 
 def test_token_is_required_on_v1_routes(server, session):
@@ -406,6 +435,16 @@ def test_a_failing_request_is_500_and_the_server_carries_on(server, session, mon
     assert response.json()["error"]["message"] == "internal error: RuntimeError: boom"
     with pytest.raises(openai.APIError, match="boom"):
         list(server.client().chat.completions.create(model=session.info.name, messages=[USER], stream=True))
+    # the error event ends the stream as any stream ends: data: [DONE]
+    with httpx.stream(
+        "POST",
+        f"{server.url}/chat/completions",
+        json={"messages": [USER], "stream": True},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    ) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert "boom" in lines[-2] and lines[-1] == "data: [DONE]"
     monkeypatch.undo()
     assert server.post({"messages": [USER], "max_tokens": 2}).status_code == 200
     assert server.idle()
