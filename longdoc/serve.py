@@ -248,7 +248,7 @@ def parse_request(body: Any) -> ChatRequest:
         if not isinstance(message, dict):
             raise _bad(f"messages[{i}] must be an object with 'role' and 'content'", "messages")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list or an object is no key of ROLES
             shown = json.dumps(role)[:40] if role is not None else "missing"
             raise _bad(f"messages[{i}].role {shown} is not one of system, user, assistant", "messages")
         parsed.append({"role": ROLES[role], "content": _content(message, i)})

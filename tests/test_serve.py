@@ -360,6 +360,8 @@ MALFORMED = [
     ({"messages": ["hi"]}, "messages[0]"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "role"),
     ({"messages": [{"content": "x"}]}, "role"),
+    ({"messages": [{"role": ["user"], "content": "x"}]}, "role"),  # found by tests/fuzz/serve_faults.py
+    ({"messages": [{"role": {}, "content": "x"}]}, "role"),
     ({"messages": [{"role": "user", "content": "  "}]}, "empty"),
     ({"messages": [{"role": "user", "content": 5}]}, "content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text parts"),

@@ -3,6 +3,7 @@
     python -m tests.fuzz.run ingest --cases 10000 --seed 0        # in-process ingestion
     python -m tests.fuzz.run cli --cases 40 --seed 0              # `count`, `ask`, `summarize --each`
     python -m tests.fuzz.run sigint --runs 20 --seed 0            # SIGINT at random times, real CLI
+    python -m tests.fuzz.run serve --seed 0                       # longdoc serve under load and faults
 
 Every case must end read, or refused with exit 3 (InputError) and exactly one message line, within
 the time limit; anything else is a crash or a hang. Figures (tried, crashes, hangs, slowest case)
@@ -382,7 +383,7 @@ def save(key: str, figures: dict[str, Any], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["ingest", "cli", "sigint"])
+    parser.add_argument("mode", choices=["ingest", "cli", "sigint", "serve"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cases", type=int, default=10_000)
     parser.add_argument("--start", type=int, default=0, help="first case index (to resume or split a run)")
@@ -397,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-delay", type=float, default=12.0, help="SIGINT: latest signal, in seconds")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
+    if args.mode == "serve":  # its own harness and figures (benchmarks/out/serve_faults.json)
+        from tests.fuzz import serve_faults
+
+        return serve_faults.main(["--seed", str(args.seed)])
     if args.mode == "ingest":
         figures = run_ingest(args.seed, args.cases, args.start, args.time_limit or 60.0, checkpoint=args.out)
     elif args.mode == "cli":
