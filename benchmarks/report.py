@@ -680,6 +680,73 @@ def serve() -> None | str:
     return f"### summarize --each: in process vs longdoc serve ({data['cpu']})\n\n{note}\n\n" + table(head, rows)
 
 
+def _counts(counts: dict[str, Any]) -> str:
+    return ", ".join(f"{key}: {n}" for key, n in counts.items()) or "none"
+
+
+def serve_faults() -> str | None:
+    """longdoc serve under load and faults, on 127.0.0.1 (tests/fuzz/serve_faults.py)."""
+    data = load("serve_faults")
+    if not data:
+        return None
+    sc = data["scenarios"]
+    p50, p99 = data["small_p50_while_10mb_refused_s"], data["small_p99_while_10mb_refused_s"]
+    figures = table(
+        ["figure", "value", "goal"],
+        [
+            ["requests tried", f"{data['requests_tried']:,}", ""],
+            ["5xx answers", data["server_errors_5xx"], "0"],
+            ["slots leaked", data["slots_leaked"], "0"],
+            ["server restarts needed", data["restarts_needed"], "0"],
+            ["small request while a 10 MB body is refused, p50 / p99", f"{p50} s / {p99} s", "< 1 s"],
+        ],
+    )
+    rows = []
+    if "streams" in sc:
+        rows.append([f"{sc['streams']['streams']} concurrent streams", _counts(sc["streams"]["endings"])])
+    if "queued_gone" in sc:
+        q = sc["queued_gone"]
+        rows.append(
+            [
+                f"{q['queued_and_left']} clients queue, then leave",
+                f"still admitted after: {q['still_admitted_after_leaving']}; next client: {q['next_client']}",
+            ]
+        )
+    if "oversized" in sc:
+        o = sc["oversized"]
+        rows.append([f"10 MB bodies x{o['rounds']}, 200 MB announced, chunked past the cap", _counts(o["refusals"])])
+    if "slow" in sc:
+        for phase, label in (("heads", "heads"), ("bodies", "bodies")):
+            w = sc["slow"][phase]
+            rows.append(
+                [
+                    f"{w['connections']} slow {label}",
+                    f"left open: {w['left_open']}, all closed after {w['all_closed_after_s']} s,"
+                    f" answers {_counts(w['answers'])}, small requests answered meanwhile"
+                    f" {w['small_answered_meanwhile']}/{w['small_requests_meanwhile']}",
+                ]
+            )
+    if "malformed" in sc:
+        m = sc["malformed"]
+        rows.append([f"{m['requests']} malformed requests", _counts(m["statuses"])])
+    if "sigterm" in sc:
+        t = sc["sigterm"]
+        rows.append(
+            [
+                f"SIGTERM with {t['streams']} streams running or queued",
+                f"exit {t['exit_code']} after {t['exit_s']} s; streams: {_counts(t['endings'])}",
+            ]
+        )
+    opts = data["server"]
+    note = (
+        f"`python -m tests.fuzz.run serve --seed {data['seed']}`: one key-less server on {data['host']} (the tiny"
+        f" random-weight model, `--concurrency {opts['concurrency']} --queue {opts['queue']}`, each decode step"
+        f" slowed to {opts['token_s']} s, head/body deadlines {opts['headers_timeout_s']} / {opts['body_timeout_s']}"
+        f" s), {data['total_s']} s in all."
+    )
+    return f"### Serve under load and faults\n\n{note}\n\n{figures}\n\n" + table(["scenario", "outcome"], rows)
+
+
 def main() -> None:
     sections = [
         paths(),
@@ -709,6 +776,7 @@ def main() -> None:
         cache(),
         serve(),
         fuzz(),
+        serve_faults(),
     ]
     print("\n\n".join(s for s in sections if s))
 
