@@ -226,7 +226,8 @@ class Reporter:
         if self.quiet:
             return
         if result.get("engine", {}).get("kind") == "remote":
-            self.err.print(Text(_remote_stats(result), style="dim"))
+            # the model name is the server's: escaped like any text from outside (rich keeps ESC)
+            self.err.print(plain(_remote_stats(result), "dim"))
             return
         t, m = result["timings"], result["memory"]
         parts = [

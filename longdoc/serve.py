@@ -530,9 +530,15 @@ class Engine:
         except RuntimeError:  # shutting down
             self._release(job)
             raise ApiError(503, "the server is shutting down", "server_error", "shutting_down") from None
-        future.add_done_callback(lambda f: self._release(job) if f.cancelled() else None)
+        future.add_done_callback(lambda f: self._dropped(job) if f.cancelled() else None)
         job.future = future
         return future
+
+    def _dropped(self, job: Job) -> None:
+        """A job cancelled before a worker took it: counted, and its slot given back."""
+        with self._lock:
+            self.stats["cancelled"] += 1
+        self._release(job)
 
     def _release(self, job: Job) -> None:
         with self._lock:

@@ -57,7 +57,8 @@ class Broken(BaseHTTPRequestHandler):
         if kind == "html":
             self.send(200, b"<html><body><h1>Welcome to nginx!</h1></body></html>", "text/html")
             return
-        card = {"id": "tiny", "object": "model", "created": 0, "owned_by": "x", "max_model_len": 100_000}
+        name = self.server.behaviour.get("name", "tiny")
+        card = {"id": name, "object": "model", "created": 0, "owned_by": "x", "max_model_len": 100_000}
         self.send(200, json.dumps({"object": "list", "data": [card]}).encode(), "application/json")
 
     def do_POST(self) -> None:
@@ -217,7 +218,7 @@ def test_answers_are_escaped_for_a_terminal_and_exact_elsewhere():
 
 
 def test_a_remote_answer_reaches_a_terminal_escaped_and_a_pipe_exact(tiny, broken):
-    broken.behaviour.update(text=HOSTILE)
+    broken.behaviour.update(text=HOSTILE, name="tiny\x1b]0;NAME\x07")  # the server's model name too
     piped = ask(tiny, broken)
     assert piped.exit_code == 0 and piped.stdout == HOSTILE.strip() + "\n"
     assert json.loads(ask(tiny, broken, "--json").stdout)["answer"] == HOSTILE.strip()
@@ -245,5 +246,6 @@ def test_a_remote_answer_reaches_a_terminal_escaped_and_a_pipe_exact(tiny, broke
         if proc.poll() is None:
             proc.kill()
     text = shown.decode("utf-8", "replace")
+    assert proc.stderr is not None and "\x1b" not in proc.stderr.read().decode()  # status and stats lines
     assert "\x1b" not in text and "\x07" not in text and "\x9b" not in text and "\x0f" not in text
     assert "\\x1b]0;TITLE\\x07\\x1b[31mred" in text and "\\x9b2J" in text
