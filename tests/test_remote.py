@@ -314,6 +314,8 @@ def test_a_server_that_refuses_the_prefix_field_gets_requests_without_it(server,
         (("--remote-model", "x"), "go with --endpoint"),
         (("--concurrency", "2"), "go with --endpoint"),
         (("--endpoint", "http://127.0.0.1:9/v1", "--concurrency", "0"), "--concurrency"),
+        (("--timeout", "5"), "go with --endpoint"),
+        (("--endpoint", "http://127.0.0.1:9/v1", "--timeout", "0"), "--timeout must be more than 0"),
     ],
 )
 def test_bad_remote_options_are_usage_errors_before_any_work(args, fragment):

@@ -290,3 +290,21 @@ def test_served_requests_keep_a_cache_of_their_own_and_tell_hits_only_to_key_hol
     assert {e["key"] for e in doccache.entries()} == own  # the user's cache: not found, not written, not evicted
     served_folder = user_folder.parent / "served-documents"
     assert len(list(served_folder.glob("*.safetensors"))) == 1  # the tiny cap evicted the older served ones
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (("--doc-cache", "everyone"), "--doc-cache must be private or shared"),
+        (("--max-body", "0"), "--max-body '0'"),
+        (("--max-body", "lots"), "--max-body 'lots'"),
+    ],
+)
+def test_bad_serve_limits_are_usage_errors_before_the_model_loads(args, fragment, monkeypatch):
+    from typer.testing import CliRunner
+
+    from longdoc.cli import app
+
+    monkeypatch.setattr("longdoc.pipeline.Session.loaded", lambda self: pytest.fail("loaded the model"))
+    result = CliRunner().invoke(app, ["serve", "--port", "0", *args])
+    assert result.exit_code == 2 and fragment in result.stderr, (result.exit_code, result.stderr)
