@@ -58,6 +58,21 @@ def head(served: Served, length: int, key: str | None = KEY) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+def read_answer(sock: socket.socket) -> bytes:
+    """A whole HTTP answer (head and its Content-Length of body) from ``sock``, or what came before it closed."""
+    answer = b""
+    while True:
+        top, sep, body = answer.partition(b"\r\n\r\n")
+        lines = top.lower().split(b"\r\n")
+        length = next((int(line[15:]) for line in lines if line.startswith(b"content-length:")), 0)
+        if sep and len(body) >= length:
+            return answer
+        data = sock.recv(65536)
+        if not data:
+            return answer
+        answer += data
+
+
 def closed(sock: socket.socket) -> bool:
     """Whether the server closed ``sock`` (anything it sent before is read and dropped)."""
     while select.select([sock], [], [], 0)[0]:
@@ -163,7 +178,7 @@ def test_a_body_over_the_cap_is_413_before_it_is_read(session):
         t0 = time.monotonic()
         with socket.create_connection(address(served), timeout=10) as sock:
             sock.sendall(head(served, 200_000_000) + b"x" * 1024)  # 200 MB announced, 1 KB sent
-            answer = sock.recv(65536)
+            answer = read_answer(sock)
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
         assert b"--max-body" in answer and time.monotonic() - t0 < 5
 
@@ -238,7 +253,7 @@ def test_slow_heads_and_bodies_are_cut_off(session):
                     sock.sendall(b"x")
             time.sleep(0.25)
         assert all(closed(s) for s in sockets), "slow heads were left open"
-        assert time.monotonic() - t0 < 4
+        assert time.monotonic() - t0 < 6  # a 1 s deadline, on a busy machine
         assert served.post(SMALL).status_code == 200  # served all along
         # a body that trickles: 408, then the connection goes
         with socket.create_connection(address(served), timeout=10) as sock:
