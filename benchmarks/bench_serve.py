@@ -53,7 +53,9 @@ def start_server(env: dict[str, str], log: Path, concurrency: int) -> tuple[subp
     """``longdoc serve`` in its own process; returns it and its URL once it serves (its log in a file, so
     that a full pipe never blocks it)."""
     port = free_port()
+    # the warm-up's entries are the user's own: a private served cache would never see them
     cmd = [sys.executable, "-m", "longdoc", "serve", "--port", str(port), "--concurrency", str(concurrency)]
+    cmd += ["--doc-cache", "shared"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
     end = time.monotonic() + 600
     while "serving" not in log.read_text(errors="replace"):

@@ -15,6 +15,37 @@ from pathlib import Path
 
 MUTANTS = [
     (
+        "packing holds every original layer until the end",
+        "longdoc/attention/patch.py",
+        "    for parent, name in slots:\n        setattr(parent, name, PackedLinear(getattr(parent, name), dtype))",
+        "    keep = [getattr(*slot) for slot in slots]\n    for parent, name in slots:\n"
+        "        setattr(parent, name, PackedLinear(getattr(parent, name), dtype))",
+    ),
+    (
+        "ISA cap ignored",
+        "longdoc/cpu.py",
+        "    cap = isa_cap()\n    if cap is None:\n        return found",
+        "    cap = None\n    if cap is None:\n        return found",
+    ),
+    (
+        "embedding rows not widened",
+        "longdoc/models/weights.py",
+        "        return super().forward(ids).to(self.out_dtype)",
+        "        return super().forward(ids)",
+    ),
+    (
+        "weights file: offsets not checked against the file",
+        "longdoc/models/weights.py",
+        "if not 0 <= a <= b or b - a != need or start + b > size:",
+        "if not 0 <= a <= b:",
+    ),
+    (
+        "read chunks: the tail of a tensor dropped",
+        "longdoc/models/weights.py",
+        "                n = min(per_chunk, flat.numel() - done)",
+        "                n = min(per_chunk, flat.numel() - done - (done > 0))",
+    ),
+    (
         "least-attended keys",
         "longdoc/engine/recycled.py",
         "pooled.topk(k, dim=-1)",
