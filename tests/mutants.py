@@ -40,10 +40,10 @@ MUTANTS = [
         "if not 0 <= a <= b:",
     ),
     (
-        "read chunks: the tail of a tensor dropped",
+        "read chunks: a tensor read one element late",
         "longdoc/models/weights.py",
-        "                n = min(per_chunk, flat.numel() - done)",
-        "                n = min(per_chunk, flat.numel() - done - (done > 0))",
+        "            f.seek(start + a)",
+        "            f.seek(start + a + size)",
     ),
     (
         "least-attended keys",
