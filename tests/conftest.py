@@ -15,10 +15,22 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from longdoc.attention.dca import ChunkLayout
+
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "corpus"
 # float64 DCA test vectors, vendored from shared/testdata so a clone without shared/ still passes
 TESTDATA = REPO / "tests" / "data"
+
+
+def query_index(pos: int, key: int, layout: ChunkLayout | None) -> int:
+    """The rotation index of a query at ``pos`` against a key at ``key`` (DCA by its definition)."""
+    if layout is None:
+        return pos
+    c, s = layout.chunk_len, layout.chunk_size
+    gap = pos // c - key // c
+    return pos % c if gap == 0 else (min(pos % c + c, s) if gap == 1 else min(2 * c - 1, s))
+
 
 FAMILIES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),

@@ -23,7 +23,7 @@ from longdoc.engine.recycled import (
     streaming_positions,
 )
 
-from .conftest import tiny_model
+from .conftest import query_index, tiny_model
 
 CPU = torch.device("cpu")
 N_LAYERS = 3
@@ -35,15 +35,6 @@ def decode(model, layout, policy, n_prompt=70, new=25, seed=0, kernel="cpu"):
     kv = pm.new_store(n_prompt + new)
     logits = prefill(pm, ids, kv, step=16)
     return list(generate(pm, logits, n_prompt, kv, GenerationConfig(max_new_tokens=new), set(), policy)), pm, kv
-
-
-def query_index(pos: int, key: int, layout: ChunkLayout | None) -> int:
-    """The rotation index of a query at ``pos`` against a key at ``key`` (DCA by its definition)."""
-    if layout is None:
-        return pos
-    c, s = layout.chunk_len, layout.chunk_size
-    gap = pos // c - key // c
-    return pos % c if gap == 0 else (min(pos % c + c, s) if gap == 1 else min(2 * c - 1, s))
 
 
 def naive_attention(pm, q, kv, layer, pos, keys_per_head, probs_only=False):

@@ -10,6 +10,7 @@ from longdoc.attention.kernels import attend_cpu, attend_reference
 from longdoc.attention.rope import RopeTable
 from longdoc.attention.sparse import SparseConfig, SparseStats, block_scores, sparse_chunked_attention
 
+from .conftest import query_index
 from .test_attention import naive_dca, run_chunked
 
 THETA = 10000.0
@@ -64,15 +65,6 @@ def test_sparse_equals_reference_on_the_keys_it_kept(kernel, layout):
     assert 0.2 < stats.kept_fraction < 0.95
     keep = kept_mask(n, 2, layout, cfg, step, stats)
     torch.testing.assert_close(got, naive_dca(q, k, v, layout, THETA, keep), atol=1e-10, rtol=0)
-
-
-def query_index(pos: int, key: int, layout: ChunkLayout | None) -> int:
-    """The rotation index of a query at ``pos`` against a key at ``key`` (DCA by its definition)."""
-    if layout is None:
-        return pos
-    c, s = layout.chunk_len, layout.chunk_size
-    gap = pos // c - key // c
-    return pos % c if gap == 0 else (min(pos % c + c, s) if gap == 1 else min(2 * c - 1, s))
 
 
 def expected_selection(q, k, layout, cfg, step):
