@@ -2,7 +2,7 @@
 # Every benchmark behind benchmarks/RESULTS.md, run back to back on an otherwise idle machine.
 # JSON lands in benchmarks/out/. Takes well over an hour on 2 CPU cores; run pieces by name:
 #   benchmarks/run_all.sh engine dca passkey ppl recycle needle beyond summarize recycle32 quote recall cache fuzz llamacpp quant serve \
-#   prefill sparse
+#   prefill sparse paths
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=benchmarks/out
@@ -107,6 +107,11 @@ for step in "${steps[@]}"; do
       run python -m benchmarks.bench_serve --new 64 --pages 1-5 ;;
     summarize) # issue 5: five papers in one DCA pass vs map-reduce
       run python -m benchmarks.bench_summarize --papers 2 --map-context 8192 --new 200 ;;
+    paths)   # issue 23: each dtype / packing / quantize choice on this CPU, the revision before, llama.cpp
+      run python -m benchmarks.bench_paths --length 512 --new 16 --repeat 2 \
+        --configs auto,float32:plain,rev:34b3aea,llamacpp,float32:pack:int8,float32:pack:int4,bfloat16 --name paths
+      run python -m benchmarks.bench_paths --length 2048 --new 32 --repeat 2 --configs auto,rev:34b3aea,llamacpp \
+        --name paths_2k ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
