@@ -10,8 +10,8 @@ child) on another revision checked out in a temporary worktree, and ``llamacpp``
 same GGUF (when llama-cpp-python is installed), so "no slower than before" and "against llama.cpp"
 come from the same run. The table in RESULTS.md ("CPU paths") is rendered from the JSON.
 
-    python -m benchmarks.bench_paths --length 1024 --new 24 --repeat 2 \\
-        --configs auto,float32:pack,float32:plain:int8,float32:plain:int4,bfloat16:plain,rev:34b3aea,llamacpp
+    python -m benchmarks.bench_paths --length 512 --new 48 --repeat 3 \\
+        --configs auto,float32:plain,rev:34b3aea,llamacpp,float32:pack:int8,float32:pack:int4,bfloat16
 """
 
 from __future__ import annotations

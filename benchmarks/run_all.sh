@@ -108,9 +108,9 @@ for step in "${steps[@]}"; do
     summarize) # issue 5: five papers in one DCA pass vs map-reduce
       run python -m benchmarks.bench_summarize --papers 2 --map-context 8192 --new 200 ;;
     paths)   # issue 23: each dtype / packing / quantize choice on this CPU, the revision before, llama.cpp
-      run python -m benchmarks.bench_paths --length 512 --new 16 --repeat 2 \
+      run python -m benchmarks.bench_paths --length 512 --new 48 --repeat 3 \
         --configs auto,float32:plain,rev:34b3aea,llamacpp,float32:pack:int8,float32:pack:int4,bfloat16 --name paths
-      run python -m benchmarks.bench_paths --length 2048 --new 32 --repeat 2 --configs auto,rev:34b3aea,llamacpp \
+      run python -m benchmarks.bench_paths --length 2048 --new 64 --repeat 3 --configs auto,rev:34b3aea,llamacpp \
         --name paths_2k ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac

@@ -6,7 +6,7 @@ The rules, each measured (benchmarks/RESULTS.md, "CPU paths", rendered from ``be
 * dtype: bfloat16 where oneDNN has native bfloat16 matmuls (AMX, AVX-512 BF16), else float32. Without
   them a bfloat16 matmul runs several times slower than float32.
 * packing: linears are packed for oneDNN wherever it packs their dtype: bfloat16 decode steps run 3x
-  faster packed, float32 ones 1.4x on AVX2. Each weight is widened from its stored bfloat16 as it is
+  faster packed, float32 ones about 1.3x on AVX2. Each weight is widened from its stored bfloat16 as it is
   packed, so packing costs no second copy.
 * quantization: int5 where longdoc's kernel runs (AVX-512 VNNI), else int8 where torch's int8 GEMM
   has VNNI, else none. On AVX2 torch's int8 and int4 CPU kernels are weight-only and decode several
@@ -120,7 +120,7 @@ def paths(
         why["dtype"] = "no native bfloat16 matmuls here" if not fast_bf16 else "asked for"
     packed = device.type == "cpu" and onednn_packs(dtype) and (pack == "on" or (pack == "auto" and packing_pays(dtype)))
     if packed:
-        why["packed"] = "pre-packed for oneDNN: " + ("3x" if dtype == torch.bfloat16 else "1.4x") + " on decode steps"
+        why["packed"] = "pre-packed for oneDNN: " + ("3x" if dtype == torch.bfloat16 else "1.3x") + " on decode steps"
     elif device.type != "cpu" or not onednn_packs(dtype):
         why["packed"] = "oneDNN does not pack this dtype here"
     else:
