@@ -91,7 +91,10 @@ def test_a_bad_cap_is_a_usage_error(flags, monkeypatch):
 
 def test_the_cap_reaches_torch_unless_its_own_variables_are_set(monkeypatch):
     monkeypatch.setenv("LONGDOC_ISA", "avx2")
-    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    # set, then removed: monkeypatch then restores its absence after apply_torch_cap has set it (a
+    # plain delenv of an absent variable records nothing, and the cap leaked into later tests)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
     cpu.apply_torch_cap()
     assert (cpu.os.environ["ATEN_CPU_CAPABILITY"], cpu.os.environ["ONEDNN_MAX_CPU_ISA"]) == ("avx2", "SSE41")
