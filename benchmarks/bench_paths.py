@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -94,19 +95,13 @@ def run_revision(commit: str, length: int, new: int) -> dict[str, Any]:
                 capture_output=True,
                 text=True,
                 check=False,
-                env={**_env(), "PYTHONPATH": str(tree)},
+                env={**os.environ, "PYTHONPATH": str(tree)},
             )
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
 
 
 def one(spec: str, length: int, new: int) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import torch
 from longdoc import cpu
 from longdoc.attention import native, quant
 from longdoc.attention.patch import onednn_packs, packing_pays
+from longdoc.models.resolve import cpu_has_fast_bf16
 
 # CPU classes with native bfloat16 matmuls, longdoc's int5 kernel and its attention kernel (for the
 # one-line hint on slower classes).
@@ -107,7 +108,7 @@ def paths(
     """The choices a run with these resolved settings makes on this machine, with their reasons."""
     klass = cpu.cpu_class() if device.type == "cpu" else f"cuda ({torch.cuda.get_device_name(device)})"
     why: dict[str, str] = {}
-    fast_bf16 = onednn_packs(torch.bfloat16) and bool({"amx_bf16", "avx512_bf16"} & cpu.flags())
+    fast_bf16 = cpu_has_fast_bf16()
     if device.type != "cpu":
         why["dtype"] = "the GPU's"
     elif dtype == torch.bfloat16:
