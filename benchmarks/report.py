@@ -1,17 +1,29 @@
-"""Render the tables of benchmarks/RESULTS.md from the JSON in benchmarks/out/ (figures are never typed
-in by hand). Prints markdown; sections whose JSON is missing are skipped.
+"""Render benchmarks/RESULTS.md from the JSON in benchmarks/out/ (figures are never typed in by hand):
+the headline tables (one per CPU class), then the detailed tables by topic, with the short hand-written
+parts kept below in this file. Tables whose JSON is missing are skipped. The session-by-session notes
+are hand-written in benchmarks/HISTORY.md.
 
-    python -m benchmarks.report > /tmp/tables.md
+    python -m benchmarks.report            # rewrite benchmarks/RESULTS.md
+    python -m benchmarks.report --print    # print it instead
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-OUT = Path(__file__).resolve().parent / "out"
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+RESULTS = HERE / "RESULTS.md"
 GB = 1e9
+
+# The machines the tables were measured on (RESULTS.md, "How to read these"); each detailed table's
+# heading names one. The AVX2 machine's runs record their class in their JSON.
+XEON_AMX = "Xeon, class amx"
+EPYC_AVX512 = "AMD EPYC, class avx512bf16"
+EPYC_AVX2 = "AMD EPYC, class avx2"
 
 
 def load(name: str) -> Any:
@@ -221,7 +233,7 @@ def summarize() -> str | None:
 
 
 def fuzz() -> str | None:
-    """The fuzz, Ctrl-C and model-cache fault figures (tests/fuzz)."""
+    """The fuzz, Ctrl-C and model-cache fault figures (tools/fuzz)."""
     data = load("fuzz")
     if not data:
         return None
@@ -685,7 +697,7 @@ def _counts(counts: dict[str, Any]) -> str:
 
 
 def serve_faults() -> str | None:
-    """longdoc serve under load and faults, on 127.0.0.1 (tests/fuzz/serve_faults.py)."""
+    """longdoc serve under load and faults, on 127.0.0.1 (tools/fuzz/serve_faults.py)."""
     data = load("serve_faults")
     if not data:
         return None
@@ -739,7 +751,7 @@ def serve_faults() -> str | None:
         )
     opts = data["server"]
     note = (
-        f"`python -m tests.fuzz.run serve --seed {data['seed']}`: one key-less server on {data['host']} (the tiny"
+        f"`python -m tools.fuzz.run serve --seed {data['seed']}`: one key-less server on {data['host']} (the tiny"
         f" random-weight model, `--concurrency {opts['concurrency']} --queue {opts['queue']}`, each decode step"
         f" slowed to {opts['token_s']} s, head/body deadlines {opts['headers_timeout_s']} / {opts['body_timeout_s']}"
         f" s), {data['total_s']} s in all."
@@ -747,38 +759,383 @@ def serve_faults() -> str | None:
     return f"### Serve under load and faults\n\n{note}\n\n{figures}\n\n" + table(["scenario", "outcome"], rows)
 
 
-def main() -> None:
-    sections = [
+# Commands of runs whose JSON predates bench_llamacpp's "command" field (as given in run_all.sh).
+COMMANDS = {
+    "llamacpp": "python -m benchmarks.bench_llamacpp --lengths 2048,8192 --new 64 --name llamacpp",
+    "llamacpp_2k_int5_repeat": "python -m benchmarks.bench_llamacpp --lengths 2048 --new 64 --configs "
+    "longdoc:int5,llamacpp,longdoc:int5,llamacpp,longdoc:int5,llamacpp --name llamacpp_2k_int5_repeat",
+    "llamacpp_32k": "python -m benchmarks.bench_llamacpp --lengths 32768 --new 32 --configs longdoc:int5,llamacpp "
+    "--name llamacpp_32k",
+}
+
+
+def _cpu_class(data: dict[str, Any]) -> str:
+    """The CPU class of a run: recorded since bench_paths; before, from the flags the run recorded."""
+    if data.get("cpu_class"):
+        return str(data["cpu_class"])
+    return "amx" if data.get("amx") else "avx512bf16" if data.get("avx512_bf16") else "unknown"
+
+
+def _best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best round of one configuration (the cores are shared: a slow round is another process's)."""
+    return {
+        "prefill": max(r["prefill_tok_s"] for r in runs),
+        "decode": max(r["decode_tok_s"] for r in runs),
+        "rss": min(r["peak_rss_bytes"] for r in runs),
+        "rounds": len(runs),
+        "first": runs[0],
+    }
+
+
+def _what_runs(r: dict[str, Any]) -> str:
+    if r["config"] == "llamacpp":
+        return f"llama.cpp {r.get('llama_cpp', '')}, {r.get('dtype', '')}".replace(" ,", ",")
+    if r.get("mode") == "hf":
+        return f"transformers, {r.get('dtype', '')}"
+    what = f"{r.get('dtype', '')}"
+    if "packed" in r:
+        what += ", packed" if r["packed"] else ", unpacked"
+    what += f", quantize {r.get('quantize', '')}"
+    if r.get("attention"):
+        what += f", attention {r['attention']}"
+    return what + "".join(f", {k}" for k in ("dca", "recycle") if r.get(k))
+
+
+def headline(cpu_title: str, runs: list[tuple[str, str, str]]) -> str | None:
+    """One CPU class: longdoc as a user gets it against llama.cpp on the same GGUF, each pair from one
+    run. runs: (JSON name, longdoc's config in it, how to call that config)."""
+    rows, commands, where = [], [], ""
+    for name, config, label in runs:
+        data = load(name)
+        if not data:
+            continue
+        where = where or f"{data['cpu']}, class {_cpu_class(data)}, {data['threads']} threads"
+        commands.append(f"- `{data.get('command') or COMMANDS[name]}` (`benchmarks/out/{name}.json`)")
+        groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+        for r in data["rows"]:
+            if "error" not in r and r["config"] in (config, "llamacpp"):
+                groups.setdefault((r["length"], r["config"]), []).append(r)
+        for length in sorted({n for n, _ in groups}):
+            theirs = groups.get((length, "llamacpp"))
+            ref = _best_of(theirs) if theirs else None
+            for cfg, who in ((config, label), ("llamacpp", "llama.cpp")):
+                if (length, cfg) not in groups:
+                    continue
+                b = _best_of(groups[(length, cfg)])
+                versus = ""
+                if cfg != "llamacpp" and ref:
+                    versus = f"{b['prefill'] / ref['prefill']:.2f}x, {b['decode'] / ref['decode']:.2f}x"
+                rows.append(
+                    [
+                        f"{length:,}",
+                        who,
+                        _what_runs(b["first"]),
+                        b["prefill"],
+                        b["decode"],
+                        f"{b['rss'] / GB:.2f} GB",
+                        versus,
+                        b["rounds"],
+                    ]
+                )
+    if not rows:
+        return None
+    head = [
+        "prompt tokens",
+        "engine",
+        "what runs",
+        "prefill tok/s",
+        "decode tok/s",
+        "peak RSS",
+        "longdoc / llama.cpp: prefill, decode",
+        "rounds",
+    ]
+    return (
+        f"### {cpu_title} ({where})\n\n"
+        + table(head, rows)
+        + "\n\nEach longdoc row and the llama.cpp row below it come from one run (best round where it ran"
+        " more than one):\n\n" + "\n".join(commands)
+    )
+
+
+def memory(names: tuple[str, ...], title: str) -> str | None:
+    """Peak RSS of each configuration of the CPU-path and llama.cpp runs (lowest round), by prompt length."""
+    rows = []
+    for name in names:
+        data = load(name)
+        if not data:
+            continue
+        groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for r in data["rows"]:
+            if "error" not in r:
+                groups.setdefault((r["config"], r["length"]), []).append(r)
+        for (config, length), runs in groups.items():
+            b = _best_of(runs)
+            rows.append([config, _what_runs(b["first"]), f"{length:,}", f"{b['rss'] / GB:.2f} GB", f"`{name}`"])
+    if not rows:
+        return None
+    return f"### {title}\n\n" + table(["config", "what runs", "prompt tokens", "peak RSS", "run"], rows)
+
+
+def tag(section: str | None, machine: str) -> str | None:
+    """Name the machine in every table heading of a section."""
+    if not section:
+        return None
+    return "\n".join(f"{line} — {machine}" if line.startswith("### ") else line for line in section.split("\n"))
+
+
+INTRO = """# Benchmark results
+
+What longdoc measured, on which CPU, against what. Every table is rendered by `python -m benchmarks.report`
+from the JSON in `benchmarks/out/`: no figure here is typed in by hand. First one headline table per CPU
+class, then the detailed tables by topic (speed, memory, quality, robustness), each heading naming its
+machine; "How to read these" at the end says what each benchmark measures and how to rerun it. The notes
+written as the measurements were made, session by session, are in [HISTORY.md](HISTORY.md)."""
+
+HEADLINE_NOTE = """## Headline: one table per CPU class
+
+longdoc as a user gets it on that class (`--dtype auto`, `--quantize auto`) against llama.cpp on the same
+GGUF of the embedded model, in the same run. No GPU has been measured yet; a GPU table joins these once
+`benchmarks/out/` holds a GPU run."""
+
+HOW_TO_READ = """## How to read these
+
+**Machines.** Each had 2 CPU cores shared with other jobs and no GPU; torch 2.13.0+cpu, transformers
+5.23, the embedded model `qwen2.5-coder-0.5b` (Qwen2.5-Coder-0.5B-Instruct, trained window W = 32,768),
+prompt text cut from the five shared corpus papers (`../shared/corpus`) unless a table says otherwise.
+
+- **Xeon, class amx** (AMX and AVX-512 BF16; issues 2-5): bfloat16 (`--dtype auto` there).
+- **AMD EPYC, class avx512bf16** (AVX-512 BF16 and AVX-512 VNNI, no AMX; issues 8-14 and 27): bfloat16;
+  its bfloat16 matmuls run at about half the Xeon's speed, so compare rows of one machine only.
+- **AMD EPYC, class avx2** (AVX2 and FMA, no AVX-512; issue 23): float32, as `--dtype auto` picks there.
+
+Single runs on noisy shared cores: read ratios within one table, not absolute numbers across tables.
+Where a run alternates rounds, the best round counts.
+
+**What each benchmark measures.** `bench_paths`: each dtype / packing / quantize / kernel choice on the
+CPU at hand, the revision before and llama.cpp, in alternating rounds. `bench_llamacpp`: longdoc (each
+`--quantize`), transformers and llama.cpp on one prompt. `bench_engine`: longdoc against transformers
+`generate`. `bench_step`: one decode step's time and where it goes. `bench_attention`, `bench_prefill`:
+attention kernels and where prefill time goes, exact and sparse. `bench_recycle`, `bench_quote`: recycled
+decoding's speed and what it changes in answers. `bench_cache`: a second question from the document KV
+cache. `bench_serve`: `summarize --each` in process and through `longdoc serve`. `longdoc eval
+passkey|needle|ppl`: long-context quality. `bench_summarize`, `bench_recall`: summaries. The fuzz and
+fault harness (`tools/fuzz/`, formerly `tests/fuzz/`): hostile inputs, Ctrl-C, model cache and server
+faults.
+
+**Rerun.** `benchmarks/run_all.sh` runs every benchmark back to back on an otherwise idle machine, or one
+step (`benchmarks/run_all.sh paths`); the JSON lands in `benchmarks/out/`, and `python -m
+benchmarks.report` rewrites this file from it. Each configuration runs in its own process, so its peak
+RSS is its own. The commands behind each table:
+
+{commands}
+
+**Notes cited from the code**, now in [HISTORY.md](HISTORY.md): "Reading the figures" (issues 2-13), among
+them "Weight-only quantization and llama.cpp", "int5: longdoc's own 5-bit kernel", "A leaner decode step",
+"Hostile inputs, interruptions and the model cache", "Document KV cache" and "Prefill: where the time
+goes, and sparse prefill"; then "Remote engine: longdoc serve and --endpoint", "Serve under load and
+faults (issue 27)" and "Reading the CPU paths (fifth session, issue 23)"."""
+
+
+# The command behind each detailed table (RESULTS.md, "How to read these").
+COMMANDS_BY_TABLE = [
+    (
+        "CPU paths (issue 23)",
+        "`python -m benchmarks.bench_paths --length 512 --new 48 --repeat 3 --configs "
+        "auto,float32:plain,rev:34b3aea,llamacpp,float32:pack:int8,float32:pack:int4,bfloat16 --name paths`; at 2K: "
+        "`--length 2048 --new 64 --repeat 3 --configs auto,rev:34b3aea,llamacpp --name paths_2k` "
+        "(`benchmarks/run_all.sh "
+        "paths`)",
+    ),
+    (
+        "longdoc vs transformers vs llama.cpp",
+        "`python -m benchmarks.bench_llamacpp --lengths 2048,8192 --new 64 --name llamacpp` (`benchmarks/run_all.sh "
+        "llamacpp`); int5 and llama.cpp alternating at 2K: `--lengths 2048 --new 64 --configs "
+        "longdoc:int5,llamacpp,longdoc:int5,llamacpp,longdoc:int5,llamacpp --name llamacpp_2k_int5_repeat`; at 32K: "
+        "`--lengths 32768 --new 32 --configs longdoc:int5,llamacpp --name llamacpp_32k`",
+    ),
+    (
+        "longdoc vs transformers",
+        "`python -m benchmarks.bench_engine --lengths 2048,8192,16384 --new 32 --configs "
+        "hf:float32,hf:bfloat16,longdoc:auto --name engine`",
+    ),
+    (
+        "DCA vs plain prefill",
+        "`python -m benchmarks.bench_engine --lengths 4096,8192,16384 --new 8 --configs "
+        "longdoc:auto:off,longdoc:auto:on,longdoc:auto:on:2048 --name dca`",
+    ),
+    (
+        "one decode step: time, ops, split",
+        '`python -m benchmarks.bench_step --length 2048 --quantize none,int8,int4` (the "before" rows: the same '
+        "command in a worktree of 95b1de5); with the int5 kernel: `--quantize int5,int8,int4 --name step_int5`; "
+        "compiled: `--quantize int4,int4 --compile --name step_compile`, then `--quantize int4,int4 --name step_int4`",
+    ),
+    (
+        "exact attention kernels",
+        "`python -m benchmarks.bench_attention`",
+    ),
+    (
+        "where prefill time goes",
+        "`python -m benchmarks.bench_prefill --lengths 8192,16384,32768 --modes exact,sparse,transformers --budgets "
+        "4096,8192 --kernels cpu,cpu-torch --layers 4 --name prefill_kernel`; 64K: `--lengths 65536 --modes "
+        "exact,sparse,transformers --budgets 2048 --kernels cpu,cpu-torch --layers 2 --name prefill_64k_kernel` "
+        "(`benchmarks/run_all.sh prefill`); the commands of the earlier runs head their table",
+    ),
+    (
+        "sparse prefill, quality",
+        "`benchmarks/run_all.sh sparse`",
+    ),
+    (
+        "recycled decode",
+        "`python -m benchmarks.bench_recycle --lengths 8192,16384,32768 --new 256 --name recycle`; at 32K, before and "
+        "after issue 9: `--lengths 32768 --new 128 --k 2048 --stride 16 --before 1236822 --no-breakdown --name "
+        "recycle_32k`; K=4096: `--k 4096 --name recycle_32k_k4096` (same saved prefill)",
+    ),
+    (
+        "second question, cold vs document cache",
+        "`python -m benchmarks.bench_cache --lengths 16384,32768`",
+    ),
+    (
+        "summarize --each, in process vs longdoc serve",
+        "`python -m benchmarks.bench_serve --new 64 --pages 1-5`",
+    ),
+    (
+        "summarizing the corpus papers",
+        "`python -m benchmarks.bench_summarize --papers 2 --map-context 8192 --new 200` (five papers: `--papers 5`)",
+    ),
+    (
+        "llama.cpp's model vs longdoc's, perplexity",
+        "`python -m benchmarks.bench_llamacpp_ppl --length 4096 --configs "
+        "llamacpp,longdoc:none,longdoc:int5,longdoc:int4`",
+    ),
+    (
+        "quantization, quality",
+        "`longdoc eval ppl ../shared/corpus --lengths 4096,16384 --no-dca --quantize "
+        "none\\|int5\\|int8\\|int4 --json`, "
+        "`longdoc eval passkey --lengths 4096,8192 --depths 0.1,0.5,0.9 --quantize ...`, `longdoc eval "
+        "needle --lengths "
+        "8192,16384 --depths 0.5 --keys 1,4 --quantize ...`; activation choices for int8: `python -m "
+        "benchmarks.bench_act_quant --length 4096` (`benchmarks/run_all.sh quant`)",
+    ),
+    (
+        "passkey",
+        "`longdoc eval passkey --lengths 8192,16384 --depths 0.1,0.5,0.9 --dca --chunk-size 2048 --json` and the same "
+        "with `--no-dca --window 2048`; beyond the window `--lengths 36864 --depths 0.02` (the key ~36K "
+        "tokens before the "
+        "question, past the 32K window) with `--dca` and with `--no-dca --max-context 70000`",
+    ),
+    (
+        "perplexity",
+        "`longdoc eval ppl ../shared/corpus --lengths 4096,8192,16384` with `--no-dca` and with `--dca --chunk-size "
+        "2048`; `--lengths 36864` with `--dca`, `--dca --dca-temperature`, `--no-dca --max-context 70000`",
+    ),
+    (
+        "needle",
+        "`longdoc eval needle --lengths 8192,16384 --depths 0.5 --keys 1,4 --json`",
+    ),
+    (
+        "summarize, then quote",
+        "`python -m benchmarks.bench_quote --docs 10 --lengths 16384,20480,16384 --new 100 --configs "
+        "full,fixed:2048:16,fixed:4096:16,dynamic:2048:8:0.9 --name quote`",
+    ),
+    (
+        "summary recall per page",
+        "`python -m benchmarks.bench_recall --before 1236822` (`--only report.pdf` for the final-prompts row)",
+    ),
+    (
+        "fuzz, Ctrl-C, model cache faults",
+        '`python -m tools.fuzz.run ingest\\|cli\\|sigint` and the cache faults (HISTORY.md, "Hostile inputs, '
+        'interruptions and the model cache")',
+    ),
+    (
+        "serve under load and faults",
+        "`python -m tools.fuzz.run serve --seed 0`",
+    ),
+]
+
+
+def document() -> str:
+    """RESULTS.md: the headline tables, the detailed tables by topic, how to read them."""
+    headlines = [
+        headline(
+            "AVX2: longdoc `auto` against llama.cpp",
+            [("paths", "auto", "longdoc (auto)"), ("paths_2k", "auto", "longdoc (auto)")],
+        ),
+        headline(
+            "AVX-512 BF16 and VNNI: longdoc int5 (what `auto` picks there) against llama.cpp",
+            [("llamacpp", "longdoc:int5", "longdoc (int5)"), ("llamacpp_32k", "longdoc:int5", "longdoc (int5)")],
+        ),
+    ]
+    speed = [
         paths(),
         paths("paths_2k", "CPU paths: this revision, the one before and llama.cpp at 2K, one run"),
-        engine("engine", "longdoc vs transformers `generate` (same model, 32 new tokens)"),
-        engine("dca", "DCA vs plain attention prefill (longdoc, bfloat16)"),
-        llamacpp(),
-        llamacpp("llamacpp_2k_int5_repeat", "int5 and llama.cpp alternating at 2K, one run"),
-        llamacpp("llamacpp_32k", "longdoc int5 vs llama.cpp at 32K, one run"),
-        llamacpp_ppl(),
-        step(),
-        quantized(),
-        attention_kernels(),
-        prefill_breakdown(
-            ("prefill_kernel", "prefill_64k_kernel"), "Where prefill time goes, longdoc's kernel against torch's"
+        tag(llamacpp(), EPYC_AVX512),
+        tag(llamacpp("llamacpp_2k_int5_repeat", "int5 and llama.cpp alternating at 2K, one run"), EPYC_AVX512),
+        tag(llamacpp("llamacpp_32k", "longdoc int5 vs llama.cpp at 32K, one run"), EPYC_AVX512),
+        tag(engine("engine", "longdoc vs transformers `generate` (same model, 32 new tokens)"), XEON_AMX),
+        tag(engine("dca", "DCA vs plain attention prefill (longdoc, bfloat16)"), XEON_AMX),
+        tag(step(), EPYC_AVX512),
+        tag(attention_kernels(), EPYC_AVX512),
+        tag(
+            prefill_breakdown(
+                ("prefill_kernel", "prefill_64k_kernel"), "Where prefill time goes, longdoc's kernel against torch's"
+            ),
+            EPYC_AVX512,
         ),
-        prefill_breakdown(title="Where prefill time goes; exact vs sparse prefill (before flash.c: torch's kernel)"),
-        sparse_quality(),
-        recycle(),
-        recycle("recycle_32k", "Recycled decode at 32K with DCA, before and after issue 9"),
-        recycle("recycle_32k_k4096", "Recycled decode at 32K with DCA, K=4096"),
-        quote(),
-        evals(),
-        summarize(),
-        recall("recall", ", first revision of the new prompts"),
-        recall("recall_final", ", final prompts"),
-        cache(),
-        serve(),
-        fuzz(),
-        serve_faults(),
+        tag(
+            prefill_breakdown(
+                title="Where prefill time goes; exact vs sparse prefill (before flash.c: torch's kernel)"
+            ),
+            EPYC_AVX512,
+        ),
+        tag(recycle(), XEON_AMX),
+        tag(recycle("recycle_32k", "Recycled decode at 32K with DCA, before and after issue 9"), EPYC_AVX512),
+        tag(recycle("recycle_32k_k4096", "Recycled decode at 32K with DCA, K=4096"), EPYC_AVX512),
+        tag(cache(), EPYC_AVX512),
+        tag(serve(), EPYC_AVX512),
+        tag(summarize(), XEON_AMX),
     ]
-    print("\n\n".join(s for s in sections if s))
+    mem = [
+        tag(memory(("paths", "paths_2k"), "Peak memory of each CPU path"), EPYC_AVX2),
+        tag(
+            memory(("llamacpp", "llamacpp_32k"), "Peak memory of each --quantize, transformers and llama.cpp"),
+            EPYC_AVX512,
+        ),
+    ]
+    quality = [
+        tag(llamacpp_ppl(), EPYC_AVX512),
+        tag(quantized(), EPYC_AVX512),
+        tag(sparse_quality(), EPYC_AVX512),
+        tag(evals(), XEON_AMX),
+        tag(quote(), EPYC_AVX512),
+        tag(recall("recall", ", first revision of the new prompts"), EPYC_AVX512),
+        tag(recall("recall_final", ", final prompts"), EPYC_AVX512),
+    ]
+    robustness = [
+        tag(fuzz(), EPYC_AVX512),
+        tag(serve_faults(), "2 shared cores, the tiny random-weight model"),
+    ]
+    parts = [INTRO, HEADLINE_NOTE, *headlines]
+    for title, sections in (
+        ("Speed", speed),
+        ("Memory", mem),
+        ("Quality", quality),
+        ("Robustness", robustness),
+    ):
+        present = [s for s in sections if s]
+        if present:
+            parts += [f"## {title}", *present]
+    commands = table(["table", "command"], [[t, c] for t, c in COMMANDS_BY_TABLE])
+    parts.append(HOW_TO_READ.replace("{commands}", commands))
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def main() -> None:
+    text = document()
+    if "--print" in sys.argv[1:]:
+        sys.stdout.write(text)
+    else:
+        RESULTS.write_text(text)
+        print(f"wrote {RESULTS}", file=sys.stderr)
 
 
 if __name__ == "__main__":
