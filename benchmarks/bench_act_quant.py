@@ -3,8 +3,8 @@
 torch's x86 int8 GEMM quantizes its input with one scale and zero point per call. This benchmark
 emulates, in float32, int8 weights (per output channel, as ``--quantize int8`` stores them) times
 activations quantized in several ways, and measures perplexity at 4K on the shared corpus with every
-position through the emulated linears (as ``eval ppl --quantize`` does). It chose ``quant.ACT_BLOCK``
-and ``quant.BLOCKED_INPUTS``; the kernel path itself is tested against a float64 emulation in
+position through the emulated linears (as ``eval ppl --quantize`` does). It chose ``schemes.ACT_BLOCK``
+and ``schemes.BLOCKED_INPUTS``; the kernel path itself is tested against a float64 emulation in
 tests/test_quant.py and measured by ``eval ppl --quantize int8``.
 
 Modes: ``w`` weight-only; ``sym`` symmetric 8-bit per row; ``asymB`` asymmetric B-bit per row (the
@@ -64,9 +64,9 @@ class Emulated(nn.Module):
 
     def __init__(self, linear: nn.Linear, mode: str):
         super().__init__()
-        from longdoc.attention import quant
+        from longdoc.quant import schemes
 
-        q, s = quant.quantize_int8(linear.weight)
+        q, s = schemes.quantize_int8(linear.weight)
         self.weight = (q.float() * s[:, None]).T.contiguous()
         self.bias = None if linear.bias is None else linear.bias.detach().float()
         self.mode = mode
@@ -115,11 +115,11 @@ def main() -> None:
     a = ap.parse_args()
 
     from longdoc import models
-    from longdoc.attention import quant
     from longdoc.config import DCAConfig, RunConfig
     from longdoc.evals.ppl import nll_sum
-    from longdoc.pipeline import Session
+    from longdoc.quant import schemes
     from longdoc.render import Reporter
+    from longdoc.runtime.local import Session
 
     cfg = RunConfig(dca=DCAConfig(enabled=False), doc_cache=False, quantize="none")
     session = Session(cfg, Reporter(quiet=True))
@@ -130,7 +130,7 @@ def main() -> None:
         t0 = time.perf_counter()
         source = models.ModelSource(kind="folder", name=info.name, path=info.folder)
         loaded = models.load_model(source, info.device, info.dtype, tokenizer=session.tokenizer)
-        for name in quant.quantized_names(loaded.model):
+        for name in schemes.quantized_names(loaded.model):
             mode = SELECTIONS[label](name)
             if mode is not None:
                 parent, _, child = name.rpartition(".")

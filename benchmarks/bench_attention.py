@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.bench_prefill import matmul_ceiling
 from benchmarks.common import cpu_info, save
+from longdoc.native import flash
 
 # (label, queries, keys, causal)
 SHAPES = [
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="attention")
     args = parser.parse_args(argv)
 
-    from longdoc.attention import native
+    from longdoc import native
     from longdoc.attention.kernels import attend_cpu, attend_reference, attend_torch_cpu
 
     if native.library("flash") is None:
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             "queries": lq,
             "keys": lk,
             "causal": causal,
-            "longdoc_kernel": "flash.c" if native.flash_takes(q, k, v) else "torch (decode)",
+            "longdoc_kernel": "flash.c" if flash.flash_takes(q, k, v) else "torch (decode)",
             **{f"{name}_ms": round(t * 1e3, 3) for name, t in best.items()},
             **{f"{name}_gflops": round(flop / t / 1e9, 1) for name, t in best.items()},
             **{f"{name}_vs_ceiling": round(flop / t / 1e9 / ceiling, 3) for name, t in best.items()},

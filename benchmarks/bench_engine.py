@@ -28,8 +28,8 @@ def child(mode: str, dtype: str, length: int, new: int, dca: str, chunk: int | N
     from longdoc.config import DCAConfig, GenerationConfig, RunConfig
     from longdoc.engine.decode import generate
     from longdoc.engine.prefill import prefill
-    from longdoc.pipeline import Session, make_plan
     from longdoc.render import Reporter
+    from longdoc.runtime.local import Session, make_plan
 
     dca_flag = {"on": True, "off": False, "auto": None}[dca]
     cfg = RunConfig(
@@ -51,9 +51,9 @@ def child(mode: str, dtype: str, length: int, new: int, dca: str, chunk: int | N
         plan = make_plan(cfg, info, len(ids))
         model = session.patched(plan)
         load_s = time.perf_counter() - t0
-        warm = model.new_store(32)
+        warm = model.new_cache(32)
         prefill(model, torch.tensor([ids[:16]]), warm, cfg.prefill_step)
-        kv = model.new_store(len(ids) + new)
+        kv = model.new_cache(len(ids) + new)
         t1 = time.perf_counter()
         logits = prefill(model, torch.tensor([ids]), kv, cfg.prefill_step)
         t_prefill = time.perf_counter() - t1

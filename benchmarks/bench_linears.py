@@ -55,8 +55,8 @@ def decoder_layer() -> nn.Module:
 
 def build(kind: str) -> tuple[list[nn.Module], nn.Module]:
     """The decoder layers and the LM head, run as ``kind`` runs them."""
-    from longdoc.attention import quant
-    from longdoc.attention.patch import pack_linears
+    from longdoc.quant import schemes
+    from longdoc.quant.packing import pack_linears
 
     model = nn.Module()
     model.layers = nn.ModuleList([decoder_layer() for _ in range(LAYERS)])
@@ -64,10 +64,10 @@ def build(kind: str) -> tuple[list[nn.Module], nn.Module]:
     if kind != "bfloat16":
         scheme = "int4" if kind == "int4" else "int8"
         tensors = {}
-        for name in quant.quantized_names(model):
-            q, s = quant.quantize(scheme, model.get_submodule(name).weight)
+        for name in schemes.quantized_names(model):
+            q, s = schemes.quantize(scheme, model.get_submodule(name).weight)
             tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = q, s
-        quant.quantize_linears(model, scheme, tensors)
+        schemes.quantize_linears(model, scheme, tensors)
     else:
         pack_linears(model)
     return list(model.layers), model.lm_head
@@ -91,21 +91,21 @@ def main() -> None:
     ap.add_argument("--name", default="linears")
     ap.add_argument("--kinds", default="bfloat16,int8 weight-only,int8 GEMM,int4")
     a = ap.parse_args()
-    from longdoc.attention import quant
+    from longdoc.quant import schemes
 
     kinds = a.kinds.split(",")
     rows = []
     for kind in kinds:
-        if kind == "int8 GEMM" and not quant.int8_gemm_available():
+        if kind == "int8 GEMM" and not schemes.int8_gemm_available():
             rows.append({"kind": kind, "error": "no int8 GEMM here"})
             continue
-        saved = quant.int8_gemm_available
+        saved = schemes.int8_gemm_available
         if kind == "int8 weight-only":
-            quant.int8_gemm_available = lambda: False  # type: ignore[assignment]
+            schemes.int8_gemm_available = lambda: False  # type: ignore[assignment]
         try:
             layers, head = build(kind)
         finally:
-            quant.int8_gemm_available = saved
+            schemes.int8_gemm_available = saved
         decoder = timed(lambda layers=layers: step(layers))
         # a fresh input each call: the int8 GEMM hands a repeated input its last outputs
         lm_head = timed(lambda head=head: head(torch.randn(1, HIDDEN, dtype=torch.bfloat16)))
@@ -114,10 +114,10 @@ def main() -> None:
         rows.append(row)
         del layers, head
     extra = {}
-    if quant.int8_gemm_available():
+    if schemes.int8_gemm_available():
         # 24 layers' gate/up GEMMs: one row, and a block-diagonal input of 7 rows (blocks of 128 of 896)
         weights = [torch.randint(-127, 128, (2 * INTER, HIDDEN), dtype=torch.int8) for _ in range(LAYERS)]
-        packs = [quant.QuantGemm("int8", [w], [torch.rand(2 * INTER)], [None], torch.bfloat16) for w in weights]
+        packs = [schemes.QuantGemm("int8", [w], [torch.rand(2 * INTER)], [None], torch.bfloat16) for w in weights]
         for rows_in in (1, 7):
             x = torch.randn(rows_in, HIDDEN)
             ms = timed(lambda x=x: [torch.ops.quantized.linear_dynamic(x, g.packed, False) for g in packs])

@@ -58,7 +58,7 @@ def embedded_gguf() -> Path:
 
 
 def prompt_ids(length: int) -> list[int]:
-    from longdoc.pipeline import model_info
+    from longdoc.runtime.local import model_info
 
     tokenizer = model_info(None, "cpu", "auto").tokenizer
     ids = list(tokenizer(corpus_text(), add_special_tokens=False)["input_ids"])
@@ -72,8 +72,8 @@ def child_longdoc(quantize: str, ids: list[int], new: int) -> dict[str, Any]:
     from longdoc.engine.decode import generate
     from longdoc.engine.prefill import prefill
     from longdoc.engine.recycled import RecycledPolicy
-    from longdoc.pipeline import Session, make_plan
     from longdoc.render import Reporter
+    from longdoc.runtime.local import Session, make_plan
 
     cfg = RunConfig(quantize=quantize, doc_cache=False, generation=GenerationConfig(max_new_tokens=new))
     t0 = time.perf_counter()
@@ -81,9 +81,9 @@ def child_longdoc(quantize: str, ids: list[int], new: int) -> dict[str, Any]:
     plan = make_plan(cfg, session.info, len(ids))
     model = session.patched(plan)
     load_s = time.perf_counter() - t0
-    warm = model.new_store(32)
+    warm = model.new_cache(32)
     prefill(model, torch.tensor([ids[:16]]), warm, cfg.prefill_step)  # first-call costs, as every config gets
-    kv = model.new_store(len(ids) + new)
+    kv = model.new_cache(len(ids) + new)
     t1 = time.perf_counter()
     logits = prefill(model, torch.tensor([ids]), kv, cfg.prefill_step)
     prefill_s = time.perf_counter() - t1
@@ -103,7 +103,7 @@ def child_longdoc(quantize: str, ids: list[int], new: int) -> dict[str, Any]:
 
 
 def child_hf(ids: list[int], new: int) -> dict[str, Any]:
-    from longdoc.pipeline import model_info
+    from longdoc.runtime.local import model_info
 
     info = model_info(None, "cpu", "bfloat16")
     _, load_s, t1, stamps = hf_generate_timed(info.folder, torch.bfloat16, ids, new)

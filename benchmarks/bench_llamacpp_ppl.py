@@ -50,8 +50,8 @@ def nll_llamacpp(ids: list[int]) -> tuple[float, int]:
 def nll_longdoc(quantize: str, ids: list[int]) -> tuple[float, int]:
     from longdoc.config import DCAConfig, RunConfig
     from longdoc.evals.ppl import nll_sum
-    from longdoc.pipeline import Session
     from longdoc.render import Reporter
+    from longdoc.runtime.local import Session
 
     cfg = RunConfig(dtype="bfloat16", quantize=quantize, doc_cache=False, dca=DCAConfig(enabled=False))
     return nll_sum(Session(cfg, Reporter(quiet=True)), ids)

@@ -38,8 +38,8 @@ def child(dtype: str, pack: str, quantize: str, kernel: str, length: int, new: i
     from longdoc.config import GenerationConfig, RunConfig
     from longdoc.engine.decode import generate
     from longdoc.engine.prefill import prefill
-    from longdoc.pipeline import Session, make_plan
     from longdoc.render import Reporter
+    from longdoc.runtime.local import Session, make_plan
 
     ids = prompt_ids(length)
     cfg = RunConfig(
@@ -57,8 +57,8 @@ def child(dtype: str, pack: str, quantize: str, kernel: str, length: int, new: i
     plan = make_plan(cfg, session.info, len(ids))
     model = session.patched(plan)
     # first-call costs (kernel set-up for each shape) outside the timings, as bench_llamacpp's children
-    prefill(model, torch.tensor([ids[:16]]), model.new_store(32), cfg.prefill_step)
-    kv = model.new_store(len(ids) + new)
+    prefill(model, torch.tensor([ids[:16]]), model.new_cache(32), cfg.prefill_step)
+    kv = model.new_cache(len(ids) + new)
     t1 = time.perf_counter()
     logits = prefill(model, torch.tensor([ids]), kv, cfg.prefill_step)
     prefill_s = time.perf_counter() - t1

@@ -30,7 +30,7 @@ from benchmarks.common import corpus_text, cpu_info, save
 
 def matmul_ceiling(dtype: torch.dtype, rows: int = 2048, k: int = 896, n: int = 4864) -> float:
     """GFLOP/s of the packed (oneDNN) linear the model's MLP runs, best of 5 after a warm-up."""
-    from longdoc.attention.patch import PackedLinear, can_pack
+    from longdoc.quant.packing import PackedLinear, can_pack
 
     linear = torch.nn.Linear(k, n, bias=False).to(dtype)
     layer: torch.nn.Module = PackedLinear(linear) if can_pack(linear) else linear
@@ -86,7 +86,7 @@ def run_one(session: Any, ids: list[int], mode: str, budget: int, layers: int, k
     from longdoc.attention.kernels import get_kernel
     from longdoc.config import PrefillConfig
     from longdoc.engine.prefill import prefill
-    from longdoc.pipeline import make_plan
+    from longdoc.runtime.local import make_plan
 
     cfg = replace(session.cfg, prefill=PrefillConfig(mode=mode, budget=budget), kernel=kernel)
     plan = make_plan(cfg, session.info, len(ids))
@@ -94,7 +94,7 @@ def run_one(session: Any, ids: list[int], mode: str, budget: int, layers: int, k
     model = session.patched(plan)
     assert model.settings.kernel is get_kernel(kernel, session.info.device)
     model.layers = model.layers[:layers]
-    kv = model.new_store(len(ids))
+    kv = model.new_cache(len(ids))
     timers = Timers(model)
     trace: list[tuple[int, float, float | None]] = []
     t0 = time.perf_counter()
@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from longdoc.config import RunConfig
-    from longdoc.pipeline import Session
     from longdoc.render import Reporter
+    from longdoc.runtime.local import Session
 
     session = Session(RunConfig(doc_cache=False), Reporter(quiet=True))
     session.loaded()

@@ -50,21 +50,21 @@ SELECTIONS: dict[str, Callable[[str], str]] = {
 def load_selection(session: Any, select: Callable[[str], str]) -> None:
     """Load the session's model afresh with each linear quantized as ``select`` says."""
     from longdoc import models
-    from longdoc.attention import quant
-    from longdoc.attention.patch import pack_linears
+    from longdoc.quant import schemes
+    from longdoc.quant.packing import pack_linears
 
     info = session.info
     source = models.ModelSource(kind="folder", name=info.name, path=info.folder)
     loaded = models.load_model(source, info.device, info.dtype, tokenizer=session.tokenizer)
     model = loaded.model
-    for name in quant.quantized_names(model):
+    for name in schemes.quantized_names(model):
         kind = select(name)
         if kind == "none":
             continue
         dense = model.get_submodule(name)
-        qweight, scales = quant.quantize(kind, dense.weight)
+        qweight, scales = schemes.quantize(kind, dense.weight)
         parent, _, child = name.rpartition(".")
-        layer = quant.QuantLinear(dense, kind, qweight, scales, dtype=info.dtype)
+        layer = schemes.QuantLinear(dense, kind, qweight, scales, dtype=info.dtype)
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     pack_linears(model)
     session._loaded = loaded
@@ -79,8 +79,8 @@ def main() -> None:
 
     from longdoc.config import DCAConfig, RunConfig
     from longdoc.evals.ppl import nll_sum
-    from longdoc.pipeline import Session
     from longdoc.render import Reporter
+    from longdoc.runtime.local import Session
 
     session = Session(RunConfig(dca=DCAConfig(enabled=False), doc_cache=False), Reporter(quiet=True))
     ids = session.encode(corpus_text())

@@ -29,9 +29,9 @@ from longdoc.config import GenerationConfig, RecycleConfig, RunConfig
 from longdoc.engine.decode import generate
 from longdoc.engine.recycled import RecycledPolicy
 from longdoc.ingest import Document
-from longdoc.pipeline import Session
 from longdoc.prompt import ask_prompt
 from longdoc.render import Reporter
+from longdoc.runtime.local import Session
 
 REQUEST = "Summarize the text in about 150 words, and at the end state the secret pass key."
 LENGTHS = (16384, 20480, 24576, 28672, 32000)

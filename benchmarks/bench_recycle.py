@@ -25,8 +25,8 @@ from benchmarks.common import REPO, corpus_text, kv_path, prefilled, save
 from longdoc.config import GenerationConfig, RecycleConfig, RunConfig
 from longdoc.engine.decode import DecodePolicy, generate
 from longdoc.engine.recycled import RecycledPolicy
-from longdoc.pipeline import Session
 from longdoc.render import Reporter
+from longdoc.runtime.local import Session
 
 LINEAR_OPS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear")
 ATTN_OPS = (
@@ -72,14 +72,14 @@ from safetensors.torch import load_file
 from longdoc.config import GenerationConfig, RecycleConfig, RunConfig
 from longdoc.engine.decode import generate
 from longdoc.engine.recycled import RecycledPolicy
-from longdoc.pipeline import Session, make_plan
+from longdoc.runtime.local import Session, make_plan
 from longdoc.render import Reporter
 a = json.loads(sys.argv[1])
 cfg = RunConfig(generation=GenerationConfig(max_new_tokens=a["new"]))
 session = Session(cfg, Reporter(quiet=True))
 plan = make_plan(cfg, session.info, a["n"])
 model = session.patched(plan)
-kv = model.new_store(a["n"] + a["new"] + 1)
+kv = model.new_cache(a["n"] + a["new"] + 1)
 saved = load_file(a["kv"])
 for i in range(len(kv.k)):
     kv.k[i][:, :, : a["n"]] = saved[f"k{i}"]

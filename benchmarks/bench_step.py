@@ -24,6 +24,7 @@ import time
 import torch
 
 from benchmarks.common import child_rows, corpus_text, save_rows
+from longdoc.native import int5
 
 LINEAR_OPS = (
     "quantized::linear_dynamic",
@@ -37,15 +38,14 @@ ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu",)
 
 def _profiled_int5() -> None:
     """Make the int5 kernel's calls show in the profiler (they are ctypes calls, not torch ops)."""
-    from longdoc.attention import native
 
-    call = native.Int5Matmul.__call__
+    call = int5.Int5Matmul.__call__
 
-    def named(self: native.Int5Matmul, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def named(self: int5.Int5Matmul, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         with torch.profiler.record_function("longdoc::int5_matmul"):
             return call(self, rows, dtype)
 
-    native.Int5Matmul.__call__ = named  # type: ignore[method-assign]
+    int5.Int5Matmul.__call__ = named  # type: ignore[method-assign]
 
 
 def child(quantize: str, length: int, compiled: bool) -> dict:
@@ -53,14 +53,14 @@ def child(quantize: str, length: int, compiled: bool) -> dict:
 
     from longdoc.config import GenerationConfig, RunConfig
     from longdoc.engine.prefill import prefill
-    from longdoc.pipeline import Session, make_plan
     from longdoc.render import Reporter
+    from longdoc.runtime.local import Session, make_plan
 
     cfg = RunConfig(dtype="bfloat16", quantize=quantize, generation=GenerationConfig(max_new_tokens=128))
     session = Session(cfg, Reporter(quiet=True))
     ids = session.encode(corpus_text())[:length]
     model = session.patched(make_plan(cfg, session.info, len(ids)))
-    kv = model.new_store(len(ids) + 160)
+    kv = model.new_cache(len(ids) + 160)
     logits = prefill(model, torch.tensor([ids]), kv, cfg.prefill_step)
     state = {"pos": len(ids), "token": int(logits.argmax())}
     forward = model.forward

@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from longdoc.config import RunConfig
     from longdoc.evals import passkey
-    from longdoc.pipeline import Session
     from longdoc.render import Reporter
+    from longdoc.runtime.local import Session
 
     session = Session(RunConfig(doc_cache=False), Reporter(quiet=True))
     text = "\n".join(line for line in corpus_text().splitlines() if not re.search(r"pass ?key", line, re.I))

@@ -138,7 +138,7 @@ CacheMaxGb = Annotated[
     typer.Option("--cache-max-gb", help="Document KV cache size cap in GB; least recently used entries go first."),
 ]
 
-# --endpoint: the model calls go to an OpenAI-compatible server (longdoc.remote); the rest stays here.
+# --endpoint: the model calls go to an OpenAI-compatible server (longdoc.runtime.remote); the rest stays here.
 Endpoint = Annotated[
     str | None,
     typer.Option(
@@ -175,7 +175,7 @@ Concurrency = Annotated[
     ),
 ]
 
-# --timeout's default, as the option shows it (longdoc.remote.READ_TIMEOUT_S; not imported: it imports torch).
+# --timeout's default, as the option shows it (longdoc.runtime.remote.READ_TIMEOUT_S; not imported: it imports torch).
 DEFAULT_REMOTE_TIMEOUT_S = 300.0
 
 # Defaults of the size caps, as the options show them (longdoc.ingest.MAX_FILE_SIZE / MAX_TOTAL_SIZE).
@@ -299,7 +299,7 @@ def check_options(opts: dict[str, Any]) -> None:
     if "max_file_size" in opts:
         read_budget(opts)
     if "endpoint" in opts:  # commands that can run remotely: --endpoint and its companions
-        from longdoc import remote
+        from longdoc.runtime import remote
 
         remote.options(opts)
     if "prompts" in opts:  # commands that build prompts: a broken template is a usage error up front
@@ -383,11 +383,11 @@ def run_config(opts: dict[str, Any]) -> RunConfig:
 def open_session(cfg: RunConfig, reporter: Reporter, opts: dict[str, Any]) -> Any:
     """The engine a command runs on: the local model, or with --endpoint a server (``remote.RemoteSession``:
     the local tokenizer only, never the weights). ``opts`` are the command's parsed options."""
-    from longdoc import pipeline, remote
+    from longdoc.runtime import local, remote
 
     options = remote.options(opts)
     if options is None:
-        return pipeline.Session(cfg, reporter)
+        return local.Session(cfg, reporter)
     ignored = remote.local_only(opts)
     if ignored:
         reporter.warn(f"{', '.join(ignored)}: not applicable with --endpoint (the server runs the model its own way)")
@@ -487,9 +487,9 @@ def ask(
     reporter = Reporter(quiet=quiet, json_mode=json_out)
     state: RunState = {"stage": "start"}
     with handled(reporter, state):
-        from longdoc import pipeline
-        from longdoc.chat import ask_all, read_questions
-        from longdoc.citations import extract_citations
+        from longdoc.runtime import local
+        from longdoc.tasks.chat import ask_all, read_questions
+        from longdoc.tasks.citations import extract_citations
 
         paths, asked = _paths_and_questions(args, question, questions)
         opts = locals()
@@ -501,7 +501,7 @@ def ask(
         state["stage"] = "load"
         session = open_session(cfg, reporter, opts)
         state["model"] = session.info.name
-        state["sources"] = sources = pipeline.source_entries(docs, session.count)
+        state["sources"] = sources = local.source_entries(docs, session.count)
         state["stage"] = "generate"
         many = len(asked) > 1
 
@@ -601,7 +601,7 @@ def summarize(
     # starts, the command-wide handler prints the partial result of ``state``
     with handled(reporter, state):
         from longdoc.prompt import summary_instructions
-        from longdoc.summarize import read_paths_from
+        from longdoc.tasks.summarize import read_paths_from
 
         if null and paths_from is None:
             raise UsageError("-0/--null applies to --paths-from; give --paths-from FILE or -")
@@ -656,8 +656,8 @@ class _Summaries:
         return _ingest(self.reporter, paths, pages, include, exclude, budget)
 
     def run(self, docs: list[Any], ingest_s: float, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
-        from longdoc.citations import extract_citations
-        from longdoc.summarize import summarize as summarize_docs
+        from longdoc.tasks.citations import extract_citations
+        from longdoc.tasks.summarize import summarize as summarize_docs
 
         result = summarize_docs(self.session, docs, self.style, self.max_words, self.reporter, on_text=on_text)
         result["timings"]["ingest_s"] = ingest_s
@@ -811,23 +811,23 @@ def count(
     with handled(reporter):
         from rich.table import Table
 
-        from longdoc import pipeline
         from longdoc.prompt import ask_prompt
+        from longdoc.runtime import local
         from longdoc.tokens import estimate_cl100k
 
         if not paths:
             raise UsageError("give at least one PATH to count")
         cfg = run_config(locals())
         docs, _ = _ingest(reporter, paths, pages, include, exclude, read_budget(locals()))
-        session = pipeline.Session(cfg, reporter)
+        session = local.Session(cfg, reporter)
         rows = [
             {**entry, "cl100k": estimate_cl100k(doc.text)}
-            for entry, doc in zip(pipeline.source_entries(docs, session.count), docs, strict=True)
+            for entry, doc in zip(local.source_entries(docs, session.count), docs, strict=True)
         ]
         prompt_tokens = session.count(ask_prompt(session.tokenizer, docs, "?"))
         verdict: dict[str, Any] = {"fits": True, "reason": ""}
         try:
-            plan = pipeline.make_plan(cfg, session.info, prompt_tokens)
+            plan = local.make_plan(cfg, session.info, prompt_tokens)
             verdict["dca"] = plan.layout is not None
             verdict["max_context"] = plan.max_context
         except errors.DoesNotFitError as exc:
@@ -909,9 +909,9 @@ def chat(
     reporter = Reporter(quiet=quiet, json_mode=json_out)
     state: RunState = {"stage": "start"}
     with handled(reporter, state):
-        from longdoc import pipeline
-        from longdoc.chat import open_chat, piped_questions, terminal_questions
-        from longdoc.citations import extract_citations
+        from longdoc.runtime import local
+        from longdoc.tasks.chat import open_chat, piped_questions, terminal_questions
+        from longdoc.tasks.citations import extract_citations
 
         if not paths:
             raise UsageError("give at least one PATH to chat about")
@@ -925,7 +925,7 @@ def chat(
         state["stage"] = "load"
         session = open_session(cfg, reporter, opts)
         state["model"] = session.info.name
-        state["sources"] = sources = pipeline.source_entries(docs, session.count)
+        state["sources"] = sources = local.source_entries(docs, session.count)
         conversation = open_chat(session, docs, sources)
         conversation.prepare()
         state["stage"] = "generate"
@@ -1021,8 +1021,8 @@ def serve_cmd(
     """
     reporter = Reporter(quiet=quiet)
     with handled(reporter):
-        from longdoc import pipeline
         from longdoc import serve as server
+        from longdoc.runtime import local
 
         if not 0 <= port <= 65535:
             raise UsageError(f"--port must be between 0 and 65535, not {port}")
@@ -1044,7 +1044,7 @@ def serve_cmd(
                 raise UsageError(str(exc)) from None
         cfg = run_config(locals())
         server.check_installed()  # the serve extra, before the model loads
-        session = pipeline.Session(cfg, reporter)
+        session = local.Session(cfg, reporter)
         server.serve(
             session,
             host=host,
@@ -1068,7 +1068,7 @@ def cache_ls(json_out: Json = False) -> None:
     with handled(reporter):
         from rich.table import Table
 
-        from longdoc import doccache
+        from longdoc.runtime import doccache
         from longdoc.store import documents_dir
 
         rows = doccache.entries()
@@ -1096,7 +1096,7 @@ def cache_clear(json_out: Json = False) -> None:
     """Delete every entry of the document KV cache (converted models stay)."""
     reporter = Reporter(json_mode=json_out)
     with handled(reporter):
-        from longdoc import doccache
+        from longdoc.runtime import doccache
 
         count, size = doccache.clear()
         if json_out:
@@ -1124,10 +1124,10 @@ def doctor_cmd(
     that a run picks here, each with why (LONGDOC_ISA=avx2|... shows a lesser CPU's)."""
     reporter = Reporter(json_mode=json_out)
     with handled(reporter):
-        from longdoc import machine, pipeline
+        from longdoc.runtime import local, machine
 
         cfg = run_config({"model": model, "device": device, "dtype": dtype, "quantize": quantize})
-        info = pipeline.model_info(cfg.model, cfg.device, cfg.dtype, reporter.status, reporter.warn, cfg.quantize)
+        info = local.model_info(cfg.model, cfg.device, cfg.dtype, reporter.status, reporter.warn, cfg.quantize)
         report = machine.doctor(machine.paths(info.device, info.dtype, info.quantize, cfg.pack, cfg.kernel))
         if json_out:
             reporter.json({"model": info.name, **report})
@@ -1196,9 +1196,9 @@ def _eval_checks(opts: dict[str, Any]) -> dict[str, list[Any]]:
 
 def _eval_session(reporter: Reporter, opts: dict[str, Any]) -> Any:
     """A session for the evals: their decoding policy is chosen per task, so recycling is off here."""
-    from longdoc import pipeline
+    from longdoc.runtime import local
 
-    return pipeline.Session(run_config({**opts, "recycle": False}), reporter)
+    return local.Session(run_config({**opts, "recycle": False}), reporter)
 
 
 def _eval_row(reporter: Reporter) -> Any:

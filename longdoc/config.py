@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Quantizations of the linears that decode steps run (longdoc.attention.quant), and the --quantize
+# Quantizations of the linears that decode steps run (longdoc.quant.schemes), and the --quantize
 # values: those or "auto" (see RunConfig.quantize).
 QUANTIZE_SCHEMES: tuple[str, ...] = ("none", "int8", "int4", "int5")
 QUANTIZE_CHOICES: tuple[str, ...] = ("auto", *QUANTIZE_SCHEMES)
@@ -83,7 +83,7 @@ class RunConfig:
     model: str | None = None  # None = the embedded default model
     device: str = "auto"
     dtype: str = "auto"
-    # Quantized linears for decode steps: auto | none | int5 | int8 | int4 (longdoc.attention.quant). "auto"
+    # Quantized linears for decode steps: auto | none | int5 | int8 | int4 (longdoc.quant.schemes). "auto"
     # is int5 where longdoc's int5 kernel runs (x86 with AVX-512 VNNI and a C compiler; a bfloat16 model
     # on CPU whose widths are multiples of 128), else int8 where torch's int8 GEMM runs (VNNI), else none.
     # Measured on an EPYC with AVX-512-BF16 (benchmarks/RESULTS.md): int5 costs +0.35% perplexity at 4K
@@ -91,13 +91,13 @@ class RunConfig:
     # than int8 and than llama.cpp on the same GGUF; int4 costs 4%.
     quantize: str = "auto"
     # Linears pre-packed for oneDNN on CPU: auto | on | off. "auto" packs where it pays (bfloat16 with
-    # native matmuls; see ``longdoc.attention.patch.packing_pays``), "on"/"off" force it (benchmarks).
+    # native matmuls; see ``longdoc.quant.packing.packing_pays``), "on"/"off" force it (benchmarks).
     pack: str = "auto"
     kernel: str = "auto"  # attention back end: auto | reference | cpu | cpu-torch | cuda
     # Prefill step in tokens: bounds working memory (activations of one step) and paces the progress bar.
     prefill_step: int = 2048
     max_context: int | None = None  # None = what the model and settings support
-    # The document KV cache (longdoc.doccache): reuse a document prefix's prefill across runs.
+    # The document KV cache (longdoc.runtime.doccache): reuse a document prefix's prefill across runs.
     doc_cache: bool = True
     # Its size cap in GB (least recently used entries go first); 10 GB holds ~25 prefixes of 32K tokens.
     cache_max_gb: float = 10.0

@@ -20,6 +20,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from longdoc.errors import UsageError
 
@@ -201,3 +202,19 @@ def cpu_class() -> str:
     if arch() == "aarch64":
         return "arm64-dotprod" if "asimddp" in f else "arm64"
     return arch()
+
+
+@functools.cache
+def onednn_packs(dtype: Any) -> bool:
+    """Whether oneDNN will pack a CPU weight of this (torch) dtype. A bfloat16 pack raises on CPUs without
+    AVX-512 (or with oneDNN capped below it, ``ONEDNN_MAX_CPU_ISA=AVX2``): probing one small weight
+    lets those runs fall back to plain matmuls instead of crashing mid-load."""
+    import torch  # here, not at the top: this module runs before torch is imported (``apply_torch_cap``)
+
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype))
+    except RuntimeError:
+        return False
+    return True

@@ -15,7 +15,7 @@ from typing import Any
 
 from longdoc.errors import DoesNotFitError, UsageError
 from longdoc.ingest import Document
-from longdoc.render import safe_text
+from longdoc.sanitize import safe_text
 
 STYLES = {
     "brief": "Write one short paragraph.",

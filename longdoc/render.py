@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from longdoc.sanitize import printable, terminal_safe
+
 # Width given to consoles that are not terminals: rich would otherwise wrap or cut at 80 columns, and
 # logs and pipes want whole lines (full paths) instead.
 UNBOUNDED_WIDTH = 100_000
@@ -25,46 +27,6 @@ UNBOUNDED_WIDTH = 100_000
 PLAIN_PROGRESS_STEP = 0.1
 PLAIN_PROGRESS_EVERY_S = 30.0
 PLAIN_PROGRESS_AFTER_S = 3.0
-
-
-def safe_text(value: object) -> str:
-    """A user-supplied string (a path, a file name) in a form that can be printed and encoded.
-
-    File names that are not UTF-8 reach Python as lone surrogates, which no UTF-8 stream can write
-    and no tokenizer accepts; their bytes are shown as ``\\xNN`` escapes instead.
-    """
-    text = str(value)
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        pass
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # surrogates that did not come from undecodable bytes
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-# Control characters (C0, DEL, C1) that a file name may hold; on a status line they would break the
-# line (newline, carriage return) or drive the terminal (escape sequences).
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
-_CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
-
-
-def printable(value: object) -> str:
-    """``safe_text`` for one line of a terminal or log: control characters shown as escapes."""
-    return safe_text(value).translate(_CONTROLS)
-
-
-# An answer keeps its lines and tabs; every other control character (escape sequences that set the
-# title or colours, a carriage return that overwrites a line) is shown escaped on a terminal.
-_ANSWER_CONTROLS = {c: e for c, e in _CONTROLS.items() if c not in (ord("\n"), ord("\t"))}
-
-
-def terminal_safe(text: str) -> str:
-    """Model output for a terminal: C0 and C1 controls other than newline and tab shown as escapes (a
-    document can steer a model into copying them; a terminal would obey them)."""
-    return text.translate(_ANSWER_CONTROLS)
 
 
 def _is_terminal(stream: TextIO) -> bool:

@@ -4,7 +4,7 @@ Routes: ``POST /v1/chat/completions`` (JSON, or server-sent events with ``"strea
 ``GET /v1/models`` (the one served model, with its context length as ``max_model_len`` like vLLM and
 ``context_length`` like llama.cpp), and ``GET /health`` (open even when a bearer token is required).
 
-Each request runs through ``pipeline.Conversation``, so DCA, recycled decoding and the document KV
+Each request runs through ``local.Conversation``, so DCA, recycled decoding and the document KV
 cache apply as they do locally. The rendered prompt is split into a document prefix and the rest
 (``prompt.Prompt``), tokenized apart: two requests about the same long document share the prefix's
 token ids, and so its cache entry (the same one a local ``longdoc ask`` makes and uses when the split
@@ -60,7 +60,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from longdoc.errors import DoesNotFitError, LongdocError, UsageError
-from longdoc.render import Reporter, safe_text
+from longdoc.render import Reporter
+from longdoc.sanitize import safe_text
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -68,8 +69,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from longdoc.config import RunConfig
-    from longdoc.pipeline import Session
     from longdoc.prompt import Prompt
+    from longdoc.runtime.local import Session
 
 log = logging.getLogger("longdoc.serve")
 
@@ -422,7 +423,7 @@ class Engine:
         model_name: str | None,
         cache_salt: bytes = b"",
     ):
-        from longdoc import pipeline
+        from longdoc.runtime import local
 
         if concurrency < 1:
             raise UsageError("--concurrency must be at least 1")
@@ -435,7 +436,7 @@ class Engine:
         self.created = int(time.time())
         # the context limit as the fit check applies it (prompt + answer), known before any request
         probe = replace(session.cfg, generation=replace(session.cfg.generation, max_new_tokens=1))
-        self.context_length = pipeline.make_plan(probe, session.info, 1).max_context
+        self.context_length = local.make_plan(probe, session.info, 1).max_context
         # No token is longer than the vocabulary's longest string: a text of more characters than this
         # cannot fit, whatever its tokens (a bound checked before tokenizing, which is the costly part).
         self.max_chars = self.context_length * longest_token(session.tokenizer)
@@ -467,14 +468,14 @@ class Engine:
     def prepare(self, request: ChatRequest, slot: Slot | None = None) -> Job:
         """Template, tokens and fit check of a request (off the event loop: a long document takes a
         while to tokenize). Raises ApiError(400) for a prompt that does not fit."""
-        from longdoc import pipeline
         from longdoc.config import GenerationConfig
+        from longdoc.runtime import local
 
         self.check_chars(request)
         session = self.session
         with self._tokenizer_lock:
             prompt = chat_prompt(session.tokenizer, request.messages, request.prefix_chars)
-            prefix_ids, rest_ids = pipeline.split_ids(session, prompt)
+            prefix_ids, rest_ids = local.split_ids(session, prompt)
         if not rest_ids:  # the prefill of the request's part yields the first token's logits
             prefix_ids, rest_ids = prefix_ids[:-1], prefix_ids[-1:]
         prompt_tokens = len(prefix_ids) + len(rest_ids)
@@ -490,7 +491,7 @@ class Engine:
         )
         cfg = replace(session.cfg, generation=generation)
         try:
-            pipeline.make_plan(cfg, session.info, prompt_tokens)
+            local.make_plan(cfg, session.info, prompt_tokens)
         except DoesNotFitError as exc:
             raise ApiError(400, exc.message, code="context_length_exceeded", param="messages") from None
         return Job(
@@ -558,7 +559,7 @@ class Engine:
 
     # running (in a worker thread) ---------------------------------------------------------------------
     def _run(self, job: Job) -> dict[str, Any]:
-        from longdoc import pipeline
+        from longdoc.runtime import local
 
         outcome = "failed"
         result: dict[str, Any] = {}
@@ -579,7 +580,7 @@ class Engine:
                     job.on_text(piece)
 
             sources = [{"path": SERVED_SOURCE, "kind": "text", "pages": 0, "tokens": len(job.prefix_ids)}]
-            conversation = pipeline.Conversation(
+            conversation = local.Conversation(
                 session, job.prefix_ids, job.prompt_tokens, sources, cache_salt=job.cache_salt
             )
             result = conversation.answer(job.rest_ids, sources, on_text)

@@ -9,7 +9,7 @@ import torch
 
 from longdoc.attention.dca import ChunkLayout, chunk_steps, chunked_attention, key_positions, query_positions
 from longdoc.attention.kernels import attend_cpu, attend_reference, merge_partials
-from longdoc.attention.rope import RopeTable
+from longdoc.models.rope import RopeTable
 
 from .conftest import TESTDATA
 

@@ -10,9 +10,10 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from longdoc import models
-from longdoc.attention import native, quant
+from longdoc import models, native
 from longdoc.cli import app
+from longdoc.quant import schemes
+from longdoc.runtime import local
 
 from .conftest import CORPUS, REPO
 
@@ -33,9 +34,8 @@ def assert_clean_error(result, code: int, fragment: str) -> None:
 
 def interrupt_streaming_after(monkeypatch, n: int) -> dict[str, int]:
     """Ctrl-C as the answer's (n+1)-th token arrives; returns the push counter (reset it to rerun)."""
-    from longdoc import pipeline
 
-    real = pipeline.TokenStreamer.push
+    real = local.TokenStreamer.push
     calls = {"n": 0}
 
     def interrupting_push(self, token):
@@ -44,7 +44,7 @@ def interrupt_streaming_after(monkeypatch, n: int) -> dict[str, int]:
             raise KeyboardInterrupt
         return real(self, token)
 
-    monkeypatch.setattr(pipeline.TokenStreamer, "push", interrupting_push)
+    monkeypatch.setattr(local.TokenStreamer, "push", interrupting_push)
     return calls
 
 
@@ -313,7 +313,9 @@ RUN_DTYPES = ("float32", "bfloat16") if models.cpu_has_fast_bf16() else ("float3
         ("float32", "none"),
         pytest.param("bfloat16", "none", marks=slow_bf16),
         pytest.param(
-            "bfloat16", "int8", marks=[slow_bf16, pytest.mark.skipif(not quant.int8_gemm_available(), reason="no GEMM")]
+            "bfloat16",
+            "int8",
+            marks=[slow_bf16, pytest.mark.skipif(not schemes.int8_gemm_available(), reason="no GEMM")],
         ),
         pytest.param(
             "bfloat16", "int5", marks=pytest.mark.skipif(not native.likely_available("int5"), reason="no int5")
@@ -558,7 +560,7 @@ def _interrupt(*args, **kwargs):
 
 @pytest.mark.parametrize(
     "target,stage",
-    [("longdoc.ingest.ingest_paths", "ingest"), ("longdoc.pipeline.model_info", "load")],
+    [("longdoc.ingest.ingest_paths", "ingest"), ("longdoc.runtime.local.model_info", "load")],
 )
 def test_ctrl_c_before_the_model_runs_gives_a_partial_json(monkeypatch, tiny, cache_dir, target, stage):
     monkeypatch.setattr(target, _interrupt)
@@ -570,9 +572,8 @@ def test_ctrl_c_before_the_model_runs_gives_a_partial_json(monkeypatch, tiny, ca
 
 
 def test_ctrl_c_while_loading_weights_gives_a_partial_json(monkeypatch, tiny, cache_dir):
-    from longdoc import pipeline
 
-    monkeypatch.setattr(pipeline.Session, "loaded", _interrupt)
+    monkeypatch.setattr(local.Session, "loaded", _interrupt)
     result = invoke("ask", str(SAMPLES / "notes.md"), "Which port?", "--model", tiny, "--json")
     assert result.exit_code == 130
     data = json.loads(result.stdout)
@@ -580,9 +581,8 @@ def test_ctrl_c_while_loading_weights_gives_a_partial_json(monkeypatch, tiny, ca
 
 
 def test_ctrl_c_during_prefill_gives_the_full_shaped_result(monkeypatch, tiny, cache_dir):
-    from longdoc import pipeline
 
-    monkeypatch.setattr(pipeline, "prefill", _interrupt)
+    monkeypatch.setattr(local, "prefill", _interrupt)
     args = ("ask", str(SAMPLES / "notes.md"), "Which port?", "--model", tiny, "--dtype", "float32")
     result = invoke(*args, "--json")
     assert result.exit_code == 130, result.stderr
@@ -613,9 +613,8 @@ def test_ctrl_c_during_decoding_keeps_the_streamed_text(monkeypatch, tiny, cache
 
 
 def test_ctrl_c_during_map_reduce_gives_a_partial_result(monkeypatch, tiny, cache_dir):
-    from longdoc import pipeline
 
-    real = pipeline.run_prompt
+    real = local.run_prompt
     steps = []
 
     def interrupt_second_step(session, prompt, sources, on_text=None, cache=True):
@@ -624,7 +623,7 @@ def test_ctrl_c_during_map_reduce_gives_a_partial_result(monkeypatch, tiny, cach
             raise KeyboardInterrupt
         return real(session, prompt, sources, on_text)
 
-    monkeypatch.setattr(pipeline, "run_prompt", interrupt_second_step)
+    monkeypatch.setattr(local, "run_prompt", interrupt_second_step)
     args = ("summarize", str(SAMPLES / "report.pdf"), "--model", tiny, "--max-context", "1200")
     result = invoke(*args, "--max-new-tokens", "40", "--json")
     assert result.exit_code == 130, result.stderr
@@ -634,10 +633,9 @@ def test_ctrl_c_during_map_reduce_gives_a_partial_result(monkeypatch, tiny, cach
 
 
 def test_ctrl_c_during_each_keeps_done_lines_and_marks_the_interrupted_input(monkeypatch, tiny, cache_dir):
-    from longdoc import pipeline
 
     calls = {"n": 0}
-    real = pipeline.prefill
+    real = local.prefill
 
     def interrupt_second_input(*args, **kwargs):
         calls["n"] += 1
@@ -645,7 +643,7 @@ def test_ctrl_c_during_each_keeps_done_lines_and_marks_the_interrupted_input(mon
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "prefill", interrupt_second_input)
+    monkeypatch.setattr(local, "prefill", interrupt_second_input)
     paths = [str(SAMPLES / "notes.md"), str(SAMPLES / "report.pdf"), str(SAMPLES / "notes.md")]
     result = invoke("summarize", "--each", "--json", "--model", tiny, "--max-new-tokens", "4", *paths)
     assert result.exit_code == 130, result.stderr
@@ -735,7 +733,7 @@ def test_terminal_ingestion_of_a_large_folder_shows_a_bar(tmp_path):
 
 def _prompt_of(monkeypatch, *args: str) -> str:
     """The prompt an ``ask`` run builds."""
-    from longdoc import chat
+    from longdoc.tasks import chat
 
     seen = []
     real = chat.ask_prompt
@@ -805,7 +803,7 @@ def test_templates_ship_from_the_top_level_prompts_folder():
         assert prompt.packaged_template(name) == text
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert setuptools["package-dir"] == {"longdoc.prompts": "prompts"}
-    assert setuptools["package-data"] == {"longdoc.prompts": ["*.txt"], "longdoc.attention": ["*.c"]}
+    assert setuptools["package-data"] == {"longdoc.prompts": ["*.txt"], "longdoc.native": ["*.c"]}
     subpackages = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "longdoc").rglob("__init__.py")}
     assert subpackages | {"longdoc.prompts"} == set(setuptools["packages"])
 
@@ -819,11 +817,11 @@ def test_ctrl_c_wrapped_by_a_library_is_still_an_interrupt(monkeypatch, tiny, ca
         except KeyboardInterrupt as exc:
             raise RuntimeError("Failed to import transformers.models.qwen2 because of: KeyboardInterrupt") from exc
 
-    monkeypatch.setattr("longdoc.pipeline.model_info", wrapped)
+    monkeypatch.setattr("longdoc.runtime.local.model_info", wrapped)
     result = invoke("ask", str(SAMPLES / "notes.md"), "Which port?", "--model", tiny, "--json")
     assert result.exit_code == 130 and "Traceback" not in result.stderr
     assert json.loads(result.stdout)["interrupted"] is True
-    monkeypatch.setattr("longdoc.pipeline.model_info", lambda *a, **k: 1 / 0)  # a real bug stays a bug
+    monkeypatch.setattr("longdoc.runtime.local.model_info", lambda *a, **k: 1 / 0)  # a real bug stays a bug
     assert isinstance(
         invoke("ask", str(SAMPLES / "notes.md"), "Which port?", "--model", tiny).exception, ZeroDivisionError
     )
@@ -891,9 +889,8 @@ def test_ctrl_c_in_a_finalizer_is_not_lost(monkeypatch):
 def test_ctrl_c_between_questions_gives_the_question_its_line(monkeypatch, tiny, cache_dir):
     """Ctrl-C outside an answer's prefill and decoding (here: as the second question starts) still
     gives that question a JSON line marked interrupted, after the first question's complete one."""
-    from longdoc import pipeline
 
-    real = pipeline.Conversation._make_room
+    real = local.Conversation._make_room
     calls = {"n": 0}
 
     def interrupt_second(self, needed):
@@ -902,7 +899,7 @@ def test_ctrl_c_between_questions_gives_the_question_its_line(monkeypatch, tiny,
             raise KeyboardInterrupt
         return real(self, needed)
 
-    monkeypatch.setattr(pipeline.Conversation, "_make_room", interrupt_second)
+    monkeypatch.setattr(local.Conversation, "_make_room", interrupt_second)
     args = ("ask", str(SAMPLES / "notes.md"), "-Q", "Which port?", "-Q", "Which TTL?", "--model", tiny)
     result = invoke(*args, "--max-new-tokens", "4", "--json")
     assert result.exit_code == 130, result.stderr

@@ -15,10 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from longdoc import cpu, machine
-from longdoc.attention import patch
+from longdoc import cpu
 from longdoc.models import weights
 from longdoc.models.weights import WideningEmbedding, build_model, read_header
+from longdoc.quant import choose, packing, schemes
+from longdoc.runtime import machine
 
 from .conftest import REPO
 
@@ -114,7 +115,7 @@ def test_torch_runs_capped_in_a_fresh_process():
 def test_what_an_avx2_cpu_gets(flags, monkeypatch):
     flags(AVX2)
     monkeypatch.setattr(machine, "onednn_packs", lambda dtype: dtype == torch.float32)
-    monkeypatch.setattr(patch, "onednn_packs", lambda dtype: dtype == torch.float32)
+    monkeypatch.setattr(packing, "onednn_packs", lambda dtype: dtype == torch.float32)
     cpu_dev = torch.device("cpu")
     paths = machine.paths(cpu_dev, torch.float32, "none")
     assert (paths.cpu_class, paths.dtype, paths.packed, paths.quantize, paths.attention) == (
@@ -134,17 +135,16 @@ def test_what_an_avx2_cpu_gets(flags, monkeypatch):
 
 
 def test_explicit_quantization_that_is_slower_here_says_so(monkeypatch):
-    from longdoc.attention import quant
 
     cpu_dev = torch.device("cpu")
-    monkeypatch.setattr(quant, "int8_gemm_available", lambda: False)
-    monkeypatch.setattr(machine, "onednn_packs", lambda dtype: dtype == torch.float32)
-    assert "slower than unquantized" in (machine.quant_slower("int8", cpu_dev, torch.float32) or "")
-    assert "far slower" in (machine.quant_slower("int4", cpu_dev, torch.float32) or "")
-    assert machine.quant_slower("none", cpu_dev, torch.float32) is None
-    assert machine.quant_slower("int5", cpu_dev, torch.bfloat16) is None
-    monkeypatch.setattr(quant, "int8_gemm_available", lambda: True)
-    assert machine.quant_slower("int8", cpu_dev, torch.float32) is None
+    monkeypatch.setattr(schemes, "int8_gemm_available", lambda: False)
+    monkeypatch.setattr(choose, "onednn_packs", lambda dtype: dtype == torch.float32)
+    assert "slower than unquantized" in (choose.quant_slower("int8", cpu_dev, torch.float32) or "")
+    assert "far slower" in (choose.quant_slower("int4", cpu_dev, torch.float32) or "")
+    assert choose.quant_slower("none", cpu_dev, torch.float32) is None
+    assert choose.quant_slower("int5", cpu_dev, torch.bfloat16) is None
+    monkeypatch.setattr(schemes, "int8_gemm_available", lambda: True)
+    assert choose.quant_slower("int8", cpu_dev, torch.float32) is None
 
 
 # --- the float32 load ------------------------------------------------------------------------------
@@ -193,10 +193,10 @@ def test_narrow_linears_widen_as_they_are_packed(tmp_path):
     reference = _bf16_checkpoint(tmp_path)
     model = build_model(tmp_path, torch.float32, torch.device("cpu"), narrow_linears=True)
     assert model.lm_head.weight.dtype == torch.bfloat16  # waits, narrow, for the packing
-    if not patch.can_pack(model, torch.float32):
+    if not packing.can_pack(model, torch.float32):
         pytest.skip("oneDNN does not pack float32 here")
-    assert patch.pack_linears(model, torch.float32) == 2 * 7 + 1
-    assert patch.linear_weight(model).dtype == torch.float32
+    assert packing.pack_linears(model, torch.float32) == 2 * 7 + 1
+    assert weights.linear_weight(model).dtype == torch.float32
     ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
     with torch.inference_mode():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
@@ -205,7 +205,7 @@ def test_narrow_linears_widen_as_they_are_packed(tmp_path):
 def test_packing_frees_each_original_as_it_goes(tmp_path):
     """The replaced layers die one by one, not all at the end (which held every weight twice)."""
     model = build_model(_bf16_folder(tmp_path), torch.float32, torch.device("cpu"))
-    if not patch.can_pack(model):
+    if not packing.can_pack(model):
         pytest.skip("oneDNN does not pack float32 here")
     originals = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, nn.Linear)]
     alive_after_each = []
@@ -214,7 +214,7 @@ def test_packing_frees_each_original_as_it_goes(tmp_path):
         gc.collect()
         alive_after_each.append(sum(r() is not None for r in originals))
 
-    patch.pack_linears(model, after_each=count)
+    packing.pack_linears(model, after_each=count)
     assert alive_after_each == list(range(len(originals) - 1, -1, -1))
 
 

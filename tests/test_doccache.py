@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from longdoc import doccache
-from longdoc.attention.kvstore import KVStore
 from longdoc.config import DCAConfig, GenerationConfig, RecycleConfig, RunConfig
+from longdoc.engine.kvcache import KVCache
 from longdoc.ingest import ingest_paths
-from longdoc.pipeline import Session, run_prompt
 from longdoc.prompt import ask_prompt
 from longdoc.render import Reporter
+from longdoc.runtime import doccache
+from longdoc.runtime.local import Session, run_prompt
 from longdoc.store import documents_dir
 
 from .conftest import REPO
@@ -160,8 +160,8 @@ def test_model_identity_follows_the_weights(tmp_path):
     assert doccache.model_identity(folder) != first
 
 
-def random_store(tokens: int, seed: int = 0) -> tuple[KVStore, list[int]]:
-    kv = KVStore(4, 2, 64, tokens + 8, torch.bfloat16, torch.device("cpu"))
+def random_store(tokens: int, seed: int = 0) -> tuple[KVCache, list[int]]:
+    kv = KVCache(4, 2, 64, tokens + 8, torch.bfloat16, torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed)
     for layer in range(4):
         kv.update(layer, 0, *(torch.randn(2, 1, 2, tokens, 64, generator=gen).to(torch.bfloat16)))
@@ -174,7 +174,7 @@ def test_save_load_round_trip_and_eviction(tmp_path):
     for n, key in enumerate(["a" * 64, "b" * 64, "c" * 64]):
         sizes.append(doccache.save(key, kv, ids, {"model": "m", "sources": json.dumps([f"doc{n}"])}))
         os.utime(doccache.entry_path(key), (time.time() - 100 + n, time.time() - 100 + n))
-    loaded = KVStore(4, 2, 64, 1008, torch.bfloat16, torch.device("cpu"))
+    loaded = KVCache(4, 2, 64, 1008, torch.bfloat16, torch.device("cpu"))
     got = doccache.load("a" * 64, loaded, ids)  # a use: now the most recent
     assert got is not None and got.bytes == sizes[0]
     for layer in range(4):
@@ -189,7 +189,7 @@ def test_save_load_round_trip_and_eviction(tmp_path):
 
 WRITER = """
 from tests.test_doccache import random_store
-from longdoc import doccache
+from longdoc.runtime import doccache
 kv, ids = random_store(6000)
 for _ in range(3):
     doccache.save("d" * 64, kv, ids, {"model": "m", "sources": "[]"})
@@ -201,7 +201,7 @@ def test_two_processes_writing_one_entry_leave_one_valid_entry(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", WRITER], env=env, cwd=REPO) for _ in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     kv, ids = random_store(6000)
-    loaded = KVStore(4, 2, 64, 6008, torch.bfloat16, torch.device("cpu"))
+    loaded = KVCache(4, 2, 64, 6008, torch.bfloat16, torch.device("cpu"))
     assert doccache.load("d" * 64, loaded, ids) is not None
     assert torch.equal(loaded.k[3][:, :, :6000], kv.k[3][:, :, :6000])
     assert [p.name for p in documents_dir().iterdir()] == ["d" * 64 + doccache.SUFFIX]  # no temp files left
@@ -355,7 +355,7 @@ def test_real_model_second_question_loads_the_real_pdf_prefix():
 
 def test_documents_are_tokenized_once_for_many_questions(tiny_folder, monkeypatch):
     """ask_all with three questions: the document prefix goes through the tokenizer once."""
-    from longdoc.chat import ask_all
+    from longdoc.tasks.chat import ask_all
 
     session = Session(config(tiny_folder, recycle=False, new=2), Reporter(quiet=True))
     docs = ingest_paths([str(SAMPLES / "report.pdf")])

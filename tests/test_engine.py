@@ -7,11 +7,12 @@ import torch
 
 from longdoc.attention.dca import ChunkLayout, key_positions
 from longdoc.attention.kernels import get_kernel
-from longdoc.attention.patch import AttentionSettings, PatchedModel, rms_norm
 from longdoc.config import GenerationConfig
 from longdoc.engine.decode import generate
+from longdoc.engine.longmodel import AttentionSettings, LongModel
 from longdoc.engine.prefill import prefill
 from longdoc.engine.sampling import sample
+from longdoc.models.decoder import rms_norm
 
 from .conftest import tiny_model
 
@@ -19,17 +20,14 @@ CPU = torch.device("cpu")
 
 
 def patched(model, layout=None, kernel="cpu"):
-    return PatchedModel(model, AttentionSettings(layout, get_kernel(kernel, CPU)))
+    return LongModel(model, AttentionSettings(layout, get_kernel(kernel, CPU)))
 
 
-def all_logits(pm, ids, step, layout=None):
-    kv = pm.new_store(ids.shape[1])
+def every_logit(pm, ids, step, layout=None):
+    kv = pm.new_cache(ids.shape[1])
     from longdoc.attention.dca import chunk_steps
 
-    out = [
-        pm.logits(pm.forward(ids[:, a:b], a, kv, all_logits=True))[0]
-        for a, b in chunk_steps(0, ids.shape[1], step, layout)
-    ]
+    out = [pm.logits(pm.hidden_states(ids[:, a:b], a, kv))[0] for a, b in chunk_steps(0, ids.shape[1], step, layout)]
     return torch.cat(out), kv
 
 
@@ -38,7 +36,7 @@ def test_plain_attention_equals_transformers(family, kernel):
     model = tiny_model(family)
     ids = torch.randint(0, 256, (1, 45), generator=torch.Generator().manual_seed(0))
     ref = model(ids).logits[0].double()
-    got, _ = all_logits(patched(model, None, kernel), ids, step=8)
+    got, _ = every_logit(patched(model, None, kernel), ids, step=8)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)  # HF rounds RoPE angles in float32
 
 
@@ -59,7 +57,7 @@ def test_dca_in_one_chunk_equals_transformers(family):
     model = tiny_model(family)
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
     layout = ChunkLayout(48, 8)  # c = 40 = L
-    got, _ = all_logits(patched(model, layout), ids, step=7, layout=layout)
+    got, _ = every_logit(patched(model, layout), ids, step=7, layout=layout)
     torch.testing.assert_close(got, model(ids).logits[0].double(), atol=2e-5, rtol=0)
 
 
@@ -67,8 +65,8 @@ def test_dca_differs_from_plain_across_chunks():
     model = tiny_model()
     ids = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(2))
     layout = ChunkLayout(16, 4)
-    dca, _ = all_logits(patched(model, layout), ids, step=5, layout=layout)
-    plain, _ = all_logits(patched(model), ids, step=5)
+    dca, _ = every_logit(patched(model, layout), ids, step=5, layout=layout)
+    plain, _ = every_logit(patched(model), ids, step=5)
     torch.testing.assert_close(dca[:12], plain[:12], atol=1e-9, rtol=0)  # first chunk: identical
     assert (dca[30:] - plain[30:]).abs().max() > 1e-3
 
@@ -78,8 +76,8 @@ def test_prefill_step_size_does_not_change_results(layout):
     model = tiny_model()
     ids = torch.randint(0, 256, (1, 50), generator=torch.Generator().manual_seed(3))
     pm = patched(model, layout)
-    a, _ = all_logits(pm, ids, step=50, layout=layout)
-    b, _ = all_logits(pm, ids, step=3, layout=layout)
+    a, _ = every_logit(pm, ids, step=50, layout=layout)
+    b, _ = every_logit(pm, ids, step=3, layout=layout)
     torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
 
@@ -89,13 +87,13 @@ def test_decode_after_prefill_equals_recompute(layout):
     model = tiny_model()
     pm = patched(model, layout)
     ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(4))
-    kv = pm.new_store(60)
+    kv = pm.new_cache(60)
     logits = prefill(pm, ids, kv, step=8)
     tokens = list(generate(pm, logits, 30, kv, GenerationConfig(max_new_tokens=20), set()))
     assert len(set(tokens)) > 3  # the tiny model does not collapse to one token
     seq = ids[0].tolist()
     for t in tokens:
-        full, _ = all_logits(pm, torch.tensor([seq]), step=64, layout=layout)
+        full, _ = every_logit(pm, torch.tensor([seq]), step=64, layout=layout)
         assert int(full[-1].argmax()) == t
         seq.append(t)
 
@@ -105,7 +103,7 @@ def test_cached_keys_are_rotated_at_dca_key_positions():
     layout = ChunkLayout(10, 4)  # c = 6
     pm = patched(model, layout)
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(5))
-    _, kv = all_logits(pm, ids, step=6, layout=layout)
+    _, kv = every_logit(pm, ids, step=6, layout=layout)
     # recompute layer 0's keys by hand: project, rotate at p mod c
     attn = model.model.layers[0].self_attn
     x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
@@ -133,11 +131,11 @@ def test_generation_stops_on_stop_id_and_budget():
     model = tiny_model()
     pm = patched(model)
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(6))
-    kv = pm.new_store(40)
+    kv = pm.new_cache(40)
     logits = prefill(pm, ids, kv, step=12)
     tokens = list(generate(pm, logits, 12, kv, GenerationConfig(max_new_tokens=8), set()))
     assert len(tokens) == 8
-    kv = pm.new_store(40)
+    kv = pm.new_cache(40)
     logits = prefill(pm, ids, kv, step=12)
     stopped = list(generate(pm, logits, 12, kv, GenerationConfig(max_new_tokens=8), {tokens[2]}))
     assert stopped == tokens[: tokens.index(tokens[2])]
@@ -145,14 +143,14 @@ def test_generation_stops_on_stop_id_and_budget():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_linears_give_identical_outputs(dtype):
-    from longdoc.attention.patch import PackedLinear, can_pack, pack_linears
+    from longdoc.quant.packing import PackedLinear, can_pack, pack_linears
 
     model = tiny_model(dtype=dtype)
     if not can_pack(model):
         pytest.skip("oneDNN packing unavailable")
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(8))
-    before, _ = all_logits(patched(model), ids, step=7)
+    before, _ = every_logit(patched(model), ids, step=7)
     assert pack_linears(model) == 3 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
     assert isinstance(model.lm_head, PackedLinear)
-    after, _ = all_logits(patched(model), ids, step=7)
+    after, _ = every_logit(patched(model), ids, step=7)
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)  # oneDNN may sum in another order

@@ -11,11 +11,12 @@ import torch
 
 from longdoc.attention.dca import ChunkLayout, key_positions, query_positions
 from longdoc.attention.kernels import attend_cpu, attend_reference, merge_partials
-from longdoc.attention.patch import AttentionSettings, PatchedModel
 from longdoc.config import RecycleConfig
 from longdoc.engine.decode import decode_one_token
+from longdoc.engine.longmodel import AttentionSettings, LongModel
 from longdoc.engine.prefill import prefill
 from longdoc.engine.recycled import RecycledPolicy
+from longdoc.runtime import local
 
 from .conftest import tiny_model
 from .test_attention import run_chunked
@@ -187,10 +188,10 @@ def test_decode_logits_equal_a_float64_recompute(layout, recycled):
     boundaries (c = 12: at 36 and 48; c = 4 with w = 8 >= c: every 4 tokens). Recycled decoding with K
     covering the context must give the same numbers."""
     model = tiny_model(dtype=torch.float64)
-    pm = PatchedModel(model, AttentionSettings(layout, attend_cpu))
+    pm = LongModel(model, AttentionSettings(layout, attend_cpu))
     n_prompt, new = 30, 24
     ids = torch.randint(0, 256, (1, n_prompt), generator=torch.Generator().manual_seed(0))
-    kv = pm.new_store(n_prompt + new)
+    kv = pm.new_cache(n_prompt + new)
     policy = RecycledPolicy(RecycleConfig(k=10_000, stride=5), 3) if recycled else None
     got = [prefill(pm, ids, kv, step=8)[0]]
     seq = ids[0].tolist()
@@ -211,13 +212,12 @@ def test_decode_logits_equal_a_float64_recompute(layout, recycled):
 
 def test_attention_temperature_follows_the_prompt_length_only(monkeypatch):
     """(0.1 ln(L/W) + 1)^2 on the logits with L the prompt: the answer budget does not change it."""
-    from longdoc import pipeline
     from longdoc.config import DCAConfig, GenerationConfig, RunConfig
-    from longdoc.pipeline import make_plan
+    from longdoc.runtime.local import make_plan
 
     from .test_pipeline import info
 
-    monkeypatch.setattr(pipeline, "check_memory", lambda plan, device: None)  # whatever RAM is free now
+    monkeypatch.setattr(local, "check_memory", lambda plan, device: None)  # whatever RAM is free now
 
     def scale(prompt, new):
         cfg = RunConfig(dca=DCAConfig(temperature=True), generation=GenerationConfig(max_new_tokens=new))

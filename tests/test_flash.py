@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 
-from longdoc.attention import native
+from longdoc import native
 from longdoc.attention.dca import ChunkLayout, chunk_steps, key_positions
 from longdoc.attention.kernels import attend_cpu, attend_reference, attend_torch_cpu
-from longdoc.attention.rope import RopeTable
 from longdoc.attention.sparse import SparseConfig, SparseStats, sparse_chunked_attention
+from longdoc.models.rope import RopeTable
+from longdoc.native import flash as flash_c
 
 from .test_attention import load_vectors, naive_dca, run_chunked
 from .test_sparse import THETA
@@ -31,8 +32,8 @@ def check(q, k, v, causal, scale, out_tol=1.5e-2):
     """The kernel's output and log-sum-exp against the float64 reference on the same inputs. The output
     is rounded to bfloat16 once (2^-9 relative) after the probabilities were (as torch's kernel rounds
     them); the log-sum-exp stays float32 throughout, so a lost term or a wrong mask shows at 1e-4."""
-    assert native.flash_takes(q.bfloat16(), k.bfloat16(), v.bfloat16())
-    out, lse = native.flash_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal, scale)
+    assert flash_c.flash_takes(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    out, lse = flash_c.flash_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal, scale)
     ref_out, ref_lse = attend_reference(q, k, v, causal, scale)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
@@ -87,7 +88,7 @@ def test_kernel_agrees_with_torchs_on_the_models_shapes():
     torch.manual_seed(6)
     q, k, v = (torch.randn(1, h, 200, 64).bfloat16() for h in (14, 2, 2))
     for causal in (False, True):
-        out, lse = native.flash_attention(q, k, v, causal, 0.125)
+        out, lse = flash_c.flash_attention(q, k, v, causal, 0.125)
         want, want_lse = attend_torch_cpu(q, k, v, causal, 0.125)
         torch.testing.assert_close(out.float(), want.float(), atol=1.5e-2, rtol=1.5e-2)
         torch.testing.assert_close(lse, want_lse, atol=2e-4, rtol=0)
@@ -105,7 +106,7 @@ def test_dca_on_shared_vectors_through_the_kernel(step):
     calls = []
 
     def spy(q_, k_, v_, causal, scale):
-        calls.append(native.flash_takes(q_, k_, v_))
+        calls.append(flash_c.flash_takes(q_, k_, v_))
         return attend_cpu(q_, k_, v_, causal, scale)
 
     got = run_chunked(q.bfloat16(), k.bfloat16(), v.bfloat16(), layout, case["theta"], spy, step)
@@ -118,10 +119,10 @@ def test_dca_on_shared_vectors_through_the_kernel(step):
 
 def test_inputs_the_kernel_does_not_take_go_to_torchs():
     q, k, v = torch.randn(1, 4, 20, 64), torch.randn(1, 2, 20, 64), torch.randn(1, 2, 20, 64)
-    assert not native.flash_takes(q, k, v)  # float32
+    assert not flash_c.flash_takes(q, k, v)  # float32
     qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
-    assert not native.flash_takes(qb[:, :, :3], kb, vb)  # fewer queries than a tile: decode steps
-    assert not native.flash_takes(torch.randn(1, 4, 20, 48).bfloat16(), kb[..., :48], vb[..., :48])  # head size
+    assert not flash_c.flash_takes(qb[:, :, :3], kb, vb)  # fewer queries than a tile: decode steps
+    assert not flash_c.flash_takes(torch.randn(1, 4, 20, 48).bfloat16(), kb[..., :48], vb[..., :48])  # head size
     for x in (q, qb[:, :, :3]):
         out, lse = attend_cpu(x, k.to(x.dtype), v.to(x.dtype), False, 0.125)
         want, want_lse = attend_reference(x.double(), k.double(), v.double(), False, 0.125)
@@ -134,7 +135,7 @@ def test_switched_off_kernel_falls_back(monkeypatch, tmp_path):
     native.library.cache_clear()
     try:
         q, k, v = (torch.randn(1, h, 20, 64).bfloat16() for h in (4, 2, 2))
-        assert not native.flash_takes(q, k, v)
+        assert not flash_c.flash_takes(q, k, v)
         assert "caps the CPU below AVX-512 BF16" in (native.why_unavailable("flash") or "")
         out, _ = attend_cpu(q, k, v, True, 0.125)
         want, _ = attend_reference(q.double(), k.double(), v.double(), True, 0.125)
@@ -153,7 +154,7 @@ def test_block_lists_equal_attention_to_the_listed_blocks():
     q = rounded(1, 14, 80, 64, scale=2.0)  # groups of 32: 32, 32, 16 queries
     blocks = torch.stack([torch.stack([torch.randperm(5)[:4] for _ in range(3)]) for _ in range(2)])  # (2, 3, 4)
     counts = [4, 0, 2]
-    out, lse = native.flash_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), False, 0.125, (blocks, counts, 32))
+    out, lse = flash_c.flash_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), False, 0.125, (blocks, counts, 32))
     for g, count in enumerate(counts):
         a, b = 32 * g, min(80, 32 * g + 32)
         if not count:
@@ -170,7 +171,7 @@ def test_block_lists_equal_attention_to_the_listed_blocks():
             torch.testing.assert_close(lse[:, heads, a:b].double(), want_lse, atol=1e-4, rtol=0)
             torch.testing.assert_close(out[:, heads, a:b].double(), want_out, atol=1.5e-2, rtol=1.5e-2)
     with pytest.raises(RuntimeError, match="refused"):
-        native.flash_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), False, 0.125, (blocks + 3, counts, 32))
+        flash_c.flash_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), False, 0.125, (blocks + 3, counts, 32))
 
 
 @needs_flash
@@ -186,7 +187,7 @@ def test_sparse_prefill_through_the_kernel_equals_the_reference_path(monkeypatch
     cfg = SparseConfig(budget=128, band=64, block=64, query_block=32)
     table = RopeTable(1.0 / THETA ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64), dtype=torch.float64)
     listed = []
-    flash = native.flash_attention
+    flash = flash_c.flash_attention
 
     def spy(*args, blocks=None):
         listed.append(blocks is not None)

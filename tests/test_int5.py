@@ -1,4 +1,4 @@
-"""The int5 kernel (longdoc/attention/int5.c through longdoc.attention.native) and --quantize int5."""
+"""The int5 kernel (longdoc/native/int5.c through longdoc.native.int5) and --quantize int5."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from longdoc.attention import native, quant
+from longdoc import native
 from longdoc.attention.kernels import get_kernel
-from longdoc.attention.patch import AttentionSettings, PatchedModel
 from longdoc.config import GenerationConfig
 from longdoc.engine.decode import generate
+from longdoc.engine.longmodel import AttentionSettings, LongModel
 from longdoc.engine.prefill import prefill
+from longdoc.native import int5
+from longdoc.quant import schemes
 
 from .conftest import tiny_model
 
@@ -30,7 +32,7 @@ def emulated(
     """What the kernel computes, in float64: each group of 32 input channels quantized to int16 with the
     step max|x| / 32767 (round half to even, as lrintf), times the group's 5-bit values and step; plus
     each group's minimum times the group's exact sum of inputs."""
-    values = quant.unpack_int5(bits).double()
+    values = schemes.unpack_int5(bits).double()
     n, k = values.shape
     step, lo = scales[..., 0].double(), scales[..., 1].double()  # (n, k/32)
     rows = x.reshape(-1, k).float()
@@ -53,16 +55,16 @@ def test_int5_packing_round_trips_and_grid_weights_come_back_exactly():
     torch.manual_seed(0)
     q = torch.randint(0, 32, (6, 256), dtype=torch.uint8)
     q[:, ::32], q[:, 1::32] = 0, 31  # every group spans its 32 levels
-    assert torch.equal(quant.unpack_int5(quant.pack_int5_bits(q)), q.to(torch.int32))
+    assert torch.equal(schemes.unpack_int5(schemes.pack_int5_bits(q)), q.to(torch.int32))
     step = (torch.rand(6, 8, 1) * 1e-2 + 1e-3).half().float()
     lo = (-16 * step).half().float()
     w = (q.view(6, 8, 32).float() * step + lo).view(6, 256)
-    bits, scales = quant.quantize_int5(w)
+    bits, scales = schemes.quantize_int5(w)
     assert bits.shape == (6, 256 * 80 // 128) and scales.shape == (6, 8, 2)
-    assert torch.equal(quant.dequantize("int5", bits, scales), w.double())
+    assert torch.equal(schemes.dequantize("int5", bits, scales), w.double())
     # off the grid: within half a step of each weight
     w2 = torch.randn(6, 256)
-    err = (quant.dequantize("int5", *quant.quantize_int5(w2)) - w2.double()).abs()
+    err = (schemes.dequantize("int5", *schemes.quantize_int5(w2)) - w2.double()).abs()
     steps = (w2.view(6, 8, 32).amax(-1) - w2.view(6, 8, 32).amin(-1)) / 31
     assert err.max() > 0 and (err.view(6, 8, 32) <= steps[..., None] * 0.51 + 1e-3).all()
 
@@ -77,9 +79,9 @@ def test_int5_kernel_matches_its_float64_emulation(n, k, dtype, bias):
     input rows, bfloat16 and float32, against the float64 emulation; inputs have a large channel."""
     torch.manual_seed(n * k)
     w = torch.randn(n, k) * 0.05
-    bits, scales = quant.quantize_int5(w)
+    bits, scales = schemes.quantize_int5(w)
     b = torch.randn(n) if bias else None
-    mm = native.Int5Matmul(native.layout(bits, scales), k, n, b)
+    mm = int5.Int5Matmul(int5.layout(bits, scales), k, n, b)
     for m in (1, 3):
         x = torch.randn(m, k)
         x[:, 3] *= 30
@@ -95,7 +97,7 @@ def test_int5_kernel_matches_its_float64_emulation(n, k, dtype, bias):
     # magnitude (|x| @ |W|.T) here; 8-bit ones, as llama.cpp's, would be at least 2.2e-3
     x = torch.randn(1, k)
     x[0, 3] = 100.0
-    weight = quant.dequantize("int5", bits, scales)
+    weight = schemes.dequantize("int5", bits, scales)
     exact = x.double() @ weight.T + (b.double() if bias else 0)
     magnitude = (x.double().abs() @ weight.abs().T).max()
     assert (mm(x, torch.float32).double() - exact).abs().max() < 5e-4 * magnitude
@@ -113,11 +115,13 @@ def test_int5_linears_share_matmuls_and_every_call_matches_its_emulation(layout)
 
     torch.manual_seed(0)
     model = tiny_model("qwen2", dtype=torch.float32, hidden=128, mlp=256)
-    names = quant.quantized_names(model)
+    names = schemes.quantized_names(model)
     tensors = {}
     for name in names:
-        tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = quant.quantize("int5", model.get_submodule(name).weight)
-    assert quant.quantize_linears(model, "int5", tensors) == len(names)
+        tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = schemes.quantize(
+            "int5", model.get_submodule(name).weight
+        )
+    assert schemes.quantize_linears(model, "int5", tensors) == len(names)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert attn.q_proj.gemm is attn.k_proj.gemm is attn.v_proj.gemm and mlp.gate_proj.gemm is mlp.up_proj.gemm
     assert attn.q_proj.gemm.kind == "int5" and attn.o_proj.gemm is not attn.q_proj.gemm
@@ -137,11 +141,11 @@ def test_int5_linears_share_matmuls_and_every_call_matches_its_emulation(layout)
     for name in names:
         model.get_submodule(name).register_forward_hook(check(name))
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
-    pm = PatchedModel(
+    pm = LongModel(
         model, AttentionSettings(ChunkLayout(24, 4) if layout else None, get_kernel("cpu", torch.device("cpu")))
     )
-    kv = pm.new_store(80)
-    with quant.every_row(model):
+    kv = pm.new_cache(80)
+    with schemes.every_row(model):
         logits = prefill(pm, ids, kv, 16)
         tokens = list(generate(pm, logits, 40, kv, GenerationConfig(max_new_tokens=24), set()))
     assert len(tokens) == 24 and len(set(tokens)) > 3
@@ -184,7 +188,7 @@ def test_native_library_builds_once_verifies_and_rebuilds_a_damaged_file(tmp_pat
     ],
 )
 def test_int5_is_unavailable_without_its_kernel_and_auto_falls_back(tmp_path, monkeypatch, env, reason):
-    from longdoc import pipeline
+    from longdoc.runtime import local
 
     monkeypatch.setenv("LONGDOC_CACHE_DIR", str(tmp_path))
     for key, value in env.items():
@@ -193,10 +197,10 @@ def test_int5_is_unavailable_without_its_kernel_and_auto_falls_back(tmp_path, mo
     try:
         assert native.library("int5") is None and reason in (native.why_unavailable("int5") or "")
         cpu, config = torch.device("cpu"), {"hidden_size": 896, "num_attention_heads": 14, "intermediate_size": 4864}
-        why = pipeline.quant_unavailable("int5", cpu, torch.bfloat16, config)
+        why = local.quant_unavailable("int5", cpu, torch.bfloat16, config)
         assert why is not None and reason in why
-        assert pipeline.default_quantize(cpu, torch.bfloat16, config) == (
-            "int8" if quant.int8_gemm_available() else "none"
+        assert local.default_quantize(cpu, torch.bfloat16, config) == (
+            "int8" if schemes.int8_gemm_available() else "none"
         )
     finally:
         native.library.cache_clear()
@@ -204,15 +208,15 @@ def test_int5_is_unavailable_without_its_kernel_and_auto_falls_back(tmp_path, mo
 
 @needs_int5
 def test_auto_picks_int5_only_where_it_fits_the_model():
-    from longdoc import pipeline
+    from longdoc.runtime import local
 
     cpu = torch.device("cpu")
     fits = {"hidden_size": 896, "num_attention_heads": 14, "intermediate_size": 4864}
-    assert pipeline.default_quantize(cpu, torch.bfloat16, fits) == "int5"
-    assert pipeline.default_quantize(cpu, torch.float32, fits) == "none"
+    assert local.default_quantize(cpu, torch.bfloat16, fits) == "int5"
+    assert local.default_quantize(cpu, torch.float32, fits) == "none"
     odd = {**fits, "intermediate_size": 4800}
-    assert "multiples of 128" in (pipeline.quant_unavailable("int5", cpu, torch.bfloat16, odd) or "")
-    assert pipeline.default_quantize(cpu, torch.bfloat16, odd) != "int5"
+    assert "multiples of 128" in (local.quant_unavailable("int5", cpu, torch.bfloat16, odd) or "")
+    assert local.default_quantize(cpu, torch.bfloat16, odd) != "int5"
 
 
 @needs_int5
@@ -225,7 +229,7 @@ def test_ask_with_int5_end_to_end(tmp_path):
 
     from longdoc import store
     from longdoc.cli import app
-    from longdoc.models import quantize as mq
+    from longdoc.quant import cache as mq
 
     from .conftest import REPO
     from .test_models import save_tiny_qwen2

@@ -200,7 +200,8 @@ def test_bfloat16_under_an_avx2_cap_falls_back_to_plain_matmuls():
     script = (
         "import torch\n"
         "from longdoc import models\n"
-        "from longdoc.attention.patch import pack_linears, onednn_packs\n"
+        "from longdoc.cpu import onednn_packs\n"
+        "from longdoc.quant.packing import pack_linears\n"
         "from tests.conftest import tiny_model\n"
         "m = tiny_model(dtype=torch.bfloat16)\n"
         "n = pack_linears(m)\n"
@@ -408,7 +409,7 @@ def test_refuses_attention_features_the_layer_loop_would_drop(tmp_path, tiny_fol
 
 
 def test_sliding_window_rule_per_family():
-    from longdoc.attention.patch import unsupported_features
+    from longdoc.models.decoder import unsupported_features
 
     base = {"max_position_embeddings": 32768}
     assert unsupported_features({**base, "model_type": "mistral", "sliding_window": 4096}) != []
@@ -422,13 +423,13 @@ def test_sliding_window_rule_per_family():
 
 def test_patched_model_refuses_an_active_sliding_window():
     from longdoc.attention.kernels import attend_reference
-    from longdoc.attention.patch import AttentionSettings, PatchedModel
+    from longdoc.engine.longmodel import AttentionSettings, LongModel
     from tests.conftest import tiny_model
 
     model = tiny_model("mistral")
     model.config.sliding_window = 16  # shorter than its 512-token window
     with pytest.raises(ValueError, match="sliding window of 16"):
-        PatchedModel(model, AttentionSettings(None, attend_reference))
+        LongModel(model, AttentionSettings(None, attend_reference))
 
 
 def test_never_runs_code_shipped_with_a_model(tmp_path, tiny_folder):

@@ -1,4 +1,4 @@
-"""Building longdoc's C kernels (longdoc/attention/native.py): the compilers they must build with (the
+"""Building longdoc's C kernels (longdoc/native/__init__.py): the compilers they must build with (the
 default cc, clang with and without OpenMP, the aarch64 cross compiler) and the rules of the cache."""
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from longdoc import cpu, store
-from longdoc.attention import native
+from longdoc import cpu, native, store
 
 KERNELS = Path(native.__file__).parent
 # every flag either kernel asks of the CPU

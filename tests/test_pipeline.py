@@ -10,7 +10,7 @@ import torch
 from longdoc import models
 from longdoc.config import DCAConfig, GenerationConfig, RunConfig
 from longdoc.errors import DoesNotFitError
-from longdoc.pipeline import ModelInfo, make_plan
+from longdoc.runtime.local import ModelInfo, make_plan
 
 
 def info(window: int = 32768, weight_bytes: int = 1_000_000_000) -> ModelInfo:

@@ -1,4 +1,4 @@
-"""Weight-only quantized linears (longdoc.attention.quant) and their cache (longdoc.models.quantize)."""
+"""Weight-only quantized linears (longdoc.quant.schemes) and their cache (longdoc.quant.cache)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from longdoc import store
-from longdoc.attention import quant
 from longdoc.attention.kernels import get_kernel
-from longdoc.attention.patch import AttentionSettings, PatchedModel, pack_linears
 from longdoc.config import GenerationConfig
 from longdoc.engine.decode import generate
+from longdoc.engine.longmodel import AttentionSettings, LongModel
 from longdoc.engine.prefill import prefill
-from longdoc.models import quantize as mq
+from longdoc.quant import cache as mq
+from longdoc.quant import schemes
+from longdoc.quant.packing import pack_linears
 
 from .conftest import REPO, tiny_model
 
@@ -25,19 +26,19 @@ SCHEMES = ["int8", "int4"]
 
 def quantized_tensors(model: nn.Module, scheme: str) -> dict[str, torch.Tensor]:
     tensors = {}
-    for name in quant.quantized_names(model):
-        q, s = quant.quantize(scheme, model.get_submodule(name).weight)
+    for name in schemes.quantized_names(model):
+        q, s = schemes.quantize(scheme, model.get_submodule(name).weight)
         tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = q, s
     return tensors
 
 
-needs_int8_gemm = pytest.mark.skipif(not quant.int8_gemm_available(), reason="no x86 int8 GEMM with VNNI here")
+needs_int8_gemm = pytest.mark.skipif(not schemes.int8_gemm_available(), reason="no x86 int8 GEMM with VNNI here")
 
 
 @pytest.fixture
 def weight_only_int8(monkeypatch):
     """int8 as on CPUs without the int8 GEMM: the weight-only kernel."""
-    monkeypatch.setattr(quant, "int8_gemm_available", lambda: False)
+    monkeypatch.setattr(schemes, "int8_gemm_available", lambda: False)
 
 
 # each quantized kernel: int8 through the int8 GEMM (where it runs), int8 and int4 weight-only
@@ -50,7 +51,7 @@ def w8a8_reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block: int
     with one step and zero point; its product with the int8 weight; the rows' products, times their
     block maxima, summed."""
     k = x.shape[-1]
-    weight = quant.dequantize("int8", q, s)
+    weight = schemes.dequantize("int8", q, s)
     out = []
     for row in x.reshape(-1, k).double():
         blocks = row.view(-1, block)
@@ -73,17 +74,17 @@ def test_quant_linear_matches_a_float64_reference(scheme, bias, weight_only_int8
     """Weight-only kernels: x @ (q * scale).T (+ bias) in float64, against the CPU kernel in float32."""
     torch.manual_seed(0)
     dense = nn.Linear(64, 48, bias=bias)
-    q, s = quant.quantize(scheme, dense.weight)
-    layer = quant.QuantLinear(dense, scheme, q, s, dtype=torch.float32)
+    q, s = schemes.quantize(scheme, dense.weight)
+    layer = schemes.QuantLinear(dense, scheme, q, s, dtype=torch.float32)
     x = torch.randn(2, 1, 64)
-    ref = x.double() @ quant.dequantize(scheme, q, s).T
+    ref = x.double() @ schemes.dequantize(scheme, q, s).T
     if bias:
         ref += dense.bias.double()
     out = layer(x)  # 2 rows: the quantized kernel
     assert out.shape == (2, 1, 48) and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     # the quantized weight is close to the original one, and each scheme's error is what it should be
-    err = (quant.dequantize(scheme, q, s) - dense.weight.double()).abs().max()
+    err = (schemes.dequantize(scheme, q, s) - dense.weight.double()).abs().max()
     assert 0 < err < (0.01 if scheme == "int8" else 0.05)
 
 
@@ -97,8 +98,8 @@ def test_int8_gemm_matches_a_float64_reference(block, bias):
     dense = nn.Linear(64, 48, bias=bias)
     with torch.no_grad():
         dense.weight[:, :16] = 0  # the large channels' own products vanish: what is left is their step
-    q, s = quant.quantize("int8", dense.weight)
-    layer = quant.QuantLinear(dense, "int8", q, s, dtype=torch.float32, act_block=block)
+    q, s = schemes.quantize("int8", dense.weight)
+    layer = schemes.QuantLinear(dense, "int8", q, s, dtype=torch.float32, act_block=block)
     assert layer.gemm.kind == "gemm"
     x = torch.randn(3, 1, 64)
     x[..., 5] *= 40.0
@@ -108,7 +109,7 @@ def test_int8_gemm_matches_a_float64_reference(block, bias):
     assert out.shape == (3, 1, 48) and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
     # quantizing the activations is visible, and blocks keep the large channels' step off the others
-    exact = x.double() @ quant.dequantize("int8", q, s).T + (dense.bias.double() if bias else 0)
+    exact = x.double() @ schemes.dequantize("int8", q, s).T + (dense.bias.double() if bias else 0)
     blocked_err = (ref - exact).abs().max()
     per_row_err = (w8a8_reference(x, q, s, 64, dense.bias if bias else None) - exact).abs().max()
     assert blocked_err > 0
@@ -126,7 +127,7 @@ def test_linears_that_share_an_input_share_one_matmul(scheme, path, request):
     torch.manual_seed(0)
     model = tiny_model("qwen2", dtype=torch.float32)
     tensors = quantized_tensors(model, scheme)
-    quant.quantize_linears(model, scheme, tensors, act_block=16)
+    schemes.quantize_linears(model, scheme, tensors, act_block=16)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert attn.q_proj.gemm is attn.k_proj.gemm is attn.v_proj.gemm is not attn.o_proj.gemm
     assert mlp.gate_proj.gemm is mlp.up_proj.gemm is not mlp.down_proj.gemm
@@ -140,7 +141,7 @@ def test_linears_that_share_an_input_share_one_matmul(scheme, path, request):
             if path == "gemm":
                 want = w8a8_reference(x, q, s, 16, layer.dense.bias)
             else:
-                want = x.double() @ quant.dequantize(scheme, q, s).T + layer.dense.bias.double()
+                want = x.double() @ schemes.dequantize(scheme, q, s).T + layer.dense.bias.double()
             torch.testing.assert_close(layer(x).double(), want, rtol=1e-4, atol=1e-4)
 
 
@@ -152,27 +153,27 @@ def test_int8_gemm_probe_refuses_a_saturating_kernel(monkeypatch):
     def saturating(x, packed, reduce_range):
         return real(x, packed, reduce_range).clamp(max=32767.0 * x.shape[-1] / 2 / 255)
 
-    quant.int8_gemm_available.cache_clear()
+    schemes.int8_gemm_available.cache_clear()
     try:
         monkeypatch.setattr(torch.ops.quantized, "linear_dynamic", saturating)
-        assert not quant.int8_gemm_available()
+        assert not schemes.int8_gemm_available()
         dense = nn.Linear(64, 8)
-        layer = quant.QuantLinear(dense, "int8", *quant.quantize("int8", dense.weight), dtype=torch.float32)
+        layer = schemes.QuantLinear(dense, "int8", *schemes.quantize("int8", dense.weight), dtype=torch.float32)
         assert layer.gemm.kind == "int8" and layer.gemm.qweight.numel() == 64 * 8
     finally:
-        quant.int8_gemm_available.cache_clear()
+        schemes.int8_gemm_available.cache_clear()
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_large_inputs_run_the_unquantized_layer(scheme):
     torch.manual_seed(0)
     dense = nn.Linear(64, 32)
-    layer = quant.QuantLinear(dense, scheme, *quant.quantize(scheme, dense.weight), dtype=torch.float32, max_rows=4)
+    layer = schemes.QuantLinear(dense, scheme, *schemes.quantize(scheme, dense.weight), dtype=torch.float32, max_rows=4)
     big = torch.randn(5, 64)
     assert torch.equal(layer(big), dense(big))
     small = torch.randn(4, 64)
     assert not torch.equal(layer(small), dense(small))
-    with quant.every_row(nn.Sequential(layer)):
+    with schemes.every_row(nn.Sequential(layer)):
         assert not torch.equal(layer(big), dense(big))
     assert layer.max_rows == 4
 
@@ -180,12 +181,12 @@ def test_large_inputs_run_the_unquantized_layer(scheme):
 def test_int4_packing_round_trips():
     torch.manual_seed(0)
     w = torch.randn(8, 64)
-    q, s = quant.quantize_int4(w, 32)
-    values = quant.unpack_int4(q)
+    q, s = schemes.quantize_int4(w, 32)
+    values = schemes.unpack_int4(q)
     assert values.shape == (8, 64) and int(values.min()) >= 0 and int(values.max()) <= 15
     groups = w.view(8, 2, 32)
     # each group's extremes are representable: the minimum exactly (q=0), the maximum to bf16 rounding
-    lowest = quant.dequantize("int4", q, s).view(8, 2, 32).amin(-1)
+    lowest = schemes.dequantize("int4", q, s).view(8, 2, 32).amin(-1)
     torch.testing.assert_close(lowest, groups.amin(-1).double(), rtol=1e-2, atol=1e-2)
 
 
@@ -215,28 +216,30 @@ def test_quantized_greedy_decode_equals_the_dequantized_reference(scheme, path, 
     model = tiny_model("qwen2", dtype=torch.float32)
     tensors = quantized_tensors(model, scheme)
     reference = copy.deepcopy(model)
-    for name in quant.quantized_names(reference):
+    for name in schemes.quantized_names(reference):
         linear = reference.get_submodule(name)
         q, s = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
         if path == "gemm":
             parent, _, child = name.rpartition(".")
-            block = 16 if child in quant.BLOCKED_INPUTS else linear.in_features
+            block = 16 if child in schemes.BLOCKED_INPUTS else linear.in_features
             setattr(reference.get_submodule(parent) if parent else reference, child, W8A8Reference(linear, q, s, block))
         else:
-            linear.weight.data = quant.dequantize(scheme, q, s).float()
-    assert quant.quantize_linears(model, scheme, tensors, act_block=16) == len(quant.quantized_names(model))
-    assert all((m.gemm.kind == "gemm") == (path == "gemm") for m in model.modules() if isinstance(m, quant.QuantLinear))
+            linear.weight.data = schemes.dequantize(scheme, q, s).float()
+    assert schemes.quantize_linears(model, scheme, tensors, act_block=16) == len(schemes.quantized_names(model))
+    assert all(
+        (m.gemm.kind == "gemm") == (path == "gemm") for m in model.modules() if isinstance(m, schemes.QuantLinear)
+    )
     dca = ChunkLayout(24, 4) if layout else None
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
     gen = GenerationConfig(max_new_tokens=24)
 
     def decode(m: nn.Module) -> list[int]:
-        pm = PatchedModel(m, AttentionSettings(dca, get_kernel("cpu", torch.device("cpu"))))
-        kv = pm.new_store(80)
+        pm = LongModel(m, AttentionSettings(dca, get_kernel("cpu", torch.device("cpu"))))
+        kv = pm.new_cache(80)
         logits = prefill(pm, ids, kv, 16)
         return list(generate(pm, logits, 40, kv, gen, set()))
 
-    with quant.every_row(model):
+    with schemes.every_row(model):
         got = decode(model)
     want = decode(reference)
     assert got == want and len(set(want)) > 3
@@ -244,7 +247,7 @@ def test_quantized_greedy_decode_equals_the_dequantized_reference(scheme, path, 
 
 def test_quantized_layers_pack_their_unquantized_path():
     """pack_linears after quantize_linears packs the wrapped layer (prefill's path) and nothing else."""
-    from longdoc.attention.patch import PackedLinear, can_pack
+    from longdoc.quant.packing import PackedLinear, can_pack
 
     model = tiny_model("qwen2", dtype=torch.float32)
     if not can_pack(model):
@@ -252,10 +255,10 @@ def test_quantized_layers_pack_their_unquantized_path():
     x = torch.randn(1, 20, 64)
     before = model.model.layers[0].mlp.down_proj(torch.randn(1, 20, 128))
     del before
-    n = quant.quantize_linears(model, "int8", quantized_tensors(model, "int8"))
+    n = schemes.quantize_linears(model, "int8", quantized_tensors(model, "int8"))
     assert pack_linears(model) == n
     layer = model.model.layers[0].self_attn.q_proj
-    assert isinstance(layer, quant.QuantLinear) and isinstance(layer.dense, PackedLinear)
+    assert isinstance(layer, schemes.QuantLinear) and isinstance(layer.dense, PackedLinear)
     assert layer(x).shape == (1, 20, 64)
 
 
@@ -265,10 +268,10 @@ def test_quantize_linears_refuses_another_models_weights():
     tensors = quantized_tensors(model, "int8")
     other.model.layers[0].mlp.up_proj = nn.Linear(64, 96)
     with pytest.raises(ValueError, match="shape"):
-        quant.quantize_linears(other, "int8", tensors)
+        schemes.quantize_linears(other, "int8", tensors)
     del tensors["lm_head.qweight"]
     with pytest.raises(ValueError, match="lm_head"):
-        quant.quantize_linears(model, "int8", tensors)
+        schemes.quantize_linears(model, "int8", tensors)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -294,8 +297,8 @@ def test_quantized_cache_round_trip(base, scheme):
     assert manifest["source"]["quantize"] == scheme and mq.QUANT_FILE in manifest["files"]
     assert mq.check_quantized(made, folder, scheme) is None
     tensors = mq.load_quantized(made)
-    for name in quant.quantized_names(model):  # the tied or untied LM head included
-        q, s = quant.quantize(scheme, model.get_submodule(name).weight)
+    for name in schemes.quantized_names(model):  # the tied or untied LM head included
+        q, s = schemes.quantize(scheme, model.get_submodule(name).weight)
         assert torch.equal(tensors[f"{name}.qweight"], q) and torch.equal(tensors[f"{name}.scales"], s)
     assert mq.ensure_quantized(folder, scheme, "tiny") == made  # verified, not rebuilt
     assert mq.check_quantized(made, folder, "int4" if scheme == "int8" else "int8") is not None
@@ -312,7 +315,7 @@ def test_tied_lm_head_is_quantized_from_the_embedding(tmp_path):
     model = Qwen2ForCausalLM(config).eval()
     model.save_pretrained(folder)
     tensors = mq.load_quantized(mq.ensure_quantized(folder, "int8", "tied"))
-    q, _ = quant.quantize_int8(model.model.embed_tokens.weight)
+    q, _ = schemes.quantize_int8(model.model.embed_tokens.weight)
     assert torch.equal(tensors["lm_head.qweight"], q)
     assert mq.quantized_path(folder, "int8").parent == store.models_dir()  # never inside the user's folder
 
@@ -341,8 +344,8 @@ def test_damaged_or_stale_quantized_cache_is_rebuilt(base):
 
 def test_session_runs_quantized_and_falls_back_where_the_kernel_is_missing(tmp_path, monkeypatch):
     from longdoc.config import RunConfig
-    from longdoc.pipeline import Session
     from longdoc.render import Reporter
+    from longdoc.runtime.local import Session
 
     from .test_models import save_tiny_qwen2
 
@@ -354,19 +357,19 @@ def test_session_runs_quantized_and_falls_back_where_the_kernel_is_missing(tmp_p
     session = Session(cfg, reporter)
     assert session.info.quantize == "int8" and session.info.quant_folder is not None
     assert session.info.numerics == "float32+int8"
-    assert isinstance(session.loaded().model.lm_head, quant.QuantLinear)
-    if quant.int8_gemm_available():
+    assert isinstance(session.loaded().model.lm_head, schemes.QuantLinear)
+    if schemes.int8_gemm_available():
         assert warnings == []
     else:  # without VNNI the explicit choice runs, and says once that it is slower here
         assert len(warnings) == 1 and "slower than unquantized here" in warnings[0] and "\n" not in warnings[0]
     warnings.clear()
 
-    monkeypatch.setattr(quant, "kernel_available", lambda scheme, dtype=None: False)
+    monkeypatch.setattr(schemes, "kernel_available", lambda scheme, dtype=None: False)
     fallback = Session(cfg, reporter)
     assert fallback.info.quantize == "none" and fallback.info.quant_folder is None
     unquantized = [w for w in warnings if "running unquantized" in w]
     assert len(unquantized) == 1 and unquantized[0].startswith("--quantize int8:") and "\n" not in unquantized[0]
-    assert not any(isinstance(m, quant.QuantLinear) for m in fallback.loaded().model.modules())
+    assert not any(isinstance(m, schemes.QuantLinear) for m in fallback.loaded().model.modules())
 
 
 def test_kernel_probe_says_no_when_the_op_fails(monkeypatch, weight_only_int8):
@@ -375,15 +378,15 @@ def test_kernel_probe_says_no_when_the_op_fails(monkeypatch, weight_only_int8):
     def missing(*args):
         raise RuntimeError("Could not run '_weight_int8pack_mm' with arguments from the 'CPU' backend")
 
-    quant.kernel_available.cache_clear()
+    schemes.kernel_available.cache_clear()
     try:
-        assert quant.kernel_available("int8", torch.float32)
-        quant.kernel_available.cache_clear()
+        assert schemes.kernel_available("int8", torch.float32)
+        schemes.kernel_available.cache_clear()
         monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", missing)
-        assert not quant.kernel_available("int8", torch.float32)
-        assert quant.kernel_available("int4", torch.float32)
+        assert not schemes.kernel_available("int8", torch.float32)
+        assert schemes.kernel_available("int4", torch.float32)
     finally:
-        quant.kernel_available.cache_clear()
+        schemes.kernel_available.cache_clear()
 
 
 def test_ask_with_quantize_end_to_end(tmp_path):

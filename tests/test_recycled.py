@@ -9,19 +9,12 @@ import torch
 
 from longdoc.attention.dca import ChunkLayout
 from longdoc.attention.kernels import get_kernel
-from longdoc.attention.patch import AttentionSettings, PatchedModel
 from longdoc.config import GenerationConfig, RecycleConfig
+from longdoc.engine.baselines import StreamingPolicy, streaming_positions
 from longdoc.engine.decode import DecodePolicy, generate
+from longdoc.engine.longmodel import AttentionSettings, LongModel
 from longdoc.engine.prefill import prefill
-from longdoc.engine.recycled import (
-    POOL_KERNEL,
-    RecycledPolicy,
-    RecycledSet,
-    StreamingPolicy,
-    select_top_k,
-    selection_probs,
-    streaming_positions,
-)
+from longdoc.engine.recycled import POOL_KERNEL, RecycledPolicy, RecycledSet, select_top_k, selection_probs
 
 from .conftest import query_index, tiny_model
 
@@ -30,9 +23,9 @@ N_LAYERS = 3
 
 
 def decode(model, layout, policy, n_prompt=70, new=25, seed=0, kernel="cpu"):
-    pm = PatchedModel(model, AttentionSettings(layout, get_kernel(kernel, CPU)))
+    pm = LongModel(model, AttentionSettings(layout, get_kernel(kernel, CPU)))
     ids = torch.randint(0, 256, (1, n_prompt), generator=torch.Generator().manual_seed(seed))
-    kv = pm.new_store(n_prompt + new)
+    kv = pm.new_cache(n_prompt + new)
     logits = prefill(pm, ids, kv, step=16)
     return list(generate(pm, logits, n_prompt, kv, GenerationConfig(max_new_tokens=new), set(), policy)), pm, kv
 
@@ -134,9 +127,9 @@ def test_recycled_steps_equal_naive_attention_over_the_held_keys(kernel, layout)
 def test_selection_probabilities_are_float32_region_scores(layout):
     """The full step chooses from float32 probabilities over every key, each with its region's rotation."""
     model = tiny_model(dtype=torch.bfloat16)
-    pm = PatchedModel(model, AttentionSettings(layout, get_kernel("cpu", CPU)))
+    pm = LongModel(model, AttentionSettings(layout, get_kernel("cpu", CPU)))
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
-    kv = pm.new_store(41)
+    kv = pm.new_cache(41)
     prefill(pm, ids, kv, step=8)
     q = torch.randn(1, 4, 1, pm.head_dim, dtype=torch.bfloat16)
     probs = selection_probs(pm, q, kv, 1, 39)

@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from longdoc import remote
 from longdoc.cli import app
 from longdoc.config import RunConfig
-from longdoc.pipeline import Session
+from longdoc.runtime import remote
+from longdoc.runtime.local import Session
 
 from .conftest import REPO
 from .test_serve import KEY, Collect, Served, save_chat_model, spawn_server, start, stop
@@ -237,7 +237,7 @@ def test_a_prompt_over_the_servers_context_exits_4(server, local, monkeypatch):
     assert "exceeds the context limit of 500" in line
     # the server's own refusal (its count is the one that matters): the same exit code
     monkeypatch.setattr(remote, "reported_context", lambda card: 10**6)
-    monkeypatch.setattr("longdoc.pipeline.DCA_CONTEXT_FACTOR", 0)  # the server's fit check: every prompt is over
+    monkeypatch.setattr("longdoc.runtime.local.DCA_CONTEXT_FACTOR", 0)  # the server's fit check: every prompt is over
     line = one_line_error(invoke("ask", NOTES, "Which port?", *local, *through(server)), 4)
     assert "says the prompt does not fit" in line and "context limit" in line
 
@@ -266,7 +266,7 @@ def test_a_server_failure_exits_3(server, local, monkeypatch):
     def boom(*_args: Any, **_kw: Any) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("longdoc.pipeline.Conversation.answer", boom)
+    monkeypatch.setattr("longdoc.runtime.local.Conversation.answer", boom)
     line = one_line_error(invoke("ask", NOTES, "Which port?", *local, *through(server)), 3)
     assert "internal error: RuntimeError: boom" in line
 
@@ -374,7 +374,7 @@ def test_embedded_model_through_longdoc_serve_equals_local(tmp_path):
 
 
 def test_remote_module_imports_no_http_client():
-    """``longdoc.remote`` imports openai only when a remote session starts (local runs never pay for it)."""
-    code = "import sys, longdoc.remote; print('openai' in sys.modules)"
+    """``longdoc.runtime.remote`` imports openai only when a remote session starts (local runs never pay for it)."""
+    code = "import sys, longdoc.runtime.remote; print('openai' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(REPO))
     assert out.stdout.strip() == "False"

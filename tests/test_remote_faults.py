@@ -25,9 +25,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from longdoc import remote
 from longdoc.cli import app
-from longdoc.render import Reporter, terminal_safe
+from longdoc.render import Reporter
+from longdoc.runtime import remote
+from longdoc.sanitize import terminal_safe
 
 from .conftest import REPO
 from .test_serve import save_chat_model

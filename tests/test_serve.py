@@ -25,9 +25,9 @@ from longdoc.config import DCAConfig, GenerationConfig, RecycleConfig, RunConfig
 from longdoc.engine import decode
 from longdoc.errors import DoesNotFitError
 from longdoc.ingest import Document
-from longdoc.pipeline import Session, run_prompt, split_ids
 from longdoc.prompt import ask_prompt, format_documents, template  # noqa: E402
 from longdoc.render import Reporter  # noqa: E402
+from longdoc.runtime.local import Session, run_prompt, split_ids
 
 from .test_models import save_tiny_qwen2  # noqa: E402
 
@@ -159,7 +159,7 @@ def ask_messages(question: str, docs: list[Document] = [DOC]) -> tuple[list[dict
     )
 
 
-def local(session: Session, question: str, **generation: Any) -> dict[str, Any]:
+def answer_locally(session: Session, question: str, **generation: Any) -> dict[str, Any]:
     """The local pipeline's answer to the ask prompt (the same settings as the server's)."""
     cfg = replace(session.cfg, generation=replace(session.cfg.generation, **generation))
     return run_prompt(replace_cfg(session, cfg), ask_prompt(session.tokenizer, [DOC], question), [])
@@ -221,7 +221,7 @@ def test_models_health_and_status_line(server, session):
 
 
 def test_greedy_answer_equals_the_local_one_with_the_same_token_ids(server, session):
-    expected = local(session, "What is the TTL?")  # writes the prefix's document-cache entry
+    expected = answer_locally(session, "What is the TTL?")  # writes the prefix's document-cache entry
     assert expected["cache"]["hit"] is False and expected["cache"]["bytes"] > 0
     messages, chars = ask_messages("What is the TTL?")
     out = server.client().chat.completions.create(
@@ -253,7 +253,7 @@ def test_streaming_concatenates_to_the_answer(server, session):
     )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == whole["choices"][0]["message"]["content"] == local(session, "Which port?")["answer"]
+    assert text == whole["choices"][0]["message"]["content"] == answer_locally(session, "Which port?")["answer"]
     assert text  # something was generated to compare
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finals) == 1 and finals[0].choices[0].finish_reason == whole["choices"][0]["finish_reason"]
@@ -304,7 +304,7 @@ def test_conversation_turns_are_rendered_with_the_template(server, session):
 
 def test_concurrent_requests_equal_sequential_ones(server, session):
     questions = ["What is the TTL?", "Which port?", "How fast is the pump?"]
-    sequential = {q: local(session, q)["answer"] for q in questions}
+    sequential = {q: answer_locally(session, q)["answer"] for q in questions}
     answers: dict[str, str] = {}
     failures: list[BaseException] = []
 
@@ -431,7 +431,7 @@ def test_a_failing_request_is_500_and_the_server_carries_on(server, session, mon
     def boom(*_args: Any, **_kw: Any) -> None:
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr("longdoc.pipeline.Conversation.answer", boom)
+    monkeypatch.setattr("longdoc.runtime.local.Conversation.answer", boom)
     response = server.post({"messages": [USER], "max_tokens": 2})
     assert response.status_code == 500
     assert response.json()["error"]["message"] == "internal error: RuntimeError: boom"
@@ -520,7 +520,7 @@ def test_client_leaving_mid_stream_stops_its_generation(server, session, gate):
         max_tokens=NEW,
         extra_body={"longdoc_prefix_chars": chars},
     )
-    assert out.choices[0].message.content == local(session, "What is the TTL?")["answer"]
+    assert out.choices[0].message.content == answer_locally(session, "What is the TTL?")["answer"]
 
 
 def test_client_leaving_a_non_streamed_request_stops_it(server, gate):
@@ -582,7 +582,7 @@ import sys, time
 from longdoc import serve
 from longdoc.config import GenerationConfig, RunConfig
 from longdoc.engine import decode
-from longdoc.pipeline import Session
+from longdoc.runtime.local import Session
 from longdoc.render import Reporter
 
 real = decode.decode_one_token
@@ -661,17 +661,17 @@ def test_concurrency_two_runs_two_generations_at_once(server, gate):
 
 
 def test_client_leaving_during_prefill_stops_it_before_the_cache_is_written(server, monkeypatch):
-    from longdoc import doccache, pipeline
+    from longdoc.runtime import doccache, local
 
     entered, gate = threading.Event(), threading.Event()
-    real = pipeline.prefill
+    real = local.prefill
 
     def gated(*args: Any, **kw: Any) -> Any:
         entered.set()
         assert gate.wait(30), "the gate was never opened"
         return real(*args, **kw)
 
-    monkeypatch.setattr(pipeline, "prefill", gated)
+    monkeypatch.setattr(local, "prefill", gated)
     before = dict(server.engine.stats)
     messages, chars = ask_messages("What is the TTL?")  # a prefix long enough to be cached once prefilled
     body = {"messages": messages, "max_tokens": NEW, "stream": True, "longdoc_prefix_chars": chars}

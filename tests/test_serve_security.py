@@ -20,10 +20,10 @@ from typing import Any
 import httpx
 import pytest
 
-from longdoc import doccache, pipeline
+from longdoc.runtime import doccache, local
 from longdoc.store import documents_dir
 
-from .test_serve import KEY, NEW, USER, Served, ask_messages, gate, local, replace_cfg, session, start, stop
+from .test_serve import KEY, NEW, USER, Served, answer_locally, ask_messages, gate, replace_cfg, session, start, stop
 
 __all__ = ["gate", "session"]  # fixtures of test_serve, used here
 
@@ -201,8 +201,8 @@ def test_a_body_over_the_cap_is_413_before_it_is_read(session):
 def test_over_long_text_is_refused_before_it_is_tokenized(session, monkeypatch):
     served = start(session)  # the default cap: 1 MiB for this 3,000-token context
     tokenized: list[int] = []
-    real = pipeline.split_ids
-    monkeypatch.setattr(pipeline, "split_ids", lambda *a: tokenized.append(1) or real(*a))
+    real = local.split_ids
+    monkeypatch.setattr(local, "split_ids", lambda *a: tokenized.append(1) or real(*a))
     try:
         content = "word " * 100_000  # 500,000 characters: no 3,000 tokens of a 13-character vocabulary hold them
         response = served.post({"messages": [{"role": "user", "content": content}]})
@@ -222,8 +222,8 @@ def test_the_queue_bounds_requests_before_they_are_tokenized(session, gate, monk
         holder.start()
         assert wait_for(lambda: served.engine.running == 1)
         tokenized: list[int] = []
-        real = pipeline.split_ids
-        monkeypatch.setattr(pipeline, "split_ids", lambda *a: tokenized.append(1) or real(*a))
+        real = local.split_ids
+        monkeypatch.setattr(local, "split_ids", lambda *a: tokenized.append(1) or real(*a))
         busy = served.post(SMALL)
         assert busy.status_code == 429 and tokenized == []  # refused before its body was even read
         gate.set()
@@ -278,7 +278,7 @@ def test_slow_heads_and_bodies_are_cut_off(session):
 
 def test_served_requests_keep_a_cache_of_their_own_and_tell_hits_only_to_key_holders(session):
     question = "What is the TTL?"
-    mine = local(session, question)  # the user's own entry, before any server moves the cache folder
+    mine = answer_locally(session, question)  # the user's own entry, before any server moves the cache folder
     own = {e["key"] for e in doccache.entries()}
     assert len(own) == 1
     user_folder = documents_dir()
@@ -320,6 +320,6 @@ def test_bad_serve_limits_are_usage_errors_before_the_model_loads(args, fragment
 
     from longdoc.cli import app
 
-    monkeypatch.setattr("longdoc.pipeline.Session.loaded", lambda self: pytest.fail("loaded the model"))
+    monkeypatch.setattr("longdoc.runtime.local.Session.loaded", lambda self: pytest.fail("loaded the model"))
     result = CliRunner().invoke(app, ["serve", "--port", "0", *args])
     assert result.exit_code == 2 and fragment in result.stderr, (result.exit_code, result.stderr)

@@ -7,8 +7,8 @@ import torch
 
 from longdoc.attention.dca import ChunkLayout, chunk_steps, key_positions
 from longdoc.attention.kernels import attend_cpu, attend_reference
-from longdoc.attention.rope import RopeTable
 from longdoc.attention.sparse import SparseConfig, SparseStats, block_scores, sparse_chunked_attention
+from longdoc.models.rope import RopeTable
 
 from .conftest import query_index
 from .test_attention import naive_dca, run_chunked
@@ -199,7 +199,7 @@ def test_sparse_pairs_are_capped_by_the_budget():
 
 def test_auto_prefill_turns_sparse_from_the_threshold():
     from longdoc.config import PrefillConfig, RunConfig
-    from longdoc.pipeline import make_plan
+    from longdoc.runtime.local import make_plan
 
     from .test_pipeline import info
 
@@ -257,16 +257,16 @@ def test_cli_sparse_prefill_reports_what_it_kept(tmp_path, monkeypatch):
 
 def test_the_prompt_tail_is_prefilled_exactly():
     """The question and the position that predicts the first answer token never see a selection."""
-    from longdoc.attention.patch import AttentionSettings, PatchedModel
+    from longdoc.engine.longmodel import AttentionSettings, LongModel
     from longdoc.engine.prefill import prefill
 
     from .conftest import tiny_model
 
     cfg = SparseConfig(budget=8, band=8, block=4, query_block=4, exact_tail=20)
-    pm = PatchedModel(tiny_model(), AttentionSettings(None, attend_cpu, sparse=cfg))
+    pm = LongModel(tiny_model(), AttentionSettings(None, attend_cpu, sparse=cfg))
     pm.settings.sparse_stats.record = True
     ids = torch.randint(0, 256, (1, 150))
-    kv = pm.new_store(150)
+    kv = pm.new_cache(150)
     prefill(pm, ids, kv, step=16)
     stats = pm.settings.sparse_stats
     assert stats.picks and max(b for _, b, _ in stats.picks) == 130

@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from longdoc import pipeline
-from longdoc import summarize as sm
-from longdoc.citations import extract_citations
 from longdoc.cli import app
 from longdoc.config import GenerationConfig, RunConfig
 from longdoc.errors import DoesNotFitError, InputError
 from longdoc.ingest import Document
 from longdoc.prompt import format_documents
+from longdoc.runtime import local
+from longdoc.tasks import summarize as sm
+from longdoc.tasks.citations import extract_citations
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_docs"
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
@@ -190,10 +190,10 @@ class FakeTokenizer:
 def fake_session(max_context: int, max_new: int) -> Any:
     cfg = RunConfig(max_context=max_context, generation=GenerationConfig(max_new_tokens=max_new))
     session = SimpleNamespace(cfg=cfg, info=None, tokenizer=FakeTokenizer(), count=words, engine={"kind": "fake"})
-    # pipeline.Session's engine methods, over the fake model that fake_model patches into pipeline
-    session.plan = lambda prompt_tokens, reserve=0: pipeline.make_plan(session.cfg, None, prompt_tokens)
-    session.run_prompt = partial(pipeline.Session.run_prompt, session)
-    session.map = partial(pipeline.Session.map, session)
+    # local.Session's engine methods, over the fake model that fake_model patches into pipeline
+    session.plan = lambda prompt_tokens, reserve=0: local.make_plan(session.cfg, None, prompt_tokens)
+    session.run_prompt = partial(local.Session.run_prompt, session)
+    session.map = partial(local.Session.map, session)
     return session
 
 
@@ -243,8 +243,8 @@ def fake_model(monkeypatch):
             "cache": {"hit": False},
         }
 
-    monkeypatch.setattr(pipeline, "make_plan", make_plan)
-    monkeypatch.setattr(pipeline, "run_prompt", run_prompt)
+    monkeypatch.setattr(local, "make_plan", make_plan)
+    monkeypatch.setattr(local, "run_prompt", run_prompt)
     return calls
 
 
@@ -418,14 +418,14 @@ def test_forced_map_reduce_passes_every_map_output_to_the_reduce(monkeypatch):
     """report.pdf needs a 560-token prompt: at --max-context 480 each page is summarized on its own, and
     the reduce prompt carries every map output (what the model writes is measured in benchmarks)."""
     steps: list[tuple[str, dict]] = []
-    real = pipeline.run_prompt
+    real = local.run_prompt
 
     def spy(session, prompt, sources, on_text=None, cache=True):
         result = real(session, prompt, sources, on_text, cache)
         steps.append((prompt, result))
         return result
 
-    monkeypatch.setattr(pipeline, "run_prompt", spy)
+    monkeypatch.setattr(local, "run_prompt", spy)
     result = runner.invoke(
         app, ["summarize", str(SAMPLES / "report.pdf"), "--max-context", "480", "--max-new-tokens", "96", "--json"]
     )

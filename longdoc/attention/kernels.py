@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from longdoc.attention import native
+from longdoc.native import flash
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
 
@@ -103,8 +103,8 @@ def attend_cpu(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """longdoc's AVX-512 BF16 kernel (``flash.c``, about twice torch's on the model's shapes) where it
     takes the input (bfloat16, a tile of queries or more, a CPU and compiler for it), else torch's."""
-    if native.flash_takes(q, k, v):
-        return native.flash_attention(q, k, v, causal, scale)
+    if flash.flash_takes(q, k, v):
+        return flash.flash_attention(q, k, v, causal, scale)
     return attend_torch_cpu(q, k, v, causal, scale)
 
 
@@ -127,11 +127,11 @@ def attend_blocks(
     and the sizes are its own; otherwise ``kernel`` runs per group on gathered copies."""
     if (
         kernel is attend_cpu
-        and block == native.FLASH_BLOCK
-        and group % native.FLASH_TILE == 0
-        and native.flash_takes(q, k, v)
+        and block == flash.FLASH_BLOCK
+        and group % flash.FLASH_TILE == 0
+        and flash.flash_takes(q, k, v)
     ):
-        return native.flash_attention(q, k, v, False, scale, blocks=(blocks, counts, group))
+        return flash.flash_attention(q, k, v, False, scale, blocks=(blocks, counts, group))
     lq = q.shape[2]
     out = torch.zeros_like(q)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32

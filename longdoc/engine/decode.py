@@ -6,31 +6,32 @@ from collections.abc import Iterator
 
 import torch
 
-from longdoc.attention.kvstore import KVStore
-from longdoc.attention.patch import Attend, PatchedModel
 from longdoc.config import GenerationConfig
+from longdoc.engine.kvcache import KVCache
+from longdoc.engine.longmodel import LongModel
 from longdoc.engine.sampling import sample
+from longdoc.models.decoder import Attend
 
 
 class DecodePolicy:
     """Chooses the attention of each decode step. Plain decoding attends to the whole cache;
     recycled decoding (``longdoc.engine.recycled``) overrides ``attend_for``."""
 
-    def attend_for(self, model: PatchedModel, kv: KVStore, step: int, pos: int) -> Attend | None:
+    def attend_for(self, model: LongModel, kv: KVCache, step: int, pos: int) -> Attend | None:
         """The attention for decode step ``step`` (0 = the first after prefill), whose token is at ``pos``."""
         return None
 
 
-def decode_one_token(model: PatchedModel, token: int, pos: int, kv: KVStore, attend: Attend | None) -> torch.Tensor:
+def decode_one_token(model: LongModel, token: int, pos: int, kv: KVCache, attend: Attend | None) -> torch.Tensor:
     ids = torch.tensor([[token]], device=model.device)
     return model.forward(ids, pos, kv, attend)
 
 
 def generate(
-    model: PatchedModel,
+    model: LongModel,
     first_logits: torch.Tensor,
     pos: int,
-    kv: KVStore,
+    kv: KVCache,
     gen: GenerationConfig,
     stop_ids: set[int],
     policy: DecodePolicy | None = None,

@@ -8,9 +8,10 @@ from collections.abc import Callable
 import torch
 
 from longdoc.attention.dca import chunk_steps
-from longdoc.attention.kvstore import KVStore
-from longdoc.attention.patch import Attend, PatchedModel
 from longdoc.attention.sparse import SparseConfig
+from longdoc.engine.kvcache import KVCache
+from longdoc.engine.longmodel import LongModel
+from longdoc.models.decoder import Attend
 
 # progress(done_tokens, total_tokens, seconds_left or None while unknown)
 Progress = Callable[[int, int, "float | None"], None]
@@ -66,7 +67,7 @@ class PrefillClock:
         return a, self.prior * a
 
 
-def pair_cost_prior(model: PatchedModel) -> float:
+def pair_cost_prior(model: LongModel) -> float:
     """Seconds of one (query, key) pair relative to one token's linears, from FLOPs: attention does
     4 * head_dim FLOPs per pair and query head in every layer; a token's linears do 2 per weight.
     Attention kernels run at about half the matmul rate on the CPUs measured (benchmarks/RESULTS.md)."""
@@ -78,9 +79,9 @@ def pair_cost_prior(model: PatchedModel) -> float:
 
 
 def prefill(
-    model: PatchedModel,
+    model: LongModel,
     ids: torch.Tensor,
-    kv: KVStore,
+    kv: KVCache,
     step: int,
     start: int = 0,
     progress: Progress | None = None,

@@ -21,7 +21,6 @@ only so evaluations can compare against it.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Sequence
 
 import torch
@@ -29,11 +28,12 @@ import torch.nn.functional as F
 
 from longdoc.attention.dca import ChunkLayout, region_bounds
 from longdoc.attention.kernels import merge_partials
-from longdoc.attention.kvstore import KVStore
-from longdoc.attention.patch import Attend, PatchedModel
-from longdoc.attention.rope import RopeTable
 from longdoc.config import RecycleConfig
 from longdoc.engine.decode import DecodePolicy
+from longdoc.engine.kvcache import KVCache
+from longdoc.engine.longmodel import LongModel
+from longdoc.models.decoder import Attend
+from longdoc.models.rope import RopeTable
 
 POOL_KERNEL = 7  # max-pool width along keys when choosing the recycled set
 
@@ -47,10 +47,10 @@ def rotated(q: torch.Tensor, rot: Rotations, r: int) -> torch.Tensor:
 
 
 def selection_probs(
-    model: PatchedModel, q: torch.Tensor, kv: KVStore, layer: int, pos: int, rot: Rotations | None = None
+    model: LongModel, q: torch.Tensor, kv: KVCache, layer: int, pos: int, rot: Rotations | None = None
 ) -> torch.Tensor:
     """Float32 attention probabilities (1, Hkv, G, pos+1) of the query at ``pos`` over keys 0..pos
-    (``rot``: the step's ``PatchedModel.query_rotations`` in the table's dtype, computed once for all
+    (``rot``: the step's ``LongModel.query_rotations`` in the table's dtype, computed once for all
     layers when given).
 
     Each region's keys are upcast and scored with that region's query rotation, one contiguous slice
@@ -92,7 +92,7 @@ class RecycledSet:
     crossed): the DCA regions are then contiguous slices of the buffers.
     """
 
-    def __init__(self, kv: KVStore, layer: int, selected: torch.Tensor, extra: int):
+    def __init__(self, kv: KVCache, layer: int, selected: torch.Tensor, extra: int):
         hkv, n = selected.shape[1], selected.shape[2]
         d = kv.k[layer].shape[3]
         cap = n + max(1, extra)
@@ -106,7 +106,7 @@ class RecycledSet:
         self.n = n
         self.splits: list[tuple[int, int]] = [(0, 0)] * hkv
 
-    def append(self, kv: KVStore, layer: int, pos: int) -> None:
+    def append(self, kv: KVCache, layer: int, pos: int) -> None:
         if self.n == self.keys.shape[2]:
             self.keys = torch.cat([self.keys, torch.empty_like(self.keys)], dim=2)
             self.values = torch.cat([self.values, torch.empty_like(self.values)], dim=2)
@@ -120,7 +120,7 @@ class RecycledSet:
         """(Hkv, len(bounds)): per head, how many held positions lie below each bound (on device)."""
         return (self.idx[0, :, : self.n, None] < bounds).sum(dim=1)
 
-    def attend(self, model: PatchedModel, q: torch.Tensor, rot: Rotations) -> torch.Tensor:
+    def attend(self, model: LongModel, q: torch.Tensor, rot: Rotations) -> torch.Tensor:
         """Attention of q (1, H, 1, D) over the held keys -> (1, H, 1, D): one kernel call per DCA
         region (per head only where heads split differently), merged through the log-sum-exps in the
         order full attention merges them (intra, successive, inter)."""
@@ -141,7 +141,7 @@ class RecycledSet:
         return merge_partials(parts)[0]
 
     def _per_head(
-        self, model: PatchedModel, qr: torch.Tensor, ranges: Sequence[tuple[int, int]]
+        self, model: LongModel, qr: torch.Tensor, ranges: Sequence[tuple[int, int]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         g = qr.shape[1] // len(ranges)
         outs, lses = [], []
@@ -217,7 +217,7 @@ class RecycledPolicy(DecodePolicy):
         assert ref is not None
         return bool(F.cosine_similarity(q.flatten().float(), ref, dim=0) < self.cfg.threshold)
 
-    def attend_for(self, model: PatchedModel, kv: KVStore, step: int, pos: int) -> Attend:
+    def attend_for(self, model: LongModel, kv: KVCache, step: int, pos: int) -> Attend:
         full = self.full_layers(step)
         if all(full):
             self.full_steps += 1
@@ -284,35 +284,3 @@ class RecycledPolicy(DecodePolicy):
         recycled = self.sets[layer]
         assert recycled is not None
         return recycled
-
-
-def streaming_positions(n: int, budget: int, sinks: int) -> list[int]:
-    """The keys a StreamingLLM query at position n-1 sees: the first ``sinks`` and the most recent
-    ``budget - sinks`` (all n when they fit the budget)."""
-    if n <= budget:
-        return list(range(n))
-    return list(range(sinks)) + list(range(n - (budget - sinks), n))
-
-
-class StreamingPolicy(DecodePolicy):
-    """Baseline only: attention sinks plus a recent window, ``budget`` keys in all (StreamingLLM)."""
-
-    def __init__(self, budget: int, sinks: int = 4):
-        if not 0 <= sinks < budget:
-            raise ValueError("the streaming baseline needs 0 <= sinks < budget")
-        self.budget = budget
-        self.sinks = sinks
-
-    def attend_for(self, model: PatchedModel, kv: KVStore, step: int, pos: int) -> Attend:
-        keep = streaming_positions(pos + 1, self.budget, self.sinks)
-        rot = model.query_rotations(pos, model.rope.dtype)
-        inter_end, intra_start = region_bounds(pos, model.settings.layout)
-        split = (bisect_left(keep, inter_end), bisect_left(keep, intra_start))
-        idx = torch.tensor(keep, device=model.device).expand(1, model.n_kv_heads, -1)
-
-        def attend(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
-            window = RecycledSet(kv, layer, idx, extra=0)
-            window.splits = [split] * model.n_kv_heads
-            return window.attend(model, q, rot)
-
-        return attend

@@ -8,14 +8,12 @@ from typing import Any
 
 import torch
 
-from longdoc.attention.kernels import merge_partials
-from longdoc.attention.kvstore import KVStore
-from longdoc.attention.patch import Attend, PatchedModel
 from longdoc.config import GenerationConfig
+from longdoc.engine.baselines import SlidingWindow
 from longdoc.engine.decode import DecodePolicy, generate
 from longdoc.engine.prefill import prefill
 from longdoc.errors import UsageError
-from longdoc.pipeline import Session, make_plan
+from longdoc.runtime.local import Session, make_plan
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -25,37 +23,6 @@ def filler_ids(session: Session, n_tokens: int) -> list[int]:
     unit = session.encode(FILLER)
     reps = n_tokens // len(unit) + 1
     return (unit * reps)[:n_tokens]
-
-
-class SlidingWindow(DecodePolicy):
-    """Baseline only: every query sees the first ``sinks`` keys plus the ``window`` keys before its
-    prefill step (StreamingLLM-style), in prefill and decode alike. Plain positions (no DCA)."""
-
-    def __init__(self, window: int, sinks: int = 4):
-        self.window = window
-        self.sinks = sinks
-
-    def attend(self, model: PatchedModel, kv: KVStore) -> Attend:
-        kernel, scale = model.settings.kernel, model.scale
-
-        def attend(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
-            keys, values = kv.k[layer], kv.v[layer]
-            end = start + q.shape[2]
-            qr = model.rope.rotate(q, torch.arange(start, end, device=q.device))
-            lo = max(0, start - self.window)
-            parts = []
-            if lo > 0:
-                n = min(self.sinks, lo)
-                parts.append(kernel(qr, keys[:, :, :n], values[:, :, :n], False, scale))
-            if start > lo:
-                parts.append(kernel(qr, keys[:, :, lo:start], values[:, :, lo:start], False, scale))
-            parts.append(kernel(qr, keys[:, :, start:end], values[:, :, start:end], q.shape[2] > 1, scale))
-            return merge_partials(parts)[0]
-
-        return attend
-
-    def attend_for(self, model: PatchedModel, kv: KVStore, step: int, pos: int) -> Attend:
-        return self.attend(model, kv)
 
 
 WINDOW_PREFILL_STEP = 256  # keeps the sliding window's band close to its nominal width
@@ -77,7 +44,7 @@ def answers(
     cfg = replace(session.cfg, generation=GenerationConfig(max_new_tokens=max_new_tokens))
     plan = make_plan(cfg, session.info, len(ids))
     model = session.patched(plan)
-    kv = model.new_store(len(ids) + max_new_tokens)
+    kv = model.new_cache(len(ids) + max_new_tokens)
     t0 = time.perf_counter()
     tokens = torch.tensor([ids], device=session.info.device)
     if window is not None:

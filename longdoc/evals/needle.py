@@ -7,10 +7,11 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from longdoc.engine.baselines import StreamingPolicy
 from longdoc.engine.decode import DecodePolicy
-from longdoc.engine.recycled import RecycledPolicy, StreamingPolicy
+from longdoc.engine.recycled import RecycledPolicy
 from longdoc.evals.common import answers, filler_ids
-from longdoc.pipeline import Session
+from longdoc.runtime.local import Session
 
 NAMES = ["Orion", "Vega", "Lyra", "Draco", "Cygnus", "Perseus", "Aquila", "Hydra"]
 

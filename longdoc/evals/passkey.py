@@ -8,8 +8,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from longdoc.evals.common import SlidingWindow, answers, filler_ids
-from longdoc.pipeline import Session
+from longdoc.engine.baselines import SlidingWindow
+from longdoc.evals.common import answers, filler_ids
+from longdoc.runtime.local import Session
 
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "

@@ -2,7 +2,7 @@
 
 Logits are formed a slice of positions at a time, so no (L x vocab) buffer is ever held.
 
-With ``--quantize`` every position runs through the quantized weights (``quant.every_row``), not only
+With ``--quantize`` every position runs through the quantized weights (``schemes.every_row``), not only
 the decode-sized steps that use them in a real run (prefill keeps the unquantized layers): the
 perplexity is then that of the model each decoded token is predicted by, which is what the quantized
 default must be judged on. It is slower than an unquantized measurement.
@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from longdoc.attention import quant
 from longdoc.attention.dca import chunk_steps
 from longdoc.config import GenerationConfig
-from longdoc.pipeline import Session, make_plan
+from longdoc.quant import schemes
+from longdoc.runtime.local import Session, make_plan
 
 LOGIT_SLICE = 512  # positions per lm_head call: 512 x 151,936 float32 = 311 MB at most
 
@@ -29,12 +29,12 @@ def nll_sum(session: Session, ids: list[int]) -> tuple[float, int]:
     cfg = replace(session.cfg, generation=GenerationConfig(max_new_tokens=1))  # the session's settings stay
     plan = make_plan(cfg, session.info, len(ids))
     model = session.patched(plan)
-    kv = model.new_store(len(ids))
+    kv = model.new_cache(len(ids))
     tokens = torch.tensor([ids], device=session.info.device)
     total, count = 0.0, 0
-    with quant.every_row(model.model):
+    with schemes.every_row(model.model):
         for a, b in chunk_steps(0, len(ids), cfg.prefill_step, plan.layout):
-            hidden = model.forward(tokens[:, a:b], a, kv, all_logits=True)
+            hidden = model.hidden_states(tokens[:, a:b], a, kv)
             for s in range(0, b - a, LOGIT_SLICE):
                 e = min(b - a, s + LOGIT_SLICE)
                 targets = tokens[0, a + s + 1 : a + e + 1]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from longdoc.errors import InputError
-from longdoc.render import safe_text
+from longdoc.sanitize import safe_text
 
 # Caps on what one run reads (raised with --max-file-size / --max-total-size): a multi-gigabyte file
 # or /dev/zero-like input must be refused with a message, not read whole into memory. A 256 MB file is

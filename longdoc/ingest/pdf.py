@@ -13,7 +13,7 @@ from pypdf.errors import DependencyError
 
 from longdoc.errors import InputError, UsageError
 from longdoc.ingest import Document
-from longdoc.render import safe_text
+from longdoc.sanitize import safe_text
 
 # pypdf logs a warning for every small defect it repairs ("EOF marker not found", odd xrefs);
 # those would drown the progress display, and real failures surface as exceptions anyway.

@@ -29,8 +29,8 @@ from typing import Any, BinaryIO
 import torch
 
 from longdoc import store
-from longdoc.attention.patch import SUPPORTED_MODEL_TYPES
 from longdoc.errors import ModelError
+from longdoc.models.decoder import SUPPORTED_MODEL_TYPES
 from longdoc.models.resolve import KNOWN_MODELS, KnownModel, ModelSource, part_files
 from longdoc.store import MANIFEST_FORMAT, MANIFEST_NAME
 

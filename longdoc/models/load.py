@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from longdoc import store
-from longdoc.attention.patch import SUPPORTED_MODEL_TYPES, unsupported_features
 from longdoc.errors import ModelError
 from longdoc.models.convert import Progress, check_conversion, ensure_converted, quiet_transformers, safe_name
+from longdoc.models.decoder import SUPPORTED_MODEL_TYPES, unsupported_features
 from longdoc.models.resolve import (
     DEFAULT_MODEL,
     KNOWN_MODELS,

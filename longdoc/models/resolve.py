@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 
 from longdoc import cpu
-from longdoc.attention.patch import onednn_packs
+from longdoc.cpu import onednn_packs
 from longdoc.errors import ModelError, UsageError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

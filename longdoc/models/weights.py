@@ -185,3 +185,16 @@ def build_model(folder: Path, dtype: torch.dtype, device: torch.device, narrow_l
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def linear_weight(model: nn.Module) -> torch.Tensor:
+    """A linear layer's weight, packed or not: its dtype is the run's once packed (the embedding table
+    may be kept narrower, and unpacked weights may wait in their stored dtype). A packed layer
+    (``longdoc.quant.packing.PackedLinear``) holds it as ``packed``."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            return module.weight
+        packed = getattr(module, "packed", None)
+        if isinstance(packed, torch.Tensor):
+            return packed
+    return next(model.parameters())

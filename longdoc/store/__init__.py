@@ -1,6 +1,6 @@
 """longdoc's on-disk state: where the cache lives, and how anything in it is written, checked and locked.
 
-Converted models (``longdoc.models``) and the document KV cache (``longdoc.doccache``) both keep
+Converted models (``longdoc.models``) and the document KV cache (``longdoc.runtime.doccache``) both keep
 files that other longdoc processes may read at any moment or that a run killed half-way may have
 left behind, so both rely on the same rules:
 

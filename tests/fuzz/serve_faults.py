@@ -62,7 +62,7 @@ import json, sys, time
 from longdoc import serve
 from longdoc.config import GenerationConfig, RunConfig
 from longdoc.engine import decode
-from longdoc.pipeline import Session
+from longdoc.runtime.local import Session
 from longdoc.render import Reporter
 
 opts = json.loads(sys.argv[2])

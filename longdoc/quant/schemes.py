@@ -32,7 +32,7 @@ step and minimum, 6 bits per weight, times int16 activations per group of 32), b
 where a C compiler and AVX-512 VNNI are found. It reads 25% fewer bytes than int8 and keeps the
 activations' large channels to their own groups. Quality and speed figures: benchmarks/RESULTS.md.
 
-Quantization itself happens once, when the model is converted (``longdoc.models.quantize``); these are
+Quantization itself happens once, when the model is converted (``longdoc.quant.cache``); these are
 the pure tensor functions it uses and the module that runs the result.
 """
 
@@ -49,9 +49,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from longdoc.attention import native
-from longdoc.attention.patch import linear_weight
 from longdoc.config import QUANTIZE_SCHEMES
+from longdoc.models.weights import linear_weight
+from longdoc.native import int5
 
 SCHEMES = QUANTIZE_SCHEMES
 
@@ -86,7 +86,7 @@ QWEIGHT, QSCALES = "qweight", "scales"
 def in_features(scheme: str, qweight: torch.Tensor) -> int:
     """The input size K of a linear from its quantized weight's width."""
     width = int(qweight.shape[1])
-    return width * 2 if scheme == "int4" else width * native.BLOCK // 80 if scheme == "int5" else width
+    return width * 2 if scheme == "int4" else width * int5.BLOCK // 80 if scheme == "int5" else width
 
 
 def input_widths(config: Mapping[str, Any]) -> list[int]:
@@ -152,8 +152,8 @@ def quantize_int5(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     at 4K from +0.64% to +0.85% in a scratch emulation; benchmarks/RESULTS.md.)
     """
     n, k = weight.shape
-    if k % native.BLOCK:
-        raise ValueError(f"int5 needs the input size ({k}) to be a multiple of {native.BLOCK}")
+    if k % int5.BLOCK:
+        raise ValueError(f"int5 needs the input size ({k}) to be a multiple of {int5.BLOCK}")
     bits, scales = [], []
     for rows in weight.detach().split(4096):  # bounded temporaries for the LM head
         w = rows.float().view(rows.shape[0], k // 32, 32)
@@ -304,7 +304,7 @@ class QuantGemm:
             self.qweight = qweight.to(torch.int8).contiguous()
             self.scales = scale.to(dtype).contiguous()
         elif self.kind == "int5":
-            self.int5 = native.Int5Matmul(native.layout(qweight, scale), self.in_features, sum(self.sizes), self.bias)
+            self.int5 = int5.Int5Matmul(int5.layout(qweight, scale), self.in_features, sum(self.sizes), self.bias)
             self.bias = None  # added by the kernel
             self.nbytes = self.int5.packed.numel()
         else:

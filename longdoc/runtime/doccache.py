@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from longdoc.attention.kvstore import KVStore
+from longdoc.engine.kvcache import KVCache
 from longdoc.store import atomic_file, discard, documents_dir, read_manifest
 
 FORMAT = 1
@@ -91,7 +91,7 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().view(torch.uint8).numpy().data).cast("B")
 
 
-def save(key: str, kv: KVStore, ids: list[int], meta: dict[str, str]) -> int:
+def save(key: str, kv: KVCache, ids: list[int], meta: dict[str, str]) -> int:
     """Write positions ``0 .. len(ids)`` of ``kv`` as entry ``key``; returns its size in bytes.
 
     Written tensor by tensor (one layer's keys at a time in memory, not a copy of the whole prefix),
@@ -148,7 +148,7 @@ class Loaded:
     load_s: float
 
 
-def load(key: str, kv: KVStore, ids: list[int]) -> Loaded | None:
+def load(key: str, kv: KVCache, ids: list[int]) -> Loaded | None:
     """Fill positions ``0 .. len(ids)`` of ``kv`` from entry ``key``; None when there is no entry.
 
     Raises DamagedEntry (after deleting the entry) when it fails its checks; the caller then

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 
-class KVStore:
+class KVCache:
     """K/V for ``n_layers`` layers, each (1, Hkv, capacity, D).
 
     Keys are stored already rotated (at their DCA key position, or absolute without DCA), values as

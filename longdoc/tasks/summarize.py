@@ -20,8 +20,8 @@ from longdoc.ingest import Document
 from longdoc.prompt import format_documents, render, summary_instructions
 
 if TYPE_CHECKING:
-    from longdoc.pipeline import Session
     from longdoc.render import Reporter
+    from longdoc.runtime.local import Session
 
 Count = Callable[[str], int]
 
@@ -315,10 +315,10 @@ def summarize(
     levels otherwise). For map-reduce, ``prompt_tokens``, ``generated_tokens`` and the timings add
     up all steps.
     """
-    from longdoc import pipeline
+    from longdoc.runtime import local
 
     fields = summary_instructions(style, max_words)
-    sources = pipeline.source_entries(docs, session.count)
+    sources = local.source_entries(docs, session.count)
     prompt = render(session.tokenizer, "summarize", documents=format_documents(docs), **fields)
     try:
         session.plan(session.count(prompt))
@@ -508,8 +508,8 @@ class _MapReduce:
 
 def empty_result(session: Session, sources: list[dict[str, Any]]) -> dict[str, Any]:
     """A result with every field of ``run_prompt``'s and nothing run yet (a run interrupted early)."""
-    from longdoc import pipeline
     from longdoc.engine.recycled import RecycledPolicy
+    from longdoc.runtime import local
 
     return {
         "answer": "",
@@ -527,7 +527,7 @@ def empty_result(session: Session, sources: list[dict[str, Any]]) -> dict[str, A
             "decode_tok_s": 0.0,
             "ttft_s": 0.0,
         },
-        "memory": {"peak_rss_bytes": pipeline.peak_rss_bytes(), "kv_cache_bytes": 0, "gpu_peak_bytes": None},
+        "memory": {"peak_rss_bytes": local.peak_rss_bytes(), "kv_cache_bytes": 0, "gpu_peak_bytes": None},
         "dca": {"enabled": False, "chunk_size": 0, "local_window": 0, "logit_scale": 1.0},
         "recycle": {"enabled": False, **RecycledPolicy.idle_stats()},
         "cache": {"hit": False},

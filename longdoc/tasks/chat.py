@@ -15,10 +15,10 @@ from typing import Any, TextIO
 
 from longdoc.errors import UsageError
 from longdoc.ingest import Document
-from longdoc.pipeline import Conversation, Session, run_prompt, split_ids
 from longdoc.prompt import Prompt, ask_prompt, follow_up
-from longdoc.remote import RemoteChat, RemoteSession
-from longdoc.summarize import empty_result
+from longdoc.runtime.local import Conversation, Session, run_prompt, split_ids
+from longdoc.runtime.remote import RemoteChat, RemoteSession
+from longdoc.tasks.summarize import empty_result
 
 # Room a chat plans for beyond the documents and the first question (it grows further on demand, up
 # to the context limit): it decides DCA up front, because the prefix's keys depend on it.

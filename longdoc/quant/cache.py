@@ -1,6 +1,6 @@
 """Weight-only quantized copies of a model's linears, made once into the verified model cache.
 
-``--quantize int5|int8|int4`` runs the decoder's linears through ``longdoc.attention.quant.QuantLinear``.
+``--quantize int5|int8|int4`` runs the decoder's linears through ``longdoc.quant.schemes.QuantLinear``.
 Their quantized weights are computed once per model and scheme, from the verified bfloat16 folder
 (a cached GGUF conversion, or the user's model folder), and kept beside it as
 ``<cache>/models/<base>-<scheme>/``: ``quantized.safetensors`` (``<linear>.qweight`` and
@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from longdoc import store
-from longdoc.attention import quant
 from longdoc.errors import ModelError
 from longdoc.models.convert import Progress, check_conversion, quiet_transformers, safe_name
+from longdoc.quant import schemes
 
 QUANT_FILE = "quantized.safetensors"
 
@@ -72,8 +72,8 @@ def check_quantized(folder: Path, base: Path, scheme: str) -> str | None:
         return f"manifest lists no {QUANT_FILE}"
     if source.get("quantize") != scheme:
         return f"it holds {source.get('quantize')!r} weights, not {scheme}"
-    if source.get("version") != quant.QUANT_VERSION:
-        return f"it was made by quantization version {source.get('version')}, not {quant.QUANT_VERSION}"
+    if source.get("version") != schemes.QUANT_VERSION:
+        return f"it was made by quantization version {source.get('version')}, not {schemes.QUANT_VERSION}"
     if source.get("base_identity") != base_identity(base):
         return "it was made from other weights than the model's current ones"
     return None
@@ -123,8 +123,8 @@ def _quantize_locked(base: Path, scheme: str, name: str, target: Path, progress:
                     "kind": "quantized",
                     "name": name,
                     "quantize": scheme,
-                    "version": quant.QUANT_VERSION,
-                    "group": {"int4": quant.INT4_GROUP, "int5": 32}.get(scheme),
+                    "version": schemes.QUANT_VERSION,
+                    "group": {"int4": schemes.INT4_GROUP, "int5": 32}.get(scheme),
                     "base": str(base),
                     "base_identity": base_identity(base),
                 },
@@ -149,7 +149,7 @@ def _linear_sources(base: Path) -> dict[str, str]:
     head = model.get_output_embeddings()
     return {
         name: f"{embed_name}.weight" if tied and model.get_submodule(name) is head else f"{name}.weight"
-        for name in quant.quantized_names(model)
+        for name in schemes.quantized_names(model)
     }
 
 
@@ -167,9 +167,9 @@ def _build(base: Path, scheme: str, out: Path) -> None:
             raise ModelError(f"{base}: no weights {key} for the linear {name}")
         with safe_open(str(keys[key]), "pt") as st:
             weight = st.get_tensor(key)
-        qweight, scales = quant.quantize(scheme, weight)
-        tensors[f"{name}.{quant.QWEIGHT}"] = qweight.contiguous()
-        tensors[f"{name}.{quant.QSCALES}"] = scales.contiguous()
+        qweight, scales = schemes.quantize(scheme, weight)
+        tensors[f"{name}.{schemes.QWEIGHT}"] = qweight.contiguous()
+        tensors[f"{name}.{schemes.QSCALES}"] = scales.contiguous()
         del weight
     save_file(tensors, str(out / QUANT_FILE), metadata={"quantize": scheme})
     shutil.copyfile(base / "config.json", out / "config.json")

@@ -24,24 +24,27 @@ from typing import Any, TypeVar
 import psutil
 import torch
 
-from longdoc import doccache, machine, models
-from longdoc.attention import quant
+from longdoc import models
 from longdoc.attention.dca import ChunkLayout
 from longdoc.attention.kernels import get_kernel
-from longdoc.attention.kvstore import KVStore
-from longdoc.attention.patch import AttentionSettings, PatchedModel, onednn_packs, pack_linears, packing_pays
 from longdoc.attention.sparse import SparseConfig, SparseStats
 from longdoc.config import RunConfig
+from longdoc.cpu import onednn_packs
 from longdoc.engine.decode import generate
+from longdoc.engine.kvcache import KVCache
+from longdoc.engine.longmodel import AttentionSettings, LongModel
 from longdoc.engine.prefill import Progress, prefill
 from longdoc.engine.recycled import RecycledPolicy
 from longdoc.errors import DoesNotFitError, ModelError
 from longdoc.ingest import Document
-from longdoc.machine import default_quantize, quant_unavailable
-from longdoc.models.quantize import QUANT_FILE, ensure_quantized, load_quantized
 from longdoc.models.weights import trim_heap
 from longdoc.prompt import Budget, Prompt
+from longdoc.quant import schemes
+from longdoc.quant.cache import QUANT_FILE, ensure_quantized, load_quantized
+from longdoc.quant.choose import default_quantize, quant_slower, quant_unavailable
+from longdoc.quant.packing import pack_linears, packing_pays
 from longdoc.render import Reporter, TokenStreamer
+from longdoc.runtime import doccache, machine
 
 # With DCA no relative distance exceeds the chunk size, so length is limited by memory, not the
 # model; 4x the trained window is the default ceiling (raise it with --max-context).
@@ -74,7 +77,7 @@ class ModelInfo:
     weight_bytes: int
     stop_ids: set[int]
     #: quantization of the decode step's linears ("none", "int5", "int8", "int4") and its verified
-    #: cache folder (``longdoc.models.quantize``); "none" where asked for or where the kernel is missing
+    #: cache folder (``longdoc.quant.cache``); "none" where asked for or where the kernel is missing
     quantize: str = "none"
     quant_folder: Path | None = None
 
@@ -126,8 +129,8 @@ def model_info(
     say = warn or (lambda _m: None)
     if quantize == "auto":
         quantize = default_quantize(dev, dt, config)
-    elif machine.quant_slower(quantize, dev, dt):
-        say(f"--quantize {quantize}: {machine.quant_slower(quantize, dev, dt)} (--quantize auto picks none)")
+    elif quant_slower(quantize, dev, dt):
+        say(f"--quantize {quantize}: {quant_slower(quantize, dev, dt)} (--quantize auto picks none)")
     if quantize != "none":
         why = quant_unavailable(quantize, dev, dt, config)
         if why:
@@ -201,7 +204,7 @@ def make_plan(cfg: RunConfig, info: ModelInfo, prompt_tokens: int, reserve: int 
         layout=layout,
         max_context=max_context,
         recycle=recycle,
-        kv_bytes=need * KVStore.bytes_per_token(info.n_layers, info.n_kv_heads, info.head_dim, info.dtype),
+        kv_bytes=need * KVCache.bytes_per_token(info.n_layers, info.n_kv_heads, info.head_dim, info.dtype),
         weight_bytes=info.weight_bytes,
     )
     mode = cfg.prefill.mode
@@ -295,7 +298,7 @@ class Session:
                 # wrapped before packing: pack_linears then packs the wrapped layers (prefill's path)
                 tensors = load_quantized(self.info.quant_folder)
                 try:
-                    quant.quantize_linears(self._loaded.model, self.info.quantize, tensors, dtype=self.info.dtype)
+                    schemes.quantize_linears(self._loaded.model, self.info.quantize, tensors, dtype=self.info.dtype)
                 except ValueError as exc:
                     raise ModelError(f"{self.info.quant_folder}: {exc}") from exc
                 del tensors
@@ -325,10 +328,10 @@ class Session:
             self._identity = doccache.model_identity(self.info.folder)
         return self._identity
 
-    def patched(self, plan: Plan) -> PatchedModel:
+    def patched(self, plan: Plan) -> LongModel:
         kernel = get_kernel(self.cfg.kernel, self.info.device)
         settings = AttentionSettings(plan.layout, kernel, plan.logit_scale, sparse=plan.sparse)
-        return PatchedModel(self.loaded().model, settings)
+        return LongModel(self.loaded().model, settings)
 
     # The engine's side of the pipeline: ``remote.RemoteSession`` overrides these four to send the model
     # calls to a server, so that summarize, ask and chat run the same code either way.
@@ -435,7 +438,7 @@ class Conversation:
         self.cache_salt = cache_salt  # longdoc serve's requests: entry keys of their own (serve.cache_salt)
         self.plan = make_plan(session.cfg, session.info, prompt_tokens, reserve)
         self.model = session.patched(self.plan)
-        self.kv = self.model.new_store(self.plan.prompt_tokens + self.plan.max_new_tokens + reserve)
+        self.kv = self.model.new_cache(self.plan.prompt_tokens + self.plan.max_new_tokens + reserve)
         self.prefix_ids = prefix_ids
         self.use_cache = use_cache and session.cfg.doc_cache and len(prefix_ids) >= doccache.MIN_PREFIX_TOKENS
         self.ready = not prefix_ids  # whether the prefix is in the store

@@ -39,9 +39,9 @@ from longdoc.config import RunConfig
 from longdoc.engine.recycled import RecycledPolicy
 from longdoc.errors import DoesNotFitError, LongdocError, ModelError, RemoteError, UsageError
 from longdoc.ingest import Document
-from longdoc.pipeline import Plan, Session, model_info, peak_rss_bytes
 from longdoc.prompt import Budget, ask_prompt, chat_text, follow_up, template
 from longdoc.render import Reporter
+from longdoc.runtime.local import Plan, Session, model_info, peak_rss_bytes
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")

@@ -1,0 +1,119 @@
+"""A decoder whose attention runs through longdoc: DCA or plain, exact or sparse, over a ``KVCache``.
+
+``LongModel`` is ``models.decoder.Decoder`` plus the attention settings of one run (chunk layout,
+kernel, temperature, sparse prefill): it rotates each new key at its DCA key position and chooses each
+step's attention, prefill steps through ``chunked_attention`` (or its sparse variant) and decode steps
+through ``step_attend``. Recycled decoding and the baselines (``engine.recycled``, ``engine.baselines``)
+pass their own ``attend``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from longdoc.attention.dca import ChunkLayout, chunked_attention, key_positions, query_positions, region_bounds
+from longdoc.attention.kernels import Kernel, merge_partials
+from longdoc.attention.sparse import SparseConfig, SparseStats, sparse_chunked_attention
+from longdoc.engine.kvcache import KVCache
+from longdoc.models.decoder import Attend, Decoder
+from longdoc.models.rope import RopeTable
+
+
+@dataclass
+class AttentionSettings:
+    layout: ChunkLayout | None  # None = plain causal attention
+    kernel: Kernel
+    # Multiplies the softmax scale: the DCA attention temperature for lengths beyond the window.
+    logit_scale: float = 1.0
+    # Sparse prefill (None = exact); what it kept is counted in ``sparse_stats``.
+    sparse: SparseConfig | None = None
+    sparse_stats: SparseStats = field(default_factory=SparseStats)
+
+
+class LongModel(Decoder):
+    """A causal LM whose attention runs through longdoc (DCA or plain) over a ``KVCache``."""
+
+    def __init__(self, model: object, settings: AttentionSettings):
+        super().__init__(model, settings.logit_scale)
+        self.settings = settings
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(len(self.layers), self.n_kv_heads, self.head_dim, capacity, self.dtype, self.device)
+
+    def default_attend(self, kv: KVCache, exact: bool = False) -> Attend:
+        """Attention of prefill steps: sparse when the settings say so, unless ``exact``."""
+        layout, kernel, stats = self.settings.layout, self.settings.kernel, self.settings.sparse_stats
+        sparse = None if exact else self.settings.sparse
+        count = self.settings.sparse is not None  # an exact step of a sparse prefill counts as all kept
+
+        def attend(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
+            end = start + q.shape[2]
+            k, v = kv.k[layer][:, :, :end], kv.v[layer][:, :, :end]
+            if sparse is not None:
+                return sparse_chunked_attention(
+                    q, k, v, start, self.rope.rotate, layout, kernel, self.scale, sparse, stats
+                )
+            if count:
+                stats.count_exact(q.shape[2], start)
+            return chunked_attention(q, k, v, start, self.rope.rotate, layout, kernel, self.scale)
+
+        return attend
+
+    def query_rotations(self, pos: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin rows (R, D) of one query at ``pos``, for the key regions in the order
+        intra, successive, inter (R = 1 without DCA, 3 with), in ``dtype`` (the model's by default;
+        recycled decoding also scores in float32): computed once per decode step for all layers
+        (``chunked_attention`` would index the table again in every layer)."""
+        layout = self.settings.layout
+        p = torch.tensor([pos], device=self.device)
+        rows = p if layout is None else torch.cat(query_positions(p, layout))
+        top = pos + 1 if layout is None else layout.chunk_size + 1
+        cos, sin = self.rope.angles(rows, top=top)
+        dtype = dtype or self.dtype
+        return cos.to(dtype), sin.to(dtype)
+
+    def step_attend(self, kv: KVCache, pos: int) -> Attend:
+        """Full attention of the one query of a decode step at ``pos``: the kernel calls, and their
+        merge order, of ``chunked_attention`` for a single query, with the query rotations and the key
+        regions worked out once for all layers. No host reads, nothing allocated beyond the outputs."""
+        layout, kernel, scale = self.settings.layout, self.settings.kernel, self.scale
+        cos, sin = self.query_rotations(pos)
+        rots = [(cos[r : r + 1], sin[r : r + 1]) for r in range(cos.shape[0])]
+        prev, chunk_start = region_bounds(pos, layout)
+        # (rotation, first key, end key) per region, as chunked_attention orders them
+        regions = [(0, chunk_start, pos + 1)]
+        if chunk_start > 0:
+            regions.append((1, prev, chunk_start))
+        if prev > 0:
+            regions.append((2, 0, prev))
+        apply = RopeTable.apply
+
+        def attend(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
+            k, v = kv.k[layer], kv.v[layer]
+            parts = [kernel(apply(q, *rots[r]), k[:, :, a:b], v[:, :, a:b], False, scale) for r, a, b in regions]
+            return parts[0][0] if len(parts) == 1 else merge_partials(parts)[0]
+
+        return attend
+
+    @torch.inference_mode()
+    def hidden_states(self, ids: torch.Tensor, start: int, kv: KVCache, attend: Attend | None = None) -> torch.Tensor:
+        """Run tokens ``ids`` (1, L) at positions start..start+L-1, appending their K/V to ``kv``; returns
+        the hidden states (1, L, hidden) after the final norm (the caller projects them in slices, e.g.
+        for perplexity: a full (L, V) logits buffer costs GBs at 8K).
+
+        The key rotation is looked up once for all layers, and a single token (a decode step) attends
+        through ``step_attend``.
+        """
+        length = ids.shape[1]
+        if attend is None:
+            attend = self.step_attend(kv, start) if length == 1 else self.default_attend(kv)
+        layout = self.settings.layout
+        key_pos = key_positions(torch.arange(start, start + length, device=self.device), layout)
+        cos, sin = self.rope.angles(key_pos, top=start + length if layout is None else layout.chunk_len)
+        return self.run_layers(ids, start, kv, attend, cos.to(self.dtype), sin.to(self.dtype))
+
+    def forward(self, ids: torch.Tensor, start: int, kv: KVCache, attend: Attend | None = None) -> torch.Tensor:
+        """``hidden_states``, projected to logits (1, V) for the last position only."""
+        return self.logits(self.hidden_states(ids, start, kv, attend)[:, -1])

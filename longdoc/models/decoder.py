@@ -1,0 +1,127 @@
+"""The decoder's layer walk: a transformers causal LM (Llama, Qwen2, Mistral families) run layer by
+layer, with attention left to the caller.
+
+transformers 5.x rotates q and k at absolute positions before its attention functions see them, and
+DCA needs other rotations (keys at p mod c, queries three ways). So longdoc does not go through the
+model's forward at all: ``Decoder.run_layers`` walks the decoder layers itself, calling each attention
+module's own projections, rotating the keys by the angles it is given, writing keys and values into
+the caller's cache and handing the queries to the caller's ``attend``; norms, MLP and LM head are the
+model's own modules. Nothing in transformers is modified, so a config feature that this loop does not
+implement (a sliding window, say) must be refused up front (``unsupported_features``) rather than
+silently dropped. Which keys each query sees is ``longdoc.engine.longmodel``'s business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+from longdoc.models.rope import RopeTable
+from longdoc.models.weights import linear_weight
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+# RoPE variants whose frequencies are fixed at load (``inv_freq`` and ``attention_scaling`` say all);
+# "dynamic" and "longrope" change them with the sequence length, which the layer loop does not do.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+# attend(layer, q, start) -> (B, H, Lq, D): attention of un-rotated queries at start.. against the
+# cache. The default is DCA's ``chunked_attention``; recycled decoding substitutes its own.
+Attend = Callable[[int, torch.Tensor, int], torch.Tensor]
+
+
+class KeyWriter(Protocol):
+    """Where the layer walk puts each layer's rotated keys and values (``longdoc.engine.kvcache``)."""
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
+
+
+def unsupported_features(config: dict[str, Any]) -> list[str]:
+    """What in a model's config.json the patched layer loop would silently drop; empty if none.
+
+    Only features that change attention within the trained window count: a sliding window at least
+    as long as the window never masks anything there (beyond it DCA takes over).
+    """
+    found = []
+    window = int(config.get("max_position_embeddings") or 0)
+    layer_types = config.get("layer_types") or []
+    if config.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
+        found.append("sliding-window attention layers")
+    elif config.get("model_type") != "qwen2":  # Qwen2 ignores sliding_window unless use_sliding_window
+        sliding = config.get("sliding_window")
+        if sliding is not None and int(sliding) < window:
+            found.append(f"a sliding window of {int(sliding):,} tokens (shorter than the {window:,}-token window)")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type not in STATIC_ROPE_TYPES:
+        found.append(f"{rope_type!r} RoPE scaling")
+    return found
+
+
+def rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    """What the model's RMSNorm module returns (Llama, Qwen2 and Mistral alike: normalized in float32,
+    rounded to x's dtype, times the weight), normalized by torch's op: 4 tensor operations instead of
+    the module's 8, twice per layer and step. ``norm``: the model's RMSNorm module."""
+    eps = float(norm.variance_epsilon)
+    return norm.weight * torch.rms_norm(x.to(torch.float32), (x.shape[-1],), None, eps).to(x.dtype)
+
+
+class Decoder:
+    """A causal LM's layers, walked by longdoc (``run_layers``) with the caller's keys and attention."""
+
+    def __init__(self, model: Any, logit_scale: float = 1.0):
+        # a transformers *ForCausalLM; typed Any because its submodules are resolved dynamically
+        config = model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported model type {config.model_type!r}")
+        dropped = unsupported_features(config.to_dict())
+        if dropped:
+            raise ValueError(f"longdoc cannot run a model with {', '.join(dropped)}")
+        model.requires_grad_(False)
+        self.model = model
+        self.config = config
+        self.layers: list[Any] = list(model.model.layers)
+        first = self.layers[0].self_attn
+        self.head_dim: int = first.head_dim
+        # ``logit_scale`` multiplies the softmax scale: the DCA attention temperature beyond the window
+        self.scale: float = first.scaling * logit_scale
+        self.n_heads: int = config.num_attention_heads
+        self.n_kv_heads: int = config.num_key_value_heads
+        param = linear_weight(model)  # the run's dtype (the embedding table may be kept narrower)
+        self.dtype, self.device = param.dtype, param.device
+        rotary = model.model.rotary_emb
+        self.rope = RopeTable(rotary.inv_freq.to(self.device), float(rotary.attention_scaling))
+
+    @torch.inference_mode()
+    def run_layers(
+        self, ids: torch.Tensor, start: int, kv: KeyWriter, attend: Attend, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """Run tokens ``ids`` (1, L) at positions start..start+L-1: their keys, rotated by ``cos``/``sin``
+        (L, D), go into ``kv``; each layer's queries go to ``attend``. Returns the hidden states (1, L,
+        hidden) after the final norm.
+
+        Per layer: the model's own modules, one rotation of the keys, the cache write and the attention
+        call.
+        """
+        length = ids.shape[1]
+        shape = (1, length, -1, self.head_dim)
+        h = self.model.model.embed_tokens(ids)
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            x = rms_norm(layer.input_layernorm, h)
+            q = attn.q_proj(x).view(shape).transpose(1, 2)
+            k = attn.k_proj(x).view(shape).transpose(1, 2)
+            v = attn.v_proj(x).view(shape).transpose(1, 2)
+            kv.update(i, start, RopeTable.apply(k, cos, sin), v)
+            o = attend(i, q, start)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, length, -1))
+            x = rms_norm(layer.post_attention_layernorm, h)
+            h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        return rms_norm(self.model.model.norm, h)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., hidden) -> logits (..., V) in float32 (float64 stays float64)."""
+        out = self.model.lm_head(hidden)
+        return out if out.dtype == torch.float64 else out.float()
