@@ -1,9 +1,9 @@
 """``longdoc serve`` under load and faults, on 127.0.0.1 only (issue 27):
 
-    python -m tests.fuzz.run serve --seed 0          # the full harness, about two minutes
-    python -m tests.fuzz.serve_faults --seed 0       # the same
+    python -m tools.fuzz.run serve --seed 0          # the full harness, about two minutes
+    python -m tools.fuzz.serve_faults --seed 0       # the same
 
-A real server process (``serve.serve`` over the tiny random-weight model of tests/test_serve.py, each
+A real server process (``serve.serve`` over the tiny random-weight model of tests/helpers.py, each
 decode step slowed to SLOW_TOKEN_S so that generations hold their slots long enough to be raced;
 key-less, on a free loopback port) is driven through six scenarios, each bounded in count and time:
 
@@ -47,7 +47,7 @@ from typing import Any
 
 import httpx
 
-from tests.fuzz.cases import REPO
+from tools.fuzz.cases import REPO
 
 OUT = REPO / "benchmarks" / "out" / "serve_faults.json"
 HOST = "127.0.0.1"  # the only address the harness ever talks to
@@ -542,7 +542,7 @@ def scenario_sigterm(server: Server, tally: Tally) -> dict[str, Any]:
 
 def run_serve(seed: int = 0, scenarios: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The harness (or the named ``scenarios`` of it); returns the figures."""
-    from tests.test_serve import save_chat_model
+    from tests.helpers import save_chat_model
 
     wanted = scenarios or ("streams", "queued_gone", "oversized", "slow", "malformed", "sigterm")
     tally = Tally()

@@ -3,15 +3,23 @@ the package, runs ``pytest -m "not slow"`` and restores the file. A baseline run
 mutant counts as caught only by tests that pass unbroken (a test failing already, say on a CPU
 without some instruction set, would otherwise catch every mutant). A mutant caught by none is a gap.
 
-    python tests/mutants.py                      # every mutant, every fast test
-    python tests/mutants.py merge tests/test_fidelity.py
-    python tests/mutants.py --list
+    python tools/mutants.py                      # every mutant, every fast test
+    python tools/mutants.py merge tests/test_fidelity.py
+    python tools/mutants.py --list
+    python tools/mutants.py --check              # every mutant still applies (tests/test_mutants.py runs it)
+
+A mutant is (name, file relative to the repository, the original text, its replacement); the original
+must occur exactly once in the file, so a refactor that moves or rewrites it shows in ``--check``.
 """
+
+from __future__ import annotations
 
 import argparse
 import subprocess
 import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 MUTANTS = [
     (
@@ -269,7 +277,31 @@ MUTANTS = [
         "    if (c0 < d) values_2(",
         "    if (0) values_2(",
     ),
+    (
+        "layers: the engine imports the runtime (an upward import)",
+        "longdoc/engine/decode.py",
+        "from longdoc.engine.sampling import sample\n",
+        "from longdoc.engine.sampling import sample\nfrom longdoc.runtime import machine  # noqa: F401\n",
+    ),
 ]
+
+
+def broken(mutants: list[tuple[str, str, str, str]]) -> list[str]:
+    """Why each of ``mutants`` no longer applies: its file is missing, its original text is not there
+    exactly once, or the mutated file would equal the original. Empty when all apply."""
+    problems = []
+    for name, path, old, new in mutants:
+        file = REPO / path
+        if not file.is_file():
+            problems.append(f"{name!r}: no file {path}")
+            continue
+        src = file.read_text()
+        count = src.count(old)
+        if count != 1:
+            problems.append(f"{name!r}: its original text occurs {count} times in {path}, not once")
+        elif src.replace(old, new) == src:
+            problems.append(f"{name!r}: the mutated {path} equals the original")
+    return problems
 
 
 def failing_tests(tests: list[str]) -> set[str]:
@@ -278,19 +310,26 @@ def failing_tests(tests: list[str]) -> set[str]:
         [sys.executable, "-m", "pytest", "-q", "-rfE", "-m", "not slow", "-p", "no:cacheprovider", *tests],
         capture_output=True,
         text=True,
+        cwd=REPO,
     )
     return {line.split(" ")[1] for line in run.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        prog="python tests/mutants.py",
+        prog="python tools/mutants.py",
         description="Apply each deliberate break in turn, run the fast tests, restore the file, and report "
         "which tests caught it (only tests that pass unbroken count). Exit status 1 if a mutant is caught by none.",
     )
     parser.add_argument("name", nargs="?", default="", help="only the mutants whose name contains this")
     parser.add_argument("tests", nargs="*", default=["tests/"], help="test paths to run (default: tests/)")
     parser.add_argument("--list", action="store_true", help="list the mutants' names and exit")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check that every chosen mutant still applies (its original text once in its file) and exit; "
+        "exit status 1 listing those that do not",
+    )
     args = parser.parse_args()
     chosen = [m for m in MUTANTS if args.name in m[0]]
     if not chosen:
@@ -298,17 +337,19 @@ def main() -> int:
     if args.list:
         print("\n".join(name for name, *_ in chosen))
         return 0
-    for name, path, old, _ in chosen:  # every mutant applies before anything runs
-        count = Path(path).read_text().count(old)
-        if count != 1:
-            parser.error(f"mutant {name!r}: its line occurs {count} times in {path}, not once")
+    problems = broken(chosen)  # every mutant applies before anything runs
+    if args.check:
+        print("\n".join(problems) or f"all {len(chosen)} mutants apply")
+        return 1 if problems else 0
+    if problems:
+        parser.error("mutants that no longer apply:\n" + "\n".join(problems))
 
     baseline = failing_tests(args.tests)
     if baseline:
         print(f"baseline: {len(baseline)} tests fail unbroken and catch nothing: {sorted(baseline)}", flush=True)
     gaps = []
     for name, path, old, new in chosen:
-        file = Path(path)
+        file = REPO / path
         src = file.read_text()
         file.write_text(src.replace(old, new))
         try:

@@ -1,6 +1,6 @@
 """The model cache under faults, with processes (not threads) and a tiny fake conversion:
 
-    python -m tests.fuzz.cache_faults --kills 20 --racers 2 --seed 0
+    python -m tools.fuzz.cache_faults --kills 20 --racers 2 --seed 0
 
 * ``kill -9`` a converting process at a random moment, N times, in one cache: the next run must get
   a verified model, and no half-written conversion may ever be taken for a good one;
@@ -8,8 +8,8 @@
 * a lock held by another process: the waiter gives up after LONGDOC_LOCK_TIMEOUT with a message.
 
 The conversion is the real code path (hashing, lock, temp dir, manifest, atomic rename) with only the
-GGUF dequantization replaced by a slow writer of a tiny model, as in tests/test_models.py. Figures go
-to benchmarks/out/fuzz.json under "cache".
+GGUF dequantization replaced by a slow writer of a tiny model (``save_tiny_qwen2`` of tests/helpers.py).
+Figures go to benchmarks/out/fuzz.json under "cache".
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.fuzz.run import OUT, save
+from tools.fuzz.run import OUT, save
 
 # The child: convert (slowly, in steps, so a kill can land anywhere) and report the verified folder.
 CHILD = r"""
@@ -35,7 +35,7 @@ from pathlib import Path
 from longdoc import models
 from longdoc.errors import ModelError
 from longdoc.models import convert
-from tests.test_models import save_tiny_qwen2
+from tests.helpers import save_tiny_qwen2
 
 def slow_convert(gguf_path, out_dir, progress):
     with open(sys.argv[2], "a") as log:
@@ -58,7 +58,7 @@ print(json.dumps({"folder": str(folder), "verified": models.check_conversion(fol
 
 
 def _gguf(path: Path) -> str:
-    from tests.test_models import write_gguf_header
+    from tests.helpers import write_gguf_header
 
     return str(write_gguf_header(path, "qwen2"))
 

@@ -1,11 +1,11 @@
-"""A fixed-seed slice of the ingestion fuzz (tests/fuzz/run.py runs the full 10,000 cases): every
+"""A fixed-seed slice of the ingestion fuzz (tools/fuzz/run.py runs the full 10,000 cases): every
 hostile input ends read or refused with a one-line message, within the time limit."""
 
 from __future__ import annotations
 
 import time
 
-from tests.fuzz.run import run_ingest
+from tools.fuzz.run import run_ingest
 
 # Seed and cases fixed: the same 300 inputs every run. The biggest inputs are scaled down (scale
 # 0.1: 300-page PDFs, 5 MB lines) so the slice stays under a minute on a busy two-core machine.

@@ -1,9 +1,9 @@
 """Run the fuzz cases of cases.py through ingestion, the CLI, or Ctrl-C at random points; write figures.
 
-    python -m tests.fuzz.run ingest --cases 10000 --seed 0        # in-process ingestion
-    python -m tests.fuzz.run cli --cases 40 --seed 0              # `count`, `ask`, `summarize --each`
-    python -m tests.fuzz.run sigint --runs 20 --seed 0            # SIGINT at random times, real CLI
-    python -m tests.fuzz.run serve --seed 0                       # longdoc serve under load and faults
+    python -m tools.fuzz.run ingest --cases 10000 --seed 0        # in-process ingestion
+    python -m tools.fuzz.run cli --cases 40 --seed 0              # `count`, `ask`, `summarize --each`
+    python -m tools.fuzz.run sigint --runs 20 --seed 0            # SIGINT at random times, real CLI
+    python -m tools.fuzz.run serve --seed 0                       # longdoc serve under load and faults
 
 Every case must end read, or refused with exit 3 (InputError) and exactly one message line, within
 the time limit; anything else is a crash or a hang. Figures (tried, crashes, hangs, slowest case)
@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.fuzz.cases import REPO, SAMPLES, make_case, remove
+from tools.fuzz.cases import REPO, SAMPLES, make_case, remove
 
 OUT = REPO / "benchmarks" / "out" / "fuzz.json"
 # Caps used by the fuzz (lower than the defaults, so that the cap paths are exercised often and a run
@@ -398,10 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-delay", type=float, default=12.0, help="SIGINT: latest signal, in seconds")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
-    if args.mode == "serve":  # its own harness and figures (benchmarks/out/serve_faults.json)
-        from tests.fuzz import serve_faults
+    if args.mode == "serve":  # its own harness and figures (benchmarks/out/serve_faults.json unless --out)
+        from tools.fuzz import serve_faults
 
-        return serve_faults.main(["--seed", str(args.seed)])
+        return serve_faults.main(["--seed", str(args.seed)] + (["--out", str(args.out)] if args.out != OUT else []))
     if args.mode == "ingest":
         figures = run_ingest(args.seed, args.cases, args.start, args.time_limit or 60.0, checkpoint=args.out)
     elif args.mode == "cli":

@@ -1,4 +1,4 @@
-"""A fixed slice of the serve load-and-fault harness (tests/fuzz/serve_faults.py runs it whole): 40 seeded
+"""A fixed slice of the serve load-and-fault harness (tools/fuzz/serve_faults.py runs it whole): 40 seeded
 malformed requests, clients that queue and leave, and 10 MB bodies refused while a small request is
 timed, against a real server process on 127.0.0.1."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from tests.fuzz import serve_faults
+from tools.fuzz import serve_faults
 
 
 def test_serve_fault_slice_has_no_5xx_no_leak_and_no_restart(monkeypatch):
