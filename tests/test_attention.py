@@ -2,64 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from longdoc.attention.dca import ChunkLayout, chunk_steps, chunked_attention, key_positions, query_positions
+from longdoc.attention.dca import ChunkLayout, chunk_steps, key_positions, query_positions
 from longdoc.attention.kernels import attend_cpu, attend_reference, merge_partials
-from longdoc.models.rope import RopeTable
+from longdoc.attention.reference import naive_dca
 
-from .conftest import TESTDATA
+from .helpers import load_vectors, run_chunked
 
 KERNELS = [attend_reference, attend_cpu]
-
-
-def naive_dca(q, k, v, layout, theta, keep=None):
-    """Independent float64 DCA: materialize every (query, key) score with its own rotation pair.
-    ``keep`` (Hkv, L, L) bool, optional: the only keys each query may see (sparse prefill)."""
-    h, n, d = q.shape
-    g = h // k.shape[0]
-    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-
-    def rot(x, p):
-        ang = torch.as_tensor(p, dtype=torch.float64) * inv
-        cos, sin = torch.cat([ang.cos(), ang.cos()]), torch.cat([ang.sin(), ang.sin()])
-        return x * cos + torch.cat([-x[d // 2 :], x[: d // 2]]) * sin
-
-    out = torch.zeros_like(q)
-    for hh in range(h):
-        kh = hh // g
-        for i in range(n):
-            scores, seen = [], []
-            for j in range(i + 1):
-                if keep is not None and not keep[kh, i, j]:
-                    continue
-                seen.append(j)
-                if layout is None:
-                    qp, kp = i, j
-                else:
-                    c, s = layout.chunk_len, layout.chunk_size
-                    kp = j % c
-                    gap = i // c - j // c
-                    qp = i % c if gap == 0 else (min(i % c + c, s) if gap == 1 else s)
-                scores.append(rot(q[hh, i], qp) @ rot(k[kh, j], kp) / d**0.5)
-            p = torch.softmax(torch.stack(scores), 0)
-            out[hh, i] = p @ v[kh, seen]
-    return out
-
-
-def run_chunked(q, k, v, layout, theta, kernel, step):
-    """q (H, L, D), k/v (Hkv, L, D) float64 -> DCA output via the production path in prefill steps."""
-    d, n = q.shape[-1], q.shape[1]
-    table = RopeTable(1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d), dtype=torch.float64)
-    kc = table.rotate(k[None], key_positions(torch.arange(n), layout))
-    parts = [
-        chunked_attention(q[None, :, a:b], kc, v[None], a, table.rotate, layout, kernel, d**-0.5)
-        for a, b in chunk_steps(0, n, step, layout)
-    ]
-    return torch.cat(parts, dim=2)[0]
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -147,16 +99,6 @@ def test_dca_equals_plain_when_input_fits_one_chunk(kernel):
     dca = run_chunked(q, k, v, ChunkLayout(24, 4), 10000.0, kernel, 6)  # c = 20 = L
     plain = run_chunked(q, k, v, None, 10000.0, kernel, 6)
     torch.testing.assert_close(dca, plain, atol=1e-12, rtol=0)
-
-
-def load_vectors():
-    """The independent float64 reference is part of the contract: missing vectors fail, never skip."""
-    import safetensors
-
-    path = TESTDATA / "dca_vectors.safetensors"
-    assert path.exists(), f"shared DCA test vectors missing at {path}"
-    f = safetensors.safe_open(str(path), "pt")
-    return f, json.loads(f.metadata()["cases"])
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -18,10 +18,7 @@ from longdoc.engine.prefill import prefill
 from longdoc.engine.recycled import RecycledPolicy
 from longdoc.runtime import local
 
-from .conftest import tiny_model
-from .test_attention import run_chunked
-
-THETA = 10000.0  # the tiny models' RoPE base
+from .helpers import THETA, run_chunked, tiny_model
 
 # ---- the log-sum-exp merge ----------------------------------------------------------------------
 
@@ -215,7 +212,7 @@ def test_attention_temperature_follows_the_prompt_length_only(monkeypatch):
     from longdoc.config import DCAConfig, GenerationConfig, RunConfig
     from longdoc.runtime.local import make_plan
 
-    from .test_pipeline import info
+    from .helpers import info
 
     monkeypatch.setattr(local, "check_memory", lambda plan, device: None)  # whatever RAM is free now
 

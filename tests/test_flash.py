@@ -11,12 +11,12 @@ import torch
 from longdoc import native
 from longdoc.attention.dca import ChunkLayout, chunk_steps, key_positions
 from longdoc.attention.kernels import attend_cpu, attend_reference, attend_torch_cpu
+from longdoc.attention.reference import naive_dca
 from longdoc.attention.sparse import SparseConfig, SparseStats, sparse_chunked_attention
 from longdoc.models.rope import RopeTable
 from longdoc.native import flash as flash_c
 
-from .test_attention import load_vectors, naive_dca, run_chunked
-from .test_sparse import THETA
+from .helpers import THETA, load_vectors, run_chunked
 
 needs_flash = pytest.mark.skipif(
     not native.likely_available("flash"), reason="no C compiler, CPU flags or AVX-512 BF16 here"

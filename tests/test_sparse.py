@@ -7,13 +7,11 @@ import torch
 
 from longdoc.attention.dca import ChunkLayout, chunk_steps, key_positions
 from longdoc.attention.kernels import attend_cpu, attend_reference
+from longdoc.attention.reference import naive_dca
 from longdoc.attention.sparse import SparseConfig, SparseStats, block_scores, sparse_chunked_attention
 from longdoc.models.rope import RopeTable
 
-from .conftest import query_index
-from .test_attention import naive_dca, run_chunked
-
-THETA = 10000.0
+from .helpers import THETA, query_index, run_chunked
 
 
 def run_sparse(q, k, v, layout, cfg, kernel, step, stats):
@@ -201,7 +199,7 @@ def test_auto_prefill_turns_sparse_from_the_threshold():
     from longdoc.config import PrefillConfig, RunConfig
     from longdoc.runtime.local import make_plan
 
-    from .test_pipeline import info
+    from .helpers import info
 
     def plan(tokens, **kw):
         return make_plan(RunConfig(prefill=PrefillConfig(**kw)), info(), tokens)
@@ -227,8 +225,7 @@ def test_cli_sparse_prefill_reports_what_it_kept(tmp_path, monkeypatch):
     cache keeps the two modes apart."""
     import json
 
-    from .test_cli import invoke
-    from .test_models import save_tiny_qwen2
+    from .helpers import invoke, save_tiny_qwen2
 
     monkeypatch.setenv("LONGDOC_CACHE_DIR", str(tmp_path / "cache"))
     save_tiny_qwen2(tmp_path / "tiny", window=4096)
@@ -260,7 +257,7 @@ def test_the_prompt_tail_is_prefilled_exactly():
     from longdoc.engine.longmodel import AttentionSettings, LongModel
     from longdoc.engine.prefill import prefill
 
-    from .conftest import tiny_model
+    from .helpers import tiny_model
 
     cfg = SparseConfig(budget=8, band=8, block=4, query_block=4, exact_tail=20)
     pm = LongModel(tiny_model(), AttentionSettings(None, attend_cpu, sparse=cfg))
