@@ -119,10 +119,10 @@ def main() -> None:
     from longdoc.evals.ppl import nll_sum
     from longdoc.quant import schemes
     from longdoc.render import Reporter
-    from longdoc.runtime.local import Session
+    from longdoc.runtime.local import LocalBackend
 
     cfg = RunConfig(dca=DCAConfig(enabled=False), doc_cache=False, quantize="none")
-    session = Session(cfg, Reporter(quiet=True))
+    session = LocalBackend(cfg, Reporter(quiet=True))
     ids = session.encode(corpus_text())[: a.length]
     info = session.info
     rows: list[dict[str, Any]] = []

@@ -28,7 +28,7 @@ QUESTIONS = ("What problem does the paper address?", "Which datasets are used in
 
 def document(tokens: int, folder: Path) -> Path:
     """The first ``tokens`` tokens of the corpus (model tokenizer) as a text file."""
-    from longdoc.runtime.local import model_info
+    from longdoc.runtime.plan import model_info
 
     tokenizer = model_info(None, "cpu", "auto").tokenizer
     ids = tokenizer(corpus_text(), add_special_tokens=False)["input_ids"][:tokens]

@@ -29,13 +29,14 @@ def child(mode: str, dtype: str, length: int, new: int, dca: str, chunk: int | N
     from longdoc.engine.decode import generate
     from longdoc.engine.prefill import prefill
     from longdoc.render import Reporter
-    from longdoc.runtime.local import Session, make_plan
+    from longdoc.runtime.local import LocalBackend
+    from longdoc.runtime.plan import make_plan
 
     dca_flag = {"on": True, "off": False, "auto": None}[dca]
     cfg = RunConfig(
         dtype=dtype, dca=DCAConfig(enabled=dca_flag, chunk_size=chunk), generation=GenerationConfig(max_new_tokens=new)
     )
-    session = Session(cfg, Reporter(quiet=True))
+    session = LocalBackend(cfg, Reporter(quiet=True))
     ids = session.encode(corpus_text())[:length]
     info = session.info
     t0 = time.perf_counter()
@@ -49,7 +50,7 @@ def child(mode: str, dtype: str, length: int, new: int, dca: str, chunk: int | N
         dca_on = False
     else:
         plan = make_plan(cfg, info, len(ids))
-        model = session.patched(plan)
+        model = session.long_model(plan)
         load_s = time.perf_counter() - t0
         warm = model.new_cache(32)
         prefill(model, torch.tensor([ids[:16]]), warm, cfg.prefill_step)

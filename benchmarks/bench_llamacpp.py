@@ -58,7 +58,7 @@ def embedded_gguf() -> Path:
 
 
 def prompt_ids(length: int) -> list[int]:
-    from longdoc.runtime.local import model_info
+    from longdoc.runtime.plan import model_info
 
     tokenizer = model_info(None, "cpu", "auto").tokenizer
     ids = list(tokenizer(corpus_text(), add_special_tokens=False)["input_ids"])
@@ -73,13 +73,14 @@ def child_longdoc(quantize: str, ids: list[int], new: int) -> dict[str, Any]:
     from longdoc.engine.prefill import prefill
     from longdoc.engine.recycled import RecycledPolicy
     from longdoc.render import Reporter
-    from longdoc.runtime.local import Session, make_plan
+    from longdoc.runtime.local import LocalBackend
+    from longdoc.runtime.plan import make_plan
 
     cfg = RunConfig(quantize=quantize, doc_cache=False, generation=GenerationConfig(max_new_tokens=new))
     t0 = time.perf_counter()
-    session = Session(cfg, Reporter(quiet=True))
+    session = LocalBackend(cfg, Reporter(quiet=True))
     plan = make_plan(cfg, session.info, len(ids))
-    model = session.patched(plan)
+    model = session.long_model(plan)
     load_s = time.perf_counter() - t0
     warm = model.new_cache(32)
     prefill(model, torch.tensor([ids[:16]]), warm, cfg.prefill_step)  # first-call costs, as every config gets
@@ -103,7 +104,7 @@ def child_longdoc(quantize: str, ids: list[int], new: int) -> dict[str, Any]:
 
 
 def child_hf(ids: list[int], new: int) -> dict[str, Any]:
-    from longdoc.runtime.local import model_info
+    from longdoc.runtime.plan import model_info
 
     info = model_info(None, "cpu", "bfloat16")
     _, load_s, t1, stamps = hf_generate_timed(info.folder, torch.bfloat16, ids, new)

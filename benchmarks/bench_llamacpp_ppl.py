@@ -51,10 +51,10 @@ def nll_longdoc(quantize: str, ids: list[int]) -> tuple[float, int]:
     from longdoc.config import DCAConfig, RunConfig
     from longdoc.evals.ppl import nll_sum
     from longdoc.render import Reporter
-    from longdoc.runtime.local import Session
+    from longdoc.runtime.local import LocalBackend
 
     cfg = RunConfig(dtype="bfloat16", quantize=quantize, doc_cache=False, dca=DCAConfig(enabled=False))
-    return nll_sum(Session(cfg, Reporter(quiet=True)), ids)
+    return nll_sum(LocalBackend(cfg, Reporter(quiet=True)), ids)
 
 
 def child(spec: str, length: int) -> dict[str, Any]:

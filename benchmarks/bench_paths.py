@@ -2,7 +2,7 @@
 attention kernel, one row per choice, each in its own process (peak RSS is per process), back to back
 and repeated in alternation so the ratios compare like with like on shared cores.
 
-Every row runs the embedded model as a user gets it (``Session``, the document's prompt through
+Every row runs the embedded model as a user gets it (``LocalBackend``, the document's prompt through
 ``prefill`` and greedy ``generate``): load time (weights into memory, packing and quantized copies
 included), prefill and decode tok/s, and peak RSS. ``auto`` is what ``--dtype/--quantize auto`` pick
 here; the others force one choice. ``rev:COMMIT`` runs the same measurement (``bench_llamacpp``'s
@@ -39,7 +39,8 @@ def child(dtype: str, pack: str, quantize: str, kernel: str, length: int, new: i
     from longdoc.engine.decode import generate
     from longdoc.engine.prefill import prefill
     from longdoc.render import Reporter
-    from longdoc.runtime.local import Session, make_plan
+    from longdoc.runtime.local import LocalBackend
+    from longdoc.runtime.plan import make_plan
 
     ids = prompt_ids(length)
     cfg = RunConfig(
@@ -51,11 +52,11 @@ def child(dtype: str, pack: str, quantize: str, kernel: str, length: int, new: i
         generation=GenerationConfig(max_new_tokens=new),
     )
     t0 = time.perf_counter()
-    session = Session(cfg, Reporter(quiet=True))
+    session = LocalBackend(cfg, Reporter(quiet=True))
     session.loaded()
     load_s = time.perf_counter() - t0
     plan = make_plan(cfg, session.info, len(ids))
-    model = session.patched(plan)
+    model = session.long_model(plan)
     # first-call costs (kernel set-up for each shape) outside the timings, as bench_llamacpp's children
     prefill(model, torch.tensor([ids[:16]]), model.new_cache(32), cfg.prefill_step)
     kv = model.new_cache(len(ids) + new)
@@ -68,7 +69,7 @@ def child(dtype: str, pack: str, quantize: str, kernel: str, length: int, new: i
         "dtype": session.info.dtype_name,
         "packed": session.packed,
         "quantize": session.info.quantize,
-        "attention": session.engine.get("attention"),
+        "attention": session.describe().attention,
         "load_s": round(load_s, 2),
         "model_load_s": round(session.load_s, 2),
         "prefill_tok_s": round(len(ids) / prefill_s, 1),

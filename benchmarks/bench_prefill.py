@@ -86,12 +86,12 @@ def run_one(session: Any, ids: list[int], mode: str, budget: int, layers: int, k
     from longdoc.attention.kernels import get_kernel
     from longdoc.config import PrefillConfig
     from longdoc.engine.prefill import prefill
-    from longdoc.runtime.local import make_plan
+    from longdoc.runtime.plan import make_plan
 
     cfg = replace(session.cfg, prefill=PrefillConfig(mode=mode, budget=budget), kernel=kernel)
     plan = make_plan(cfg, session.info, len(ids))
     session.cfg = cfg  # the session picks the attention kernel from its own settings
-    model = session.patched(plan)
+    model = session.long_model(plan)
     assert model.settings.kernel is get_kernel(kernel, session.info.device)
     model.layers = model.layers[:layers]
     kv = model.new_cache(len(ids))
@@ -180,9 +180,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from longdoc.config import RunConfig
     from longdoc.render import Reporter
-    from longdoc.runtime.local import Session
+    from longdoc.runtime.local import LocalBackend
 
-    session = Session(RunConfig(doc_cache=False), Reporter(quiet=True))
+    session = LocalBackend(RunConfig(doc_cache=False), Reporter(quiet=True))
     session.loaded()
     layers = args.layers or session.info.n_layers
     ids = session.encode(corpus_text())

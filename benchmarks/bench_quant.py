@@ -80,9 +80,9 @@ def main() -> None:
     from longdoc.config import DCAConfig, RunConfig
     from longdoc.evals.ppl import nll_sum
     from longdoc.render import Reporter
-    from longdoc.runtime.local import Session
+    from longdoc.runtime.local import LocalBackend
 
-    session = Session(RunConfig(dca=DCAConfig(enabled=False), doc_cache=False), Reporter(quiet=True))
+    session = LocalBackend(RunConfig(dca=DCAConfig(enabled=False), doc_cache=False), Reporter(quiet=True))
     ids = session.encode(corpus_text())
     lengths = [int(x) for x in a.lengths.split(",")]
     rows = []

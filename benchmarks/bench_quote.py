@@ -31,14 +31,14 @@ from longdoc.engine.recycled import RecycledPolicy
 from longdoc.ingest import Document
 from longdoc.prompt import ask_prompt
 from longdoc.render import Reporter
-from longdoc.runtime.local import Session
+from longdoc.runtime.local import LocalBackend
 
 REQUEST = "Summarize the text in about 150 words, and at the end state the secret pass key."
 LENGTHS = (16384, 20480, 24576, 28672, 32000)
 DEPTHS = (0.15, 0.35, 0.5, 0.65, 0.85)
 
 
-def tasks(session: Session, n: int, seed: int, lengths: tuple[int, ...] = LENGTHS) -> list[dict]:
+def tasks(session: LocalBackend, n: int, seed: int, lengths: tuple[int, ...] = LENGTHS) -> list[dict]:
     """n prompts: windows of the corpus at staggered offsets, each with a planted key at a depth."""
     ids = session.encode(corpus_text())
     rng = random.Random(seed)
@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--name", default="quote")
     a = ap.parse_args()
     cfg = RunConfig(generation=GenerationConfig(max_new_tokens=a.new))
-    session = Session(cfg, Reporter(quiet=True))
+    session = LocalBackend(cfg, Reporter(quiet=True))
     configs = a.configs.split(",")
     rows = []
     for i, task in enumerate(tasks(session, a.docs, a.seed, tuple(int(x) for x in a.lengths.split(",")))):

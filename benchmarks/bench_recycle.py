@@ -26,7 +26,7 @@ from longdoc.config import GenerationConfig, RecycleConfig, RunConfig
 from longdoc.engine.decode import DecodePolicy, generate
 from longdoc.engine.recycled import RecycledPolicy
 from longdoc.render import Reporter
-from longdoc.runtime.local import Session
+from longdoc.runtime.local import LocalBackend
 
 LINEAR_OPS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear")
 ATTN_OPS = (
@@ -72,13 +72,14 @@ from safetensors.torch import load_file
 from longdoc.config import GenerationConfig, RecycleConfig, RunConfig
 from longdoc.engine.decode import generate
 from longdoc.engine.recycled import RecycledPolicy
-from longdoc.runtime.local import Session, make_plan
+from longdoc.runtime.local import LocalBackend
+from longdoc.runtime.plan import make_plan
 from longdoc.render import Reporter
 a = json.loads(sys.argv[1])
 cfg = RunConfig(generation=GenerationConfig(max_new_tokens=a["new"]))
-session = Session(cfg, Reporter(quiet=True))
+session = LocalBackend(cfg, Reporter(quiet=True))
 plan = make_plan(cfg, session.info, a["n"])
-model = session.patched(plan)
+model = session.long_model(plan)
 kv = model.new_cache(a["n"] + a["new"] + 1)
 saved = load_file(a["kv"])
 for i in range(len(kv.k)):
@@ -119,7 +120,7 @@ def main() -> None:
     ap.add_argument("--name", default="recycle")
     a = ap.parse_args()
     cfg = RunConfig(generation=GenerationConfig(max_new_tokens=a.new))
-    session = Session(cfg, Reporter(quiet=True))
+    session = LocalBackend(cfg, Reporter(quiet=True))
     all_ids = session.encode(corpus_text())
     worktree = None
     if a.before:

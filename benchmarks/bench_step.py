@@ -54,12 +54,13 @@ def child(quantize: str, length: int, compiled: bool) -> dict:
     from longdoc.config import GenerationConfig, RunConfig
     from longdoc.engine.prefill import prefill
     from longdoc.render import Reporter
-    from longdoc.runtime.local import Session, make_plan
+    from longdoc.runtime.local import LocalBackend
+    from longdoc.runtime.plan import make_plan
 
     cfg = RunConfig(dtype="bfloat16", quantize=quantize, generation=GenerationConfig(max_new_tokens=128))
-    session = Session(cfg, Reporter(quiet=True))
+    session = LocalBackend(cfg, Reporter(quiet=True))
     ids = session.encode(corpus_text())[:length]
-    model = session.patched(make_plan(cfg, session.info, len(ids)))
+    model = session.long_model(make_plan(cfg, session.info, len(ids)))
     kv = model.new_cache(len(ids) + 160)
     logits = prefill(model, torch.tensor([ids]), kv, cfg.prefill_step)
     state = {"pos": len(ids), "token": int(logits.argmax())}

@@ -100,10 +100,10 @@ def prefilled(session: Any, cfg: Any, prompt_ids: list[int], new: int, kv_dir: P
     from safetensors.torch import load_file, save_file
 
     from longdoc.engine.prefill import prefill
-    from longdoc.runtime.local import make_plan
+    from longdoc.runtime.plan import make_plan
 
     plan = make_plan(cfg, session.info, len(prompt_ids))
-    model = session.patched(plan)
+    model = session.long_model(plan)
     kv = model.new_cache(len(prompt_ids) + new + 1)
     n = len(prompt_ids)
     path = kv_path(session, prompt_ids, plan.layout, kv_dir)

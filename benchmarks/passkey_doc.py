@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     from longdoc.config import RunConfig
     from longdoc.evals import passkey
     from longdoc.render import Reporter
-    from longdoc.runtime.local import Session
+    from longdoc.runtime.local import LocalBackend
 
-    session = Session(RunConfig(doc_cache=False), Reporter(quiet=True))
+    session = LocalBackend(RunConfig(doc_cache=False), Reporter(quiet=True))
     text = "\n".join(line for line in corpus_text().splitlines() if not re.search(r"pass ?key", line, re.I))
     ids = session.encode(text)[: args.tokens]
     cut = int(len(ids) * args.depth)

@@ -12,7 +12,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Annotated, Any
 
 # The partial result of a run interrupted before any command started (importing, parsing arguments).
 STARTED_JSON = '{"answer": "", "interrupted": true, "stage": "start"}'
@@ -36,6 +37,10 @@ except KeyboardInterrupt:  # Ctrl-C while starting up: interrupted, without a tr
     if "--json" in sys.argv:  # scripts still get their (empty) partial result
         print(STARTED_JSON, flush=True)
     raise SystemExit(130) from None
+
+if TYPE_CHECKING:  # imported where used: they bring torch, which --help and bad arguments never need
+    from longdoc.runtime.backend import Backend
+    from longdoc.runtime.result import Citation, Result, Source
 
 app = typer.Typer(
     add_completion=False,
@@ -182,9 +187,16 @@ DEFAULT_REMOTE_TIMEOUT_S = 300.0
 DEFAULT_MAX_FILE_SIZE = "256M"
 DEFAULT_MAX_TOTAL_SIZE = "1G"
 
-# What an interrupted run knows so far, for the partial JSON result: the stage it was in, and the
-# model, sources and result once they exist.
-RunState = dict[str, Any]
+
+@dataclass
+class RunState:
+    """What an interrupted run knows so far, for the partial JSON result: the stage it was in, and the
+    model, sources and result once they exist."""
+
+    stage: str = "start"
+    model: str | None = None
+    sources: list[Source] = field(default_factory=list)
+    result: Result | None = None
 
 
 @contextmanager
@@ -209,7 +221,7 @@ def handled(reporter: Reporter, state: RunState | None = None) -> Iterator[None]
             raise  # a bug: the traceback is what a report needs
         reporter.error("interrupted")
         if state is not None and reporter.json_mode and not reporter.json_printed:
-            reporter.json(partial_result(state))
+            reporter.json(partial_result(state).to_json())
         raise typer.Exit(errors.EXIT_INTERRUPTED) from None
 
 
@@ -239,19 +251,13 @@ def _caused_by_interrupt(exc: BaseException) -> bool:
     return False
 
 
-def partial_result(state: RunState) -> dict[str, Any]:
-    """The JSON of a run interrupted before it had a result: what it knew, and ``interrupted``."""
-    if "result" in state:
-        return {**state["result"], "interrupted": True}
-    return {
-        "answer": "",
-        "model": state.get("model"),
-        "prompt_tokens": 0,
-        "generated_tokens": 0,
-        "sources": state.get("sources", []),
-        "interrupted": True,
-        "stage": state.get("stage", "start"),
-    }
+def partial_result(state: RunState) -> Result:
+    """The result of a run interrupted before it had one: what it knew, and ``interrupted``."""
+    from longdoc.runtime.result import Result
+
+    if state.result is not None:
+        return replace(state.result, interrupted=True)
+    return Result(answer="", model=state.model, sources=state.sources, interrupted=True, stage=state.stage)
 
 
 def _positive(opts: dict[str, Any], name: str, option: str) -> None:
@@ -380,27 +386,27 @@ def run_config(opts: dict[str, Any]) -> RunConfig:
     )
 
 
-def open_session(cfg: RunConfig, reporter: Reporter, opts: dict[str, Any]) -> Any:
-    """The engine a command runs on: the local model, or with --endpoint a server (``remote.RemoteSession``:
+def open_session(cfg: RunConfig, reporter: Reporter, opts: dict[str, Any]) -> Backend:
+    """The backend a command runs on: the local model, or with --endpoint a server (``remote.RemoteBackend``:
     the local tokenizer only, never the weights). ``opts`` are the command's parsed options."""
     from longdoc.runtime import local, remote
 
     options = remote.options(opts)
     if options is None:
-        return local.Session(cfg, reporter)
+        return local.LocalBackend(cfg, reporter)
     ignored = remote.local_only(opts)
     if ignored:
         reporter.warn(f"{', '.join(ignored)}: not applicable with --endpoint (the server runs the model its own way)")
-    return remote.RemoteSession(cfg, reporter, options)
+    return remote.RemoteBackend(cfg, reporter, options)
 
 
-def _finish(reporter: Reporter, result: dict[str, Any]) -> None:
+def _finish(reporter: Reporter, result: Result) -> None:
     if reporter.json_mode:
-        reporter.json(result)
+        reporter.json(result.to_json())
     else:
         reporter.end_answer()
-    reporter.stats(result)
-    if result.get("interrupted"):
+    reporter.stats(result.stats_line())
+    if result.interrupted:
         reporter.error("interrupted")
         raise typer.Exit(errors.EXIT_INTERRUPTED)
 
@@ -485,9 +491,9 @@ def ask(
 ) -> None:
     """Answer one or more questions about the inputs (the documents are prefilled once)."""
     reporter = Reporter(quiet=quiet, json_mode=json_out)
-    state: RunState = {"stage": "start"}
+    state = RunState()
     with handled(reporter, state):
-        from longdoc.runtime import local
+        from longdoc.runtime.result import sources_of
         from longdoc.tasks.chat import ask_all, read_questions
         from longdoc.tasks.citations import extract_citations
 
@@ -496,28 +502,27 @@ def ask(
         cfg = run_config(opts)
         if questions is not None:
             asked += read_questions(questions)
-        state["stage"] = "ingest"
+        state.stage = "ingest"
         docs, ingest_s = _ingest(reporter, paths, pages, include, exclude, read_budget(locals()))
-        state["stage"] = "load"
+        state.stage = "load"
         session = open_session(cfg, reporter, opts)
-        state["model"] = session.info.name
-        state["sources"] = sources = local.source_entries(docs, session.count)
-        state["stage"] = "generate"
+        state.model = session.name
+        state.sources = sources = sources_of(docs, session.count)
+        state.stage = "generate"
         many = len(asked) > 1
 
         def before(q: str) -> None:
             if many and not json_out:
                 reporter.stream(f"Q: {q}\n")
 
-        def emit(q: str, result: dict[str, Any]) -> None:
-            state["result"] = result
-            result["question"] = q
-            result["timings"]["ingest_s"] = ingest_s
-            result["citations"] = extract_citations(result["answer"], docs)
+        def emit(q: str, result: Result) -> None:
+            state.result = result
+            result.question = q
+            _add_reading(result, ingest_s, extract_citations(result.answer, docs))
             _finish(reporter, result)
             if many and not json_out:
                 reporter.stream("\n")
-            state.pop("result")
+            state.result = None
 
         ask_all(session, docs, asked, sources, emit, before=before, on_text=reporter.stream)
 
@@ -596,7 +601,7 @@ def summarize(
 ) -> None:
     """Summarize the inputs (together, or one by one with --each); map-reduce when they do not fit at once."""
     reporter = Reporter(quiet=quiet, json_mode=json_out)
-    state: RunState = {"stage": "start"}
+    state = RunState()
     # --each: Ctrl-C within an input gives that input its line (one_of_each); before the first input
     # starts, the command-wide handler prints the partial result of ``state``
     with handled(reporter, state):
@@ -645,9 +650,9 @@ class _Summaries:
         self.max_words = max_words
         self.inputs = inputs  # pages, include, exclude, read budget
         self.opts = opts  # the command's options, for open_session
-        self.session: Any = None
+        self.session: Backend | None = None
 
-    def open(self) -> Any:
+    def open(self) -> Backend:
         self.session = self.session or open_session(self.cfg, self.reporter, self.opts)
         return self.session
 
@@ -655,23 +660,22 @@ class _Summaries:
         pages, include, exclude, budget = self.inputs
         return _ingest(self.reporter, paths, pages, include, exclude, budget)
 
-    def run(self, docs: list[Any], ingest_s: float, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+    def run(self, docs: list[Any], ingest_s: float, on_text: Callable[[str], None] | None = None) -> Result:
         from longdoc.tasks.citations import extract_citations
         from longdoc.tasks.summarize import summarize as summarize_docs
 
-        result = summarize_docs(self.session, docs, self.style, self.max_words, self.reporter, on_text=on_text)
-        result["timings"]["ingest_s"] = ingest_s
-        result["citations"] = extract_citations(result["answer"], docs)
+        result = summarize_docs(self.open(), docs, self.style, self.max_words, self.reporter, on_text=on_text)
+        _add_reading(result, ingest_s, extract_citations(result.answer, docs))
         return result
 
-    def summarize(self, paths: list[str], state: RunState) -> dict[str, Any]:
+    def summarize(self, paths: list[str], state: RunState) -> Result:
         """Read ``paths``, load the model once, summarize; ``state`` follows the stages for Ctrl-C."""
-        state["stage"] = "ingest"
+        state.stage = "ingest"
         docs, ingest_s = self.read(paths)
-        state["stage"] = "load"
-        state["model"] = self.open().info.name
-        state["stage"] = "generate"
-        result = state["result"] = self.run(docs, ingest_s, on_text=self.reporter.stream)
+        state.stage = "load"
+        state.model = self.open().name
+        state.stage = "generate"
+        result = state.result = self.run(docs, ingest_s, on_text=self.reporter.stream)
         return result
 
     def together(self, paths: list[str], state: RunState) -> None:
@@ -687,7 +691,7 @@ class _Summaries:
         """Summarize one input of ``--each``: its JSON line (or streamed text); the exit code of a
         failure that should not stop the batch, or None. Ctrl-C gives the input a line marked
         ``interrupted`` (lines already out stay) and ends the batch with 130."""
-        state: RunState = {"stage": "start"}
+        state = RunState()
         try:
             self.reporter.status(f"summarizing {path}")
             result = self.summarize([path], state)
@@ -705,13 +709,13 @@ class _Summaries:
         from concurrent.futures import Future, ThreadPoolExecutor
 
         failures: list[int] = []
-        waiting: deque[tuple[str, Future[dict[str, Any]]]] = deque()
-        here = {"path": paths[0], "stage": "load"}  # what this thread does (a Ctrl-C with nothing waiting cuts it)
+        waiting: deque[tuple[str, Future[Result]]] = deque()
+        here = (paths[0], "load")  # what this thread does (a Ctrl-C with nothing waiting cuts it): path, stage
         pool = ThreadPoolExecutor(self.opts["concurrency"], thread_name_prefix="longdoc-each")
         try:
             self.open()  # connect once, before any thread starts
             for path in paths:
-                here = {"path": path, "stage": "ingest"}
+                here = (path, "ingest")
                 self.reporter.status(f"summarizing {path}")
                 try:
                     docs, ingest_s = self.read([path])
@@ -730,8 +734,8 @@ class _Summaries:
             if self.session is not None:
                 self.session.stop()
             if waiting:  # the first input not printed yet gets the interrupted line
-                here = {"path": waiting[0][0], "stage": "generate"}
-            self.emit(here["path"], _interrupted_each({"stage": here["stage"]}))
+                here = (waiting[0][0], "generate")
+            self.emit(here[0], _interrupted_each(RunState(stage=here[1])))
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         return failures
@@ -743,7 +747,7 @@ class _Summaries:
             failures.append(self.failed(path, exc))
             return
         if not self.reporter.json_mode:  # summaries made side by side are printed whole, not streamed
-            self.reporter.stream(result["answer"])
+            self.reporter.stream(result.answer)
         self.emit(path, result)
 
     def failed(self, path: str, exc: errors.LongdocError) -> int:
@@ -752,40 +756,46 @@ class _Summaries:
             self.reporter.json({"path": path, "error": exc.message})
         return exc.exit_code
 
-    def emit(self, path: str, result: dict[str, Any]) -> None:
+    def emit(self, path: str, result: Result) -> None:
         """One input's JSON line (or the end of its streamed text) and stats; exits 130 when interrupted."""
         reporter = self.reporter
         if reporter.json_mode:
+            full = result.to_json()
             line = {
                 "path": path,
-                "summary": result["answer"],
-                "prompt_tokens": result["prompt_tokens"],
-                "timings": result["timings"],
-                "plan": result["plan"],
+                "summary": result.answer,
+                "prompt_tokens": result.prompt_tokens,
+                "timings": full.get("timings", {}),
+                "plan": full.get("plan"),
             }
             for key in ("engine", "cache", "usage", "server"):  # where known (a full result; through --endpoint)
-                if key in result:
-                    line[key] = result[key]
-            if result.get("citations"):
-                line["citations"] = result["citations"]
-            if result.get("interrupted"):
+                if key in full:
+                    line[key] = full[key]
+            if result.citations:
+                line["citations"] = full["citations"]
+            if result.interrupted:
                 line["interrupted"] = True
-                line["stage"] = result.get("stage", "generate")
+                line["stage"] = result.stage or "generate"
             reporter.json(line)
         else:
             reporter.end_answer()
-        if "memory" in result:  # a full result (a partial one from before the model ran has no stats)
-            reporter.stats(result)
-        if result.get("interrupted"):
+        if result.memory is not None:  # a full result (a partial one from before the model ran has no stats)
+            reporter.stats(result.stats_line())
+        if result.interrupted:
             reporter.error(f"interrupted while summarizing {path}")
             raise typer.Exit(errors.EXIT_INTERRUPTED)
 
 
-def _interrupted_each(state: RunState) -> dict[str, Any]:
+def _interrupted_each(state: RunState) -> Result:
     """The result of an ``--each`` input that a Ctrl-C cut short: what it had, marked ``interrupted``."""
-    result = state.get("result") or {**partial_result(state), "timings": {}, "plan": None}
-    result["interrupted"] = True
-    return result
+    return partial_result(state)
+
+
+def _add_reading(result: Result, ingest_s: float, citations: list[Citation]) -> None:
+    """What the CLI adds to a task's result: the time it took to read the inputs, and the citations."""
+    if result.timings is not None:
+        result.timings.ingest_s = ingest_s
+    result.citations = citations
 
 
 @app.command()
@@ -813,21 +823,22 @@ def count(
 
         from longdoc.prompt import ask_prompt
         from longdoc.runtime import local
+        from longdoc.runtime.result import json_of, sources_of
         from longdoc.tokens import estimate_cl100k
 
         if not paths:
             raise UsageError("give at least one PATH to count")
         cfg = run_config(locals())
         docs, _ = _ingest(reporter, paths, pages, include, exclude, read_budget(locals()))
-        session = local.Session(cfg, reporter)
+        session = local.LocalBackend(cfg, reporter)
         rows = [
-            {**entry, "cl100k": estimate_cl100k(doc.text)}
-            for entry, doc in zip(local.source_entries(docs, session.count), docs, strict=True)
+            {**json_of(entry), "cl100k": estimate_cl100k(doc.text)}
+            for entry, doc in zip(sources_of(docs, session.count), docs, strict=True)
         ]
         prompt_tokens = session.count(ask_prompt(session.tokenizer, docs, "?"))
         verdict: dict[str, Any] = {"fits": True, "reason": ""}
         try:
-            plan = local.make_plan(cfg, session.info, prompt_tokens)
+            plan = session.plan(prompt_tokens)
             verdict["dca"] = plan.layout is not None
             verdict["max_context"] = plan.max_context
         except errors.DoesNotFitError as exc:
@@ -907,10 +918,10 @@ def chat(
     question per line of stdin (JSON lines with --json).
     """
     reporter = Reporter(quiet=quiet, json_mode=json_out)
-    state: RunState = {"stage": "start"}
+    state = RunState()
     with handled(reporter, state):
-        from longdoc.runtime import local
-        from longdoc.tasks.chat import open_chat, piped_questions, terminal_questions
+        from longdoc.runtime.result import sources_of
+        from longdoc.tasks.chat import piped_questions, terminal_questions
         from longdoc.tasks.citations import extract_citations
 
         if not paths:
@@ -920,15 +931,15 @@ def chat(
             raise UsageError("chat reads its questions from stdin; pass the documents as files, not '-'")
         opts = locals()
         cfg = run_config(opts)
-        state["stage"] = "ingest"
+        state.stage = "ingest"
         docs, ingest_s = _ingest(reporter, paths, pages, include, exclude, read_budget(opts))
-        state["stage"] = "load"
+        state.stage = "load"
         session = open_session(cfg, reporter, opts)
-        state["model"] = session.info.name
-        state["sources"] = sources = local.source_entries(docs, session.count)
-        conversation = open_chat(session, docs, sources)
+        state.model = session.name
+        state.sources = sources = sources_of(docs, session.count)
+        conversation = session.chat(docs, sources)
         conversation.prepare()
-        state["stage"] = "generate"
+        state.stage = "generate"
         if interactive:
             from longdoc.store import cache_dir
 
@@ -942,15 +953,14 @@ def chat(
             except errors.DoesNotFitError as exc:
                 reporter.error(exc.message)
                 raise typer.Exit(exc.exit_code) from None
-            result["timings"]["ingest_s"] = ingest_s
-            result["citations"] = extract_citations(result["answer"], docs)
-            if interactive and result.get("interrupted"):  # Ctrl-C in a terminal stops the answer, not the chat
+            _add_reading(result, ingest_s, extract_citations(result.answer, docs))
+            if interactive and result.interrupted:  # Ctrl-C in a terminal stops the answer, not the chat
                 reporter.end_answer()
                 reporter.status("(stopped)")
                 continue
-            state["result"] = result
+            state.result = result
             _finish(reporter, result)
-            state.pop("result")
+            state.result = None
 
 
 @app.command("serve")
@@ -1044,7 +1054,7 @@ def serve_cmd(
                 raise UsageError(str(exc)) from None
         cfg = run_config(locals())
         server.check_installed()  # the serve extra, before the model loads
-        session = local.Session(cfg, reporter)
+        session = local.LocalBackend(cfg, reporter)
         server.serve(
             session,
             host=host,
@@ -1124,10 +1134,10 @@ def doctor_cmd(
     that a run picks here, each with why (LONGDOC_ISA=avx2|... shows a lesser CPU's)."""
     reporter = Reporter(json_mode=json_out)
     with handled(reporter):
-        from longdoc.runtime import local, machine
+        from longdoc.runtime import machine, plan
 
         cfg = run_config({"model": model, "device": device, "dtype": dtype, "quantize": quantize})
-        info = local.model_info(cfg.model, cfg.device, cfg.dtype, reporter.status, reporter.warn, cfg.quantize)
+        info = plan.model_info(cfg.model, cfg.device, cfg.dtype, reporter.status, reporter.warn, cfg.quantize)
         report = machine.doctor(machine.paths(info.device, info.dtype, info.quantize, cfg.pack, cfg.kernel))
         if json_out:
             reporter.json({"model": info.name, **report})
@@ -1198,7 +1208,7 @@ def _eval_session(reporter: Reporter, opts: dict[str, Any]) -> Any:
     """A session for the evals: their decoding policy is chosen per task, so recycling is off here."""
     from longdoc.runtime import local
 
-    return local.Session(run_config({**opts, "recycle": False}), reporter)
+    return local.LocalBackend(run_config({**opts, "recycle": False}), reporter)
 
 
 def _eval_row(reporter: Reporter) -> Any:

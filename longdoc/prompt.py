@@ -144,27 +144,22 @@ def format_documents(docs: list[Document]) -> str:
     return "\n\n".join(format_document(d) for d in docs)
 
 
-class Prompt(str):
-    """A rendered prompt that knows where its document prefix (system text and documents) ends.
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered prompt in two parts: the document prefix (system text and documents) and the request.
 
-    The prefix and the rest (the request) are tokenized separately, so BPE merges never cross the
-    boundary and the prefix's tokens, and so its KV cache, are the same whatever the question.
+    The two are tokenized separately, so BPE merges never cross the boundary and the prefix's tokens,
+    and so its KV cache, are the same whatever the question. A prompt with no reusable prefix has an
+    empty one.
     """
 
-    prefix_chars: int
-
-    def __new__(cls, prefix: str, rest: str) -> Prompt:
-        obj = super().__new__(cls, prefix + rest)
-        obj.prefix_chars = len(prefix)
-        return obj
+    prefix: str
+    request: str
 
     @property
-    def prefix(self) -> str:
-        return str.__str__(self)[: self.prefix_chars]
-
-    @property
-    def rest(self) -> str:
-        return str.__str__(self)[self.prefix_chars :]
+    def text(self) -> str:
+        """The whole prompt as the model reads it."""
+        return self.prefix + self.request
 
 
 # Stands in for the documents while a template is rendered, to find where they end in the chat text.

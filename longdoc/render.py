@@ -183,62 +183,11 @@ class Reporter:
         global json_printed_by_any
         json_printed_by_any = True
 
-    def stats(self, result: dict[str, Any]) -> None:
-        """One line of timings and memory on stderr."""
-        if self.quiet:
-            return
-        if result.get("engine", {}).get("kind") == "remote":
-            # the model name is the server's: escaped like any text from outside (rich keeps ESC)
-            self.err.print(plain(_remote_stats(result), "dim"))
-            return
-        t, m = result["timings"], result["memory"]
-        parts = [
-            f"load {t['load_s']:.1f}s",
-            _prefill_part(result),
-            f"decode {result['generated_tokens']} tok at {t['decode_tok_s']:.1f} tok/s",
-            f"ttft {t['ttft_s']:.1f}s",
-            f"peak RSS {human_bytes(m['peak_rss_bytes'])}",
-            f"KV {human_bytes(m['kv_cache_bytes'])}",
-        ]
-        if m.get("gpu_peak_bytes") is not None:
-            parts.append(f"GPU peak {human_bytes(m['gpu_peak_bytes'])}")
-        if result["dca"]["enabled"]:
-            parts.append(f"DCA chunk {result['dca']['chunk_size']}")
-        prefill = result.get("prefill") or {}
-        if prefill.get("mode") == "sparse":
-            parts.append(f"sparse prefill (kept {prefill['kept_fraction']:.0%} of attention pairs)")
-        if result["recycle"]["enabled"]:
-            r = result["recycle"]
-            parts.append(
-                f"recycle k={r['effective_k']} {r['schedule']}/{r['stride']} "
-                f"({r['full_steps']} full / {r['recycled_steps']} recycled steps)"
-            )
-        self.err.print(Text(" · ".join(parts), style="dim"))
-
-
-def _remote_stats(result: dict[str, Any]) -> str:
-    """The stats line of a run through --endpoint: what the client saw, and the server's cache if it says."""
-    engine, t = result["engine"], result["timings"]
-    source = "the server's usage" if result.get("usage") else "local estimates"
-    parts = [
-        f"{engine['model']} at {engine['url']}",
-        f"prompt {result['prompt_tokens']:,} tok",
-        f"ttft {t['ttft_s']:.1f}s",
-        f"decode {result['generated_tokens']} tok at {t['decode_tok_s']:.1f} tok/s",
-        f"counts from {source}",
-    ]
-    cache = (result.get("server") or {}).get("cache") or {}
-    if cache.get("hit"):
-        parts.append(f"{cache.get('prefix_tokens', 0):,} prefix tok from the server's document cache")
-    return " · ".join(parts)
-
-
-def _prefill_part(result: dict[str, Any]) -> str:
-    cache, t = result.get("cache") or {}, result["timings"]
-    if cache.get("hit"):
-        where = "memory" if cache.get("in_memory") else f"the document cache in {cache.get('load_s', 0):.2f}s"
-        return f"prefill {result['prompt_tokens']:,} tok ({cache.get('prefix_tokens', 0):,} from {where})"
-    return f"prefill {result['prompt_tokens']:,} tok at {t['prefill_tok_s']:,.0f} tok/s"
+    def stats(self, line: str) -> None:
+        """One line of timings and memory on stderr (``Result.stats_line``), escaped like any text from
+        outside: through --endpoint the model name is the server's (rich would keep an ESC)."""
+        if not self.quiet:
+            self.err.print(plain(line, "dim"))
 
 
 def _duration(seconds: float) -> str:

@@ -22,20 +22,14 @@ from longdoc.ingest import ingest_paths
 from longdoc.prompt import ask_prompt
 from longdoc.render import Reporter
 from longdoc.runtime import doccache
-from longdoc.runtime.local import Session, run_prompt
+from longdoc.runtime.backend import PromptTokens
+from longdoc.runtime.local import LocalBackend
+from longdoc.runtime.result import Result
 from longdoc.store import documents_dir
 
-from .conftest import REPO
-from .test_models import save_tiny_qwen2
+from .helpers import REPO, random_store, save_tiny_qwen2
 
 SAMPLES = REPO / "sample_docs"
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("doccache-model") / "tiny"
-    save_tiny_qwen2(folder, window=4096)  # room for the sample PDF without DCA; DCA is forced where tested
-    return str(folder)
 
 
 def config(folder: str, *, dca: bool = True, chunk: int = 96, recycle: bool = True, new: int = 12) -> RunConfig:
@@ -52,15 +46,15 @@ def config(folder: str, *, dca: bool = True, chunk: int = 96, recycle: bool = Tr
 
 
 def ask(cfg: RunConfig, question: str = "What is the TTL?") -> dict:
-    session = Session(cfg, Reporter(quiet=True))
+    session = LocalBackend(cfg, Reporter(quiet=True))
     docs = ingest_paths([str(SAMPLES / "report.pdf")])
     prompt = ask_prompt(session.tokenizer, docs, question)
-    return run_prompt(session, prompt, [], on_text=None)
+    return session.run(prompt, [], on_text=None).to_json()
 
 
 @pytest.mark.parametrize("dca,recycle", [(True, True), (True, False), (False, True)])
-def test_hit_gives_the_cold_runs_tokens(tiny_folder, dca, recycle):
-    cfg = config(tiny_folder, dca=dca, recycle=recycle)
+def test_hit_gives_the_cold_runs_tokens(tiny, dca, recycle):
+    cfg = config(tiny, dca=dca, recycle=recycle)
     uncached = ask(replace(cfg, doc_cache=False))
     cold = ask(cfg)
     warm = ask(cfg)
@@ -73,8 +67,8 @@ def test_hit_gives_the_cold_runs_tokens(tiny_folder, dca, recycle):
     assert warm["prompt_tokens"] == cold["prompt_tokens"]
 
 
-def test_other_question_reuses_the_prefix(tiny_folder):
-    cfg = config(tiny_folder)
+def test_other_question_reuses_the_prefix(tiny):
+    cfg = config(tiny)
     first = ask(cfg, "What is the TTL?")
     second = ask(cfg, "Which port does the service use, and why?")
     assert first["cache"]["hit"] is False and second["cache"]["hit"] is True
@@ -87,8 +81,8 @@ def entry_files() -> list[Path]:
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "ids"])
-def test_damaged_entry_is_reported_and_rebuilt(tiny_folder, damage, capsys):
-    cfg = config(tiny_folder, recycle=False)
+def test_damaged_entry_is_reported_and_rebuilt(tiny, damage, capsys):
+    cfg = config(tiny, recycle=False)
     cold = ask(cfg)
     (path,) = entry_files()
     data = bytearray(path.read_bytes())
@@ -100,9 +94,9 @@ def test_damaged_entry_is_reported_and_rebuilt(tiny_folder, damage, capsys):
         header_len = int.from_bytes(data[:8], "little")
         data[8 + header_len] ^= 0x01
     path.write_bytes(bytes(data))
-    session = Session(cfg, Reporter())
+    session = LocalBackend(cfg, Reporter())
     docs = ingest_paths([str(SAMPLES / "report.pdf")])
-    rebuilt = run_prompt(session, ask_prompt(session.tokenizer, docs, "What is the TTL?"), [])
+    rebuilt = session.run(ask_prompt(session.tokenizer, docs, "What is the TTL?"), []).to_json()
     err = capsys.readouterr().err
     assert err.count("document cache entry") == 1 and "deleted it, prefilling again" in err
     assert rebuilt["cache"]["hit"] is False and rebuilt["answer"] == cold["answer"]
@@ -142,8 +136,8 @@ def test_key_changes_with_what_the_values_depend_on():
     assert doccache.entry_key(base, ids[:-1] + [7]) != key
 
 
-def test_layout_change_misses(tiny_folder):
-    cfg = config(tiny_folder, recycle=False)
+def test_layout_change_misses(tiny):
+    cfg = config(tiny, recycle=False)
     ask(cfg)
     other = ask(replace(cfg, dca=DCAConfig(enabled=True, chunk_size=128, local_window=16)))
     assert other["cache"]["hit"] is False
@@ -158,14 +152,6 @@ def test_model_identity_follows_the_weights(tmp_path):
     save_tiny_qwen2(folder, window=256, seed=1)
     os.utime(folder / "model.safetensors", ns=(1, 1))  # same name, new weights: the stat changes
     assert doccache.model_identity(folder) != first
-
-
-def random_store(tokens: int, seed: int = 0) -> tuple[KVCache, list[int]]:
-    kv = KVCache(4, 2, 64, tokens + 8, torch.bfloat16, torch.device("cpu"))
-    gen = torch.Generator().manual_seed(seed)
-    for layer in range(4):
-        kv.update(layer, 0, *(torch.randn(2, 1, 2, tokens, 64, generator=gen).to(torch.bfloat16)))
-    return kv, list(range(tokens))
 
 
 def test_save_load_round_trip_and_eviction(tmp_path):
@@ -188,7 +174,7 @@ def test_save_load_round_trip_and_eviction(tmp_path):
 
 
 WRITER = """
-from tests.test_doccache import random_store
+from tests.helpers import random_store
 from longdoc.runtime import doccache
 kv, ids = random_store(6000)
 for _ in range(3):
@@ -225,9 +211,9 @@ def json_lines(out: str) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
-def test_ask_many_questions_one_prefill(tiny_folder):
+def test_ask_many_questions_one_prefill(tiny):
     pdf = str(SAMPLES / "report.pdf")
-    opts = ("--model", tiny_folder, "--max-new-tokens", "6", "--dtype", "float32")
+    opts = ("--model", tiny, "--max-new-tokens", "6", "--dtype", "float32")
     run = longdoc("ask", pdf, "-Q", "What is the TTL?", "-Q", "Which port?", *opts, "--json")
     assert run.returncode == 0, run.stderr
     lines = json_lines(run.stdout)
@@ -236,7 +222,7 @@ def test_ask_many_questions_one_prefill(tiny_folder):
     assert lines[1]["cache"] == {**lines[0]["cache"], "hit": True, "load_s": 0.0, "in_memory": True}
     assert "prefix_prefill_s" not in lines[1]["timings"]
     # a later run: from the document cache; questions from a file, plain text with a header each
-    questions = Path(tiny_folder).parent / "questions.txt"
+    questions = Path(tiny).parent / "questions.txt"
     questions.write_text("What is the TTL?\n\n  Which port?  \n")
     text = longdoc("ask", pdf, "--questions", str(questions), *opts)
     assert text.returncode == 0, text.stderr
@@ -258,33 +244,31 @@ def test_ask_many_questions_one_prefill(tiny_folder):
         (("What?", "--cache-max-gb", "0"), "--cache-max-gb must be"),
     ],
 )
-def test_ask_question_options_are_checked_first(tiny_folder, args, fragment):
-    run = longdoc("ask", str(SAMPLES / "report.pdf"), *args, "--model", tiny_folder)
+def test_ask_question_options_are_checked_first(tiny, args, fragment):
+    run = longdoc("ask", str(SAMPLES / "report.pdf"), *args, "--model", tiny)
     assert run.returncode == 2, run.stderr
     assert fragment in run.stderr and "Traceback" not in run.stderr and run.stdout == ""
 
 
-def test_chat_from_a_pipe(tiny_folder):
+def test_chat_from_a_pipe(tiny):
     pdf = str(SAMPLES / "report.pdf")
-    run = longdoc(
-        "chat", pdf, "--model", tiny_folder, "--max-new-tokens", "5", "--json", stdin="What is the TTL?\n\nWhy?\n"
-    )
+    run = longdoc("chat", pdf, "--model", tiny, "--max-new-tokens", "5", "--json", stdin="What is the TTL?\n\nWhy?\n")
     assert run.returncode == 0, run.stderr
     turns = json_lines(run.stdout)
     assert [(t["question"], t["turn"]) for t in turns] == [("What is the TTL?", 1), ("Why?", 2)]
     # the second turn follows the first answer: its prompt holds the first prompt and answer
     assert turns[1]["prompt_tokens"] > turns[0]["prompt_tokens"] + turns[0]["generated_tokens"]
-    stdin_doc = longdoc("chat", "-", "--model", tiny_folder, stdin="q\n")
+    stdin_doc = longdoc("chat", "-", "--model", tiny, stdin="q\n")
     assert stdin_doc.returncode == 2 and "pass the documents as files" in stdin_doc.stderr
 
 
-def test_chat_in_a_terminal(tiny_folder):
+def test_chat_in_a_terminal(tiny):
     """Two questions typed at a pseudo-terminal, then Ctrl-D: both answered, exit 0."""
     pdf = str(SAMPLES / "report.pdf")
     main, sub = pty.openpty()
     env = {**os.environ, "LONGDOC_CACHE_DIR": os.environ["LONGDOC_CACHE_DIR"], "TERM": "dumb"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "longdoc", "chat", pdf, "--model", tiny_folder, "--max-new-tokens", "4"],
+        [sys.executable, "-m", "longdoc", "chat", pdf, "--model", tiny, "--max-new-tokens", "4"],
         stdin=sub,
         stdout=sub,
         stderr=sub,
@@ -323,9 +307,9 @@ def test_chat_in_a_terminal(tiny_folder):
     assert "Traceback" not in text
 
 
-def test_cache_ls_and_clear(tiny_folder):
+def test_cache_ls_and_clear(tiny):
     pdf = str(SAMPLES / "report.pdf")
-    assert longdoc("ask", pdf, "What?", "--model", tiny_folder, "--max-new-tokens", "2").returncode == 0
+    assert longdoc("ask", pdf, "What?", "--model", tiny, "--max-new-tokens", "2").returncode == 0
     listed = longdoc("cache", "ls", "--json")
     (summary,) = json_lines(listed.stdout)
     (entry,) = summary["entries"]
@@ -353,17 +337,17 @@ def test_real_model_second_question_loads_the_real_pdf_prefix():
     assert other["prompt_tokens"] != cold["prompt_tokens"]
 
 
-def test_documents_are_tokenized_once_for_many_questions(tiny_folder, monkeypatch):
+def test_documents_are_tokenized_once_for_many_questions(tiny, monkeypatch):
     """ask_all with three questions: the document prefix goes through the tokenizer once."""
     from longdoc.tasks.chat import ask_all
 
-    session = Session(config(tiny_folder, recycle=False, new=2), Reporter(quiet=True))
+    session = LocalBackend(config(tiny, recycle=False, new=2), Reporter(quiet=True))
     docs = ingest_paths([str(SAMPLES / "report.pdf")])
     encoded: list[int] = []
-    real = Session.encode
-    monkeypatch.setattr(Session, "encode", lambda self, text: encoded.append(len(text)) or real(self, text))
-    answers: list[dict] = []
+    real = PromptTokens.encode
+    monkeypatch.setattr(PromptTokens, "encode", lambda self, text: encoded.append(len(text)) or real(self, text))
+    answers: list[Result] = []
     ask_all(session, docs, ["What?", "Who?", "When?"], [], lambda q, r: answers.append(r))
-    assert len(answers) == 3 and all(a["generated_tokens"] > 0 for a in answers)
+    assert len(answers) == 3 and all(a.generated_tokens > 0 for a in answers)
     longest = max(encoded)
     assert encoded.count(longest) == 1 and longest > 1000  # the prefix, once; the three requests are short

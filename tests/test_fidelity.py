@@ -210,11 +210,12 @@ def test_decode_logits_equal_a_float64_recompute(layout, recycled):
 def test_attention_temperature_follows_the_prompt_length_only(monkeypatch):
     """(0.1 ln(L/W) + 1)^2 on the logits with L the prompt: the answer budget does not change it."""
     from longdoc.config import DCAConfig, GenerationConfig, RunConfig
-    from longdoc.runtime.local import make_plan
+    from longdoc.runtime import plan
+    from longdoc.runtime.plan import make_plan
 
     from .helpers import info
 
-    monkeypatch.setattr(local, "check_memory", lambda plan, device: None)  # whatever RAM is free now
+    monkeypatch.setattr(plan, "check_memory", lambda plan, device: None)  # whatever RAM is free now
 
     def scale(prompt, new):
         cfg = RunConfig(dca=DCAConfig(temperature=True), generation=GenerationConfig(max_new_tokens=new))

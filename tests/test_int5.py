@@ -17,7 +17,7 @@ from longdoc.engine.prefill import prefill
 from longdoc.native import int5
 from longdoc.quant import schemes
 
-from .conftest import tiny_model
+from .helpers import tiny_model
 
 # judged without building (collection must not write a cache): the tests themselves build the kernel;
 # CPU flags that cannot be read (an unknown OS) skip
@@ -188,7 +188,7 @@ def test_native_library_builds_once_verifies_and_rebuilds_a_damaged_file(tmp_pat
     ],
 )
 def test_int5_is_unavailable_without_its_kernel_and_auto_falls_back(tmp_path, monkeypatch, env, reason):
-    from longdoc.runtime import local
+    from longdoc.quant import choose
 
     monkeypatch.setenv("LONGDOC_CACHE_DIR", str(tmp_path))
     for key, value in env.items():
@@ -197,9 +197,9 @@ def test_int5_is_unavailable_without_its_kernel_and_auto_falls_back(tmp_path, mo
     try:
         assert native.library("int5") is None and reason in (native.why_unavailable("int5") or "")
         cpu, config = torch.device("cpu"), {"hidden_size": 896, "num_attention_heads": 14, "intermediate_size": 4864}
-        why = local.quant_unavailable("int5", cpu, torch.bfloat16, config)
+        why = choose.quant_unavailable("int5", cpu, torch.bfloat16, config)
         assert why is not None and reason in why
-        assert local.default_quantize(cpu, torch.bfloat16, config) == (
+        assert choose.default_quantize(cpu, torch.bfloat16, config) == (
             "int8" if schemes.int8_gemm_available() else "none"
         )
     finally:
@@ -208,15 +208,15 @@ def test_int5_is_unavailable_without_its_kernel_and_auto_falls_back(tmp_path, mo
 
 @needs_int5
 def test_auto_picks_int5_only_where_it_fits_the_model():
-    from longdoc.runtime import local
+    from longdoc.quant import choose
 
     cpu = torch.device("cpu")
     fits = {"hidden_size": 896, "num_attention_heads": 14, "intermediate_size": 4864}
-    assert local.default_quantize(cpu, torch.bfloat16, fits) == "int5"
-    assert local.default_quantize(cpu, torch.float32, fits) == "none"
+    assert choose.default_quantize(cpu, torch.bfloat16, fits) == "int5"
+    assert choose.default_quantize(cpu, torch.float32, fits) == "none"
     odd = {**fits, "intermediate_size": 4800}
-    assert "multiples of 128" in (local.quant_unavailable("int5", cpu, torch.bfloat16, odd) or "")
-    assert local.default_quantize(cpu, torch.bfloat16, odd) != "int5"
+    assert "multiples of 128" in (choose.quant_unavailable("int5", cpu, torch.bfloat16, odd) or "")
+    assert choose.default_quantize(cpu, torch.bfloat16, odd) != "int5"
 
 
 @needs_int5
@@ -231,8 +231,7 @@ def test_ask_with_int5_end_to_end(tmp_path):
     from longdoc.cli import app
     from longdoc.quant import cache as mq
 
-    from .conftest import REPO
-    from .test_models import save_tiny_qwen2
+    from .helpers import REPO, save_tiny_qwen2
 
     save_tiny_qwen2(tmp_path / "wide", window=4096, hidden=128, mlp=256)
     save_tiny_qwen2(tmp_path / "narrow", window=4096)

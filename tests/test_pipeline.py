@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
 
-from longdoc import models
 from longdoc.config import DCAConfig, GenerationConfig, RunConfig
 from longdoc.errors import DoesNotFitError
-from longdoc.runtime.local import ModelInfo, make_plan
+from longdoc.runtime.plan import make_plan
 
-
-def info(window: int = 32768, weight_bytes: int = 1_000_000_000) -> ModelInfo:
-    return ModelInfo(
-        name="tiny",
-        source=models.ModelSource(kind="folder", name="tiny", path=Path(".")),
-        folder=Path("."),
-        tokenizer=None,
-        window=window,
-        n_layers=24,
-        n_kv_heads=2,
-        head_dim=64,
-        device=torch.device("cpu"),
-        dtype=torch.bfloat16,
-        weight_bytes=weight_bytes,
-        stop_ids=set(),
-    )
+from .helpers import info
 
 
 def cfg(**kw) -> RunConfig:

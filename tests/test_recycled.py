@@ -16,7 +16,7 @@ from longdoc.engine.longmodel import AttentionSettings, LongModel
 from longdoc.engine.prefill import prefill
 from longdoc.engine.recycled import POOL_KERNEL, RecycledPolicy, RecycledSet, select_top_k, selection_probs
 
-from .conftest import query_index, tiny_model
+from .helpers import query_index, tiny_model
 
 CPU = torch.device("cpu")
 N_LAYERS = 3
@@ -89,7 +89,7 @@ def test_recycled_with_k_covering_context_equals_full(layout, schedule, dtype):
     assert len(set(full)) > 3
     assert recycled == full
     assert policy.recycled_steps > 0 and policy.full_steps >= 1
-    assert policy.stats["effective_k"] >= 70  # every key of the prompt was held
+    assert policy.stats.effective_k >= 70  # every key of the prompt was held
 
 
 @pytest.mark.parametrize("kernel", ["reference", "cpu"])

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from longdoc.cli import app
 from longdoc.config import RunConfig
 from longdoc.runtime import remote
-from longdoc.runtime.local import Session
+from longdoc.runtime.local import LocalBackend
 
 from .conftest import REPO
 from .test_serve import KEY, Collect, Served, save_chat_model, spawn_server, start, stop
@@ -50,7 +50,7 @@ def tiny(tmp_path_factory) -> str:
 def server(tiny) -> Iterator[Served]:
     """``longdoc serve`` over the tiny model with the settings a local ``--dtype float32`` run has, on the
     user's own document cache (``--doc-cache shared``): a remote answer finds the local run's entry."""
-    session = Session(RunConfig(model=tiny, dtype="float32"), Collect())
+    session = LocalBackend(RunConfig(model=tiny, dtype="float32"), Collect())
     served = start(session, concurrency=2, queue=8, doc_cache="shared")
     yield served
     stop(served)
@@ -114,7 +114,7 @@ def test_json_records_the_engine_and_the_servers_usage(server, local, tiny):
         "kind": "remote",
         "url": server.url,
         "model": "tiny",
-        "context_length": server.engine.context_length,
+        "context_length": server.scheduler.context_length,
         "tokenizer": "tiny",
     }
     assert data["model"] == "tiny"
@@ -152,7 +152,7 @@ def inputs(tmp_path) -> list[str]:
 def test_each_with_concurrency_keeps_the_order_and_two_in_flight(server, local, inputs, monkeypatch):
     each = ("summarize", "--each", "--json", *local, *inputs)
     mine = [json.loads(line) for line in ok(invoke(*each)).stdout.splitlines()]
-    real = remote.RemoteSession.request
+    real = remote.RemoteBackend.request
     lock, flight = threading.Lock(), {"now": 0, "most": 0}
 
     def counted(self: Any, messages: list[dict[str, str]], *args: Any, **kw: Any) -> Any:
@@ -167,7 +167,7 @@ def test_each_with_concurrency_keeps_the_order_and_two_in_flight(server, local, 
             with lock:
                 flight["now"] -= 1
 
-    monkeypatch.setattr(remote.RemoteSession, "request", counted)
+    monkeypatch.setattr(remote.RemoteBackend, "request", counted)
     args = ("summarize", "--each", "--json", *local, *through(server), "--concurrency", "2", *inputs)
     theirs = [json.loads(line) for line in ok(invoke(*args)).stdout.splitlines()]
     assert [line["path"] for line in theirs] == inputs
@@ -180,14 +180,14 @@ def test_each_with_concurrency_keeps_the_order_and_two_in_flight(server, local, 
 
 
 def test_ctrl_c_during_each_with_concurrency_gives_the_next_input_its_line(server, local, inputs, monkeypatch):
-    real = remote.RemoteSession.request
+    real = remote.RemoteBackend.request
 
     def interrupted_at_charlie(self: Any, messages: list[dict[str, str]], *args: Any, **kw: Any) -> Any:
         if "charlie.txt" in messages[-1]["content"]:
             raise KeyboardInterrupt  # carried to the main thread by its future, as a Ctrl-C there would arrive
         return real(self, messages, *args, **kw)
 
-    monkeypatch.setattr(remote.RemoteSession, "request", interrupted_at_charlie)
+    monkeypatch.setattr(remote.RemoteBackend, "request", interrupted_at_charlie)
     result = invoke("summarize", "--each", "--json", *local, *through(server), "--concurrency", "2", *inputs)
     assert result.exit_code == 130 and "Traceback" not in result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
@@ -237,7 +237,7 @@ def test_a_prompt_over_the_servers_context_exits_4(server, local, monkeypatch):
     assert "exceeds the context limit of 500" in line
     # the server's own refusal (its count is the one that matters): the same exit code
     monkeypatch.setattr(remote, "reported_context", lambda card: 10**6)
-    monkeypatch.setattr("longdoc.runtime.local.DCA_CONTEXT_FACTOR", 0)  # the server's fit check: every prompt is over
+    monkeypatch.setattr("longdoc.runtime.plan.DCA_CONTEXT_FACTOR", 0)  # the server's fit check: every prompt is over
     line = one_line_error(invoke("ask", NOTES, "Which port?", *local, *through(server)), 4)
     assert "says the prompt does not fit" in line and "context limit" in line
 
@@ -274,14 +274,14 @@ def test_a_server_failure_exits_3(server, local, monkeypatch):
 def test_busy_and_unavailable_are_retried(server, local, monkeypatch, fast_retries):
     from longdoc import serve
 
-    real, refusals = serve.Engine.submit, [429, 503]
+    real, refusals = serve.Scheduler.submit, [429, 503]
 
     def refusing(self: Any, job: Any) -> Any:
         if refusals:  # 429 comes with Retry-After (longdoc serve says 1 s), 503 without
             raise serve.ApiError(refusals.pop(0), "busy", "rate_limit_error", "server_busy")
         return real(self, job)
 
-    monkeypatch.setattr(serve.Engine, "submit", refusing)
+    monkeypatch.setattr(serve.Scheduler, "submit", refusing)
     result = ok(invoke("ask", NOTES, "Which port?", *local, *through(server), "--json"))
     assert refusals == [] and result.stderr.count("retrying in") == 2
     refusals.extend([429] * 10)  # busy for longer than the retries last
@@ -299,7 +299,7 @@ def test_a_server_that_refuses_the_prefix_field_gets_requests_without_it(server,
             raise serve.ApiError(400, "Unrecognized request argument supplied: longdoc_prefix_chars")
         return real(body)
 
-    monkeypatch.setattr(serve, "parse_request", strict)
+    monkeypatch.setattr(serve.protocol, "parse_request", strict)
     result = ok(invoke("ask", NOTES, "Which port?", *local, *through(server), "--json"))
     assert "refuses 'longdoc_prefix_chars'" in result.stderr
     assert json.loads(result.stdout)["generated_tokens"] > 0

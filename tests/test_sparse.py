@@ -197,7 +197,7 @@ def test_sparse_pairs_are_capped_by_the_budget():
 
 def test_auto_prefill_turns_sparse_from_the_threshold():
     from longdoc.config import PrefillConfig, RunConfig
-    from longdoc.runtime.local import make_plan
+    from longdoc.runtime.plan import make_plan
 
     from .helpers import info
 

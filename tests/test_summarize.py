@@ -20,8 +20,9 @@ from longdoc.cli import app
 from longdoc.config import GenerationConfig, RunConfig
 from longdoc.errors import DoesNotFitError, InputError
 from longdoc.ingest import Document
-from longdoc.prompt import format_documents
+from longdoc.prompt import Prompt, format_documents
 from longdoc.runtime import local
+from longdoc.runtime.result import Cache, Dca, LocalEngine, Memory, Recycle, Result, Timings, json_of
 from longdoc.tasks import summarize as sm
 from longdoc.tasks.citations import extract_citations
 
@@ -30,8 +31,13 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 runner = CliRunner()
 
 
-def words(text: str) -> int:
-    return len(text.split())
+def words(text: str | Prompt) -> int:
+    return len((text.text if isinstance(text, Prompt) else text).split())
+
+
+def citations_json(text: str, docs: list[Document]) -> list[Any]:
+    """The citations of ``text`` as the JSON result lists them."""
+    return [json_of(c) for c in extract_citations(text, docs)]
 
 
 def sentences(n: int, length: int = 6, tag: str = "s") -> list[str]:
@@ -189,12 +195,17 @@ class FakeTokenizer:
 
 def fake_session(max_context: int, max_new: int) -> Any:
     cfg = RunConfig(max_context=max_context, generation=GenerationConfig(max_new_tokens=max_new))
-    session = SimpleNamespace(cfg=cfg, info=None, tokenizer=FakeTokenizer(), count=words, engine={"kind": "fake"})
-    # local.Session's engine methods, over the fake model that fake_model patches into pipeline
+    session = SimpleNamespace(cfg=cfg, info=None, tokenizer=FakeTokenizer(), count=words, name="fake")
+    # local.LocalBackend's methods, over the fake model that fake_model patches into it
     session.plan = lambda prompt_tokens, reserve=0: local.make_plan(session.cfg, None, prompt_tokens)
-    session.run_prompt = partial(local.Session.run_prompt, session)
-    session.map = partial(local.Session.map, session)
+    session.run = partial(local.LocalBackend.run, session)
+    session._run = partial(local.LocalBackend._run, session)
+    session.map = partial(local.LocalBackend.map, session)
+    session.empty = lambda sources: Result.empty("fake", FAKE_ENGINE, sources)
     return session
+
+
+FAKE_ENGINE = LocalEngine("fake", "cpu", "float32", "x86-64", None, False, "none", "torch-cpu")
 
 
 @pytest.fixture
@@ -208,43 +219,37 @@ def fake_model(monkeypatch):
             raise DoesNotFitError(f"{prompt_tokens} + {cfg.generation.max_new_tokens} > {limit}")
         return SimpleNamespace(max_context=limit)
 
-    def run_prompt(session, prompt, sources, on_text=None, cache=True):
+    def run(session, prompt, sources, on_text=None, cache=True):
         n = words(prompt)
         make_plan(session.cfg, None, n)  # every step must fit
-        keys = list(dict.fromkeys(re.findall(r"KEY\d+", prompt)))
+        keys = list(dict.fromkeys(re.findall(r"KEY\d+", prompt.text)))
         answer = " ".join(keys)
         calls.append(
             {
                 "prompt_tokens": n,
                 "max_new": session.cfg.generation.max_new_tokens,
                 "streamed": bool(on_text),
-                "prompt": prompt,
+                "prompt": prompt.text,
             }
         )
         if on_text:
             on_text(answer)
-        return {
-            "answer": answer,
-            "model": "fake",
-            "prompt_tokens": n,
-            "generated_tokens": len(keys),
-            "sources": sources,
-            "timings": {
-                "load_s": 0.5,
-                "prefill_s": 1.0,
-                "decode_s": 2.0,
-                "prefill_tok_s": 0,
-                "decode_tok_s": 0,
-                "ttft_s": 1.5,
-            },
-            "memory": {"peak_rss_bytes": 1, "kv_cache_bytes": n, "gpu_peak_bytes": None},
-            "dca": {"enabled": False, "chunk_size": 0, "local_window": 0},
-            "recycle": {"enabled": False, "k": 0, "stride": 0, "full_steps": 0, "recycled_steps": 0},
-            "cache": {"hit": False},
-        }
+        return Result(
+            answer=answer,
+            model="fake",
+            engine=FAKE_ENGINE,
+            prompt_tokens=n,
+            generated_tokens=len(keys),
+            sources=sources,
+            timings=Timings(load_s=0.5, prefill_s=1.0, decode_s=2.0, ttft_s=1.5),
+            memory=Memory(peak_rss_bytes=1, kv_cache_bytes=n),
+            dca=Dca(),
+            recycle=Recycle(),
+            cache=Cache(hit=False),
+        )
 
     monkeypatch.setattr(local, "make_plan", make_plan)
-    monkeypatch.setattr(local, "run_prompt", run_prompt)
+    monkeypatch.setattr(local.LocalBackend, "_run", run)
     return calls
 
 
@@ -260,7 +265,7 @@ def test_single_pass_when_it_fits(fake_model):
     doc = _keyed_pdf(2, 20)
     streamed: list[str] = []
     result = sm.summarize(fake_session(4000, 100), [doc], "brief", None, SimpleNamespace(status=print), streamed.append)
-    assert result["plan"] == {"mode": "single", "pieces": 1, "levels": 1}
+    assert json_of(result.plan) == {"mode": "single", "pieces": 1, "levels": 1}
     assert len(fake_model) == 1 and streamed == ["KEY1 KEY2"]
 
 
@@ -273,7 +278,9 @@ def test_map_reduce_over_levels_reaches_every_part(fake_model, pages):
     cfg = session.cfg
     status: list[str] = []
     streamed: list[str] = []
-    result = sm.summarize(session, [doc], "brief", None, SimpleNamespace(status=status.append), streamed.append)
+    result = sm.summarize(
+        session, [doc], "brief", None, SimpleNamespace(status=status.append), streamed.append
+    ).to_json()
 
     plan = result["plan"]
     assert plan["mode"] == "map-reduce" and plan["pieces"] > 10 and plan["levels"] >= 3
@@ -317,23 +324,23 @@ def _docs_for_citations() -> list[Document]:
 
 def test_citations_keep_existing_pages_and_drop_others():
     docs = _docs_for_citations()[:1]
-    cites = extract_citations("Flow is 42.7 l/min (p. 2); see page 3, and also p. 9 and (p.1).", docs)
+    cites = citations_json("Flow is 42.7 l/min (p. 2); see page 3, and also p. 9 and (p.1).", docs)
     assert cites == [
         {"source": "a/report.pdf", "page": 2},
         {"source": "a/report.pdf", "page": 3},
         {"source": "a/report.pdf", "page": 1},
     ]
-    assert extract_citations("Nothing here (p. 0), pp. 4-7.", docs) == []
+    assert citations_json("Nothing here (p. 0), pp. 4-7.", docs) == []
 
 
 def test_citations_with_several_pdfs_say_which_source():
     docs = _docs_for_citations()[:2]
     # page 7 exists only in paper.pdf; page 2 in both: the source named just before wins
-    cites = extract_citations("DCA scales (p. 7). The report.pdf says (p. 2). Also p. 12.", docs)
+    cites = citations_json("DCA scales (p. 7). The report.pdf says (p. 2). Also p. 12.", docs)
     assert cites == [{"source": "b/paper.pdf", "page": 7}, {"source": "a/report.pdf", "page": 2}]
-    nearest = extract_citations("The report.pdf and paper.pdf agree (p. 2).", docs)
+    nearest = citations_json("The report.pdf and paper.pdf agree (p. 2).", docs)
     assert nearest == [{"source": "b/paper.pdf", "page": 2}]
-    ambiguous = extract_citations("Both agree (p. 2).", docs)
+    ambiguous = citations_json("Both agree (p. 2).", docs)
     assert ambiguous == [{"source": "a/report.pdf", "page": 2, "candidates": ["a/report.pdf", "b/paper.pdf"]}]
 
 
@@ -343,7 +350,7 @@ def test_citations_of_lines_exist_in_files():
         "The entry point is src/app.py:3 (also app.py:5-6 and proj/src/app.py:2); "
         "README.md:1, README.md:2 and src/gone.py:1 do not all exist; todo.txt:3, notes/todo.txt:4, 12:30."
     )
-    cites = extract_citations(text, docs)
+    cites = citations_json(text, docs)
     assert cites == [
         {"source": "proj", "path": "src/app.py", "line": 3},
         {"source": "proj", "path": "src/app.py", "line": 5},  # 5-6: line 6 is past the end, so no end_line
@@ -351,7 +358,7 @@ def test_citations_of_lines_exist_in_files():
         {"source": "proj", "path": "README.md", "line": 1},
         {"source": "notes/todo.txt", "path": "notes/todo.txt", "line": 3},
     ]
-    assert extract_citations("see src/app.py:2-4", docs)[0] == {
+    assert citations_json("see src/app.py:2-4", docs)[0] == {
         "source": "proj",
         "path": "src/app.py",
         "line": 2,
@@ -362,7 +369,7 @@ def test_citations_of_lines_exist_in_files():
 def test_citations_follow_a_page_selection():
     # --pages 5-7 of a longer PDF: the document has 3 pages in the selection, labelled 5, 6, 7
     doc = Document("big.pdf", "pdf", [("p. 5", "a"), ("p. 6", "b"), ("p. 7", "c")], pages=3)
-    assert extract_citations("(p. 6) and (p. 2)", [doc]) == [{"source": "big.pdf", "page": 6}]
+    assert citations_json("(p. 6) and (p. 2)", [doc]) == [{"source": "big.pdf", "page": 6}]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -418,14 +425,14 @@ def test_forced_map_reduce_passes_every_map_output_to_the_reduce(monkeypatch):
     """report.pdf needs a 560-token prompt: at --max-context 480 each page is summarized on its own, and
     the reduce prompt carries every map output (what the model writes is measured in benchmarks)."""
     steps: list[tuple[str, dict]] = []
-    real = local.run_prompt
+    real = local.LocalBackend._run
 
     def spy(session, prompt, sources, on_text=None, cache=True):
         result = real(session, prompt, sources, on_text, cache)
-        steps.append((prompt, result))
+        steps.append((prompt.text, result.to_json()))
         return result
 
-    monkeypatch.setattr(local, "run_prompt", spy)
+    monkeypatch.setattr(local.LocalBackend, "_run", spy)
     result = runner.invoke(
         app, ["summarize", str(SAMPLES / "report.pdf"), "--max-context", "480", "--max-new-tokens", "96", "--json"]
     )

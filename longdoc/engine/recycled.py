@@ -22,6 +22,7 @@ only so evaluations can compare against it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,20 @@ def select_top_k(probs: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return torch.arange(n, device=probs.device).expand(1, probs.shape[1], n)
     return pooled.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+@dataclass(frozen=True)
+class RecycleStats:
+    """What a recycled decode did (the JSON result's ``recycle``); the defaults are a run without it."""
+
+    k: int = 0
+    effective_k: int = 0
+    stride: int = 0
+    schedule: str = "none"
+    threshold: float = 0.0
+    full_steps: int = 0
+    recycled_steps: int = 0
+    layer_refreshes: int = 0
 
 
 class RecycledSet:
@@ -183,23 +198,18 @@ class RecycledPolicy(DecodePolicy):
         self.layer_refreshes = 0  # dynamic schedule: layers refreshed at checks (within recycled steps)
         self.effective_k = 0  # largest recycled set chosen (K, or the context when shorter)
 
-    @staticmethod
-    def idle_stats() -> dict[str, int | float | str]:
-        """The JSON ``recycle`` fields of a run that decoded without recycling."""
-        return RecycledPolicy(RecycleConfig(k=0, stride=0, schedule="none"), 0).stats
-
     @property
-    def stats(self) -> dict[str, int | float | str]:
-        return {
-            "k": self.cfg.k,
-            "effective_k": self.effective_k,
-            "stride": self.cfg.stride,
-            "schedule": self.cfg.schedule,
-            "threshold": self.cfg.threshold if self.cfg.schedule == "dynamic" else 0.0,
-            "full_steps": self.full_steps,
-            "recycled_steps": self.recycled_steps,
-            "layer_refreshes": self.layer_refreshes,
-        }
+    def stats(self) -> RecycleStats:
+        return RecycleStats(
+            k=self.cfg.k,
+            effective_k=self.effective_k,
+            stride=self.cfg.stride,
+            schedule=self.cfg.schedule,
+            threshold=self.cfg.threshold if self.cfg.schedule == "dynamic" else 0.0,
+            full_steps=self.full_steps,
+            recycled_steps=self.recycled_steps,
+            layer_refreshes=self.layer_refreshes,
+        )
 
     def full_layers(self, step: int) -> list[bool]:
         """Which layers are due a full step (and a refresh of their set) at this decode step, before

@@ -13,12 +13,13 @@ from longdoc.engine.baselines import SlidingWindow
 from longdoc.engine.decode import DecodePolicy, generate
 from longdoc.engine.prefill import prefill
 from longdoc.errors import UsageError
-from longdoc.runtime.local import Session, make_plan
+from longdoc.runtime.local import LocalBackend
+from longdoc.runtime.plan import make_plan
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
-def filler_ids(session: Session, n_tokens: int) -> list[int]:
+def filler_ids(session: LocalBackend, n_tokens: int) -> list[int]:
     """Exactly ``n_tokens`` tokens of repeated filler (cut at a token boundary)."""
     unit = session.encode(FILLER)
     reps = n_tokens // len(unit) + 1
@@ -29,7 +30,7 @@ WINDOW_PREFILL_STEP = 256  # keeps the sliding window's band close to its nomina
 
 
 def answers(
-    session: Session,
+    session: LocalBackend,
     ids: list[int],
     max_new_tokens: int,
     policies: list[DecodePolicy | None],
@@ -43,7 +44,7 @@ def answers(
     # a local copy: the session's own settings stay as the user gave them
     cfg = replace(session.cfg, generation=GenerationConfig(max_new_tokens=max_new_tokens))
     plan = make_plan(cfg, session.info, len(ids))
-    model = session.patched(plan)
+    model = session.long_model(plan)
     kv = model.new_cache(len(ids) + max_new_tokens)
     t0 = time.perf_counter()
     tokens = torch.tensor([ids], device=session.info.device)

@@ -11,7 +11,7 @@ from longdoc.engine.baselines import StreamingPolicy
 from longdoc.engine.decode import DecodePolicy
 from longdoc.engine.recycled import RecycledPolicy
 from longdoc.evals.common import answers, filler_ids
-from longdoc.runtime.local import Session
+from longdoc.runtime.local import LocalBackend
 
 NAMES = ["Orion", "Vega", "Lyra", "Draco", "Cygnus", "Perseus", "Aquila", "Hydra"]
 
@@ -20,7 +20,7 @@ def make_code(rng: random.Random) -> str:
     return "-".join("".join(rng.choice("abcdefghjkmnpqrstuvwxyz23456789") for _ in range(4)) for _ in range(3))
 
 
-def build(session: Session, length: int, depth: float, keys: dict[str, str], target: str) -> list[int]:
+def build(session: LocalBackend, length: int, depth: float, keys: dict[str, str], target: str) -> list[int]:
     """Filler of about ``length`` tokens; the target's needle at ``depth``, distractor needles spread out."""
     head = session.encode("Read the text below; it hides secret codes.\n")
     tail = session.encode(
@@ -39,7 +39,7 @@ def build(session: Session, length: int, depth: float, keys: dict[str, str], tar
 
 
 def run(
-    session: Session,
+    session: LocalBackend,
     lengths: list[int],
     depths: list[float],
     n_keys: list[int],

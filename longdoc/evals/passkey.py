@@ -10,7 +10,7 @@ from typing import Any
 
 from longdoc.engine.baselines import SlidingWindow
 from longdoc.evals.common import answers, filler_ids
-from longdoc.runtime.local import Session
+from longdoc.runtime.local import LocalBackend
 
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -24,7 +24,7 @@ def sentence(key: int) -> str:
     return f" The pass key is {key}. Remember it. {key} is the pass key. "
 
 
-def build(session: Session, length: int, depth: float, key: int) -> list[int]:
+def build(session: LocalBackend, length: int, depth: float, key: int) -> list[int]:
     """Token ids of about ``length`` tokens with the key sentence at ``depth`` (0 = start, 1 = end)."""
     head = session.encode(INTRO)
     needle = session.encode(sentence(key))
@@ -35,7 +35,7 @@ def build(session: Session, length: int, depth: float, key: int) -> list[int]:
 
 
 def run(
-    session: Session,
+    session: LocalBackend,
     lengths: list[int],
     depths: list[float],
     trials: int,

@@ -19,16 +19,17 @@ import torch
 from longdoc.attention.dca import chunk_steps
 from longdoc.config import GenerationConfig
 from longdoc.quant import schemes
-from longdoc.runtime.local import Session, make_plan
+from longdoc.runtime.local import LocalBackend
+from longdoc.runtime.plan import make_plan
 
 LOGIT_SLICE = 512  # positions per lm_head call: 512 x 151,936 float32 = 311 MB at most
 
 
-def nll_sum(session: Session, ids: list[int]) -> tuple[float, int]:
+def nll_sum(session: LocalBackend, ids: list[int]) -> tuple[float, int]:
     """Sum of next-token negative log-likelihoods over ids[1:], and their count."""
     cfg = replace(session.cfg, generation=GenerationConfig(max_new_tokens=1))  # the session's settings stay
     plan = make_plan(cfg, session.info, len(ids))
-    model = session.patched(plan)
+    model = session.long_model(plan)
     kv = model.new_cache(len(ids))
     tokens = torch.tensor([ids], device=session.info.device)
     total, count = 0.0, 0
@@ -45,7 +46,7 @@ def nll_sum(session: Session, ids: list[int]) -> tuple[float, int]:
     return total, count
 
 
-def run(session: Session, text: str, lengths: list[int]) -> dict[str, Any]:
+def run(session: LocalBackend, text: str, lengths: list[int]) -> dict[str, Any]:
     ids = session.encode(text)
     results = []
     for length in lengths:

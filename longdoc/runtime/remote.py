@@ -2,17 +2,16 @@
 an OpenAI-compatible server (``longdoc serve``, vLLM, llama.cpp's ``llama-server``).
 
 Everything else stays local and runs the same code: ingestion, prompts, the fit checks, map-reduce,
-``--each``, citations and the JSON result. ``RemoteSession`` is a ``pipeline.Session`` whose engine
-methods (``plan``, ``run_prompt``, ``map``, ``engine``) talk to the server; it loads the tokenizer of
-``--model`` (token counts for the fit checks: an estimate when the server runs another model) and never
-the weights.
+``--each``, citations and the JSON result. ``RemoteBackend`` is the ``runtime.backend.Backend`` whose
+methods (``plan``, ``run``, ``map``, ``chat``) talk to the server; it loads the tokenizer of ``--model``
+(token counts for the fit checks: an estimate when the server runs another model) and never the weights.
 
 A prompt goes out as longdoc renders it, as chat messages: the system template as the system message,
 the filled template as the user message, and ``longdoc_prefix_chars`` (a field other servers ignore)
 saying where its documents end, so that ``longdoc serve`` tokenizes it exactly as a local run does and
 reuses the documents' KV cache. Answers stream back; greedy decoding is temperature 0, as locally.
 
-Failures become one line and an exit code (``RemoteSession._error``): a server that cannot be reached,
+Failures become one line and an exit code (``RemoteBackend._error``): a server that cannot be reached,
 fails (5xx), refuses a request, stays silent past the timeouts, answers something that is not the API,
 drops the connection or ends an answer without finishing it exits 3, like a model that cannot be
 loaded; a refused key 2; a prompt the server finds too long 4. A request is retried with backoff only
@@ -31,17 +30,30 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from longdoc.config import RunConfig
-from longdoc.engine.recycled import RecycledPolicy
 from longdoc.errors import DoesNotFitError, LongdocError, ModelError, RemoteError, UsageError
 from longdoc.ingest import Document
-from longdoc.prompt import Budget, ask_prompt, chat_text, follow_up, template
+from longdoc.prompt import Budget, Prompt, ask_prompt, chat_text, follow_up, template
 from longdoc.render import Reporter
-from longdoc.runtime.local import Plan, Session, model_info, peak_rss_bytes
+from longdoc.runtime.backend import Answer, OnText, PromptTokens
+from longdoc.runtime.plan import Plan, model_info
+from longdoc.runtime.result import (
+    REMOTE_DCA,
+    REMOTE_PREFILL,
+    REMOTE_RECYCLE,
+    Cache,
+    Memory,
+    RemoteEngine,
+    Result,
+    Source,
+    Timings,
+    Usage,
+    peak_rss_bytes,
+)
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -67,14 +79,8 @@ TOO_LONG_HINT = (
     "pass fewer inputs, select pages with --pages, narrow a folder with --include/--exclude, or serve a model"
     " with a longer context (vLLM: --max-model-len; llama-server: -c)"
 )
-# Where the user message starts and ends in the rendered chat text (see RemoteSession.prompt_messages).
+# Where the user message starts and ends in the rendered chat text (see RemoteBackend.prompt_messages).
 _MARK = "\ue000longdoc-user\ue000"
-# What a remote result says of the local engine's features: the server decides its own attention.
-NOT_APPLICABLE: dict[str, dict[str, Any]] = {
-    "dca": {"enabled": False, "chunk_size": 0, "local_window": 0, "logit_scale": 1.0, "applicable": False},
-    "recycle": {"enabled": False, **RecycledPolicy.idle_stats(), "applicable": False},
-    "prefill": {"mode": None, "budget": None, "kept_fraction": None, "applicable": False},
-}
 
 
 @dataclass(frozen=True)
@@ -169,12 +175,11 @@ def reported_context(card: dict[str, Any]) -> int | None:
     return None
 
 
-class RemoteSession(Session):
-    """A session whose model runs on a server: the tokenizer of ``--model`` is loaded (prompts and
-    counts), the weights never are. Requests run up to ``concurrency`` at once, in threads of ``map``."""
+class RemoteBackend:
+    """The model runs on a server: the tokenizer of ``--model`` is loaded (prompts and counts), the
+    weights never are. Requests run up to ``concurrency`` at once, in threads of ``map``."""
 
     def __init__(self, cfg: RunConfig, reporter: Reporter, remote: RemoteOptions) -> None:
-        # not the dataclass __init__: that would resolve the local model to run it
         import openai
 
         t0 = time.perf_counter()
@@ -195,7 +200,6 @@ class RemoteSession(Session):
             default_headers={"OpenAI-Organization": omit, "OpenAI-Project": omit},
         )
         self._slots = threading.BoundedSemaphore(remote.concurrency)
-        self._tokenizer_lock = threading.Lock()  # counts run in worker threads too
         self._stop = threading.Event()  # set by a Ctrl-C: requests in flight in other threads end
         self._dropped: set[str] = set()  # optional request fields this server refused
         self.model, reported = self._connect(remote.model)
@@ -206,30 +210,35 @@ class RemoteSession(Session):
         self.max_context = min(n for n in (reported, cfg.max_context) if n is not None)
         local = model_info(cfg.model, "cpu", "float32", progress=reporter.status, warn=reporter.warn)
         self.tokenizer_name = local.name
-        self.info = replace(local, name=self.model, window=self.max_context)
+        self.tokens = PromptTokens(local.tokenizer)  # counts run in worker threads too: it locks
         self.load_s = time.perf_counter() - t0
         reporter.status(
             f"remote model {self.model} at {self.url} (context {self.max_context:,} tokens); "
             f"counting tokens with the tokenizer of {local.name}"
         )
 
-    def loaded(self) -> Any:
-        raise AssertionError("a remote session never loads model weights")
+    @property
+    def name(self) -> str:
+        return str(self.model)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.tokens.tokenizer
 
     def encode(self, text: str) -> list[int]:
-        with self._tokenizer_lock:
-            return super().encode(text)
+        return self.tokens.encode(text)
 
-    # the engine -------------------------------------------------------------------------------------
-    @property
-    def engine(self) -> dict[str, Any]:
-        return {
-            "kind": "remote",
-            "url": self.url,
-            "model": self.model,
-            "context_length": self.max_context,
-            "tokenizer": self.tokenizer_name,
-        }
+    def count(self, text: str | Prompt) -> int:
+        return self.tokens.count(text)
+
+    # the backend ------------------------------------------------------------------------------------
+    def describe(self) -> RemoteEngine:
+        return RemoteEngine(
+            url=self.url, model=self.name, context_length=self.max_context, tokenizer=self.tokenizer_name
+        )
+
+    def empty(self, sources: list[Source]) -> Result:
+        return Result.empty(self.name, self.describe(), sources, self.load_s)
 
     def plan(self, prompt_tokens: int, reserve: int = 0) -> Plan:
         """The fit check against the server's context (memory is the server's business)."""
@@ -246,14 +255,14 @@ class RemoteSession(Session):
             weight_bytes=0,
         )
 
-    def run_prompt(
+    def run(
         self,
-        prompt: str,
-        sources: list[dict[str, Any]],
-        on_text: Callable[[str], None] | None = None,
+        prompt: Prompt,
+        sources: list[Source],
+        on_text: OnText | None = None,
         cache: bool = True,
         max_new_tokens: int | None = None,
-    ) -> dict[str, Any]:
+    ) -> Result:
         new = max_new_tokens or self.cfg.generation.max_new_tokens
         tokens = self.count(prompt)
         Budget(tokens, new, self.max_context).check(TOO_LONG_HINT)
@@ -276,12 +285,20 @@ class RemoteSession(Session):
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
+    def answerer(self, prompts: Sequence[Prompt], sources: list[Source]) -> Answer:
+        """One request each: the server shares the documents' prefix between them (``longdoc serve``'s
+        document cache, vLLM's prefix caching)."""
+        return lambda prompt, on_text: self.run(prompt, sources, on_text)
+
+    def chat(self, docs: list[Document], sources: list[Source]) -> RemoteChat:
+        return RemoteChat(self, docs, sources)
+
     def stop(self) -> None:
         """End the requests in flight (after a Ctrl-C in the main thread), at their next piece."""
         self._stop.set()
 
     # requests ---------------------------------------------------------------------------------------
-    def prompt_messages(self, prompt: str) -> tuple[list[dict[str, str]], int]:
+    def prompt_messages(self, prompt: Prompt) -> tuple[list[dict[str, str]], int]:
         """The chat messages ``prompt.render`` wrapped into ``prompt`` (the system template, and the
         filled template as the user's), and how many characters of the user message are documents.
 
@@ -290,14 +307,14 @@ class RemoteSession(Session):
         system = template("system").strip()
         marked = chat_text(self.tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": _MARK}])
         head, _, tail = marked.partition(_MARK)
-        text = str(prompt)
+        text = prompt.text
         if len(text) < len(head) + len(tail) or not (text.startswith(head) and text.endswith(tail)):
             raise UsageError(
                 "--endpoint sends prompts as chat messages, but the chat template of --model does not pass a"
                 " message through unchanged; choose another --model for the tokenizer"
             )
         user = text[len(head) : len(text) - len(tail)]
-        documents = min(len(user), max(0, getattr(prompt, "prefix_chars", 0) - len(head)))
+        documents = min(len(user), max(0, len(prompt.prefix) - len(head)))
         return [{"role": "system", "content": system}, {"role": "user", "content": user}], documents
 
     def request(
@@ -306,9 +323,9 @@ class RemoteSession(Session):
         documents: int | None,
         max_new: int,
         estimate: int,
-        sources: list[dict[str, Any]],
-        on_text: Callable[[str], None] | None = None,
-    ) -> dict[str, Any]:
+        sources: list[Source],
+        on_text: OnText | None = None,
+    ) -> Result:
         """One streamed chat completion; returns the JSON result (``Conversation.answer``'s fields, with
         ``engine``, the server's ``usage`` and, from longdoc serve, its own figures under ``server``).
 
@@ -375,35 +392,33 @@ class RemoteSession(Session):
         prompt_tokens = usage.prompt_tokens if usage else estimate
         ttft = (first or end) - t0
         decode_s = end - first if first else 0.0
-        result: dict[str, Any] = {
-            "answer": text.strip(),
-            "model": self.model,
-            "engine": self.engine,
-            "prompt_tokens": prompt_tokens,
-            "generated_tokens": generated,
-            "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
-            if usage
-            else None,
-            "sources": sources,
+        return Result(
+            answer=text.strip(),
+            model=self.name,
+            engine=self.describe(),
+            prompt_tokens=prompt_tokens,
+            generated_tokens=generated,
+            usage=Usage(usage.prompt_tokens, usage.completion_tokens) if usage else None,
+            sources=sources,
             # measured here: the time to first token includes the network and the server's queue
-            "timings": {
-                "load_s": round(self.load_s, 3),
-                "prefill_s": round(ttft, 3),
-                "decode_s": round(decode_s, 3),
-                "prefill_tok_s": round(prompt_tokens / ttft, 1) if ttft > 0 else 0.0,
-                "decode_tok_s": round((generated - 1) / decode_s, 2) if decode_s > 0 and generated > 1 else 0.0,
-                "ttft_s": round(ttft, 3),
-                "request_s": round(end - t0, 3),
-            },
-            "memory": {"peak_rss_bytes": peak_rss_bytes(), "kv_cache_bytes": 0, "gpu_peak_bytes": None},
-            **NOT_APPLICABLE,
-            "cache": {"hit": False},  # the local document cache; the server's own is under "server"
-        }
-        if extension:
-            result["server"] = extension
-        if interrupted:
-            result["interrupted"] = True
-        return result
+            timings=Timings(
+                load_s=round(self.load_s, 3),
+                prefill_s=round(ttft, 3),
+                decode_s=round(decode_s, 3),
+                prefill_tok_s=round(prompt_tokens / ttft, 1) if ttft > 0 else 0.0,
+                decode_tok_s=round((generated - 1) / decode_s, 2) if decode_s > 0 and generated > 1 else 0.0,
+                ttft_s=round(ttft, 3),
+                request_s=round(end - t0, 3),
+            ),
+            memory=Memory(peak_rss_bytes=peak_rss_bytes()),
+            # the server decides its own attention; its own document cache is under "server"
+            dca=REMOTE_DCA,
+            recycle=REMOTE_RECYCLE,
+            prefill=REMOTE_PREFILL,
+            cache=Cache(hit=False),
+            server=extension or None,
+            interrupted=True if interrupted else None,
+        )
 
     def _start(self, body: dict[str, Any], optional: dict[str, Any]) -> Any:
         """Send a streamed request and return the stream once the server answered (before any text)."""
@@ -549,7 +564,7 @@ class RemoteChat:
     serve`` reuses their KV cache; later turns are read again by the server (vLLM's prefix caching and
     llama.cpp's slot cache spare that)."""
 
-    def __init__(self, session: RemoteSession, docs: list[Document], sources: list[dict[str, Any]]):
+    def __init__(self, session: RemoteBackend, docs: list[Document], sources: list[Source]):
         self.session = session
         self.docs = docs
         self.sources = sources
@@ -560,7 +575,7 @@ class RemoteChat:
     def prepare(self) -> None:
         """Nothing to bring in ahead: the server reads the documents with the first question."""
 
-    def turn(self, question: str, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+    def turn(self, question: str, on_text: OnText | None = None) -> Result:
         session = self.session
         new = session.cfg.generation.max_new_tokens
         if not self.messages:
@@ -579,10 +594,10 @@ class RemoteChat:
                     f" {session.max_context:,}; start a new chat (or raise --max-context)"
                 )
         result = session.request(messages, documents_hint, new, tokens, self.sources, on_text)
-        if not result.get("interrupted") or result["generated_tokens"]:  # an answer, even a cut one, is in context
-            self.messages = [*messages, {"role": "assistant", "content": result["answer"]}]
-            self.tokens = result["prompt_tokens"] + result["generated_tokens"]
+        if not result.interrupted or result.generated_tokens:  # an answer, even a cut one, is in context
+            self.messages = [*messages, {"role": "assistant", "content": result.answer}]
+            self.tokens = result.prompt_tokens + result.generated_tokens
             self.turns += 1
-        result["question"] = question
-        result["turn"] = self.turns
+        result.question = question
+        result.turn = self.turns
         return result

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from longdoc.ingest import Document
+from longdoc.runtime.result import Citation
 
 # "p. 3", "p.3", "pp. 2-4", "pp. 2, 5", "page 7", "pages 3 and 4", "Page 2" ("pp"/"pages" allow lists).
 _PAGE = re.compile(
@@ -46,7 +46,7 @@ class _LinedFile:
     lines: int
 
 
-def extract_citations(text: str, docs: list[Document]) -> list[dict[str, Any]]:
+def extract_citations(text: str, docs: list[Document]) -> list[Citation]:
     """Page and ``path:line`` citations in ``text`` that exist in ``docs``, in order of appearance.
 
     Page citations: ``{"source", "page"}``, kept when some PDF input has that page; with several
@@ -56,11 +56,11 @@ def extract_citations(text: str, docs: list[Document]) -> list[dict[str, Any]]:
     """
     pdfs = _pdf_pages(docs)
     files = _lined_files(docs)
-    found: list[tuple[int, dict[str, Any]]] = []
-    seen: set[tuple[Any, ...]] = set()
+    found: list[tuple[int, Citation]] = []
+    seen: set[tuple[object, ...]] = set()
 
-    def add(pos: int, entry: dict[str, Any]) -> None:
-        key = tuple(sorted((k, str(v)) for k, v in entry.items() if k != "candidates"))
+    def add(pos: int, entry: Citation) -> None:
+        key = (entry.source, entry.page, entry.path, entry.line, entry.end_line)
         if key not in seen:
             seen.add(key)
             found.append((pos, entry))
@@ -103,7 +103,7 @@ def _pages_of(match: re.Match[str]) -> list[int]:
     return pages
 
 
-def _page_citation(page: int, pdfs: list[_PdfPages], hint: str) -> dict[str, Any] | None:
+def _page_citation(page: int, pdfs: list[_PdfPages], hint: str) -> Citation | None:
     having = [p for p in pdfs if page in p.pages]
     if not having:
         return None
@@ -112,26 +112,24 @@ def _page_citation(page: int, pdfs: list[_PdfPages], hint: str) -> dict[str, Any
         if len(named) >= 1:
             # the source named last before the citation
             named.sort(key=lambda p: max(hint.rfind(n) for n in p.names if _mentions(hint, n)))
-            return {"source": named[-1].source, "page": page}
-        return {"source": having[0].source, "page": page, "candidates": [p.source for p in having]}
-    return {"source": having[0].source, "page": page}
+            return Citation(source=named[-1].source, page=page)
+        return Citation(source=having[0].source, page=page, candidates=[p.source for p in having])
+    return Citation(source=having[0].source, page=page)
 
 
 def _mentions(hint: str, name: str) -> bool:
     return bool(name) and name in hint
 
 
-def _line_citation(match: re.Match[str], files: list[_LinedFile]) -> dict[str, Any] | None:
+def _line_citation(match: re.Match[str], files: list[_LinedFile]) -> Citation | None:
     cited = _norm(match.group("path"))
     line = int(match.group("line"))
     end = int(match.group("end")) if match.group("end") else None
     target = _find_file(cited, files)
     if target is None or not 1 <= line <= target.lines:
         return None
-    entry: dict[str, Any] = {"source": target.source, "path": target.path, "line": line}
-    if end is not None and line < end <= target.lines:
-        entry["end_line"] = end
-    return entry
+    end_line = end if end is not None and line < end <= target.lines else None
+    return Citation(source=target.source, path=target.path, line=line, end_line=end_line)
 
 
 def _find_file(cited: str, files: list[_LinedFile]) -> _LinedFile | None:

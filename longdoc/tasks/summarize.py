@@ -13,15 +13,13 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any
 
 from longdoc.errors import DoesNotFitError, InputError
 from longdoc.ingest import Document
-from longdoc.prompt import format_documents, render, summary_instructions
-
-if TYPE_CHECKING:
-    from longdoc.render import Reporter
-    from longdoc.runtime.local import Session
+from longdoc.prompt import Prompt, format_documents, render, summary_instructions
+from longdoc.render import Reporter
+from longdoc.runtime.backend import Backend, OnText
+from longdoc.runtime.result import Result, Source, SummaryPlan, sources_of
 
 Count = Callable[[str], int]
 
@@ -301,24 +299,21 @@ def read_paths_from(source: str, null: bool = False, stdin: bytes | None = None)
 
 
 def summarize(
-    session: Session,
+    session: Backend,
     docs: list[Document],
     style: str,
     max_words: int | None,
     reporter: Reporter,
-    on_text: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Summarize ``docs`` in one pass if the prompt fits, else by map-reduce; returns the JSON result.
+    on_text: OnText | None = None,
+) -> Result:
+    """Summarize ``docs`` in one pass if the prompt fits, else by map-reduce.
 
-    The result is ``run_prompt``'s (of the final step) plus ``plan``: ``{"mode": "single" |
-    "map-reduce", "pieces", "levels"}`` (levels: model levels, 1 for a single pass, map + reduce
-    levels otherwise). For map-reduce, ``prompt_tokens``, ``generated_tokens`` and the timings add
-    up all steps.
+    The result is the final step's, with ``plan`` (mode "single" or "map-reduce", pieces, levels:
+    model levels, 1 for a single pass, map + reduce levels otherwise). For map-reduce,
+    ``prompt_tokens``, ``generated_tokens`` and the timings add up all steps (``Result.merge``).
     """
-    from longdoc.runtime import local
-
     fields = summary_instructions(style, max_words)
-    sources = local.source_entries(docs, session.count)
+    sources = sources_of(docs, session.count)
     prompt = render(session.tokenizer, "summarize", documents=format_documents(docs), **fields)
     try:
         session.plan(session.count(prompt))
@@ -330,8 +325,8 @@ def summarize(
             return run.run()
         except KeyboardInterrupt:  # between or inside steps before the final one: a partial result
             return run.interrupted()
-    result: dict[str, Any] = session.run_prompt(prompt, sources, on_text=on_text)
-    result["plan"] = {"mode": "single", "pieces": 1, "levels": 1}
+    result = session.run(prompt, sources, on_text=on_text)
+    result.plan = SummaryPlan(mode="single", pieces=1, levels=1)
     return result
 
 
@@ -340,12 +335,12 @@ class _MapReduce:
 
     def __init__(
         self,
-        session: Session,
+        session: Backend,
         docs: list[Document],
         fields: dict[str, str],
-        sources: list[dict[str, Any]],
+        sources: list[Source],
         reporter: Reporter,
-        on_text: Callable[[str], None] | None,
+        on_text: OnText | None,
     ) -> None:
         self.session = session
         self.docs = docs
@@ -355,22 +350,22 @@ class _MapReduce:
         self.on_text = on_text
         self.final_new = session.cfg.generation.max_new_tokens
         self.step_new = step_tokens(self.final_new)
-        self.results: list[dict[str, Any]] = []
+        self.results: list[Result] = []
         self.pieces = 0  # known once planned
         self.level = 0  # the level running now
 
-    def interrupted(self) -> dict[str, Any]:
+    def interrupted(self) -> Result:
         """The result of a run stopped by Ctrl-C before its final step finished streaming: the answer is
         empty (nothing was shown), counts and timings cover the steps that ran, ``interrupted`` is set."""
         if self.results:
             result = self.result("", self.pieces, self.level)
         else:
-            result = empty_result(self.session, self.sources)
-            result["plan"] = {"mode": "map-reduce", "pieces": self.pieces, "levels": self.level, "steps": 0}
-        result["interrupted"] = True
+            result = self.session.empty(self.sources)
+            result.plan = SummaryPlan(mode="map-reduce", pieces=self.pieces, levels=self.level, steps=0)
+        result.interrupted = True
         return result
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> Result:
         budget = self.context_budget()
         count = self.session.count
         # map instructions: a word limit that the step's token cap leaves room for
@@ -461,77 +456,20 @@ class _MapReduce:
             budget //= 2
         raise DoesNotFitError("not enough memory for even a small piece of the input; try --dtype bfloat16")
 
-    def step(self, prompt: str, max_new: int, on_text: Callable[[str], None] | None, final: bool = False) -> str:
+    def step(self, prompt: Prompt, max_new: int, on_text: OnText | None, final: bool = False) -> str:
         # map and reduce prompts are not reused across runs: only one-pass plans use the document cache
-        result = self.session.run_prompt(prompt, self.sources, on_text, cache=False, max_new_tokens=max_new)
+        result = self.session.run(prompt, self.sources, on_text, cache=False, max_new_tokens=max_new)
         self.results.append(result)
-        if result.get("interrupted") and not final:
+        if result.interrupted and not final:
             raise KeyboardInterrupt  # nothing was shown yet: stop the whole run
-        text = str(result["answer"])
-        return text if final or result["generated_tokens"] < max_new else complete_sentences(text)
+        text = result.answer
+        return text if final or result.generated_tokens < max_new else complete_sentences(text)
 
-    def result(self, final_text: str, pieces: int, levels: int) -> dict[str, Any]:
+    def result(self, final_text: str, pieces: int, levels: int) -> Result:
         """The final step's result with counts and timings summed over every step."""
-        final = dict(self.results[-1])
-        steps = self.results
-        prefill_s = sum(r["timings"]["prefill_s"] for r in steps)
-        decode_s = sum(r["timings"]["decode_s"] for r in steps)
-        prompt_tokens = sum(r["prompt_tokens"] for r in steps)
-        generated = sum(r["generated_tokens"] for r in steps)
-        decoded_after_first = sum(max(0, r["generated_tokens"] - 1) for r in steps)
-        before_final = sum(r["timings"]["prefill_s"] + r["timings"]["decode_s"] for r in steps[:-1])
-        final["prompt_tokens"] = prompt_tokens
-        final["generated_tokens"] = generated
-        final["timings"] = {
-            **final["timings"],
-            "prefill_s": round(prefill_s, 3),
-            "decode_s": round(decode_s, 3),
-            "prefill_tok_s": round(prompt_tokens / prefill_s, 1) if prefill_s else 0.0,
-            "decode_tok_s": round(decoded_after_first / decode_s, 2) if decode_s else 0.0,
-            "ttft_s": round(before_final + final["timings"]["ttft_s"], 3),
-        }
-        final["memory"] = {**final["memory"], "kv_cache_bytes": max(r["memory"]["kv_cache_bytes"] for r in steps)}
-        final["dca"] = {**final["dca"], "enabled": any(r["dca"]["enabled"] for r in steps)}
-        final["recycle"] = {
-            **final["recycle"],
-            "enabled": any(r["recycle"]["enabled"] for r in steps),
-            "full_steps": sum(r["recycle"]["full_steps"] for r in steps),
-            "recycled_steps": sum(r["recycle"]["recycled_steps"] for r in steps),
-            "layer_refreshes": sum(r["recycle"].get("layer_refreshes", 0) for r in steps),
-        }
-        if all(r.get("usage") for r in steps):  # through --endpoint: what the server counted, over all steps
-            final["usage"] = {k: sum(r["usage"][k] for r in steps) for k in ("prompt_tokens", "completion_tokens")}
-        final["answer"] = final_text
-        final["plan"] = {"mode": "map-reduce", "pieces": pieces, "levels": levels, "steps": len(steps)}
-        return final
-
-
-def empty_result(session: Session, sources: list[dict[str, Any]]) -> dict[str, Any]:
-    """A result with every field of ``run_prompt``'s and nothing run yet (a run interrupted early)."""
-    from longdoc.engine.recycled import RecycledPolicy
-    from longdoc.runtime import local
-
-    return {
-        "answer": "",
-        "model": session.info.name,
-        "engine": session.engine,
-        "quantize": session.info.quantize,
-        "prompt_tokens": 0,
-        "generated_tokens": 0,
-        "sources": sources,
-        "timings": {
-            "load_s": round(session.load_s, 3),
-            "prefill_s": 0.0,
-            "decode_s": 0.0,
-            "prefill_tok_s": 0.0,
-            "decode_tok_s": 0.0,
-            "ttft_s": 0.0,
-        },
-        "memory": {"peak_rss_bytes": local.peak_rss_bytes(), "kv_cache_bytes": 0, "gpu_peak_bytes": None},
-        "dca": {"enabled": False, "chunk_size": 0, "local_window": 0, "logit_scale": 1.0},
-        "recycle": {"enabled": False, **RecycledPolicy.idle_stats()},
-        "cache": {"hit": False},
-    }
+        result = Result.merge(self.results, final_text)
+        result.plan = SummaryPlan(mode="map-reduce", pieces=pieces, levels=levels, steps=len(self.results))
+        return result
 
 
 def step_tokens(final_new: int) -> int:
@@ -554,7 +492,7 @@ def complete_sentences(text: str) -> str:
     return text
 
 
-def _fits(session: Session, prompt_tokens: int) -> bool:
+def _fits(session: Backend, prompt_tokens: int) -> bool:
     try:
         session.plan(prompt_tokens)
     except DoesNotFitError:
