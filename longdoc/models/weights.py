@@ -49,8 +49,8 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 def trim_heap() -> None:
     """Hand freed heap pages back to the OS. glibc raises its mmap threshold as large blocks are freed,
-    so the stored-dtype weights freed while packing stay in this process's heap (0.45 GB of RSS on
-    the embedded model in float32) unless trimmed; a no-op off glibc."""
+    so the stored-dtype weights freed while packing stay in this process's heap unless trimmed
+    (benchmarks/RESULTS.md, "Peak memory of each CPU path"); a no-op off glibc."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

@@ -35,8 +35,8 @@ class PackedLinear(nn.Module):
 
 def packing_pays(dtype: torch.dtype) -> bool:
     """Whether ``pack_linears`` makes a CPU model of this dtype faster here: wherever oneDNN packs it.
-    bfloat16 decode steps run 3x faster packed where its matmuls are native; float32 ones about 1.3x on
-    AVX2 (LM head and MLP alike; RESULTS.md, "CPU paths")."""
+    bfloat16 decode steps where its matmuls are native, float32 ones on AVX2 (LM head and MLP alike;
+    benchmarks/RESULTS.md, "CPU paths")."""
     return onednn_packs(dtype)
 
 

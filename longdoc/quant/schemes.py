@@ -1,39 +1,37 @@
-"""Quantized linears for CPU decoding (``--quantize int5|int8|int4``).
+"""Quantized linears for CPU decoding (``--quantize int5|int8|int4``): the schemes as pure tensor
+functions, and the module that runs them.
 
 A decode step multiplies one row by every weight of the model, so its time is the time to read the
-weights: about 1 GB per token in bfloat16 for the embedded 0.5B model. Quantized weights halve (int8)
-or quarter (int4) that. torch's CPU weight-only kernels do the multiply without materializing the
-dequantized weight: ``_weight_int8pack_mm`` (per output channel, symmetric) and
-``_weight_int4pack_mm_for_cpu`` (per group of input channels, asymmetric: scale and minimum).
+weights; quantized weights are fewer bytes to read. torch's CPU weight-only kernels do the multiply
+without materializing the dequantized weight: ``_weight_int8pack_mm`` (per output channel, symmetric)
+and ``_weight_int4pack_mm_for_cpu`` (per group of input channels, asymmetric: scale and minimum).
 
-Those kernels lose to oneDNN's packed bfloat16 matmul on prefill-sized inputs (2.5-3x slower at 2,048
-rows here), and dequantizing per call loses too (1.2-2x). So a ``QuantLinear`` keeps the layer it
-replaces (packed bfloat16, as ``pack_linears`` leaves it) for inputs of more than ``max_rows`` rows and
-uses the quantized weight only for the few rows of a decode step: prefill steps run as unquantized
-(all but a final step of at most ``max_rows`` tokens), so the prompt's KV cache is bfloat16's. The
-cost is memory: the quantized copy comes on top (peak RSS at 8K: 1.84 GB unquantized, 2.17 GB int4,
-2.45 GB int8; benchmarks/out/llamacpp.json).
+Those kernels lose to oneDNN's packed matmul on prefill-sized inputs, and so does dequantizing per
+call. So a ``QuantLinear`` keeps the layer it replaces (packed, as ``pack_linears`` leaves it) for
+inputs of more than ``max_rows`` rows and uses the quantized weight only for the few rows of a decode
+step: prefill steps run unquantized (all but a final step of at most ``max_rows`` tokens), so the
+prompt's KV cache is the unquantized model's. The cost is memory: the quantized copy comes on top
+(benchmarks/RESULTS.md, "Peak memory of each --quantize").
 
 int8 runs as llama.cpp runs its Q8_0 weights: the activations are quantized too, per block, and the
 product is an int8 x uint8 matrix multiply (torch's x86 ``quantized::linear_dynamic``, fbgemm with
-VNNI). torch's int8 *weight-only* kernel is compute-bound on these CPUs (no faster than bfloat16);
-the int8 GEMM reads the weights at memory speed. The kernel quantizes its whole input with one scale
-and zero point (per row, for a decode step's one row), which loses to the few large channels of a
-normalized hidden state: perplexity +0.8% at 4K. So the inputs that are normalized hidden states (q,
-k, v, gate, up, the LM head) are cut into blocks of ``ACT_BLOCK`` channels, each block scaled to its own
-maximum and placed on its own row of a block-diagonal matrix: the kernel then quantizes every block
-with the same relative step, and the rows' outputs, times their block maxima, add up to the product.
-A block-diagonal row costs no more weight reads than one row. Where the int8 GEMM is missing or
-saturates (CPUs without VNNI add pairs of products in 16 bits), int8 falls back to the weight-only
-kernel.
+VNNI). torch's int8 *weight-only* kernel is compute-bound on these CPUs; the int8 GEMM reads the
+weights at memory speed. The kernel quantizes its whole input with one scale and zero point (per row,
+for a decode step's one row), which loses to the few large channels of a normalized hidden state. So
+the inputs that are normalized hidden states (q, k, v, gate, up, the LM head) are cut into blocks of
+``ACT_BLOCK`` channels, each block scaled to its own maximum and placed on its own row of a
+block-diagonal matrix: the kernel then quantizes every block with the same relative step, and the
+rows' outputs, times their block maxima, add up to the product. A block-diagonal row costs no more
+weight reads than one row. Where the int8 GEMM is missing or saturates (CPUs without VNNI add pairs of
+products in 16 bits), int8 falls back to the weight-only kernel.
 
-int5 runs longdoc's own kernel (``native``, ``int5.c``: 5-bit weights in groups of 32 with a float16
-step and minimum, 6 bits per weight, times int16 activations per group of 32), built once per machine
-where a C compiler and AVX-512 VNNI are found. It reads 25% fewer bytes than int8 and keeps the
-activations' large channels to their own groups. Quality and speed figures: benchmarks/RESULTS.md.
+int5 runs longdoc's own kernel (``longdoc.native.int5``, ``int5.c``: 5-bit weights in groups of 32 with
+a float16 step and minimum, 6 bits per weight, times int16 activations per group of 32), built once per
+machine where a C compiler and AVX-512 VNNI are found. It reads fewer bytes than int8 and keeps the
+activations' large channels to their own groups. Quality and speed: benchmarks/RESULTS.md,
+"Quantization: quality against bfloat16" and the headline tables.
 
-Quantization itself happens once, when the model is converted (``longdoc.quant.cache``); these are
-the pure tensor functions it uses and the module that runs the result.
+Quantization itself happens once, when the model is converted (``longdoc.quant.cache``).
 """
 
 from __future__ import annotations
@@ -60,21 +58,21 @@ QUANT_VERSION = 3
 
 # int4 group size (input channels sharing one scale and minimum): 32, the finest the CPU kernel takes,
 # and the sub-block size of the GGUF Q4_K weights the embedded model comes from. Its perplexity cost is
-# in benchmarks/RESULTS.md ("Weight-only quantization").
+# in benchmarks/RESULTS.md ("Quantization: quality against bfloat16").
 INT4_GROUP = 32
 
-# Inputs of at most this many rows use the quantized kernel; larger ones the unquantized layer. Measured
-# on one decoder layer's seven linears (bfloat16, 1 thread, EPYC with AVX-512-BF16): 1 row: packed bf16
-# 1.57 ms, int8 1.11, int4 0.88; 4 rows: 1.64, 2.11, 1.50; 8 rows: 2.22, 3.82, 2.94. A decode step has
-# one row; short prefill steps (a question's last few tokens) stay near the crossover.
+# Inputs of at most this many rows use the quantized kernel; larger ones the unquantized layer: where the
+# quantized kernels stop winning on one decoder layer's seven linears (benchmarks/HISTORY.md, "Weight-only
+# quantization and llama.cpp"). A decode step has one row; short prefill steps (a question's last few
+# tokens) stay near the crossover.
 MAX_QUANT_ROWS = 4
 
-# int8 activations: blocks of this many input channels get their own scale (llama.cpp's Q8_0 uses 32).
-# Perplexity at 4K on the corpus, every position quantized: one scale per row +0.8%; blocks of 128 on
-# the normalized inputs +0.46% (weight-only int8: +0.20%).
+# int8 activations: blocks of this many input channels get their own scale (llama.cpp's Q8_0 uses 32):
+# most of per-row scaling's perplexity cost recovered (benchmarks/RESULTS.md, "Quantization: quality
+# against bfloat16").
 ACT_BLOCK = 128
 # The linears whose input is a normalized hidden state (blocked); o_proj's and down_proj's inputs are
-# quantized per row (blocking them too gained 0.1-0.3% for 4-38 times the rows).
+# quantized per row (blocking them too gained little for many times the rows).
 BLOCKED_INPUTS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
 # Linears of one module that get the same input: one quantized matmul each set (fewer, larger calls per step).
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -497,7 +495,3 @@ def every_row(model: nn.Module) -> Iterator[None]:
     finally:
         for m, rows in zip(layers, saved, strict=True):
             m.max_rows = rows
-
-
-def quant_bytes(model: nn.Module) -> int:
-    return sum(m.nbytes for m in model.modules() if isinstance(m, QuantLinear))

@@ -5,12 +5,12 @@ The rules, each measured (benchmarks/RESULTS.md, "CPU paths", rendered from ``be
 
 * dtype: bfloat16 where oneDNN has native bfloat16 matmuls (AMX, AVX-512 BF16), else float32. Without
   them a bfloat16 matmul runs several times slower than float32.
-* packing: linears are packed for oneDNN wherever it packs their dtype: bfloat16 decode steps run 3x
-  faster packed, float32 ones about 1.3x on AVX2. Each weight is widened from its stored bfloat16 as it is
-  packed, so packing costs no second copy.
+* packing: linears are packed for oneDNN wherever it packs their dtype: decode steps run faster packed,
+  bfloat16 and float32 alike. Each weight is widened from its stored bfloat16 as it is packed, so
+  packing costs no second copy.
 * quantization: int5 where longdoc's kernel runs (AVX-512 VNNI), else int8 where torch's int8 GEMM
-  has VNNI, else none. On AVX2 torch's int8 and int4 CPU kernels are weight-only and decode several
-  times slower than float32, so ``auto`` never picks them there and an explicit choice says so.
+  has VNNI, else none. On AVX2 torch's int8 and int4 CPU kernels are weight-only and decode slower
+  than float32, so ``auto`` never picks them there and an explicit choice says so.
 * attention: longdoc's ``flash.c`` for bfloat16 prefill where AVX-512 BF16 runs it, else torch's fused
   CPU kernel; decode steps always use torch's.
 """
