@@ -27,7 +27,7 @@ from longdoc.errors import DoesNotFitError
 from longdoc.ingest import Document
 from longdoc.prompt import ask_prompt, format_documents, template  # noqa: E402
 from longdoc.render import Reporter  # noqa: E402
-from longdoc.runtime.local import Session, run_prompt, split_ids
+from longdoc.runtime.local import LocalBackend
 
 from .test_models import save_tiny_qwen2  # noqa: E402
 
@@ -69,7 +69,7 @@ def save_chat_model(folder: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def session(tmp_path_factory) -> Session:
+def session(tmp_path_factory) -> LocalBackend:
     folder = tmp_path_factory.mktemp("serve-model") / "tiny"
     save_chat_model(folder)
     cfg = RunConfig(
@@ -82,7 +82,7 @@ def session(tmp_path_factory) -> Session:
         recycle=RecycleConfig(enabled=True, k=64, stride=4),
         generation=GenerationConfig(max_new_tokens=NEW),
     )
-    return Session(cfg, Collect())
+    return LocalBackend(cfg, Collect())
 
 
 class Served:
@@ -90,7 +90,7 @@ class Served:
         self.running = running
         self.thread = thread
         self.url = running.url
-        self.engine: serve.Engine = running.app.state.engine
+        self.scheduler: serve.Scheduler = running.app.state.scheduler
 
     def client(self, key: str | None = KEY, **kw: Any) -> Any:
         return openai.OpenAI(base_url=self.url, api_key=key or "none", max_retries=0, timeout=60, **kw)
@@ -109,13 +109,13 @@ class Served:
         """Wait until no request is running or waiting."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if self.engine.admitted == 0 and self.engine.running == 0:
+            if self.scheduler.admitted == 0 and self.scheduler.running == 0:
                 return True
             time.sleep(0.02)
         return False
 
 
-def start(session: Session, **kw: Any) -> Served:
+def start(session: LocalBackend, **kw: Any) -> Served:
     """``serve.serve`` on a free loopback port in a thread; returns once /health answers."""
     box: dict[str, serve.Running] = {}
     up = threading.Event()
@@ -159,13 +159,13 @@ def ask_messages(question: str, docs: list[Document] = [DOC]) -> tuple[list[dict
     )
 
 
-def answer_locally(session: Session, question: str, **generation: Any) -> dict[str, Any]:
+def answer_locally(session: LocalBackend, question: str, **generation: Any) -> dict[str, Any]:
     """The local pipeline's answer to the ask prompt (the same settings as the server's)."""
     cfg = replace(session.cfg, generation=replace(session.cfg.generation, **generation))
-    return run_prompt(replace_cfg(session, cfg), ask_prompt(session.tokenizer, [DOC], question), [])
+    return replace_cfg(session, cfg).run(ask_prompt(session.tokenizer, [DOC], question), []).to_json()
 
 
-def replace_cfg(session: Session, cfg: RunConfig) -> Session:
+def replace_cfg(session: LocalBackend, cfg: RunConfig) -> LocalBackend:
     import copy
 
     other = copy.copy(session)
@@ -177,33 +177,38 @@ def replace_cfg(session: Session, cfg: RunConfig) -> Session:
 # prompts: the same token ids as the local path
 
 
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]], chars: int | None = None) -> Any:
+    """``serve.chat_prompt`` of messages as a request's JSON writes them."""
+    return serve.chat_prompt(tokenizer, [serve.Message(**m) for m in messages], chars)
+
+
 @pytest.mark.parametrize("chat_template", [True, False])
 def test_ask_shaped_request_gets_the_local_token_ids(session, chat_template, monkeypatch):
     tokenizer = session.tokenizer
     if not chat_template:  # the fallback layout of a model without a chat template
         monkeypatch.setattr(tokenizer, "chat_template", None)
     messages, chars = ask_messages("What is the TTL?")
-    served = serve.chat_prompt(tokenizer, messages, chars)
+    served = chat_prompt(tokenizer, messages, chars)
     mine = ask_prompt(tokenizer, [DOC], "What is the TTL?")
-    assert served.prefix == mine.prefix and served.rest == mine.rest
-    assert split_ids(session, served) == split_ids(session, mine)
-    assert len(split_ids(session, served)[0]) > 256  # long enough for the document cache
+    assert served.prefix == mine.prefix and served.request == mine.request
+    assert session.split(served) == session.split(mine)
+    assert len(session.split(served)[0]) > 256  # long enough for the document cache
 
 
 def test_blank_line_heuristic_splits_the_last_user_message():
     messages = [{"role": "user", "content": "A long document.\n\nWith paragraphs.\n\nWhat is it?"}]
-    prompt = serve.chat_prompt(None, messages)  # no template: the fallback layout
+    prompt = chat_prompt(None, messages)  # no template: the fallback layout
     assert prompt.prefix == "A long document.\n\nWith paragraphs."
-    assert prompt.rest == "\n\nWhat is it?\n\nAnswer:"
-    assert serve.chat_prompt(None, messages, 0).prefix == ""
+    assert prompt.request == "\n\nWhat is it?\n\nAnswer:"
+    assert chat_prompt(None, messages, 0).prefix == ""
     one_line = [{"role": "system", "content": "S"}, {"role": "user", "content": "no blank line"}]
-    assert serve.chat_prompt(None, one_line).prefix == "S\n\n"  # everything before the message
+    assert chat_prompt(None, one_line).prefix == "S\n\n"  # everything before the message
 
 
 def test_prefix_mark_cannot_be_smuggled_in():
     text = "doc \ue000longdoc-prefix\ue000 more\n\nq"
-    prompt = serve.chat_prompt(None, [{"role": "user", "content": text}])
-    assert "\ue000" not in prompt and prompt.prefix == "doc longdoc-prefix more"
+    prompt = chat_prompt(None, [{"role": "user", "content": text}])
+    assert "\ue000" not in prompt.text and prompt.prefix == "doc longdoc-prefix more"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,7 +302,7 @@ def test_conversation_turns_are_rendered_with_the_template(server, session):
     out = server.client().chat.completions.create(model=session.info.name, messages=turns, max_tokens=4)
 
     def tokens(msgs: list[dict[str, str]]) -> int:
-        return sum(len(ids) for ids in split_ids(session, serve.chat_prompt(session.tokenizer, msgs)))
+        return sum(len(ids) for ids in session.split(chat_prompt(session.tokenizer, msgs)))
 
     assert out.usage.prompt_tokens == tokens(turns) > tokens(messages)
 
@@ -335,7 +340,7 @@ def test_over_long_prompt_is_400_with_the_exit_4_message(server, session):
     docs = [replace(DOC, segments=DOC.segments * 6)]
     question = "What is the TTL?"
     with pytest.raises(DoesNotFitError) as local_error:
-        run_prompt(session, ask_prompt(session.tokenizer, docs, question), [])
+        session.run(ask_prompt(session.tokenizer, docs, question), [])
     messages, chars = ask_messages(question, docs)
     response = server.post({"messages": messages, "max_tokens": NEW, "longdoc_prefix_chars": chars})
     assert response.status_code == 400
@@ -346,7 +351,7 @@ def test_over_long_prompt_is_400_with_the_exit_4_message(server, session):
     with pytest.raises(openai.BadRequestError, match="exceeds the context limit"):
         server.client().chat.completions.create(model=session.info.name, messages=messages, stream=True)
     # a prompt that fits only without the default answer budget gets the room that is left
-    assert server.engine.context_length == MAX_CONTEXT
+    assert server.scheduler.context_length == MAX_CONTEXT
 
 
 USER = {"role": "user", "content": "Hello there"}
@@ -480,7 +485,7 @@ def test_full_queue_gets_429_and_the_slot_comes_back(session, gate):
         first = threading.Thread(target=lambda: results.append(served.post({"messages": [USER], "max_tokens": 4})))
         first.start()
         end = time.monotonic() + 30
-        while served.engine.running == 0 and time.monotonic() < end:  # the first request holds the slot
+        while served.scheduler.running == 0 and time.monotonic() < end:  # the first request holds the slot
             time.sleep(0.01)
         busy = served.post({"messages": [USER], "max_tokens": 4})
         assert busy.status_code == 429 and busy.headers["retry-after"]
@@ -500,7 +505,7 @@ def test_full_queue_gets_429_and_the_slot_comes_back(session, gate):
 def test_client_leaving_mid_stream_stops_its_generation(server, session, gate):
     messages, chars = ask_messages("What is the TTL?")
     body = {"messages": messages, "max_tokens": 200, "stream": True, "longdoc_prefix_chars": chars}
-    before = dict(server.engine.stats)
+    before = dict(server.scheduler.stats)
     received = []
     with httpx.stream(
         "POST", f"{server.url}/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
@@ -511,8 +516,8 @@ def test_client_leaving_mid_stream_stops_its_generation(server, session, gate):
         gate.set()  # decoding goes on; the client leaves after the first piece of text
         received.append(next(line for line in lines if '"content"' in line and line.startswith("data:")))
     assert server.idle(), "the generation went on after its client left"
-    assert server.engine.stats["cancelled"] == before["cancelled"] + 1
-    assert server.engine.stats["completed"] == before["completed"]
+    assert server.scheduler.stats["cancelled"] == before["cancelled"] + 1
+    assert server.scheduler.stats["completed"] == before["completed"]
     # the server carries on: the next request is answered, and equals the local greedy answer
     out = server.client().chat.completions.create(
         model=session.info.name,
@@ -524,13 +529,13 @@ def test_client_leaving_mid_stream_stops_its_generation(server, session, gate):
 
 
 def test_client_leaving_a_non_streamed_request_stops_it(server, gate):
-    before = dict(server.engine.stats)
+    before = dict(server.scheduler.stats)
     with pytest.raises(httpx.ReadTimeout):
         server.post({"messages": [USER], "max_tokens": 200}, timeout=1.0)
-    assert server.engine.running == 1  # still held by the gate
+    assert server.scheduler.running == 1  # still held by the gate
     gate.set()
     assert server.idle()
-    assert server.engine.stats["cancelled"] == before["cancelled"] + 1
+    assert server.scheduler.stats["cancelled"] == before["cancelled"] + 1
 
 
 def test_serve_refuses_bad_slot_counts(session):
@@ -563,7 +568,7 @@ def test_streamed_text_is_cut_like_the_answer():
 def test_without_max_tokens_the_answer_gets_the_room_left(server, session):
     def tokens(content: str) -> int:
         msgs = [{"role": "user", "content": content}]
-        return sum(len(ids) for ids in split_ids(session, serve.chat_prompt(session.tokenizer, msgs)))
+        return sum(len(ids) for ids in session.split(chat_prompt(session.tokenizer, msgs)))
 
     content = "x" * (MAX_CONTEXT - 3)
     while tokens(content) > MAX_CONTEXT - 3:  # a prompt 3 tokens short of the limit
@@ -582,7 +587,7 @@ import sys, time
 from longdoc import serve
 from longdoc.config import GenerationConfig, RunConfig
 from longdoc.engine import decode
-from longdoc.runtime.local import Session
+from longdoc.runtime.local import LocalBackend
 from longdoc.render import Reporter
 
 real = decode.decode_one_token
@@ -591,7 +596,7 @@ def slow(*args, **kw):  # a generation that would run for a minute
     return real(*args, **kw)
 decode.decode_one_token = slow
 cfg = RunConfig(model=sys.argv[1], dtype="float32", generation=GenerationConfig(max_new_tokens=8))
-session = Session(cfg, Reporter())
+session = LocalBackend(cfg, Reporter())
 try:
     serve.serve(session, port=0)
 except KeyboardInterrupt:
@@ -650,9 +655,9 @@ def test_concurrency_two_runs_two_generations_at_once(server, gate):
     for t in threads:
         t.start()
     end = time.monotonic() + 30
-    while (server.engine.running, server.engine.admitted) != (2, 3) and time.monotonic() < end:
+    while (server.scheduler.running, server.scheduler.admitted) != (2, 3) and time.monotonic() < end:
         time.sleep(0.01)
-    assert (server.engine.running, server.engine.admitted) == (2, 3)
+    assert (server.scheduler.running, server.scheduler.admitted) == (2, 3)
     gate.set()
     for t in threads:
         t.join(30)
@@ -672,7 +677,7 @@ def test_client_leaving_during_prefill_stops_it_before_the_cache_is_written(serv
         return real(*args, **kw)
 
     monkeypatch.setattr(local, "prefill", gated)
-    before = dict(server.engine.stats)
+    before = dict(server.scheduler.stats)
     messages, chars = ask_messages("What is the TTL?")  # a prefix long enough to be cached once prefilled
     body = {"messages": messages, "max_tokens": NEW, "stream": True, "longdoc_prefix_chars": chars}
     try:
@@ -682,26 +687,26 @@ def test_client_leaving_during_prefill_stops_it_before_the_cache_is_written(serv
             lines = response.iter_lines()
             next(line for line in lines if line.startswith("data:"))
             if not entered.wait(30):
-                engine = server.engine
-                stream = next(lines, "") if engine.stats != before else "(still open)"
+                scheduler = server.scheduler
+                stream = next(lines, "") if scheduler.stats != before else "(still open)"
                 pytest.fail(
-                    f"the request never reached its prefill: running {engine.running}, admitted {engine.admitted},"
-                    f" stats {before} -> {engine.stats}; the stream: {stream}"
+                    f"the request never reached its prefill: running {scheduler.running},"
+                    f" admitted {scheduler.admitted}, stats {before} -> {scheduler.stats}; the stream: {stream}"
                 )
         end = time.monotonic() + 30
-        while not all(job.cancel.is_set() for job in list(server.engine.jobs)) and time.monotonic() < end:
+        while not all(job.cancel.is_set() for job in list(server.scheduler.jobs)) and time.monotonic() < end:
             time.sleep(0.01)
-        noticed = [job.cancel.is_set() for job in list(server.engine.jobs)]
+        noticed = [job.cancel.is_set() for job in list(server.scheduler.jobs)]
     finally:
         gate.set()
     assert noticed == [True], f"the server did not notice the client leave: {noticed}"
     assert server.idle()
-    assert server.engine.stats["cancelled"] == before["cancelled"] + 1, (before, server.engine.stats)
+    assert server.scheduler.stats["cancelled"] == before["cancelled"] + 1, (before, server.scheduler.stats)
     assert doccache.entries() == []  # stopped within the prefix's prefill: nothing half-done was saved
 
 
 def test_keepalive_comments_while_nothing_is_generated(server, session, gate, monkeypatch):
-    monkeypatch.setattr(serve, "KEEPALIVE_S", 0.05)
+    monkeypatch.setattr("longdoc.serve.limits.STREAM_KEEPALIVE_S", 0.05)
     body = {"messages": [USER], "max_tokens": 3, "stream": True}
     with httpx.stream(
         "POST", f"{server.url}/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60

@@ -131,7 +131,7 @@ def test_clients_that_leave_while_queued_give_their_slots_back(session, gate):
     try:
         holder = threading.Thread(target=lambda: served.post({"messages": [USER], "max_tokens": 4}))
         holder.start()
-        assert wait_for(lambda: served.engine.running == 1), "the first request never ran"
+        assert wait_for(lambda: served.scheduler.running == 1), "the first request never ran"
 
         def gives_up() -> None:  # a non-streamed client with a short timeout
             with pytest.raises(httpx.ReadTimeout):
@@ -158,7 +158,7 @@ def test_clients_that_leave_while_queued_give_their_slots_back(session, gate):
         late: list[int] = []
         waiting = threading.Thread(target=lambda: late.append(served.post(SMALL).status_code))
         waiting.start()
-        assert wait_for(lambda: served.engine.admitted == 2)
+        assert wait_for(lambda: served.scheduler.admitted == 2)
         gate.set()
         holder.join(30)
         waiting.join(30)
@@ -201,8 +201,8 @@ def test_a_body_over_the_cap_is_413_before_it_is_read(session):
 def test_over_long_text_is_refused_before_it_is_tokenized(session, monkeypatch):
     served = start(session)  # the default cap: 1 MiB for this 3,000-token context
     tokenized: list[int] = []
-    real = local.split_ids
-    monkeypatch.setattr(local, "split_ids", lambda *a: tokenized.append(1) or real(*a))
+    real = local.LocalBackend.split
+    monkeypatch.setattr(local.LocalBackend, "split", lambda *a: tokenized.append(1) or real(*a))
     try:
         content = "word " * 100_000  # 500,000 characters: no 3,000 tokens of a 13-character vocabulary hold them
         response = served.post({"messages": [{"role": "user", "content": content}]})
@@ -220,10 +220,10 @@ def test_the_queue_bounds_requests_before_they_are_tokenized(session, gate, monk
     try:
         holder = threading.Thread(target=lambda: served.post({"messages": [USER], "max_tokens": 4}))
         holder.start()
-        assert wait_for(lambda: served.engine.running == 1)
+        assert wait_for(lambda: served.scheduler.running == 1)
         tokenized: list[int] = []
-        real = local.split_ids
-        monkeypatch.setattr(local, "split_ids", lambda *a: tokenized.append(1) or real(*a))
+        real = local.LocalBackend.split
+        monkeypatch.setattr(local.LocalBackend, "split", lambda *a: tokenized.append(1) or real(*a))
         busy = served.post(SMALL)
         assert busy.status_code == 429 and tokenized == []  # refused before its body was even read
         gate.set()
@@ -320,6 +320,6 @@ def test_bad_serve_limits_are_usage_errors_before_the_model_loads(args, fragment
 
     from longdoc.cli import app
 
-    monkeypatch.setattr("longdoc.runtime.local.Session.loaded", lambda self: pytest.fail("loaded the model"))
+    monkeypatch.setattr("longdoc.runtime.local.LocalBackend.loaded", lambda self: pytest.fail("loaded the model"))
     result = CliRunner().invoke(app, ["serve", "--port", "0", *args])
     assert result.exit_code == 2 and fragment in result.stderr, (result.exit_code, result.stderr)
