@@ -15,7 +15,7 @@ from longdoc.cli import app
 from longdoc.quant import schemes
 from longdoc.runtime import local
 
-from .conftest import CORPUS, REPO
+from .helpers import CORPUS, REPO
 
 SAMPLES = REPO / "sample_docs"
 runner = CliRunner()
@@ -243,7 +243,7 @@ def test_models_reports_the_cache_it_uses(tmp_path, monkeypatch):
 )
 def test_bad_dca_layouts_are_usage_errors(tmp_path, monkeypatch, extra, fragment):
     """The layout rule needs the model's trained window (4096 here): checked before any weights load."""
-    from .test_models import save_tiny_qwen2
+    from .helpers import save_tiny_qwen2
 
     monkeypatch.setenv("LONGDOC_CACHE_DIR", str(tmp_path / "cache"))
     save_tiny_qwen2(tmp_path / "tiny", window=4096)
@@ -268,7 +268,7 @@ def test_ctrl_c_keeps_what_was_streamed(monkeypatch):
 
 def test_ask_with_a_local_model_folder(tmp_path, monkeypatch):
     """The whole pipeline on a tiny random Qwen2 folder given with --model (fast: no real model)."""
-    from .test_models import save_tiny_qwen2
+    from .helpers import save_tiny_qwen2
 
     monkeypatch.setenv("LONGDOC_CACHE_DIR", str(tmp_path / "cache"))
     save_tiny_qwen2(tmp_path / "tiny", window=4096)
@@ -403,16 +403,6 @@ def test_recycled_decoding_covering_the_context_equals_full(layout):
 
 
 # ---- hostile inputs, options checked first, Ctrl-C anywhere, the terminal (issue 10); fast ----------
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny random Qwen2 folder (window 4096) for end-to-end runs without the real model."""
-    from .test_models import save_tiny_qwen2
-
-    folder = tmp_path_factory.mktemp("tiny-model") / "tiny"
-    save_tiny_qwen2(folder, window=4096)
-    return str(folder)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from longdoc.models.weights import WideningEmbedding, build_model, read_header
 from longdoc.quant import choose, packing, schemes
 from longdoc.runtime import machine
 
-from .conftest import REPO
+from .helpers import REPO
 
 AVX2 = frozenset({"sse2", "avx", "avx2", "fma", "f16c"})
 ZEN4 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_vnni", "avx512_bf16", "avx512_fp16"}

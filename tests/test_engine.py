@@ -14,7 +14,7 @@ from longdoc.engine.prefill import prefill
 from longdoc.engine.sampling import sample
 from longdoc.models.decoder import rms_norm
 
-from .conftest import tiny_model
+from .helpers import tiny_model
 
 CPU = torch.device("cpu")
 

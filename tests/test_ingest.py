@@ -17,9 +17,10 @@ from longdoc.ingest.code import read_tree
 from longdoc.ingest.pdf import parse_pages, read_pdf
 from longdoc.ingest.text import is_binary, read_text
 
+from .helpers import corpus_file
+
 REPO = Path(__file__).parents[1]
 REPORT = REPO / "sample_docs" / "report.pdf"
-CORPUS = Path(__file__).parents[2] / "shared" / "corpus"
 
 
 def labels(doc: Document) -> list[str]:
@@ -157,10 +158,7 @@ def test_corrupt_pdf_is_an_input_error(tmp_path: Path, data: bytes) -> None:
 
 
 def test_shared_corpus_pdf_reads_all_pages() -> None:
-    paper = CORPUS / "chunkllama.pdf"
-    if not paper.is_file():
-        pytest.skip(f"shared corpus not present at {CORPUS}")
-    doc = read_pdf(paper)
+    doc = read_pdf(corpus_file("chunkllama.pdf"))
     assert doc.pages == 16
     assert labels(doc)[0] == "p. 1"
     assert "Dual Chunk Attention" in doc.text

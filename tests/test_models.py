@@ -6,7 +6,6 @@ Everything but the ``slow`` test runs on tiny random-weight models in a temporar
 from __future__ import annotations
 
 import json
-import struct
 import sys
 import threading
 from pathlib import Path
@@ -18,63 +17,7 @@ from longdoc import models
 from longdoc.errors import ModelError, UsageError
 from longdoc.models import convert, resolve
 
-# --------------------------------------------------------------------------------------------------
-# helpers
-
-
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
-    from tokenizers import models as tok_models
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(tok_models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(["The capital of France is Paris.", "hello world"] * 10, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-
-
-def save_tiny_qwen2(folder: Path, *, window: int = 256, seed: int = 0, hidden: int = 32, mlp: int = 64):
-    """A random-weight two-layer Qwen2 with a tokenizer, saved like a Hugging Face model folder."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    tokenizer = _tiny_tokenizer()
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=mlp,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=window,
-    )
-    model = Qwen2ForCausalLM(config).eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model, tokenizer
-
-
-def write_gguf_header(path: Path, arch: str, extra: bytes = b"") -> Path:
-    """A GGUF v3 file holding only metadata: a string array first (to be skipped), then the architecture."""
-
-    def string(s: str) -> bytes:
-        b = s.encode()
-        return struct.pack("<Q", len(b)) + b
-
-    kvs = [
-        string("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2) + string("a") + string("bc"),
-        string("general.alignment") + struct.pack("<II", 4, 32),
-        string("general.architecture") + struct.pack("<I", 8) + string(arch),
-    ]
-    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs)) + b"".join(kvs) + extra)
-    return path
+from .helpers import save_tiny_qwen2, write_gguf_header
 
 
 @pytest.fixture
@@ -202,7 +145,7 @@ def test_bfloat16_under_an_avx2_cap_falls_back_to_plain_matmuls():
         "from longdoc import models\n"
         "from longdoc.cpu import onednn_packs\n"
         "from longdoc.quant.packing import pack_linears\n"
-        "from tests.conftest import tiny_model\n"
+        "from tests.helpers import tiny_model\n"
         "m = tiny_model(dtype=torch.bfloat16)\n"
         "n = pack_linears(m)\n"
         "out = m(torch.tensor([[1, 2, 3]])).logits\n"
@@ -424,7 +367,7 @@ def test_sliding_window_rule_per_family():
 def test_patched_model_refuses_an_active_sliding_window():
     from longdoc.attention.kernels import attend_reference
     from longdoc.engine.longmodel import AttentionSettings, LongModel
-    from tests.conftest import tiny_model
+    from tests.helpers import tiny_model
 
     model = tiny_model("mistral")
     model.config.sliding_window = 16  # shorter than its 512-token window

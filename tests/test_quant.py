@@ -19,7 +19,7 @@ from longdoc.quant import cache as mq
 from longdoc.quant import schemes
 from longdoc.quant.packing import pack_linears
 
-from .conftest import REPO, tiny_model
+from .helpers import REPO, tiny_model
 
 SCHEMES = ["int8", "int4"]
 
@@ -280,7 +280,7 @@ def test_quantize_linears_refuses_another_models_weights():
 
 @pytest.fixture
 def base(tmp_path):
-    from .test_models import save_tiny_qwen2
+    from .helpers import save_tiny_qwen2
 
     folder = store.models_dir() / "tiny-0123456789ab"
     model, _ = save_tiny_qwen2(folder)
@@ -347,7 +347,7 @@ def test_session_runs_quantized_and_falls_back_where_the_kernel_is_missing(tmp_p
     from longdoc.render import Reporter
     from longdoc.runtime.local import Session
 
-    from .test_models import save_tiny_qwen2
+    from .helpers import save_tiny_qwen2
 
     save_tiny_qwen2(tmp_path / "tiny", window=512)
     warnings: list[str] = []
@@ -395,7 +395,7 @@ def test_ask_with_quantize_end_to_end(tmp_path):
 
     from longdoc.cli import app
 
-    from .test_models import save_tiny_qwen2
+    from .helpers import save_tiny_qwen2
 
     save_tiny_qwen2(tmp_path / "tiny", window=4096)
     args = ["ask", str(REPO / "sample_docs" / "notes.md"), "Which port?", "--model", str(tmp_path / "tiny")]

@@ -27,7 +27,7 @@ from longdoc.config import RunConfig
 from longdoc.runtime import remote
 from longdoc.runtime.local import LocalBackend
 
-from .conftest import REPO
+from .helpers import REPO
 from .test_serve import KEY, Collect, Served, save_chat_model, spawn_server, start, stop
 
 SAMPLES = REPO / "sample_docs"

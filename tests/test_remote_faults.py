@@ -30,7 +30,7 @@ from longdoc.render import Reporter
 from longdoc.runtime import remote
 from longdoc.sanitize import terminal_safe
 
-from .conftest import REPO
+from .helpers import REPO
 from .test_serve import save_chat_model
 
 NOTES = str(REPO / "sample_docs" / "notes.md")
