@@ -1,13 +1,9 @@
-"""Token counting: exact with the model's tokenizer, and a fast cl100k estimate that needs no model."""
+"""Token counting without a model: a fast cl100k estimate (exact counts use the model's own tokenizer)."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from typing import Any
-
-
-def count_exact(tokenizer: Any, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 @lru_cache(maxsize=1)
