@@ -269,7 +269,7 @@ class Conversation:
     ):
         self.session = session
         self.sources = sources
-        self.cache_salt = cache_salt  # longdoc serve's requests: entry keys of their own (serve.cache_salt)
+        self.cache_salt = cache_salt  # longdoc serve's requests: entry keys of their own (serve.documents.cache_salt)
         self.plan = make_plan(session.cfg, session.info, prompt_tokens, reserve)
         self.model = session.long_model(self.plan)
         self.kv = self.model.new_cache(self.plan.prompt_tokens + self.plan.max_new_tokens + reserve)

@@ -1,10 +1,7 @@
 """What a served request's run came to, as the response tells it.
 
-The one place in the serve package that touches the run result's types (what
-``local.Conversation.answer`` takes as sources and returns): ``outcome_of`` turns a result into an
-``Outcome`` in the worker thread, and everything after it (the response bodies, the stream's last
-chunks, the server's log line) reads the ``Outcome``. The lines that read the result are marked
-``# run result``.
+``outcome_of`` turns the run's ``Result`` into an ``Outcome`` in the worker thread, and everything after
+it (the response bodies, the stream's last chunks, the server's log line) reads the ``Outcome``.
 """
 
 from __future__ import annotations
@@ -12,14 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from longdoc.runtime.result import Cache, Result, Source, json_of
+
 # A JSON object as it comes off or goes on the wire (a request's body, a response's, a section of one).
 JsonObject = dict[str, Any]
-# The run result, as local.Conversation.answer returns it.
-RunResult = Any  # run result
 # What the document cache lists as the source of a prefix that came from a request.
 SERVED_SOURCE = "(longdoc serve request)"
-# The sections of a result that a response carries in its ``longdoc`` extension field.
-EXTENSION_SECTIONS = ("cache", "timings", "dca", "recycle")
 
 
 @dataclass(frozen=True)
@@ -32,28 +27,25 @@ class Outcome:
     finish_reason: str  # "length" when the answer ran into its token budget, else "stop"
     prefix_tokens: int = 0  # the document prefix's tokens (0: the request had none)
     cache_hit: bool = False  # whether that prefix came from the document cache (or memory)
-    #: the extension's sections as JSON (``EXTENSION_SECTIONS``, those the result has)
+    #: the result's sections that a response carries in its ``longdoc`` extension field, as JSON
     sections: JsonObject = field(default_factory=dict)
 
 
-def outcome_of(result: RunResult, max_new_tokens: int) -> Outcome:
+def outcome_of(result: Result, max_new_tokens: int) -> Outcome:
     """The outcome of a run whose answer budget was ``max_new_tokens``."""
-    data = result.to_json()  # run result: the JSON of a local run, a section missing where it has none
-    generated = int(data["generated_tokens"])  # run result
-    cache = data.get("cache") or {}  # run result
+    cache = result.cache or Cache()
+    sections = {"cache": result.cache, "timings": result.timings, "dca": result.dca, "recycle": result.recycle}
     return Outcome(
-        answer=data["answer"],  # run result
-        prompt_tokens=int(data["prompt_tokens"]),  # run result
-        generated_tokens=generated,
-        finish_reason="length" if generated >= max_new_tokens else "stop",
-        prefix_tokens=cache.get("prefix_tokens", 0),
-        cache_hit=bool(cache.get("hit")),
-        sections={k: data[k] for k in EXTENSION_SECTIONS if k in data},  # run result
+        answer=result.answer,
+        prompt_tokens=result.prompt_tokens,
+        generated_tokens=result.generated_tokens,
+        finish_reason="length" if result.generated_tokens >= max_new_tokens else "stop",
+        prefix_tokens=cache.prefix_tokens or 0,
+        cache_hit=cache.hit,
+        sections={name: json_of(part) for name, part in sections.items() if part is not None},
     )
 
 
-def served_sources(prefix_tokens: int) -> list[Any]:
+def served_sources(prefix_tokens: int) -> list[Source]:
     """The sources of a served request's run: one, the request's document prefix."""
-    from longdoc.runtime.result import Source  # run result
-
-    return [Source(path=SERVED_SOURCE, kind="text", pages=0, tokens=prefix_tokens)]  # run result
+    return [Source(path=SERVED_SOURCE, kind="text", pages=0, tokens=prefix_tokens)]
