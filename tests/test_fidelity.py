@@ -16,7 +16,6 @@ from longdoc.engine.decode import decode_one_token
 from longdoc.engine.longmodel import AttentionSettings, LongModel
 from longdoc.engine.prefill import prefill
 from longdoc.engine.recycled import RecycledPolicy
-from longdoc.runtime import local
 
 from .helpers import THETA, run_chunked, tiny_model
 

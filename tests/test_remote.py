@@ -28,7 +28,7 @@ from longdoc.runtime import remote
 from longdoc.runtime.local import LocalBackend
 
 from .helpers import REPO
-from .test_serve import KEY, Collect, Served, save_chat_model, spawn_server, start, stop
+from .serve_helpers import KEY, Collect, Served, spawn_server, start, stop
 
 SAMPLES = REPO / "sample_docs"
 NOTES = str(SAMPLES / "notes.md")
@@ -41,25 +41,19 @@ def invoke(*args: str, input: str | None = None) -> Any:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    """The tiny model with a ChatML template (prompts go out as chat messages, rendered by the server)."""
-    return save_chat_model(tmp_path_factory.mktemp("remote-model") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def server(tiny) -> Iterator[Served]:
+def server(tiny_chat) -> Iterator[Served]:
     """``longdoc serve`` over the tiny model with the settings a local ``--dtype float32`` run has, on the
     user's own document cache (``--doc-cache shared``): a remote answer finds the local run's entry."""
-    session = LocalBackend(RunConfig(model=tiny, dtype="float32"), Collect())
+    session = LocalBackend(RunConfig(model=tiny_chat, dtype="float32"), Collect())
     served = start(session, concurrency=2, queue=8, doc_cache="shared")
     yield served
     stop(served)
 
 
 @pytest.fixture
-def local(tiny) -> tuple[str, ...]:
+def local(tiny_chat) -> tuple[str, ...]:
     """The options of a local run; a remote run adds ``remote(server)``."""
-    return ("--model", tiny, "--dtype", "float32", *NEW)
+    return ("--model", tiny_chat, "--dtype", "float32", *NEW)
 
 
 def through(server: Served, key: str = KEY) -> tuple[str, ...]:
@@ -105,7 +99,7 @@ def test_ask_through_the_endpoint_equals_the_local_answer(server, local):
     assert streamed.stdout.strip() == mine["answer"]
 
 
-def test_json_records_the_engine_and_the_servers_usage(server, local, tiny):
+def test_json_records_the_engine_and_the_servers_usage(server, local, tiny_chat):
     mine = json.loads(ok(invoke("ask", NOTES, "Which port?", *local, "--json")).stdout)
     assert mine["engine"]["kind"] == "local"
     result = ok(invoke("ask", NOTES, "Which port?", *local, *through(server), "--json"))

@@ -31,7 +31,6 @@ from longdoc.runtime import remote
 from longdoc.sanitize import terminal_safe
 
 from .helpers import REPO
-from .test_serve import save_chat_model
 
 NOTES = str(REPO / "sample_docs" / "notes.md")
 # What a hostile document can steer a model into copying: set the window title, turn the text red,
@@ -101,11 +100,6 @@ class Broken(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    return save_chat_model(tmp_path_factory.mktemp("faults-model") / "tiny")
-
-
 @pytest.fixture
 def broken() -> Iterator[Any]:
     server: Any = ThreadingHTTPServer(("127.0.0.1", 0), Broken)
@@ -120,9 +114,9 @@ def broken() -> Iterator[Any]:
     server.server_close()
 
 
-def ask(tiny: str, server: Any, *extra: str) -> Any:
+def ask(tiny_chat: str, server: Any, *extra: str) -> Any:
     # a --timeout that ends a test that would otherwise hang (a later one takes precedence)
-    args = ["ask", NOTES, "Which port?", "--model", tiny, "--endpoint", server.url, "--timeout", "20", *extra]
+    args = ["ask", NOTES, "Which port?", "--model", tiny_chat, "--endpoint", server.url, "--timeout", "20", *extra]
     return runner.invoke(app, args)
 
 
@@ -138,51 +132,51 @@ def one_line_error(result: Any, code: int = 3) -> str:
 # 7. the client against broken servers
 
 
-def test_an_answer_cut_off_without_finish_reason_is_an_error(tiny, broken):
+def test_an_answer_cut_off_without_finish_reason_is_an_error(tiny_chat, broken):
     broken.behaviour.update(chat="unfinished")
-    line = one_line_error(ask(tiny, broken, "--json"))
+    line = one_line_error(ask(tiny_chat, broken, "--json"))
     assert "ended the answer before it was complete" in line
-    assert ask(tiny, broken).exit_code == 3  # streamed to stdout as well: not taken for a whole answer
+    assert ask(tiny_chat, broken).exit_code == 3  # streamed to stdout as well: not taken for a whole answer
     broken.behaviour.update(chat="ok")
-    assert json.loads(ask(tiny, broken, "--json").stdout)["answer"] == "An answer."
+    assert json.loads(ask(tiny_chat, broken, "--json").stdout)["answer"] == "An answer."
 
 
-def test_html_where_the_api_should_be_is_one_line(tiny, broken):
+def test_html_where_the_api_should_be_is_one_line(tiny_chat, broken):
     broken.behaviour.update(models="html")
-    line = one_line_error(ask(tiny, broken))
+    line = one_line_error(ask(tiny_chat, broken))
     assert "answered GET /models with text/html, not an OpenAI model list" in line
 
 
-def test_a_silent_server_is_given_up_on(tiny, broken, monkeypatch):
+def test_a_silent_server_is_given_up_on(tiny_chat, broken, monkeypatch):
     monkeypatch.setattr(remote, "MODELS_TIMEOUT_S", 1.0)
     broken.behaviour.update(models="silent")
     t0 = time.monotonic()
-    line = one_line_error(ask(tiny, broken))
+    line = one_line_error(ask(tiny_chat, broken))
     assert "sent nothing for 1s during GET /models" in line and time.monotonic() - t0 < 20
     broken.behaviour.update(models="ok", chat="silent")
     t0 = time.monotonic()
-    line = one_line_error(ask(tiny, broken, "--timeout", "1"))
+    line = one_line_error(ask(tiny_chat, broken, "--timeout", "1"))
     assert "sent nothing for 1s during POST /chat/completions" in line and "--timeout" in line
     assert time.monotonic() - t0 < 20
 
 
-def test_a_connection_dropped_mid_answer_is_not_called_unreachable(tiny, broken):
+def test_a_connection_dropped_mid_answer_is_not_called_unreachable(tiny_chat, broken):
     broken.behaviour.update(chat="reset")
-    line = one_line_error(ask(tiny, broken, "--json"))
+    line = one_line_error(ask(tiny_chat, broken, "--json"))
     assert "connection to the server at" in line and "broke during the answer" in line
     assert "cannot reach" not in line and "is it running" not in line
 
 
-def test_openai_credentials_are_never_sent(tiny, broken, monkeypatch):
+def test_openai_credentials_are_never_sent(tiny_chat, broken, monkeypatch):
     for name, value in [("OPENAI_API_KEY", "sk-secret"), ("OPENAI_ORG_ID", "org-1"), ("OPENAI_PROJECT_ID", "p-1")]:
         monkeypatch.setenv(name, value)
-    assert ask(tiny, broken, "--json").exit_code == 0
+    assert ask(tiny_chat, broken, "--json").exit_code == 0
     sent = {name: value for head in broken.heads for name, value in head.items()}
     assert sent["authorization"] == "Bearer EMPTY"
     assert "sk-secret" not in json.dumps(broken.heads) and "openai-organization" not in sent
     broken.heads.clear()
     monkeypatch.setenv("LONGDOC_API_KEY", "mine")
-    assert ask(tiny, broken, "--json").exit_code == 0
+    assert ask(tiny_chat, broken, "--json").exit_code == 0
     assert {head["authorization"] for head in broken.heads} == {"Bearer mine"}
 
 
@@ -218,14 +212,25 @@ def test_answers_are_escaped_for_a_terminal_and_exact_elsewhere():
     assert json.loads(as_json.out.getvalue())["answer"] == HOSTILE  # --json: exact, and escaped by JSON
 
 
-def test_a_remote_answer_reaches_a_terminal_escaped_and_a_pipe_exact(tiny, broken):
+def test_a_remote_answer_reaches_a_terminal_escaped_and_a_pipe_exact(tiny_chat, broken):
     broken.behaviour.update(text=HOSTILE, name="tiny\x1b]0;NAME\x07")  # the server's model name too
-    piped = ask(tiny, broken)
+    piped = ask(tiny_chat, broken)
     assert piped.exit_code == 0 and piped.stdout == HOSTILE.strip() + "\n"
-    assert json.loads(ask(tiny, broken, "--json").stdout)["answer"] == HOSTILE.strip()
+    assert json.loads(ask(tiny_chat, broken, "--json").stdout)["answer"] == HOSTILE.strip()
     # the real CLI with a terminal as stdout
     master, slave = pty.openpty()
-    args = [sys.executable, "-m", "longdoc", "ask", NOTES, "Which port?", "--model", tiny, "--endpoint", broken.url]
+    args = [
+        sys.executable,
+        "-m",
+        "longdoc",
+        "ask",
+        NOTES,
+        "Which port?",
+        "--model",
+        tiny_chat,
+        "--endpoint",
+        broken.url,
+    ]
     proc = subprocess.Popen(args, stdout=slave, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=REPO)
     os.close(slave)
     shown = b""

@@ -21,123 +21,22 @@ import openai
 import pytest
 
 from longdoc import serve
-from longdoc.config import DCAConfig, GenerationConfig, RecycleConfig, RunConfig
-from longdoc.engine import decode
 from longdoc.errors import DoesNotFitError
-from longdoc.ingest import Document
-from longdoc.prompt import ask_prompt, format_documents, template  # noqa: E402
-from longdoc.render import Reporter  # noqa: E402
-from longdoc.runtime.local import LocalBackend
+from longdoc.prompt import ask_prompt, format_documents  # noqa: E402
 
-from .test_models import save_tiny_qwen2  # noqa: E402
-
-KEY = "test-key"
-NEW = 8  # the server's default answer budget, and every request's here
-MAX_CONTEXT = 3000
-# Qwen2's template in miniature: the tiny tokenizer has none, and the server renders with the model's own.
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+from .serve_helpers import (
+    DOC,
+    KEY,
+    MAX_CONTEXT,
+    NEW,
+    USER,
+    Served,
+    answer_locally,
+    ask_messages,
+    spawn_server,
+    start,
+    stop,
 )
-DOC = Document(
-    source="heron.txt",
-    kind="text",
-    segments=[
-        ("", "The Heron pump moved 40 litres per minute at 3 bar. " * 12),
-        ("", "Its service port is 8081; the cache TTL is 300 seconds. " * 12),
-    ],
-)
-
-
-class Collect(Reporter):
-    """A quiet reporter that keeps the status lines (the server's 'serving ...' line among them)."""
-
-    def __init__(self) -> None:
-        super().__init__(quiet=True)
-        self.lines: list[str] = []
-
-    def status(self, message: str) -> None:
-        self.lines.append(message)
-
-
-def save_chat_model(folder: Path) -> str:
-    """The tiny model with a ChatML template (a server renders chat messages with it)."""
-    _, tokenizer = save_tiny_qwen2(folder, window=4096)
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def session(tmp_path_factory) -> LocalBackend:
-    folder = tmp_path_factory.mktemp("serve-model") / "tiny"
-    save_chat_model(folder)
-    cfg = RunConfig(
-        model=str(folder),
-        dtype="float32",
-        max_context=MAX_CONTEXT,
-        # DCA with many 96-token chunks and recycled decoding with a set far smaller than the context:
-        # every path of the engine runs behind the server
-        dca=DCAConfig(enabled=True, chunk_size=96, local_window=16),
-        recycle=RecycleConfig(enabled=True, k=64, stride=4),
-        generation=GenerationConfig(max_new_tokens=NEW),
-    )
-    return LocalBackend(cfg, Collect())
-
-
-class Served:
-    def __init__(self, running: serve.Running, thread: threading.Thread):
-        self.running = running
-        self.thread = thread
-        self.url = running.url
-        self.scheduler: serve.Scheduler = running.app.state.scheduler
-
-    def client(self, key: str | None = KEY, **kw: Any) -> Any:
-        return openai.OpenAI(base_url=self.url, api_key=key or "none", max_retries=0, timeout=60, **kw)
-
-    def post(self, body: Any, key: str | None = KEY, timeout: float = 60, **headers: str) -> Any:
-        headers = {"Content-Type": "application/json", **headers}
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        data = {"content": body} if isinstance(body, bytes | str) else {"content": json.dumps(body)}
-        return httpx.post(f"{self.url}/chat/completions", headers=headers, timeout=timeout, **data)
-
-    def health(self) -> dict[str, Any]:
-        return dict(httpx.get(self.url.removesuffix("/v1") + "/health", timeout=10).json())
-
-    def idle(self, timeout: float = 30.0) -> bool:
-        """Wait until no request is running or waiting."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.scheduler.admitted == 0 and self.scheduler.running == 0:
-                return True
-            time.sleep(0.02)
-        return False
-
-
-def start(session: LocalBackend, **kw: Any) -> Served:
-    """``serve.serve`` on a free loopback port in a thread; returns once /health answers."""
-    box: dict[str, serve.Running] = {}
-    up = threading.Event()
-
-    def ready(running: serve.Running) -> None:
-        box["running"] = running
-        up.set()
-
-    thread = threading.Thread(
-        target=serve.serve, args=(session,), kwargs={"port": 0, "api_key": KEY, "ready": ready, **kw}, daemon=True
-    )
-    thread.start()
-    assert up.wait(60), "the server did not start"
-    served = Served(box["running"], thread)
-    assert httpx.get(served.url.removesuffix("/v1") + "/health", timeout=10).json()["status"] == "ok"
-    return served
-
-
-def stop(served: Served) -> None:
-    served.running.stop()
-    served.thread.join(30)
-    assert not served.thread.is_alive(), "the server did not stop"
 
 
 @pytest.fixture(scope="module")
@@ -147,30 +46,6 @@ def server(session) -> Iterator[Served]:
     served = start(session, concurrency=2, queue=8, doc_cache="shared")
     yield served
     stop(served)
-
-
-def ask_messages(question: str, docs: list[Document] = [DOC]) -> tuple[list[dict[str, str]], int]:  # noqa: B006
-    """The messages of longdoc's own ask prompt, and the characters of its document part."""
-    documents = format_documents(docs)
-    user = template("ask").format(documents=documents, question=question).strip()
-    system = template("system").strip()
-    return [{"role": "system", "content": system}, {"role": "user", "content": user}], user.index(documents) + len(
-        documents
-    )
-
-
-def answer_locally(session: LocalBackend, question: str, **generation: Any) -> dict[str, Any]:
-    """The local pipeline's answer to the ask prompt (the same settings as the server's)."""
-    cfg = replace(session.cfg, generation=replace(session.cfg.generation, **generation))
-    return replace_cfg(session, cfg).run(ask_prompt(session.tokenizer, [DOC], question), []).to_json()
-
-
-def replace_cfg(session: LocalBackend, cfg: RunConfig) -> LocalBackend:
-    import copy
-
-    other = copy.copy(session)
-    other.cfg = cfg
-    return other
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,7 +229,6 @@ def test_over_long_prompt_is_400_with_the_exit_4_message(server, session):
     assert server.scheduler.context_length == MAX_CONTEXT
 
 
-USER = {"role": "user", "content": "Hello there"}
 MALFORMED = [
     (b"{not json", "not valid JSON"),
     (b"\xff\xfe", "not valid JSON"),
@@ -459,23 +333,6 @@ def test_a_failing_request_is_500_and_the_server_carries_on(server, session, mon
 
 # --------------------------------------------------------------------------------------------------
 # slots: the queue, and clients that leave
-
-
-@pytest.fixture
-def gate(monkeypatch) -> Iterator[threading.Event]:
-    """Decode steps wait for this event (set it to let generations go on): a request that runs for as
-    long as a test needs, deterministically."""
-    event = threading.Event()
-    real = decode.decode_one_token
-
-    def gated(*args: Any, **kw: Any) -> Any:
-        assert event.wait(30), "the gate was never opened"
-        time.sleep(0.01)  # and slowly after: a client that leaves is noticed long before the answer ends
-        return real(*args, **kw)
-
-    monkeypatch.setattr(decode, "decode_one_token", gated)
-    yield event
-    event.set()
 
 
 def test_full_queue_gets_429_and_the_slot_comes_back(session, gate):
@@ -603,21 +460,6 @@ except KeyboardInterrupt:
     print("interrupted", file=sys.stderr, flush=True)
     sys.exit(130)
 """
-
-
-def spawn_server(cmd: list[str]) -> tuple[Any, str]:
-    """A server process started by ``cmd``, once it says where it serves: (process, its /v1 URL)."""
-    import subprocess
-
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
-    assert proc.stderr is not None
-    line = ""
-    while "serving" not in line:
-        line = proc.stderr.readline()
-        if not line:
-            proc.kill()
-            raise AssertionError("the server did not start")
-    return proc, line.split(" on ")[1].strip()
 
 
 def test_ctrl_c_cancels_generations_and_raises_keyboardinterrupt(session, tmp_path):

@@ -23,9 +23,7 @@ import pytest
 from longdoc.runtime import doccache, local
 from longdoc.store import documents_dir
 
-from .test_serve import KEY, NEW, USER, Served, answer_locally, ask_messages, gate, replace_cfg, session, start, stop
-
-__all__ = ["gate", "session"]  # fixtures of test_serve, used here
+from .serve_helpers import KEY, NEW, USER, Served, answer_locally, ask_messages, replace_cfg, start, stop
 
 SMALL = {"messages": [USER], "max_tokens": 2}
 

@@ -111,7 +111,7 @@ MUTANTS = [
     ),
     (
         "DCA temperature from prompt + answer budget",
-        "longdoc/runtime/local.py",
+        "longdoc/runtime/plan.py",
         "math.log(prompt_tokens / window)",
         "math.log((prompt_tokens + cfg.generation.max_new_tokens) / window)",
     ),

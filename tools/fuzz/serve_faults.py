@@ -62,7 +62,7 @@ import json, sys, time
 from longdoc import serve
 from longdoc.config import GenerationConfig, RunConfig
 from longdoc.engine import decode
-from longdoc.runtime.local import Session
+from longdoc.runtime.local import LocalBackend
 from longdoc.render import Reporter
 
 opts = json.loads(sys.argv[2])
@@ -72,7 +72,7 @@ def slow(*args, **kw):  # generations long enough to hold their slots while the 
     return real(*args, **kw)
 decode.decode_one_token = slow
 cfg = RunConfig(model=sys.argv[1], dtype="float32", max_context=3000, generation=GenerationConfig(max_new_tokens=16))
-session = Session(cfg, Reporter(quiet=True))
+session = LocalBackend(cfg, Reporter(quiet=True))
 try:
     serve.serve(
         session, host=opts["host"], port=0, api_key=None, concurrency=opts["concurrency"], queue=opts["queue"],
