@@ -1,8 +1,17 @@
-"""Run settings as plain dataclasses; the CLI fills them from options, the core reads them."""
+"""Run settings as plain dataclasses; the CLI fills them from options, the core reads them.
+
+Each constructor checks its own values (``__post_init__``) and raises ``UsageError`` naming the
+command-line option that sets the value, so a bad setting fails before any input is read or model
+loaded, however it was given (an option, ``-o key=value``, or code). The checks that need the model's
+trained window (the DCA layout rule) or the machine (devices, dtypes) run later, at planning.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from longdoc.errors import UsageError
 
 # Quantizations of the linears that decode steps run (longdoc.quant.schemes), and the --quantize
 # values: those or "auto" (see RunConfig.quantize).
@@ -22,6 +31,19 @@ class DCAConfig:
     # ChunkLlama's get_mscale scales q and k by 0.05 ln(L/W) + 1. Off by default: benchmarks/RESULTS.md.
     temperature: bool = False
 
+    def __post_init__(self) -> None:
+        if self.chunk_size is not None and self.chunk_size < 2:
+            raise UsageError("--chunk-size must be at least 2")
+        if self.local_window is not None and self.local_window < 0:
+            raise UsageError("--local-window must be at least 0")
+        if self.chunk_size is not None and self.local_window is not None and self.local_window >= self.chunk_size:
+            raise UsageError("--local-window must be smaller than --chunk-size")
+        # the rest of the layout rule needs the model's trained window: ChunkLayout.for_window, at planning
+
+
+# --recycle-schedule values
+RECYCLE_SCHEDULES: tuple[str, ...] = ("fixed", "dynamic")
+
 
 @dataclass
 class RecycleConfig:
@@ -38,6 +60,14 @@ class RecycleConfig:
     threshold: float = 0.9
     # Below this context the full cache is small enough that recycling does not pay.
     auto_min_context: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.stride < 1:
+            raise UsageError("--recycle-k and --recycle-stride must be at least 1")
+        if not (math.isfinite(self.threshold) and -1 <= self.threshold <= 1):
+            raise UsageError(f"--recycle-threshold is a cosine similarity between -1 and 1, not {self.threshold}")
+        if self.schedule not in RECYCLE_SCHEDULES:
+            raise UsageError("--recycle-schedule must be fixed or dynamic")
 
 
 # --prefill values: exact attention, sparse (longdoc.attention.sparse), or auto: sparse from a length on.
@@ -64,6 +94,12 @@ class PrefillConfig:
     budget_default: int = 8192
     budget_long: int = 2048
 
+    def __post_init__(self) -> None:
+        if self.mode not in PREFILL_MODES:
+            raise UsageError(f"--prefill accepts {', '.join(PREFILL_MODES)}, not {self.mode!r}")
+        if self.budget is not None and self.budget < 1:
+            raise UsageError("--prefill-budget must be at least 1")
+
     def budget_for(self, prompt_tokens: int) -> int:
         if self.budget is not None:
             return self.budget
@@ -76,6 +112,21 @@ class GenerationConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # checked here because a bad value fails only after the prefill (NaN probabilities)
+        if self.max_new_tokens < 1:
+            raise UsageError("--max-new-tokens must be at least 1")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UsageError(f"--temperature must be 0 (greedy) or more, not {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise UsageError(f"--top-p must be above 0 and at most 1, not {self.top_p}")
+
+
+# Pre-packed linears (RunConfig.pack) and attention back ends (RunConfig.kernel; the names of
+# longdoc.attention.kernels.KERNELS, which tests/test_options.py checks against these).
+PACK_CHOICES: tuple[str, ...] = ("auto", "on", "off")
+KERNEL_CHOICES: tuple[str, ...] = ("auto", "reference", "cpu", "cpu-torch", "cuda")
 
 
 @dataclass
@@ -105,3 +156,17 @@ class RunConfig:
     recycle: RecycleConfig = field(default_factory=RecycleConfig)
     prefill: PrefillConfig = field(default_factory=PrefillConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise UsageError(f"--quantize accepts {', '.join(QUANTIZE_CHOICES)}, not {self.quantize!r}")
+        if self.pack not in PACK_CHOICES:
+            raise UsageError(f"-o pack accepts {', '.join(PACK_CHOICES)}, not {self.pack!r}")
+        if self.kernel not in KERNEL_CHOICES:
+            raise UsageError(f"-o kernel accepts {', '.join(KERNEL_CHOICES)}, not {self.kernel!r}")
+        if self.prefill_step < 1:
+            raise UsageError("-o prefill_step must be at least 1")
+        if self.max_context is not None and self.max_context < 1:
+            raise UsageError("--max-context must be at least 1")
+        if not (math.isfinite(self.cache_max_gb) and self.cache_max_gb > 0):
+            raise UsageError(f"--cache-max-gb must be a size in GB above 0, not {self.cache_max_gb}")

@@ -563,7 +563,7 @@ def test_ctrl_c_before_the_model_runs_gives_a_partial_json(monkeypatch, tiny, ca
 
 def test_ctrl_c_while_loading_weights_gives_a_partial_json(monkeypatch, tiny, cache_dir):
 
-    monkeypatch.setattr(local.Session, "loaded", _interrupt)
+    monkeypatch.setattr(local.LocalBackend, "loaded", _interrupt)
     result = invoke("ask", str(SAMPLES / "notes.md"), "Which port?", "--model", tiny, "--json")
     assert result.exit_code == 130
     data = json.loads(result.stdout)
@@ -595,25 +595,25 @@ def test_ctrl_c_during_decoding_keeps_the_streamed_text(monkeypatch, tiny, cache
     assert streamed.exit_code == 130 and streamed.stdout.strip()  # the three tokens' text stayed
     assert streamed.stderr.strip().splitlines()[-1] == "error: interrupted"  # and the user is told
     # after a real SIGINT (counted by main) the decided exit is not reported a second time
-    from longdoc import cli
+    from longdoc.cli import interrupts
 
-    monkeypatch.setattr(cli, "_sigints", 1)
+    monkeypatch.setattr(interrupts, "sigints", 1)
     calls["n"] = 0
     assert invoke(*args).stderr.count("error: interrupted") == 1
 
 
 def test_ctrl_c_during_map_reduce_gives_a_partial_result(monkeypatch, tiny, cache_dir):
 
-    real = local.run_prompt
+    real = local.LocalBackend._run
     steps = []
 
     def interrupt_second_step(session, prompt, sources, on_text=None, cache=True):
         steps.append(prompt)
         if len(steps) == 2:
             raise KeyboardInterrupt
-        return real(session, prompt, sources, on_text)
+        return real(session, prompt, sources, on_text, cache)
 
-    monkeypatch.setattr(local, "run_prompt", interrupt_second_step)
+    monkeypatch.setattr(local.LocalBackend, "_run", interrupt_second_step)
     args = ("summarize", str(SAMPLES / "report.pdf"), "--model", tiny, "--max-context", "1200")
     result = invoke(*args, "--max-new-tokens", "40", "--json")
     assert result.exit_code == 130, result.stderr
@@ -735,7 +735,7 @@ def _prompt_of(monkeypatch, *args: str) -> str:
     monkeypatch.setattr(chat, "ask_prompt", spy)
     result = invoke(*args)
     assert result.exit_code == 0, result.stderr
-    return seen[-1]
+    return seen[-1].text
 
 
 def test_prompts_dir_overrides_templates_file_by_file(tmp_path, tiny, cache_dir, monkeypatch):
@@ -824,6 +824,7 @@ def test_ctrl_c_outside_any_command_exits_130_with_one_start_result(monkeypatch,
     import signal as signal_module
 
     from longdoc import cli, render
+    from longdoc.cli import interrupts
 
     def interrupted_while_parsing():
         raise KeyboardInterrupt
@@ -832,7 +833,7 @@ def test_ctrl_c_outside_any_command_exits_130_with_one_start_result(monkeypatch,
     monkeypatch.setattr(cli, "app", interrupted_while_parsing)
     monkeypatch.setattr(render, "json_printed_by_any", printed)
     monkeypatch.setattr(sys, "argv", ["longdoc", "ask", "paper.pdf", "q", "--json"])
-    monkeypatch.setattr(cli.os, "_exit", exits.append)
+    monkeypatch.setattr(interrupts.os, "_exit", exits.append)
     monkeypatch.setattr(signal_module, "signal", lambda sig, handler: handlers.append((sig, handler)))
     cli.main()
     assert exits == [130] and handlers[-1] == (signal_module.SIGINT, signal_module.SIG_IGN)
@@ -862,13 +863,13 @@ def test_finished_command_ignores_a_late_ctrl_c(monkeypatch):
 
 def test_ctrl_c_in_a_finalizer_is_not_lost(monkeypatch):
     """Python cannot raise a KeyboardInterrupt out of a ``__del__``; longdoc raises the signal again."""
-    from longdoc import cli
+    from longdoc.cli import interrupts
 
     class Finalized:
         def __del__(self):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(sys, "unraisablehook", cli._redeliver_interrupt)
+    monkeypatch.setattr(sys, "unraisablehook", interrupts.redeliver_interrupt)
     with pytest.raises(KeyboardInterrupt):
         obj = Finalized()
         del obj
@@ -901,11 +902,11 @@ def test_ctrl_c_between_questions_gives_the_question_its_line(monkeypatch, tiny,
 
 def test_any_error_after_a_ctrl_c_counts_as_the_interrupt(monkeypatch):
     """transformers' lazy modules turn an interrupted import into an error that does not name it."""
-    from longdoc import cli
+    from longdoc.cli import interrupts
 
     wrapped = ModuleNotFoundError("Could not import module 'Qwen2ForCausalLM'. Are this object's requirements ...")
-    monkeypatch.setattr(cli, "_sigints", 0)
-    assert not cli._caused_by_interrupt(wrapped)  # a real error stays a bug report
+    monkeypatch.setattr(interrupts, "sigints", 0)
+    assert not interrupts.caused_by_interrupt(wrapped)  # a real error stays a bug report
     with pytest.raises(KeyboardInterrupt):
-        cli._count_sigint(2, None)
-    assert cli._caused_by_interrupt(wrapped)
+        interrupts.count_sigint(2, None)
+    assert interrupts.caused_by_interrupt(wrapped)

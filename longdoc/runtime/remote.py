@@ -94,11 +94,17 @@ class RemoteOptions:
     timeout: float = READ_TIMEOUT_S  # seconds of silence tolerated within an answer (--timeout)
 
 
-def options(opts: dict[str, Any]) -> RemoteOptions | None:
-    """The remote options of a command's parsed options (its ``locals()``), or None without --endpoint.
-    Raises UsageError for a malformed URL and for options that need, or cannot go with, --endpoint."""
-    url, model, concurrency = opts.get("endpoint"), opts.get("remote_model"), opts.get("concurrency", 1)
-    timeout = opts.get("timeout", READ_TIMEOUT_S)
+def options(
+    url: str | None,
+    api_key: str | None = None,
+    model: str | None = None,
+    concurrency: int = 1,
+    timeout: float = READ_TIMEOUT_S,
+    quantize: str = "auto",
+) -> RemoteOptions | None:
+    """The remote options of a command (``--endpoint`` and its companions, ``quantize`` its --quantize),
+    or None without --endpoint. Raises UsageError for a malformed URL and for options that need, or
+    cannot go with, --endpoint."""
     if concurrency < 1:
         raise UsageError("--concurrency must be at least 1")
     if not timeout > 0:
@@ -111,10 +117,14 @@ def options(opts: dict[str, Any]) -> RemoteOptions | None:
         return None
     if importlib.util.find_spec("openai") is None:
         raise UsageError("--endpoint needs the openai client library: pip install 'longdoc[remote]'")
-    if opts.get("quantize", "auto") not in ("auto", "none"):
+    if quantize not in ("auto", "none"):
         raise UsageError("--quantize quantizes the local model; with --endpoint the server's weights are its own")
     return RemoteOptions(
-        url=base_url(url), api_key=opts.get("api_key") or None, model=model, concurrency=concurrency, timeout=timeout
+        url=base_url(url),
+        api_key=api_key or None,
+        model=model,
+        concurrency=concurrency,
+        timeout=timeout,
     )
 
 
@@ -142,26 +152,30 @@ def base_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") or "/v1", parts.query, ""))
 
 
-def local_only(opts: dict[str, Any]) -> list[str]:
-    """The options given to a command that steer the local engine, which --endpoint replaces."""
+def local_only(cfg: RunConfig) -> list[str]:
+    """The settings of ``cfg`` that steer the local engine, which --endpoint replaces, where they differ
+    from the defaults: the options that set them."""
     d = RunConfig()
-    defaults = {
-        "device": d.device,
-        "dtype": d.dtype,
-        "dca": d.dca.enabled,
-        "chunk_size": d.dca.chunk_size,
-        "local_window": d.dca.local_window,
-        "dca_temperature": d.dca.temperature,
-        "recycle": d.recycle.enabled,
-        "recycle_k": d.recycle.k,
-        "recycle_stride": d.recycle.stride,
-        "recycle_schedule": d.recycle.schedule,
-        "recycle_threshold": d.recycle.threshold,
-        "prefill": d.prefill.mode,
-        "prefill_budget": d.prefill.budget,
-        "cache_max_gb": d.cache_max_gb,
-    }
-    return ["--" + name.replace("_", "-") for name, value in defaults.items() if name in opts and opts[name] != value]
+    settings = [
+        ("--device", cfg.device, d.device),
+        ("--dtype", cfg.dtype, d.dtype),
+        ("--dca", cfg.dca.enabled, d.dca.enabled),
+        ("--chunk-size", cfg.dca.chunk_size, d.dca.chunk_size),
+        ("--local-window", cfg.dca.local_window, d.dca.local_window),
+        ("--dca-temperature", cfg.dca.temperature, d.dca.temperature),
+        ("--recycle", cfg.recycle.enabled, d.recycle.enabled),
+        ("--recycle-k", cfg.recycle.k, d.recycle.k),
+        ("--recycle-stride", cfg.recycle.stride, d.recycle.stride),
+        ("--recycle-schedule", cfg.recycle.schedule, d.recycle.schedule),
+        ("--recycle-threshold", cfg.recycle.threshold, d.recycle.threshold),
+        ("--prefill", cfg.prefill.mode, d.prefill.mode),
+        ("--prefill-budget", cfg.prefill.budget, d.prefill.budget),
+        ("--cache-max-gb", cfg.cache_max_gb, d.cache_max_gb),
+        ("-o prefill_step", cfg.prefill_step, d.prefill_step),
+        ("-o kernel", cfg.kernel, d.kernel),
+        ("-o pack", cfg.pack, d.pack),
+    ]
+    return [name for name, value, default in settings if value != default]
 
 
 def reported_context(card: dict[str, Any]) -> int | None:

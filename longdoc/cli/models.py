@@ -1,0 +1,31 @@
+"""``longdoc models``: the default model, known models, cached conversions, and what --model accepts."""
+
+from __future__ import annotations
+
+import sys
+
+from longdoc.cli import options as o
+from longdoc.cli.command import takes
+from longdoc.cli.interrupts import handled
+from longdoc.render import Reporter, console, plain
+
+
+@takes("json_out")
+def models(*, given: o.Given) -> None:
+    """The default model, known models, cached conversions, and what --model accepts."""
+    reporter = Reporter(json_mode=given.json_out)
+    with handled(reporter):
+        from longdoc import models
+
+        rows = models.list_models()
+        if given.json_out:
+            reporter.json({"models": rows, "cache_dir": str(models.cache_dir())})
+            return
+        out = console(sys.stdout)
+        for row in rows:
+            out.print(plain(" · ".join(f"{k}: {v}" for k, v in row.items() if v not in (None, ""))))
+        out.print(plain(f"cache: {models.cache_dir()}"))
+        out.print(
+            "--model accepts: an alias above, a local Hugging Face folder (config.json + *.safetensors; "
+            "llama, qwen2, mistral), or a .gguf file"
+        )
