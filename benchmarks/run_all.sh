@@ -50,12 +50,12 @@ for step in "${steps[@]}"; do
     cache)   # issue 11: time to first token of a second question, cold vs the document cache
       run python -m benchmarks.bench_cache --lengths 16384,32768 ;;
     fuzz)    # issue 10: ingestion, CLI and Ctrl-C fuzz, model-cache faults (all into out/fuzz.json)
-      run python -m tests.fuzz.run ingest --cases 5000 --seed 0
-      run python -m tests.fuzz.run ingest --start 5000 --cases 5000 --seed 0
-      run python -c "from pathlib import Path; from tests.test_models import save_tiny_qwen2; save_tiny_qwen2(Path('/tmp/tiny-model'), window=4096)"
-      run python -m tests.fuzz.run cli --cases 300 --seed 0 --model /tmp/tiny-model
-      run python -m tests.fuzz.run sigint --runs 50 --seed 3 --max-delay 15
-      run python -m tests.fuzz.cache_faults --kills 20 --racers 3 --seed 0 ;;
+      run python -m tools.fuzz.run ingest --cases 5000 --seed 0
+      run python -m tools.fuzz.run ingest --start 5000 --cases 5000 --seed 0
+      run python -c "from pathlib import Path; from tests.helpers import save_tiny_qwen2; save_tiny_qwen2(Path('/tmp/tiny-model'), window=4096)"
+      run python -m tools.fuzz.run cli --cases 300 --seed 0 --model /tmp/tiny-model
+      run python -m tools.fuzz.run sigint --runs 50 --seed 3 --max-delay 15
+      run python -m tools.fuzz.cache_faults --kills 20 --racers 3 --seed 0 ;;
     llamacpp) # issue 13: longdoc (each --quantize) vs transformers bfloat16 vs llama.cpp, same GGUF, one run
       run python -m benchmarks.bench_llamacpp --lengths 2048,8192 --new 64 --name llamacpp
       run python -m benchmarks.bench_llamacpp --lengths 2048 --new 64 --name llamacpp_2k_int5_repeat \

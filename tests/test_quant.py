@@ -345,7 +345,7 @@ def test_damaged_or_stale_quantized_cache_is_rebuilt(base):
 def test_session_runs_quantized_and_falls_back_where_the_kernel_is_missing(tmp_path, monkeypatch):
     from longdoc.config import RunConfig
     from longdoc.render import Reporter
-    from longdoc.runtime.local import Session
+    from longdoc.runtime.local import LocalBackend
 
     from .helpers import save_tiny_qwen2
 
@@ -354,7 +354,7 @@ def test_session_runs_quantized_and_falls_back_where_the_kernel_is_missing(tmp_p
     reporter = Reporter(quiet=True)
     monkeypatch.setattr(reporter, "warn", warnings.append)
     cfg = RunConfig(model=str(tmp_path / "tiny"), dtype="float32", quantize="int8")
-    session = Session(cfg, reporter)
+    session = LocalBackend(cfg, reporter)
     assert session.info.quantize == "int8" and session.info.quant_folder is not None
     assert session.info.numerics == "float32+int8"
     assert isinstance(session.loaded().model.lm_head, schemes.QuantLinear)
@@ -365,7 +365,7 @@ def test_session_runs_quantized_and_falls_back_where_the_kernel_is_missing(tmp_p
     warnings.clear()
 
     monkeypatch.setattr(schemes, "kernel_available", lambda scheme, dtype=None: False)
-    fallback = Session(cfg, reporter)
+    fallback = LocalBackend(cfg, reporter)
     assert fallback.info.quantize == "none" and fallback.info.quant_folder is None
     unquantized = [w for w in warnings if "running unquantized" in w]
     assert len(unquantized) == 1 and unquantized[0].startswith("--quantize int8:") and "\n" not in unquantized[0]

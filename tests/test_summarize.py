@@ -27,7 +27,6 @@ from longdoc.tasks import summarize as sm
 from longdoc.tasks.citations import extract_citations
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_docs"
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 runner = CliRunner()
 
 
