@@ -7,6 +7,7 @@ without some instruction set, would otherwise catch every mutant). A mutant caug
     python tools/mutants.py merge tests/test_fidelity.py
     python tools/mutants.py --list
     python tools/mutants.py --check              # every mutant still applies (tests/test_mutants.py runs it)
+    python tools/mutants.py --targeted           # each mutant against the test files of its room (minutes)
 
 A mutant is (name, file relative to the repository, the original text, its replacement); the original
 must occur exactly once in the file, so a refactor that moves or rewrites it shows in ``--check``.
@@ -286,6 +287,29 @@ MUTANTS = [
 ]
 
 
+# The test files that exercise each room, for --targeted (a file not listed: every fast test).
+TARGETS: dict[str, tuple[str, ...]] = {
+    "longdoc/attention/": ("tests/test_attention.py", "tests/test_fidelity.py", "tests/test_sparse.py"),
+    "longdoc/engine/": ("tests/test_recycled.py", "tests/test_fidelity.py", "tests/test_engine.py"),
+    "longdoc/engine/decode.py": ("tests/test_layers.py", "tests/test_engine.py"),
+    "longdoc/models/": ("tests/test_models.py", "tests/test_cpu_paths.py", "tests/test_engine.py"),
+    "longdoc/models/rope.py": ("tests/test_attention.py", "tests/test_engine.py"),
+    "longdoc/quant/": ("tests/test_quant.py", "tests/test_cpu_paths.py", "tests/test_int5.py"),
+    "longdoc/native/int5.c": ("tests/test_int5.py",),
+    "longdoc/native/flash.c": ("tests/test_flash.py",),
+    "longdoc/native/q8.c": ("tests/test_q8.py",),
+    "longdoc/runtime/": ("tests/test_pipeline.py", "tests/test_fidelity.py"),
+    "longdoc/cpu.py": ("tests/test_cpu_paths.py", "tests/test_models.py"),
+    "longdoc/config.py": ("tests/test_sparse.py", "tests/test_fidelity.py", "tests/test_pipeline.py"),
+}
+
+
+def targets(path: str) -> list[str]:
+    """The test files of the most specific room (or file) in ``TARGETS`` that holds ``path``."""
+    rooms = [room for room in TARGETS if path.startswith(room)]
+    return list(TARGETS[max(rooms, key=len)]) if rooms else ["tests/"]
+
+
 def broken(mutants: list[tuple[str, str, str, str]]) -> list[str]:
     """Why each of ``mutants`` no longer applies: its file is missing, its original text is not there
     exactly once, or the mutated file would equal the original. Empty when all apply."""
@@ -325,6 +349,11 @@ def main() -> int:
     parser.add_argument("tests", nargs="*", default=["tests/"], help="test paths to run (default: tests/)")
     parser.add_argument("--list", action="store_true", help="list the mutants' names and exit")
     parser.add_argument(
+        "--targeted",
+        action="store_true",
+        help="run each mutant against the test files of its room (TARGETS) instead of the given tests",
+    )
+    parser.add_argument(
         "--check",
         action="store_true",
         help="check that every chosen mutant still applies (its original text once in its file) and exit; "
@@ -344,16 +373,21 @@ def main() -> int:
     if problems:
         parser.error("mutants that no longer apply:\n" + "\n".join(problems))
 
-    baseline = failing_tests(args.tests)
-    if baseline:
-        print(f"baseline: {len(baseline)} tests fail unbroken and catch nothing: {sorted(baseline)}", flush=True)
+    plans = [(m, targets(m[1]) if args.targeted else args.tests) for m in chosen]
+    baselines: dict[tuple[str, ...], set[str]] = {}
+    for tests in {tuple(tests) for _, tests in plans}:
+        baselines[tests] = failing_tests(list(tests))
+        if baselines[tests]:
+            print(
+                f"baseline: {len(baselines[tests])} tests fail unbroken and catch nothing: {sorted(baselines[tests])}"
+            )
     gaps = []
-    for name, path, old, new in chosen:
+    for (name, path, old, new), tests in plans:
         file = REPO / path
         src = file.read_text()
         file.write_text(src.replace(old, new))
         try:
-            caught = sorted(failing_tests(args.tests) - baseline)
+            caught = sorted(failing_tests(tests) - baselines[tuple(tests)])
         finally:
             file.write_text(src)
         print(f"{name}: {len(caught)} caught{': ' + str(caught[:6]) if caught else ' -- GAP'}", flush=True)
