@@ -28,7 +28,8 @@ class DCAConfig:
     local_window: int | None = None
     # Attention temperature for prompts beyond the window: the softmax scale times (0.1 ln(L/W) + 1)^2, L the
     # prompt length, i.e. that factor on both q and k. The 0.1 is vLLM's dual-chunk backend's (and YaRN's);
-    # ChunkLlama's get_mscale scales q and k by 0.05 ln(L/W) + 1. Off by default: benchmarks/RESULTS.md.
+    # ChunkLlama's get_mscale scales q and k by 0.05 ln(L/W) + 1. Off by default (benchmarks/RESULTS.md,
+    # "Long-context accuracy").
     temperature: bool = False
 
     def __post_init__(self) -> None:
@@ -49,9 +50,9 @@ RECYCLE_SCHEDULES: tuple[str, ...] = ("fixed", "dynamic")
 class RecycleConfig:
     # None = automatic: on for contexts of at least `auto_min_context` tokens.
     enabled: bool | None = None
-    # Recycled set per layer and KV head. 4096 (as RefreshKV at 32K): on the summarize-then-quote benchmark
-    # it stated the late-needed fact as often as full attention where 2048 did not, at 1.5x full attention's
-    # decode speed at 32K (benchmarks/RESULTS.md).
+    # Recycled set per layer and KV head, as RefreshKV at 32K: the smallest that keeps the late-needed fact
+    # of the summarize-then-quote benchmark (benchmarks/RESULTS.md, "Summarize, then quote the pass key",
+    # and "Recycled decode at 32K with DCA, K=4096" for its speed).
     k: int = 4096
     # A full step every `stride` decode steps (fixed schedule).
     stride: int = 16
@@ -76,13 +77,11 @@ PREFILL_MODES: tuple[str, ...] = ("auto", "exact", "sparse")
 
 @dataclass
 class PrefillConfig:
-    """Sparse or exact prefill. Sparse prefill costs quality in proportion to what it skips (corpus
-    perplexity at 32K against exact 9.55: +1.2% at budget 8192, +5.6% at 4096, +7.8% at 2048), and
-    pays in proportion too (at 32K with longdoc's attention kernel: 1.44x exact at 8192, 1.74x at 4096).
-    So by default (``budget`` None) the budget follows the prompt's length: 8192, within the 2% quality
-    gate, from ``auto_min_tokens``; 2048 from ``long_min_tokens``, where an exact prefill takes about 12
-    minutes on 2 cores (12x the measured 2-layer run) and budget 2048 is 3.4x faster
-    (benchmarks/RESULTS.md, "Sparse prefill")."""
+    """Sparse or exact prefill. Sparse prefill costs quality in proportion to what it skips, and pays in
+    proportion too. So by default (``budget`` None) the budget follows the prompt's length:
+    ``budget_default``, within the 2% quality gate, from ``auto_min_tokens``; ``budget_long`` from
+    ``long_min_tokens``, where an exact prefill takes many minutes on a laptop's cores
+    (benchmarks/RESULTS.md, "Sparse prefill: quality against exact" and "Where prefill time goes")."""
 
     mode: str = "auto"
     # Selected keys per query beyond the exact band and sinks (longdoc.attention.sparse.SparseConfig);
@@ -114,8 +113,9 @@ class GenerationConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        # checked here because a bad value fails only after the prefill (NaN probabilities)
-        if self.max_new_tokens < 1:
+        # checked here because a bad value fails only after the prefill (NaN probabilities); a budget of
+        # 0 new tokens is a plan's (the fit of the prompt alone), which a command refuses (cli.settings)
+        if self.max_new_tokens < 0:
             raise UsageError("--max-new-tokens must be at least 1")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise UsageError(f"--temperature must be 0 (greedy) or more, not {self.temperature}")
@@ -136,10 +136,9 @@ class RunConfig:
     dtype: str = "auto"
     # Quantized linears for decode steps: auto | none | int5 | int8 | int4 (longdoc.quant.schemes). "auto"
     # is int5 where longdoc's int5 kernel runs (x86 with AVX-512 VNNI and a C compiler; a bfloat16 model
-    # on CPU whose widths are multiples of 128), else int8 where torch's int8 GEMM runs (VNNI), else none.
-    # Measured on an EPYC with AVX-512-BF16 (benchmarks/RESULTS.md): int5 costs +0.35% perplexity at 4K
-    # and +0.81% at 16K (int8 +0.21% and +0.59%), within the 1% a default may lose, and decodes faster
-    # than int8 and than llama.cpp on the same GGUF; int4 costs 4%.
+    # on CPU whose widths are multiples of 128), else int8 where torch's int8 GEMM runs (VNNI), else none:
+    # int5 stays within the 1% of perplexity a default may lose and decodes fastest (benchmarks/RESULTS.md,
+    # "Quantization: quality against bfloat16" and the headline tables); int4 does not stay within it.
     quantize: str = "auto"
     # Linears pre-packed for oneDNN on CPU: auto | on | off. "auto" packs where it pays (bfloat16 with
     # native matmuls; see ``longdoc.quant.packing.packing_pays``), "on"/"off" force it (benchmarks).
@@ -150,7 +149,7 @@ class RunConfig:
     max_context: int | None = None  # None = what the model and settings support
     # The document KV cache (longdoc.runtime.doccache): reuse a document prefix's prefill across runs.
     doc_cache: bool = True
-    # Its size cap in GB (least recently used entries go first); 10 GB holds ~25 prefixes of 32K tokens.
+    # Its size cap in GB (least recently used entries go first).
     cache_max_gb: float = 10.0
     dca: DCAConfig = field(default_factory=DCAConfig)
     recycle: RecycleConfig = field(default_factory=RecycleConfig)

@@ -248,7 +248,7 @@ def test_options_command_lists_every_setting():
 @pytest.mark.parametrize(
     "make,fragment",
     [
-        (lambda: GenerationConfig(max_new_tokens=0), "--max-new-tokens must be at least 1"),
+        (lambda: GenerationConfig(max_new_tokens=-1), "--max-new-tokens must be at least 1"),
         (lambda: GenerationConfig(temperature=float("nan")), "--temperature"),
         (lambda: GenerationConfig(top_p=0), "--top-p must be above 0 and at most 1"),
         (lambda: DCAConfig(chunk_size=1), "--chunk-size must be at least 2"),

@@ -58,6 +58,8 @@ def run_config(given: Given) -> RunConfig:
     """The run settings of a command line (its expert settings included); options a command does not
     take keep their defaults."""
     expert = given.expert()
+    if given.max_new_tokens < 1:  # a run answers something (the config allows 0: a plan of the prompt alone)
+        raise UsageError("--max-new-tokens must be at least 1")
     return RunConfig(
         model=given.model,
         device=given.device,
