@@ -225,6 +225,12 @@ MUTANTS = [
         "    except ZeroDivisionError:\n        return False\n    return True",
     ),
     (
+        "q8: AVX2 loop pairs weight step s with activation piece s ^ 1",
+        "longdoc/native/q8.c",
+        "const int64_t at = i * a->k + b * QK + 4 * s;",
+        "const int64_t at = i * a->k + b * QK + 4 * (s ^ 1);",
+    ),
+    (
         "flash: causal mask one key late",
         "longdoc/native/flash.c",
         "if (pr->causal && q0 + t - k0 + 1 < valid) valid = q0 + t - k0 + 1;",

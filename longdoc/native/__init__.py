@@ -5,6 +5,9 @@
   model (its GGUF is mostly 5-bit); this one reads the weights at memory speed.
 * ``flash.c``: exact bfloat16 attention with its log-sum-exp (AVX-512 BF16) for prefill, about twice
   torch's fused CPU kernel on the model's shapes (``benchmarks/bench_attention.py``).
+* ``q8.c``: llama.cpp's Q8_0 weights (int8, a float16 scale per 32) times int8-quantized activations,
+  on any CPU: a scalar loop everywhere, AVX2 and NEON (with and without dot products) loops chosen at
+  run time under the ISA cap (``native/q8.py``). Not yet called by the model.
 
 A library is compiled from the packaged source on first use into ``<cache>/native/<name>-<arch>-<digest>.so``,
 where the digest covers the source, the compiler (its command and ``--version``) and the flags: a changed
@@ -60,6 +63,8 @@ _AVX512 = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"})
 SOURCES = {
     "int5": Source("int5.c", "the int5 kernel", "AVX-512 VNNI", _AVX512 | {"avx512_vnni", "f16c"}, "avx512vnni"),
     "flash": Source("flash.c", "the attention kernel", "AVX-512 BF16", _AVX512 | {"avx512_bf16"}, "avx512bf16"),
+    # any CPU (a scalar loop); its SIMD loops are chosen at run time, under the ISA cap (native/q8.py)
+    "q8": Source("q8.c", "the Q8_0 kernel", "nothing", frozenset(), "none"),
 }
 
 _why: dict[str, list[str]] = {name: [] for name in SOURCES}
@@ -225,6 +230,11 @@ def _configure(name: str, lib: ctypes.CDLL) -> ctypes.CDLL:
     if name == "int5":
         lib.longdoc_int5_matmul.restype = c_int
         lib.longdoc_int5_matmul.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int]
+    elif name == "q8":
+        lib.longdoc_q8_matmul.restype = c_int
+        lib.longdoc_q8_matmul.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int, c_int]
+        lib.longdoc_q8_paths.restype, lib.longdoc_q8_paths.argtypes = c_int, []
+        lib.longdoc_q8_level.restype, lib.longdoc_q8_level.argtypes = c_int, [c_int]
     else:
         lib.longdoc_flash_attention.restype = c_int
         # q, strides, k, strides, v, strides, block lists, counts, width, group, out, lse, sizes, causal, ...

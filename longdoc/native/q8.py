@@ -1,0 +1,181 @@
+"""Bindings of ``q8.c``: the Q8_0 format (llama.cpp's: int8 weights, one float16 scale per block of 32
+input channels), the kernel's packed layout, its matmul on every CPU, and the float64 reference of
+what it computes (the build is ``longdoc.native``).
+
+The kernel has one loop per instruction set (``PATHS``); ``paths()`` lists those that run here, which
+the ISA cap (``cpu.isa_cap()``) narrows as it narrows ``cpu.flags()``: under ``LONGDOC_ISA=none`` only
+the scalar loop runs. Not yet called by the model (issue 26's first step)."""
+
+from __future__ import annotations
+
+import torch
+
+from longdoc import cpu
+from longdoc.native import library, why_unavailable
+
+# input channels per block; rows per group of the packed layout; bytes of one block of a group
+BLOCK, GROUP, GROUP_BLOCK_BYTES = 32, 8, 272
+
+# the kernel's paths (its `level` argument; 0 asks it for the best it runs)
+SCALAR, AVX2, NEON, NEON_DOT = 1, 2, 3, 4
+PATHS = {SCALAR: "scalar", AVX2: "AVX2", NEON: "NEON", NEON_DOT: "NEON dot product"}
+# the CPU flags, as cpu.flags() names them (so less those above the ISA cap), each SIMD path needs
+PATH_FLAGS = {
+    AVX2: frozenset({"avx2", "fma", "f16c"}),
+    NEON: frozenset({"asimd"}),
+    NEON_DOT: frozenset({"asimd", "asimddp"}),
+}
+
+
+def quantize_q8(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight (N, K), K a multiple of 32, -> its codes (N, K) int8 in -127..127 and scales (N, K/32)
+    float16: per block of 32, scale = max|w| / 127 rounded to float16, and codes = round(w / scale)
+    (half to even) with that rounded scale. A block of zeros has scale 0 and codes 0. Rows are done
+    ``chunk_rows`` at a time, so an LM head needs no float32 copy of itself."""
+    n, k = weight.shape
+    if k % BLOCK:
+        raise ValueError(f"Q8_0 needs the input width to be a multiple of {BLOCK}, not {k}")
+    qs = torch.empty(n, k, dtype=torch.int8)
+    scales = torch.empty(n, k // BLOCK, dtype=torch.float16)
+    for r in range(0, n, chunk_rows):
+        w = weight[r : r + chunk_rows].detach().float().reshape(-1, k // BLOCK, BLOCK)
+        s = (w.abs().amax(-1) / 127).to(torch.float16)
+        if not torch.isfinite(s).all():
+            raise ValueError("Q8_0 scales overflow float16: the weight has values beyond 8.3e6 or not finite")
+        wide = s.float().unsqueeze(-1)
+        codes = torch.where(wide > 0, torch.round(w / wide), torch.zeros_like(w)).clamp_(-127, 127)
+        qs[r : r + chunk_rows] = codes.reshape(-1, k).to(torch.int8)
+        scales[r : r + chunk_rows] = s
+    return qs, scales
+
+
+def dequantize_q8(qs: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Codes (N, K) and scales (N, K/32) -> the weight they stand for, (N, K) float64 (exact)."""
+    n, k = qs.shape
+    return (qs.double().view(n, k // BLOCK, BLOCK) * scales.double().unsqueeze(-1)).view(n, k)
+
+
+def pack(qs: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Codes (N, K) int8 and scales (N, K/32) float16 -> the kernel's layout, (ceil(N/8), K/32 * 272)
+    uint8: groups of 8 rows (the last padded with zero rows, scale 0), each a run of blocks in input
+    order; a block is the 8 rows' float16 scales, then 8 steps of 32 bytes, step s holding each row's
+    weights 4s..4s+3 of the block in turn (q8.c)."""
+    n, k = qs.shape
+    if k % BLOCK or scales.shape != (n, k // BLOCK):
+        raise ValueError(f"codes {tuple(qs.shape)} and scales {tuple(scales.shape)} are not a Q8_0 weight")
+    nb, pad = k // BLOCK, -n % GROUP
+    q, s = qs.to(torch.int8), scales.to(torch.float16)
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, k)])
+        s = torch.cat([s, s.new_zeros(pad, nb)])
+    groups = q.shape[0] // GROUP
+    # (group, row, block, step, j) -> (group, block, step, row, j)
+    q = q.view(groups, GROUP, nb, BLOCK // 4, 4).permute(0, 2, 3, 1, 4).reshape(groups, nb, GROUP * BLOCK)
+    s = s.view(groups, GROUP, nb).transpose(1, 2).contiguous().view(torch.uint8)  # (group, block, 16)
+    return torch.cat([s, q.view(torch.uint8)], dim=-1).reshape(groups, nb * GROUP_BLOCK_BYTES).contiguous()
+
+
+def paths() -> list[int]:
+    """The kernel's paths that run here, lowest first (``PATHS``): those its own CPU probe finds, less
+    those whose flags the ISA cap drops from ``cpu.flags()``. Where the flags can't be read, the probe
+    decides, unless the cap is "none". Empty where the kernel isn't available at all."""
+    lib = library("q8")
+    if lib is None:
+        return []
+    probe = int(lib.longdoc_q8_paths())
+    found = [level for level in PATHS if probe >> level & 1]
+    if cpu.flags_known():
+        flags = cpu.flags()
+        return [level for level in found if level == SCALAR or PATH_FLAGS[level] <= flags]
+    return [SCALAR] if cpu.isa_cap() == "none" else found
+
+
+def best_path() -> int:
+    """The path a ``Q8Matmul`` takes by default here (``paths()``'s last)."""
+    found = paths()
+    if not found:
+        raise RuntimeError(f"the Q8_0 kernel is not available: {why_unavailable('q8')}")
+    return found[-1]
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (M, K) -> the kernel's int8 codes (M, K/32, 32), as float32, and their scales (M, K/32)
+    float32: per block, scale = max|x| / 127 and codes = round(x * (127 / max|x|)) half to even, each
+    operation rounded to float32 as q8.c rounds it (torch's float32 division by a tensor is correctly
+    rounded; the reciprocal is taken in float64 and rounded once, which is the same)."""
+    m, k = x.shape
+    groups = x.float().view(m, k // BLOCK, BLOCK)
+    amax = groups.abs().amax(-1)
+    inv = torch.where(amax > 0, (127 / amax.double()).float(), torch.zeros_like(amax))
+    codes = torch.round(groups * inv.unsqueeze(-1)).clamp_(-127, 127)
+    return codes, (amax.double() / 127).float()
+
+
+def reference_terms(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Each block's term of out = x @ W^T, (M, N, K/32) float64, exactly: the int32 sum of the block's
+    codes times the product of its two scales."""
+    codes, sx = quantize_activations(x)
+    n, k = qs.shape
+    dots = torch.einsum("mbj,nbj->mnb", codes.double(), qs.double().view(n, k // BLOCK, BLOCK))
+    return dots * (scales.double().unsqueeze(0) * sx.double().unsqueeze(1))
+
+
+def reference_q8_matmul(
+    x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """What the kernel promises, in float64: rows (M, K) quantized per block (``quantize_activations``)
+    times the Q8_0 weight, block sums exact, plus bias -> (M, N). The kernel differs only by rounding
+    its float32 scale products and its block-by-block float32 accumulation, and its output."""
+    out = reference_terms(x, qs, scales).sum(-1)
+    return out if bias is None else out + bias.double()
+
+
+class Q8Matmul:
+    """Calls of the kernel for one packed Q8_0 weight (N, K), bias added, on one path (``level``: one of
+    ``paths()``; the best here by default)."""
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        in_features: int,
+        out_features: int,
+        bias: torch.Tensor | None,
+        level: int | None = None,
+    ):
+        lib = library("q8")
+        if lib is None:
+            raise RuntimeError(f"the Q8_0 kernel is not available: {why_unavailable('q8')}")
+        groups = -(-out_features // GROUP)
+        if in_features % BLOCK or packed.shape != (groups, in_features // BLOCK * GROUP_BLOCK_BYTES):
+            raise ValueError(f"a packed Q8_0 weight ({in_features} -> {out_features}) is not {tuple(packed.shape)}")
+        self.level = best_path() if level is None else level
+        if self.level not in paths():
+            raise RuntimeError(f"the Q8_0 kernel's {PATHS.get(self.level, self.level)} path does not run here")
+        self.lib, self.packed, self.k, self.n = lib, packed.contiguous(), in_features, out_features
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+
+    def __call__(self, rows: torch.Tensor, dtype: torch.dtype, threads: int | None = None) -> torch.Tensor:
+        """rows (M, K) bfloat16 or float32 -> (M, N) in ``dtype`` (bfloat16 or float32), on ``threads``
+        threads (torch's count by default)."""
+        if rows.dtype not in (torch.bfloat16, torch.float32) or dtype not in (torch.bfloat16, torch.float32):
+            raise RuntimeError("the Q8_0 kernel takes bfloat16 or float32")
+        if rows.dim() != 2 or rows.shape[1] != self.k:
+            raise RuntimeError(f"the Q8_0 kernel takes rows (M, {self.k}), not {tuple(rows.shape)}")
+        rows = rows.contiguous()
+        out = torch.empty(rows.shape[0], self.n, dtype=dtype)
+        rc = self.lib.longdoc_q8_matmul(
+            rows.data_ptr(),
+            int(rows.dtype == torch.bfloat16),
+            rows.shape[0],
+            self.k,
+            self.packed.data_ptr(),
+            self.n,
+            None if self.bias is None else self.bias.data_ptr(),
+            out.data_ptr(),
+            int(dtype == torch.bfloat16),
+            torch.get_num_threads() if threads is None else threads,
+            self.level,
+        )
+        if rc != 0:
+            raise RuntimeError("the Q8_0 kernel refused its input" if rc == 1 else "the Q8_0 kernel ran out of memory")
+        return out
