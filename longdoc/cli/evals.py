@@ -21,6 +21,9 @@ from longdoc.errors import UsageError
 from longdoc.render import Reporter, console, plain
 
 if TYPE_CHECKING:
+    from longdoc.evals.needle import NeedleReport
+    from longdoc.evals.passkey import PasskeyReport
+    from longdoc.evals.ppl import PplReport
     from longdoc.runtime.local import LocalBackend
 
 EVAL = "Eval"
@@ -69,7 +72,7 @@ def passkey(
         lists = _csv(lengths, int, "--lengths"), _csv(depths, float, "--depths", 0.0, 1.0)
         session = _session(reporter, run)
         result = passkey.run(session, *lists, trials, seed, _row(reporter), window)
-        _print(reporter, session, result, f"passkey accuracy {result['accuracy']:.2f}")
+        _print(reporter, session, result, f"passkey accuracy {result.accuracy:.2f}")
 
 
 @takes(*TAKES, keys=knobs.keys_for("eval"))
@@ -107,7 +110,7 @@ def needle(
         )
         session = _session(reporter, run)
         result = needle.run(session, *lists, recycle_k, recycle_stride, trials, seed, _row(reporter))
-        acc = " ".join(f"{m}={a:.2f}" for m, a in result["accuracy"].items())
+        acc = " ".join(f"{m}={a:.2f}" for m, a in result.accuracy.items())
         _print(reporter, session, result, f"needle accuracy {acc}")
 
 
@@ -129,7 +132,7 @@ def ppl(
         docs, _ = output.read_inputs(reporter, [file], given)
         session = _session(reporter, run)
         result = ppl.run(session, format_documents(docs), lists)
-        line = " ".join(f"{r['length']}:{r.get('ppl', r.get('error'))}" for r in result["results"])
+        line = " ".join(f"{r.length}:{r.ppl if r.ppl is not None else r.error}" for r in result.results)
         _print(reporter, session, result, f"perplexity {line}")
 
 
@@ -161,25 +164,30 @@ def _session(reporter: Reporter, run: Settings) -> LocalBackend:
     return local.LocalBackend(run.cfg, reporter)
 
 
-def _row(reporter: Reporter) -> Callable[[dict[str, Any]], None]:
-    return lambda row: reporter.status(" ".join(f"{k}={v}" for k, v in row.items()))
+def _row(reporter: Reporter) -> Callable[[Any], None]:
+    from longdoc.runtime.result import json_of
+
+    return lambda row: reporter.status(" ".join(f"{k}={v}" for k, v in json_of(row).items()))
 
 
-def _print(reporter: Reporter, session: LocalBackend, result: dict[str, Any], line: str) -> None:
+def _print(
+    reporter: Reporter, session: LocalBackend, result: PasskeyReport | NeedleReport | PplReport, line: str
+) -> None:
     from longdoc.attention.dca import ChunkLayout
+    from longdoc.evals.common import Settings
 
     cfg = session.cfg
     layout = ChunkLayout.for_window(session.info.window, cfg.dca.chunk_size, cfg.dca.local_window)
-    result["settings"] = {
-        "model": session.info.name,
-        "dtype": session.info.dtype_name,
-        "quantize": session.info.quantize,
-        "dca": cfg.dca.enabled,
-        "chunk_size": layout.chunk_size,
-        "local_window": layout.local_window,
-        "dca_temperature": cfg.dca.temperature,
-    }
+    result.settings = Settings(
+        model=session.info.name,
+        dtype=session.info.dtype_name,
+        quantize=session.info.quantize,
+        dca=cfg.dca.enabled,
+        chunk_size=layout.chunk_size,
+        local_window=layout.local_window,
+        dca_temperature=cfg.dca.temperature,
+    )
     if reporter.json_mode:
-        reporter.json(result)
+        reporter.json(result.to_json())
     else:
         console(sys.stdout).print(plain(line))

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -15,6 +14,30 @@ from longdoc.engine.prefill import prefill
 from longdoc.errors import UsageError
 from longdoc.runtime.local import LocalBackend
 from longdoc.runtime.plan import make_plan
+
+
+@dataclass(frozen=True)
+class DecodeStats:
+    """One greedy answer's figures: the shared prefill, its own decoding, tokens, whether DCA ran."""
+
+    prefill_s: float
+    decode_s: float
+    generated: int
+    dca: bool
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What an evaluation ran with (the report's ``settings``)."""
+
+    model: str
+    dtype: str
+    quantize: str
+    dca: bool | None
+    chunk_size: int
+    local_window: int
+    dca_temperature: bool
+
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -35,7 +58,7 @@ def answers(
     max_new_tokens: int,
     policies: list[DecodePolicy | None],
     window: SlidingWindow | None = None,
-) -> list[tuple[str, dict[str, Any]]]:
+) -> list[tuple[str, DecodeStats]]:
     """Greedy completions of raw token ids, one per decode policy, sharing one prefill.
 
     Decoding only writes KV positions after the prompt, so each policy starts from the same cache.
@@ -62,11 +85,6 @@ def answers(
         out = list(generate(model, logits, len(ids), kv, cfg.generation, session.info.stop_ids, policy))
         decode_s = time.perf_counter() - t1
         text = session.tokenizer.decode(out, skip_special_tokens=True)
-        stats = {
-            "prefill_s": round(prefill_s, 3),
-            "decode_s": round(decode_s, 3),
-            "generated": len(out),
-            "dca": plan.layout is not None,
-        }
+        stats = DecodeStats(round(prefill_s, 3), round(decode_s, 3), len(out), plan.layout is not None)
         outputs.append((text, stats))
     return outputs

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import astuple, dataclass
 from typing import Any
 
 from longdoc.engine.baselines import StreamingPolicy
 from longdoc.engine.decode import DecodePolicy
 from longdoc.engine.recycled import RecycledPolicy
-from longdoc.evals.common import answers, filler_ids
+from longdoc.evals.common import Settings, answers, filler_ids
 from longdoc.runtime.local import LocalBackend
+from longdoc.runtime.result import json_of, omitted
 
 NAMES = ["Orion", "Vega", "Lyra", "Draco", "Cygnus", "Perseus", "Aquila", "Hydra"]
 
@@ -38,6 +40,36 @@ def build(session: LocalBackend, length: int, depth: float, keys: dict[str, str]
     return ids + body[prev:] + tail
 
 
+@dataclass(frozen=True)
+class NeedleRow:
+    """One trial of one decoding method: where the target sat, how many needles, the code and the answer."""
+
+    method: str
+    length: int
+    depth: float
+    keys: int
+    expected: str
+    answer: str
+    correct: bool
+    prefill_s: float
+    decode_s: float
+    generated: int
+    dca: bool
+
+
+@dataclass
+class NeedleReport:
+    accuracy: dict[str, float]  # per decoding method
+    budget: int
+    stride: int
+    results: list[NeedleRow]
+    settings: Settings | None = omitted()
+    task: str = "needle"
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(json_of(self))
+
+
 def run(
     session: LocalBackend,
     lengths: list[int],
@@ -47,8 +79,8 @@ def run(
     stride: int,
     trials: int = 1,
     seed: int = 0,
-    on_result: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
+    on_result: Callable[[NeedleRow], None] | None = None,
+) -> NeedleReport:
     rng = random.Random(seed)
     n_layers = session.info.n_layers
     methods: dict[str, Callable[[], DecodePolicy | None]] = {
@@ -67,21 +99,13 @@ def run(
                     ids = build(session, length, depth, keys, target)
                     outs = answers(session, ids, 16, [make() for make in methods.values()])
                     for method, (text, stats) in zip(methods, outs, strict=True):
-                        row = {
-                            "method": method,
-                            "length": length,
-                            "depth": depth,
-                            "keys": k,
-                            "expected": keys[target],
-                            "answer": text.strip(),
-                            "correct": keys[target] in text,
-                            **stats,
-                        }
+                        correct = keys[target] in text
+                        row = NeedleRow(method, length, depth, k, keys[target], text.strip(), correct, *astuple(stats))
                         results.append(row)
                         if on_result:
                             on_result(row)
     accuracy = {
-        m: sum(r["correct"] for r in results if r["method"] == m) / max(1, sum(r["method"] == m for r in results))
+        m: sum(r.correct for r in results if r.method == m) / max(1, sum(r.method == m for r in results))
         for m in methods
     }
-    return {"task": "needle", "accuracy": accuracy, "budget": budget, "stride": stride, "results": results}
+    return NeedleReport(accuracy=accuracy, budget=budget, stride=stride, results=results)

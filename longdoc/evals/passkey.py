@@ -6,11 +6,13 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable
+from dataclasses import astuple, dataclass
 from typing import Any
 
 from longdoc.engine.baselines import SlidingWindow
-from longdoc.evals.common import answers, filler_ids
+from longdoc.evals.common import Settings, answers, filler_ids
 from longdoc.runtime.local import LocalBackend
+from longdoc.runtime.result import json_of, omitted
 
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -34,15 +36,43 @@ def build(session: LocalBackend, length: int, depth: float, key: int) -> list[in
     return head + body[:cut] + needle + body[cut:] + tail
 
 
+@dataclass(frozen=True)
+class PasskeyRow:
+    """One trial: the prompt's length and tokens, where the key sat, the key and the answer."""
+
+    length: int
+    tokens: int
+    depth: float
+    key: str
+    answer: str
+    correct: bool
+    prefill_s: float
+    decode_s: float
+    generated: int
+    dca: bool
+
+
+@dataclass
+class PasskeyReport:
+    accuracy: float
+    window: int | None  # the sliding-window baseline's width; None: DCA
+    results: list[PasskeyRow]
+    settings: Settings | None = omitted()
+    task: str = "passkey"
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(json_of(self))
+
+
 def run(
     session: LocalBackend,
     lengths: list[int],
     depths: list[float],
     trials: int,
     seed: int = 0,
-    on_result: Callable[[dict[str, Any]], None] | None = None,
+    on_result: Callable[[PasskeyRow], None] | None = None,
     window: int | None = None,
-) -> dict[str, Any]:
+) -> PasskeyReport:
     """Accuracy over lengths x depths x trials; ``window`` runs the sliding-window baseline instead."""
     rng = random.Random(seed)
     results = []
@@ -54,17 +84,9 @@ def run(
                 [(text, stats)] = answers(session, ids, 8, [None], SlidingWindow(window) if window else None)
                 found = re.search(r"\d{5}", text)
                 got = found.group(0) if found else text.strip()[:20]
-                row = {
-                    "length": length,
-                    "tokens": len(ids),
-                    "depth": depth,
-                    "key": str(key),
-                    "answer": got,
-                    "correct": got == str(key),
-                    **stats,
-                }
+                row = PasskeyRow(length, len(ids), depth, str(key), got, got == str(key), *astuple(stats))
                 results.append(row)
                 if on_result:
                     on_result(row)
-    accuracy = sum(r["correct"] for r in results) / max(1, len(results))
-    return {"task": "passkey", "accuracy": accuracy, "window": window, "results": results}
+    accuracy = sum(r.correct for r in results) / max(1, len(results))
+    return PasskeyReport(accuracy=accuracy, window=window, results=results)

@@ -11,16 +11,18 @@ default must be judged on. It is slower than an unquantized measurement.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from longdoc.attention.dca import chunk_steps
 from longdoc.config import GenerationConfig
+from longdoc.evals.common import Settings
 from longdoc.quant import schemes
 from longdoc.runtime.local import LocalBackend
 from longdoc.runtime.plan import make_plan
+from longdoc.runtime.result import json_of, omitted
 
 LOGIT_SLICE = 512  # positions per lm_head call: 512 x 151,936 float32 = 311 MB at most
 
@@ -46,13 +48,33 @@ def nll_sum(session: LocalBackend, ids: list[int]) -> tuple[float, int]:
     return total, count
 
 
-def run(session: LocalBackend, text: str, lengths: list[int]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PplRow:
+    """Perplexity over the first ``length`` tokens (of ``tokens`` predicted), or why it could not run."""
+
+    length: int
+    ppl: float | None = omitted()
+    tokens: int | None = omitted()
+    error: str | None = omitted()
+
+
+@dataclass
+class PplReport:
+    results: list[PplRow]
+    settings: Settings | None = omitted()
+    task: str = "ppl"
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(json_of(self))
+
+
+def run(session: LocalBackend, text: str, lengths: list[int]) -> PplReport:
     ids = session.encode(text)
     results = []
     for length in lengths:
         if length > len(ids):
-            results.append({"length": length, "error": f"text has only {len(ids)} tokens"})
+            results.append(PplRow(length, error=f"text has only {len(ids)} tokens"))
             continue
         total, count = nll_sum(session, ids[:length])
-        results.append({"length": length, "ppl": round(math.exp(total / count), 4), "tokens": count})
-    return {"task": "ppl", "results": results}
+        results.append(PplRow(length, ppl=round(math.exp(total / count), 4), tokens=count))
+    return PplReport(results=results)

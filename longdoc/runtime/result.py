@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # this module is imported by the CLI before torch is needed
 OMIT = {"omit": True}
 
 
-def _omitted() -> Any:
+def omitted() -> Any:
     return field(default=None, metadata=OMIT)
 
 
@@ -99,11 +99,11 @@ class Timings:
     decode_tok_s: float = 0.0
     ttft_s: float = 0.0
     #: a prompt whose documents were prefilled with it: the documents' share of ``prefill_s``
-    prefix_prefill_s: float | None = _omitted()
+    prefix_prefill_s: float | None = omitted()
     #: through --endpoint: the whole request, as the client saw it
-    request_s: float | None = _omitted()
+    request_s: float | None = omitted()
     #: reading the inputs (the CLI's ask and summarize)
-    ingest_s: float | None = _omitted()
+    ingest_s: float | None = omitted()
 
 
 @dataclass
@@ -120,7 +120,7 @@ class Dca:
     local_window: int = 0
     logit_scale: float = 1.0
     #: False through --endpoint (the server's attention is its own)
-    applicable: bool | None = _omitted()
+    applicable: bool | None = omitted()
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ class Recycle:
     full_steps: int = 0
     recycled_steps: int = 0
     layer_refreshes: int = 0
-    applicable: bool | None = _omitted()
+    applicable: bool | None = omitted()
 
     @classmethod
     def of(cls, stats: RecycleStats | None) -> Recycle:
@@ -153,7 +153,7 @@ class Prefill:
     mode: str | None = "exact"
     budget: int | None = None
     kept_fraction: float | None = 1.0
-    applicable: bool | None = _omitted()
+    applicable: bool | None = omitted()
 
 
 @dataclass(frozen=True)
@@ -161,12 +161,12 @@ class Cache:
     """The document cache: whether the documents' prefix came from it (or from memory), and its entry."""
 
     hit: bool = False
-    bytes: int | None = _omitted()
-    load_s: float | None = _omitted()
-    key: str | None = _omitted()
-    save_s: float | None = _omitted()
-    in_memory: bool | None = _omitted()
-    prefix_tokens: int | None = _omitted()
+    bytes: int | None = omitted()
+    load_s: float | None = omitted()
+    key: str | None = omitted()
+    save_s: float | None = omitted()
+    in_memory: bool | None = omitted()
+    prefix_tokens: int | None = omitted()
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ class SummaryPlan:
     mode: str
     pieces: int
     levels: int
-    steps: int | None = _omitted()
+    steps: int | None = omitted()
 
 
 @dataclass(frozen=True)
@@ -192,12 +192,12 @@ class Citation:
     """A page (``page``) or file-line (``path``, ``line``, ``end_line``) citation found in an answer."""
 
     source: str
-    page: int | None = _omitted()
-    path: str | None = _omitted()
-    line: int | None = _omitted()
-    end_line: int | None = _omitted()
+    page: int | None = omitted()
+    path: str | None = omitted()
+    line: int | None = omitted()
+    end_line: int | None = omitted()
     #: a page that several PDFs have, none named: every one of them
-    candidates: list[str] | None = _omitted()
+    candidates: list[str] | None = omitted()
 
 
 # The sections a run through --endpoint reports as not applicable (the server's own figures are in ``server``).
@@ -212,27 +212,27 @@ class Result:
 
     answer: str
     model: str | None
-    engine: LocalEngine | RemoteEngine | None = _omitted()
-    quantize: str | None = _omitted()
+    engine: LocalEngine | RemoteEngine | None = omitted()
+    quantize: str | None = omitted()
     prompt_tokens: int = 0
     generated_tokens: int = 0
     sources: list[Source] = field(default_factory=list)
-    timings: Timings | None = _omitted()
-    memory: Memory | None = _omitted()
-    dca: Dca | None = _omitted()
-    recycle: Recycle | None = _omitted()
-    prefill: Prefill | None = _omitted()
-    cache: Cache | None = _omitted()
+    timings: Timings | None = omitted()
+    memory: Memory | None = omitted()
+    dca: Dca | None = omitted()
+    recycle: Recycle | None = omitted()
+    prefill: Prefill | None = omitted()
+    cache: Cache | None = omitted()
     #: through --endpoint: the server's counts (null when it sent none) and longdoc serve's own figures
-    usage: Usage | None = _omitted()
-    server: dict[str, object] | None = _omitted()
-    plan: SummaryPlan | None = _omitted()
-    question: str | None = _omitted()
-    turn: int | None = _omitted()
-    citations: list[Citation] | None = _omitted()
-    interrupted: bool | None = _omitted()
+    usage: Usage | None = omitted()
+    server: dict[str, object] | None = omitted()
+    plan: SummaryPlan | None = omitted()
+    question: str | None = omitted()
+    turn: int | None = omitted()
+    citations: list[Citation] | None = omitted()
+    interrupted: bool | None = omitted()
     #: a run stopped before it had a result: where (start, ingest, load, generate)
-    stage: str | None = _omitted()
+    stage: str | None = omitted()
 
     @property
     def remote(self) -> bool:
