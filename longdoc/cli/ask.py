@@ -12,7 +12,6 @@ from longdoc.cli.command import takes
 from longdoc.cli.interrupts import RunState, handled
 from longdoc.cli.settings import open_backend, settings
 from longdoc.errors import UsageError
-from longdoc.render import Reporter
 
 if TYPE_CHECKING:
     from longdoc.runtime.result import Result
@@ -55,6 +54,8 @@ def ask(
     given: o.Given,
 ) -> None:
     """Answer one or more questions about the inputs (the documents are prefilled once)."""
+    from longdoc.render import Reporter
+
     reporter = Reporter(quiet=given.quiet, json_mode=given.json_out)
     state = RunState()
     with handled(reporter, state):

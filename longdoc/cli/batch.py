@@ -10,7 +10,6 @@ while others run, and gives the input a Ctrl-C cut short a line of its own.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 from longdoc import errors
@@ -18,10 +17,12 @@ from longdoc.cli import output
 from longdoc.cli.interrupts import RunState, partial_result
 from longdoc.cli.options import Given
 from longdoc.cli.settings import Settings, open_backend
-from longdoc.render import Reporter
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from longdoc.ingest import Document
+    from longdoc.render import Reporter
     from longdoc.runtime.backend import Backend
     from longdoc.runtime.result import Result
 
@@ -90,7 +91,7 @@ class Summaries:
         """``--each`` with ``--concurrency N`` (through --endpoint): inputs are read here, one after the
         other, and summarized up to N at once in threads; each summary is printed whole, in input order."""
         from collections import deque
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import Future, ThreadPoolExecutor
 
         concurrency = self.given.concurrency
         failures: list[int] = []

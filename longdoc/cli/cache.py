@@ -8,12 +8,13 @@ import time
 from longdoc.cli import options as o
 from longdoc.cli.command import takes
 from longdoc.cli.interrupts import handled
-from longdoc.render import Reporter, console, human_bytes, plain
 
 
 @takes("json_out")
 def ls(*, given: o.Given) -> None:
     """Entries with their sizes, last use, token counts and source paths (most recent first)."""
+    from longdoc.render import Reporter, console, human_bytes, plain
+
     reporter = Reporter(json_mode=given.json_out)
     with handled(reporter):
         from rich.table import Table
@@ -44,6 +45,8 @@ def ls(*, given: o.Given) -> None:
 @takes("json_out")
 def clear(*, given: o.Given) -> None:
     """Delete every entry of the document KV cache (converted models stay)."""
+    from longdoc.render import Reporter, console, human_bytes
+
     reporter = Reporter(json_mode=given.json_out)
     with handled(reporter):
         from longdoc.runtime import doccache

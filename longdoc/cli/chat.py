@@ -14,7 +14,6 @@ from longdoc.cli.command import takes
 from longdoc.cli.interrupts import RunState, handled
 from longdoc.cli.settings import open_backend, settings
 from longdoc.errors import UsageError
-from longdoc.render import Reporter
 
 
 @takes(
@@ -37,6 +36,8 @@ def chat(
     In a terminal: line editing and history; Ctrl-C stops an answer, Ctrl-D leaves. Otherwise one
     question per line of stdin (JSON lines with --json).
     """
+    from longdoc.render import Reporter
+
     reporter = Reporter(quiet=given.quiet, json_mode=given.json_out)
     state = RunState()
     with handled(reporter, state):

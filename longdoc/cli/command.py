@@ -21,6 +21,7 @@ from longdoc.cli import knobs
 from longdoc.cli.options import PANELS, Given
 
 _OPTIONS = {f.name: f for f in fields(Given) if "option" in f.metadata}
+_HINTS = get_type_hints(Given)
 
 
 def takes(
@@ -32,9 +33,8 @@ def takes(
     unknown = [n for n in names if n not in _OPTIONS]
     assert not unknown, f"no shared option {unknown}"
     names = (*names, "options") if keys and "options" not in names else names
-    hints = get_type_hints(Given)
     default = {n: _OPTIONS[n].default for n in names} | (defaults or {})
-    shared = [_parameter(n, Annotated[hints[n], _OPTIONS[n].metadata["option"]], default[n]) for n in names]
+    shared = [_parameter(n, Annotated[_HINTS[n], _OPTIONS[n].metadata["option"]], default[n]) for n in names]
     aliased = knobs.aliased(keys)
     aliases = [_parameter(k.key, Annotated[k.kind | None, typer.Option(k.flag, hidden=True)], None) for k in aliased]
 

@@ -16,7 +16,6 @@ from longdoc.cli.command import takes
 from longdoc.cli.interrupts import handled
 from longdoc.cli.settings import settings
 from longdoc.errors import UsageError
-from longdoc.render import Reporter, console, plain
 
 
 @dataclass(frozen=True)
@@ -62,6 +61,8 @@ def count(
     given: o.Given,
 ) -> None:
     """Per-source token counts (model tokenizer and cl100k estimate) and whether they fit."""
+    from longdoc.render import Reporter
+
     reporter = Reporter(quiet=given.quiet, json_mode=given.json_out)
     with handled(reporter):
         from longdoc.prompt import ask_prompt
@@ -95,6 +96,8 @@ def count(
 
 def _print(report: Count) -> None:
     from rich.table import Table
+
+    from longdoc.render import console, plain
 
     table = Table("source", "kind", "pages", "tokens", "cl100k")
     for r in report.sources:  # paths as Text: never markup, never cut (the console is unbounded off a terminal)

@@ -9,13 +9,14 @@ from longdoc.cli import options as o
 from longdoc.cli.command import takes
 from longdoc.cli.interrupts import handled
 from longdoc.cli.settings import settings
-from longdoc.render import Reporter, console, plain
 
 
 @takes(*o.MODEL_OPTIONS, "json_out", keys=knobs.keys_for("doctor"))
 def doctor(*, given: o.Given) -> None:
     """What this machine gets: the CPU class, and the dtype, packing, quantization and attention kernel
     that a run picks here, each with why (LONGDOC_ISA=avx2|... shows a lesser CPU's)."""
+    from longdoc.render import Reporter, console, plain
+
     reporter = Reporter(json_mode=given.json_out)
     with handled(reporter):
         from longdoc.runtime import machine, plan

@@ -18,12 +18,12 @@ from longdoc.cli.interrupts import handled
 from longdoc.cli.settings import Settings, settings
 from longdoc.config import RecycleConfig
 from longdoc.errors import UsageError
-from longdoc.render import Reporter, console, plain
 
 if TYPE_CHECKING:
     from longdoc.evals.needle import NeedleReport
     from longdoc.evals.passkey import PasskeyReport
     from longdoc.evals.ppl import PplReport
+    from longdoc.render import Reporter
     from longdoc.runtime.local import LocalBackend
 
 EVAL = "Eval"
@@ -64,6 +64,8 @@ def passkey(
     given: o.Given,
 ) -> None:
     """Passkey retrieval: a 5-digit key hidden in filler at each depth."""
+    from longdoc.render import Reporter
+
     reporter = Reporter(quiet=given.quiet, json_mode=given.json_out)
     with handled(reporter):
         from longdoc.evals import passkey
@@ -98,6 +100,8 @@ def needle(
     given: o.Given,
 ) -> None:
     """Multi-token needle retrieval: full attention vs Recycled Attention vs a StreamingLLM baseline."""
+    from longdoc.render import Reporter
+
     reporter = Reporter(quiet=given.quiet, json_mode=given.json_out)
     with handled(reporter):
         from longdoc.evals import needle
@@ -122,6 +126,8 @@ def ppl(
     given: o.Given,
 ) -> None:
     """Perplexity of a text at given context lengths."""
+    from longdoc.render import Reporter
+
     reporter = Reporter(quiet=given.quiet, json_mode=given.json_out)
     with handled(reporter):
         from longdoc.evals import ppl
@@ -175,6 +181,7 @@ def _print(
 ) -> None:
     from longdoc.attention.dca import ChunkLayout
     from longdoc.evals.common import Settings
+    from longdoc.render import console, plain
 
     cfg = session.cfg
     layout = ChunkLayout.for_window(session.info.window, cfg.dca.chunk_size, cfg.dca.local_window)

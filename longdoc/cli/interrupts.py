@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from longdoc import errors, render
+from longdoc import errors
 from longdoc.errors import LongdocError
-from longdoc.render import Reporter
 
 if TYPE_CHECKING:
+    from longdoc.render import Reporter
     from longdoc.runtime.result import Result, Source
 
 # The partial result of a run interrupted before any command started (importing, parsing arguments).
@@ -129,6 +129,8 @@ def run(app: Callable[[], Any]) -> None:
         if isinstance(exc, SystemExit) and exc.code != errors.EXIT_INTERRUPTED:
             raise
         with contextlib.suppress(Exception):  # interrupted: leave now, with what was printed
+            from longdoc import render
+
             if "--json" in sys.argv and not render.json_printed_by_any:  # before any command started
                 print(STARTED_JSON, flush=True)
             sys.stdout.flush()

@@ -7,12 +7,13 @@ import sys
 from longdoc.cli import options as o
 from longdoc.cli.command import takes
 from longdoc.cli.interrupts import handled
-from longdoc.render import Reporter, console, plain
 
 
 @takes("json_out")
 def models(*, given: o.Given) -> None:
     """The default model, known models, cached conversions, and what --model accepts."""
+    from longdoc.render import Reporter, console, plain
+
     reporter = Reporter(json_mode=given.json_out)
     with handled(reporter):
         from longdoc import models

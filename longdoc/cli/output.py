@@ -10,10 +10,10 @@ import typer
 
 from longdoc import errors
 from longdoc.cli.options import Given
-from longdoc.render import Reporter
 
 if TYPE_CHECKING:
     from longdoc.ingest import Document, ReadBudget
+    from longdoc.render import Reporter
     from longdoc.runtime.result import Citation, Result
 
 

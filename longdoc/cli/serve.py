@@ -12,7 +12,6 @@ from longdoc.cli.command import takes
 from longdoc.cli.interrupts import handled
 from longdoc.cli.settings import settings
 from longdoc.errors import UsageError
-from longdoc.render import Reporter
 
 SERVER = "Server"
 # Defaults of the server's own options (those of longdoc.serve.serve; not imported: it is not needed for --help).
@@ -101,6 +100,8 @@ def serve(
     share its prefill). --max-new-tokens, --temperature, --top-p and --seed are the defaults of requests
     that do not set them. Ctrl-C stops the server (exit 130).
     """
+    from longdoc.render import Reporter
+
     reporter = Reporter(quiet=given.quiet)
     with handled(reporter):
         from longdoc import serve as server

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 from longdoc.cli.options import Given
 from longdoc.config import DCAConfig, GenerationConfig, PrefillConfig, RecycleConfig, RunConfig
 from longdoc.errors import UsageError
-from longdoc.render import Reporter
 
 if TYPE_CHECKING:  # they bring torch, which --help and bad arguments never need
     from longdoc.ingest import ReadBudget
+    from longdoc.render import Reporter
     from longdoc.runtime.backend import Backend
     from longdoc.runtime.remote import RemoteOptions
 

@@ -10,12 +10,10 @@ import typer
 from longdoc import errors
 from longdoc.cli import knobs
 from longdoc.cli import options as o
-from longdoc.cli.batch import Summaries
 from longdoc.cli.command import takes
 from longdoc.cli.interrupts import RunState, handled
 from longdoc.cli.settings import settings
 from longdoc.errors import UsageError
-from longdoc.render import Reporter
 
 # --style's values (longdoc.prompt.summary_instructions checks them) and default.
 STYLES = "brief|detailed|bullets"
@@ -71,6 +69,8 @@ def summarize(
     given: o.Given,
 ) -> None:
     """Summarize the inputs (together, or one by one with --each); map-reduce when they do not fit at once."""
+    from longdoc.render import Reporter
+
     reporter = Reporter(quiet=given.quiet, json_mode=given.json_out)
     state = RunState()
     # --each: Ctrl-C within an input gives that input its line (Summaries.one_of_each); before the first
@@ -91,6 +91,8 @@ def summarize(
         paths = list(paths or []) + (read_paths_from(paths_from, null) if paths_from is not None else [])
         if not paths:
             raise UsageError("give at least one PATH to summarize ('-' reads stdin), or --paths-from FILE")
+        from longdoc.cli.batch import Summaries
+
         summaries = Summaries(reporter, run, given, style, max_words)
         if not each:
             summaries.together(paths, state)
