@@ -13,8 +13,11 @@ from longdoc.cli.settings import settings
 
 @takes(*o.MODEL_OPTIONS, "json_out", keys=knobs.keys_for("doctor"))
 def doctor(*, given: o.Given) -> None:
-    """What this machine gets: the CPU class, and the dtype, packing, quantization and attention kernel
-    that a run picks here, each with why (LONGDOC_ISA=avx2|... shows a lesser CPU's)."""
+    """What this machine gets, each choice with its reason.
+
+    The CPU class, and the dtype, packing, quantization and attention kernel that a run picks here, each
+    with why (LONGDOC_ISA=avx2|... shows a lesser CPU's; -o pack=... and -o kernel=... what they would change).
+    """
     from longdoc.render import Reporter, console, plain
 
     reporter = Reporter(json_mode=given.json_out)

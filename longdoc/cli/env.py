@@ -41,7 +41,7 @@ VARIABLES: tuple[EnvVar, ...] = (
     ),
     EnvVar(
         "LONGDOC_ISA",
-        "none|avx2|avx512|avx512vnni|avx512bf16|amx: choose as that CPU class would, and cap torch's kernels.",
+        "none|avx2|avx512|avx512vnni|avx512bf16|amx: choose as that CPU class would (PyTorch's kernels too).",
         _KERNELS,
     ),
     EnvVar("LONGDOC_NATIVE", "0 keeps longdoc's C kernels off.", _KERNELS),
