@@ -15,7 +15,7 @@ from longdoc.errors import UsageError
 
 # Quantizations of the linears that decode steps run (longdoc.quant.schemes), and the --quantize
 # values: those or "auto" (see RunConfig.quantize).
-QUANTIZE_SCHEMES: tuple[str, ...] = ("none", "int8", "int4", "int5")
+QUANTIZE_SCHEMES: tuple[str, ...] = ("none", "int8", "int4", "int5", "q8")
 QUANTIZE_CHOICES: tuple[str, ...] = ("auto", *QUANTIZE_SCHEMES)
 
 

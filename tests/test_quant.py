@@ -9,12 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from longdoc import store
+from longdoc import native, store
 from longdoc.attention.kernels import get_kernel
 from longdoc.config import GenerationConfig
 from longdoc.engine.decode import generate
 from longdoc.engine.longmodel import AttentionSettings, LongModel
 from longdoc.engine.prefill import prefill
+from longdoc.native import q8
 from longdoc.quant import cache as mq
 from longdoc.quant import schemes
 from longdoc.quant.packing import pack_linears
@@ -288,7 +289,7 @@ def base(tmp_path):
     return folder, model
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", [*SCHEMES, "q8"])
 def test_quantized_cache_round_trip(base, scheme):
     folder, model = base
     made = mq.ensure_quantized(folder, scheme, "tiny")
@@ -406,3 +407,141 @@ def test_ask_with_quantize_end_to_end(tmp_path):
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "quantizing" not in again.stderr
     assert json.loads(again.stdout)["answer"] == json.loads(first.stdout)["answer"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# q8: longdoc's Q8_0 kernel (longdoc.native.q8) as a scheme
+
+needs_q8 = pytest.mark.skipif(not native.likely_available("q8"), reason="no C compiler here")
+
+
+class Q8Reference(nn.Module):
+    """A linear computed as the Q8_0 kernel promises (``q8.reference_q8_matmul``: activations quantized
+    per block of 32, exact block sums, float64), cast back."""
+
+    def __init__(self, linear: nn.Linear, q: torch.Tensor, s: torch.Tensor):
+        super().__init__()
+        self.q, self.s, self.bias = q, s, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = q8.reference_q8_matmul(x.reshape(-1, x.shape[-1]), self.q, self.s, self.bias)
+        return out.view(*x.shape[:-1], -1).to(x.dtype)
+
+
+def q8_reference_model(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    reference = copy.deepcopy(model)
+    for name in schemes.quantized_names(reference):
+        parent, _, child = name.rpartition(".")
+        ref = Q8Reference(reference.get_submodule(name), tensors[f"{name}.qweight"], tensors[f"{name}.scales"])
+        setattr(reference.get_submodule(parent) if parent else reference, child, ref)
+    return reference
+
+
+@needs_q8
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q8_linear_matches_the_float64_reference_of_its_arithmetic(bias, dtype):
+    """A q8 QuantLinear is the Q8_0 kernel: its float64 reference (activations quantized per block of
+    32) within float32 accumulation, and its weight within half a step of the original."""
+    torch.manual_seed(0)
+    dense = nn.Linear(96, 40, bias=bias)
+    q, s = schemes.quantize("q8", dense.weight)
+    layer = schemes.QuantLinear(dense, "q8", q, s, dtype=dtype)
+    assert layer.gemm.kind == "q8" and layer.in_features == 96 and layer.gemm.nbytes == 5 * 3 * 272
+    x = torch.randn(3, 1, 96).to(dtype)
+    out = layer(x)  # 3 rows: the quantized kernel
+    assert out.shape == (3, 1, 40) and out.dtype == dtype
+    want = q8.reference_q8_matmul(x.reshape(3, 96), q, s, dense.bias if bias else None).view(3, 1, 40)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+    err = (schemes.dequantize("q8", q, s) - dense.weight.double()).abs()
+    step = s.double().repeat_interleave(32, dim=1)
+    assert err.max() > 0 and bool((err <= step / 2 * (1 + 1e-3)).all())
+
+
+@needs_q8
+def test_q8_stacked_linears_equal_each_linear_on_its_own():
+    """q/k/v and gate/up are one Q8_0 call; each output channel is bit for bit what a call of its own
+    weight gives (the kernel computes each row of the weight alone), the LM head quantized too."""
+    torch.manual_seed(0)
+    model = tiny_model("qwen2", dtype=torch.float32)
+    tensors = quantized_tensors(model, "q8")
+    alone = copy.deepcopy(model)
+    schemes.quantize_linears(model, "q8", tensors)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.q_proj.gemm is attn.k_proj.gemm is attn.v_proj.gemm is not attn.o_proj.gemm
+    assert mlp.gate_proj.gemm is mlp.up_proj.gemm and isinstance(model.lm_head, schemes.QuantLinear)
+    assert {m.gemm.kind for m in model.modules() if isinstance(m, schemes.QuantLinear)} == {"q8"}
+    x = torch.randn(1, 1, 64)
+    for parent, children in (
+        ("model.layers.0.self_attn", ("q_proj", "k_proj", "v_proj")),
+        ("model.layers.0.mlp", ("gate_proj", "up_proj")),
+    ):
+        for child in children:
+            name = f"{parent}.{child}"
+            own = schemes.QuantLinear(
+                alone.get_submodule(name), "q8", tensors[f"{name}.qweight"], tensors[f"{name}.scales"], torch.float32
+            )
+            assert torch.equal(model.get_submodule(name)(x), own(x)), name
+
+
+@needs_q8
+def test_q8_model_logits_and_greedy_decode_equal_the_float64_reference():
+    """A tiny model whose linears all run through the Q8_0 kernel: its logits over a prompt are those of
+    the same model with each linear computed by the kernel's float64 reference, and greedy decoding
+    gives the same tokens."""
+    torch.manual_seed(0)
+    model = tiny_model("qwen2", dtype=torch.float32)
+    tensors = quantized_tensors(model, "q8")
+    reference = q8_reference_model(model, tensors)
+    assert schemes.quantize_linears(model, "q8", tensors) == len(schemes.quantized_names(model))
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), schemes.every_row(model):
+        got = model(ids).logits
+    want = reference(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    gen = GenerationConfig(max_new_tokens=24)
+
+    def decode(m: nn.Module) -> list[int]:
+        pm = LongModel(m, AttentionSettings(None, get_kernel("cpu", torch.device("cpu"))))
+        kv = pm.new_cache(80)
+        logits = prefill(pm, ids, kv, 16)
+        return list(generate(pm, logits, 40, kv, gen, set()))
+
+    with schemes.every_row(model):
+        tokens = decode(model)
+    assert tokens == decode(reference) and len(set(tokens)) > 3
+
+
+@needs_q8
+def test_q8_runs_its_scalar_loop_under_the_isa_cap_none(monkeypatch):
+    """LONGDOC_ISA=none: q8 still runs, on the kernel's scalar loop, and gives the same numbers; auto
+    does not pick it there, and an explicit --quantize q8 is told why."""
+    from longdoc.quant import choose
+
+    for var in ("LONGDOC_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
+        monkeypatch.delenv(var, raising=False)
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 24)
+    q, s = schemes.quantize("q8", dense.weight)
+    x = torch.randn(1, 64)
+    best = schemes.QuantLinear(dense, "q8", q, s, dtype=torch.float32)
+    monkeypatch.setenv("LONGDOC_ISA", "none")
+    cpu_dev = torch.device("cpu")
+    config = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128}
+    assert choose.quant_unavailable("q8", cpu_dev, torch.float32, config) is None
+    scalar = schemes.QuantLinear(dense, "q8", q, s, dtype=torch.float32)
+    assert scalar.gemm.q8.level == q8.SCALAR
+    assert torch.equal(scalar(x), best(x))  # the SIMD loops equal the scalar one bit for bit
+    assert choose.default_quantize(cpu_dev, torch.float32, config) == "none"
+    assert "scalar" in (choose.quant_slower("q8", cpu_dev, torch.float32) or "")
+
+
+def test_q8_needs_widths_that_are_multiples_of_32():
+    from longdoc.quant import choose
+
+    odd = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 120}
+    why = choose.quant_unavailable("q8", torch.device("cpu"), torch.float32, odd)
+    assert why is not None and ("multiples of 32" in why or "can't run here" in why)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        schemes.quantize("q8", torch.randn(8, 40))

@@ -106,9 +106,9 @@ class Given:
         metadata=opt(
             "--quantize",
             panel=MODEL,
-            metavar="auto|none|int5|int8|int4",
+            metavar="auto|none|int5|q8|int8|int4",
             help="Quantized linears for decoding: auto is int5 on x86 CPUs with AVX-512 VNNI and a C compiler, else"
-            " int8 where VNNI is, else none (made once, cached).",
+            " q8 on AVX2 or ARM NEON, else int8 where VNNI is, else none (made once, cached).",
         ),
     )
     # long context

@@ -1,6 +1,6 @@
 """Weight-only quantized copies of a model's linears, made once into the verified model cache.
 
-``--quantize int5|int8|int4`` runs the decoder's linears through ``longdoc.quant.schemes.QuantLinear``.
+``--quantize int5|q8|int8|int4`` runs the decoder's linears through ``longdoc.quant.schemes.QuantLinear``.
 Their quantized weights are computed once per model and scheme, from the verified bfloat16 folder
 (a cached GGUF conversion, or the user's model folder), and kept beside it as
 ``<cache>/models/<base>-<scheme>/``: ``quantized.safetensors`` (``<linear>.qweight`` and
@@ -124,7 +124,7 @@ def _quantize_locked(base: Path, scheme: str, name: str, target: Path, progress:
                     "name": name,
                     "quantize": scheme,
                     "version": schemes.QUANT_VERSION,
-                    "group": {"int4": schemes.INT4_GROUP, "int5": 32}.get(scheme),
+                    "group": {"int4": schemes.INT4_GROUP, "int5": 32, "q8": 32}.get(scheme),
                     "base": str(base),
                     "base_identity": base_identity(base),
                 },

@@ -1,4 +1,4 @@
-"""Quantized linears for CPU decoding (``--quantize int5|int8|int4``): the schemes as pure tensor
+"""Quantized linears for CPU decoding (``--quantize int5|q8|int8|int4``): the schemes as pure tensor
 functions, and the module that runs them.
 
 A decode step multiplies one row by every weight of the model, so its time is the time to read the
@@ -31,6 +31,12 @@ machine where a C compiler and AVX-512 VNNI are found. It reads fewer bytes than
 activations' large channels to their own groups. Quality and speed: benchmarks/RESULTS.md,
 "Quantization: quality against bfloat16" and the headline tables.
 
+q8 runs longdoc's Q8_0 kernel (``longdoc.native.q8``, ``q8.c``: llama.cpp's Q8_0 weights, int8 with a
+float16 scale per block of 32 input channels, times int8 activations per block of 32) on every CPU: a
+scalar loop, and AVX2 and NEON loops chosen at run time under the ISA cap. It takes float32 activations,
+so it is the decode path of CPUs without AVX-512 (issue 26). The cache stores the codes (N, K) int8 and
+scales (N, K/32) float16; the kernel's packed layout is made as the model loads.
+
 Quantization itself happens once, when the model is converted (``longdoc.quant.cache``).
 """
 
@@ -49,7 +55,7 @@ from torch import nn
 
 from longdoc.config import QUANTIZE_SCHEMES
 from longdoc.models.weights import linear_weight
-from longdoc.native import int5
+from longdoc.native import int5, q8
 
 SCHEMES = QUANTIZE_SCHEMES
 
@@ -84,7 +90,7 @@ QWEIGHT, QSCALES = "qweight", "scales"
 def in_features(scheme: str, qweight: torch.Tensor) -> int:
     """The input size K of a linear from its quantized weight's width."""
     width = int(qweight.shape[1])
-    return width * 2 if scheme == "int4" else width * int5.BLOCK // 80 if scheme == "int5" else width
+    return width * 2 if scheme == "int4" else width * int5.BLOCK // 80 if scheme == "int5" else width  # q8: K
 
 
 def input_widths(config: Mapping[str, Any]) -> list[int]:
@@ -196,6 +202,8 @@ def dequantize(scheme: str, qweight: torch.Tensor, scales: torch.Tensor) -> torc
     """The float64 weight (N, K) a quantized one stands for (the reference for tests)."""
     if scheme == "int8":
         return qweight.double() * scales.double()[:, None]
+    if scheme == "q8":
+        return q8.dequantize_q8(qweight, scales)
     if scheme in ("int4", "int5"):
         q = (unpack_int4(qweight) if scheme == "int4" else unpack_int5(qweight)).double()
         n, groups = scales.shape[:2]
@@ -211,6 +219,8 @@ def quantize(scheme: str, weight: torch.Tensor, group: int = INT4_GROUP) -> tupl
         return quantize_int4(weight, group)
     if scheme == "int5":
         return quantize_int5(weight)
+    if scheme == "q8":
+        return q8.quantize_q8(weight)
     raise ValueError(f"unknown quantization {scheme!r}")
 
 
@@ -261,7 +271,7 @@ class QuantGemm:
     7.7 ms as two; a whole decode step did not move measurably, benchmarks/RESULTS.md.)
 
     ``kind`` is the kernel: "gemm" (int8 through the int8 GEMM, where it runs), "int8" (weight-only),
-    "int4", or "int5" (longdoc's own, ``native``; it adds the biases itself). ``act_block``: input
+    "int4", "int5" or "q8" (longdoc's own, ``native``; they add the biases themselves). ``act_block``: input
     channels per activation scale of the int8 GEMM (0, or one that does not divide K: per row).
     Outputs are in ``dtype``, biases included.
     """
@@ -305,6 +315,11 @@ class QuantGemm:
             self.int5 = int5.Int5Matmul(int5.layout(qweight, scale), self.in_features, sum(self.sizes), self.bias)
             self.bias = None  # added by the kernel
             self.nbytes = self.int5.packed.numel()
+        elif self.kind == "q8":
+            packed = q8.pack(qweight, scale)
+            self.q8 = q8.Q8Matmul(packed, self.in_features, sum(self.sizes), self.bias)
+            self.bias = None  # added by the kernel
+            self.nbytes = self.q8.packed.numel()
         else:
             self.group = self.in_features // int(scale.shape[1])
             # packed a block of rows at a time: unpacked int32 values of the LM head would be 0.5 GB at once
@@ -339,6 +354,8 @@ class QuantGemm:
             return out.to(self.dtype)
         if self.kind == "int5":
             return self.int5(rows, self.dtype)
+        if self.kind == "q8":
+            return self.q8(rows, self.dtype)
         if self.kind == "int8":
             out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales)
         else:

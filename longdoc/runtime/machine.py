@@ -8,9 +8,11 @@ The rules, each measured (benchmarks/RESULTS.md, "CPU paths", rendered from ``be
 * packing: linears are packed for oneDNN wherever it packs their dtype: decode steps run faster packed,
   bfloat16 and float32 alike. Each weight is widened from its stored bfloat16 as it is packed, so
   packing costs no second copy.
-* quantization: int5 where longdoc's kernel runs (AVX-512 VNNI), else int8 where torch's int8 GEMM
-  has VNNI, else none. On AVX2 torch's int8 and int4 CPU kernels are weight-only and decode slower
-  than float32, so ``auto`` never picks them there and an explicit choice says so.
+* quantization: int5 where longdoc's kernel runs (AVX-512 VNNI, bfloat16), else q8 where longdoc's
+  Q8_0 kernel has an AVX2 or NEON loop (float32 or bfloat16; benchmarks/out/q8.json, from
+  ``bench_q8``), else int8 where torch's int8 GEMM has VNNI, else none. On AVX2 torch's int8 and int4
+  CPU kernels are weight-only and decode slower than float32, so ``auto`` never picks them there and
+  an explicit choice says so.
 * attention: longdoc's ``flash.c`` for bfloat16 prefill where AVX-512 BF16 runs it, else torch's fused
   CPU kernel; decode steps always use torch's.
 """
@@ -26,6 +28,7 @@ import torch
 from longdoc import cpu, native
 from longdoc.cpu import onednn_packs
 from longdoc.models.resolve import cpu_has_fast_bf16
+from longdoc.native import q8
 from longdoc.quant.choose import quant_slower
 from longdoc.quant.packing import packing_pays
 
@@ -90,19 +93,24 @@ def paths(
         why["packed"] = "turned off"
     if quantize == "none":
         why["quantize"] = (
-            "no quantized kernel here decodes faster (int5 needs AVX-512 VNNI, int8 VNNI)"
+            "no quantized kernel here decodes faster (int5 needs AVX-512 VNNI, q8 AVX2 or NEON, int8 VNNI)"
             if device.type == "cpu"
             else "the quantized kernels are CPU kernels"
         )
     else:
-        why["quantize"] = quant_slower(quantize, device, dtype) or "decodes faster than unquantized here"
+        why["quantize"] = quant_slower(quantize, device, dtype) or (
+            f"longdoc's Q8_0 kernel ({q8.PATHS[q8.best_path()]} loop): a quarter of float32's bytes per token"
+            if quantize == "q8"
+            else "decodes faster than unquantized here"
+        )
     attention, why["attention"] = attention_kernel(kernel, device, dtype)
     return MachinePaths(klass, cpu.isa_cap(), str(dtype).removeprefix("torch."), packed, quantize, attention, why)
 
 
 def kernel_notes(p: MachinePaths) -> list[str]:
     """What to say once about how the C kernels this run uses will run (one thread without OpenMP)."""
-    used = [name for name, on in (("int5", p.quantize == "int5"), ("flash", p.attention == "flash.c")) if on]
+    on = (("int5", p.quantize == "int5"), ("q8", p.quantize == "q8"), ("flash", p.attention == "flash.c"))
+    used = [name for name, used in on if used]
     return [f"{native.SOURCES[name].what}: {note}" for name in used for note in native.notes(name)]
 
 
