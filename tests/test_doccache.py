@@ -166,9 +166,9 @@ def test_save_load_round_trip_and_eviction(tmp_path):
     for layer in range(4):
         assert torch.equal(loaded.k[layer][:, :, :1000], kv.k[layer][:, :, :1000])
         assert torch.equal(loaded.v[layer][:, :, :1000], kv.v[layer][:, :, :1000])
-    assert [e["sources"] for e in doccache.entries()] == [["doc0"], ["doc2"], ["doc1"]]
+    assert [e.sources for e in doccache.entries()] == [["doc0"], ["doc2"], ["doc1"]]
     assert doccache.evict(sizes[0] * 2 + 1, keep="c" * 64) == 1
-    assert [e["key"][0] for e in doccache.entries()] == ["a", "c"]
+    assert [e.key[0] for e in doccache.entries()] == ["a", "c"]
     assert doccache.load("b" * 64, loaded, ids) is None
     assert doccache.clear() == (2, sizes[0] * 2)
 

@@ -277,7 +277,7 @@ def test_slow_heads_and_bodies_are_cut_off(session):
 def test_served_requests_keep_a_cache_of_their_own_and_tell_hits_only_to_key_holders(session):
     question = "What is the TTL?"
     mine = answer_locally(session, question)  # the user's own entry, before any server moves the cache folder
-    own = {e["key"] for e in doccache.entries()}
+    own = {e.key for e in doccache.entries()}
     assert len(own) == 1
     user_folder = documents_dir()
     messages, chars = ask_messages(question)
@@ -300,7 +300,7 @@ def test_served_requests_keep_a_cache_of_their_own_and_tell_hits_only_to_key_hol
     assert [out["longdoc"]["cache"]["hit"] for out in keyed] == [False, True]  # its own entry only
     assert twice("another-key")[0]["longdoc"]["cache"]["hit"] is False
     assert documents_dir() == user_folder  # put back once the servers stopped
-    assert {e["key"] for e in doccache.entries()} == own  # the user's cache: not found, not written, not evicted
+    assert {e.key for e in doccache.entries()} == own  # the user's cache: not found, not written, not evicted
     served_folder = user_folder.parent / "served-documents"
     assert len(list(served_folder.glob("*.safetensors"))) == 1  # the tiny cap evicted the older served ones
 

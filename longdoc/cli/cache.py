@@ -20,26 +20,28 @@ def ls(*, given: o.Given) -> None:
         from rich.table import Table
 
         from longdoc.runtime import doccache
+        from longdoc.runtime.result import json_of
         from longdoc.store import documents_dir
 
         rows = doccache.entries()
+        total = sum(r.bytes for r in rows)
         if given.json_out:
-            reporter.json({"entries": rows, "folder": str(documents_dir()), "bytes": sum(r["bytes"] for r in rows)})
+            reporter.json({"entries": json_of(rows), "folder": str(documents_dir()), "bytes": total})
             return
         out = console(sys.stdout)
         table = Table("key", "size", "used", "tokens", "model", "sources")
         now = time.time()
         for r in rows:
             table.add_row(
-                r["key"][:12],
-                human_bytes(r["bytes"]),
-                f"{age(now - r['used'])} ago",
-                f"{r['tokens']:,}",
-                plain(r["model"]),
-                plain(", ".join(r["sources"]) if r["valid"] else "(unreadable header)"),
+                r.key[:12],
+                human_bytes(r.bytes),
+                f"{age(now - r.used)} ago",
+                f"{r.tokens:,}",
+                plain(r.model),
+                plain(", ".join(r.sources) if r.valid else "(unreadable header)"),
             )
         out.print(table)
-        out.print(plain(f"{len(rows)} entries, {human_bytes(sum(r['bytes'] for r in rows))} in {documents_dir()}"))
+        out.print(plain(f"{len(rows)} entries, {human_bytes(total)} in {documents_dir()}"))
 
 
 @takes("json_out")

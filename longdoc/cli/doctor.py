@@ -28,18 +28,24 @@ def doctor(*, given: o.Given) -> None:
         info = plan.model_info(cfg.model, cfg.device, cfg.dtype, reporter.status, reporter.warn, cfg.quantize)
         report = machine.doctor(machine.paths(info.device, info.dtype, info.quantize, cfg.pack, cfg.kernel))
         if given.json_out:
-            reporter.json({"model": info.name, **report})
+            reporter.json({"model": info.name, **report.to_json()})
             return
         out = console(sys.stdout)
-        c = report["cpu"]
-        cap = f" · capped at {c['isa_cap']}" if c["isa_cap"] else ""
-        flags = (" ".join(c["flags"]) or "none of note") if c["flags_known"] else "unknown (no /proc/cpuinfo or sysctl)"
-        out.print(plain(f"cpu: {c['name']} · {c['arch']} · class {c['class']}{cap} · {c['threads']} threads"))
-        out.print(plain(f"flags: {flags} · torch kernels: {c['torch_capability']}"))
-        paths = report["paths"]
-        for key in ("dtype", "packed", "quantize", "attention"):
-            out.print(plain(f"{key}: {paths[key]} ({paths['why'][key]})"))
-        for name, state in report["kernels"].items():
+        c = report.cpu
+        cap = f" · capped at {c.isa_cap}" if c.isa_cap else ""
+        flags = (" ".join(c.flags) or "none of note") if c.flags_known else "unknown (no /proc/cpuinfo or sysctl)"
+        out.print(plain(f"cpu: {c.name} · {c.arch} · class {c.klass}{cap} · {c.threads} threads"))
+        out.print(plain(f"flags: {flags} · torch kernels: {c.torch_capability}"))
+        paths = report.paths
+        chosen = {
+            "dtype": paths.dtype,
+            "packed": paths.packed,
+            "quantize": paths.quantize,
+            "attention": paths.attention,
+        }
+        for key, value in chosen.items():
+            out.print(plain(f"{key}: {value} ({paths.why[key]})"))
+        for name, state in report.kernels.items():
             out.print(plain(f"kernel {name}: {state}"))
-        if report["hint"]:
-            out.print(plain(report["hint"]))
+        if report.hint:
+            out.print(plain(report.hint))

@@ -192,7 +192,21 @@ def load(key: str, kv: KVCache, ids: list[int]) -> Loaded | None:
     return Loaded(bytes=path.stat().st_size, load_s=time.perf_counter() - t0)
 
 
-def entries() -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Entry:
+    """One cached document prefix, as ``longdoc cache ls`` lists it."""
+
+    key: str
+    path: str
+    bytes: int
+    used: float  # last use, seconds since the epoch
+    tokens: int
+    model: str
+    sources: list[str]
+    valid: bool  # whether its header could be read
+
+
+def entries() -> list[Entry]:
     """Every entry, most recently used first: key, bytes, last use, tokens, model and sources."""
     folder = documents_dir()
     out = []
@@ -203,18 +217,18 @@ def entries() -> list[dict[str, Any]]:
             continue  # removed meanwhile
         meta = _metadata(path)
         out.append(
-            {
-                "key": path.name.removesuffix(SUFFIX),
-                "path": str(path),
-                "bytes": st.st_size,
-                "used": st.st_mtime,
-                "tokens": int(meta.get("tokens", 0) or 0),
-                "model": meta.get("model", ""),
-                "sources": json.loads(meta.get("sources", "[]")) if meta else [],
-                "valid": bool(meta),
-            }
+            Entry(
+                key=path.name.removesuffix(SUFFIX),
+                path=str(path),
+                bytes=st.st_size,
+                used=st.st_mtime,
+                tokens=int(meta.get("tokens", 0) or 0),
+                model=meta.get("model", ""),
+                sources=json.loads(meta.get("sources", "[]")) if meta else [],
+                valid=bool(meta),
+            )
         )
-    return sorted(out, key=lambda e: -e["used"])
+    return sorted(out, key=lambda e: -e.used)
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -241,15 +255,15 @@ def evict(max_bytes: int, keep: str | None = None, warn: Callable[[str], None] |
             if now - tmp.stat().st_mtime > 3600:
                 tmp.unlink()
     listed = entries()
-    total = sum(e["bytes"] for e in listed)
+    total = sum(e.bytes for e in listed)
     removed = 0
     for e in reversed(listed):
         if total <= max_bytes:
             break
-        if e["key"] == keep:
+        if e.key == keep:
             continue
-        discard(Path(e["path"]))
-        total -= e["bytes"]
+        discard(Path(e.path))
+        total -= e.bytes
         removed += 1
     if removed and warn:
         warn(f"document cache over its {max_bytes / 1e9:.1f} GB cap: removed {removed} least recently used entries")
@@ -260,7 +274,7 @@ def clear() -> tuple[int, int]:
     """Delete every entry; returns (entries, bytes) removed."""
     count = size = 0
     for e in entries():
-        discard(Path(e["path"]))
+        discard(Path(e.path))
         count += 1
-        size += e["bytes"]
+        size += e.bytes
     return count, size

@@ -50,9 +50,6 @@ class MachinePaths:
     #: one phrase per choice: why it is what it is here
     why: dict[str, str]
 
-    def entry(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def attention_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
     """The attention kernel that serves prefill, and why."""
@@ -138,27 +135,52 @@ def cpu_name() -> str:
     return cpu.arch()
 
 
-def doctor(p: MachinePaths) -> dict[str, Any]:
-    """What ``longdoc doctor`` reports: the CPU, the paths a run gets here and why, and each C kernel's
-    state (built and running, or the one-line reason it is off)."""
+@dataclass(frozen=True)
+class CpuReport:
+    """The CPU as ``longdoc doctor`` shows it."""
+
+    name: str
+    arch: str
+    klass: str
+    flags: list[str]  # the flags that decide a path, of those this CPU has
+    flags_known: bool
+    isa_cap: str | None
+    torch_capability: str
+    threads: int
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    """What ``longdoc doctor`` reports: the CPU, the paths a run gets here and why, each C kernel's state
+    (on, or the one-line reason it is off) and the one-line hint of a slow path."""
+
+    cpu: CpuReport
+    paths: MachinePaths
+    kernels: dict[str, str]
+    hint: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["cpu"]["class"] = out["cpu"].pop("klass")  # "class" is a keyword, not a field name
+        return out
+
+
+def doctor(p: MachinePaths) -> DoctorReport:
+    """The doctor's report for a run with these choices, on this machine."""
     interesting = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "asimddp")
     kernels = {}
     for name in native.SOURCES:
         lib = native.library(name)
         on = "; ".join(["on", *native.notes(name)])
         kernels[name] = on if lib is not None else f"off: {native.why_unavailable(name)}"
-    return {
-        "cpu": {
-            "name": cpu_name(),
-            "arch": cpu.arch(),
-            "class": p.cpu_class,
-            "flags": [f for f in interesting if f in cpu.flags()],
-            "flags_known": cpu.flags_known(),
-            "isa_cap": p.isa_cap,
-            "torch_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads(),
-        },
-        "paths": p.entry(),
-        "kernels": kernels,
-        "hint": slow_path_hint(p),
-    }
+    cpu_report = CpuReport(
+        name=cpu_name(),
+        arch=cpu.arch(),
+        klass=p.cpu_class,
+        flags=[f for f in interesting if f in cpu.flags()],
+        flags_known=cpu.flags_known(),
+        isa_cap=p.isa_cap,
+        torch_capability=torch.backends.cpu.get_cpu_capability(),
+        threads=torch.get_num_threads(),
+    )
+    return DoctorReport(cpu=cpu_report, paths=p, kernels=kernels, hint=slow_path_hint(p))
