@@ -7,7 +7,8 @@
   torch's fused CPU kernel on the model's shapes (``benchmarks/bench_attention.py``).
 * ``q8.c``: llama.cpp's Q8_0 weights (int8, a float16 scale per 32) times int8-quantized activations,
   on any CPU: a scalar loop everywhere, AVX2 and NEON (with and without dot products) loops chosen at
-  run time under the ISA cap (``native/q8.py``). Not yet called by the model.
+  run time under the ISA cap (``native/q8.py``). Decode steps run it with ``--quantize q8``
+  (``longdoc.quant.schemes``), what ``auto`` picks on AVX2 and ARM NEON CPUs.
 
 A library is compiled from the packaged source on first use into ``<cache>/native/<name>-<arch>-<digest>.so``,
 where the digest covers the source, the compiler (its command and ``--version``) and the flags: a changed

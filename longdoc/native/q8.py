@@ -4,7 +4,8 @@ what it computes (the build is ``longdoc.native``).
 
 The kernel has one loop per instruction set (``PATHS``); ``paths()`` lists those that run here, which
 the ISA cap (``cpu.isa_cap()``) narrows as it narrows ``cpu.flags()``: under ``LONGDOC_ISA=none`` only
-the scalar loop runs. Not yet called by the model (issue 26's first step)."""
+the scalar loop runs. ``--quantize q8`` runs decode steps' linears through it (``longdoc.quant.schemes``,
+kind "q8")."""
 
 from __future__ import annotations
 
