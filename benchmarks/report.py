@@ -1058,7 +1058,11 @@ def document() -> str:
     headlines = [
         headline(
             "AVX2: longdoc `auto` against llama.cpp",
-            [("paths", "auto", "longdoc (auto)"), ("paths_2k", "auto", "longdoc (auto)")],
+            [
+                ("paths_2k_q8", "auto", "longdoc (auto: q8 decode)"),
+                ("paths", "auto", "longdoc (auto before q8: float32)"),
+                ("paths_2k", "auto", "longdoc (auto before q8: float32)"),
+            ],
         ),
         headline(
             "AVX-512 BF16 and VNNI: longdoc int5 (what `auto` picks there) against llama.cpp",
@@ -1068,6 +1072,7 @@ def document() -> str:
     speed = [
         paths(),
         paths("paths_2k", "CPU paths: this revision, the one before and llama.cpp at 2K, one run"),
+        paths("paths_2k_q8", "CPU paths: q8 decode (auto since issue 26) against unquantized and llama.cpp at 2K"),
         tag(llamacpp(), EPYC_AVX512),
         tag(llamacpp("llamacpp_2k_int5_repeat", "int5 and llama.cpp alternating at 2K, one run"), EPYC_AVX512),
         tag(llamacpp("llamacpp_32k", "longdoc int5 vs llama.cpp at 32K, one run"), EPYC_AVX512),
@@ -1095,7 +1100,7 @@ def document() -> str:
         tag(summarize(), XEON_AMX),
     ]
     mem = [
-        tag(memory(("paths", "paths_2k"), "Peak memory of each CPU path"), EPYC_AVX2),
+        tag(memory(("paths", "paths_2k", "paths_2k_q8"), "Peak memory of each CPU path"), EPYC_AVX2),
         tag(
             memory(("llamacpp", "llamacpp_32k"), "Peak memory of each --quantize, transformers and llama.cpp"),
             EPYC_AVX512,

@@ -134,11 +134,11 @@ class RunConfig:
     model: str | None = None  # None = the embedded default model
     device: str = "auto"
     dtype: str = "auto"
-    # Quantized linears for decode steps: auto | none | int5 | int8 | int4 (longdoc.quant.schemes). "auto"
-    # is int5 where longdoc's int5 kernel runs (x86 with AVX-512 VNNI and a C compiler; a bfloat16 model
-    # on CPU whose widths are multiples of 128), else int8 where torch's int8 GEMM runs (VNNI), else none:
-    # int5 stays within the 1% of perplexity a default may lose and decodes fastest (benchmarks/RESULTS.md,
-    # "Quantization: quality against bfloat16" and the headline tables); int4 does not stay within it.
+    # Quantized linears for decode steps: auto | none | q8 | int5 | int8 | int4 (longdoc.quant.schemes).
+    # "auto" is longdoc.quant.choose.default_quantize: int5 for bfloat16 where its kernel runs (AVX-512
+    # VNNI), else q8 where the Q8_0 kernel has a SIMD loop (AVX2, NEON), else int8 where torch's int8 GEMM
+    # runs, else none. int5 and q8 stay within the 1% of perplexity a default may lose (benchmarks/RESULTS.md,
+    # "Quantization: quality against bfloat16"); int4 does not.
     quantize: str = "auto"
     # Linears pre-packed for oneDNN on CPU: auto | on | off. "auto" packs where it pays (bfloat16 with
     # native matmuls; see ``longdoc.quant.packing.packing_pays``), "on"/"off" force it (benchmarks).

@@ -104,7 +104,7 @@ def model_info(
     if quantize == "auto":
         quantize = default_quantize(dev, dt, config)
     elif quant_slower(quantize, dev, dt):
-        say(f"--quantize {quantize}: {quant_slower(quantize, dev, dt)} (--quantize auto picks none)")
+        say(f"--quantize {quantize}: {quant_slower(quantize, dev, dt)} (--quantize auto picks what is faster here)")
     if quantize != "none":
         why = quant_unavailable(quantize, dev, dt, config)
         if why:
