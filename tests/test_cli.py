@@ -498,7 +498,7 @@ def test_non_utf8_file_names_give_valid_utf8_json(tmp_path, tiny, cache_dir):
         (("--device", "tpu"), "--device accepts auto, cpu or cuda"),
         (("--pages", "3-1"), "--pages"),
         (("--recycle-threshold", "7"), "--recycle-threshold"),
-        (("--quantize", "int3"), "--quantize accepts auto, none, int8, int4, int5, not 'int3'"),
+        (("--quantize", "int3"), "--quantize accepts auto, none, int8, int4, int5, q8, not 'int3'"),
     ],
 )
 def test_options_are_checked_before_any_input_is_read(tmp_path, extra, fragment):
