@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from longdoc.native import library, why_unavailable
+from longdoc.native.matmul import run_matmul
 
 # int5 super-blocks: input channels, and bytes per output channel of each
 BLOCK, BLOCK_BYTES = 128, 96
@@ -37,22 +38,13 @@ class Int5Matmul:
 
     def __call__(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """rows (M, K) bfloat16 or float32 -> (M, N) in ``dtype`` (bfloat16 or float32)."""
-        if rows.dtype not in (torch.bfloat16, torch.float32) or dtype not in (torch.bfloat16, torch.float32):
-            raise RuntimeError("the int5 kernel takes bfloat16 or float32")
-        rows = rows.contiguous()
-        out = torch.empty(rows.shape[0], self.n, dtype=dtype)
-        rc = self.lib.longdoc_int5_matmul(
-            rows.data_ptr(),
-            int(rows.dtype == torch.bfloat16),
-            rows.shape[0],
-            self.k,
-            self.packed.data_ptr(),
-            self.n,
-            None if self.bias is None else self.bias.data_ptr(),
-            out.data_ptr(),
-            int(dtype == torch.bfloat16),
+        return run_matmul(
+            self.lib.longdoc_int5_matmul,
+            "the int5 kernel",
+            rows,
+            self.packed,
+            (self.k, self.n),
+            self.bias,
+            dtype,
             torch.get_num_threads(),
         )
-        if rc != 0:
-            raise RuntimeError("the int5 kernel refused its input" if rc == 1 else "the int5 kernel ran out of memory")
-        return out

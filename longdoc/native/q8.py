@@ -13,6 +13,7 @@ import torch
 
 from longdoc import cpu
 from longdoc.native import library, why_unavailable
+from longdoc.native.matmul import run_matmul
 
 # input channels per block; rows per group of the packed layout; bytes of one block of a group
 BLOCK, GROUP, GROUP_BLOCK_BYTES = 32, 8, 272
@@ -158,25 +159,18 @@ class Q8Matmul:
     def __call__(self, rows: torch.Tensor, dtype: torch.dtype, threads: int | None = None) -> torch.Tensor:
         """rows (M, K) bfloat16 or float32 -> (M, N) in ``dtype`` (bfloat16 or float32), on ``threads``
         threads (torch's count by default)."""
-        if rows.dtype not in (torch.bfloat16, torch.float32) or dtype not in (torch.bfloat16, torch.float32):
-            raise RuntimeError("the Q8_0 kernel takes bfloat16 or float32")
         if rows.dim() != 2 or rows.shape[1] != self.k:
             raise RuntimeError(f"the Q8_0 kernel takes rows (M, {self.k}), not {tuple(rows.shape)}")
-        rows = rows.contiguous()
-        out = torch.empty(rows.shape[0], self.n, dtype=dtype)
-        rc = self.lib.longdoc_q8_matmul(
-            rows.data_ptr(),
-            int(rows.dtype == torch.bfloat16),
-            rows.shape[0],
-            self.k,
-            self.packed.data_ptr(),
-            self.n,
-            None if self.bias is None else self.bias.data_ptr(),
-            out.data_ptr(),
-            int(dtype == torch.bfloat16),
-            torch.get_num_threads() if threads is None else threads,
+        threads = torch.get_num_threads() if threads is None else threads
+        shape = (self.k, self.n)
+        return run_matmul(
+            self.lib.longdoc_q8_matmul,
+            "the Q8_0 kernel",
+            rows,
+            self.packed,
+            shape,
+            self.bias,
+            dtype,
+            threads,
             self.level,
         )
-        if rc != 0:
-            raise RuntimeError("the Q8_0 kernel refused its input" if rc == 1 else "the Q8_0 kernel ran out of memory")
-        return out
