@@ -45,6 +45,13 @@ class ModelError(LongdocError):
     exit_code = EXIT_INPUT
 
 
+class ModelNotInstalledError(ModelError):
+    """A known model whose packages are not installed: the fix is the pip command in the message, so it
+    exits as a usage error, not as a damaged or unreadable model."""
+
+    exit_code = EXIT_USAGE
+
+
 class RemoteError(LongdocError):
     """The ``--endpoint`` server could not be reached, or failed or refused a request (5xx, a 429 that
     outlasted the retries, a 400 that is not about length): the model is out of reach, as a local model

