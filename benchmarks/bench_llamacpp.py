@@ -17,6 +17,11 @@ source, for the CPU at hand, into the venv (10-40 minutes on 2 cores)::
 (without the two AVX512 flags on CPUs that lack them). Without it the llama.cpp rows say so.
 
     python -m benchmarks.bench_llamacpp --lengths 2048,8192,32768 --new 32
+
+The machine's decode bandwidth limit is measured in the same run, before and after the rows
+(``bench_q8.plain_reads``: a plain read of a tensor the size of the Q8_0 weights, at the run's thread
+count): each longdoc row gives the bytes one of its decode steps reads (its quantized weights and its
+16-bit KV cache at the row's length) and its decode speed as a fraction of what that bandwidth allows.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ def child_longdoc(quantize: str, ids: list[int], new: int) -> dict[str, Any]:
     return {
         "quantize": session.info.quantize,
         "dtype": session.info.dtype_name,
+        "step_bytes": step_bytes(session, len(ids)),
         "dca": plan.layout is not None,
         "recycle": plan.recycle,
         "load_s": round(load_s, 2),
@@ -139,6 +145,22 @@ def child_llamacpp(ids: list[int], new: int, threads: int) -> dict[str, Any]:
     }
 
 
+def step_bytes(session: Any, length: int) -> int:
+    """Bytes a decode step of ``session`` reads at ``length``: its linears' weights (quantized, else in the
+    run's dtype) and its KV cache."""
+    from longdoc.engine.kvcache import KVCache
+    from longdoc.quant.schemes import QuantGemm, QuantLinear
+
+    model, info = session.loaded().model, session.info
+    gemms = {id(m.gemm): m.gemm for m in model.modules() if isinstance(m, QuantLinear)}
+    if gemms:
+        weights = sum(g.nbytes for g in gemms.values() if isinstance(g, QuantGemm))
+    else:
+        weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
+    kv = length * KVCache.bytes_per_token(info.n_layers, info.n_kv_heads, info.head_dim, info.kv_dtype)
+    return int(weights + kv)
+
+
 def child(mode: str, quantize: str, length: int, new: int) -> dict[str, Any]:
     ids = prompt_ids(length)
     if mode == "longdoc":
@@ -178,6 +200,10 @@ def main() -> None:
     if a.child:
         print(json.dumps(child(a.mode, a.quantize, a.length, a.new)))
         return
+    from benchmarks.bench_q8 import plain_reads, q8_model_bytes
+
+    threads = torch.get_num_threads()
+    bandwidth = [max(plain_reads(q8_model_bytes(), 5, threads).values())]
     rows = []
     for length in [int(x) for x in a.lengths.split(",")]:
         for spec in a.configs.split(","):
@@ -189,7 +215,19 @@ def main() -> None:
             row.update({"config": spec, "length": row.get("length", length)})
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    payload = {"torch": torch.__version__, "new_tokens": a.new, **cpu_info(), "rows": rows}
+    bandwidth.append(max(plain_reads(q8_model_bytes(), 5, threads).values()))
+    limit = max(bandwidth)  # GB/s: the better of the two reads
+    for row in rows:
+        if row.get("step_bytes") and row.get("decode_tok_s"):
+            row["decode_gb_per_s"] = round(row["step_bytes"] * row["decode_tok_s"] / 1e9, 2)
+            row["fraction_of_bandwidth"] = round(row["decode_gb_per_s"] / limit, 3)
+    payload = {
+        "torch": torch.__version__,
+        "new_tokens": a.new,
+        "bandwidth_gb_per_s": {"before": bandwidth[0], "after": bandwidth[1], "threads": threads},
+        **cpu_info(),
+        "rows": rows,
+    }
     print(save(a.name, payload))
 
 

@@ -154,3 +154,38 @@ def test_packed_linears_give_identical_outputs(dtype):
     assert isinstance(model.lm_head, PackedLinear)
     after, _ = every_logit(patched(model), ids, step=7)
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)  # oneDNN may sum in another order
+
+
+@pytest.mark.parametrize("layout", [None, ChunkLayout(chunk_size=24, local_window=6)])
+def test_a_16_bit_kv_cache_decodes_through_attn16_close_to_float32(layout, monkeypatch):
+    """A float32 model over a float16 KV cache (what float32 runs keep): prefill widens the cache's
+    keys and values for torch's kernel, and each decode step's one query row runs ``attn16.c`` (every
+    DCA region of it); logits stay within the cache's float16 rounding of the float32 cache's, and the
+    greedy tokens are the same."""
+    from longdoc.native import attn16
+
+    if not attn16.paths():
+        pytest.skip("the attn16 kernel is not available here")
+    calls = []
+    real = attn16.attend16
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].dtype)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attn16, "attend16", counted)
+    model = tiny_model("qwen2", dtype=torch.float32)
+    ids = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(3))
+    gen = GenerationConfig(max_new_tokens=12)
+    runs = {}
+    for kv_dtype in (None, torch.float16):
+        pm = LongModel(model, AttentionSettings(layout, get_kernel("cpu", CPU), kv_dtype=kv_dtype))
+        kv = pm.new_cache(80)
+        assert kv.k[0].dtype == (kv_dtype or torch.float32)
+        logits = prefill(pm, ids, kv, 16)
+        runs[kv_dtype] = (logits, list(generate(pm, logits, 60, kv, gen, set())))
+    (want, want_tokens), (got, got_tokens) = runs[None], runs[torch.float16]
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
+    assert got_tokens == want_tokens
+    # 11 decode steps x 3 layers, one call per DCA region: all on the float16 cache
+    assert len(calls) >= 11 * 3 and set(calls) == {torch.float16}

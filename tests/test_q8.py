@@ -280,3 +280,37 @@ def test_neon_paths_under_qemu_equal_the_scalar_path_and_the_x86_build(tmp_path)
     if cpu.arch() == "x86_64" and q8.PATH_FLAGS[q8.AVX2] <= cpu._raw_flags()[0]:
         assert reports["native"][0].keys() == {q8.SCALAR, q8.AVX2} and reports["native"][1] == q8.AVX2
     assert len({checksum for name, (_, _, checksum) in reports.items() if name != "armv8-a on cortex-a53"}) == 1
+
+
+@needs_q8
+@pytest.mark.parametrize("n, k", [(13, 96), (896, 64), (151, 4864)])
+def test_unpacked_rows_are_the_dequantized_weight_exactly(n, k):
+    """``Q8Matmul.rows``: every row, or the rows asked for in any order, is codes x scale exactly in
+    float32 (and that rounded to bfloat16); a row outside the weight is refused."""
+    g = torch.Generator().manual_seed(n + k)
+    qs, scales = q8.quantize_q8(torch.randn(n, k, generator=g))
+    weight = q8.dequantize_q8(qs, scales).float()
+    matmul = q8.Q8Matmul(q8.pack(qs, scales), k, n, None)
+    assert torch.equal(matmul.rows(), weight)
+    ids = torch.tensor([n - 1, 0, n // 2, 0])
+    assert torch.equal(matmul.rows(ids), weight[ids])
+    assert torch.equal(matmul.rows(ids, torch.bfloat16), weight[ids].bfloat16())
+    for bad in ([n], [-1]):
+        with pytest.raises(RuntimeError, match="out of range"):
+            matmul.rows(torch.tensor(bad))
+
+
+def test_packing_a_list_of_weights_packs_their_rows_stacked():
+    """Linears that share an input are packed from their parts, a few groups at a time, into what packing
+    their stacked rows gives (sizes that straddle groups and steps of ``_PACK_GROUPS`` included)."""
+    g = torch.Generator().manual_seed(7)
+    parts = [q8.quantize_q8(torch.randn(rows, 64, generator=g)) for rows in (5, 4100, 11)]
+    stacked = q8.pack(torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts]))
+    assert torch.equal(q8.pack([q for q, _ in parts], [s for _, s in parts]), stacked)
+    # the layout itself: row r's weight j of block b at its place (q8.c's header)
+    q, s = parts[1]
+    packed = q8.pack(q, s).view(-1, 2, q8.GROUP_BLOCK_BYTES)  # K = 64: two blocks per group
+    row, b, j = 4097, 1, 13
+    group, r = divmod(row, q8.GROUP)
+    assert packed[group, b, 16 + 32 * (j // 4) + 4 * r + j % 4].view(torch.int8) == q[row, 32 * b + j]
+    assert packed[group, b, 2 * r : 2 * r + 2].view(torch.float16) == s[row, b]

@@ -551,3 +551,75 @@ def test_q8_needs_widths_that_are_multiples_of_32():
     assert why is not None and ("multiples of 32" in why or "can't run here" in why)
     with pytest.raises(ValueError, match="multiple of 32"):
         schemes.quantize("q8", torch.randn(8, 40))
+
+
+def weight_only_model(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """The model with each linear's weight replaced by its Q8_0 weight dequantized (float32, exact)."""
+    reference = copy.deepcopy(model)
+    for name in schemes.quantized_names(reference):
+        weight = schemes.dequantize("q8", tensors[f"{name}.qweight"], tensors[f"{name}.scales"])
+        reference.get_submodule(name).weight.data = weight.float()
+    return reference
+
+
+@needs_q8
+def test_q8_without_its_dense_layers_prefills_through_the_unpacked_weights():
+    """``keep_dense=False``: no linear is left; inputs of many rows run the Q8_0 weights unpacked for
+    the call (the weight-only quantized model, activations not quantized), a decode step's few rows the
+    kernel. Schemes that can't unpack refuse it."""
+    torch.manual_seed(0)
+    model = tiny_model("qwen2", dtype=torch.float32)
+    for module in model.modules():  # q/k/v's biases (initialized to zero)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.normal_()
+    tensors = quantized_tensors(model, "q8")
+    reference = weight_only_model(model, tensors)
+    schemes.quantize_linears(model, "q8", tensors, keep_dense=False)
+    layers = [m for m in model.modules() if isinstance(m, schemes.QuantLinear)]
+    assert layers and all(m.dense is None for m in layers)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+    # q/k/v's and gate/up's shared outputs are dropped once each has been taken (a prefill step's are
+    # hundreds of MB over the layers)
+    assert all(m.gemm._last is None for m in layers)
+    down = model.model.layers[0].mlp.down_proj
+    x = torch.randn(1, 1, down.in_features)
+    assert torch.equal(down(x), down.quantized(x))
+    with pytest.raises(ValueError, match="must be kept"):
+        schemes.quantize_linears(tiny_model("qwen2", dtype=torch.float32), "int8", tensors, keep_dense=False)
+
+
+@needs_q8
+def test_q8_session_holds_one_copy_of_the_weights(tmp_path):
+    """A q8 run never reads the linears' dense weights: every linear is the Q8_0 weight alone, nothing is
+    left on the meta device, the embedding table is the file's bytes mapped (rows read as looked up),
+    the plan counts the quantized bytes only, and prefill is the weight-only quantized model's."""
+    from longdoc.config import RunConfig
+    from longdoc.render import Reporter
+    from longdoc.runtime.local import LocalBackend
+
+    from .helpers import save_tiny_qwen2
+
+    dense, _ = save_tiny_qwen2(tmp_path / "tiny", window=512)
+    session = LocalBackend(
+        RunConfig(model=str(tmp_path / "tiny"), dtype="float32", quantize="q8"), Reporter(quiet=True)
+    )
+    model = session.loaded().model
+    assert session.info.quant_folder is not None and not session.packed
+    assert all(m.dense is None for m in model.modules() if isinstance(m, schemes.QuantLinear))
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert not [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    table = model.model.embed_tokens.weight
+    assert not table.untyped_storage().resizable()  # torch.frombuffer over the mapped file
+    assert torch.equal(table.float(), dense.model.embed_tokens.weight.float())
+    quant_bytes = (session.info.quant_folder / mq.QUANT_FILE).stat().st_size
+    assert session.info.weight_bytes == quant_bytes
+    tensors = dict(mq.load_quantized(session.info.quant_folder))
+    reference = weight_only_model(dense.float(), tensors)
+    ids = torch.randint(0, 200, (1, 30), generator=torch.Generator().manual_seed(2))
+    pm = LongModel(model, AttentionSettings(None, get_kernel("cpu", torch.device("cpu"))))
+    hidden = pm.hidden_states(ids, 0, pm.new_cache(40))  # (the LM head's one row would run the kernel)
+    with torch.no_grad():
+        torch.testing.assert_close(hidden, reference.model(ids).last_hidden_state, rtol=1e-4, atol=1e-4)

@@ -51,8 +51,8 @@ MUTANTS = [
     (
         "read chunks: a tensor read one element late",
         "longdoc/models/weights.py",
-        "            f.seek(start + a)",
-        "            f.seek(start + a + size)",
+        '        self._file.seek(self.start + entry["data_offsets"][0])',
+        '        self._file.seek(self.start + entry["data_offsets"][0] + size)',
     ),
     (
         "least-attended keys",
@@ -155,8 +155,8 @@ MUTANTS = [
     (
         "int8 GEMM: siblings take stale outputs",
         "longdoc/quant/schemes.py",
-        "if last is not None and last[0] is x:",
-        "if last is not None:",
+        "if last is None or last[0] is not x:",
+        "if last is None:",
     ),
     (
         "int8 GEMM: block maxima dropped",
@@ -285,6 +285,48 @@ MUTANTS = [
         "    if (0) values_2(",
     ),
     (
+        "one copy: prefill's unpacked matmul drops the biases",
+        "longdoc/quant/schemes.py",
+        "        bias = None if self.q8.bias is None else self.q8.bias.to(self.dtype)",
+        "        bias = None",
+    ),
+    (
+        "one copy: a prefill step's shared outputs kept after use (GBs over the layers)",
+        "longdoc/quant/schemes.py",
+        "        if len(last[2]) == len(self.sizes):\n            self._last = None",
+        "        if len(last[2]) == len(self.sizes) + 1:\n            self._last = None",
+    ),
+    (
+        "q8: unpacked rows read the next row's weights",
+        "longdoc/native/q8.c",
+        "const int64_t row = ids ? ids[i] : i, r = row % GR;",
+        "const int64_t row = ids ? ids[i] : i, r = (row + 1) % GR;",
+    ),
+    (
+        "q8: packing a list drops the last group's padding rows' scales",
+        "longdoc/native/q8.py",
+        "            s = torch.cat([s, s.new_zeros(pad, nb)])",
+        "            s = torch.cat([s, s.new_ones(pad, nb)])",
+    ),
+    (
+        "attn16: the running maximum moves without rescaling the sums",
+        "longdoc/native/attn16.c",
+        "    l[h] *= alpha;\n    for (int i = 0; i < jb->dp; i++) acc[i] *= alpha;",
+        "    (void)alpha;",
+    ),
+    (
+        "attn16: the AVX2 loop reads the next KV head's keys",
+        "longdoc/native/attn16.c",
+        "AVX2_TARGET static void segment_avx2(const job *jb, int64_t head, int64_t a, int64_t b, float *part,\n"
+        "                                     float *scratch) {\n"
+        "    const int C = jb->chunk, dp = jb->dp, g = jb->g;\n"
+        "    const uint16_t *k = jb->k + head * jb->head_stride,",
+        "AVX2_TARGET static void segment_avx2(const job *jb, int64_t head, int64_t a, int64_t b, float *part,\n"
+        "                                     float *scratch) {\n"
+        "    const int C = jb->chunk, dp = jb->dp, g = jb->g;\n"
+        "    const uint16_t *k = jb->k + (head ^ 1) * jb->head_stride,",
+    ),
+    (
         "layers: the engine imports the runtime (an upward import)",
         "longdoc/engine/decode.py",
         "from longdoc.engine.sampling import sample\n",
@@ -304,6 +346,8 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "longdoc/native/int5.c": ("tests/test_int5.py",),
     "longdoc/native/flash.c": ("tests/test_flash.py",),
     "longdoc/native/q8.c": ("tests/test_q8.py",),
+    "longdoc/native/attn16.c": ("tests/test_attn16.py",),
+    "longdoc/native/q8.py": ("tests/test_q8.py", "tests/test_quant.py"),
     "longdoc/runtime/": ("tests/test_pipeline.py", "tests/test_fidelity.py"),
     "longdoc/cpu.py": ("tests/test_cpu_paths.py", "tests/test_models.py"),
     "longdoc/config.py": ("tests/test_sparse.py", "tests/test_fidelity.py", "tests/test_pipeline.py"),

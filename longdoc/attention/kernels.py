@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from longdoc.native import flash
+from longdoc.native import attn16, flash
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
 
@@ -94,7 +94,10 @@ def _cpu_flash(
 def attend_torch_cpu(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch's fused CPU flash kernel (never builds the Lq x Lk matrix)."""
+    """torch's fused CPU flash kernel (never builds the Lq x Lk matrix). A 16-bit KV cache's keys and
+    values are widened to q's dtype first (the kernel takes one dtype)."""
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
     return _grouped(_cpu_flash, q, k, v, causal, scale)
 
 
@@ -102,7 +105,12 @@ def attend_cpu(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """longdoc's AVX-512 BF16 kernel (``flash.c``, about twice torch's on the model's shapes) where it
-    takes the input (bfloat16, a tile of queries or more, a CPU and compiler for it), else torch's."""
+    takes the input (bfloat16, a tile of queries or more, a CPU and compiler for it); a decode step's
+    one query row over a 16-bit KV cache through ``attn16.c`` (it reads the cache as stored, at memory
+    speed: benchmarks/RESULTS.md, "Decode attention over a 16-bit KV cache"); else torch's."""
+    if q.shape[2] == 1 and not causal and attn16.takes(q, k, v):
+        out, lse = attn16.attend16(q, k, v, None, scale)
+        return out.to(q.dtype), lse
     if flash.flash_takes(q, k, v):
         return flash.flash_attention(q, k, v, causal, scale)
     return attend_torch_cpu(q, k, v, causal, scale)

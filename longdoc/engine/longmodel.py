@@ -30,6 +30,8 @@ class AttentionSettings:
     # Sparse prefill (None = exact); what it kept is counted in ``sparse_stats``.
     sparse: SparseConfig | None = None
     sparse_stats: SparseStats = field(default_factory=SparseStats)
+    # The KV cache's dtype (None: the model's); the kernels widen a narrower one as they read it.
+    kv_dtype: torch.dtype | None = None
 
 
 class LongModel(Decoder):
@@ -40,7 +42,8 @@ class LongModel(Decoder):
         self.settings = settings
 
     def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(len(self.layers), self.n_kv_heads, self.head_dim, capacity, self.dtype, self.device)
+        dtype = self.settings.kv_dtype or self.dtype
+        return KVCache(len(self.layers), self.n_kv_heads, self.head_dim, capacity, dtype, self.device)
 
     def default_attend(self, kv: KVCache, exact: bool = False) -> Attend:
         """Attention of prefill steps: sparse when the settings say so, unless ``exact``."""

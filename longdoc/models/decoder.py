@@ -19,7 +19,6 @@ from typing import Any, Protocol
 import torch
 
 from longdoc.models.rope import RopeTable
-from longdoc.models.weights import linear_weight
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 # RoPE variants whose frequencies are fixed at load (``inv_freq`` and ``attention_scaling`` say all);
@@ -88,7 +87,9 @@ class Decoder:
         self.scale: float = first.scaling * logit_scale
         self.n_heads: int = config.num_attention_heads
         self.n_kv_heads: int = config.num_key_value_heads
-        param = linear_weight(model)  # the run's dtype (the embedding table may be kept narrower)
+        # the run's dtype and device: the final norm's (linears may be packed, quantized or left
+        # weightless on the meta device, the embedding table narrower)
+        param = model.model.norm.weight
         self.dtype, self.device = param.dtype, param.device
         rotary = model.model.rotary_emb
         self.rope = RopeTable(rotary.inv_freq.to(self.device), float(rotary.attention_scaling))

@@ -86,12 +86,14 @@ def load_model(
     warn: Progress | None = None,
     tokenizer: Any = None,
     narrow_linears: bool = False,
+    skip_linears: bool = False,
 ) -> LoadedModel:
     """Resolve, verify (converting once if needed) and load a model for inference.
 
     Pass an already loaded ``tokenizer`` to skip loading it again (about a second here). With
     ``narrow_linears`` the Linear weights stay in their stored dtype until ``pack_linears`` widens them
-    (``longdoc.models.weights.build_model``).
+    (``longdoc.models.weights.build_model``); with ``skip_linears`` they are not read at all (quantized
+    layers replace them).
     """
     start = time.perf_counter()
     source = spec if isinstance(spec, ModelSource) else resolve_model(spec)
@@ -106,7 +108,7 @@ def load_model(
         progress(f"loading {source.name} ({str(dt).removeprefix('torch.')}, {dev})")
     try:
         with quiet_transformers():
-            model = build_model(folder, dt, dev, narrow_linears)
+            model = build_model(folder, dt, dev, narrow_linears, skip_linears)
             if tokenizer is None:
                 tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

@@ -15,6 +15,7 @@ import ctypes.util
 import functools
 import json
 import math
+import mmap
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -97,43 +98,103 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
 _CHUNK = 16 << 20
 
 
-def read_tensors(path: Path, dtype_for: Callable[[str, torch.dtype], torch.dtype]) -> dict[str, torch.Tensor]:
-    """Every tensor of one safetensors file, in the dtype ``dtype_for(name, stored dtype)`` gives,
-    read with plain reads (the page cache is not this process's memory) and converted slice by slice:
-    beyond the tensors themselves this holds ``_CHUNK`` bytes."""
-    header, start = read_header(path)
-    out: dict[str, torch.Tensor] = {}
-    scratch = torch.empty(_CHUNK, dtype=torch.uint8)
-    view = scratch.numpy().data
-    with path.open("rb", buffering=0) as f:
-        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            stored = _DTYPES[entry["dtype"]]
-            size = stored.itemsize
-            tensor = torch.empty(entry["shape"], dtype=dtype_for(name, stored))
-            flat = tensor.view(-1)
-            a, b = entry["data_offsets"]
-            f.seek(start + a)
-            done = 0  # elements
-            per_chunk = _CHUNK // size
-            while done < flat.numel():
-                n = min(per_chunk, flat.numel() - done)
-                got = 0
-                while got < n * size:
-                    read = f.readinto(view[got : n * size])
-                    if not read:
-                        raise ValueError(f"{path.name} ends inside tensor {name}")
-                    got += read
-                flat[done : done + n].copy_(scratch[: n * size].view(stored))
-                done += n
-            out[name] = tensor
-    return out
+class SafetensorsReader:
+    """One safetensors file whose tensors are read one at a time when asked for, with plain reads (the
+    page cache is not this process's memory) converted slice by slice through ``_CHUNK`` bytes of
+    scratch, or mapped (``mapped``: pages of the file become this process's only as they are read)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.header, self.start = read_header(path)
+        self._file = path.open("rb", buffering=0)
+        self._scratch: torch.Tensor | None = None
+        self._map: mmap.mmap | None = None
+
+    def names(self) -> list[str]:
+        """The tensors' names, in the order of their bytes in the file."""
+        return sorted(self.header, key=lambda name: self.header[name]["data_offsets"][0])
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        return _DTYPES[self.header[name]["dtype"]]
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor ``name`` in ``dtype`` (its stored one by default). KeyError for a name not in the file."""
+        entry = self.header[name]
+        stored = _DTYPES[entry["dtype"]]
+        size = stored.itemsize
+        tensor = torch.empty(entry["shape"], dtype=dtype or stored)
+        flat = tensor.view(-1)
+        if self._scratch is None:
+            self._scratch = torch.empty(_CHUNK, dtype=torch.uint8)
+        scratch = self._scratch
+        view = scratch.numpy().data
+        self._file.seek(self.start + entry["data_offsets"][0])
+        done = 0  # elements
+        per_chunk = _CHUNK // size
+        while done < flat.numel():
+            n = min(per_chunk, flat.numel() - done)
+            got = 0
+            while got < n * size:
+                read = self._file.readinto(view[got : n * size])
+                if not read:
+                    raise ValueError(f"{self.path.name} ends inside tensor {name}")
+                got += read
+            flat[done : done + n].copy_(scratch[: n * size].view(stored))
+            done += n
+        return tensor
+
+    def mapped(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` in its stored dtype as a view of the file mapped copy-on-write: only the parts
+        that are read take memory (an embedding table whose rows are looked up a few at a time). The
+        file must not change while the tensor lives (the model cache's files never do)."""
+        entry = self.header[name]
+        stored = _DTYPES[entry["dtype"]]
+        offset = self.start + entry["data_offsets"][0]
+        if offset % stored.itemsize:
+            return self.read(name)
+        if self._map is None:
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
+        count = math.prod(entry["shape"])
+        return torch.frombuffer(self._map, dtype=stored, count=count, offset=offset).view(entry["shape"])
+
+    def close(self) -> None:
+        """Closes the file; mapped tensors stay valid (the mapping lives as long as they do)."""
+        self._file.close()
+        self._scratch = None
 
 
-def build_model(folder: Path, dtype: torch.dtype, device: torch.device, narrow_linears: bool = False) -> Any:
+def read_tensors(
+    path: Path,
+    dtype_for: Callable[[str, torch.dtype], torch.dtype],
+    skip: set[str] | frozenset[str] = frozenset(),
+    mapped: set[str] | frozenset[str] = frozenset(),
+) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file but those in ``skip``, in the dtype ``dtype_for(name, stored
+    dtype)`` gives (``SafetensorsReader.read``): beyond the tensors themselves this holds ``_CHUNK``
+    bytes. Those in ``mapped`` stay in the file, mapped (``SafetensorsReader.mapped``)."""
+    reader = SafetensorsReader(path)
+    try:
+        return {
+            name: reader.mapped(name)
+            if name in mapped
+            else reader.read(name, dtype_for(name, reader.stored_dtype(name)))
+            for name in reader.names()
+            if name not in skip
+        }
+    finally:
+        reader.close()
+
+
+def build_model(
+    folder: Path, dtype: torch.dtype, device: torch.device, narrow_linears: bool = False, skip_linears: bool = False
+) -> Any:
     """The folder's causal LM (transformers, SDPA attention, no remote code) with its weights in
     ``dtype`` on ``device``, in eval mode with gradients off. With ``narrow_linears`` the Linear
     weights stay in their stored dtype for ``pack_linears(model, dtype)`` to widen one at a time (the
-    model can't run before that)."""
+    model can't run before that). With ``skip_linears`` they are not read at all and stay on the meta
+    device, for quantized layers that hold the only copy to replace them
+    (``longdoc.quant.schemes.quantize_linears`` with ``keep_dense=False``); the embedding table then
+    stays in its stored dtype on the CPU even where the LM head is tied to it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
@@ -142,9 +203,13 @@ def build_model(folder: Path, dtype: torch.dtype, device: torch.device, narrow_l
     tied = bool(getattr(config, "tie_word_embeddings", False))
     embed_name = "model.embed_tokens.weight"
     # the table keeps its stored dtype where widening it on lookup gives the same rows for less memory
-    keep_embedding = not tied and device.type == "cpu" and dtype == torch.float32
+    keep_embedding = (skip_linears or not tied) and device.type == "cpu" and dtype == torch.float32
 
-    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)} if narrow_linears else set()
+    all_linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = all_linears if narrow_linears else set()
+    skipped = all_linears if skip_linears else set()  # the weights only: the quantized layers take the biases
+    # with the linears quantized, the table waits in the file and is read a row at a time as looked up
+    mapped = {embed_name} if skip_linears and keep_embedding else set()
 
     def dtype_for(name: str, stored: torch.dtype) -> torch.dtype:
         if name == embed_name and keep_embedding and stored in (torch.bfloat16, torch.float16):
@@ -155,7 +220,7 @@ def build_model(folder: Path, dtype: torch.dtype, device: torch.device, narrow_l
 
     state: dict[str, torch.Tensor] = {}
     for path in sorted(folder.glob("*.safetensors")):
-        state.update({k: t.to(device) for k, t in read_tensors(path, dtype_for).items()})
+        state.update({k: t.to(device) for k, t in read_tensors(path, dtype_for, skipped, mapped).items()})
     if tied:
         state.pop("lm_head.weight", None)
     embedding = state.get(embed_name)
@@ -163,7 +228,7 @@ def build_model(folder: Path, dtype: torch.dtype, device: torch.device, narrow_l
     if widen:
         del state[embed_name]  # set below as a module of its own
     result = model.load_state_dict(state, strict=False, assign=True)
-    allowed = {"lm_head.weight"} if tied else set()
+    allowed = ({"lm_head.weight"} if tied else set()) | skipped
     if widen:
         allowed.add(embed_name)
     missing = [k for k in result.missing_keys if k not in allowed]
@@ -173,13 +238,17 @@ def build_model(folder: Path, dtype: torch.dtype, device: torch.device, narrow_l
     if widen:
         assert embedding is not None
         model.model.embed_tokens = WideningEmbedding(embedding, dtype, model.model.embed_tokens.padding_idx)
-    if tied:
+    if tied and not skip_linears:
         model.tie_weights()
     # non-persistent buffers (RoPE frequencies) were made on the meta device: make them again for real
     rotary = model.model.rotary_emb
     with torch.device(device):
         model.model.rotary_emb = type(rotary)(config=model.config)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    left = [
+        n
+        for n, t in [*model.named_parameters(), *model.named_buffers()]
+        if t.device.type == "meta" and n not in skipped
+    ]
     if left:
         raise ValueError(f"no weights for {', '.join(left[:3])}")
     model.eval()

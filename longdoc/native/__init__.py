@@ -9,6 +9,11 @@
   on any CPU: a scalar loop everywhere, AVX2 and NEON (with and without dot products) loops chosen at
   run time under the ISA cap (``native/q8.py``). Decode steps run it with ``--quantize q8``
   (``longdoc.quant.schemes``), what ``auto`` picks on AVX2 and ARM NEON CPUs.
+* ``attn16.c``: a decode step's attention (one query row per head, GQA) over a float16 or bfloat16 KV
+  cache as stored, each K/V row read once for its KV head's query heads, with its log-sum-exp; about
+  twice torch's kernel on float32 K/V on the model's shapes (``benchmarks/bench_attn16.py``). On any
+  CPU: a scalar loop everywhere, AVX2 and NEON loops chosen at run time under the ISA cap
+  (``native/attn16.py``).
 
 A library is compiled from the packaged source on first use into ``<cache>/native/<name>-<arch>-<digest>.so``,
 where the digest covers the source, the compiler (its command and ``--version``) and the flags: a changed
@@ -66,6 +71,8 @@ SOURCES = {
     "flash": Source("flash.c", "the attention kernel", "AVX-512 BF16", _AVX512 | {"avx512_bf16"}, "avx512bf16"),
     # any CPU (a scalar loop); its SIMD loops are chosen at run time, under the ISA cap (native/q8.py)
     "q8": Source("q8.c", "the Q8_0 kernel", "nothing", frozenset(), "none"),
+    # any CPU, as q8 (native/attn16.py)
+    "attn16": Source("attn16.c", "the 16-bit KV decode attention kernel", "nothing", frozenset(), "none"),
 }
 
 _why: dict[str, list[str]] = {name: [] for name in SOURCES}
@@ -236,6 +243,15 @@ def _configure(name: str, lib: ctypes.CDLL) -> ctypes.CDLL:
         lib.longdoc_q8_matmul.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int, c_int]
         lib.longdoc_q8_paths.restype, lib.longdoc_q8_paths.argtypes = c_int, []
         lib.longdoc_q8_level.restype, lib.longdoc_q8_level.argtypes = c_int, [c_int]
+        lib.longdoc_q8_rows.restype = c_int
+        lib.longdoc_q8_rows.argtypes = [p, i64, i64, p, i64, p, c_int, c_int]
+    elif name == "attn16":
+        lib.longdoc_attn16.restype = c_int
+        # q, heads, kv heads, d, k, v, bf16, head stride, row stride, keys, scale, out, lse, threads, level
+        lib.longdoc_attn16.argtypes = [p, c_int, c_int, c_int, p, p, c_int, i64, i64, i64, ctypes.c_float]
+        lib.longdoc_attn16.argtypes += [p, p, c_int, c_int]
+        lib.longdoc_attn16_paths.restype, lib.longdoc_attn16_paths.argtypes = c_int, []
+        lib.longdoc_attn16_level.restype, lib.longdoc_attn16_level.argtypes = c_int, [c_int]
     else:
         lib.longdoc_flash_attention.restype = c_int
         # q, strides, k, strides, v, strides, block lists, counts, width, group, out, lse, sizes, causal, ...

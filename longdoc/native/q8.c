@@ -517,3 +517,43 @@ int longdoc_q8_matmul(const void *x, int x_bf16, int64_t m, int64_t k, const uin
     free(scratch);
     return 0;
 }
+
+/* out (m, k) = rows `ids` of W (n, k) in the packed layout, dequantized: code * scale, exact in float32
+   (an int8 times a float16 has at most 19 significant bits); rounded to nearest even where out is
+   bfloat16 (out_bf16 != 0). ids NULL takes rows 0..m-1. Prefill runs its large matmuls on weights
+   unpacked this way, a few at a time, rather than holding a dense copy of the model beside the packed
+   one (longdoc.quant.schemes); a tied embedding table looks up its rows here. Returns 0, or 1 for a row
+   outside 0..n-1 or a bad size. */
+int longdoc_q8_rows(const uint8_t *w, int64_t k, int64_t n, const int64_t *ids, int64_t m, void *out,
+                    int out_bf16, int threads) {
+    if (k <= 0 || k % QK != 0 || m < 0 || n < 0) return 1;
+    for (int64_t i = 0; ids && i < m; i++)
+        if (ids[i] < 0 || ids[i] >= n) return 1;
+    if (!ids && m > n) return 1;
+#ifndef _OPENMP
+    (void)threads;
+#endif
+    const int64_t nb = k / QK, group_bytes = nb * BLOCK_BYTES;
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
+    for (int64_t i = 0; i < m; i++) {
+        const int64_t row = ids ? ids[i] : i, r = row % GR;
+        const uint8_t *g = w + (row / GR) * group_bytes;
+        float line[QK];
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = g + b * BLOCK_BYTES;
+            const int8_t *q = (const int8_t *)(blk + 2 * GR);
+            uint16_t h;
+            memcpy(&h, blk + 2 * r, 2);
+            const float ws = half_to_float(h);
+            for (int s = 0; s < QK / 4; s++)
+                for (int j = 0; j < 4; j++) line[4 * s + j] = (float)q[32 * s + 4 * r + j] * ws;
+            if (out_bf16) {
+                uint16_t *o = (uint16_t *)out + i * k + b * QK;
+                for (int j = 0; j < QK; j++) o[j] = float_to_bf16(line[j]);
+            } else {
+                memcpy((float *)out + i * k + b * QK, line, sizeof(line));
+            }
+        }
+    }
+    return 0;
+}

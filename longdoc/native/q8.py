@@ -9,6 +9,8 @@ kind "q8")."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from longdoc import cpu
@@ -57,24 +59,54 @@ def dequantize_q8(qs: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (qs.double().view(n, k // BLOCK, BLOCK) * scales.double().unsqueeze(-1)).view(n, k)
 
 
-def pack(qs: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+# groups of 8 rows packed per step: bounds pack's temporaries (a few MB) whatever the weight's size
+_PACK_GROUPS = 512
+
+
+def _rows(parts: Sequence[torch.Tensor], r0: int, r1: int) -> torch.Tensor:
+    """Rows r0..r1-1 of the parts stacked (without stacking them all)."""
+    pieces, first = [], 0
+    for part in parts:
+        a, b = max(r0, first), min(r1, first + part.shape[0])
+        if a < b:
+            pieces.append(part[a - first : b - first])
+        first += part.shape[0]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def pack(qs: torch.Tensor | Sequence[torch.Tensor], scales: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """Codes (N, K) int8 and scales (N, K/32) float16 -> the kernel's layout, (ceil(N/8), K/32 * 272)
     uint8: groups of 8 rows (the last padded with zero rows, scale 0), each a run of blocks in input
     order; a block is the 8 rows' float16 scales, then 8 steps of 32 bytes, step s holding each row's
-    weights 4s..4s+3 of the block in turn (q8.c)."""
-    n, k = qs.shape
-    if k % BLOCK or scales.shape != (n, k // BLOCK):
-        raise ValueError(f"codes {tuple(qs.shape)} and scales {tuple(scales.shape)} are not a Q8_0 weight")
-    nb, pad = k // BLOCK, -n % GROUP
-    q, s = qs.to(torch.int8), scales.to(torch.float16)
-    if pad:
-        q = torch.cat([q, q.new_zeros(pad, k)])
-        s = torch.cat([s, s.new_zeros(pad, nb)])
-    groups = q.shape[0] // GROUP
-    # (group, row, block, step, j) -> (group, block, step, row, j)
-    q = q.view(groups, GROUP, nb, BLOCK // 4, 4).permute(0, 2, 3, 1, 4).reshape(groups, nb, GROUP * BLOCK)
-    s = s.view(groups, GROUP, nb).transpose(1, 2).contiguous().view(torch.uint8)  # (group, block, 16)
-    return torch.cat([s, q.view(torch.uint8)], dim=-1).reshape(groups, nb * GROUP_BLOCK_BYTES).contiguous()
+    weights 4s..4s+3 of the block in turn (q8.c). Lists of codes and scales are packed as their rows
+    stacked (linears that share their input). Written in place a few groups at a time: beyond the
+    codes and the result it holds a few MB (an LM head's codes alone are 136 MB)."""
+    qparts = [qs] if isinstance(qs, torch.Tensor) else list(qs)
+    sparts = [scales] if isinstance(scales, torch.Tensor) else list(scales)
+    k = int(qparts[0].shape[1])
+    nb = k // BLOCK
+    for q, sc in zip(qparts, sparts, strict=True):
+        if k % BLOCK or q.shape[1] != k or sc.shape != (q.shape[0], nb):
+            raise ValueError(f"codes {tuple(q.shape)} and scales {tuple(sc.shape)} are not a Q8_0 weight")
+    n = sum(int(q.shape[0]) for q in qparts)
+    groups = -(-n // GROUP)
+    out = torch.empty(groups, nb * GROUP_BLOCK_BYTES, dtype=torch.uint8)
+    blocks = out.view(groups, nb, GROUP_BLOCK_BYTES)
+    for g0 in range(0, groups, _PACK_GROUPS):
+        g1 = min(groups, g0 + _PACK_GROUPS)
+        r0, r1, count = g0 * GROUP, min(n, g1 * GROUP), g1 - g0
+        q = _rows(qparts, r0, r1).to(torch.int8)
+        s = _rows(sparts, r0, r1).to(torch.float16)
+        pad = count * GROUP - (r1 - r0)
+        if pad:
+            q = torch.cat([q, q.new_zeros(pad, k)])
+            s = torch.cat([s, s.new_zeros(pad, nb)])
+        # scales: (group, row, block) -> (group, block, row); codes: (group, row, block, step, j) ->
+        # (group, block, step, row, j)
+        blocks[g0:g1, :, : 2 * GROUP].copy_(s.view(count, GROUP, nb).transpose(1, 2).contiguous().view(torch.uint8))
+        codes = blocks[g0:g1, :, 2 * GROUP :].view(count, nb, BLOCK // 4, GROUP, 4)
+        codes.copy_(q.view(torch.uint8).view(count, GROUP, nb, BLOCK // 4, 4).permute(0, 2, 3, 1, 4))
+    return out
 
 
 def paths() -> list[int]:
@@ -174,3 +206,25 @@ class Q8Matmul:
             threads,
             self.level,
         )
+
+    def rows(self, ids: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``ids`` (M,) int64 of the weight (all N when None), dequantized -> (M, K) in ``dtype``
+        (float32, exact; or bfloat16, rounded): prefill's matmuls and a tied embedding's lookups."""
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise RuntimeError("the Q8_0 kernel unpacks to float32 or bfloat16")
+        index = None if ids is None else ids.reshape(-1).to(torch.int64).contiguous()
+        m = self.n if index is None else int(index.numel())
+        out = torch.empty(m, self.k, dtype=dtype)
+        rc = self.lib.longdoc_q8_rows(
+            self.packed.data_ptr(),
+            self.k,
+            self.n,
+            None if index is None else index.data_ptr(),
+            m,
+            out.data_ptr(),
+            int(dtype == torch.bfloat16),
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"the Q8_0 weight has {self.n} rows: row ids out of range")
+        return out

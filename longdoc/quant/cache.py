@@ -16,6 +16,7 @@ import gc
 import hashlib
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from longdoc import store
 from longdoc.errors import ModelError
 from longdoc.models.convert import Progress, check_conversion, quiet_transformers, safe_name
+from longdoc.models.weights import SafetensorsReader
 from longdoc.quant import schemes
 
 QUANT_FILE = "quantized.safetensors"
@@ -178,30 +180,32 @@ def _build(base: Path, scheme: str, out: Path) -> None:
 
 
 class QuantizedTensors(Mapping[str, torch.Tensor]):
-    """The tensors of a quantized cache, read one at a time from the file when asked for (so loading
-    never holds the whole file in memory next to the layers built from it)."""
+    """The tensors of a quantized cache, read one at a time from the file when asked for, with plain
+    reads (so loading holds neither the whole file nor its mapped pages next to the layers built from
+    it)."""
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
         try:
-            self._file = safe_open(str(folder / QUANT_FILE), "pt")
-            self._keys = list(self._file.keys())
-            self._names = set(self._keys)
-        except (OSError, ValueError, RuntimeError) as exc:
+            self._file = SafetensorsReader(folder / QUANT_FILE)
+        except (OSError, ValueError) as exc:
             raise ModelError(f"could not read the quantized weights in {folder}: {exc}") from exc
+        self._keys = self._file.names()
+        self._lock = threading.Lock()  # quantize_linears reads from several threads; one file position
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._names:
+        if key not in self._file.header:
             raise KeyError(key)
-        tensor: torch.Tensor = self._file.get_tensor(key)
-        return tensor
+        with self._lock:
+            return self._file.read(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def load_quantized(folder: Path) -> QuantizedTensors:

@@ -83,6 +83,11 @@ BLOCKED_INPUTS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head
 # Linears of one module that get the same input: one quantized matmul each set (fewer, larger calls per step).
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
+# Schemes whose quantized weights are the model's only copy (``quantize_linears(keep_dense=False)``):
+# prefill unpacks them (``QuantGemm.unpacked_matmul``). int5 keeps its bfloat16 copy: its unpacking is
+# unwritten and its AVX-512 machines unmeasured here.
+ONE_COPY = ("q8",)
+
 # The tensor names a quantized cache stores for each quantized linear ``<module>``.
 QWEIGHT, QSCALES = "qweight", "scales"
 
@@ -290,8 +295,8 @@ class QuantGemm:
         self.kind = "gemm" if scheme == "int8" and int8_gemm_available() else scheme
         self.dtype = dtype
         self.sizes = [int(q.shape[0]) for q in qweights]
-        qweight, scale = torch.cat(qweights), torch.cat(scales)
-        self.in_features = in_features(scheme, qweight)
+        self.in_features = in_features(scheme, qweights[0])
+        self._last: tuple[torch.Tensor, list[torch.Tensor], set[int]] | None = None
         self.act_block = act_block if act_block and self.in_features % act_block == 0 else self.in_features
         self.bias: torch.Tensor | None = None
         if any(b is not None for b in biases):
@@ -299,6 +304,12 @@ class QuantGemm:
                 [torch.zeros(n) if b is None else b.detach().float() for b, n in zip(biases, self.sizes, strict=True)]
             ).to(torch.float32 if self.kind == "gemm" else dtype)
         self.group = 0
+        if self.kind == "q8":  # packed from the parts, without stacking them first (pack's docstring)
+            self.q8 = q8.Q8Matmul(q8.pack(qweights, scales), self.in_features, sum(self.sizes), self.bias)
+            self.bias = None  # added by the kernel
+            self.nbytes = self.q8.packed.numel()
+            return
+        qweight, scale = torch.cat(qweights), torch.cat(scales)
         if self.kind == "gemm":
             qweight = qweight.to(torch.int8).contiguous()
             with warnings.catch_warnings():  # quantized tensors are deprecated, their kernels are not
@@ -315,11 +326,6 @@ class QuantGemm:
             self.int5 = int5.Int5Matmul(int5.layout(qweight, scale), self.in_features, sum(self.sizes), self.bias)
             self.bias = None  # added by the kernel
             self.nbytes = self.int5.packed.numel()
-        elif self.kind == "q8":
-            packed = q8.pack(qweight, scale)
-            self.q8 = q8.Q8Matmul(packed, self.in_features, sum(self.sizes), self.bias)
-            self.bias = None  # added by the kernel
-            self.nbytes = self.q8.packed.numel()
         else:
             self.group = self.in_features // int(scale.shape[1])
             # packed a block of rows at a time: unpacked int32 values of the LM head would be 0.5 GB at once
@@ -334,7 +340,6 @@ class QuantGemm:
             self.scales = torch.stack([step, lo + 8 * step], dim=-1).transpose(0, 1).contiguous().to(dtype)
         if self.kind in ("int8", "int4"):
             self.nbytes = sum(t.numel() * t.element_size() for t in (self.qweight, self.scales))
-        self._last: tuple[torch.Tensor, list[torch.Tensor]] | None = None
 
     def row(self, x: torch.Tensor) -> torch.Tensor:
         """int8 GEMM of one row x (1, K) -> (1, N) float32, biases included."""
@@ -362,18 +367,40 @@ class QuantGemm:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qweight, self.group, self.scales)
         return out if self.bias is None else out.add_(self.bias)
 
-    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x (..., K) -> each linear's output (..., N_i). With several linears, the last input's outputs
-        are kept: the linears after the first that get the same tensor take theirs from there."""
+    @property
+    def unpacks(self) -> bool:
+        """Whether ``unpacked_matmul`` runs here: the weights can be unpacked for a dense matmul."""
+        return self.kind == "q8"
+
+    def unpacked_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (M, K) -> (M, N) in ``dtype``, biases included, through the weight unpacked to ``dtype``
+        for this call only (prefill's large steps, where a dense matmul is many times faster than the
+        kernel's and unpacking costs about 1% of it: benchmarks/RESULTS.md, "One copy of the weights").
+        The activations are not quantized: this is the weight-only quantized model."""
+        if self.kind != "q8":
+            raise RuntimeError(f"{self.kind} weights are not unpacked for dense matmuls")
+        bias = None if self.q8.bias is None else self.q8.bias.to(self.dtype)
+        return torch.nn.functional.linear(rows.to(self.dtype), self.q8.rows(dtype=self.dtype), bias)
+
+    def output(self, x: torch.Tensor, part: int, unpacked: bool = False) -> torch.Tensor:
+        """x (..., K) -> linear ``part``'s output (..., N_part), through the kernel or, ``unpacked``,
+        through ``unpacked_matmul``. With several linears, one call computes every part, and the others
+        are kept until each has been taken once for this same input (then dropped: a prefill step's
+        outputs are large)."""
         last = self._last
-        if last is not None and last[0] is x:
-            return last[1]
-        out = self.matmul(x.reshape(-1, self.in_features))
-        if len(self.sizes) == 1:
-            return [out.view(*x.shape[:-1], -1)]
-        parts = [p.view(*x.shape[:-1], -1) for p in out.split(self.sizes, dim=-1)]
-        self._last = (x, parts)
-        return parts
+        if last is None or last[0] is not x:
+            out = self.matmul_rows(x.reshape(-1, self.in_features), unpacked)
+            if len(self.sizes) == 1:
+                return out.view(*x.shape[:-1], -1)
+            parts = [p.view(*x.shape[:-1], -1) for p in out.split(self.sizes, dim=-1)]
+            last = self._last = (x, parts, set())
+        last[2].add(part)
+        if len(last[2]) == len(self.sizes):
+            self._last = None
+        return last[1][part]
+
+    def matmul_rows(self, rows: torch.Tensor, unpacked: bool) -> torch.Tensor:
+        return self.unpacked_matmul(rows) if unpacked else self.matmul(rows)
 
 
 @functools.cache
@@ -393,14 +420,16 @@ class QuantLinear(nn.Module):
     """A linear layer with a quantized copy for small inputs.
 
     ``dense`` is the layer being replaced (an ``nn.Linear``, or a ``PackedLinear`` once
-    ``pack_linears`` has run over the model, which packs it in place). Inputs (..., K) with at most
+    ``pack_linears`` has run over the model, which packs it in place), or None where the quantized
+    weight is the only copy (``quantize_linears(keep_dense=False)``). Inputs (..., K) with at most
     ``max_rows`` rows run the quantized kernel of ``gemm`` (its ``part``; a ``QuantGemm`` of this
-    layer's own weight where none is given), larger ones run ``dense``.
+    layer's own weight where none is given), larger ones run ``dense``, or without it the gemm's
+    weight unpacked for the call (``QuantGemm.unpacked_matmul``).
     """
 
     def __init__(
         self,
-        dense: nn.Module,
+        dense: nn.Module | None,
         scheme: str,
         qweight: torch.Tensor,
         scales: torch.Tensor,
@@ -421,11 +450,13 @@ class QuantLinear(nn.Module):
 
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) through the quantized weight, whatever the number of rows."""
-        return self.gemm.outputs(x)[self.part]
+        return self.gemm.output(x, self.part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= self.max_rows * self.in_features:
             return self.quantized(x)
+        if self.dense is None:
+            return self.gemm.output(x, self.part, unpacked=True)
         out: torch.Tensor = self.dense(x)
         return out
 
@@ -448,17 +479,22 @@ def quantize_linears(
     max_rows: int = MAX_QUANT_ROWS,
     act_block: int = ACT_BLOCK,
     dtype: torch.dtype | None = None,
+    keep_dense: bool = True,
 ) -> int:
     """Replace each ``nn.Linear`` named in ``tensors`` (``<name>.qweight``, ``<name>.scales``) by a
     ``QuantLinear`` wrapping it; returns how many. Run before ``pack_linears``, which then packs the
-    wrapped layers (prefill's path) in place. Raises ValueError when a linear has no tensors or the
-    shapes disagree (the cache belongs to another model).
+    wrapped layers (prefill's path) in place. Without ``keep_dense`` the linears are dropped (they may
+    be weightless, on the meta device: ``build_model(skip_linears=True)``) and prefill runs on the
+    quantized weights unpacked (schemes whose ``QuantGemm.unpacks``). Raises ValueError when a linear
+    has no tensors or the shapes disagree (the cache belongs to another model).
 
     int8 linears named in ``BLOCKED_INPUTS`` scale their activations per ``act_block`` channels, the
     others per row; the linears of a module that share their input (``SHARED_INPUTS``) share one GEMM.
     """
     # the run's dtype: the linears' unless they wait, narrower, to be widened as they are packed
     run_dtype = dtype or linear_weight(model).dtype
+    if not keep_dense and scheme not in ONE_COPY:
+        raise ValueError(f"{scheme} weights are not unpacked for prefill: the dense linears must be kept")
     by_parent: dict[str, list[str]] = {}
     for name in quantized_names(model):
         by_parent.setdefault(name.rpartition(".")[0], []).append(name)
@@ -491,6 +527,8 @@ def quantize_linears(
             layer = QuantLinear(
                 module, scheme, qweight, scales, run_dtype, max_rows, act_block=block_of(child), gemm=gemm, part=part
             )
+            if not keep_dense:
+                layer.dense = None
             setattr(owner, child, layer)
         return len(found)
 

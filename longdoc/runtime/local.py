@@ -110,17 +110,29 @@ class LocalBackend:
             # of the weights beside the packed one)
             pack = self.cfg.pack == "on" or (self.cfg.pack == "auto" and packing_pays(self.info.dtype))
             pack = pack and self.info.device.type == "cpu" and onednn_packs(self.info.dtype)
+            # q8 holds the only copy of the linears' weights: they are not even read, and prefill unpacks
+            # the quantized ones a few at a time (benchmarks/RESULTS.md, "One copy of the weights")
+            one_copy = self.info.quant_folder is not None and self.info.quantize in schemes.ONE_COPY
             self._loaded = models.load_model(
-                folder, self.info.device, self.info.dtype, tokenizer=self.tokenizer, narrow_linears=pack
+                folder,
+                self.info.device,
+                self.info.dtype,
+                tokenizer=self.tokenizer,
+                narrow_linears=pack and not one_copy,
+                skip_linears=one_copy,
             )
             if self.info.quant_folder is not None:
                 # wrapped before packing: pack_linears then packs the wrapped layers (prefill's path)
                 tensors = load_quantized(self.info.quant_folder)
                 try:
-                    schemes.quantize_linears(self._loaded.model, self.info.quantize, tensors, dtype=self.info.dtype)
+                    schemes.quantize_linears(
+                        self._loaded.model, self.info.quantize, tensors, dtype=self.info.dtype, keep_dense=not one_copy
+                    )
                 except ValueError as exc:
                     raise ModelError(f"{self.info.quant_folder}: {exc}") from exc
-                del tensors
+                finally:
+                    tensors.close()
+                trim_heap()  # the codes read and freed while packing
             self.packed = bool(pack and pack_linears(self._loaded.model, self.info.dtype, after_each=trim_heap))
             if (
                 not onednn_packs(self.info.dtype)
@@ -153,7 +165,9 @@ class LocalBackend:
 
     def long_model(self, plan: Plan) -> LongModel:
         kernel = get_kernel(self.cfg.kernel, self.info.device)
-        settings = AttentionSettings(plan.layout, kernel, plan.logit_scale, sparse=plan.sparse)
+        settings = AttentionSettings(
+            plan.layout, kernel, plan.logit_scale, sparse=plan.sparse, kv_dtype=self.info.kv_dtype
+        )
         return LongModel(self.loaded().model, settings)
 
     @property
@@ -284,7 +298,7 @@ class Conversation:
         info, plan, cfg = self.session.info, self.plan, self.session.cfg
         parts = doccache.KeyParts(
             model=self.session.model_identity(),
-            dtype=info.numerics,
+            dtype=f"{info.numerics} kv:{str(info.kv_dtype).removeprefix('torch.')}",
             device=device_kind(info.device),
             kernel=self.model.settings.kernel.__name__,
             layout=(plan.layout.chunk_size, plan.layout.local_window) if plan.layout else None,
