@@ -222,6 +222,7 @@ def main() -> None:
             row["decode_gb_per_s"] = round(row["step_bytes"] * row["decode_tok_s"] / 1e9, 2)
             row["fraction_of_bandwidth"] = round(row["decode_gb_per_s"] / limit, 3)
     payload = {
+        "command": "python -m benchmarks.bench_llamacpp " + " ".join(sys.argv[1:]),
         "torch": torch.__version__,
         "new_tokens": a.new,
         "bandwidth_gb_per_s": {"before": bandwidth[0], "after": bandwidth[1], "threads": threads},

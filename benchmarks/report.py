@@ -504,6 +504,45 @@ def quantized() -> str | None:
     return out
 
 
+def attn16_kernel(name: str = "attn16") -> str | None:
+    """A decode step's attention over the 16-bit KV cache (attn16.c) against torch's float32 kernel."""
+    data = load(name)
+    if not data:
+        return None
+    shape = data["shape"]
+    rows = []
+    for r in data["rows"]:
+        for what, us in r["us_per_call"].items():
+            rows.append(
+                [f"{r['keys']:,}", what, us, r["gb_per_s"].get(what, ""), r["speedup_vs_torch_2t"].get(what, "")]
+            )
+    read = data.get("plain_read_gb_per_s", {})
+    return (
+        f"### Decode attention over a 16-bit KV cache ({data['cpu']}, class {data.get('cpu_class')})\n\n"
+        f"`{data['command']}`: one query row of {shape['heads']} heads over {shape['kv_heads']} KV heads of size"
+        f" {shape['head_dim']}; GB/s counts the K/V bytes each reads (16-bit for attn16, float32 for torch);"
+        f" a plain read runs at {read.get('2t', '?')} GB/s on 2 threads here. Float32 runs keep their KV cache"
+        " in float16 since issue 26 (half the memory and the document cache): a decode step's attention reads"
+        " it through attn16.c, prefill's widens it for torch's kernel.\n\n"
+        + table(["keys", "kernel", "us per call", "GB/s", "speed-up over torch, 2 threads"], rows)
+    )
+
+
+ONE_COPY_NOTE = """### One copy of the weights (q8, AVX2)
+
+Before issue 26, q8 held three copies of each linear: the bfloat16 read, the packed float32 for prefill and
+the Q8_0 for decode (`paths_2k_q8` in the AVX2 headline). Now a q8 run never reads the dense linears: each
+is its Q8_0 weight alone; prefill's many-row matmuls unpack that weight to float32 for the call (`q8.c`
+`longdoc_q8_rows`, a memory-speed pass that costs a small fraction of the matmul it feeds) and run a dense
+float32 matmul, so prefill is the weight-only Q8_0 model (activations not quantized); the embedding table
+stays in the model cache's file, mapped, and only the rows looked up are read; a prefill step's MLP runs
+1024 rows at a time. Unpacking per call was chosen over a memory map of the dense weights (the float32
+weights are twice the file's bfloat16 bytes and would be widened every step anyway) and over an int8 GEMM on
+quantized activations (on AVX2 maddubs needs a sign step and a float scale per block of 32, no faster than
+float32 FMA, and it quantizes the prompt's activations too). Peak RSS and speed against llama.cpp: the AVX2
+headline; quality: "Quantization: quality against bfloat16"."""
+
+
 def attention_kernels(name: str = "attention") -> str | None:
     """longdoc's attention kernel against torch's on the model's shapes (bench_attention.py)."""
     data = load(name)
@@ -766,6 +805,8 @@ COMMANDS = {
     "longdoc:int5,llamacpp,longdoc:int5,llamacpp,longdoc:int5,llamacpp --name llamacpp_2k_int5_repeat",
     "llamacpp_32k": "python -m benchmarks.bench_llamacpp --lengths 32768 --new 32 --configs longdoc:int5,llamacpp "
     "--name llamacpp_32k",
+    "llamacpp_avx2_q8": "python -m benchmarks.bench_llamacpp --lengths 2048,8192 --new 32 --configs "
+    "longdoc:auto,llamacpp,longdoc:auto,llamacpp --name llamacpp_avx2_q8",
 }
 
 
@@ -782,6 +823,7 @@ def _best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "prefill": max(r["prefill_tok_s"] for r in runs),
         "decode": max(r["decode_tok_s"] for r in runs),
         "rss": min(r["peak_rss_bytes"] for r in runs),
+        "bandwidth": max((r.get("fraction_of_bandwidth") or 0 for r in runs), default=0),
         "rounds": len(runs),
         "first": runs[0],
     }
@@ -810,7 +852,9 @@ def headline(cpu_title: str, runs: list[tuple[str, str, str]]) -> str | None:
         if not data:
             continue
         where = where or f"{data['cpu']}, class {_cpu_class(data)}, {data['threads']} threads"
-        commands.append(f"- `{data.get('command') or COMMANDS[name]}` (`benchmarks/out/{name}.json`)")
+        read = data.get("bandwidth_gb_per_s")
+        measured = f"; plain read {max(read['before'], read['after'])} GB/s, same run" if read else ""
+        commands.append(f"- `{data.get('command') or COMMANDS[name]}` (`benchmarks/out/{name}.json`{measured})")
         groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
         for r in data["rows"]:
             if "error" not in r and r["config"] in (config, "llamacpp"):
@@ -834,6 +878,7 @@ def headline(cpu_title: str, runs: list[tuple[str, str, str]]) -> str | None:
                         b["decode"],
                         f"{b['rss'] / GB:.2f} GB",
                         versus,
+                        f"{b['bandwidth']:.0%}" if b["bandwidth"] else "",
                         b["rounds"],
                     ]
                 )
@@ -847,6 +892,7 @@ def headline(cpu_title: str, runs: list[tuple[str, str, str]]) -> str | None:
         "decode tok/s",
         "peak RSS",
         "longdoc / llama.cpp: prefill, decode",
+        "decode / read bandwidth",
         "rounds",
     ]
     return (
@@ -1059,6 +1105,7 @@ def document() -> str:
         headline(
             "AVX2: longdoc `auto` against llama.cpp",
             [
+                ("llamacpp_avx2_q8", "longdoc:auto", "longdoc (auto: q8, one copy, 16-bit KV)"),
                 ("paths_2k_q8", "auto", "longdoc (auto: q8 decode)"),
                 ("paths", "auto", "longdoc (auto before q8: float32)"),
                 ("paths_2k", "auto", "longdoc (auto before q8: float32)"),
@@ -1070,6 +1117,8 @@ def document() -> str:
         ),
     ]
     speed = [
+        ONE_COPY_NOTE,
+        attn16_kernel(),
         paths(),
         paths("paths_2k", "CPU paths: this revision, the one before and llama.cpp at 2K, one run"),
         paths("paths_2k_q8", "CPU paths: q8 decode (auto since issue 26) against unquantized and llama.cpp at 2K"),

@@ -189,3 +189,26 @@ def test_a_16_bit_kv_cache_decodes_through_attn16_close_to_float32(layout, monke
     assert got_tokens == want_tokens
     # 11 decode steps x 3 layers, one call per DCA region: all on the float16 cache
     assert len(calls) >= 11 * 3 and set(calls) == {torch.float16}
+
+
+def test_a_prefill_steps_mlp_runs_in_slices_of_rows_with_the_same_result(monkeypatch):
+    """The MLP of a long prefill step runs ``MLP_ROWS`` rows at a time (bounded intermediates): every
+    row's hidden state is what one call over all rows gives."""
+    from longdoc.models import decoder
+
+    model = tiny_model("qwen2")  # float64
+    ids = torch.randint(0, 256, (1, 23), generator=torch.Generator().manual_seed(4))
+    pm = patched(model)
+    whole = pm.hidden_states(ids, 0, pm.new_cache(23))
+    monkeypatch.setattr(decoder, "MLP_ROWS", 5)
+    calls = []
+    real = decoder.Decoder.feed_forward
+
+    def counted(mlp, x):
+        calls.append(x.shape[1])
+        return real(mlp, x)
+
+    monkeypatch.setattr(decoder.Decoder, "feed_forward", staticmethod(counted))
+    sliced = pm.hidden_states(ids, 0, pm.new_cache(23))
+    torch.testing.assert_close(sliced, whole, rtol=1e-12, atol=1e-12)
+    assert max(calls) == 23 and 5 in calls and 3 in calls  # 23 rows: 4 slices of 5, one of 3

@@ -209,8 +209,14 @@ def test_the_kernel_refuses_what_it_cannot_take():
     assert lib is not None
     out = torch.empty(1, 8)
     x = torch.randn(1, 64)
-    assert lib.longdoc_q8_matmul(x.data_ptr(), 0, 1, 48, packed.data_ptr(), 8, None, out.data_ptr(), 0, 1, 0) == 1
-    assert lib.longdoc_q8_matmul(x.data_ptr(), 0, 1, 64, packed.data_ptr(), 8, None, out.data_ptr(), 0, 1, 9) == 1
+    assert (
+        lib.longdoc_q8_matmul(x.data_ptr(), 0, 1, 48, packed.data_ptr(), 8, None, out.data_ptr(), 0, 1, 0, None, 0.0)
+        == 1
+    )
+    assert (
+        lib.longdoc_q8_matmul(x.data_ptr(), 0, 1, 64, packed.data_ptr(), 8, None, out.data_ptr(), 0, 1, 9, None, 0.0)
+        == 1
+    )
 
 
 def build_driver(cc: list[str], flags: list[str], out: Path) -> Path:
@@ -314,3 +320,24 @@ def test_packing_a_list_of_weights_packs_their_rows_stacked():
     group, r = divmod(row, q8.GROUP)
     assert packed[group, b, 16 + 32 * (j // 4) + 4 * r + j % 4].view(torch.int8) == q[row, 32 * b + j]
     assert packed[group, b, 2 * r : 2 * r + 2].view(torch.float16) == s[row, b]
+
+
+@needs_q8
+@pytest.mark.parametrize("m", [1, 3])
+def test_the_kernels_norm_is_the_models_rms_norm_then_the_matmul(m):
+    """With ``norm`` the kernel RMS-normalizes each row before quantizing it: the same as the kernel on
+    rows normalized by the float32 reference (``reference_rms_norm``), on every path here."""
+    g = torch.Generator().manual_seed(m)
+    k, n = 896, 40
+    qs, scales = q8.quantize_q8(torch.randn(n, k, generator=g))
+    x = torch.randn(m, k, generator=g) * 3
+    weight = torch.rand(k, generator=g) + 0.5
+    normed = q8.reference_rms_norm(x, weight, 1e-6)
+    for level in q8.paths():
+        matmul = q8.Q8Matmul(q8.pack(qs, scales), k, n, None, level)
+        got = matmul(x, torch.float32, norm=(weight, 1e-6))
+        torch.testing.assert_close(got, matmul(normed, torch.float32), rtol=1e-5, atol=1e-5)
+    want = q8.reference_q8_matmul(normed, qs, scales)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="norm weight"):
+        matmul(x, torch.float32, norm=(weight[:-1], 1e-6))

@@ -623,3 +623,41 @@ def test_q8_session_holds_one_copy_of_the_weights(tmp_path):
     hidden = pm.hidden_states(ids, 0, pm.new_cache(40))  # (the LM head's one row would run the kernel)
     with torch.no_grad():
         torch.testing.assert_close(hidden, reference.model(ids).last_hidden_state, rtol=1e-4, atol=1e-4)
+
+
+@needs_q8
+def test_q8_decode_steps_normalize_in_the_kernel_as_the_model_does(monkeypatch):
+    """A float32 q8 model's decode steps hand the norms' inputs to the Q8_0 kernel (``NormedRows``), which
+    normalizes as it quantizes: the logits are those of the norms run apart, and the tokens the same."""
+    from longdoc.models import decoder
+
+    torch.manual_seed(0)
+    model = tiny_model("qwen2", dtype=torch.float32)
+    schemes.quantize_linears(model, "q8", quantized_tensors(model, "q8"), keep_dense=False)
+    assert model.model.layers[0].self_attn.q_proj.takes_normed
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(1))
+    gen = GenerationConfig(max_new_tokens=16)
+    seen = []
+    real = decoder.Decoder.norm_for
+
+    def counted(norm, h, first):
+        out = real(norm, h, first)
+        seen.append(isinstance(out, decoder.NormedRows))
+        return out
+
+    def run() -> tuple[torch.Tensor, list[int]]:
+        pm = LongModel(model, AttentionSettings(None, get_kernel("cpu", torch.device("cpu"))))
+        kv = pm.new_cache(40)
+        logits = prefill(pm, ids, kv, 20)
+        step = pm.forward(torch.tensor([[int(logits.argmax())]]), 20, kv)
+        return step, list(generate(pm, logits, 20, kv, gen, set()))
+
+    monkeypatch.setattr(decoder.Decoder, "norm_for", staticmethod(counted))
+    fused, fused_tokens = run()
+    assert any(seen) and not all(seen)  # decode steps fused, the prefill not
+    monkeypatch.setattr(schemes.QuantLinear, "takes_normed", property(lambda self: False))
+    seen.clear()
+    apart, apart_tokens = run()
+    assert not any(seen)
+    torch.testing.assert_close(fused, apart, rtol=1e-4, atol=1e-4)
+    assert fused_tokens == apart_tokens and len(set(fused_tokens)) > 3

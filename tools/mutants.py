@@ -297,6 +297,12 @@ MUTANTS = [
         "        if len(last[2]) == len(self.sizes) + 1:\n            self._last = None",
     ),
     (
+        "q8: the kernel's norm leaves out the norm's weight",
+        "longdoc/native/q8.c",
+        "        out[j] = w[j] * t;",
+        "        out[j] = t;",
+    ),
+    (
         "q8: unpacked rows read the next row's weights",
         "longdoc/native/q8.c",
         "const int64_t row = ids ? ids[i] : i, r = row % GR;",

@@ -14,6 +14,7 @@ silently dropped. Which keys each query sees is ``longdoc.engine.longmodel``'s b
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -24,6 +25,11 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 # RoPE variants whose frequencies are fixed at load (``inv_freq`` and ``attention_scaling`` say all);
 # "dynamic" and "longrope" change them with the sequence length, which the layer loop does not do.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+# Rows of a prefill step whose MLP runs at once: bounds its intermediates (3 x 1024 x 4864 float32, 60 MB
+# for the embedded model) well below a 2048-token step's, at matmul sizes that stay as fast (peak RSS:
+# benchmarks/RESULTS.md, the AVX2 headline).
+MLP_ROWS = 1024
 
 # attend(layer, q, start) -> (B, H, Lq, D): attention of un-rotated queries at start.. against the
 # cache. The default is DCA's ``chunked_attention``; recycled decoding substitutes its own.
@@ -56,6 +62,24 @@ def unsupported_features(config: dict[str, Any]) -> list[str]:
     if rope_type not in STATIC_ROPE_TYPES:
         found.append(f"{rope_type!r} RoPE scaling")
     return found
+
+
+@dataclass(frozen=True)
+class NormedRows:
+    """An RMSNorm not yet applied: hidden states ``x`` (1, L, hidden) and the model's norm module. A decode
+    step hands it, in place of the normalized tensor, to the linears that normalize as they read
+    (``takes_normed``: the Q8_0 kernel does it in the call that quantizes the row, one call where the
+    norm alone took several tensor operations); ``value()`` is the normalized tensor."""
+
+    x: torch.Tensor
+    norm: Any
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.x.shape
+
+    def value(self) -> torch.Tensor:
+        return rms_norm(self.norm, self.x)
 
 
 def rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
@@ -110,16 +134,34 @@ class Decoder:
         h = self.model.model.embed_tokens(ids)
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            x = rms_norm(layer.input_layernorm, h)
+            x = self.norm_for(layer.input_layernorm, h, attn.q_proj)
             q = attn.q_proj(x).view(shape).transpose(1, 2)
             k = attn.k_proj(x).view(shape).transpose(1, 2)
             v = attn.v_proj(x).view(shape).transpose(1, 2)
             kv.update(i, start, RopeTable.apply(k, cos, sin), v)
             o = attend(i, q, start)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(1, length, -1))
-            x = rms_norm(layer.post_attention_layernorm, h)
-            h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+            x = self.norm_for(layer.post_attention_layernorm, h, mlp.gate_proj)
+            h = h + self.feed_forward(mlp, x)
         return rms_norm(self.model.model.norm, h)
+
+    @staticmethod
+    def norm_for(norm: Any, h: torch.Tensor, first: Any) -> Any:
+        """What the linears after ``norm`` get: a decode step's ``NormedRows`` where ``first`` (and so its
+        siblings, which share its input) normalizes as it reads, else the normalized tensor."""
+        if h.shape[1] == 1 and getattr(first, "takes_normed", False):
+            return NormedRows(h, norm)
+        return rms_norm(norm, h)
+
+    @staticmethod
+    def feed_forward(mlp: Any, x: Any) -> torch.Tensor:
+        """The MLP of x (1, L, hidden) (or a decode step's ``NormedRows``), ``MLP_ROWS`` rows at a time: its
+        intermediates are ~11 times the hidden state (gate, up and their product), the largest buffers
+        of a prefill step."""
+        if x.shape[1] <= MLP_ROWS:
+            out: torch.Tensor = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+            return out
+        return torch.cat([Decoder.feed_forward(mlp, part) for part in x.split(MLP_ROWS, dim=1)], dim=1)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

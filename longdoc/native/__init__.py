@@ -240,7 +240,7 @@ def _configure(name: str, lib: ctypes.CDLL) -> ctypes.CDLL:
         lib.longdoc_int5_matmul.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int]
     elif name == "q8":
         lib.longdoc_q8_matmul.restype = c_int
-        lib.longdoc_q8_matmul.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int, c_int]
+        lib.longdoc_q8_matmul.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int, c_int, p, ctypes.c_float]
         lib.longdoc_q8_paths.restype, lib.longdoc_q8_paths.argtypes = c_int, []
         lib.longdoc_q8_level.restype, lib.longdoc_q8_level.argtypes = c_int, [c_int]
         lib.longdoc_q8_rows.restype = c_int

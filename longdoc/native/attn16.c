@@ -285,18 +285,21 @@ enum { ROWS_F32 = 0, ROWS_F16 = 1, ROWS_BF16 = 2 };
    K/V from DRAM: 200 us a call at 2K keys, 160 with these; the same prefetches all at once at the
    start of a chunk made it slower, as they fill the queue of misses). */
 typedef struct {
-    const char *k, *v;    /* the first row to fetch */
+    const char *k, *v;    /* the row being fetched */
     int64_t row_bytes;    /* between rows */
-    int row_lines, lines; /* lines a row spans; lines to fetch (of K, and as many of V) */
-    int done;             /* lines fetched */
+    int row_lines, left;  /* lines a row spans; lines still to fetch (of K, and as many of V) */
+    int line;             /* the next line of the row (counters, not a division per call) */
 } fetches;
 
 AVX2_TARGET static inline void fetch_next(fetches *f) {
-    if (f->done < f->lines) {
-        const int64_t at = (int64_t)(f->done / f->row_lines) * f->row_bytes + 64 * (f->done % f->row_lines);
-        _mm_prefetch(f->k + at, _MM_HINT_T0);
-        _mm_prefetch(f->v + at, _MM_HINT_T0);
-        f->done++;
+    if (f->left > 0) {
+        _mm_prefetch(f->k + 64 * f->line, _MM_HINT_T0);
+        _mm_prefetch(f->v + 64 * f->line, _MM_HINT_T0);
+        f->left--;
+        if (++f->line == f->row_lines) {
+            f->line = 0;
+            f->k += f->row_bytes, f->v += f->row_bytes;
+        }
     }
 }
 
@@ -492,7 +495,7 @@ AVX2_TARGET static void segment_avx2(const job *jb, int64_t head, int64_t a, int
         fetches f = {(const char *)k, (const char *)v, stride * 2, row_lines, 0, 0};
         if (ahead > 0) {
             f.k = (const char *)(k + after * stride), f.v = (const char *)(v + after * stride);
-            f.lines = (int)ahead * row_lines;
+            f.left = (int)ahead * row_lines;
         }
         const void *vrows;
         if (kind == ROWS_F32) {

@@ -444,14 +444,30 @@ static groups_fn path_fn(int level) {
     }
 }
 
+/* Row x (k floats) RMS-normalized into out: out[j] = w[j] * (x[j] * r), r = 1 / sqrt(mean(x^2) + eps),
+   the sum of squares in double; as the models' RMSNorm in float32, up to the rounding of r and of the sum
+   (which it takes in float32, in another order). */
+static void rms_normalize(const float *x, int64_t k, const float *w, float eps, float *out) {
+    double sum = 0.0;
+    for (int64_t j = 0; j < k; j++) sum += (double)x[j] * x[j];
+    const float r = (float)(1.0 / sqrt((double)(float)(sum / (double)k) + (double)eps));
+    for (int64_t j = 0; j < k; j++) {
+        const float t = x[j] * r;
+        out[j] = w[j] * t;
+    }
+}
+
 /* out (m, n) = x (m, k) @ W^T + bias, W (n, k) in the packed layout above (ceil(n / 8) * k / 32 * 272
    bytes). x is bfloat16 (x_bf16 != 0) or float32; out likewise; bias is float32 or NULL. k % 32 == 0.
+   With norm_w (k floats, else NULL) each row of x is first RMS-normalized with that weight and eps
+   (rms_normalize): a decode step's norm and the matmul it feeds in one call.
    Groups of 8 rows are shared out over `threads` OpenMP threads (Work, above). `level` picks the path
    (0: the best here). Returns 0,
    1 for an input it can't take or a path that doesn't run here, 2 when out of memory. Its scratch is
    its own: calls from several threads don't share state. */
 int longdoc_q8_matmul(const void *x, int x_bf16, int64_t m, int64_t k, const uint8_t *w, int64_t n,
-                      const float *bias, void *out, int out_bf16, int threads, int level) {
+                      const float *bias, void *out, int out_bf16, int threads, int level, const float *norm_w,
+                      float eps) {
     if (k <= 0 || k % QK != 0 || m < 0 || n < 0) return 1;
     const int path = longdoc_q8_level(level);
     if (path < 0) return 1;
@@ -462,12 +478,12 @@ int longdoc_q8_matmul(const void *x, int x_bf16, int64_t m, int64_t k, const uin
     if (path == LEVEL_AVX2) quantize = quantize_row_avx2;
 #endif
     const int64_t nb = k / QK, groups = (n + GR - 1) / GR, group_bytes = nb * BLOCK_BYTES;
-    char *scratch = malloc((size_t)k * sizeof(float) + (size_t)(m * nb) * sizeof(float) + (size_t)(m * k) * 2);
+    char *scratch = malloc((size_t)(2 * k) * sizeof(float) + (size_t)(m * nb) * sizeof(float) + (size_t)(m * k) * 2);
     if (!scratch) return 2;
 #ifndef _OPENMP
     (void)threads;
 #endif
-    float *xf = (float *)scratch, *scale = xf + k;
+    float *xf = (float *)scratch, *xn = xf + k, *scale = xn + k;
     int8_t *q = (int8_t *)(scale + m * nb);
     uint8_t *mag = (uint8_t *)(q + m * k);
     for (int64_t i = 0; i < m; i++) {
@@ -478,6 +494,10 @@ int longdoc_q8_matmul(const void *x, int x_bf16, int64_t m, int64_t k, const uin
             xr = xf;
         } else {
             xr = (const float *)x + i * k;
+        }
+        if (norm_w) {
+            rms_normalize(xr, k, norm_w, eps, xn);
+            xr = xn;
         }
         quantize(xr, k, q + i * k, mag + i * k, scale + i * nb);
     }

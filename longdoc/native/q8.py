@@ -154,6 +154,13 @@ def reference_terms(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor) -> 
     return dots * (scales.double().unsqueeze(0) * sx.double().unsqueeze(1))
 
 
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """What the kernel's ``norm`` does to rows x (M, K) float32: weight * (x * r), r = 1 / sqrt(mean(x^2)
+    + eps) rounded to float32 (the models' RMSNorm in float32, the sum taken in float64)."""
+    r = (1 / torch.sqrt(x.double().pow(2).mean(-1, keepdim=True).float().double() + eps)).float()
+    return weight.float() * (x.float() * r)
+
+
 def reference_q8_matmul(
     x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -188,13 +195,23 @@ class Q8Matmul:
         self.lib, self.packed, self.k, self.n = lib, packed.contiguous(), in_features, out_features
         self.bias = None if bias is None else bias.detach().float().contiguous()
 
-    def __call__(self, rows: torch.Tensor, dtype: torch.dtype, threads: int | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        rows: torch.Tensor,
+        dtype: torch.dtype,
+        threads: int | None = None,
+        norm: tuple[torch.Tensor, float] | None = None,
+    ) -> torch.Tensor:
         """rows (M, K) bfloat16 or float32 -> (M, N) in ``dtype`` (bfloat16 or float32), on ``threads``
-        threads (torch's count by default)."""
+        threads (torch's count by default). With ``norm`` (weight (K,) float32, eps) each row is first
+        RMS-normalized (``reference_rms_norm``), in the same call."""
         if rows.dim() != 2 or rows.shape[1] != self.k:
             raise RuntimeError(f"the Q8_0 kernel takes rows (M, {self.k}), not {tuple(rows.shape)}")
+        if norm is not None and (norm[0].dtype != torch.float32 or norm[0].shape != (self.k,)):
+            raise RuntimeError(f"the Q8_0 kernel's norm weight must be ({self.k},) float32")
         threads = torch.get_num_threads() if threads is None else threads
         shape = (self.k, self.n)
+        weight = None if norm is None else norm[0].contiguous()  # held until the call returns
         return run_matmul(
             self.lib.longdoc_q8_matmul,
             "the Q8_0 kernel",
@@ -205,6 +222,8 @@ class Q8Matmul:
             dtype,
             threads,
             self.level,
+            None if weight is None else weight.data_ptr(),
+            0.0 if norm is None else norm[1],
         )
 
     def rows(self, ids: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from longdoc.config import QUANTIZE_SCHEMES
+from longdoc.models.decoder import NormedRows
 from longdoc.models.weights import linear_weight
 from longdoc.native import int5, q8
 
@@ -296,7 +297,7 @@ class QuantGemm:
         self.dtype = dtype
         self.sizes = [int(q.shape[0]) for q in qweights]
         self.in_features = in_features(scheme, qweights[0])
-        self._last: tuple[torch.Tensor, list[torch.Tensor], set[int]] | None = None
+        self._last: tuple[torch.Tensor | NormedRows, list[torch.Tensor], set[int]] | None = None
         self.act_block = act_block if act_block and self.in_features % act_block == 0 else self.in_features
         self.bias: torch.Tensor | None = None
         if any(b is not None for b in biases):
@@ -382,14 +383,19 @@ class QuantGemm:
         bias = None if self.q8.bias is None else self.q8.bias.to(self.dtype)
         return torch.nn.functional.linear(rows.to(self.dtype), self.q8.rows(dtype=self.dtype), bias)
 
-    def output(self, x: torch.Tensor, part: int, unpacked: bool = False) -> torch.Tensor:
+    def output(self, x: torch.Tensor | NormedRows, part: int, unpacked: bool = False) -> torch.Tensor:
         """x (..., K) -> linear ``part``'s output (..., N_part), through the kernel or, ``unpacked``,
         through ``unpacked_matmul``. With several linears, one call computes every part, and the others
         are kept until each has been taken once for this same input (then dropped: a prefill step's
-        outputs are large)."""
+        outputs are large). ``NormedRows`` are normalized by the kernel (q8) as it reads them."""
         last = self._last
         if last is None or last[0] is not x:
-            out = self.matmul_rows(x.reshape(-1, self.in_features), unpacked)
+            if isinstance(x, NormedRows):
+                weight = x.norm.weight.to(torch.float32)
+                rows = x.x.reshape(-1, self.in_features)
+                out = self.q8(rows, self.dtype, norm=(weight, float(x.norm.variance_epsilon)))
+            else:
+                out = self.matmul_rows(x.reshape(-1, self.in_features), unpacked)
             if len(self.sizes) == 1:
                 return out.view(*x.shape[:-1], -1)
             parts = [p.view(*x.shape[:-1], -1) for p in out.split(self.sizes, dim=-1)]
@@ -448,11 +454,21 @@ class QuantLinear(nn.Module):
             gemm = QuantGemm(scheme, [qweight], [scales], [getattr(dense, "bias", None)], dtype, act_block)
         self.gemm, self.part = gemm, part
 
-    def quantized(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def takes_normed(self) -> bool:
+        """Whether a decode step may hand this layer ``NormedRows`` (the norm done by the q8 kernel in
+        float32, as the model's RMSNorm does in a float32 run)."""
+        return self.gemm.kind == "q8" and self.gemm.dtype == torch.float32
+
+    def quantized(self, x: torch.Tensor | NormedRows) -> torch.Tensor:
         """x (..., K) through the quantized weight, whatever the number of rows."""
         return self.gemm.output(x, self.part)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | NormedRows) -> torch.Tensor:
+        if isinstance(x, NormedRows):
+            if self.takes_normed and x.x.numel() <= self.max_rows * self.in_features:
+                return self.quantized(x)
+            x = x.value()
         if x.numel() <= self.max_rows * self.in_features:
             return self.quantized(x)
         if self.dense is None:

@@ -31,6 +31,7 @@ from longdoc.models.resolve import cpu_has_fast_bf16
 from longdoc.native import q8
 from longdoc.quant.choose import quant_slower
 from longdoc.quant.packing import packing_pays
+from longdoc.quant.schemes import ONE_COPY
 
 # CPU classes with native bfloat16 matmuls, longdoc's int5 kernel and its attention kernel (for the
 # one-line hint on slower classes).
@@ -57,11 +58,16 @@ def attention_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> t
         return kernel, "asked for with kernel=" + kernel
     if device.type == "cuda":
         return "torch-cuda", "torch's fused CUDA attention"
+    decode = (
+        "; decode steps read the 16-bit KV cache through longdoc's attn16.c"
+        if native.likely_available("attn16")
+        else "; decode steps use torch's too (attn16.c can't be built here)"
+    )
     if dtype == torch.bfloat16 and native.likely_available("flash"):
-        return "flash.c", "longdoc's AVX-512 BF16 kernel for prefill (about 2x torch's); decode steps use torch's"
+        return "flash.c", "longdoc's AVX-512 BF16 kernel for prefill (about 2x torch's)" + decode
     if dtype != torch.bfloat16:
-        return "torch-cpu", "torch's fused CPU kernel: longdoc's flash.c is for bfloat16 runs (AVX-512 BF16)"
-    return "torch-cpu", "torch's fused CPU kernel: flash.c can't run here (needs AVX-512 BF16 and a C compiler)"
+        return "torch-cpu", "torch's fused CPU kernel for prefill (flash.c is for bfloat16 runs, AVX-512 BF16)" + decode
+    return "torch-cpu", "torch's fused CPU kernel: flash.c can't run here (AVX-512 BF16 and a C compiler)" + decode
 
 
 def paths(
@@ -82,7 +88,10 @@ def paths(
     else:
         why["dtype"] = "no native bfloat16 matmuls here" if not fast_bf16 else "asked for"
     packed = device.type == "cpu" and onednn_packs(dtype) and (pack == "on" or (pack == "auto" and packing_pays(dtype)))
-    if packed:
+    if quantize in ONE_COPY:
+        packed = False
+        why["packed"] = f"{quantize} keeps one copy of the weights, its own: prefill unpacks them per matmul"
+    elif packed:
         why["packed"] = "pre-packed for oneDNN: " + ("3x" if dtype == torch.bfloat16 else "1.3x") + " on decode steps"
     elif device.type != "cpu" or not onednn_packs(dtype):
         why["packed"] = "oneDNN does not pack this dtype here"
@@ -106,7 +115,12 @@ def paths(
 
 def kernel_notes(p: MachinePaths) -> list[str]:
     """What to say once about how the C kernels this run uses will run (one thread without OpenMP)."""
-    on = (("int5", p.quantize == "int5"), ("q8", p.quantize == "q8"), ("flash", p.attention == "flash.c"))
+    on = (
+        ("int5", p.quantize == "int5"),
+        ("q8", p.quantize == "q8"),
+        ("flash", p.attention == "flash.c"),
+        ("attn16", p.attention in ("flash.c", "torch-cpu")),
+    )
     used = [name for name, used in on if used]
     return [f"{native.SOURCES[name].what}: {note}" for name in used for note in native.notes(name)]
 
@@ -118,7 +132,7 @@ def slow_path_hint(p: MachinePaths) -> str | None:
     cap = f", capped by the ISA setting at {p.isa_cap}" if p.isa_cap else ""
     return (
         f"this CPU ({p.cpu_class}{cap}) runs {p.dtype} weights, quantize {p.quantize}, {p.attention} attention:"
-        f" each token reads every weight; {FAST_CLASSES} runs bfloat16 and longdoc's own kernels"
+        f" prefill multiplies in {p.dtype}; {FAST_CLASSES} runs it in bfloat16, about twice as fast"
         " (`longdoc doctor` says why)"
     )
 
