@@ -459,9 +459,17 @@ def llamacpp_ppl() -> str | None:
     )
 
 
-def quantized() -> str | None:
-    """Quality of --quantize against bfloat16: perplexity (every position through the quantized
-    weights), passkey and needle (prompt prefilled unquantized, answer decoded quantized)."""
+AVX2_QUALITY_SCHEMES = ("none_avx2", "q8_avx2")
+AVX2_QUALITY_TITLE = "Quantization: quality of q8 against unquantized (float32, float16 KV cache)"
+
+
+def quantized(
+    schemes: tuple[str, ...] = ("none", "int5", "int5_act8", "int5_mixed", "int8", "int4", "int4_mse"),
+    title: str = "Quantization: quality against bfloat16",
+) -> str | None:
+    """Quality of --quantize against unquantized: perplexity (every position through the quantized
+    weights), passkey and needle (the prompt prefilled by the run's prefill path, the answer decoded
+    quantized)."""
     rows = []
     labels = {
         "int5": "int5 (longdoc's kernel, int16 activations per group of 32; the default)",
@@ -469,8 +477,10 @@ def quantized() -> str | None:
         "int5_mixed": "int5, LM head and down_proj in int8 through the int8 GEMM (tried, not kept)",
         "int8": "int8 (int8 GEMM, activations per block of 128 / per row)",
         "int4_mse": "int4, least-squares step per group (tried, not kept)",
+        "none_avx2": "none (float32)",
+        "q8_avx2": "q8 (Q8_0 kernel, int8 activations per block of 32; prefill on the Q8_0 weights unpacked)",
     }
-    for scheme in ("none", "int5", "int5_act8", "int5_mixed", "int8", "int4", "int4_mse"):
+    for scheme in schemes:
         cells = []
         ppl = load(f"quant_ppl_{scheme}")
         cells.append(", ".join(f"{r['length']}: {r.get('ppl', r.get('error'))}" for r in ppl["results"]) if ppl else "")
@@ -483,7 +493,12 @@ def quantized() -> str | None:
     if not rows:
         return None
     head = ["--quantize", "perplexity (no DCA)", "passkey 4K, 8K x 3 depths", "needle 8K, 16K, keys 1 and 4"]
-    out = "### Quantization: quality against bfloat16\n\n" + table(head, rows)
+    out = f"### {title}\n\n" + table(head, rows)
+    if schemes == AVX2_QUALITY_SCHEMES:
+        return out + (
+            "\n\n`longdoc eval ppl ../shared/corpus --lengths 4096,16384 --no-dca --quantize q8|none --json`,"
+            " `longdoc eval passkey --lengths 4096,8192 --depths 0.1,0.5,0.9 --quantize q8 --json`"
+        )
     act = load("act_quant")
     if act:
         base = act["rows"][0]["ppl"]  # bfloat16
@@ -1158,6 +1173,7 @@ def document() -> str:
     quality = [
         tag(llamacpp_ppl(), EPYC_AVX512),
         tag(quantized(), EPYC_AVX512),
+        tag(quantized(AVX2_QUALITY_SCHEMES, AVX2_QUALITY_TITLE), EPYC_AVX2),
         tag(sparse_quality(), EPYC_AVX512),
         tag(evals(), XEON_AMX),
         tag(quote(), EPYC_AVX512),
