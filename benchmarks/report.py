@@ -1121,6 +1121,7 @@ def document() -> str:
             "AVX2: longdoc `auto` against llama.cpp",
             [
                 ("llamacpp_avx2_q8", "longdoc:auto", "longdoc (auto: q8, one copy, 16-bit KV)"),
+                ("llamacpp_avx2_q8_2", "longdoc:auto", "longdoc (auto, and the norm in the q8 kernel)"),
                 ("paths_2k_q8", "auto", "longdoc (auto: q8 decode)"),
                 ("paths", "auto", "longdoc (auto before q8: float32)"),
                 ("paths_2k", "auto", "longdoc (auto before q8: float32)"),

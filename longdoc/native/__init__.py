@@ -45,6 +45,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -309,3 +310,21 @@ def notes(name: str) -> list[str]:
     """What to tell the user once about how ``library(name)`` runs (after it was called): the one
     thread of a compiler without OpenMP."""
     return list(_notes[name])
+
+
+def runnable_paths(
+    name: str, levels: Iterable[int], scalar: int, path_flags: Mapping[int, frozenset[str]]
+) -> list[int]:
+    """The loops of kernel ``name`` (a run-time dispatched one: q8, attn16) that run here, lowest first:
+    those its own CPU probe (``longdoc_<name>_paths``, a bit per level) finds, less those whose flags
+    (``path_flags``) the ISA cap drops from ``cpu.flags()``. Where the flags can't be read the probe
+    decides, unless the cap is "none" (then only ``scalar``). Empty where the library isn't available."""
+    lib = library(name)
+    if lib is None:
+        return []
+    probe = int(getattr(lib, f"longdoc_{name}_paths")())
+    found = [level for level in levels if probe >> level & 1]
+    if cpu.flags_known():
+        flags = cpu.flags()
+        return [level for level in found if level == scalar or path_flags[level] <= flags]
+    return [scalar] if cpu.isa_cap() == "none" else found

@@ -16,8 +16,7 @@ import os
 
 import torch
 
-from longdoc import cpu
-from longdoc.native import library, why_unavailable
+from longdoc.native import library, runnable_paths, why_unavailable
 
 # the kernel's paths (its `level` argument; 0 asks it for the best it runs)
 SCALAR, AVX2, NEON = 1, 2, 3
@@ -30,17 +29,9 @@ KV_DTYPES = (torch.float16, torch.bfloat16)
 
 def paths() -> list[int]:
     """The kernel's paths that run here, lowest first (``PATHS``): those its own CPU probe finds, less
-    those whose flags the ISA cap drops from ``cpu.flags()``. Where the flags can't be read, the probe
-    decides, unless the cap is "none". Empty where the kernel isn't available at all."""
-    lib = library("attn16")
-    if lib is None:
-        return []
-    probe = int(lib.longdoc_attn16_paths())
-    found = [level for level in PATHS if probe >> level & 1]
-    if cpu.flags_known():
-        flags = cpu.flags()
-        return [level for level in found if level == SCALAR or PATH_FLAGS[level] <= flags]
-    return [SCALAR] if cpu.isa_cap() == "none" else found
+    those whose flags the ISA cap drops (``native.runnable_paths``). Empty where the kernel isn't
+    available at all."""
+    return runnable_paths("attn16", PATHS, SCALAR, PATH_FLAGS)
 
 
 # the settings paths() depends on besides the CPU and the loaded library: its answer is kept per value

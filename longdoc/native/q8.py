@@ -13,8 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from longdoc import cpu
-from longdoc.native import library, why_unavailable
+from longdoc.native import library, runnable_paths, why_unavailable
 from longdoc.native.matmul import run_matmul
 
 # input channels per block; rows per group of the packed layout; bytes of one block of a group
@@ -111,17 +110,9 @@ def pack(qs: torch.Tensor | Sequence[torch.Tensor], scales: torch.Tensor | Seque
 
 def paths() -> list[int]:
     """The kernel's paths that run here, lowest first (``PATHS``): those its own CPU probe finds, less
-    those whose flags the ISA cap drops from ``cpu.flags()``. Where the flags can't be read, the probe
-    decides, unless the cap is "none". Empty where the kernel isn't available at all."""
-    lib = library("q8")
-    if lib is None:
-        return []
-    probe = int(lib.longdoc_q8_paths())
-    found = [level for level in PATHS if probe >> level & 1]
-    if cpu.flags_known():
-        flags = cpu.flags()
-        return [level for level in found if level == SCALAR or PATH_FLAGS[level] <= flags]
-    return [SCALAR] if cpu.isa_cap() == "none" else found
+    those whose flags the ISA cap drops (``native.runnable_paths``). Empty where the kernel isn't
+    available at all."""
+    return runnable_paths("q8", PATHS, SCALAR, PATH_FLAGS)
 
 
 def best_path() -> int:
