@@ -1122,6 +1122,7 @@ def document() -> str:
             [
                 ("llamacpp_avx2_q8", "longdoc:auto", "longdoc (auto: q8, one copy, 16-bit KV)"),
                 ("llamacpp_avx2_q8_2", "longdoc:auto", "longdoc (auto, and the norm in the q8 kernel)"),
+                ("llamacpp_avx2_q8_32k", "longdoc:auto", "longdoc (auto, and the norm in the q8 kernel)"),
                 ("paths_2k_q8", "auto", "longdoc (auto: q8 decode)"),
                 ("paths", "auto", "longdoc (auto before q8: float32)"),
                 ("paths_2k", "auto", "longdoc (auto before q8: float32)"),

@@ -107,8 +107,10 @@ def attend_cpu(
     """longdoc's AVX-512 BF16 kernel (``flash.c``, about twice torch's on the model's shapes) where it
     takes the input (bfloat16, a tile of queries or more, a CPU and compiler for it); a decode step's
     one query row over a 16-bit KV cache through ``attn16.c`` (it reads the cache as stored, at memory
-    speed: benchmarks/RESULTS.md, "Decode attention over a 16-bit KV cache"); else torch's."""
-    if q.shape[2] == 1 and not causal and attn16.takes(q, k, v):
+    speed: benchmarks/RESULTS.md, "Decode attention over a 16-bit KV cache"); else torch's. (A float16
+    cache: float32 runs'. bfloat16 runs, on AVX-512 BF16 CPUs, keep torch's kernel until attn16.c is
+    measured there.)"""
+    if q.shape[2] == 1 and not causal and k.dtype == torch.float16 and attn16.takes(q, k, v):
         out, lse = attn16.attend16(q, k, v, None, scale)
         return out.to(q.dtype), lse
     if flash.flash_takes(q, k, v):

@@ -59,9 +59,9 @@ def attention_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> t
     if device.type == "cuda":
         return "torch-cuda", "torch's fused CUDA attention"
     decode = (
-        "; decode steps read the 16-bit KV cache through longdoc's attn16.c"
-        if native.likely_available("attn16")
-        else "; decode steps use torch's too (attn16.c can't be built here)"
+        "; decode steps read the float16 KV cache through longdoc's attn16.c"
+        if native.likely_available("attn16") and dtype == torch.float32
+        else "; decode steps use torch's too"
     )
     if dtype == torch.bfloat16 and native.likely_available("flash"):
         return "flash.c", "longdoc's AVX-512 BF16 kernel for prefill (about 2x torch's)" + decode
@@ -119,7 +119,7 @@ def kernel_notes(p: MachinePaths) -> list[str]:
         ("int5", p.quantize == "int5"),
         ("q8", p.quantize == "q8"),
         ("flash", p.attention == "flash.c"),
-        ("attn16", p.attention in ("flash.c", "torch-cpu")),
+        ("attn16", p.attention == "torch-cpu" and p.dtype == "float32"),
     )
     used = [name for name, used in on if used]
     return [f"{native.SOURCES[name].what}: {note}" for name in used for note in native.notes(name)]
