@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import CORPUS, REPO, save
+from benchmarks.common import CORPUS, REPO, cpu_info, save
 
 QUESTIONS = Path(__file__).resolve().parent / "qa" / "questions.json"
 
@@ -130,7 +130,8 @@ def main() -> None:
     accuracy = {"model": args.model, "quantize": args.quantize, "correct": right, "asked": len(rows)}
     accuracy["accuracy"] = round(right / len(rows), 4) if rows else None
     command = "python -m benchmarks.bench_qa " + " ".join(sys.argv[1:])
-    payload = {"command": command, "scoring": " ".join(__doc__.split("Scoring rule: ")[1].split("\n\n")[0].split())}
+    scoring = " ".join(__doc__.split("Scoring rule: ")[1].split("\n\n")[0].split())
+    payload = {"command": command, **cpu_info(), "scoring": scoring}
     payload.update({"accuracy": [accuracy], "papers": per_paper, "rows": rows})
     print(save(args.name, payload))
     print(json.dumps(accuracy))

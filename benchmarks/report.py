@@ -558,6 +558,30 @@ float32 FMA, and it quantizes the prompt's activations too). Peak RSS and speed 
 headline; quality: "Quantization: quality against bfloat16"."""
 
 
+def qa(names: tuple[str, ...] = ("qa_0.5b", "qa_1.5b")) -> str | None:
+    """Issue 28's question-answering set: each model's accuracy, per paper and in all (bench_qa.py)."""
+    runs = [(name, data) for name in names if (data := load(name))]
+    if not runs:
+        return None
+    papers = sorted({r["paper"] for _, data in runs for r in data["rows"]})
+    rows, commands = [], []
+    for name, data in runs:
+        acc = data["accuracy"][0]
+        per = []
+        for paper in papers:
+            mine = [r for r in data["rows"] if r["paper"] == paper]
+            per.append(f"{sum(r['correct'] for r in mine)}/{len(mine)}" if mine else "")
+        rows.append([acc["model"], acc["quantize"], *per, f"{acc['correct']}/{acc['asked']}"])
+        commands.append(f"- `{data['command']}` (`benchmarks/out/{name}.json`)")
+    scoring = runs[0][1].get("scoring", "")
+    return (
+        "### Questions over the five corpus papers, each at full length\n\n"
+        + table(["model", "--quantize", *papers, "all"], rows)
+        + f"\n\nScored as: {scoring}\n\n"
+        + "\n".join(commands)
+    )
+
+
 def attention_kernels(name: str = "attention") -> str | None:
     """longdoc's attention kernel against torch's on the model's shapes (bench_attention.py)."""
     data = load(name)
@@ -1173,6 +1197,7 @@ def document() -> str:
         ),
     ]
     quality = [
+        tag(qa(), EPYC_AVX2),
         tag(llamacpp_ppl(), EPYC_AVX512),
         tag(quantized(), EPYC_AVX512),
         tag(quantized(AVX2_QUALITY_SCHEMES, AVX2_QUALITY_TITLE), EPYC_AVX2),
