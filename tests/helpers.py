@@ -239,3 +239,49 @@ def invoke(*args: str, input: str | bytes | None = None) -> Any:
     from longdoc.cli import app
 
     return CliRunner().invoke(app, list(args), input=input)
+
+
+def program(name: str, needed_in_ci: bool = False) -> str:
+    """The path of ``name`` (a compiler, qemu); else the test skips, or fails under CI where CI must have it
+    (.ci/run installs it), so a lost ARM build shows there."""
+    import os
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        if needed_in_ci and os.environ.get("CI"):
+            pytest.fail(f"{name} is not on PATH under CI (.ci/run installs it)")
+        pytest.skip(f"{name} is not on PATH")
+    return path
+
+
+def build_driver(cc: list[str], flags: list[str], driver: Path, source: Path, out: Path) -> Path:
+    """A kernel's C test driver (tests/data/*_driver.c) built with its source by ``cc`` into ``out``."""
+    import subprocess
+
+    build = subprocess.run(
+        [*cc, "-O3", "-std=c11", *flags, str(driver), str(source), "-o", str(out), "-lm"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    return out
+
+
+def driver_report(proc: Any) -> tuple[dict[int, tuple[int, int]], int, str]:
+    """A driver's output (a finished subprocess): cases and mismatches per path, the best path, the
+    checksum."""
+    assert proc.returncode == 0, proc.stderr
+    paths, best, checksum = {}, -1, ""
+    for line in proc.stdout.splitlines():
+        word, *rest = line.split()
+        if word == "path":
+            paths[int(rest[0])] = (int(rest[1]), int(rest[2]))
+        elif word == "best":
+            best = int(rest[0])
+        elif word == "checksum":
+            checksum = rest[0]
+    return paths, best, checksum

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,6 +26,8 @@ import torch
 from longdoc import cpu, native
 from longdoc.attention.kernels import attend_reference
 from longdoc.native import attn16
+
+from .helpers import build_driver, driver_report, program
 
 DRIVER = Path(__file__).parent / "data" / "attn16_driver.c"
 SOURCE = Path(native.__file__).with_name("attn16.c")
@@ -41,17 +42,6 @@ COMBOS = list(itertools.product([torch.float16, torch.bfloat16], [1, 2], [0, 5])
 
 # judged without building (collection must not write a cache): the tests themselves build the kernel
 needs_attn16 = pytest.mark.skipif(not native.likely_available("attn16"), reason="no C compiler or CPU flags here")
-
-
-def tool(program: str, needed_in_ci: bool = False) -> str:
-    """The path of ``program``; else the test skips, or fails under CI where CI must have it (.ci/run
-    installs it), as tests/test_native.py's ``compiler``."""
-    path = shutil.which(program)
-    if path is None:
-        if needed_in_ci and os.environ.get("CI"):
-            pytest.fail(f"{program} is not on PATH under CI (.ci/run installs it)")
-        pytest.skip(f"{program} is not on PATH")
-    return path
 
 
 def cache(
@@ -301,32 +291,6 @@ def test_what_it_takes_and_what_it_refuses():
     assert call(k=None, v=None, n=0) == 0 and (out == 0).all() and (lse == -math.inf).all()
 
 
-def build_driver(cc: list[str], flags: list[str], out: Path) -> Path:
-    build = subprocess.run(
-        [*cc, "-O3", "-std=c11", *flags, str(DRIVER), str(SOURCE), "-o", str(out), "-lm"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert build.returncode == 0, build.stderr
-    return out
-
-
-def driver_report(proc: subprocess.CompletedProcess[str]) -> tuple[dict[int, tuple[int, int]], int, str]:
-    """The driver's output: cases and mismatches per path, the best path, the checksum."""
-    assert proc.returncode == 0, proc.stderr
-    paths, best, checksum = {}, -1, ""
-    for line in proc.stdout.splitlines():
-        word, *rest = line.split()
-        if word == "path":
-            paths[int(rest[0])] = (int(rest[1]), int(rest[2]))
-        elif word == "best":
-            best = int(rest[0])
-        elif word == "checksum":
-            checksum = rest[0]
-    return paths, best, checksum
-
-
 def test_neon_path_under_qemu_and_the_x86_builds_match_the_reference_and_each_other(tmp_path):
     """tests/data/attn16_driver.c with the kernel, built for aarch64 (armv8-a) and run under qemu-aarch64,
     and built natively by cc and by clang, each with and without OpenMP where it links it (with it, the
@@ -337,12 +301,12 @@ def test_neon_path_under_qemu_and_the_x86_builds_match_the_reference_and_each_ot
     build's scalar outputs have the same checksum (the same float operations in the same order: no
     fused multiply-adds under either compiler), the native cc build's, whose paths the float64
     reference checks above."""
-    cross = tool("aarch64-linux-gnu-gcc", needed_in_ci=True)
-    qemu = tool("qemu-aarch64", needed_in_ci=True)
+    cross = program("aarch64-linux-gnu-gcc", needed_in_ci=True)
+    qemu = program("qemu-aarch64", needed_in_ci=True)
     cc = native._compiler()
     if cc is None:
         pytest.skip("no C compiler")
-    arm = build_driver([cross], ["-static", "-march=armv8-a"], tmp_path / "armv8-a")
+    arm = build_driver([cross], ["-static", "-march=armv8-a"], DRIVER, SOURCE, tmp_path / "armv8-a")
     runs = {"armv8-a on max": [qemu, "-cpu", "max", "-L", "/usr/aarch64-linux-gnu", str(arm)]}
     compilers = {"cc": cc} | ({"clang": [clang]} if (clang := shutil.which("clang")) else {})
     for name, command in compilers.items():
@@ -351,7 +315,7 @@ def test_neon_path_under_qemu_and_the_x86_builds_match_the_reference_and_each_ot
                 continue  # this compiler doesn't link OpenMP here
             build = f"{name}{' -fopenmp' if openmp else ''}"
             flags = ["-fopenmp"] if openmp else []
-            runs[build] = [str(build_driver(command, flags, tmp_path / build.replace(" ", "")))]
+            runs[build] = [str(build_driver(command, flags, DRIVER, SOURCE, tmp_path / build.replace(" ", "")))]
     procs = {
         name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for name, cmd in runs.items()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
-import shutil
 import subprocess
 import types
 from pathlib import Path
@@ -15,20 +13,16 @@ import pytest
 
 from longdoc import cpu, native, store
 
+from .helpers import program
+
 KERNELS = Path(native.__file__).parent
 # every flag either kernel asks of the CPU
 ALL_FLAGS = frozenset().union(*(src.cpu_flags for src in native.SOURCES.values()))
 
 
-def compiler(program: str, needed_in_ci: bool = False) -> str:
-    """The path of ``program``; else the test skips, or fails under CI where CI must have it (.ci/run
-    installs it), so a lost ARM build shows there."""
-    path = shutil.which(program)
-    if path is None:
-        if needed_in_ci and os.environ.get("CI"):
-            pytest.fail(f"{program} is not on PATH under CI (.ci/run installs it)")
-        pytest.skip(f"{program} is not on PATH")
-    return path
+def compiler(name: str, needed_in_ci: bool = False) -> str:
+    """The path of compiler ``name`` (``helpers.program``)."""
+    return program(name, needed_in_ci)
 
 
 def script(path: Path, body: str) -> str:

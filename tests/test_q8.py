@@ -5,8 +5,6 @@ paths cross-compiled and run under qemu-aarch64."""
 from __future__ import annotations
 
 import itertools
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,6 +13,8 @@ import torch
 
 from longdoc import cpu, native
 from longdoc.native import q8
+
+from .helpers import build_driver, driver_report, program
 
 DRIVER = Path(__file__).parent / "data" / "q8_driver.c"
 SOURCE = Path(native.__file__).with_name("q8.c")
@@ -29,17 +29,6 @@ COMBOS = list(
 
 # judged without building (collection must not write a cache): the tests themselves build the kernel
 needs_q8 = pytest.mark.skipif(not native.likely_available("q8"), reason="no C compiler or CPU flags here")
-
-
-def tool(program: str, needed_in_ci: bool = False) -> str:
-    """The path of ``program``; else the test skips, or fails under CI where CI must have it (.ci/run
-    installs it), as tests/test_native.py's ``compiler``."""
-    path = shutil.which(program)
-    if path is None:
-        if needed_in_ci and os.environ.get("CI"):
-            pytest.fail(f"{program} is not on PATH under CI (.ci/run installs it)")
-        pytest.skip(f"{program} is not on PATH")
-    return path
 
 
 def tolerance(terms: torch.Tensor, want: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -219,32 +208,6 @@ def test_the_kernel_refuses_what_it_cannot_take():
     )
 
 
-def build_driver(cc: list[str], flags: list[str], out: Path) -> Path:
-    build = subprocess.run(
-        [*cc, "-O3", "-std=c11", *flags, str(DRIVER), str(SOURCE), "-o", str(out), "-lm"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert build.returncode == 0, build.stderr
-    return out
-
-
-def driver_report(proc: subprocess.CompletedProcess[str]) -> tuple[dict[int, tuple[int, int]], int, str]:
-    """The driver's output: cases and mismatches per path, the best path, the checksum."""
-    assert proc.returncode == 0, proc.stderr
-    paths, best, checksum = {}, -1, ""
-    for line in proc.stdout.splitlines():
-        word, *rest = line.split()
-        if word == "path":
-            paths[int(rest[0])] = (int(rest[1]), int(rest[2]))
-        elif word == "best":
-            best = int(rest[0])
-        elif word == "checksum":
-            checksum = rest[0]
-    return paths, best, checksum
-
-
 def test_neon_paths_under_qemu_equal_the_scalar_path_and_the_x86_build(tmp_path):
     """tests/data/q8_driver.c with the kernel, built for aarch64 without dot products (armv8-a: the GCC
     build still carries the sdot path, as a function of its own) and with them (armv8.2-a+dotprod), run
@@ -252,14 +215,14 @@ def test_neon_paths_under_qemu_equal_the_scalar_path_and_the_x86_build(tmp_path)
     must be refused; sizes with K <= 96 only): on 160 cases (every size of the tests above, every dtype
     and bias combination) every path equals the scalar one bit for bit, and the scalar outputs'
     checksum equals the native build's, whose paths the float64 reference checks above."""
-    cross = tool("aarch64-linux-gnu-gcc", needed_in_ci=True)
-    qemu = tool("qemu-aarch64", needed_in_ci=True)
+    cross = program("aarch64-linux-gnu-gcc", needed_in_ci=True)
+    qemu = program("qemu-aarch64", needed_in_ci=True)
     cc = native._compiler()
     if cc is None:
         pytest.skip("no C compiler")
-    here = build_driver(cc, [], tmp_path / "native")
-    plain = build_driver([cross], ["-static", "-march=armv8-a"], tmp_path / "armv8-a")
-    dot = build_driver([cross], ["-static", "-march=armv8.2-a+dotprod"], tmp_path / "armv8.2-a-dotprod")
+    here = build_driver(cc, [], DRIVER, SOURCE, tmp_path / "native")
+    plain = build_driver([cross], ["-static", "-march=armv8-a"], DRIVER, SOURCE, tmp_path / "armv8-a")
+    dot = build_driver([cross], ["-static", "-march=armv8.2-a+dotprod"], DRIVER, SOURCE, tmp_path / "armv8.2-a-dotprod")
     runs = {
         "native": [str(here)],
         "armv8-a on max": [qemu, "-cpu", "max", "-L", "/usr/aarch64-linux-gnu", str(plain)],
