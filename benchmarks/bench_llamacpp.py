@@ -149,12 +149,12 @@ def step_bytes(session: Any, length: int) -> int:
     """Bytes a decode step of ``session`` reads at ``length``: its linears' weights (quantized, else in the
     run's dtype) and its KV cache."""
     from longdoc.engine.kvcache import KVCache
-    from longdoc.quant.schemes import QuantGemm, QuantLinear
+    from longdoc.quant.schemes import QuantLinear
 
     model, info = session.loaded().model, session.info
     gemms = {id(m.gemm): m.gemm for m in model.modules() if isinstance(m, QuantLinear)}
     if gemms:
-        weights = sum(g.nbytes for g in gemms.values() if isinstance(g, QuantGemm))
+        weights = sum(g.nbytes for g in gemms.values())
     else:
         weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
     kv = length * KVCache.bytes_per_token(info.n_layers, info.n_kv_heads, info.head_dim, info.kv_dtype)
