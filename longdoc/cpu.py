@@ -183,6 +183,19 @@ def arch() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
+def model_name() -> str:
+    """The CPU's model name where the OS says it, else the architecture."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        if line.startswith(("model name", "Model")):
+            return line.split(":", 1)[1].strip()
+    brand = _sysctl("-n", "machdep.cpu.brand_string").strip() if platform.system() == "Darwin" else ""
+    return brand or arch()
+
+
 def cpu_class() -> str:
     """The CPU class that decides longdoc's paths: "amx", "avx512bf16", "avx512vnni", "avx512",
     "avx2-vnni", "avx2", "x86-64" (no AVX2), "arm64-dotprod", "arm64", or the architecture's name."""

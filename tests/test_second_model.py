@@ -20,7 +20,7 @@ import torch
 
 from longdoc import models
 from longdoc.errors import EXIT_INPUT, EXIT_USAGE, ModelError
-from longdoc.models import convert, resolve
+from longdoc.models import choose, convert, resolve
 
 from .helpers import REPO, SAMPLES, invoke, save_tiny_qwen2
 
@@ -143,6 +143,104 @@ def test_models_json_lists_both_with_their_state(monkeypatch):
     assert row["installed"] is False and row["cached"] is False
     plain = invoke("models")
     assert plain.exit_code == 0 and ALIAS in plain.stdout and PIP in plain.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# --model auto: the larger model where the machine is fast enough
+
+
+CPU, F32 = torch.device("cpu"), torch.float32
+
+
+def _record_rate(gflops: object, *, version: object = choose.SPEED_VERSION) -> Path:
+    """Write the speed record as a measurement would, holding ``gflops`` for this machine's settings."""
+    path = models.cache_dir() / choose.SPEED_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"version": version, "gflops": {choose.speed_key(CPU, F32): gflops}}))
+    return path
+
+
+def test_auto_without_the_extra_runs_the_default_and_measures_nothing(monkeypatch):
+    _without_parts(monkeypatch)
+    picked = models.choose_model(CPU, F32)
+    assert picked.alias == models.DEFAULT_MODEL and picked.note is None
+    assert ALIAS in picked.why and "not installed" in picked.why
+    assert not (models.cache_dir() / choose.SPEED_FILE).exists()
+
+
+def test_auto_picks_the_larger_model_where_the_machine_is_fast_enough(tmp_path, monkeypatch):
+    _stand_in(monkeypatch, tmp_path, GOOD, recorded=b"".join(GOOD))  # installed, as far as resolution sees
+    _record_rate(choose.FAST_GFLOPS)
+    assert models.choose_model(CPU, F32).alias == ALIAS
+    _record_rate(choose.FAST_GFLOPS * 0.99)
+    slow = models.choose_model(CPU, F32)
+    assert slow.alias == models.DEFAULT_MODEL
+    # the one line a user with the extra gets: why not, and how to run it anyway
+    assert slow.note and f"--model {ALIAS}" in slow.note and "\n" not in slow.note
+    assert f"{choose.FAST_GFLOPS * 0.99:.0f} GFLOP/s" in slow.why
+
+    result = invoke("models", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["auto"]["model"] == models.DEFAULT_MODEL
+    _record_rate(choose.FAST_GFLOPS * 40)
+    auto = json.loads(invoke("models", "--json").stdout)["auto"]
+    assert auto["model"] == ALIAS and "installed" in auto["why"]
+    assert f"runs {ALIAS} here" in invoke("models").stdout
+
+
+def test_the_prefill_rate_counts_the_larger_models_linears():
+    # from the GGUF header: 28 layers, hidden 1536, 12 query and 2 KV heads of 128, FFN 8960
+    hidden, q, kv, ffn = 1536, 12 * 128, 2 * 128, 8960
+    per_layer = hidden * q * 2 + hidden * kv * 2 + hidden * ffn * 3
+    assert choose.LARGER_FLOPS_PER_TOKEN == 2 * 28 * per_layer
+    assert 300 < choose.FAST_GFLOPS * 1e9 / choose.LARGER_FLOPS_PER_TOKEN < 500  # a 20K-token paper in about a minute
+
+
+def test_speed_is_measured_once_kept_and_measured_again_when_its_record_is_unsound():
+    path = models.cache_dir() / choose.SPEED_FILE
+    first = choose.matmul_gflops(CPU, F32)
+    assert first > 0.1  # a real matmul, measured
+    kept = json.loads(path.read_text())
+    assert kept["version"] == choose.SPEED_VERSION and kept["gflops"] == {choose.speed_key(CPU, F32): first}
+
+    _record_rate(123456.0)
+    assert choose.matmul_gflops(CPU, F32) == 123456.0  # read, not measured
+    for unsound in ("{not json", json.dumps([1, 2])):
+        path.write_text(unsound)
+        assert choose.matmul_gflops(CPU, F32) != 123456.0
+        assert json.loads(path.read_text())["version"] == choose.SPEED_VERSION  # rewritten whole
+    for bad_rate, version in (("fast", choose.SPEED_VERSION), (-5.0, choose.SPEED_VERSION), (123456.0, 0)):
+        _record_rate(bad_rate, version=version)
+        again = choose.matmul_gflops(CPU, F32)
+        assert again != 123456.0 and isinstance(again, float) and again > 0.1
+
+
+def test_doctor_says_why_this_model(tmp_path):
+    folder = tmp_path / "tiny-qwen2"
+    save_tiny_qwen2(folder)
+    result = invoke("doctor", "--json", "--model", str(folder), "--quantize", "none")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["paths"]["why"]["model"] == "asked for"
+    assert "model: tiny-qwen2 (asked for)" in invoke("doctor", "--model", str(folder), "--quantize", "none").stdout
+
+
+@pytest.mark.slow
+def test_auto_is_the_default_and_says_what_it_decided():
+    result = invoke("doctor", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    picked = models.choose_model(CPU, F32)
+    assert report["model"] == picked.alias
+    assert report["paths"]["why"]["model"] == f"--model auto: {picked.why}"
+    assert json.loads(invoke("doctor", "--json", "--model", "auto").stdout)["model"] == picked.alias
+
+
+def test_the_speed_key_names_what_the_rate_depends_on(monkeypatch):
+    key = choose.speed_key(CPU, F32)
+    assert f"threads={torch.get_num_threads()}" in key and "float32" in key and torch.__version__ in key
+    assert choose.speed_key(CPU, torch.bfloat16) != key
+    monkeypatch.setenv("LONGDOC_ISA", "none")
+    assert choose.speed_key(CPU, F32) != key  # a capped CPU multiplies at another rate
 
 
 # --------------------------------------------------------------------------------------------------

@@ -333,6 +333,24 @@ MUTANTS = [
         "    const uint16_t *k = jb->k + (head ^ 1) * jb->head_stride,",
     ),
     (
+        "auto: the larger model only above the threshold, not at it",
+        "longdoc/models/choose.py",
+        "    if rate >= FAST_GFLOPS:",
+        "    if rate > FAST_GFLOPS:",
+    ),
+    (
+        "auto: the speed record is never read",
+        "longdoc/models/choose.py",
+        "    if key in speeds:\n        return float(speeds[key])",
+        "    if key in speeds and False:\n        return float(speeds[key])",
+    ),
+    (
+        "auto: a record of another version is trusted",
+        "longdoc/models/choose.py",
+        'data.get("version") != SPEED_VERSION or',
+        'data.get("version") is None or',
+    ),
+    (
         "layers: the engine imports the runtime (an upward import)",
         "longdoc/engine/decode.py",
         "from longdoc.engine.sampling import sample\n",
@@ -347,6 +365,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "longdoc/engine/": ("tests/test_recycled.py", "tests/test_fidelity.py", "tests/test_engine.py"),
     "longdoc/engine/decode.py": ("tests/test_layers.py", "tests/test_engine.py"),
     "longdoc/models/": ("tests/test_models.py", "tests/test_cpu_paths.py", "tests/test_engine.py"),
+    "longdoc/models/choose.py": ("tests/test_second_model.py",),
     "longdoc/models/rope.py": ("tests/test_attention.py", "tests/test_engine.py"),
     "longdoc/quant/": ("tests/test_quant.py", "tests/test_cpu_paths.py", "tests/test_int5.py"),
     "longdoc/native/int5.c": ("tests/test_int5.py",),

@@ -26,7 +26,9 @@ def doctor(*, given: o.Given) -> None:
 
         cfg = settings(given).cfg
         info = plan.model_info(cfg.model, cfg.device, cfg.dtype, reporter.status, reporter.warn, cfg.quantize)
-        report = machine.doctor(machine.paths(info.device, info.dtype, info.quantize, cfg.pack, cfg.kernel))
+        report = machine.doctor(
+            machine.paths(info.device, info.dtype, info.quantize, cfg.pack, cfg.kernel, info.model_why)
+        )
         if given.json_out:
             reporter.json({"model": info.name, **report.to_json()})
             return
@@ -38,6 +40,7 @@ def doctor(*, given: o.Given) -> None:
         out.print(plain(f"flags: {flags} · torch kernels: {c.torch_capability}"))
         paths = report.paths
         chosen = {
+            "model": info.name,
             "dtype": paths.dtype,
             "packed": paths.packed,
             "quantize": paths.quantize,

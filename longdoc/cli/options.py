@@ -89,7 +89,9 @@ class Given:
             "--model",
             panel=MODEL,
             metavar="NAME|PATH",
-            help="Model: default embedded, a local HF folder, or a .gguf file. With --endpoint only its tokenizer is"
+            help="Model: auto (default: qwen2.5-coder-1.5b where it is installed and this machine is fast enough,"
+            " else the embedded 0.5B; `longdoc models` says which), a known name, a local HF folder, or a .gguf"
+            " file. With --endpoint only its tokenizer is"
             " used, to count tokens for the fit checks: an estimate when the server runs another model.",
         ),
     )

@@ -11,6 +11,7 @@ monkeypatch a function must patch it in the submodule that looks it up (e.g. ``c
 """
 
 from longdoc.cpu import parse_cpu_flags
+from longdoc.models.choose import AUTO_MODEL, ModelChoice, choose_model
 from longdoc.models.convert import (
     CONVERTED_DTYPE,
     SUPPORTED_GGUF_ARCHS,
@@ -46,9 +47,12 @@ from longdoc.store import (
 )
 
 __all__ = [
+    "AUTO_MODEL",
     "CONVERTED_DTYPE",
     "DEFAULT_MODEL",
     "KNOWN_MODELS",
+    "ModelChoice",
+    "choose_model",
     "LOCK_TIMEOUT_S",
     "MANIFEST_FORMAT",
     "MANIFEST_NAME",

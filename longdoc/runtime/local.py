@@ -174,7 +174,7 @@ class LocalBackend:
     def paths(self) -> machine.MachinePaths:
         """What this run gets on this machine (dtype, packing, quantization, attention kernel) and why."""
         info, cfg = self.info, self.cfg
-        return machine.paths(info.device, info.dtype, info.quantize, cfg.pack, cfg.kernel)
+        return machine.paths(info.device, info.dtype, info.quantize, cfg.pack, cfg.kernel, info.model_why)
 
     def describe(self) -> LocalEngine:
         paths = self.paths

@@ -20,7 +20,6 @@ The rules, each measured (benchmarks/RESULTS.md, "CPU paths", rendered from ``be
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,11 +70,16 @@ def attention_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> t
 
 
 def paths(
-    device: torch.device, dtype: torch.dtype, quantize: str, pack: str = "auto", kernel: str = "auto"
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize: str,
+    pack: str = "auto",
+    kernel: str = "auto",
+    model_why: str = "asked for",
 ) -> MachinePaths:
     """The choices a run with these resolved settings makes on this machine, with their reasons."""
     klass = cpu.cpu_class() if device.type == "cpu" else f"cuda ({torch.cuda.get_device_name(device)})"
-    why: dict[str, str] = {}
+    why: dict[str, str] = {"model": model_why}
     fast_bf16 = cpu_has_fast_bf16()
     if device.type != "cpu":
         why["dtype"] = "the GPU's"
@@ -137,18 +141,6 @@ def slow_path_hint(p: MachinePaths) -> str | None:
     )
 
 
-def cpu_name() -> str:
-    """The CPU's model name where the OS says it, else the architecture."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        if line.startswith(("model name", "Model")):
-            return line.split(":", 1)[1].strip()
-    return cpu.arch()
-
-
 @dataclass(frozen=True)
 class CpuReport:
     """The CPU as ``longdoc doctor`` shows it."""
@@ -188,7 +180,7 @@ def doctor(p: MachinePaths) -> DoctorReport:
         on = "; ".join(["on", *native.notes(name)])
         kernels[name] = on if lib is not None else f"off: {native.why_unavailable(name)}"
     cpu_report = CpuReport(
-        name=cpu_name(),
+        name=cpu.model_name(),
         arch=cpu.arch(),
         klass=p.cpu_class,
         flags=[f for f in interesting if f in cpu.flags()],

@@ -55,6 +55,8 @@ class ModelInfo:
     #: cache folder (``longdoc.quant.cache``); "none" where asked for or where the kernel is missing
     quantize: str = "none"
     quant_folder: Path | None = None
+    #: why this model: "asked for", or what ``--model auto`` decided here (``models.choose_model``)
+    model_why: str = "asked for"
 
     @property
     def dtype_name(self) -> str:
@@ -86,9 +88,15 @@ def model_info(
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
-    source = models.resolve_model(spec)
     dev = models.resolve_device(device)
     dt = models.resolve_dtype(dtype, dev)
+    model_why = "asked for"
+    if spec is None or spec.strip().lower() in ("", models.AUTO_MODEL):
+        choice = models.choose_model(dev, dt)
+        spec, model_why = choice.alias, f"--model auto: {choice.why}"
+        if choice.note and progress:
+            progress(choice.note)
+    source = models.resolve_model(spec)
     folder = models.ensure_converted(source, progress=progress, warn=warn)
     config = models.check_model_folder(folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
@@ -138,6 +146,7 @@ def model_info(
         stop_ids=stop_ids,
         quantize=quantize,
         quant_folder=quant_folder,
+        model_why=model_why,
     )
 
 
