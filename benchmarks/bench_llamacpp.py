@@ -41,7 +41,8 @@ from typing import Any
 import torch
 
 from benchmarks.common import corpus_text, cpu_info, hf_generate_timed, run_child, save
-from longdoc.models.resolve import DEFAULT_MODEL
+from longdoc.models import choose
+from longdoc.models.resolve import DEFAULT_MODEL, resolve_dtype
 
 GGUF_DIR = Path("/tmp/longdoc-bench-gguf")
 CONFIGS = "longdoc:none,longdoc:int5,longdoc:int8,longdoc:int4,hf:bfloat16,llamacpp"
@@ -223,6 +224,9 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     bandwidth.append(max(plain_reads(q8_model_bytes(), 5, threads).values()))
+    # the rate `--model auto` decides by (longdoc.models.choose), measured here rather than read from the cache
+    cpu = torch.device("cpu")
+    gflops = round(choose.measure_gflops(cpu, resolve_dtype("auto", cpu)), 1)
     limit = max(bandwidth)  # GB/s: the better of the two reads
     for row in rows:
         if row.get("step_bytes") and row.get("decode_tok_s"):
@@ -233,6 +237,7 @@ def main() -> None:
         "torch": torch.__version__,
         "model": a.model,
         "new_tokens": a.new,
+        "matmul_gflops": gflops,
         "bandwidth_gb_per_s": {"before": bandwidth[0], "after": bandwidth[1], "threads": threads},
         **cpu_info(),
         "rows": rows,

