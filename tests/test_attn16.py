@@ -33,8 +33,8 @@ DRIVER = Path(__file__).parent / "data" / "attn16_driver.c"
 SOURCE = Path(native.__file__).with_name("attn16.c")
 
 ULP = 2.0**-24
-# (query heads, KV heads): GQA groups of 1, 2 and 7 (the model's 14 over 2)
-HEADS = [(3, 3), (4, 2), (14, 2)]
+# (query heads, KV heads): GQA groups of 1, 2, 7 (the 0.5B's 14 over 2) and 6 (the 1.5B's 12 over 2)
+HEADS = [(3, 3), (4, 2), (14, 2), (12, 2)]
 DIMS = [64, 128, 40]
 KEYS = [0, 1, 7, 33, 1000, 4099]
 # every K/V dtype, thread count and position of the view in its cache, cycled over the (heads, keys) pairs

@@ -252,6 +252,29 @@ def test_neon_paths_under_qemu_equal_the_scalar_path_and_the_x86_build(tmp_path)
 
 
 @needs_q8
+@pytest.mark.parametrize("n, k", [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960)])
+def test_the_second_models_widths(n, k):
+    """The 1.5B's linears (issue 28: hidden 1536, k/v 256, FFN 8960, the down projection's K of 280
+    blocks): a decode row and a few rows, fused norm or not, on every path here within the arithmetic's
+    tolerance of the float64 reference, every SIMD path equal to the scalar one bit for bit."""
+    g = torch.Generator().manual_seed(n + k)
+    w = weight(n, k, seed=n + k)
+    qs, scales = q8.quantize_q8(w)
+    packed = q8.pack(qs, scales)
+    bias = torch.randn(n, generator=g)
+    for m in (1, 3):
+        x = activations(m, k, seed=m + k)
+        terms = q8.reference_terms(x, qs, scales)
+        want = terms.sum(-1) + bias.double()
+        tol = tolerance(terms, want, bias, torch.float32)
+        outs = [q8.Q8Matmul(packed, k, n, bias, level=lv)(x, torch.float32, threads=2) for lv in q8.paths()]
+        for out in outs:
+            assert ((out.double() - want).abs() <= tol).all(), (n, k, m)
+            assert torch.equal(out, outs[0])
+    assert torch.equal(q8.Q8Matmul(packed, k, n, None).rows(), q8.dequantize_q8(qs, scales).float())
+
+
+@needs_q8
 @pytest.mark.parametrize("n, k", [(13, 96), (896, 64), (151, 4864)])
 def test_unpacked_rows_are_the_dequantized_weight_exactly(n, k):
     """``Q8Matmul.rows``: every row, or the rows asked for in any order, is codes x scale exactly in
