@@ -31,6 +31,6 @@ def models(*, given: o.Given) -> None:
         out.print(plain(f"cache: {models.cache_dir()}"))
         out.print(plain(f"--model auto (the default) runs {auto.alias} here: {auto.why}"))
         out.print(
-            "--model accepts: an alias above, a local Hugging Face folder (config.json + *.safetensors; "
-            "llama, qwen2, mistral), or a .gguf file"
+            "--model accepts: auto (the default), an alias above, a local Hugging Face folder (config.json +"
+            " *.safetensors; llama, qwen2, mistral), or a .gguf file"
         )
