@@ -117,6 +117,31 @@ def test_on_aarch64_the_kernels_say_unsupported(tmp_path):
 # the rules of native.py
 
 
+def test_the_shared_header_is_pasted_into_each_kernel_as_compiled(cache, tmp_path):
+    """What is hashed and compiled holds ``halves.h`` in place of its #include line (a cached copy of the
+    source builds on its own), and a change to a header changes the source, so the library's name."""
+    header = (KERNELS / "halves.h").read_bytes()
+    for src in native.SOURCES.values():
+        text = native.packaged_source(src.file)
+        assert b'#include "' not in text, src.file
+        if b'#include "halves.h"' in (KERNELS / src.file).read_bytes():
+            assert header in text and text.count(b"#define LONGDOC_HALVES_H") == 1
+    (tmp_path / "k.c").write_bytes(b'int a;\n#include "h.h" /* why */\nint b;\n')
+    (tmp_path / "h.h").write_bytes(b"int h1;\n")
+    first = native.packaged_source("k.c", tmp_path)
+    assert first == b"int a;\n/* h.h, pasted by longdoc.native */\nint h1;\n\nint b;\n"
+    (tmp_path / "h.h").write_bytes(b"int h2;\n")
+    second = native.packaged_source("k.c", tmp_path)
+    cc, flags = ["cc"], native._flags(False)
+    assert native._target("q8", cc, flags, first) != native._target("q8", cc, flags, second)
+    # and the build compiles it in the cache folder, away from the header
+    compiler("cc")
+    lib = native.library("q8")
+    assert lib is not None and lib.longdoc_q8_supported() == 1, native.why_unavailable("q8")
+    built = list(cache.glob(f"q8-{cpu.arch()}-*.c"))
+    assert len(built) == 1 and built[0].read_bytes() == native.packaged_source("q8.c")
+
+
 def test_cc_may_carry_arguments(cache, runs_here, tmp_path, monkeypatch):
     """``CC`` is split as a shell would: a launcher before the compiler (as ``ccache gcc``) and flags
     after it."""

@@ -207,8 +207,8 @@ MUTANTS = [
         "",
     ),
     (
-        "int5: bfloat16 output truncated",
-        "longdoc/native/int5.c",
+        "halves.h: bfloat16 output truncated (int5's and q8's)",
+        "longdoc/native/halves.h",
         "    u += 0x7fffu + ((u >> 16) & 1u);",
         "",
     ),
@@ -351,6 +351,12 @@ MUTANTS = [
         'data.get("version") is None or',
     ),
     (
+        "native: the shared header not pasted into the compiled source",
+        "longdoc/native/__init__.py",
+        "    return _LOCAL_INCLUDE.sub(paste, (here / file).read_bytes())",
+        "    return (here / file).read_bytes()",
+    ),
+    (
         "layers: the engine imports the runtime (an upward import)",
         "longdoc/engine/decode.py",
         "from longdoc.engine.sampling import sample\n",
@@ -372,6 +378,8 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "longdoc/native/flash.c": ("tests/test_flash.py",),
     "longdoc/native/q8.c": ("tests/test_q8.py",),
     "longdoc/native/attn16.c": ("tests/test_attn16.py",),
+    "longdoc/native/halves.h": ("tests/test_q8.py", "tests/test_int5.py", "tests/test_attn16.py"),
+    "longdoc/native/__init__.py": ("tests/test_native.py", "tests/test_q8.py"),
     "longdoc/native/q8.py": ("tests/test_q8.py", "tests/test_quant.py"),
     "longdoc/runtime/": ("tests/test_pipeline.py", "tests/test_fidelity.py"),
     "longdoc/cpu.py": ("tests/test_cpu_paths.py", "tests/test_models.py"),

@@ -25,7 +25,9 @@ An already-built library is found without the lock (a read-only cache folder wor
 only to build. The library is written to a temporary name and renamed (atomic), with its sha256 beside
 it, checked on every load; a file that fails the check is rebuilt. A failed build leaves
 ``<name>-<arch>-<digest>.failed`` with the compiler's last error line, so later processes don't retry it
-(delete it to retry; a changed compiler or source has another name, so it is tried anew).
+(delete it to retry; a changed compiler or source has another name, so it is tried anew). The source is
+the kernel's file with the package's own headers pasted in place of their quoted ``#include`` lines
+(``halves.h``: what the kernels share), so the digest covers them and the cached copy stands alone.
 
 No compiler, a failed build, or a CPU without the instructions makes ``library(name)`` return None (a
 CPU whose flags say so is known before anything is built), and the caller then takes torch's path; the
@@ -41,6 +43,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -169,6 +172,21 @@ def _openmp(cc: tuple[str, ...]) -> str | None:
     return None if proc.returncode == 0 else _last_error(list(cc), proc)
 
 
+_LOCAL_INCLUDE = re.compile(rb'^#include "([A-Za-z0-9_]+\.h)"[^\n]*$', re.MULTILINE)
+
+
+def packaged_source(file: str, folder: Path | None = None) -> bytes:
+    """The kernel ``file`` (in ``folder``, the package's by default) as it is compiled: each ``#include
+    "x.h"`` of a header beside it replaced by that header's text (headers include no headers of their own)."""
+    here = folder or Path(__file__).parent
+
+    def paste(match: re.Match[bytes]) -> bytes:
+        name = match.group(1).decode()
+        return f"/* {name}, pasted by longdoc.native */\n".encode() + (here / name).read_bytes()
+
+    return _LOCAL_INCLUDE.sub(paste, (here / file).read_bytes())
+
+
 def _target(name: str, cc: list[str], flags: list[str], source: bytes) -> Path:
     """Where library ``name`` built by ``cc`` with ``flags`` from ``source`` lives in the cache."""
     try:
@@ -275,7 +293,7 @@ def library(name: str) -> ctypes.CDLL | None:
         return None
     no_openmp = _openmp(tuple(cc))
     flags = _flags(no_openmp is None)
-    source = Path(__file__).with_name(src.file).read_bytes()
+    source = packaged_source(src.file)
     target = _target(name, cc, flags, source)
     try:
         _find_or_build(src, cc, flags, source, target)

@@ -55,6 +55,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "halves.h" /* 16-bit float conversions, the AVX2 probe: shared by the kernels */
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
@@ -101,36 +102,6 @@ typedef void (*segment_fn)(const job *jb, int64_t head, int64_t a, int64_t b, fl
 
 /* ---------------------------------------------------------------------------------------------- */
 /* shared scalar pieces */
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* float16 bits -> float, exactly (subnormals, infinities and NaN included). */
-static inline float half_to_float(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
-    if (exp == 0x1fu) {
-        u = sign | 0x7f800000u | (man << 13);
-    } else if (exp != 0) {
-        u = sign | ((exp + 112u) << 23) | (man << 13);
-    } else if (man == 0) {
-        u = sign;
-    } else { /* subnormal: normalize */
-        exp = 113;
-        while (!(man & 0x400u)) {
-            man <<= 1;
-            exp--;
-        }
-        u = sign | (exp << 23) | ((man & 0x3ffu) << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 /* exp(x) for x <= 0 (a larger x is taken as 0): 0 below EXP_LO (and for NaN), else Cephes' expf
    polynomial: n = round(x log2 e) (by the magic constant: round half to even), r = x - n ln 2 in two
@@ -534,13 +505,6 @@ AVX2_TARGET static void segment_avx2(const job *jb, int64_t head, int64_t a, int
     }
 }
 
-static int have_avx2(void) {
-    unsigned eax, ebx, ecx, edx;
-    /* F16C (CPUID 1, ECX bit 29) by hand: clang (14 at least) refuses __builtin_cpu_supports("f16c") */
-    if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 29))) return 0;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
 #endif
 
 /* ---------------------------------------------------------------------------------------------- */

@@ -28,6 +28,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "halves.h" /* 16-bit float conversions, the AVX2 probe: shared by the kernels */
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -36,21 +37,6 @@
 
 #define SB 128          /* input channels per super-block */
 #define SB_BYTES 96
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
-    return (uint16_t)(u >> 16);
-}
 
 /* Lane of weight j (0..31) of group g (0 or 1: a or b) within its pair's 64 lanes. */
 static inline int lane_of(int g, int j) { return (j < 16 ? 0 : 32) + g * 16 + (j & 15); }

@@ -41,6 +41,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "halves.h" /* 16-bit float conversions, the AVX2 probe: shared by the kernels */
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
@@ -90,44 +91,6 @@ typedef struct {
    activation rows from row i0 of `a` (ng * mt <= 4): out[(g * mt + i) * 8 + r] for group g, activation
    row i0 + i and weight row r. */
 typedef void (*groups_fn)(const uint8_t *const *w, int ng, const acts *a, int64_t i0, int mt, float *out);
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
-    return (uint16_t)(u >> 16);
-}
-
-/* float16 bits -> float, exactly (subnormals, infinities and NaN included). */
-static inline float half_to_float(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
-    if (exp == 0x1fu) {
-        u = sign | 0x7f800000u | (man << 13);
-    } else if (exp != 0) {
-        u = sign | ((exp + 112u) << 23) | (man << 13);
-    } else if (man == 0) {
-        u = sign;
-    } else { /* subnormal: normalize */
-        exp = 113;
-        while (!(man & 0x400u)) {
-            man <<= 1;
-            exp--;
-        }
-        u = sign | (exp << 23) | ((man & 0x3ffu) << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 /* One activation row (k floats) -> codes, magnitudes and per-block scales. The rounding is half to
    even (x + 1.5 * 2^23 - 1.5 * 2^23 rounds any |x| < 2^22 so in float32), as torch.round: the float64
@@ -270,13 +233,6 @@ AVX2_TARGET static void groups_avx2(const uint8_t *const *w, int ng, const acts 
     }
 }
 
-static int have_avx2(void) {
-    unsigned eax, ebx, ecx, edx;
-    /* F16C (CPUID 1, ECX bit 29) by hand: clang (14 at least) refuses __builtin_cpu_supports("f16c") */
-    if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 29))) return 0;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
 #endif
 
 /* ---------------------------------------------------------------------------------------------- */
