@@ -583,11 +583,12 @@ def qa(names: tuple[str, ...] = ("qa_0.5b", "qa_1.5b")) -> str | None:
 
 
 # Issue 28: each model's runs on the AVX2 machine, by kind (JSON names in benchmarks/out/). The 0.5B's
-# 4K/8K passkey and perplexity are issue 26's q8 quality runs: the same settings (`auto` here is q8).
+# 8K passkey and its perplexity are issue 26's quality runs with the same settings (passkey: q8, what
+# `auto` is here; perplexity: the prefill model, unquantized float32, `eval ppl`'s default).
 MODEL_RUNS: dict[str, dict[str, Any]] = {
     "qwen2.5-coder-0.5b": {
         "qa": "qa_0.5b",
-        "ppl": "quant_ppl_q8_avx2",
+        "ppl": "quant_ppl_none_avx2",
         "passkey": ("quant_passkey_q8_avx2", "models_0.5b_passkey_32k", "models_0.5b_passkey_64k"),
         "needle": ("models_0.5b_needle_8k", "models_0.5b_needle_32k"),
         "speed": "models_speed_0.5b",
@@ -610,7 +611,8 @@ gave each process's peak RSS):
   depths 0.1, 0.5, 0.9)
 - `longdoc eval needle --lengths L --depths 0.5 --keys 4 --model M --json` (four codes hidden, one asked
   for; full attention, Recycled Attention and a StreamingLLM window of 2,048 keys decode from one prefill)
-- `longdoc eval ppl ../shared/corpus --lengths 4096,16384 --no-dca --model M --json`
+- `longdoc eval ppl ../shared/corpus --lengths 4096,16384 --no-dca --model M --json` (the prefill model,
+  unquantized: `eval ppl`'s default)
 - `python -m benchmarks.bench_qa --model M --name qa_<model>`
 - `python -m benchmarks.bench_llamacpp --model M --lengths 2048,8192 --configs longdoc:auto,llamacpp --name
   models_speed_<model>`"""
