@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import REPO, corpus_text, cpu_info, save
+from longdoc.models.resolve import DEFAULT_MODEL
 
 QUESTIONS = ("What problem does the paper address?", "Which datasets are used in the experiments?")
 
@@ -30,7 +31,7 @@ def document(tokens: int, folder: Path) -> Path:
     """The first ``tokens`` tokens of the corpus (model tokenizer) as a text file."""
     from longdoc.runtime.plan import model_info
 
-    tokenizer = model_info(None, "cpu", "auto").tokenizer
+    tokenizer = model_info(DEFAULT_MODEL, "cpu", "auto").tokenizer
     ids = tokenizer(corpus_text(), add_special_tokens=False)["input_ids"][:tokens]
     path = folder / f"doc{tokens}.txt"
     path.write_text(tokenizer.decode(ids))

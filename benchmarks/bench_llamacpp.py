@@ -115,10 +115,10 @@ def child_longdoc(alias: str, quantize: str, ids: list[int], new: int) -> dict[s
     }
 
 
-def child_hf(ids: list[int], new: int) -> dict[str, Any]:
+def child_hf(alias: str, ids: list[int], new: int) -> dict[str, Any]:
     from longdoc.runtime.plan import model_info
 
-    info = model_info(None, "cpu", "bfloat16")
+    info = model_info(alias, "cpu", "bfloat16")
     _, load_s, t1, stamps = hf_generate_timed(info.folder, torch.bfloat16, ids, new)
     return {"dtype": "bfloat16", "load_s": round(load_s, 2), "prefill_s": stamps[1] - t1, "stamps": stamps[1:]}
 
@@ -172,7 +172,7 @@ def child(alias: str, mode: str, quantize: str, length: int, new: int) -> dict[s
     if mode == "longdoc":
         raw = child_longdoc(alias, quantize, ids, new)
     elif mode == "hf":
-        raw = child_hf(ids, new)
+        raw = child_hf(alias, ids, new)
     elif mode == "llamacpp":
         raw = child_llamacpp(alias, ids, new, torch.get_num_threads())
     else:
@@ -226,7 +226,8 @@ def main() -> None:
     bandwidth.append(max(plain_reads(q8_model_bytes(), 5, threads).values()))
     # the rate `--model auto` decides by (longdoc.models.choose), measured here rather than read from the cache
     cpu = torch.device("cpu")
-    gflops = round(choose.measure_gflops(cpu, resolve_dtype("auto", cpu)), 1)
+    probe_dtype = resolve_dtype("auto", cpu)
+    gflops = round(choose.measure_gflops(cpu, probe_dtype), 1)
     limit = max(bandwidth)  # GB/s: the better of the two reads
     for row in rows:
         if row.get("step_bytes") and row.get("decode_tok_s"):
@@ -238,6 +239,7 @@ def main() -> None:
         "model": a.model,
         "new_tokens": a.new,
         "matmul_gflops": gflops,
+        "matmul_dtype": str(probe_dtype).removeprefix("torch."),
         "bandwidth_gb_per_s": {"before": bandwidth[0], "after": bandwidth[1], "threads": threads},
         **cpu_info(),
         "rows": rows,

@@ -658,15 +658,17 @@ def second_model() -> str | None:
         row += [_speed_cell(speed, 8192, "prefill_tok_s"), _speed_cell(speed, 8192, "decode_tok_s", digits=2)]
         row.append(_speed_cell(speed, 8192, "peak_rss_bytes", GB, 2))
         walls = [p["wall_s"] for p in (qa_data or {}).get("papers", [])]
-        threads = (qa_data or {}).get("threads", "?")
-        row.append(f"{min(walls) / 60:.1f}-{max(walls) / 60:.1f} min, {threads} thr." if walls else "not run")
+        threads = (qa_data or {}).get("threads")
+        span = f"{min(walls) / 60:.1f}-{max(walls) / 60:.1f} min" + (f", {threads} thr." if threads else "")
+        row.append(span if walls else "not run")
         rows.append(row)
-    probe = next(
-        (d["matmul_gflops"] for r in MODEL_RUNS.values() if (d := load(r["speed"])) and "matmul_gflops" in d), None
-    )
-    rate = (
-        f" This machine's probe matmul (what `auto` decides by) ran at {probe:.0f} GFLOP/s in float32." if probe else ""
-    )
+    probes = [
+        (d["matmul_gflops"], d.get("matmul_dtype", "float32")) for r in MODEL_RUNS.values() if (d := load(r["speed"]))
+    ]
+    rate = ""
+    if probes:
+        rate = " The probe matmul `auto` decides by ran at " + " and ".join(f"{g:.0f}" for g, _ in probes)
+        rate += f" GFLOP/s in {probes[0][1]} in the two speed runs."
     return (
         "### Which model auto runs: the embedded 0.5B against the 1.5B\n\n"
         + table(head, rows)

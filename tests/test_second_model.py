@@ -152,11 +152,14 @@ def test_models_json_lists_both_with_their_state(monkeypatch):
 CPU, F32 = torch.device("cpu"), torch.float32
 
 
-def _record_rate(gflops: object, *, version: object = choose.SPEED_VERSION) -> Path:
-    """Write the speed record as a measurement would, holding ``gflops`` for this machine's settings."""
+def _record_rate(gflops: object, *, version: object = choose.SPEED_VERSION, auto: bool = False) -> Path:
+    """Write the speed record as a measurement would, holding ``gflops`` for a float32 CPU run, or with
+    ``auto`` for what ``--device auto --dtype auto`` resolves to here (what ``longdoc models`` asks)."""
+    device = models.resolve_device("auto") if auto else CPU
+    dtype = models.resolve_dtype("auto", device) if auto else F32
     path = models.cache_dir() / choose.SPEED_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"version": version, "gflops": {choose.speed_key(CPU, F32): gflops}}))
+    path.write_text(json.dumps({"version": version, "gflops": {choose.speed_key(device, dtype): gflops}}))
     return path
 
 
@@ -179,10 +182,11 @@ def test_auto_picks_the_larger_model_where_the_machine_is_fast_enough(tmp_path, 
     assert slow.note and f"--model {ALIAS}" in slow.note and "\n" not in slow.note
     assert f"{choose.FAST_GFLOPS * 0.99:.0f} GFLOP/s" in slow.why
 
+    _record_rate(choose.FAST_GFLOPS * 0.5, auto=True)
     result = invoke("models", "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["auto"]["model"] == models.DEFAULT_MODEL
-    _record_rate(choose.FAST_GFLOPS * 40)
+    _record_rate(choose.FAST_GFLOPS * 40, auto=True)
     auto = json.loads(invoke("models", "--json").stdout)["auto"]
     assert auto["model"] == ALIAS and "installed" in auto["why"]
     assert f"runs {ALIAS} here" in invoke("models").stdout
@@ -192,27 +196,46 @@ def test_the_prefill_rate_counts_the_larger_models_linears():
     # from the GGUF header: 28 layers, hidden 1536, 12 query and 2 KV heads of 128, FFN 8960
     hidden, q, kv, ffn = 1536, 12 * 128, 2 * 128, 8960
     per_layer = hidden * q * 2 + hidden * kv * 2 + hidden * ffn * 3
-    assert choose.LARGER_FLOPS_PER_TOKEN == 2 * 28 * per_layer
+    assert 2 * 28 * per_layer == choose.LARGER_FLOPS_PER_TOKEN
     assert 300 < choose.FAST_GFLOPS * 1e9 / choose.LARGER_FLOPS_PER_TOKEN < 500  # a 20K-token paper in about a minute
 
 
-def test_speed_is_measured_once_kept_and_measured_again_when_its_record_is_unsound():
+def test_speed_is_measured_once_kept_and_measured_again_when_its_record_is_unsound(monkeypatch):
+    measured = []
+    real = choose.measure_gflops
+
+    def counted(device: torch.device, dtype: torch.dtype) -> float:
+        measured.append(real(device, dtype))  # the real probe, counted
+        return measured[-1]
+
+    monkeypatch.setattr(choose, "measure_gflops", counted)
     path = models.cache_dir() / choose.SPEED_FILE
     first = choose.matmul_gflops(CPU, F32)
-    assert first > 0.1  # a real matmul, measured
+    assert len(measured) == 1 and first == round(measured[0], 1) and first > 0
     kept = json.loads(path.read_text())
     assert kept["version"] == choose.SPEED_VERSION and kept["gflops"] == {choose.speed_key(CPU, F32): first}
+    assert choose.matmul_gflops(CPU, F32) == first and len(measured) == 1  # read, not measured
 
     _record_rate(123456.0)
-    assert choose.matmul_gflops(CPU, F32) == 123456.0  # read, not measured
+    assert choose.matmul_gflops(CPU, F32) == 123456.0 and len(measured) == 1
     for unsound in ("{not json", json.dumps([1, 2])):
         path.write_text(unsound)
-        assert choose.matmul_gflops(CPU, F32) != 123456.0
+        before = len(measured)
+        assert choose.matmul_gflops(CPU, F32) == round(measured[-1], 1) and len(measured) == before + 1
         assert json.loads(path.read_text())["version"] == choose.SPEED_VERSION  # rewritten whole
-    for bad_rate, version in (("fast", choose.SPEED_VERSION), (-5.0, choose.SPEED_VERSION), (123456.0, 0)):
+    for bad_rate, version in (("fast", choose.SPEED_VERSION), (-5.0, choose.SPEED_VERSION), (True, 1), (123456.0, 0)):
         _record_rate(bad_rate, version=version)
-        again = choose.matmul_gflops(CPU, F32)
-        assert again != 123456.0 and isinstance(again, float) and again > 0.1
+        before = len(measured)
+        assert choose.matmul_gflops(CPU, F32) != 123456.0 and len(measured) == before + 1
+
+
+def test_a_cpu_without_native_matmuls_in_the_runs_dtype_is_not_measured(tmp_path, monkeypatch):
+    _stand_in(monkeypatch, tmp_path, GOOD, recorded=b"".join(GOOD))
+    picked = models.choose_model(CPU, torch.float16)
+    assert picked.alias == models.DEFAULT_MODEL and "no native float16 matmuls" in picked.why
+    monkeypatch.setattr(choose, "cpu_has_fast_bf16", lambda: False)  # a CPU without AVX-512 BF16 or AMX
+    assert "no native bfloat16 matmuls" in models.choose_model(CPU, torch.bfloat16).why
+    assert not (models.cache_dir() / choose.SPEED_FILE).exists()
 
 
 def test_doctor_says_why_this_model(tmp_path):

@@ -28,7 +28,7 @@ from longdoc.errors import ModelError, ModelNotInstalledError, UsageError
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 MODEL_SPEC_HELP = (
-    "--model accepts a known model name ({names}), a local Hugging Face model folder "
+    "--model accepts auto (the default), a known model name ({names}), a local Hugging Face model folder "
     "(config.json + *.safetensors), or a .gguf file; hub ids cannot be downloaded here (no network): "
     "download the model elsewhere and pass its folder"
 )

@@ -172,6 +172,7 @@ def _openmp(cc: tuple[str, ...]) -> str | None:
     return None if proc.returncode == 0 else _last_error(list(cc), proc)
 
 
+# a quoted include at the start of a line (the kernels' own headers; system headers use <...>)
 _LOCAL_INCLUDE = re.compile(rb'^#include "([A-Za-z0-9_]+\.h)"[^\n]*$', re.MULTILINE)
 
 
@@ -293,9 +294,9 @@ def library(name: str) -> ctypes.CDLL | None:
         return None
     no_openmp = _openmp(tuple(cc))
     flags = _flags(no_openmp is None)
-    source = packaged_source(src.file)
-    target = _target(name, cc, flags, source)
     try:
+        source = packaged_source(src.file)  # a header gone from the install: OSError, said as any build's
+        target = _target(name, cc, flags, source)
         _find_or_build(src, cc, flags, source, target)
         lib = _configure(name, ctypes.CDLL(str(target)))
     except (OSError, subprocess.SubprocessError) as exc:

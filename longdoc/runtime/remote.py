@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from longdoc import models
 from longdoc.config import RunConfig
 from longdoc.errors import DoesNotFitError, LongdocError, ModelError, RemoteError, UsageError
 from longdoc.ingest import Document
@@ -222,7 +223,9 @@ class RemoteBackend:
                 f"the server at {self.url} does not report its context length; pass --max-context N (its limit)"
             )
         self.max_context = min(n for n in (reported, cfg.max_context) if n is not None)
-        local = model_info(cfg.model, "cpu", "float32", progress=reporter.status, warn=reporter.warn)
+        # only the tokenizer is used: auto's choice (a speed probe, maybe a larger model) means nothing here
+        spec = cfg.model if cfg.model and cfg.model.strip().lower() != models.AUTO_MODEL else models.DEFAULT_MODEL
+        local = model_info(spec, "cpu", "float32", progress=reporter.status, warn=reporter.warn)
         self.tokenizer_name = local.name
         self.tokens = PromptTokens(local.tokenizer)  # counts run in worker threads too: it locks
         self.load_s = time.perf_counter() - t0
