@@ -793,7 +793,12 @@ def test_templates_ship_from_the_top_level_prompts_folder():
         assert prompt.packaged_template(name) == text
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert setuptools["package-dir"] == {"longdoc.prompts": "prompts"}
-    assert setuptools["package-data"] == {"longdoc.prompts": ["*.txt"], "longdoc.native": ["*.c"]}
+    assert setuptools["package-data"] == {"longdoc.prompts": ["*.txt"], "longdoc.native": ["*.c", "*.h"]}
+    # every file the kernels are built from ships (the sources and the header they include)
+    native_files = [f for f in (REPO / "longdoc" / "native").iterdir() if f.is_file() and f.suffix != ".py"]
+    assert native_files and all(
+        any(f.match(g) for g in setuptools["package-data"]["longdoc.native"]) for f in native_files
+    )
     subpackages = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "longdoc").rglob("__init__.py")}
     assert subpackages | {"longdoc.prompts"} == set(setuptools["packages"])
 

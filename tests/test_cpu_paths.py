@@ -125,7 +125,8 @@ def test_what_an_avx2_cpu_gets(flags, monkeypatch):
         "none",
         "torch-cpu",
     )
-    assert set(paths.why) == {"dtype", "packed", "quantize", "attention"}
+    assert set(paths.why) == {"model", "dtype", "packed", "quantize", "attention"}
+    assert paths.why["model"] == "asked for"  # what auto decided, where it did (runtime.plan.model_info)
     hint = machine.slow_path_hint(paths)
     assert hint is not None and "\n" not in hint and "avx2" in hint
     # a bfloat16 run asked for on it is told why it is slow; no hint where bfloat16 is native
