@@ -672,7 +672,35 @@ def second_model() -> str | None:
         " (depth 0.5; the 0.5B's 8K passkey at three depths). Needle cells: full attention, Recycled Attention and"
         " StreamingLLM decoding from one prefill. Speed and RSS: longdoc `auto`, llama.cpp on the same GGUF in"
         " brackets, same run, 2 threads, other jobs paused (the quality runs shared the cores with each other, so"
-        " their times are not speeds)." + rate + "\n\n" + AUTO_RULE + "\n\n" + MODEL_EVAL_COMMANDS
+        " their times are not speeds)." + rate + "\n\n" + AUTO_RULE + _why_here() + "\n\n" + MODEL_EVAL_COMMANDS
+    )
+
+
+def _why_here() -> str:
+    """The rule's reason on this machine, from the runs: each model's QA score and 8K prefill rate, and
+    what that rate makes of a 20K-token paper's prefill (the QA papers are 15-23K tokens)."""
+    facts = []
+    for alias, runs in MODEL_RUNS.items():
+        qa_data, speed = load(runs["qa"]), load(runs["speed"])
+        rate = next(
+            (
+                r["prefill_tok_s"]
+                for r in (speed or {}).get("rows", [])
+                if r.get("config") == "longdoc:auto" and r.get("length") == 8192
+            ),
+            None,
+        )
+        if not (qa_data and rate):
+            return ""
+        acc = qa_data["accuracy"][0]
+        facts.append(
+            f"`{alias}` {acc['correct']}/{acc['asked']} right, a 20K-token paper's prefill in about"
+            f" {20480 / rate / 60:.0f} min at its 8K rate"
+        )
+    return (
+        "\n\n**Why the 0.5B here:** " + "; ".join(facts) + ". The larger model answers far better, at a cost this"
+        " machine's users would wait on for every paper; where the rate reaches the threshold the same paper"
+        " prefills in about a minute, and `auto` takes the better answers."
     )
 
 
