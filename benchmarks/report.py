@@ -543,6 +543,56 @@ def attn16_kernel(name: str = "attn16") -> str | None:
     )
 
 
+def q8_gemm(names: tuple[str, ...] = ("q8_gemm", "q8_gemm_1.5b")) -> str | None:
+    """Prefill's linears: the q8 gemm (16-bit activations) against the weight unpacked and torch's float32
+    matmul, per model shape, rows and threads."""
+    parts = []
+    for name in names:
+        data = load(name)
+        if not data:
+            continue
+        rows = [
+            [
+                r["shape"],
+                f"{r['in']} -> {r['out']}",
+                f"{r['rows']:,}",
+                r["threads"],
+                r["gemm_gflops"],
+                r["unpacked_gflops"],
+                f"{r['speedup']:.2f}x",
+            ]
+            for r in data["rows"]
+        ]
+        parts.append(
+            f"`{data['command']}` ({data['model']}; `benchmarks/out/{name}.json`)\n\n"
+            + table(
+                [
+                    "linear",
+                    "in -> out",
+                    "rows",
+                    "threads",
+                    "gemm GFLOP/s",
+                    "unpacked + F.linear GFLOP/s",
+                    "gemm / unpacked",
+                ],
+                rows,
+            )
+        )
+    if not parts:
+        return None
+    first = load(names[0]) or {}
+    return (
+        f"### Prefill on int16 activations: the q8 gemm against unpacking ({first.get('cpu')}, class"
+        f" {first.get('cpu_class')})\n\n"
+        "Since the ninth session a q8 run's prefill multiplies on AVX2 through `q8.c`'s gemm: the activations"
+        " quantized per block of 32 to int16, the Q8_0 weights widened to int16 in a per-call pair layout, and"
+        " `madd` (16 products per instruction, twice an FMA's 8) summing each output's block exactly in int32;"
+        " the gate and up products meet in one tile, so silu(gate) * up leaves the kernel without either"
+        " product being stored. Before, prefill unpacked each weight to float32 and ran `F.linear`. Each cell"
+        " is the best of alternating rounds in one process.\n\n" + "\n\n".join(parts)
+    )
+
+
 ONE_COPY_NOTE = """### One copy of the weights (q8, AVX2)
 
 Before issue 26, q8 held three copies of each linear: the bfloat16 read, the packed float32 for prefill and
@@ -554,8 +604,10 @@ stays in the model cache's file, mapped, and only the rows looked up are read; a
 1024 rows at a time. Unpacking per call was chosen over a memory map of the dense weights (the float32
 weights are twice the file's bfloat16 bytes and would be widened every step anyway) and over an int8 GEMM on
 quantized activations (on AVX2 maddubs needs a sign step and a float scale per block of 32, no faster than
-float32 FMA, and it quantizes the prompt's activations too). Peak RSS and speed against llama.cpp: the AVX2
-headline; quality: "Quantization: quality against bfloat16"."""
+float32 FMA, and it quantizes the prompt's activations too). The ninth session found the int16 form of that
+GEMM faster than float32 (`madd`: 16 products per instruction): where its AVX2 loop runs, prefill now
+multiplies the Q8_0 weights directly (next table), and unpacking remains for the other CPUs. Peak RSS and
+speed against llama.cpp: the AVX2 headline; quality: "Quantization: quality of q8 against unquantized"."""
 
 
 def qa(names: tuple[str, ...] = ("qa_0.5b", "qa_1.5b")) -> str | None:
@@ -1287,6 +1339,7 @@ def document() -> str:
     ]
     speed = [
         ONE_COPY_NOTE,
+        q8_gemm(),
         attn16_kernel(),
         paths(),
         paths("paths_2k", "CPU paths: this revision, the one before and llama.cpp at 2K, one run"),

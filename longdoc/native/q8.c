@@ -533,3 +533,436 @@ int longdoc_q8_rows(const uint8_t *w, int64_t k, int64_t n, const int64_t *ids, 
     }
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Many rows (prefill): int16 activations
+
+   longdoc_q8_gemm computes what longdoc_q8_matmul does with the activations quantized to 16 bits
+   instead of 8: per block of 32, scale = max|x| / 32767 and codes round(x * (32767 / max|x|)) half to
+   even in -32767..32767; each block's dot with a weight row is an exact int32 sum (32 * 32767 * 127
+   fits), and acc = fma((float)dot, (float)w_scale * x_scale, acc) block after block, in input order, as
+   above. So the scalar and AVX2 paths give the same bits, and against the float weights the only loss is
+   the activations' 16-bit rounding, about 2^-16 of each block's largest value: prefill runs the
+   weight-only Q8_0 model, as it did when it unpacked the weights to float32 for a dense matmul.
+
+   Why 16 bits on AVX2: madd multiplies 16 int16 pairs per instruction, twice what an FMA does in
+   float32, and issues as often; with its add, a tile here ran 1.2-1.7x torch's float32 matmul on the
+   model's shapes (benchmarks/RESULTS.md, "Prefill on int16 activations"). maddubs (int8 times uint8)
+   does no better on AVX2 (it needs madd after it) and would quantize the activations to 7 or 8 bits.
+
+   AVX2 work: each thread takes runs of group pairs (16 weight rows); it unpacks a pair once into the
+   pair layout, in a buffer of its own (1 KB a block): per block 16 steps, step p holding for group 0's
+   8 rows then group 1's the int16 weights 2p and 2p+1 of the row. Then 4 activation rows at a time meet
+   the pair: one broadcast (2 activations) and one madd per 8 rows, so each int32 lane is one output's
+   block sum, no horizontal sums. The inner loop is written in assembly: compilers (GCC 12, clang 14)
+   spilled one of its 8 accumulators to the stack, a store-to-load chain that halved its speed. */
+
+/* One activation row (k floats) -> int16 codes and per-block scales (as quantize_body, 32767 for 127). */
+__attribute__((always_inline)) static inline void quantize16_body(const float *restrict x, int64_t k,
+                                                                  int16_t *restrict q, float *restrict scale) {
+    const float magic = 12582912.f;
+    for (int64_t b = 0; b < k / QK; b++) {
+        const float *xb = x + b * QK;
+        int32_t top = 0;
+        for (int j = 0; j < QK; j++) {
+            int32_t v;
+            memcpy(&v, xb + j, 4);
+            v &= 0x7fffffff;
+            top = v > top ? v : top;
+        }
+        float amax;
+        memcpy(&amax, &top, 4);
+        const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+        scale[b] = amax / 32767.f;
+        for (int j = 0; j < QK; j++) {
+            const float p = xb[j] * inv; /* |p| <= 32767 (1 + 2^-24)^2 < 32767.5: rounds in float32 */
+            const float t = p + magic;
+            int32_t v = (int32_t)(t - magic);
+            v = v > 32767 ? 32767 : (v < -32767 ? -32767 : v);
+            q[b * QK + j] = (int16_t)v;
+        }
+    }
+}
+
+static void quantize16_row(const float *x, int64_t k, int16_t *q, float *scale) { quantize16_body(x, k, q, scale); }
+
+/* The activations of a gemm call: rows (m, k) int16 codes, (m, nb) scales. */
+typedef struct {
+    const int16_t *q;
+    const float *scale;
+    int64_t k, nb;
+} acts16;
+
+/* Output row i, columns c0.. (cols of them) from res, bias added, in float32 or bfloat16. */
+static void store_row(const float *res, int64_t cols, const float *bias, void *out, int out_bf16, int64_t n,
+                      int64_t i, int64_t c0) {
+    for (int64_t c = 0; c < cols; c++) {
+        const float v = res[c] + (bias ? bias[c0 + c] : 0.f);
+        if (out_bf16) ((uint16_t *)out)[i * n + c0 + c] = float_to_bf16(v);
+        else ((float *)out)[i * n + c0 + c] = v;
+    }
+}
+
+/* silu(v) = v / (1 + exp(-v)), exp by Cephes' expf polynomial: the argument rounded to a power of two
+   n (by adding 1.5 * 2^23), the remainder r in two steps of ln 2, a degree-7 polynomial in r, times 2^n
+   built in the exponent bits. Clamped to |t| <= 87 so that 2^n stays a normal float: exp(-87) adds
+   nothing to 1, and exp(87) makes the quotient below 2^-120. Within 2 ulp of exp; silu_avx2 runs these
+   very operations, so a glu's output has the same bits on both paths. */
+#define EXP_CLAMP 87.f
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_LN2_HI 0.693359375f
+#define EXP_LN2_LO -2.12194440e-4f
+#define EXP_P0 1.9875691500e-4f
+#define EXP_P1 1.3981999507e-3f
+#define EXP_P2 8.3334519073e-3f
+#define EXP_P3 4.1665795894e-2f
+#define EXP_P4 1.6666665459e-1f
+#define EXP_P5 5.0000001201e-1f
+
+static inline float silu(float v) {
+    const float magic = 12582912.f;
+    float t = 0.f - v;
+    t = t > -EXP_CLAMP ? t : -EXP_CLAMP; /* as maxps, then minps, take them (NaN included) */
+    t = t < EXP_CLAMP ? t : EXP_CLAMP;
+    const float y = t * EXP_LOG2E;
+    const float n = (y + magic) - magic;
+    float r = fmaf(n, -EXP_LN2_HI, t);
+    r = fmaf(n, -EXP_LN2_LO, r);
+    const float r2 = r * r;
+    float p = fmaf(EXP_P0, r, EXP_P1);
+    p = fmaf(p, r, EXP_P2);
+    p = fmaf(p, r, EXP_P3);
+    p = fmaf(p, r, EXP_P4);
+    p = fmaf(p, r, EXP_P5);
+    p = fmaf(p, r2, r);
+    p = p + 1.f;
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, 4);
+    return v / (1.f + p * two_n);
+}
+
+/* A glu's output row i, columns c0..c0+7, from the gate's 8 values (gate) and the up's (up), each with
+   its bias (bias: 2f values, the gate's then the up's, or NULL): silu(gate) * up. */
+static void store_glu(const float *gate, const float *up, const float *bias, int64_t f, void *out, int out_bf16,
+                      int64_t i, int64_t c0) {
+    for (int j = 0; j < GR; j++) {
+        const float g = gate[j] + (bias ? bias[c0 + j] : 0.f), u = up[j] + (bias ? bias[f + c0 + j] : 0.f);
+        const float v = silu(g) * u;
+        if (out_bf16) ((uint16_t *)out)[i * f + c0 + j] = float_to_bf16(v);
+        else ((float *)out)[i * f + c0 + j] = v;
+    }
+}
+
+/* scalar: group g's 8 outputs for activation row i, the reference the AVX2 path equals bit for bit */
+static void gemm_group_scalar(const uint8_t *g, const acts16 *a, int64_t i, float *res) {
+    float acc[GR] = {0};
+    const int16_t *x = a->q + i * a->k;
+    for (int64_t b = 0; b < a->nb; b++) {
+        const uint8_t *blk = g + b * BLOCK_BYTES;
+        const int8_t *q = (const int8_t *)(blk + 2 * GR);
+        const float xs = a->scale[i * a->nb + b];
+        for (int r = 0; r < GR; r++) {
+            uint16_t h;
+            memcpy(&h, blk + 2 * r, 2);
+            int32_t dot = 0;
+            for (int s = 0; s < QK / 4; s++)
+                for (int j = 0; j < 4; j++) dot += (int32_t)q[32 * s + 4 * r + j] * x[b * QK + 4 * s + j];
+            acc[r] = fmaf((float)dot, half_to_float(h) * xs, acc[r]);
+        }
+    }
+    memcpy(res, acc, sizeof(acc));
+}
+
+#if defined(Q8_X86) && defined(__GNUC__)
+#define Q8_GEMM_AVX2 1
+#define PAIR_BLOCK 1024 /* bytes of one block of a group pair in the pair layout */
+#define TILE_ROWS 4
+#define PAIR_CACHE (256 << 10) /* bytes of packed pairs a thread keeps in cache (L2: 512 KB on Zen 3) */
+
+AVX2_TARGET static void quantize16_row_avx2(const float *x, int64_t k, int16_t *q, float *scale) {
+    quantize16_body(x, k, q, scale);
+}
+
+/* store_row for a float32 output of a whole pair's 16 columns: the same additions, 8 at a time. */
+AVX2_TARGET static void store_pair_avx2(const float *res, const float *bias, float *out) {
+    for (int h = 0; h < 2; h++) {
+        __m256 v = _mm256_loadu_ps(res + 8 * h);
+        if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + 8 * h));
+        _mm256_storeu_ps(out + 8 * h, v);
+    }
+}
+
+/* silu on 8 lanes: silu()'s operations, lane by lane. */
+AVX2_TARGET static inline __m256 silu_avx2(__m256 v) {
+    const __m256 magic = _mm256_set1_ps(12582912.f), one = _mm256_set1_ps(1.f);
+    __m256 t = _mm256_sub_ps(_mm256_setzero_ps(), v);
+    t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-EXP_CLAMP)), _mm256_set1_ps(EXP_CLAMP));
+    const __m256 y = _mm256_mul_ps(t, _mm256_set1_ps(EXP_LOG2E));
+    const __m256 n = _mm256_sub_ps(_mm256_add_ps(y, magic), magic);
+    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-EXP_LN2_HI), t);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(-EXP_LN2_LO), r);
+    const __m256 r2 = _mm256_mul_ps(r, r);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(EXP_P0), r, _mm256_set1_ps(EXP_P1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P5));
+    p = _mm256_fmadd_ps(p, r2, r);
+    p = _mm256_add_ps(p, one);
+    const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23));
+    return _mm256_div_ps(v, _mm256_add_ps(one, _mm256_mul_ps(p, two_n)));
+}
+
+/* store_glu for a float32 output: the same operations, 8 columns at once. */
+AVX2_TARGET static void store_glu_avx2(const float *res, const float *bias, int64_t f, float *out, int64_t c0) {
+    __m256 g = _mm256_loadu_ps(res), u = _mm256_loadu_ps(res + GR);
+    if (bias) {
+        g = _mm256_add_ps(g, _mm256_loadu_ps(bias + c0));
+        u = _mm256_add_ps(u, _mm256_loadu_ps(bias + f + c0));
+    }
+    _mm256_storeu_ps(out + c0, _mm256_mul_ps(silu_avx2(g), u));
+}
+
+/* Groups g0 and g1 (g1 NULL: zero rows) of the packed layout -> the pair layout (pw: nb * 512 int16) and
+   their scales in float (ps: nb * 16, group 0's 8 then group 1's). A step of 32 bytes holds rows 0..7's
+   weights 4s..4s+3 (4 bytes a row): its even 2-byte pieces (weights 4s, 4s+1) are pair step 2s, its odd
+   ones 2s+1. One byte shuffle gathers each 128-bit lane's even pieces then its odd ones, a qword permute
+   puts all even pieces in the low half, and sign extension widens each half to int16. */
+AVX2_TARGET static void pair_pack_avx2(const uint8_t *g0, const uint8_t *g1, int64_t nb, int16_t *pw, float *ps) {
+    const __m256i gather = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9,
+                                            12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+    for (int64_t b = 0; b < nb; b++) {
+        int16_t *o = pw + b * (PAIR_BLOCK / 2);
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *g = h ? g1 : g0;
+            if (!g) {
+                _mm256_storeu_ps(ps + b * 16 + 8 * h, _mm256_setzero_ps());
+                for (int p = 0; p < QK / 2; p++) _mm256_storeu_si256((__m256i *)(o + 32 * p + 16 * h), _mm256_setzero_si256());
+                continue;
+            }
+            const uint8_t *blk = g + b * BLOCK_BYTES;
+            _mm256_storeu_ps(ps + b * 16 + 8 * h, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)));
+            for (int s = 0; s < QK / 4; s++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 2 * GR + 32 * s));
+                const __m256i sorted = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, gather), 0xd8); /* qwords 0 2 1 3 */
+                _mm256_storeu_si256((__m256i *)(o + 32 * (2 * s) + 16 * h), _mm256_cvtepi8_epi16(_mm256_castsi256_si128(sorted)));
+                _mm256_storeu_si256((__m256i *)(o + 32 * (2 * s + 1) + 16 * h),
+                                    _mm256_cvtepi8_epi16(_mm256_extracti128_si256(sorted, 1)));
+            }
+        }
+    }
+}
+
+/* 4 activation rows (x[i]: row i's codes, xs[i]: its scales) times a group pair in the pair layout ->
+   res[16 * i + c], column c of the pair (group 0's rows, then group 1's). */
+AVX2_TARGET static void gemm_tile_avx2(const int16_t *pw, const float *ps, int64_t nb, const int16_t *const *x,
+                                       const float *const *xs, float *res) {
+    __m256 acc[2 * TILE_ROWS];
+    for (int c = 0; c < 2 * TILE_ROWS; c++) acc[c] = _mm256_setzero_ps();
+    /* byte offsets of rows 1..3 from row 0: the loop reads all four through one moving pointer */
+    const int64_t s1 = (x[1] - x[0]) * 2, s2 = (x[2] - x[0]) * 2, s3 = (x[3] - x[0]) * 2;
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i d0 = _mm256_setzero_si256(), d1 = d0, d2 = d0, d3 = d0, d4 = d0, d5 = d0, d6 = d0, d7 = d0;
+        __m256i w0, w1, bc, p, q;
+        const int16_t *wp = pw + b * (PAIR_BLOCK / 2), *xp = x[0] + b * QK;
+        int64_t steps;
+        /* 16 steps: weights 2p, 2p+1 of the pair's 16 rows (w0, w1) times the same two activations of
+           each row (bc), summed pairwise by madd into each row's int32 lanes (d0..d7: row i, group h
+           in d(2i + h)) */
+        __asm__("mov $16, %[steps]\n\t"
+                "1:\n\t"
+                "vmovdqu (%[wp]), %[w0]\n\t"
+                "vmovdqu 32(%[wp]), %[w1]\n\t"
+                "vpbroadcastd (%[xp]), %[bc]\n\t"
+                "vpmaddwd %[bc], %[w0], %[p]\n\t"
+                "vpaddd %[p], %[d0], %[d0]\n\t"
+                "vpmaddwd %[bc], %[w1], %[q]\n\t"
+                "vpaddd %[q], %[d1], %[d1]\n\t"
+                "vpbroadcastd (%[xp],%[s1]), %[bc]\n\t"
+                "vpmaddwd %[bc], %[w0], %[p]\n\t"
+                "vpaddd %[p], %[d2], %[d2]\n\t"
+                "vpmaddwd %[bc], %[w1], %[q]\n\t"
+                "vpaddd %[q], %[d3], %[d3]\n\t"
+                "vpbroadcastd (%[xp],%[s2]), %[bc]\n\t"
+                "vpmaddwd %[bc], %[w0], %[p]\n\t"
+                "vpaddd %[p], %[d4], %[d4]\n\t"
+                "vpmaddwd %[bc], %[w1], %[q]\n\t"
+                "vpaddd %[q], %[d5], %[d5]\n\t"
+                "vpbroadcastd (%[xp],%[s3]), %[bc]\n\t"
+                "vpmaddwd %[bc], %[w0], %[p]\n\t"
+                "vpaddd %[p], %[d6], %[d6]\n\t"
+                "vpmaddwd %[bc], %[w1], %[q]\n\t"
+                "vpaddd %[q], %[d7], %[d7]\n\t"
+                "add $64, %[wp]\n\t"
+                "add $4, %[xp]\n\t"
+                "dec %[steps]\n\t"
+                "jnz 1b\n\t"
+                : [d0] "+x"(d0), [d1] "+x"(d1), [d2] "+x"(d2), [d3] "+x"(d3), [d4] "+x"(d4), [d5] "+x"(d5),
+                  [d6] "+x"(d6), [d7] "+x"(d7), [w0] "=&x"(w0), [w1] "=&x"(w1), [bc] "=&x"(bc), [p] "=&x"(p),
+                  [q] "=&x"(q), [wp] "+r"(wp), [xp] "+r"(xp), [steps] "=&r"(steps)
+                : [s1] "r"(s1), [s2] "r"(s2), [s3] "r"(s3)
+                : "memory", "cc");
+        const __m256i dots[2 * TILE_ROWS] = {d0, d1, d2, d3, d4, d5, d6, d7};
+        const __m256 ws[2] = {_mm256_loadu_ps(ps + b * 16), _mm256_loadu_ps(ps + b * 16 + 8)};
+        for (int c = 0; c < 2 * TILE_ROWS; c++) {
+            const __m256 sc = _mm256_mul_ps(ws[c % 2], _mm256_set1_ps(xs[c / 2][b]));
+            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[c]), sc, acc[c]);
+        }
+    }
+    for (int c = 0; c < 2 * TILE_ROWS; c++) _mm256_storeu_ps(res + 8 * c, acc[c]);
+}
+#endif
+
+/* 1 where longdoc_q8_gemm has its AVX2 loop here (built with it, and the CPU runs the AVX2 path), else 0:
+   then only its scalar loop runs, far slower than a float32 matmul on the weights unpacked. */
+int longdoc_q8_gemm_fast(void) {
+#ifdef Q8_GEMM_AVX2
+    return longdoc_q8_level(LEVEL_AVX2) == LEVEL_AVX2;
+#else
+    return 0;
+#endif
+}
+
+/* longdoc_q8_gemm (glu 0) and longdoc_q8_glu (glu 1): below. */
+static int gemm_run(const void *x, int x_bf16, int64_t m, int64_t k, const uint8_t *w, int64_t n, const float *bias,
+                    void *out, int out_bf16, int threads, int level, int glu) {
+    if (k <= 0 || k % QK != 0 || m < 0 || n < 0 || (glu && n % (2 * GR) != 0)) return 1;
+    const int path = level == LEVEL_BEST ? (longdoc_q8_gemm_fast() ? LEVEL_AVX2 : LEVEL_SCALAR) : level;
+    if (path != LEVEL_SCALAR && !(path == LEVEL_AVX2 && longdoc_q8_gemm_fast())) return 1;
+    if (m == 0 || n == 0) return 0;
+#ifndef _OPENMP
+    (void)threads;
+#endif
+    /* a glu's output width f; its up rows start `half` groups after its gate rows */
+    const int64_t nb = k / QK, groups = (n + GR - 1) / GR, group_bytes = nb * BLOCK_BYTES, f = n / 2, half = f / GR;
+    int16_t *q = malloc((size_t)(m * k) * sizeof(int16_t));
+    float *scale = malloc((size_t)(m * nb) * sizeof(float));
+    int failed = !q || !scale;
+    const int team = threads > 0 ? threads : 1;
+    if (!failed) {
+        void (*quantize)(const float *, int64_t, int16_t *, float *) = quantize16_row;
+#ifdef Q8_GEMM_AVX2
+        if (path == LEVEL_AVX2) quantize = quantize16_row_avx2;
+#endif
+#pragma omp parallel num_threads(team)
+        {
+            float *row = x_bf16 ? malloc((size_t)k * sizeof(float)) : NULL;
+            if (x_bf16 && !row) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < m; i++) {
+                if (x_bf16 && !row) continue;
+                const float *xr = (const float *)x + i * k;
+                if (x_bf16) {
+                    const uint16_t *xh = (const uint16_t *)x + i * k;
+                    for (int64_t j = 0; j < k; j++) row[j] = bf16_to_float(xh[j]);
+                    xr = row;
+                }
+                quantize(xr, k, q + i * k, scale + i * nb);
+            }
+            free(row);
+        }
+    }
+    const acts16 a = {q, scale, k, nb};
+    if (!failed && path == LEVEL_SCALAR) {
+#pragma omp parallel for num_threads(team) schedule(static)
+        for (int64_t g = 0; g < (glu ? half : groups); g++) {
+            float res[2 * GR];
+            const int64_t c0 = g * GR, cols = n - c0 < GR ? n - c0 : GR;
+            for (int64_t i = 0; i < m; i++) {
+                gemm_group_scalar(w + g * group_bytes, &a, i, res);
+                if (glu) {
+                    gemm_group_scalar(w + (g + half) * group_bytes, &a, i, res + GR);
+                    store_glu(res, res + GR, bias, f, out, out_bf16, i, c0);
+                } else {
+                    store_row(res, cols, bias, out, out_bf16, n, i, c0);
+                }
+            }
+        }
+    }
+#ifdef Q8_GEMM_AVX2
+    if (!failed && path == LEVEL_AVX2) {
+        /* a pair is groups 2p and 2p + 1, or for a glu gate group p and its up group p + half. Runs of
+           `run` pairs, whose packed weights (1 KB a block each) fit in about 256 KB of cache: 4 activation
+           rows, read once per run, meet every pair of the run while in cache */
+        const int64_t pairs = glu ? half : (groups + 1) / 2;
+        const int64_t fit = PAIR_CACHE / (nb * PAIR_BLOCK) > 1 ? PAIR_CACHE / (nb * PAIR_BLOCK) : 1;
+        const int64_t share = (pairs + team - 1) / team, run = fit < share ? fit : share;
+        const int64_t runs = (pairs + run - 1) / run;
+#pragma omp parallel num_threads(team)
+        {
+            int16_t *pw = malloc((size_t)(run * nb) * PAIR_BLOCK);
+            float *ps = malloc((size_t)(run * nb) * 16 * sizeof(float));
+            if (!pw || !ps) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < runs; t++) {
+                if (!pw || !ps) continue;
+                /* runs split the pairs evenly (sizes differ by at most one) */
+                const int64_t p0 = t * pairs / runs, p1 = (t + 1) * pairs / runs;
+                for (int64_t p = p0; p < p1; p++) {
+                    const int64_t g0 = glu ? p : 2 * p, g1 = glu ? p + half : 2 * p + 1;
+                    pair_pack_avx2(w + g0 * group_bytes, g1 < groups ? w + g1 * group_bytes : NULL, nb,
+                                   pw + (p - p0) * nb * (PAIR_BLOCK / 2), ps + (p - p0) * nb * 16);
+                }
+                for (int64_t i0 = 0; i0 < m; i0 += TILE_ROWS) {
+                    /* past the last row, the tile repeats it and its outputs are dropped */
+                    const int16_t *xr[TILE_ROWS];
+                    const float *xs[TILE_ROWS];
+                    for (int i = 0; i < TILE_ROWS; i++) {
+                        const int64_t r = i0 + i < m ? i0 + i : m - 1;
+                        xr[i] = q + r * k;
+                        xs[i] = scale + r * nb;
+                    }
+                    for (int64_t p = p0; p < p1; p++) {
+                        float res[2 * GR * TILE_ROWS];
+                        gemm_tile_avx2(pw + (p - p0) * nb * (PAIR_BLOCK / 2), ps + (p - p0) * nb * 16, nb, xr, xs, res);
+                        const int64_t c0 = (glu ? p : 2 * p) * GR, cols = n - c0 < 2 * GR ? n - c0 : 2 * GR;
+                        for (int i = 0; i < TILE_ROWS && i0 + i < m; i++) {
+                            const float *ri = res + 2 * GR * i;
+                            if (glu && !out_bf16)
+                                store_glu_avx2(ri, bias, f, (float *)out + (i0 + i) * f, c0);
+                            else if (glu)
+                                store_glu(ri, ri + GR, bias, f, out, out_bf16, i0 + i, c0);
+                            else if (!out_bf16 && cols == 2 * GR)
+                                store_pair_avx2(ri, bias ? bias + c0 : NULL, (float *)out + (i0 + i) * n + c0);
+                            else
+                                store_row(ri, cols, bias, out, out_bf16, n, i0 + i, c0);
+                        }
+                    }
+                }
+            }
+            free(pw);
+            free(ps);
+        }
+    }
+#endif
+    free(q);
+    free(scale);
+    return failed ? 2 : 0;
+}
+
+/* out (m, n) = x (m, k) @ W^T + bias on 16-bit activations (above), W (n, k) in the packed layout. The
+   arguments are longdoc_q8_matmul's without the norm; `level` 0 (the best here), 1 (scalar) or 2
+   (AVX2, where longdoc_q8_gemm_fast); the NEON levels have no loop of their own here and are refused (1),
+   as is a path that doesn't run here. Returns 0, 1 for an input it can't take, 2 when out of memory. */
+int longdoc_q8_gemm(const void *x, int x_bf16, int64_t m, int64_t k, const uint8_t *w, int64_t n, const float *bias,
+                    void *out, int out_bf16, int threads, int level) {
+    return gemm_run(x, x_bf16, m, k, w, n, bias, out, out_bf16, threads, level, 0);
+}
+
+/* A gated MLP's first half in one call: W (2n, k) is the gate's n rows then the up's (n a multiple of 8),
+   bias their 2n biases or NULL, and out (m, n) = silu(x @ Wg^T + bg) * (x @ Wu^T + bu), each product as
+   longdoc_q8_gemm computes it and silu as silu() does. A gate group and its up group make one pair of the
+   AVX2 loop, so both halves of an output are in hand at once: the two (m, n) products are never stored.
+   The arguments and returns are longdoc_q8_gemm's (n not a multiple of 8: 1). */
+int longdoc_q8_glu(const void *x, int x_bf16, int64_t m, int64_t k, const uint8_t *w, int64_t n, const float *bias,
+                   void *out, int out_bf16, int threads, int level) {
+    if (n < 0 || n > INT64_MAX / 2) return 1;
+    return gemm_run(x, x_bf16, m, k, w, 2 * n, bias, out, out_bf16, threads, level, 1);
+}

@@ -18,6 +18,9 @@ from longdoc.native.matmul import run_matmul
 
 # input channels per block; rows per group of the packed layout; bytes of one block of a group
 BLOCK, GROUP, GROUP_BLOCK_BYTES = 32, 8, 272
+# the largest activation code: the matmul (decode) quantizes activations to 8 bits, the gemm (prefill's
+# many rows) to 16 (q8.c)
+TOP8, TOP16 = 127, 32767
 
 # the kernel's paths (its `level` argument; 0 asks it for the best it runs)
 SCALAR, AVX2, NEON, NEON_DOT = 1, 2, 3, 4
@@ -123,23 +126,30 @@ def best_path() -> int:
     return found[-1]
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows (M, K) -> the kernel's int8 codes (M, K/32, 32), as float32, and their scales (M, K/32)
-    float32: per block, scale = max|x| / 127 and codes = round(x * (127 / max|x|)) half to even, each
-    operation rounded to float32 as q8.c rounds it (torch's float32 division by a tensor is correctly
-    rounded; the reciprocal is taken in float64 and rounded once, which is the same)."""
+def gemm_fast() -> bool:
+    """Whether the kernel's gemm (``Q8Matmul.gemm``) runs its AVX2 loop here: built with it, and the
+    AVX2 path runs under the ISA cap."""
+    lib = library("q8")
+    return lib is not None and AVX2 in paths() and bool(lib.longdoc_q8_gemm_fast())
+
+
+def quantize_activations(x: torch.Tensor, top: int = TOP8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (M, K) -> the kernel's codes (M, K/32, 32) in -top..top, as float32, and their scales (M,
+    K/32) float32: per block, scale = max|x| / top and codes = round(x * (top / max|x|)) half to even,
+    each operation rounded to float32 as q8.c rounds it (torch's float32 division by a tensor is
+    correctly rounded; the reciprocal is taken in float64 and rounded once, which is the same)."""
     m, k = x.shape
     groups = x.float().view(m, k // BLOCK, BLOCK)
     amax = groups.abs().amax(-1)
-    inv = torch.where(amax > 0, (127 / amax.double()).float(), torch.zeros_like(amax))
-    codes = torch.round(groups * inv.unsqueeze(-1)).clamp_(-127, 127)
-    return codes, (amax.double() / 127).float()
+    inv = torch.where(amax > 0, (top / amax.double()).float(), torch.zeros_like(amax))
+    codes = torch.round(groups * inv.unsqueeze(-1)).clamp_(-top, top)
+    return codes, (amax.double() / top).float()
 
 
-def reference_terms(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def reference_terms(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, top: int = TOP8) -> torch.Tensor:
     """Each block's term of out = x @ W^T, (M, N, K/32) float64, exactly: the int32 sum of the block's
-    codes times the product of its two scales."""
-    codes, sx = quantize_activations(x)
+    codes (activations quantized to ``top``) times the product of its two scales."""
+    codes, sx = quantize_activations(x, top)
     n, k = qs.shape
     dots = torch.einsum("mbj,nbj->mnb", codes.double(), qs.double().view(n, k // BLOCK, BLOCK))
     return dots * (scales.double().unsqueeze(0) * sx.double().unsqueeze(1))
@@ -153,13 +163,30 @@ def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 def reference_q8_matmul(
+    x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None, top: int = TOP8
+) -> torch.Tensor:
+    """What the kernel promises, in float64: rows (M, K) quantized per block (``quantize_activations``:
+    ``TOP8`` for its matmul, ``TOP16`` for its gemm) times the Q8_0 weight, block sums exact, plus bias
+    -> (M, N). The kernel differs only by rounding its float32 scale products and its block-by-block
+    float32 accumulation, and its output."""
+    out = reference_terms(x, qs, scales, top).sum(-1)
+    return out if bias is None else out + bias.double()
+
+
+def reference_silu(x: torch.Tensor) -> torch.Tensor:
+    """silu in float64: x / (1 + exp(-x))."""
+    x = x.double()
+    return x / (1 + torch.exp(-x))
+
+
+def reference_glu(
     x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """What the kernel promises, in float64: rows (M, K) quantized per block (``quantize_activations``)
-    times the Q8_0 weight, block sums exact, plus bias -> (M, N). The kernel differs only by rounding
-    its float32 scale products and its block-by-block float32 accumulation, and its output."""
-    out = reference_terms(x, qs, scales).sum(-1)
-    return out if bias is None else out + bias.double()
+    """What ``Q8Matmul.glu`` promises, in float64: the weight's first half of rows is the gate, the second
+    the up; silu(gate) * up, each the gemm's product (``reference_q8_matmul`` with ``TOP16``)."""
+    both = reference_q8_matmul(x, qs, scales, bias, top=TOP16)
+    gate, up = both.chunk(2, dim=-1)
+    return reference_silu(gate) * up
 
 
 class Q8Matmul:
@@ -215,6 +242,40 @@ class Q8Matmul:
             self.level,
             None if weight is None else weight.data_ptr(),
             0.0 if norm is None else norm[1],
+        )
+
+    @property
+    def gemm_fast(self) -> bool:
+        """Whether ``gemm`` has its AVX2 loop on this path (``gemm_fast()``); elsewhere only its scalar
+        loop runs, many times slower than a float32 matmul on the weight unpacked (``rows``)."""
+        return self.level == AVX2 and gemm_fast()
+
+    def gemm(self, rows: torch.Tensor, dtype: torch.dtype, threads: int | None = None) -> torch.Tensor:
+        """rows (M, K) bfloat16 or float32 -> (M, N) in ``dtype``, bias added, with the activations
+        quantized to 16 bits (``reference_q8_matmul`` with ``TOP16``): prefill's many-row products, on
+        the AVX2 loop where ``gemm_fast``, else the scalar one."""
+        if rows.dim() != 2 or rows.shape[1] != self.k:
+            raise RuntimeError(f"the Q8_0 kernel takes rows (M, {self.k}), not {tuple(rows.shape)}")
+        threads = torch.get_num_threads() if threads is None else threads
+        level = AVX2 if self.gemm_fast else SCALAR
+        shape = (self.k, self.n)
+        return run_matmul(
+            self.lib.longdoc_q8_gemm, "the Q8_0 gemm", rows, self.packed, shape, self.bias, dtype, threads, level
+        )
+
+    def glu(self, rows: torch.Tensor, dtype: torch.dtype, threads: int | None = None) -> torch.Tensor:
+        """A gated MLP's first half: this weight holds the gate's N/2 rows then the up's (N/2 a multiple of
+        8); rows (M, K) -> silu(gate) * up, (M, N/2) in ``dtype``, each product as ``gemm`` computes it
+        (``reference_glu``), without the two (M, N/2) products ever being stored."""
+        if rows.dim() != 2 or rows.shape[1] != self.k:
+            raise RuntimeError(f"the Q8_0 kernel takes rows (M, {self.k}), not {tuple(rows.shape)}")
+        if self.n % (2 * GROUP):
+            raise RuntimeError(f"a glu's gate and up are {self.n // 2} rows each, not a multiple of {GROUP}")
+        threads = torch.get_num_threads() if threads is None else threads
+        level = AVX2 if self.gemm_fast else SCALAR
+        shape = (self.k, self.n // 2)
+        return run_matmul(
+            self.lib.longdoc_q8_glu, "the Q8_0 glu", rows, self.packed, shape, self.bias, dtype, threads, level
         )
 
     def rows(self, ids: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -374,14 +374,36 @@ class QuantGemm:
         return self.kind == "q8"
 
     def unpacked_matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows (M, K) -> (M, N) in ``dtype``, biases included, through the weight unpacked to ``dtype``
-        for this call only (prefill's large steps, where a dense matmul is many times faster than the
-        kernel's and unpacking costs about 1% of it: benchmarks/RESULTS.md, "One copy of the weights").
-        The activations are not quantized: this is the weight-only quantized model."""
+        """rows (M, K) -> (M, N) in ``dtype``, biases included, for prefill's large steps: where the q8
+        kernel's gemm has its AVX2 loop, through it (activations quantized to 16 bits, 1.2-1.7x a float32
+        matmul: benchmarks/RESULTS.md, "Prefill on int16 activations"); elsewhere through the weight
+        unpacked to ``dtype`` for this call only, a dense matmul many times faster than the kernel's
+        scalar loop, unpacking costing about 1% of it ("One copy of the weights"). Either way this is
+        the weight-only quantized model, up to the activations' 16-bit rounding."""
         if self.kind != "q8":
             raise RuntimeError(f"{self.kind} weights are not unpacked for dense matmuls")
+        if self.q8.gemm_fast:
+            return self.q8.gemm(rows.reshape(-1, self.in_features), self.dtype)
         bias = None if self.q8.bias is None else self.q8.bias.to(self.dtype)
         return torch.nn.functional.linear(rows.to(self.dtype), self.q8.rows(dtype=self.dtype), bias)
+
+    @property
+    def fuses_glu(self) -> bool:
+        """Whether ``glu`` runs here: two equal parts (a gate and its up, each a multiple of 8 rows) on the
+        q8 gemm's AVX2 loop."""
+        return (
+            self.kind == "q8"
+            and self.q8.gemm_fast
+            and len(self.sizes) == 2
+            and self.sizes[0] == self.sizes[1]
+            and self.sizes[0] % q8.GROUP == 0
+        )
+
+    def glu(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (M, K) -> silu(part 0) * part 1, (M, N/2) in ``dtype``, in one call of the q8 kernel
+        (``Q8Matmul.glu``): a prefill step's gate and up products are never stored, and the activation
+        and the product are no passes of their own."""
+        return self.q8.glu(rows, self.dtype)
 
     def output(self, x: torch.Tensor | NormedRows, part: int, unpacked: bool = False) -> torch.Tensor:
         """x (..., K) -> linear ``part``'s output (..., N_part), through the kernel or, ``unpacked``,
@@ -475,6 +497,21 @@ class QuantLinear(nn.Module):
             return self.gemm.output(x, self.part, unpacked=True)
         out: torch.Tensor = self.dense(x)
         return out
+
+    def glu_with(self, up: nn.Module, x: torch.Tensor | NormedRows) -> torch.Tensor | None:
+        """silu(self(x)) * up(x) in one kernel call (``QuantGemm.glu``) where this layer is a gate whose
+        ``up`` shares its gemm (parts 0 and 1), no dense layer is kept, x is a prefill step's many rows and
+        the gemm fuses them here (``fuses_glu``); else None, and the caller runs the two linears."""
+        fused = (
+            isinstance(up, QuantLinear)
+            and up.gemm is self.gemm
+            and (self.part, up.part) == (0, 1)
+            and self.dense is None
+            and self.gemm.fuses_glu
+        )
+        if not fused or not isinstance(x, torch.Tensor) or x.numel() <= self.max_rows * self.in_features:
+            return None
+        return self.gemm.glu(x.reshape(-1, self.in_features)).view(*x.shape[:-1], -1)
 
     @property
     def nbytes(self) -> int:
