@@ -15,6 +15,7 @@ from longdoc.config import GenerationConfig
 from longdoc.engine.decode import generate
 from longdoc.engine.longmodel import AttentionSettings, LongModel
 from longdoc.engine.prefill import prefill
+from longdoc.models.weights import FileEmbedding
 from longdoc.native import q8
 from longdoc.quant import cache as mq
 from longdoc.quant import schemes
@@ -602,8 +603,8 @@ def test_q8_without_its_dense_layers_prefills_through_the_unpacked_weights(monke
 @needs_q8
 def test_q8_session_holds_one_copy_of_the_weights(tmp_path):
     """A q8 run never reads the linears' dense weights: every linear is the Q8_0 weight alone, nothing is
-    left on the meta device, the embedding table is the file's bytes mapped (rows read as looked up),
-    the plan counts the quantized bytes only, and prefill is the weight-only quantized model's."""
+    left on the meta device, the embedding table stays in the file (rows read as looked up), the plan
+    counts the quantized bytes only, and prefill is the weight-only quantized model's."""
     from longdoc.config import RunConfig
     from longdoc.render import Reporter
     from longdoc.runtime.local import LocalBackend
@@ -619,9 +620,13 @@ def test_q8_session_holds_one_copy_of_the_weights(tmp_path):
     assert all(m.dense is None for m in model.modules() if isinstance(m, schemes.QuantLinear))
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     assert not [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    table = model.model.embed_tokens.weight
-    assert not table.untyped_storage().resizable()  # torch.frombuffer over the mapped file
-    assert torch.equal(table.float(), dense.model.embed_tokens.weight.float())
+    embed = model.model.embed_tokens
+    assert isinstance(embed, FileEmbedding) and not list(embed.parameters()) and not list(embed.buffers())
+    every = torch.tensor([[5, 0, 5], [embed.num_embeddings - 1, 7, 0]])
+    assert torch.equal(embed(every), dense.model.embed_tokens(every).float())
+    assert torch.equal(embed(torch.arange(embed.num_embeddings)), dense.model.embed_tokens.weight.float())
+    with pytest.raises(IndexError):
+        embed(torch.tensor([embed.num_embeddings]))
     quant_bytes = (session.info.quant_folder / mq.QUANT_FILE).stat().st_size
     assert session.info.weight_bytes == quant_bytes
     tensors = dict(mq.load_quantized(session.info.quant_folder))

@@ -5,7 +5,8 @@ safetensors tensor read once (plain reads, no memory map), converted, and assign
 once (peak RSS about twice the float32 weights, benchmarks/RESULTS.md "CPU paths"); here the peak is
 the weights in their run dtype plus one tensor of scratch. For a float32 run of a bfloat16 checkpoint
 whose embedding table is not the LM head, the table stays bfloat16 and widens the rows it looks up:
-the same values (bfloat16 widens exactly) for half its memory.
+the same values (bfloat16 widens exactly) for half its memory; where quantized layers replace the
+linears (the LM head included), it stays in the file and only the rows looked up are read.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import ctypes.util
 import functools
 import json
 import math
-import mmap
+import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,25 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
+# glibc's mallopt parameter, and the size from which blocks are mapped on their own
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 1 << 20
+
+
+@functools.cache
+def heap_returns_large_blocks() -> bool:
+    """Have glibc map each block of ``_MMAP_THRESHOLD`` bytes or more on its own, so that it goes back to
+    the OS when freed; returns whether it took. By default glibc raises that threshold (up to 32 MiB) each
+    time such a block is freed, and later ones come from the heap, where freed blocks stay this process's
+    memory: a q8 prefill step's unpacked weights and activations left 55 MiB of holes at the peak of a
+    2K-token prefill (0.5B model, float32). Process-wide and once; a no-op off glibc."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
+
+
 def trim_heap() -> None:
     """Hand freed heap pages back to the OS. glibc raises its mmap threshold as large blocks are freed,
     so the stored-dtype weights freed while packing stay in this process's heap unless trimmed
@@ -66,6 +86,45 @@ class WideningEmbedding(nn.Embedding):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return super().forward(ids).to(self.out_dtype)
+
+
+class FileEmbedding(nn.Module):
+    """An embedding table left in its safetensors file: the rows looked up are read from it (positioned
+    reads, each distinct id once) and come out in ``out_dtype``, so the table takes none of this
+    process's memory. (Mapped, each row looked up brought the kernel's fault-around pages with it, 64 KiB
+    or more: 123 MiB of a 2K-token prompt's peak RSS with the 0.5B model.) The file must not change
+    while the module lives (the model cache's files never do)."""
+
+    def __init__(self, path: Path, name: str, out_dtype: torch.dtype, padding_idx: int | None = None):
+        super().__init__()
+        header, start = read_header(path)
+        entry = header[name]
+        if len(entry["shape"]) != 2:
+            raise ValueError(f"{path.name}: the embedding table {name} is not a matrix")
+        self.num_embeddings, self.embedding_dim = (int(n) for n in entry["shape"])
+        self.padding_idx = padding_idx
+        self.stored_dtype = _DTYPES[entry["dtype"]]
+        self.out_dtype = out_dtype
+        self._offset = start + entry["data_offsets"][0]
+        self._row_bytes = self.embedding_dim * self.stored_dtype.itemsize
+        self._file = path.open("rb", buffering=0)
+        self._name = path.name
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        if flat.numel() and not 0 <= int(flat.min()) <= int(flat.max()) < self.num_embeddings:
+            raise IndexError(f"token ids out of the embedding table's range (0..{self.num_embeddings - 1})")
+        unique, inverse = torch.unique(flat, return_inverse=True)
+        rows = torch.empty(unique.numel(), self.embedding_dim, dtype=self.stored_dtype)
+        buffers = rows.view(torch.uint8).numpy()
+        fd = self._file.fileno()
+        for i, token in enumerate(unique.tolist()):
+            if os.preadv(fd, [buffers[i]], self._offset + token * self._row_bytes) != self._row_bytes:
+                raise ValueError(f"{self._name} ends inside the embedding table")
+        return rows[inverse].view(*ids.shape, self.embedding_dim).to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, in {self._name} as {self.stored_dtype}"
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -101,14 +160,13 @@ _CHUNK = 16 << 20
 class SafetensorsReader:
     """One safetensors file whose tensors are read one at a time when asked for, with plain reads (the
     page cache is not this process's memory) converted slice by slice through ``_CHUNK`` bytes of
-    scratch, or mapped (``mapped``: pages of the file become this process's only as they are read)."""
+    scratch."""
 
     def __init__(self, path: Path):
         self.path = path
         self.header, self.start = read_header(path)
         self._file = path.open("rb", buffering=0)
         self._scratch: torch.Tensor | None = None
-        self._map: mmap.mmap | None = None
 
     def names(self) -> list[str]:
         """The tensors' names, in the order of their bytes in the file."""
@@ -143,22 +201,7 @@ class SafetensorsReader:
             done += n
         return tensor
 
-    def mapped(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` in its stored dtype as a view of the file mapped copy-on-write: only the parts
-        that are read take memory (an embedding table whose rows are looked up a few at a time). The
-        file must not change while the tensor lives (the model cache's files never do)."""
-        entry = self.header[name]
-        stored = _DTYPES[entry["dtype"]]
-        offset = self.start + entry["data_offsets"][0]
-        if offset % stored.itemsize:
-            return self.read(name)
-        if self._map is None:
-            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
-        count = math.prod(entry["shape"])
-        return torch.frombuffer(self._map, dtype=stored, count=count, offset=offset).view(entry["shape"])
-
     def close(self) -> None:
-        """Closes the file; mapped tensors stay valid (the mapping lives as long as they do)."""
         self._file.close()
         self._scratch = None
 
@@ -167,17 +210,14 @@ def read_tensors(
     path: Path,
     dtype_for: Callable[[str, torch.dtype], torch.dtype],
     skip: set[str] | frozenset[str] = frozenset(),
-    mapped: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
     """Every tensor of one safetensors file but those in ``skip``, in the dtype ``dtype_for(name, stored
     dtype)`` gives (``SafetensorsReader.read``): beyond the tensors themselves this holds ``_CHUNK``
-    bytes. Those in ``mapped`` stay in the file, mapped (``SafetensorsReader.mapped``)."""
+    bytes."""
     reader = SafetensorsReader(path)
     try:
         return {
-            name: reader.mapped(name)
-            if name in mapped
-            else reader.read(name, dtype_for(name, reader.stored_dtype(name)))
+            name: reader.read(name, dtype_for(name, reader.stored_dtype(name)))
             for name in reader.names()
             if name not in skip
         }
@@ -193,8 +233,8 @@ def build_model(
     weights stay in their stored dtype for ``pack_linears(model, dtype)`` to widen one at a time (the
     model can't run before that). With ``skip_linears`` they are not read at all and stay on the meta
     device, for quantized layers that hold the only copy to replace them
-    (``longdoc.quant.schemes.quantize_linears`` with ``keep_dense=False``); the embedding table then
-    stays in its stored dtype on the CPU even where the LM head is tied to it."""
+    (``longdoc.quant.schemes.quantize_linears`` with ``keep_dense=False``); a float32 CPU model's
+    embedding table then stays in the file even where the LM head is tied to it (``FileEmbedding``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
@@ -208,8 +248,8 @@ def build_model(
     all_linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     linears = all_linears if narrow_linears else set()
     skipped = all_linears if skip_linears else set()  # the weights only: the quantized layers take the biases
-    # with the linears quantized, the table waits in the file and is read a row at a time as looked up
-    mapped = {embed_name} if skip_linears and keep_embedding else set()
+    # with the linears quantized, the table stays in the file and the rows looked up are read from it
+    in_file = skip_linears and keep_embedding
 
     def dtype_for(name: str, stored: torch.dtype) -> torch.dtype:
         if name == embed_name and keep_embedding and stored in (torch.bfloat16, torch.float16):
@@ -218,9 +258,16 @@ def build_model(
             return stored
         return dtype if stored.is_floating_point else stored
 
+    files = sorted(folder.glob("*.safetensors"))
+    skip = skipped | {embed_name} if in_file else skipped
     state: dict[str, torch.Tensor] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        state.update({k: t.to(device) for k, t in read_tensors(path, dtype_for, skipped, mapped).items()})
+    for path in files:
+        state.update({k: t.to(device) for k, t in read_tensors(path, dtype_for, skip).items()})
+    table = None
+    if in_file:
+        holder = next((p for p in files if embed_name in read_header(p)[0]), None)
+        padding_idx = model.model.embed_tokens.padding_idx
+        table = None if holder is None else FileEmbedding(holder, embed_name, dtype, padding_idx)
     if tied:
         state.pop("lm_head.weight", None)
     embedding = state.get(embed_name)
@@ -229,15 +276,20 @@ def build_model(
         del state[embed_name]  # set below as a module of its own
     result = model.load_state_dict(state, strict=False, assign=True)
     allowed = ({"lm_head.weight"} if tied else set()) | skipped
-    if widen:
+    if widen or table is not None:
         allowed.add(embed_name)
     missing = [k for k in result.missing_keys if k not in allowed]
     if missing or result.unexpected_keys:
         extra = result.unexpected_keys[:3]
         raise ValueError(f"weights do not match the config (missing {missing[:3]}, unexpected {extra})")
+    expected = model.model.embed_tokens
+    if table is not None:
+        if (table.num_embeddings, table.embedding_dim) != (expected.num_embeddings, expected.embedding_dim):
+            raise ValueError(f"weights do not match the config (the shape of {embed_name})")
+        model.model.embed_tokens = table
     if widen:
         assert embedding is not None
-        model.model.embed_tokens = WideningEmbedding(embedding, dtype, model.model.embed_tokens.padding_idx)
+        model.model.embed_tokens = WideningEmbedding(embedding, dtype, expected.padding_idx)
     if tied and not skip_linears:
         model.tie_weights()
     # non-persistent buffers (RoPE frequencies) were made on the meta device: make them again for real

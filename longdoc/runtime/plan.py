@@ -129,7 +129,7 @@ def model_info(
         else:
             quant_folder = ensure_quantized(folder, quantize, source.name, progress=progress, warn=warn)
             quant_bytes = (quant_folder / QUANT_FILE).stat().st_size
-            # one copy: the quantized weights replace the linears (the embedding table stays mapped)
+            # one copy: the quantized weights replace the linears (the embedding table stays in the file)
             weight_bytes = quant_bytes if quantize in ONE_COPY else weight_bytes + quant_bytes
     return ModelInfo(
         name=source.name,
