@@ -173,7 +173,13 @@ def test_a_16_bit_kv_cache_decodes_through_attn16_close_to_float32(layout, monke
         calls.append(args[1].dtype)
         return real(*args, **kwargs)
 
+    def counted_step(self, q, k, v, a, b):  # a decode step's calls, checked once per step
+        calls.append(k.dtype)
+        return real_step(self, q, k, v, a, b)
+
+    real_step = attn16.CacheAttention.__call__
     monkeypatch.setattr(attn16, "attend16", counted)
+    monkeypatch.setattr(attn16.CacheAttention, "__call__", counted_step)
     model = tiny_model("qwen2", dtype=torch.float32)
     ids = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(3))
     gen = GenerationConfig(max_new_tokens=12)
@@ -204,9 +210,9 @@ def test_a_prefill_steps_mlp_runs_in_slices_of_rows_with_the_same_result(monkeyp
     calls = []
     real = decoder.Decoder.feed_forward
 
-    def counted(mlp, x):
+    def counted(mlp, x, *rest):
         calls.append(x.shape[1])
-        return real(mlp, x)
+        return real(mlp, x, *rest)
 
     monkeypatch.setattr(decoder.Decoder, "feed_forward", staticmethod(counted))
     sliced = pm.hidden_states(ids, 0, pm.new_cache(23))

@@ -192,3 +192,37 @@ def test_every_glu_loop_matches_the_float64_reference_and_the_scalar_loop_bit_fo
     odd = q8.quantize_q8(torch.randn(24, k))
     with pytest.raises(RuntimeError, match="multiple of 8"):
         q8.Q8Matmul(q8.pack(*odd), k, 24, None).glu(torch.randn(2, k), torch.float32)
+
+
+@needs_q8
+def test_a_prefill_steps_mlp_runs_gate_and_up_as_one_glu_call(monkeypatch):
+    """With q8 the only copy, a prefill step's MLP hands its rows to one glu call per layer (the gate and
+    up products never stored) and gives what the two linears and torch's silu give, up to silu's own
+    rounding; where the gemm does not fuse, the two linears run."""
+    if not q8.gemm_fast():
+        pytest.skip("the gemm's AVX2 loop does not run here")
+    from .helpers import tiny_model
+    from .test_engine import patched
+    from .test_quant import quantized_tensors
+
+    torch.manual_seed(0)
+    model = tiny_model("qwen2", dtype=torch.float32)
+    schemes.quantize_linears(model, "q8", quantized_tensors(model, "q8"), keep_dense=False)
+    pm = patched(model)
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(2))
+    calls: list[int] = []
+    real = schemes.QuantGemm.glu
+
+    def counted(self, rows):
+        calls.append(rows.shape[0])
+        return real(self, rows)
+
+    monkeypatch.setattr(schemes.QuantGemm, "glu", counted)
+    fused = pm.hidden_states(ids, 0, pm.new_cache(40))
+    assert calls == [40] * len(pm.layers)
+    monkeypatch.setattr(schemes.QuantGemm, "fuses_glu", property(lambda self: False))
+    plain = pm.hidden_states(ids, 0, pm.new_cache(40))
+    assert calls == [40] * len(pm.layers)  # no more calls
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4 * float(plain.abs().max()))
+    # one row (a decode step) never goes through it
+    assert pm.layers[0].mlp.gate_proj.glu_with(pm.layers[0].mlp.up_proj, torch.randn(1, 1, 64)) is None

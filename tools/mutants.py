@@ -293,8 +293,8 @@ MUTANTS = [
     (
         "one copy: a prefill step's shared outputs kept after use (GBs over the layers)",
         "longdoc/quant/schemes.py",
-        "        if len(last[2]) == len(self.sizes):\n            self._last = None",
-        "        if len(last[2]) == len(self.sizes) + 1:\n            self._last = None",
+        "        if last[2] == (1 << len(self.sizes)) - 1:\n            self._last = None",
+        "        if last[2] == (1 << len(self.sizes + [0])) - 1:\n            self._last = None",
     ),
     (
         "q8: the kernel's norm leaves out the norm's weight",
@@ -337,6 +337,12 @@ MUTANTS = [
         "longdoc/native/q8.c",
         "        u = _mm256_add_ps(u, _mm256_loadu_ps(bias + f + c0));",
         "        u = _mm256_add_ps(u, _mm256_loadu_ps(bias + c0));",
+    ),
+    (
+        "q8 glu: prefill's MLP never fused",
+        "longdoc/models/decoder.py",
+        '            fused = gate.glu_with(up, x) if silu and hasattr(gate, "glu_with") else None',
+        "            fused = None",
     ),
     (
         "q8 gemm: prefill's many rows through the 8-bit decode matmul",
@@ -408,6 +414,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "longdoc/engine/decode.py": ("tests/test_layers.py", "tests/test_engine.py"),
     "longdoc/models/": ("tests/test_models.py", "tests/test_cpu_paths.py", "tests/test_engine.py"),
     "longdoc/models/choose.py": ("tests/test_second_model.py",),
+    "longdoc/models/decoder.py": ("tests/test_engine.py", "tests/test_decode_glue.py", "tests/test_q8_gemm.py"),
     "longdoc/models/rope.py": ("tests/test_attention.py", "tests/test_engine.py"),
     "longdoc/quant/": ("tests/test_quant.py", "tests/test_q8_gemm.py", "tests/test_cpu_paths.py", "tests/test_int5.py"),
     "longdoc/native/int5.c": ("tests/test_int5.py",),

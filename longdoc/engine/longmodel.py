@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 import torch
 
 from longdoc.attention.dca import ChunkLayout, chunked_attention, key_positions, query_positions, region_bounds
-from longdoc.attention.kernels import Kernel, merge_partials
+from longdoc.attention.kernels import Kernel, attend_cpu, merge_partials
 from longdoc.attention.sparse import SparseConfig, SparseStats, sparse_chunked_attention
 from longdoc.engine.kvcache import KVCache
-from longdoc.models.decoder import Attend, Decoder
+from longdoc.models.decoder import Attend, Decoder, rms_norm
 from longdoc.models.rope import RopeTable
+from longdoc.native import attn16
 
 
 @dataclass
@@ -70,17 +71,21 @@ class LongModel(Decoder):
         recycled decoding also scores in float32): computed once per decode step for all layers
         (``chunked_attention`` would index the table again in every layer)."""
         layout = self.settings.layout
-        p = torch.tensor([pos], device=self.device)
-        rows = p if layout is None else torch.cat(query_positions(p, layout))
-        top = pos + 1 if layout is None else layout.chunk_size + 1
-        cos, sin = self.rope.angles(rows, top=top)
         dtype = dtype or self.dtype
+        if layout is None:  # the table's row at pos, sliced (as key_rotations)
+            self.rope.ensure(pos + 1)
+            return self.rope.cos[pos : pos + 1].to(dtype), self.rope.sin[pos : pos + 1].to(dtype)
+        rows = torch.cat(query_positions(torch.tensor([pos], device=self.device), layout))
+        cos, sin = self.rope.angles(rows, top=layout.chunk_size + 1)
         return cos.to(dtype), sin.to(dtype)
 
     def step_attend(self, kv: KVCache, pos: int) -> Attend:
         """Full attention of the one query of a decode step at ``pos``: the kernel calls, and their
         merge order, of ``chunked_attention`` for a single query, with the query rotations and the key
-        regions worked out once for all layers. No host reads, nothing allocated beyond the outputs."""
+        regions worked out once for all layers. No host reads, nothing allocated beyond the outputs.
+        Where the kernel would hand the step to ``attn16.c`` (``attend_cpu`` over a float16 cache, a
+        float32 run) the calls go to it directly (``attn16.CacheAttention``: the same calls, checked
+        once per step)."""
         layout, kernel, scale = self.settings.layout, self.settings.kernel, self.scale
         cos, sin = self.query_rotations(pos)
         rots = [(cos[r : r + 1], sin[r : r + 1]) for r in range(cos.shape[0])]
@@ -92,6 +97,18 @@ class LongModel(Decoder):
         if prev > 0:
             regions.append((2, 0, prev))
         apply = RopeTable.apply
+        direct = self.cache_attention(kv)
+        if direct is not None:
+            cos0, sin0 = rots[0]
+            first, end = regions[0][1:]
+
+            def attend_direct(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
+                k, v = kv.k[layer], kv.v[layer]
+                if len(regions) == 1:
+                    return direct(apply(q, cos0, sin0), k, v, first, end)[0]
+                return merge_partials([direct(apply(q, *rots[r]), k, v, a, b) for r, a, b in regions])[0]
+
+            return attend_direct
 
         def attend(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
             k, v = kv.k[layer], kv.v[layer]
@@ -100,11 +117,28 @@ class LongModel(Decoder):
 
         return attend
 
+    def cache_attention(self, kv: KVCache) -> attn16.CacheAttention | None:
+        """``attn16.CacheAttention`` over ``kv``'s layers where ``attend_cpu`` would run a decode step's
+        query through ``attn16.attend16`` (float32 queries over a float16 cache, the kernel available
+        here), else None."""
+        k, v = kv.k[0], kv.v[0]
+        if self.settings.kernel is not attend_cpu or self.dtype != torch.float32 or k.dtype != torch.float16:
+            return None
+        probe = torch.empty(1, self.n_heads, 1, self.head_dim)
+        if not attn16.takes(probe, k, v):
+            return None
+        return attn16.CacheAttention(self.n_heads, k, v, self.scale)
+
     @torch.inference_mode()
     def hidden_states(self, ids: torch.Tensor, start: int, kv: KVCache, attend: Attend | None = None) -> torch.Tensor:
         """Run tokens ``ids`` (1, L) at positions start..start+L-1, appending their K/V to ``kv``; returns
         the hidden states (1, L, hidden) after the final norm (the caller projects them in slices, e.g.
-        for perplexity: a full (L, V) logits buffer costs GBs at 8K).
+        for perplexity: a full (L, V) logits buffer costs GBs at 8K)."""
+        return rms_norm(self.model.model.norm, self.layer_states(ids, start, kv, attend))
+
+    @torch.inference_mode()
+    def layer_states(self, ids: torch.Tensor, start: int, kv: KVCache, attend: Attend | None = None) -> torch.Tensor:
+        """``hidden_states`` before the final norm.
 
         The key rotation is looked up once for all layers, and a single token (a decode step) attends
         through ``step_attend``.
@@ -112,11 +146,25 @@ class LongModel(Decoder):
         length = ids.shape[1]
         if attend is None:
             attend = self.step_attend(kv, start) if length == 1 else self.default_attend(kv)
+        cos, sin = self.key_rotations(start, length)
+        return self.walk_layers(ids, start, kv, attend, cos, sin)
+
+    def key_rotations(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin rows (L, D) in the model's dtype of new keys at start..start+L-1, rotated at
+        their DCA key positions (p mod c; absolute without DCA): a slice of the table when the
+        positions are consecutive (always without DCA; with DCA unless they wrap past a chunk's end)."""
         layout = self.settings.layout
-        key_pos = key_positions(torch.arange(start, start + length, device=self.device), layout)
-        cos, sin = self.rope.angles(key_pos, top=start + length if layout is None else layout.chunk_len)
-        return self.run_layers(ids, start, kv, attend, cos.to(self.dtype), sin.to(self.dtype))
+        table = self.rope
+        table.ensure(start + length if layout is None else layout.chunk_len)
+        first = start if layout is None else start % layout.chunk_len
+        if layout is None or first + length <= layout.chunk_len:
+            cos, sin = table.cos[first : first + length], table.sin[first : first + length]
+        else:
+            key_pos = key_positions(torch.arange(start, start + length, device=self.device), layout)
+            cos, sin = table.cos[key_pos], table.sin[key_pos]
+        return cos.to(self.dtype), sin.to(self.dtype)
 
     def forward(self, ids: torch.Tensor, start: int, kv: KVCache, attend: Attend | None = None) -> torch.Tensor:
-        """``hidden_states``, projected to logits (1, V) for the last position only."""
-        return self.logits(self.hidden_states(ids, start, kv, attend)[:, -1])
+        """Logits (1, V) of the last position of ``ids`` (``hidden_states``, normalized and projected for
+        that position only)."""
+        return self.last_logits(self.layer_states(ids, start, kv, attend))

@@ -111,6 +111,8 @@ class Decoder:
         self.scale: float = first.scaling * logit_scale
         self.n_heads: int = config.num_attention_heads
         self.n_kv_heads: int = config.num_key_value_heads
+        # the MLP's activation is silu (what a fused gate computes: ``feed_forward``)
+        self.silu: bool = getattr(config, "hidden_act", None) == "silu"
         # the run's dtype and device: the final norm's (linears may be packed, quantized or left
         # weightless on the meta device, the embedding table narrower)
         param = model.model.norm.weight
@@ -124,14 +126,28 @@ class Decoder:
     ) -> torch.Tensor:
         """Run tokens ``ids`` (1, L) at positions start..start+L-1: their keys, rotated by ``cos``/``sin``
         (L, D), go into ``kv``; each layer's queries go to ``attend``. Returns the hidden states (1, L,
-        hidden) after the final norm.
+        hidden) after the final norm."""
+        return rms_norm(self.model.model.norm, self.walk_layers(ids, start, kv, attend, cos, sin))
+
+    @torch.inference_mode()
+    def walk_layers(
+        self, ids: torch.Tensor, start: int, kv: KeyWriter, attend: Attend, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """``run_layers`` without the final norm: the hidden states (1, L, hidden) after the last layer.
 
         Per layer: the model's own modules, one rotation of the keys, the cache write and the attention
-        call.
+        call; a single token (a decode step) in fewer tensor operations (``walk_row``).
         """
-        length = ids.shape[1]
-        shape = (1, length, -1, self.head_dim)
         h = self.model.model.embed_tokens(ids)
+        walk = self.walk_row if ids.shape[1] == 1 else self.walk_rows
+        return walk(h, start, kv, attend, cos, sin)
+
+    def walk_rows(
+        self, h: torch.Tensor, start: int, kv: KeyWriter, attend: Attend, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """``walk_layers``'s loop for tokens embedded as h (1, L, hidden), any L."""
+        length = h.shape[1]
+        shape = (1, length, -1, self.head_dim)
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             x = self.norm_for(layer.input_layernorm, h, attn.q_proj)
@@ -142,8 +158,35 @@ class Decoder:
             o = attend(i, q, start)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(1, length, -1))
             x = self.norm_for(layer.post_attention_layernorm, h, mlp.gate_proj)
-            h = h + self.feed_forward(mlp, x)
-        return rms_norm(self.model.model.norm, h)
+            h = h + self.feed_forward(mlp, x, self.silu)
+        return h
+
+    def walk_row(
+        self, h: torch.Tensor, start: int, kv: KeyWriter, attend: Attend, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """``walk_rows`` for one token, embedded as h (1, 1, hidden): the same module calls and numbers with
+        less dispatch around them (a decode step makes ~35 tensor operations and ~15 submodule lookups
+        per layer, each a microsecond or more on a 2-core CPU): the projections viewed straight as heads
+        (one row needs no transpose), the attention output as one row, the submodules read from their
+        parents' ``_modules`` (what ``nn.Module.__getattr__`` reads, without its call), the MLP in
+        one piece."""
+        q_shape = (1, self.n_heads, 1, self.head_dim)
+        kv_shape = (1, self.n_kv_heads, 1, self.head_dim)
+        norm_for, apply = self.norm_for, RopeTable.apply
+        for i, layer in enumerate(self.layers):
+            parts = layer._modules
+            proj = parts["self_attn"]._modules
+            q_proj = proj["q_proj"]
+            x = norm_for(parts["input_layernorm"], h, q_proj)
+            q = q_proj(x).view(q_shape)
+            k = proj["k_proj"](x).view(kv_shape)
+            kv.update(i, start, apply(k, cos, sin), proj["v_proj"](x).view(kv_shape))
+            h = h + proj["o_proj"](attend(i, q, start).reshape(1, 1, -1))
+            mlp = parts["mlp"]._modules
+            gate = mlp["gate_proj"]
+            x = norm_for(parts["post_attention_layernorm"], h, gate)
+            h = h + mlp["down_proj"](mlp["act_fn"](gate(x)) * mlp["up_proj"](x))
+        return h
 
     @staticmethod
     def norm_for(norm: Any, h: torch.Tensor, first: Any) -> Any:
@@ -154,17 +197,27 @@ class Decoder:
         return rms_norm(norm, h)
 
     @staticmethod
-    def feed_forward(mlp: Any, x: Any) -> torch.Tensor:
+    def feed_forward(mlp: Any, x: Any, silu: bool = False) -> torch.Tensor:
         """The MLP of x (1, L, hidden) (or a decode step's ``NormedRows``), ``MLP_ROWS`` rows at a time: its
         intermediates are ~11 times the hidden state (gate, up and their product), the largest buffers
-        of a prefill step."""
+        of a prefill step. With ``silu`` (the model's activation), a gate that fuses silu(gate) * up into
+        its kernel call (q8's ``glu_with``) takes the many rows of a prefill step: then only the product
+        is ever stored."""
         if x.shape[1] <= MLP_ROWS:
-            out: torch.Tensor = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+            gate, up = mlp.gate_proj, mlp.up_proj
+            fused = gate.glu_with(up, x) if silu and hasattr(gate, "glu_with") else None
+            out: torch.Tensor = mlp.down_proj(fused if fused is not None else mlp.act_fn(gate(x)) * up(x))
             return out
-        return torch.cat([Decoder.feed_forward(mlp, part) for part in x.split(MLP_ROWS, dim=1)], dim=1)
+        return torch.cat([Decoder.feed_forward(mlp, part, silu) for part in x.split(MLP_ROWS, dim=1)], dim=1)
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor | NormedRows) -> torch.Tensor:
         """hidden (..., hidden) -> logits (..., V) in float32 (float64 stays float64)."""
         out = self.model.lm_head(hidden)
         return out if out.dtype == torch.float64 else out.float()
+
+    @torch.inference_mode()
+    def last_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits (1, V) float32 of the last position of h (1, L, hidden), hidden states before the final
+        norm (``walk_layers``): the norm runs in the LM head's kernel where it takes ``NormedRows``."""
+        return self.logits(self.norm_for(self.model.model.norm, h[:, -1:], self.model.lm_head))[:, -1]

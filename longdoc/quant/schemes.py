@@ -297,7 +297,8 @@ class QuantGemm:
         self.dtype = dtype
         self.sizes = [int(q.shape[0]) for q in qweights]
         self.in_features = in_features(scheme, qweights[0])
-        self._last: tuple[torch.Tensor | NormedRows, list[torch.Tensor], set[int]] | None = None
+        # the shared input last computed, its parts' outputs, and which parts have been taken (bits)
+        self._last: list[Any] | None = None
         self.act_block = act_block if act_block and self.in_features % act_block == 0 else self.in_features
         self.bias: torch.Tensor | None = None
         if any(b is not None for b in biases):
@@ -413,17 +414,19 @@ class QuantGemm:
         last = self._last
         if last is None or last[0] is not x:
             if isinstance(x, NormedRows):
-                weight = x.norm.weight.to(torch.float32)
+                weight = x.norm.weight
+                weight = weight if weight.dtype == torch.float32 else weight.to(torch.float32)
                 rows = x.x.reshape(-1, self.in_features)
                 out = self.q8(rows, self.dtype, norm=(weight, float(x.norm.variance_epsilon)))
             else:
                 out = self.matmul_rows(x.reshape(-1, self.in_features), unpacked)
             if len(self.sizes) == 1:
                 return out.view(*x.shape[:-1], -1)
-            parts = [p.view(*x.shape[:-1], -1) for p in out.split(self.sizes, dim=-1)]
-            last = self._last = (x, parts, set())
-        last[2].add(part)
-        if len(last[2]) == len(self.sizes):
+            # one view, then the split (a decode step's dispatch is microseconds an operation); the parts
+            # taken so far as bits
+            last = self._last = [x, out.view(*x.shape[:-1], -1).split(self.sizes, dim=-1), 0]
+        last[2] |= 1 << part
+        if last[2] == (1 << len(self.sizes)) - 1:
             self._last = None
         return last[1][part]
 
