@@ -3,8 +3,6 @@ the LM head's codes beside the other layers, freed activations, a second tokeniz
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -14,11 +12,9 @@ import torch
 from torch import nn
 
 from longdoc import native
-from longdoc.config import RunConfig
 from longdoc.models.weights import FileEmbedding, build_model
 from longdoc.quant import cache as mq
 from longdoc.quant import schemes
-from longdoc.render import Reporter
 from longdoc.runtime import local
 
 from .helpers import save_tiny_qwen2
@@ -111,51 +107,3 @@ def test_the_lm_head_is_quantized_first_and_its_codes_freed_before_the_rest_is_r
         got = model(ids).logits
         want = dense(ids).logits
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
-
-
-HEAP_SCRIPT = """
-import sys
-import torch
-from longdoc.models.weights import heap_returns_large_blocks
-
-def rss():
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:"))
-
-if sys.argv[1] == "on":
-    assert heap_returns_large_blocks()
-torch.ones(1 << 22).sum()  # a 16 MiB block, freed: glibc raises its threshold past 4 MiB ones
-before = rss()
-blocks, pins = [], []
-for _ in range(16):
-    blocks.append(torch.ones(1 << 20))  # 4 MiB
-    pins.append(bytearray(200_000))  # above each block in the heap, kept
-del blocks
-print(rss() - before)
-"""
-
-
-@needs_proc
-def test_freed_large_blocks_go_back_to_the_os(tmp_path):
-    """With ``heap_returns_large_blocks`` (set by every local run), 64 MiB of 4 MiB blocks freed under
-    small live ones are no longer this process's memory; without it they stay in the heap."""
-    import longdoc
-
-    script = tmp_path / "heap.py"
-    script.write_text(HEAP_SCRIPT)
-    root = str(Path(longdoc.__file__).resolve().parents[1])
-
-    def grown(mode: str) -> int:
-        out = subprocess.run([sys.executable, str(script), mode], cwd=root, capture_output=True, text=True, check=True)
-        return int(out.stdout.split()[-1])
-
-    off, on = grown("off"), grown("on")
-    if off < 32 << 10:
-        pytest.skip(f"this allocator hands freed blocks back by itself ({off} KiB kept)")
-    assert on < 16 << 10, f"{on} KiB kept (without the setting: {off} KiB)"
-
-
-def test_local_runs_set_the_heap_to_return_large_blocks(monkeypatch, tiny):
-    calls: list[int] = []
-    monkeypatch.setattr(local, "heap_returns_large_blocks", lambda: calls.append(1) or True)
-    local.LocalBackend(RunConfig(model=tiny), Reporter(quiet=True))
-    assert calls

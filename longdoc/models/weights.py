@@ -49,25 +49,6 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
-# glibc's mallopt parameter, and the size from which blocks are mapped on their own
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD = 1 << 20
-
-
-@functools.cache
-def heap_returns_large_blocks() -> bool:
-    """Have glibc map each block of ``_MMAP_THRESHOLD`` bytes or more on its own, so that it goes back to
-    the OS when freed; returns whether it took. By default glibc raises that threshold (up to 32 MiB) each
-    time such a block is freed, and later ones come from the heap, where freed blocks stay this process's
-    memory: a q8 prefill step's unpacked weights and activations left 55 MiB of holes at the peak of a
-    2K-token prefill (0.5B model, float32). Process-wide and once; a no-op off glibc."""
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
-
-
 def trim_heap() -> None:
     """Hand freed heap pages back to the OS. glibc raises its mmap threshold as large blocks are freed,
     so the stored-dtype weights freed while packing stay in this process's heap unless trimmed

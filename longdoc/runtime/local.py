@@ -33,7 +33,7 @@ from longdoc.engine.prefill import Progress, prefill
 from longdoc.engine.recycled import RecycledPolicy
 from longdoc.errors import DoesNotFitError, ModelError, UsageError
 from longdoc.ingest import Document
-from longdoc.models.weights import heap_returns_large_blocks, trim_heap
+from longdoc.models.weights import trim_heap
 from longdoc.prompt import Prompt, ask_prompt, follow_up
 from longdoc.quant import schemes
 from longdoc.quant.cache import load_quantized
@@ -72,7 +72,6 @@ class LocalBackend:
     packed: bool = False  # whether the linears were packed for oneDNN at load
 
     def __post_init__(self) -> None:
-        heap_returns_large_blocks()  # what a prefill step frees goes back to the OS (peak RSS)
         # transformers' model code takes over a second to import: import it while the tokenizer loads
         # and the weights are verified, rather than after (loaded() waits for it). The package itself
         # first, here: a thread importing it half-way would show the tokenizer import a partial module.
