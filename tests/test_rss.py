@@ -1,5 +1,5 @@
-"""What loading and running a q8 model must not hold in this process's memory: the embedding table,
-the LM head's codes beside the other layers, freed activations, a second tokenizer."""
+"""What loading and running a q8 model must not hold in this process's memory: the embedding table, and
+the LM head's codes beside the other layers."""
 
 from __future__ import annotations
 
