@@ -459,7 +459,7 @@ def llamacpp_ppl() -> str | None:
     )
 
 
-AVX2_QUALITY_SCHEMES = ("none_avx2", "q8_avx2")
+AVX2_QUALITY_SCHEMES = ("none_avx2", "q8_avx2", "q8_gemm_avx2")
 AVX2_QUALITY_TITLE = "Quantization: quality of q8 against unquantized (float32, float16 KV cache)"
 
 
@@ -479,6 +479,7 @@ def quantized(
         "int4_mse": "int4, least-squares step per group (tried, not kept)",
         "none_avx2": "none (float32)",
         "q8_avx2": "q8 (Q8_0 kernel, int8 activations per block of 32; prefill on the Q8_0 weights unpacked)",
+        "q8_gemm_avx2": "q8 since the ninth session (prefill on the int16 gemm, silu(gate) * up fused)",
     }
     for scheme in schemes:
         cells = []
@@ -643,14 +644,14 @@ MODEL_RUNS: dict[str, dict[str, Any]] = {
         "ppl": "quant_ppl_none_avx2",
         "passkey": ("quant_passkey_q8_avx2", "models_0.5b_passkey_32k", "models_0.5b_passkey_64k"),
         "needle": ("models_0.5b_needle_8k", "models_0.5b_needle_32k"),
-        "speed": "models_speed_0.5b",
+        "speed": "llamacpp_avx2_gemm",
     },
     "qwen2.5-coder-1.5b": {
         "qa": "qa_1.5b",
         "ppl": "models_1.5b_ppl",
         "passkey": ("models_1.5b_passkey_8k", "models_1.5b_passkey_32k", "models_1.5b_passkey_64k"),
         "needle": ("models_1.5b_needle_8k", "models_1.5b_needle_32k"),
-        "speed": "models_speed_1.5b",
+        "speed": "models_speed_1.5b_gemm",
     },
 }
 MODEL_LENGTHS = (8192, 32768, 65536)
@@ -667,7 +668,8 @@ gave each process's peak RSS):
   unquantized: `eval ppl`'s default)
 - `python -m benchmarks.bench_qa --model M --name qa_<model>`
 - `python -m benchmarks.bench_llamacpp --model M --lengths 2048,8192 --configs longdoc:auto,llamacpp --name
-  models_speed_<model>`"""
+  models_speed_<model>` (the speed columns: the ninth session's runs after the int16 gemm,
+  `llamacpp_avx2_gemm` for the 0.5B, `models_speed_1.5b_gemm` for the 1.5B)"""
 
 
 def _score(rows: list[dict[str, Any]]) -> str:
@@ -1204,6 +1206,12 @@ faults (issue 27)" and "Reading the CPU paths (fifth session, issue 23)"."""
 # The command behind each detailed table (RESULTS.md, "How to read these").
 COMMANDS_BY_TABLE = [
     (
+        "Prefill on int16 activations (issue 26)",
+        "`python -m benchmarks.bench_q8_gemm`; the 1.5B's shapes: `--model qwen2.5-coder-1.5b --name q8_gemm_1.5b"
+        " --rows 1024`; against llama.cpp: `python -m benchmarks.bench_llamacpp --lengths 2048,8192 --new 32"
+        " --configs longdoc:auto,llamacpp,longdoc:auto,llamacpp --name llamacpp_avx2_gemm`",
+    ),
+    (
         "CPU paths (issue 23)",
         "`python -m benchmarks.bench_paths --length 512 --new 48 --repeat 3 --configs "
         "auto,float32:plain,rev:34b3aea,llamacpp,float32:pack:int8,float32:pack:int4,bfloat16 --name paths`; at 2K: "
@@ -1324,6 +1332,7 @@ def document() -> str:
         headline(
             "AVX2: longdoc `auto` against llama.cpp",
             [
+                ("llamacpp_avx2_gemm", "longdoc:auto", "longdoc (auto: q8, prefill on the int16 gemm, leaner decode)"),
                 ("llamacpp_avx2_q8", "longdoc:auto", "longdoc (auto: q8, one copy, 16-bit KV)"),
                 ("llamacpp_avx2_q8_2", "longdoc:auto", "longdoc (auto, and the norm in the q8 kernel)"),
                 ("llamacpp_avx2_q8_32k", "longdoc:auto", "longdoc (auto, and the norm in the q8 kernel)"),

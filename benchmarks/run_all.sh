@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark behind benchmarks/RESULTS.md, run back to back on an otherwise idle machine.
 # JSON lands in benchmarks/out/. Takes well over an hour on 2 CPU cores; run pieces by name:
-#   benchmarks/run_all.sh engine dca passkey ppl recycle needle beyond summarize recycle32 quote recall cache fuzz llamacpp quant serve \
+#   benchmarks/run_all.sh gemm engine dca passkey ppl recycle needle beyond summarize recycle32 quote recall cache fuzz llamacpp quant serve \
 #   prefill sparse paths models
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -129,6 +129,14 @@ for step in "${steps[@]}"; do
             > "$OUT/models_${m}_needle_${n}k.json"
         done
       done ;;
+    gemm)    # issue 26: prefill's q8 gemm (int16 activations) against unpacking, then longdoc vs llama.cpp (AVX2)
+      run python -m benchmarks.bench_q8_gemm
+      run python -m benchmarks.bench_q8_gemm --model qwen2.5-coder-1.5b --name q8_gemm_1.5b --rows 1024
+      run python -m benchmarks.bench_llamacpp --lengths 2048,8192 --new 32 \
+        --configs longdoc:auto,llamacpp,longdoc:auto,llamacpp --name llamacpp_avx2_gemm
+      run longdoc eval ppl "$CORPUS" --lengths 4096,16384 --no-dca --quantize q8 --json > "$OUT/quant_ppl_q8_gemm_avx2.json"
+      run longdoc eval passkey --lengths 4096,8192 --depths 0.1,0.5,0.9 --quantize q8 --json \
+        > "$OUT/quant_passkey_q8_gemm_avx2.json" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -129,6 +129,11 @@ def test_what_an_avx2_cpu_gets(flags, monkeypatch):
     assert paths.why["model"] == "asked for"  # what auto decided, where it did (runtime.plan.model_info)
     hint = machine.slow_path_hint(paths)
     assert hint is not None and "\n" not in hint and "avx2" in hint
+    # a q8 run multiplies prefill on int16 activations where the q8 gemm's AVX2 loop runs
+    from longdoc.native import q8
+
+    q8_hint = machine.slow_path_hint(machine.paths(cpu_dev, torch.float32, "q8"))
+    assert q8_hint is not None and ("int16 activations" in q8_hint) == q8.gemm_fast()
     # a bfloat16 run asked for on it is told why it is slow; no hint where bfloat16 is native
     assert "no native bfloat16" in machine.paths(cpu_dev, torch.bfloat16, "none").why["dtype"]
     flags(ZEN4)

@@ -105,29 +105,19 @@ typedef void (*segment_fn)(const job *jb, int64_t head, int64_t a, int64_t b, fl
 
 /* exp(x) for x <= 0 (a larger x is taken as 0): 0 below EXP_LO (and for NaN), else Cephes' expf
    polynomial: n = round(x log2 e) (by the magic constant: round half to even), r = x - n ln 2 in two
-   steps (n * LN2_HI is exact), y = 1 + r + r^2 P(r), y 2^n. Every path does these operations, each
+   steps (n * EXP_LN2_HI is exact), y = 1 + r + r^2 P(r), y 2^n. Every path does these operations, each
    rounded to float32 (no fused multiply-add), so all of them give the same bits for the same x. */
 #define EXP_LO -87.f /* above ln(2^-126): 2^n stays a normal float */
-#define EXP_MAGIC 12582912.f
-#define LOG2E 1.44269504088896341f
-#define LN2_HI 0.693359375f
-#define LN2_LO -2.12194440e-4f
-#define EXP_P0 1.9875691500e-4f
-#define EXP_P1 1.3981999507e-3f
-#define EXP_P2 8.3334519073e-3f
-#define EXP_P3 4.1665795894e-2f
-#define EXP_P4 1.6666665459e-1f
-#define EXP_P5 5.0000001201e-1f
 
 static inline float exp_neg(float x) {
     if (!(x >= EXP_LO)) return 0.f;
     x = x < 0.f ? x : 0.f;
-    float t = x * LOG2E;
+    float t = x * EXP_LOG2E;
     t = t + EXP_MAGIC;
     const float n = t - EXP_MAGIC;
-    float r = n * LN2_HI;
+    float r = n * EXP_LN2_HI;
     r = x - r;
-    float r2 = n * LN2_LO;
+    float r2 = n * EXP_LN2_LO;
     r = r - r2;
     r2 = r * r;
     float p = EXP_P0 * r;
@@ -225,11 +215,11 @@ static void segment_scalar(const job *jb, int64_t head, int64_t a, int64_t b, fl
 AVX2_TARGET static inline __m256 exp_neg_avx2(__m256 x) {
     const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_LO), _CMP_GE_OQ);
     x = _mm256_min_ps(x, _mm256_setzero_ps());
-    __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(LOG2E));
+    __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(EXP_LOG2E));
     t = _mm256_add_ps(t, _mm256_set1_ps(EXP_MAGIC));
     const __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(EXP_MAGIC));
-    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(LN2_HI)));
-    r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(LN2_LO)));
+    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(EXP_LN2_HI)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(EXP_LN2_LO)));
     const __m256 r2 = _mm256_mul_ps(r, r);
     __m256 p = _mm256_mul_ps(_mm256_set1_ps(EXP_P0), r);
     p = _mm256_mul_ps(_mm256_add_ps(p, _mm256_set1_ps(EXP_P1)), r);
@@ -514,11 +504,11 @@ AVX2_TARGET static void segment_avx2(const job *jb, int64_t head, int64_t a, int
 static inline float32x4_t exp_neg_neon(float32x4_t x) {
     const uint32x4_t keep = vcgeq_f32(x, vdupq_n_f32(EXP_LO));
     x = vminq_f32(x, vdupq_n_f32(0.f));
-    float32x4_t t = vmulq_f32(x, vdupq_n_f32(LOG2E));
+    float32x4_t t = vmulq_f32(x, vdupq_n_f32(EXP_LOG2E));
     t = vaddq_f32(t, vdupq_n_f32(EXP_MAGIC));
     const float32x4_t n = vsubq_f32(t, vdupq_n_f32(EXP_MAGIC));
-    float32x4_t r = vsubq_f32(x, vmulq_f32(n, vdupq_n_f32(LN2_HI)));
-    r = vsubq_f32(r, vmulq_f32(n, vdupq_n_f32(LN2_LO)));
+    float32x4_t r = vsubq_f32(x, vmulq_f32(n, vdupq_n_f32(EXP_LN2_HI)));
+    r = vsubq_f32(r, vmulq_f32(n, vdupq_n_f32(EXP_LN2_LO)));
     const float32x4_t r2 = vmulq_f32(r, r);
     float32x4_t p = vmulq_f32(vdupq_n_f32(EXP_P0), r);
     p = vmulq_f32(vaddq_f32(p, vdupq_n_f32(EXP_P1)), r);

@@ -1,5 +1,6 @@
 /* What longdoc's C kernels share (q8.c, attn16.c, int5.c): 16-bit floats to and from float32 in
-   scalar code, exactly, and on x86 the probe of the AVX2 paths.
+   scalar code, exactly, Cephes' expf constants, a block's largest magnitude, and on x86 the probe of the
+   AVX2 paths.
 
    Each kernel includes it by a quoted #include; longdoc.native pastes it in place of that line before
    hashing and compiling a kernel, so a built library's name covers it and its cached copy of the
@@ -47,6 +48,35 @@ static inline float half_to_float(uint16_t h) {
     float f;
     memcpy(&f, &u, 4);
     return f;
+}
+
+/* Cephes' expf, shared by attn16's softmax and q8's silu: exp(t) = 2^n exp(r) with n = round(t log2 e)
+   (adding and taking away EXP_MAGIC rounds to an integer), r = t - n ln 2 in two steps (n * EXP_LN2_HI is
+   exact), exp(r) = 1 + r + r^2 P(r), P's coefficients EXP_P0..EXP_P5 from the highest degree down. */
+#define EXP_MAGIC 12582912.f
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_LN2_HI 0.693359375f
+#define EXP_LN2_LO -2.12194440e-4f
+#define EXP_P0 1.9875691500e-4f
+#define EXP_P1 1.3981999507e-3f
+#define EXP_P2 8.3334519073e-3f
+#define EXP_P3 4.1665795894e-2f
+#define EXP_P4 1.6666665459e-1f
+#define EXP_P5 5.0000001201e-1f
+
+/* The largest |x| of a block of 32 floats, on their bits (non-negative floats order as their bits do),
+   which compilers vectorize, unlike a float maximum (NaN). */
+static inline float block_amax(const float *x) {
+    int32_t top = 0;
+    for (int j = 0; j < 32; j++) {
+        int32_t v;
+        memcpy(&v, x + j, 4);
+        v &= 0x7fffffff;
+        top = v > top ? v : top;
+    }
+    float amax;
+    memcpy(&amax, &top, 4);
+    return amax;
 }
 
 #if defined(__x86_64__) || defined(_M_X64)

@@ -102,17 +102,7 @@ __attribute__((always_inline)) static inline void quantize_body(const float *res
     const float magic = 12582912.f;
     for (int64_t b = 0; b < k / QK; b++) {
         const float *xb = x + b * QK;
-        /* the maximum of |x| on the bits (non-negative floats order as their bits do), which compilers
-           vectorize, unlike a float maximum (NaN) */
-        int32_t top = 0;
-        for (int j = 0; j < QK; j++) {
-            int32_t v;
-            memcpy(&v, xb + j, 4);
-            v &= 0x7fffffff;
-            top = v > top ? v : top;
-        }
-        float amax;
-        memcpy(&amax, &top, 4);
+        const float amax = block_amax(xb);
         const float inv = amax > 0.f ? 127.f / amax : 0.f;
         scale[b] = amax / 127.f;
         for (int j = 0; j < QK; j++) {
@@ -563,15 +553,7 @@ __attribute__((always_inline)) static inline void quantize16_body(const float *r
     const float magic = 12582912.f;
     for (int64_t b = 0; b < k / QK; b++) {
         const float *xb = x + b * QK;
-        int32_t top = 0;
-        for (int j = 0; j < QK; j++) {
-            int32_t v;
-            memcpy(&v, xb + j, 4);
-            v &= 0x7fffffff;
-            top = v > top ? v : top;
-        }
-        float amax;
-        memcpy(&amax, &top, 4);
+        const float amax = block_amax(xb);
         const float inv = amax > 0.f ? 32767.f / amax : 0.f;
         scale[b] = amax / 32767.f;
         for (int j = 0; j < QK; j++) {
@@ -609,23 +591,13 @@ static void store_row(const float *res, int64_t cols, const float *bias, void *o
    nothing to 1, and exp(87) makes the quotient below 2^-120. Within 2 ulp of exp; silu_avx2 runs these
    very operations, so a glu's output has the same bits on both paths. */
 #define EXP_CLAMP 87.f
-#define EXP_LOG2E 1.44269504088896341f
-#define EXP_LN2_HI 0.693359375f
-#define EXP_LN2_LO -2.12194440e-4f
-#define EXP_P0 1.9875691500e-4f
-#define EXP_P1 1.3981999507e-3f
-#define EXP_P2 8.3334519073e-3f
-#define EXP_P3 4.1665795894e-2f
-#define EXP_P4 1.6666665459e-1f
-#define EXP_P5 5.0000001201e-1f
 
 static inline float silu(float v) {
-    const float magic = 12582912.f;
     float t = 0.f - v;
     t = t > -EXP_CLAMP ? t : -EXP_CLAMP; /* as maxps, then minps, take them (NaN included) */
     t = t < EXP_CLAMP ? t : EXP_CLAMP;
     const float y = t * EXP_LOG2E;
-    const float n = (y + magic) - magic;
+    const float n = (y + EXP_MAGIC) - EXP_MAGIC;
     float r = fmaf(n, -EXP_LN2_HI, t);
     r = fmaf(n, -EXP_LN2_LO, r);
     const float r2 = r * r;
@@ -695,7 +667,7 @@ AVX2_TARGET static void store_pair_avx2(const float *res, const float *bias, flo
 
 /* silu on 8 lanes: silu()'s operations, lane by lane. */
 AVX2_TARGET static inline __m256 silu_avx2(__m256 v) {
-    const __m256 magic = _mm256_set1_ps(12582912.f), one = _mm256_set1_ps(1.f);
+    const __m256 magic = _mm256_set1_ps(EXP_MAGIC), one = _mm256_set1_ps(1.f);
     __m256 t = _mm256_sub_ps(_mm256_setzero_ps(), v);
     t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-EXP_CLAMP)), _mm256_set1_ps(EXP_CLAMP));
     const __m256 y = _mm256_mul_ps(t, _mm256_set1_ps(EXP_LOG2E));

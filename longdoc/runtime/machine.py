@@ -109,7 +109,12 @@ def paths(
         )
     else:
         why["quantize"] = quant_slower(quantize, device, dtype) or (
-            f"longdoc's Q8_0 kernel ({q8.PATHS[q8.best_path()]} loop): a quarter of float32's bytes per token"
+            f"longdoc's Q8_0 kernel ({q8.PATHS[q8.best_path()]} loop): a quarter of float32's bytes per token;"
+            + (
+                " prefill on its int16 gemm"
+                if q8.gemm_fast()
+                else " prefill on the weights unpacked to float32 per matmul"
+            )
             if quantize == "q8"
             else "decodes faster than unquantized here"
         )
@@ -134,10 +139,13 @@ def slow_path_hint(p: MachinePaths) -> str | None:
     if p.cpu_class in ("amx", "avx512bf16") or p.cpu_class.startswith("cuda"):
         return None
     cap = f", capped by the ISA setting at {p.isa_cap}" if p.isa_cap else ""
+    if p.quantize == "q8" and q8.gemm_fast():
+        how = "prefill multiplies on int16 activations (the q8 gemm); " + FAST_CLASSES + " runs it in bfloat16, faster"
+    else:
+        how = f"prefill multiplies in {p.dtype}; {FAST_CLASSES} runs it in bfloat16, about twice as fast"
     return (
         f"this CPU ({p.cpu_class}{cap}) runs {p.dtype} weights, quantize {p.quantize}, {p.attention} attention:"
-        f" prefill multiplies in {p.dtype}; {FAST_CLASSES} runs it in bfloat16, about twice as fast"
-        " (`longdoc doctor` says why)"
+        f" {how} (`longdoc doctor` says why)"
     )
 
 
