@@ -479,7 +479,7 @@ def quantized(
         "int4_mse": "int4, least-squares step per group (tried, not kept)",
         "none_avx2": "none (float32)",
         "q8_avx2": "q8 (Q8_0 kernel, int8 activations per block of 32; prefill on the Q8_0 weights unpacked)",
-        "q8_gemm_avx2": "q8 since the ninth session (prefill on the int16 gemm, silu(gate) * up fused)",
+        "q8_gemm_avx2": "q8, its prefill model since the ninth session (int16 gemm, fused glu; passkey end to end)",
     }
     for scheme in schemes:
         cells = []
@@ -498,7 +498,10 @@ def quantized(
     if schemes == AVX2_QUALITY_SCHEMES:
         return out + (
             "\n\n`longdoc eval ppl ../shared/corpus --lengths 4096,16384 --no-dca --quantize q8|none --json`,"
-            " `longdoc eval passkey --lengths 4096,8192 --depths 0.1,0.5,0.9 --quantize q8 --json`"
+            " `longdoc eval passkey --lengths 4096,8192 --depths 0.1,0.5,0.9 --quantize q8 --json`. `eval ppl"
+            " --quantize q8` runs every position through the decode matmul (int8 activations: the model each"
+            " decoded token comes from); the prefill model's row runs them through the path prefill takes"
+            " (`python -m benchmarks.bench_q8_prefill_ppl ../shared/corpus --lengths 4096,16384 --no-dca --json`)."
         )
     act = load("act_quant")
     if act:

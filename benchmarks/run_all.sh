@@ -134,7 +134,8 @@ for step in "${steps[@]}"; do
       run python -m benchmarks.bench_q8_gemm --model qwen2.5-coder-1.5b --name q8_gemm_1.5b --rows 1024
       run python -m benchmarks.bench_llamacpp --lengths 2048,8192 --new 32 \
         --configs longdoc:auto,llamacpp,longdoc:auto,llamacpp --name llamacpp_avx2_gemm
-      run longdoc eval ppl "$CORPUS" --lengths 4096,16384 --no-dca --quantize q8 --json > "$OUT/quant_ppl_q8_gemm_avx2.json"
+      run python -m benchmarks.bench_q8_prefill_ppl "$CORPUS" --lengths 4096,16384 --no-dca --json \
+        > "$OUT/quant_ppl_q8_gemm_avx2.json"
       run longdoc eval passkey --lengths 4096,8192 --depths 0.1,0.5,0.9 --quantize q8 --json \
         > "$OUT/quant_passkey_q8_gemm_avx2.json" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
