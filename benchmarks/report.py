@@ -1336,6 +1336,7 @@ def document() -> str:
             "AVX2: longdoc `auto` against llama.cpp",
             [
                 ("llamacpp_avx2_gemm", "longdoc:auto", "longdoc (auto: q8, prefill on the int16 gemm, leaner decode)"),
+                ("llamacpp_avx2_gemm_2", "longdoc:auto", "longdoc (the same, a second run)"),
                 ("llamacpp_avx2_q8", "longdoc:auto", "longdoc (auto: q8, one copy, 16-bit KV)"),
                 ("llamacpp_avx2_q8_2", "longdoc:auto", "longdoc (auto, and the norm in the q8 kernel)"),
                 ("llamacpp_avx2_q8_32k", "longdoc:auto", "longdoc (auto, and the norm in the q8 kernel)"),
