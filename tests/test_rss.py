@@ -15,7 +15,6 @@ from longdoc import native
 from longdoc.models.weights import FileEmbedding, build_model
 from longdoc.quant import cache as mq
 from longdoc.quant import schemes
-from longdoc.runtime import local
 
 from .helpers import save_tiny_qwen2
 
@@ -95,7 +94,7 @@ def test_the_lm_head_is_quantized_first_and_its_codes_freed_before_the_rest_is_r
     tensors = mq.load_quantized(folder)
     watched = Watched(tensors, "lm_head")
     try:
-        local.quantize_head_first(model, "q8", watched, torch.float32, keep_dense=False)
+        schemes.quantize_linears(model, "q8", watched, dtype=torch.float32, keep_dense=False)
     finally:
         tensors.close()
     assert watched.reads[:2] == ["lm_head.qweight", "lm_head.scales"]

@@ -339,6 +339,12 @@ MUTANTS = [
         "        u = _mm256_add_ps(u, _mm256_loadu_ps(bias + c0));",
     ),
     (
+        "load: the LM head quantized beside every other layer",
+        "longdoc/quant/schemes.py",
+        "    if head is not None and head_parent in by_parent:",
+        "    if head is None and head_parent in by_parent:",
+    ),
+    (
         "q8 glu: prefill's MLP never fused",
         "longdoc/models/decoder.py",
         '            fused = gate.glu_with(up, x) if silu and hasattr(gate, "glu_with") else None',
@@ -416,7 +422,13 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "longdoc/models/choose.py": ("tests/test_second_model.py",),
     "longdoc/models/decoder.py": ("tests/test_engine.py", "tests/test_decode_glue.py", "tests/test_q8_gemm.py"),
     "longdoc/models/rope.py": ("tests/test_attention.py", "tests/test_engine.py"),
-    "longdoc/quant/": ("tests/test_quant.py", "tests/test_q8_gemm.py", "tests/test_cpu_paths.py", "tests/test_int5.py"),
+    "longdoc/quant/": (
+        "tests/test_quant.py",
+        "tests/test_q8_gemm.py",
+        "tests/test_rss.py",
+        "tests/test_cpu_paths.py",
+        "tests/test_int5.py",
+    ),
     "longdoc/native/int5.c": ("tests/test_int5.py",),
     "longdoc/native/flash.c": ("tests/test_flash.py",),
     "longdoc/native/q8.c": ("tests/test_q8.py", "tests/test_q8_gemm.py"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import Any
 
 import torch
 
@@ -130,20 +131,40 @@ def attend16(
         raise ValueError(f"n_keys {n} is not within the {length} positions of k and v")
     threads = torch.get_num_threads() if threads is None else threads
     rows = q if q.dtype == torch.float32 and q.is_contiguous() else q.to(torch.float32).contiguous()
+    geometry = (hkv, int(k.dtype == torch.bfloat16), k.stride(1), k.stride(2))
+    return _run(lib.longdoc_attn16, rows, k.data_ptr(), v.data_ptr(), geometry, n, float(scale), threads, level)
+
+
+def _run(
+    entry: Any,
+    rows: torch.Tensor,
+    k: int,
+    v: int,
+    geometry: tuple[int, int, int, int],
+    n: int,
+    scale: float,
+    threads: int,
+    level: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One call of ``longdoc_attn16``: rows (1, H, 1, D) float32 contiguous, the addresses of the first
+    key and value row read, ``geometry`` (KV heads, bfloat16 or not, head and row strides in elements),
+    n keys -> out (1, H, 1, D) and lse (1, H, 1) float32; a refusal raises."""
+    _, h, _, d = rows.shape
     out = torch.empty(1, h, 1, d, dtype=torch.float32)
     lse = torch.empty(1, h, 1, dtype=torch.float32)
-    rc = lib.longdoc_attn16(
+    hkv, bf16, head_stride, row_stride = geometry
+    rc = entry(
         rows.data_ptr(),
         h,
         hkv,
         d,
-        k.data_ptr(),
-        v.data_ptr(),
-        int(k.dtype == torch.bfloat16),
-        k.stride(1),
-        k.stride(2),
+        k,
+        v,
+        bf16,
+        head_stride,
+        row_stride,
         n,
-        float(scale),
+        scale,
         out.data_ptr(),
         lse.data_ptr(),
         threads,
@@ -178,9 +199,7 @@ class CacheAttention:
         lib, self.level = _kernel(level)
         self.entry = lib.longdoc_attn16
         self.layout = (k.shape, k.dtype, k.stride())
-        self.lse_shape = self.q_shape[:3]
-        self.kv_heads, self.bf16 = int(k.shape[1]), int(k.dtype == torch.bfloat16)
-        self.head_stride, self.row_stride = k.stride(1), k.stride(2)
+        self.geometry = (int(k.shape[1]), int(k.dtype == torch.bfloat16), k.stride(1), k.stride(2))
         self.row_bytes = k.stride(2) * k.element_size()
         self.scale = float(scale)
         self.threads = torch.get_num_threads() if threads is None else threads
@@ -201,28 +220,6 @@ class CacheAttention:
             or not 0 <= a <= b <= layout[0][2]
         ):
             raise ValueError("CacheAttention takes queries and K/V laid out as those it was made for")
-        h, d = self.q_shape[1], self.q_shape[3]
-        out = torch.empty(self.q_shape)
-        lse = torch.empty(self.lse_shape)
         offset = a * self.row_bytes
-        rc = self.entry(
-            q.data_ptr(),
-            h,
-            self.kv_heads,
-            d,
-            k.data_ptr() + offset,
-            v.data_ptr() + offset,
-            self.bf16,
-            self.head_stride,
-            self.row_stride,
-            b - a,
-            self.scale,
-            out.data_ptr(),
-            lse.data_ptr(),
-            self.threads,
-            self.level,
-        )
-        if rc != 0:
-            what = "refused its input" if rc == 1 else "ran out of memory"
-            raise RuntimeError(f"the 16-bit KV attention kernel {what} (return code {rc})")
-        return out, lse
+        k0, v0 = k.data_ptr() + offset, v.data_ptr() + offset
+        return _run(self.entry, q, k0, v0, self.geometry, b - a, self.scale, self.threads, self.level)

@@ -536,8 +536,8 @@ int longdoc_q8_rows(const uint8_t *w, int64_t k, int64_t n, const int64_t *ids, 
    weight-only Q8_0 model, as it did when it unpacked the weights to float32 for a dense matmul.
 
    Why 16 bits on AVX2: madd multiplies 16 int16 pairs per instruction, twice what an FMA does in
-   float32, and issues as often; with its add, a tile here ran 1.2-1.7x torch's float32 matmul on the
-   model's shapes (benchmarks/RESULTS.md, "Prefill on int16 activations"). maddubs (int8 times uint8)
+   float32, and issues as often; with its add, a tile here ran mostly 1.2-1.7x torch's float32 matmul
+   on the models' shapes (benchmarks/RESULTS.md, "Prefill on int16 activations"). maddubs (int8 times uint8)
    does no better on AVX2 (it needs madd after it) and would quantize the activations to 7 or 8 bits.
 
    AVX2 work: each thread takes runs of group pairs (16 weight rows); it unpacks a pair once into the
@@ -682,7 +682,8 @@ AVX2_TARGET static inline __m256 silu_avx2(__m256 v) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P5));
     p = _mm256_fmadd_ps(p, r2, r);
     p = _mm256_add_ps(p, one);
-    const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23));
+    const __m256i biased = _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127));
+    const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));
     return _mm256_div_ps(v, _mm256_add_ps(one, _mm256_mul_ps(p, two_n)));
 }
 

@@ -10,6 +10,7 @@ kind "q8")."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -254,29 +255,25 @@ class Q8Matmul:
         """rows (M, K) bfloat16 or float32 -> (M, N) in ``dtype``, bias added, with the activations
         quantized to 16 bits (``reference_q8_matmul`` with ``TOP16``): prefill's many-row products, on
         the AVX2 loop where ``gemm_fast``, else the scalar one."""
-        if rows.dim() != 2 or rows.shape[1] != self.k:
-            raise RuntimeError(f"the Q8_0 kernel takes rows (M, {self.k}), not {tuple(rows.shape)}")
-        threads = torch.get_num_threads() if threads is None else threads
-        level = AVX2 if self.gemm_fast else SCALAR
-        shape = (self.k, self.n)
-        return run_matmul(
-            self.lib.longdoc_q8_gemm, "the Q8_0 gemm", rows, self.packed, shape, self.bias, dtype, threads, level
-        )
+        return self._many_rows(self.lib.longdoc_q8_gemm, "the Q8_0 gemm", self.n, rows, dtype, threads)
 
     def glu(self, rows: torch.Tensor, dtype: torch.dtype, threads: int | None = None) -> torch.Tensor:
         """A gated MLP's first half: this weight holds the gate's N/2 rows then the up's (N/2 a multiple of
         8); rows (M, K) -> silu(gate) * up, (M, N/2) in ``dtype``, each product as ``gemm`` computes it
         (``reference_glu``), without the two (M, N/2) products ever being stored."""
-        if rows.dim() != 2 or rows.shape[1] != self.k:
-            raise RuntimeError(f"the Q8_0 kernel takes rows (M, {self.k}), not {tuple(rows.shape)}")
         if self.n % (2 * GROUP):
             raise RuntimeError(f"a glu's gate and up are {self.n // 2} rows each, not a multiple of {GROUP}")
+        return self._many_rows(self.lib.longdoc_q8_glu, "the Q8_0 glu", self.n // 2, rows, dtype, threads)
+
+    def _many_rows(
+        self, entry: Any, what: str, width: int, rows: torch.Tensor, dtype: torch.dtype, threads: int | None
+    ) -> torch.Tensor:
+        """``gemm``'s and ``glu``'s call: ``entry`` over rows (M, K) -> (M, ``width``)."""
+        if rows.dim() != 2 or rows.shape[1] != self.k:
+            raise RuntimeError(f"the Q8_0 kernel takes rows (M, {self.k}), not {tuple(rows.shape)}")
         threads = torch.get_num_threads() if threads is None else threads
         level = AVX2 if self.gemm_fast else SCALAR
-        shape = (self.k, self.n // 2)
-        return run_matmul(
-            self.lib.longdoc_q8_glu, "the Q8_0 glu", rows, self.packed, shape, self.bias, dtype, threads, level
-        )
+        return run_matmul(entry, what, rows, self.packed, (self.k, width), self.bias, dtype, threads, level)
 
     def rows(self, ids: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows ``ids`` (M,) int64 of the weight (all N when None), dequantized -> (M, K) in ``dtype``

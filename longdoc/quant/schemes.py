@@ -55,7 +55,7 @@ from torch import nn
 
 from longdoc.config import QUANTIZE_SCHEMES
 from longdoc.models.decoder import NormedRows
-from longdoc.models.weights import linear_weight
+from longdoc.models.weights import linear_weight, trim_heap
 from longdoc.native import int5, q8
 
 SCHEMES = QUANTIZE_SCHEMES
@@ -376,7 +376,7 @@ class QuantGemm:
 
     def unpacked_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         """rows (M, K) -> (M, N) in ``dtype``, biases included, for prefill's large steps: where the q8
-        kernel's gemm has its AVX2 loop, through it (activations quantized to 16 bits, 1.2-1.7x a float32
+        kernel's gemm has its AVX2 loop, through it (activations quantized to 16 bits, mostly 1.2-1.7x a float32
         matmul: benchmarks/RESULTS.md, "Prefill on int16 activations"); elsewhere through the weight
         unpacked to ``dtype`` for this call only, a dense matmul many times faster than the kernel's
         scalar loop, unpacking costing about 1% of it ("One copy of the weights"). Either way this is
@@ -588,9 +588,19 @@ def quantize_linears(
             setattr(owner, child, layer)
         return len(found)
 
+    # the LM head's module first and on its own: the head's codes (136 MB for the 0.5B model, read whole)
+    # are packed and freed before any other layer's are read, not held beside them (q8 load's peak RSS:
+    # 1218 against 1067 MiB, benchmarks/HISTORY.md, ninth session)
+    done = 0
+    output_embeddings = getattr(model, "get_output_embeddings", None)  # a transformers model's LM head
+    head = output_embeddings() if callable(output_embeddings) else None
+    head_parent = next((n.rpartition(".")[0] for n, m in model.named_modules() if m is head), None)
+    if head is not None and head_parent in by_parent:
+        done = replace_in(head_parent, by_parent.pop(head_parent))
+        trim_heap()
     # packing a weight is single-threaded: modules are packed side by side, as many as there are threads
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        return sum(pool.map(replace_in, by_parent.keys(), by_parent.values()))
+        return done + sum(pool.map(replace_in, by_parent.keys(), by_parent.values()))
 
 
 @contextlib.contextmanager

@@ -16,12 +16,11 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch
-from torch import nn
 
 from longdoc import models
 from longdoc.attention.kernels import get_kernel
@@ -126,7 +125,7 @@ class LocalBackend:
                 # wrapped before packing: pack_linears then packs the wrapped layers (prefill's path)
                 tensors = load_quantized(self.info.quant_folder)
                 try:
-                    quantize_head_first(
+                    schemes.quantize_linears(
                         self._loaded.model, self.info.quantize, tensors, dtype=self.info.dtype, keep_dense=not one_copy
                     )
                 except ValueError as exc:
@@ -247,31 +246,6 @@ class LocalBackend:
         """``fn`` over ``items``, results in order: one at a time here (one model on shared cores, and a
         Ctrl-C must land in the generation, which runs in the main thread)."""
         return [fn(item) for item in items]
-
-
-def quantize_head_first(
-    model: nn.Module, scheme: str, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, keep_dense: bool
-) -> None:
-    """``schemes.quantize_linears`` over ``model``; without ``keep_dense`` (the quantized weights the only
-    copy), its LM head first and on its own: the head's codes (136 MB for the 0.5B model, read whole) are
-    then read and packed before any other layer's weights, and freed before those are read (q8 load's
-    peak RSS, 0.5B model: 1218 MiB with the head's codes beside every other layer, 1067 MiB without).
-    Kept dense linears are loaded whole anyway: those models are quantized in one pass."""
-    head = model.get_output_embeddings()  # type: ignore[operator]
-    if not keep_dense and isinstance(head, nn.Linear):
-        name = next(n for n, m in model.named_modules() if m is head)
-        parent, _, child = name.rpartition(".")
-        holder = nn.Module()
-        holder.add_module(child, head)
-        own = {}
-        for part in (schemes.QWEIGHT, schemes.QSCALES):
-            with contextlib.suppress(KeyError):  # quantize_linears says what is missing
-                own[f"{child}.{part}"] = tensors[f"{name}.{part}"]
-        schemes.quantize_linears(holder, scheme, own, dtype=dtype, keep_dense=keep_dense)
-        del own
-        model.get_submodule(parent).add_module(child, holder.get_submodule(child))
-        trim_heap()
-    schemes.quantize_linears(model, scheme, tensors, dtype=dtype, keep_dense=keep_dense)
 
 
 def _import_model_code() -> None:
