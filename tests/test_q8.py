@@ -31,7 +31,9 @@ COMBOS = list(
 needs_q8 = pytest.mark.skipif(not native.likely_available("q8"), reason="no C compiler or CPU flags here")
 
 
-def tolerance(terms: torch.Tensor, want: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def tolerance(
+    terms: torch.Tensor, want: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, extra: int = 0
+) -> torch.Tensor:
     """How far the kernel may be from the float64 reference, per output, from its arithmetic alone. The
     activation codes are the reference's exactly and each block's int32 sum is exact (|sum| <= 32 * 127
     * 127 < 2^24, so it converts to float exactly); what rounds is each block's scale product (once),
@@ -39,10 +41,10 @@ def tolerance(terms: torch.Tensor, want: torch.Tensor, bias: torch.Tensor | None
     (once): every term carries at most nb + 2 factors (1 + d), |d| <= 2^-24, so the output is within
     (nb + 2) 2^-24 / (1 - (nb + 2) 2^-24) of the sum of the terms' and the bias's magnitudes ((nb + 3) 2^-24
     covers the denominator for nb <= 152). A bfloat16 output then rounds once more, by at most 2^-8 of
-    itself."""
+    itself. ``extra``: roundings more per term that a caller's arithmetic has (the gemm's: test_q8_gemm)."""
     nb = terms.shape[-1]
     magnitude = terms.abs().sum(-1) + (0 if bias is None else bias.double().abs())
-    tol = (nb + 3) * 2.0**-24 * magnitude
+    tol = (nb + 3 + extra) * 2.0**-24 * magnitude
     if dtype == torch.bfloat16:
         tol = tol + 2.0**-8 * (want.abs() + tol)
     return tol

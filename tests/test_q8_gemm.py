@@ -16,6 +16,7 @@ from longdoc.native import q8
 from longdoc.quant import schemes
 
 from .test_q8 import COMBOS, activations, needs_q8, weight
+from .test_q8 import tolerance as q8_tolerance
 
 KS = [32, 96, 896, 4864]
 NS = [1, 7, 8, 9, 16, 17, 151, 1152]
@@ -25,12 +26,7 @@ MS = [1, 2, 3, 4, 5, 7, 9, 33]
 def tolerance(terms: torch.Tensor, want: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """test_q8's bound, with one rounding more per term: a block's int32 sum reaches 32 * 32767 * 127 >
     2^24 with 16-bit codes, so turning it into float rounds, by at most 2^-24 of itself."""
-    nb = terms.shape[-1]
-    magnitude = terms.abs().sum(-1) + (0 if bias is None else bias.double().abs())
-    tol = (nb + 4) * 2.0**-24 * magnitude
-    if dtype == torch.bfloat16:
-        tol = tol + 2.0**-8 * (want.abs() + tol)
-    return tol
+    return q8_tolerance(terms, want, bias, dtype, extra=1)
 
 
 def gemm_levels() -> list[int]:
