@@ -459,7 +459,7 @@ def llamacpp_ppl() -> str | None:
     )
 
 
-AVX2_QUALITY_SCHEMES = ("none_avx2", "q8_avx2", "q8_gemm_avx2")
+AVX2_QUALITY_SCHEMES = ("none_avx2", "q8_avx2", "q8_gemm_avx2", "q8_flash16_avx2", "q8_gemm_flash16_avx2")
 AVX2_QUALITY_TITLE = "Quantization: quality of q8 against unquantized (float32, float16 KV cache)"
 
 
@@ -480,6 +480,8 @@ def quantized(
         "none_avx2": "none (float32)",
         "q8_avx2": "q8 (Q8_0 kernel, int8 activations per block of 32; prefill on the Q8_0 weights unpacked)",
         "q8_gemm_avx2": "q8, its prefill model since the ninth session (int16 gemm, fused glu; passkey end to end)",
+        "q8_flash16_avx2": "q8 with prefill attention on int16 products (flash16.c, the tenth session)",
+        "q8_gemm_flash16_avx2": "q8's prefill model with flash16.c (int16 gemm and attention; passkey end to end)",
     }
     for scheme in schemes:
         cells = []
@@ -544,6 +546,45 @@ def attn16_kernel(name: str = "attn16") -> str | None:
         " in float16 since issue 26 (half the memory and the document cache): a decode step's attention reads"
         " it through attn16.c, prefill's widens it for torch's kernel.\n\n"
         + table(["keys", "kernel", "us per call", "GB/s", "speed-up over torch, 2 threads"], rows)
+    )
+
+
+def flash16_kernel(name: str = "flash16") -> str | None:
+    """Prefill attention on int16 products (flash16.c) against torch's float32 kernel, per model shape,
+    length and thread count, with both kernels' errors against float64."""
+    data = load(name)
+    if not data:
+        return None
+    rows = []
+    for r in data["rows"]:
+        sh = r["shape"]
+        err = r["max_error_vs_float64_512"]
+        for t in ("1t", "2t"):
+            rows.append(
+                [
+                    f"{r['model']} ({sh['heads']}/{sh['kv_heads']} heads, d {sh['head_dim']})",
+                    f"{r['tokens']:,}",
+                    t,
+                    r["ms_per_layer"][f"torch {t}"],
+                    r["ms_per_layer"][f"flash16 {t}"],
+                    r["gflop_per_s"][f"flash16 {t}"],
+                    f"{r['speedup_vs_torch'][t]:.2f}x",
+                    f"{err['flash16']['out']:.1e} / {err['flash16']['lse']:.1e}"
+                    if t == "2t"
+                    else f"torch {err['torch']['out']:.1e} / {err['torch']['lse']:.1e}",
+                ]
+            )
+    return (
+        f"### Prefill attention on int16 products ({data['cpu']}, class {data.get('cpu_class')})\n\n"
+        f"`{data['command']}` (`benchmarks/out/{name}.json`): one layer's causal attention, flash16.c (q and k"
+        " quantized per row to 12 and 11 bits after per-channel factors, v to 12, the probabilities per block"
+        " to 13, products summed exactly in int32 by vpmaddwd) against torch's float32 flash kernel. Errors:"
+        " the largest |out| and |lse| differences from float64 on 512 tokens of N(0, 1) inputs; the model's"
+        ' perplexity with it: "Quantization: quality of q8 against unquantized".\n\n'
+        + table(
+            ["shape", "tokens", "threads", "torch ms", "flash16 ms", "flash16 GFLOP/s", "speed-up", "error out / lse"],
+            rows,
+        )
     )
 
 
@@ -1353,6 +1394,7 @@ def document() -> str:
     speed = [
         ONE_COPY_NOTE,
         q8_gemm(),
+        flash16_kernel(),
         attn16_kernel(),
         paths(),
         paths("paths_2k", "CPU paths: this revision, the one before and llama.cpp at 2K, one run"),

@@ -118,12 +118,15 @@ def test_what_an_avx2_cpu_gets(flags, monkeypatch):
     monkeypatch.setattr(packing, "onednn_packs", lambda dtype: dtype == torch.float32)
     cpu_dev = torch.device("cpu")
     paths = machine.paths(cpu_dev, torch.float32, "none")
+    from longdoc.native import flash16
+
     assert (paths.cpu_class, paths.dtype, paths.packed, paths.quantize, paths.attention) == (
         "avx2",
         "float32",
         True,
         "none",
-        "torch-cpu",
+        # prefill attention on int16 products where flash16.c's AVX2 loop runs (this CPU's, under the cap)
+        "flash16.c" if flash16.fast() else "torch-cpu",
     )
     assert set(paths.why) == {"model", "dtype", "packed", "quantize", "attention"}
     assert paths.why["model"] == "asked for"  # what auto decided, where it did (runtime.plan.model_info)

@@ -632,7 +632,8 @@ def test_q8_session_holds_one_copy_of_the_weights(tmp_path):
     tensors = dict(mq.load_quantized(session.info.quant_folder))
     reference = weight_only_model(dense.float(), tensors)
     ids = torch.randint(0, 200, (1, 30), generator=torch.Generator().manual_seed(2))
-    pm = LongModel(model, AttentionSettings(None, get_kernel("cpu", torch.device("cpu"))))
+    # torch's attention kernel: the weights are what this compares (flash16.c's int16 attention: test_flash16)
+    pm = LongModel(model, AttentionSettings(None, get_kernel("cpu-torch", torch.device("cpu"))))
     hidden = pm.hidden_states(ids, 0, pm.new_cache(40))  # (the LM head's one row would run the kernel)
     with torch.no_grad():
         torch.testing.assert_close(hidden, reference.model(ids).last_hidden_state, rtol=1e-4, atol=1e-4)

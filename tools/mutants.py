@@ -369,6 +369,60 @@ MUTANTS = [
         "    (void)alpha;",
     ),
     (
+        "flash16: the K block's pairs packed one key off",
+        "longdoc/native/flash16.c",
+        "            kp[(j * KB + c) * 2 + 1] = row[2 * j + 1];",
+        "            kp[(j * KB + c) * 2 + 1] = row[(2 * j + 3) % d];",
+    ),
+    (
+        "flash16: the keys' channel factors not inverted",
+        "longdoc/native/flash16.c",
+        "        kf[i] = 1.f / qf[i];",
+        "        kf[i] = qf[i];",
+    ),
+    (
+        "flash16: a causal query sees the next key",
+        "longdoc/native/flash16.c",
+        "            if (pr->causal && q0 + t - k0 + 1 < valid) valid = q0 + t - k0 + 1;",
+        "            if (pr->causal && q0 + t - k0 + 2 < valid) valid = q0 + t - k0 + 2;",
+    ),
+    (
+        "flash16: the output not rescaled when the maximum grows",
+        "longdoc/native/flash16.c",
+        "    for (int64_t c = 0; c < d; c++) o[c] *= alpha;",
+        "    (void)o;",
+    ),
+    (
+        "flash16: the AVX2 softmax sums the probabilities after their value scales",
+        "longdoc/native/flash16.c",
+        "        sum = _mm256_add_ps(sum, e);\n        x[c] = _mm256_mul_ps(e, _mm256_loadu_ps(vsc + 8 * c));",
+        "        x[c] = _mm256_mul_ps(e, _mm256_loadu_ps(vsc + 8 * c));\n        sum = _mm256_add_ps(sum, x[c]);",
+    ),
+    (
+        "flash16: the assembly's third row reads the second's queries",
+        "longdoc/native/flash16.c",
+        '"vpbroadcastd (%[ap],%[s1],2), %[bc]\\n\\t"',
+        '"vpbroadcastd (%[ap],%[s1]), %[bc]\\n\\t"',
+    ),
+    (
+        "flash16: codes truncated instead of rounded",
+        "longdoc/native/flash16.c",
+        "        long c = lrintf(x[i] * inv);",
+        "        long c = (long)(x[i] * inv);",
+    ),
+    (
+        "flash16: the AVX2 exp2 polynomial loses its linear term",
+        "longdoc/native/flash16.c",
+        "    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(EXP2_C1));\n",
+        "",
+    ),
+    (
+        "flash16: attend_cpu keeps torch's kernel for float32 prefill",
+        "longdoc/attention/kernels.py",
+        "    if flash16.takes(q, k, v) and flash16.fast():",
+        "    if flash16.takes(q, k, v) and not flash16.fast():",
+    ),
+    (
         "attn16: the AVX2 loop reads the next KV head's keys",
         "longdoc/native/attn16.c",
         "AVX2_TARGET static void segment_avx2(const job *jb, int64_t head, int64_t a, int64_t b, float *part,\n"
@@ -415,7 +469,12 @@ MUTANTS = [
 
 # The test files that exercise each room, for --targeted (a file not listed: every fast test).
 TARGETS: dict[str, tuple[str, ...]] = {
-    "longdoc/attention/": ("tests/test_attention.py", "tests/test_fidelity.py", "tests/test_sparse.py"),
+    "longdoc/attention/": (
+        "tests/test_attention.py",
+        "tests/test_fidelity.py",
+        "tests/test_sparse.py",
+        "tests/test_flash16.py",
+    ),
     "longdoc/engine/": ("tests/test_recycled.py", "tests/test_fidelity.py", "tests/test_engine.py"),
     "longdoc/engine/decode.py": ("tests/test_layers.py", "tests/test_engine.py"),
     "longdoc/models/": ("tests/test_models.py", "tests/test_cpu_paths.py", "tests/test_engine.py"),
@@ -433,6 +492,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "longdoc/native/flash.c": ("tests/test_flash.py",),
     "longdoc/native/q8.c": ("tests/test_q8.py", "tests/test_q8_gemm.py"),
     "longdoc/native/attn16.c": ("tests/test_attn16.py",),
+    "longdoc/native/flash16.c": ("tests/test_flash16.py",),
     "longdoc/native/halves.h": ("tests/test_q8.py", "tests/test_int5.py", "tests/test_attn16.py"),
     "longdoc/native/__init__.py": ("tests/test_native.py", "tests/test_q8.py"),
     "longdoc/native/q8.py": ("tests/test_q8.py", "tests/test_q8_gemm.py", "tests/test_quant.py"),

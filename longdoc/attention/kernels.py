@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from longdoc.native import attn16, flash
+from longdoc.native import attn16, flash, flash16
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
 
@@ -105,16 +105,19 @@ def attend_cpu(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """longdoc's AVX-512 BF16 kernel (``flash.c``, about twice torch's on the model's shapes) where it
-    takes the input (bfloat16, a tile of queries or more, a CPU and compiler for it); a decode step's
-    one query row over a 16-bit KV cache through ``attn16.c`` (it reads the cache as stored, at memory
-    speed: benchmarks/RESULTS.md, "Decode attention over a 16-bit KV cache"); else torch's. (A float16
-    cache: float32 runs'. bfloat16 runs, on AVX-512 BF16 CPUs, keep torch's kernel until attn16.c is
-    measured there.)"""
+    takes the input (bfloat16, a tile of queries or more, a CPU and compiler for it); for float32, the
+    int16-product kernel (``flash16.c``) where its AVX2 loop runs (benchmarks/RESULTS.md, "Prefill
+    attention on int16 products"); a decode step's one query row over a 16-bit KV cache through
+    ``attn16.c`` (it reads the cache as stored, at memory speed: benchmarks/RESULTS.md, "Decode attention
+    over a 16-bit KV cache"); else torch's. (A float16 cache: float32 runs'. bfloat16 runs, on AVX-512
+    BF16 CPUs, keep torch's kernel until attn16.c is measured there.)"""
     if q.shape[2] == 1 and not causal and k.dtype == torch.float16 and attn16.takes(q, k, v):
         out, lse = attn16.attend16(q, k, v, None, scale)
         return out.to(q.dtype), lse
     if flash.flash_takes(q, k, v):
         return flash.flash_attention(q, k, v, causal, scale)
+    if flash16.takes(q, k, v) and flash16.fast():
+        return flash16.flash16(q, k, v, causal, scale)
     return attend_torch_cpu(q, k, v, causal, scale)
 
 

@@ -108,7 +108,13 @@ class Knobs:
     )
     kernel: str = field(
         default=RunConfig.kernel,
-        metadata=knob("", ENGINE, "Attention back end: auto follows the device.", KERNEL_CHOICES),
+        metadata=knob(
+            "",
+            ENGINE,
+            "Attention back end: auto follows the device; cpu takes longdoc's kernels where they run (flash.c,"
+            " flash16.c, attn16.c), cpu-torch only torch's fused kernel.",
+            KERNEL_CHOICES,
+        ),
     )
     pack: str = field(
         default=RunConfig.pack,

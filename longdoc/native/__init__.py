@@ -14,6 +14,9 @@
   twice torch's kernel on float32 K/V on the model's shapes (``benchmarks/bench_attn16.py``). On any
   CPU: a scalar loop everywhere, AVX2 and NEON loops chosen at run time under the ISA cap
   (``native/attn16.py``).
+* ``flash16.c``: prefill attention with its log-sum-exp, float32 in and out, on 16-bit integer
+  products (vpmaddwd): the AVX2 counterpart of ``flash.c`` (``benchmarks/bench_flash16.py``). A scalar
+  loop everywhere and an AVX2 loop chosen at run time under the ISA cap (``native/flash16.py``).
 
 A library is compiled from the packaged source on first use into ``<cache>/native/<name>-<arch>-<digest>.so``,
 where the digest covers the source, the compiler (its command and ``--version``) and the flags: a changed
@@ -77,6 +80,8 @@ SOURCES = {
     "q8": Source("q8.c", "the Q8_0 kernel", "nothing", frozenset(), "none"),
     # any CPU, as q8 (native/attn16.py)
     "attn16": Source("attn16.c", "the 16-bit KV decode attention kernel", "nothing", frozenset(), "none"),
+    # any CPU, as q8 (native/flash16.py)
+    "flash16": Source("flash16.c", "the int16 prefill attention kernel", "nothing", frozenset(), "none"),
 }
 
 _why: dict[str, list[str]] = {name: [] for name in SOURCES}
@@ -277,6 +282,11 @@ def _configure(name: str, lib: ctypes.CDLL) -> ctypes.CDLL:
         lib.longdoc_attn16.argtypes += [p, p, c_int, c_int]
         lib.longdoc_attn16_paths.restype, lib.longdoc_attn16_paths.argtypes = c_int, []
         lib.longdoc_attn16_level.restype, lib.longdoc_attn16_level.argtypes = c_int, [c_int]
+    elif name == "flash16":
+        lib.longdoc_flash16.restype = c_int
+        # q, strides, k, strides, v, strides, kv_half, out, lse, b, h, hkv, lq, lk, d, causal, scale, threads, level
+        lib.longdoc_flash16.argtypes = [*[p] * 6, c_int, p, p, *[i64] * 6, c_int, ctypes.c_float, c_int, c_int]
+        lib.longdoc_flash16_paths.restype, lib.longdoc_flash16_paths.argtypes = c_int, []
     else:
         lib.longdoc_flash_attention.restype = c_int
         # q, strides, k, strides, v, strides, block lists, counts, width, group, out, lse, sizes, causal, ...

@@ -27,7 +27,7 @@ import torch
 from longdoc import cpu, native
 from longdoc.cpu import onednn_packs
 from longdoc.models.resolve import cpu_has_fast_bf16
-from longdoc.native import q8
+from longdoc.native import flash16, q8
 from longdoc.quant.choose import quant_slower
 from longdoc.quant.packing import packing_pays
 from longdoc.quant.schemes import ONE_COPY
@@ -64,6 +64,8 @@ def attention_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> t
     )
     if dtype == torch.bfloat16 and native.likely_available("flash"):
         return "flash.c", "longdoc's AVX-512 BF16 kernel for prefill (about 2x torch's)" + decode
+    if dtype == torch.float32 and flash16.fast():
+        return "flash16.c", "longdoc's int16-product kernel for prefill (AVX2; about 1.4x torch's float32 one)" + decode
     if dtype != torch.bfloat16:
         return "torch-cpu", "torch's fused CPU kernel for prefill (flash.c is for bfloat16 runs, AVX-512 BF16)" + decode
     return "torch-cpu", "torch's fused CPU kernel: flash.c can't run here (AVX-512 BF16 and a C compiler)" + decode
@@ -128,7 +130,8 @@ def kernel_notes(p: MachinePaths) -> list[str]:
         ("int5", p.quantize == "int5"),
         ("q8", p.quantize == "q8"),
         ("flash", p.attention == "flash.c"),
-        ("attn16", p.attention == "torch-cpu" and p.dtype == "float32"),
+        ("flash16", p.attention == "flash16.c"),
+        ("attn16", p.attention in ("torch-cpu", "flash16.c") and p.dtype == "float32"),
     )
     used = [name for name, used in on if used]
     return [f"{native.SOURCES[name].what}: {note}" for name in used for note in native.notes(name)]
