@@ -569,9 +569,8 @@ def flash16_kernel(name: str = "flash16") -> str | None:
                     r["ms_per_layer"][f"flash16 {t}"],
                     r["gflop_per_s"][f"flash16 {t}"],
                     f"{r['speedup_vs_torch'][t]:.2f}x",
-                    f"{err['flash16']['out']:.1e} / {err['flash16']['lse']:.1e}"
-                    if t == "2t"
-                    else f"torch {err['torch']['out']:.1e} / {err['torch']['lse']:.1e}",
+                    f"{err['flash16']['out']:.1e} / {err['flash16']['lse']:.1e}",
+                    f"{err['torch']['out']:.1e} / {err['torch']['lse']:.1e}",
                 ]
             )
     return (
@@ -582,7 +581,17 @@ def flash16_kernel(name: str = "flash16") -> str | None:
         " the largest |out| and |lse| differences from float64 on 512 tokens of N(0, 1) inputs; the model's"
         ' perplexity with it: "Quantization: quality of q8 against unquantized".\n\n'
         + table(
-            ["shape", "tokens", "threads", "torch ms", "flash16 ms", "flash16 GFLOP/s", "speed-up", "error out / lse"],
+            [
+                "shape",
+                "tokens",
+                "threads",
+                "torch ms",
+                "flash16 ms",
+                "flash16 GFLOP/s",
+                "speed-up",
+                "flash16 error out / lse",
+                "torch error out / lse",
+            ],
             rows,
         )
     )
@@ -688,7 +697,7 @@ MODEL_RUNS: dict[str, dict[str, Any]] = {
         "ppl": "quant_ppl_none_avx2",
         "passkey": ("quant_passkey_q8_avx2", "models_0.5b_passkey_32k", "models_0.5b_passkey_64k"),
         "needle": ("models_0.5b_needle_8k", "models_0.5b_needle_32k"),
-        "speed": "llamacpp_avx2_gemm",
+        "speed": "llamacpp_avx2_flash16",
     },
     "qwen2.5-coder-1.5b": {
         "qa": "qa_1.5b",
@@ -712,8 +721,9 @@ gave each process's peak RSS):
   unquantized: `eval ppl`'s default)
 - `python -m benchmarks.bench_qa --model M --name qa_<model>`
 - `python -m benchmarks.bench_llamacpp --model M --lengths 2048,8192 --configs longdoc:auto,llamacpp --name
-  models_speed_<model>` (the speed columns: the ninth session's runs after the int16 gemm,
-  `llamacpp_avx2_gemm` for the 0.5B, `models_speed_1.5b_gemm` for the 1.5B)"""
+  models_speed_<model>` (the speed columns: `llamacpp_avx2_flash16` for the 0.5B, the tenth session's run
+  after the int16 attention; `models_speed_1.5b_gemm` for the 1.5B, the ninth session's after the int16
+  gemm, before it)"""
 
 
 def _score(rows: list[dict[str, Any]]) -> str:
@@ -1082,13 +1092,21 @@ def _cpu_class(data: dict[str, Any]) -> str:
     return "amx" if data.get("amx") else "avx512bf16" if data.get("avx512_bf16") else "unknown"
 
 
+def _fraction(r: dict[str, Any]) -> float:
+    """A row's decode as a fraction of the plain read just before it, where the run recorded one (since
+    the tenth session), else of the better of the reads before and after the run."""
+    if r.get("read_gb_per_s_before") and r.get("decode_gb_per_s"):
+        return float(r["decode_gb_per_s"]) / float(r["read_gb_per_s_before"])
+    return float(r.get("fraction_of_bandwidth") or 0)
+
+
 def _best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The best round of one configuration (the cores are shared: a slow round is another process's)."""
     return {
         "prefill": max(r["prefill_tok_s"] for r in runs),
         "decode": max(r["decode_tok_s"] for r in runs),
         "rss": min(r["peak_rss_bytes"] for r in runs),
-        "bandwidth": max((r.get("fraction_of_bandwidth") or 0 for r in runs), default=0),
+        "bandwidth": max((_fraction(r) for r in runs), default=0),
         "rounds": len(runs),
         "first": runs[0],
     }
@@ -1119,6 +1137,9 @@ def headline(cpu_title: str, runs: list[tuple[str, str, str]]) -> str | None:
         where = where or f"{data['cpu']}, class {_cpu_class(data)}, {data['threads']} threads"
         read = data.get("bandwidth_gb_per_s")
         measured = f"; plain read {max(read['before'], read['after'])} GB/s, same run" if read else ""
+        rows_read = [r["read_gb_per_s_before"] for r in data["rows"] if r.get("read_gb_per_s_before")]
+        if rows_read:
+            measured += f", {min(rows_read)}-{max(rows_read)} GB/s just before each row"
         commands.append(f"- `{data.get('command') or COMMANDS[name]}` (`benchmarks/out/{name}.json`{measured})")
         groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
         for r in data["rows"]:
@@ -1250,6 +1271,12 @@ faults (issue 27)" and "Reading the CPU paths (fifth session, issue 23)"."""
 # The command behind each detailed table (RESULTS.md, "How to read these").
 COMMANDS_BY_TABLE = [
     (
+        "Prefill attention on int16 products (issue 26)",
+        "`python -m benchmarks.bench_flash16`; against llama.cpp: `python -m benchmarks.bench_llamacpp --lengths"
+        " 2048,8192 --new 32 --configs longdoc:auto,llamacpp,longdoc:auto,llamacpp --name llamacpp_avx2_flash16`;"
+        " at 32K: `--lengths 32768 --new 32 --configs longdoc:auto,llamacpp --name llamacpp_avx2_flash16_32k`",
+    ),
+    (
         "Prefill on int16 activations (issue 26)",
         "`python -m benchmarks.bench_q8_gemm`; the 1.5B's shapes: `--model qwen2.5-coder-1.5b --name q8_gemm_1.5b"
         " --rows 1024`; against llama.cpp: `python -m benchmarks.bench_llamacpp --lengths 2048,8192 --new 32"
@@ -1370,12 +1397,17 @@ COMMANDS_BY_TABLE = [
 ]
 
 
+FLASH16_LABEL = "longdoc (auto, and prefill attention on int16 products)"
+
+
 def document() -> str:
     """RESULTS.md: the headline tables, the detailed tables by topic, how to read them."""
     headlines = [
         headline(
             "AVX2: longdoc `auto` against llama.cpp",
             [
+                ("llamacpp_avx2_flash16", "longdoc:auto", FLASH16_LABEL),
+                ("llamacpp_avx2_flash16_32k", "longdoc:auto", FLASH16_LABEL),
                 ("llamacpp_avx2_gemm", "longdoc:auto", "longdoc (auto: q8, prefill on the int16 gemm, leaner decode)"),
                 ("llamacpp_avx2_gemm_2", "longdoc:auto", "longdoc (the same, a second run)"),
                 ("llamacpp_avx2_q8", "longdoc:auto", "longdoc (auto: q8, one copy, 16-bit KV)"),

@@ -552,12 +552,7 @@ static int probe_paths(void) {
 /* Bit `level` set for each path this build and CPU run (bit 1, scalar, always); probed once. */
 int longdoc_flash16_paths(void) {
     static int known = 0;
-    int paths = __atomic_load_n(&known, __ATOMIC_RELAXED);
-    if (!paths) {
-        paths = probe_paths();
-        __atomic_store_n(&known, paths, __ATOMIC_RELAXED);
-    }
-    return paths;
+    return probed_once(&known, probe_paths);
 }
 
 /* Every CPU runs the scalar path. */

@@ -1,6 +1,6 @@
-/* What longdoc's C kernels share (q8.c, attn16.c, int5.c): 16-bit floats to and from float32 in
-   scalar code, exactly, Cephes' expf constants, a block's largest magnitude, and on x86 the probe of the
-   AVX2 paths.
+/* What longdoc's C kernels share (q8.c, attn16.c, int5.c, flash16.c): 16-bit floats to and from float32
+   in scalar code, exactly, Cephes' expf constants, a block's largest magnitude, a probe of the paths kept
+   after its first call, and on x86 the probe of the AVX2 paths.
 
    Each kernel includes it by a quoted #include; longdoc.native pastes it in place of that line before
    hashing and compiling a kernel, so a built library's name covers it and its cached copy of the
@@ -77,6 +77,18 @@ static inline float block_amax(const float *x) {
     float amax;
     memcpy(&amax, &top, 4);
     return amax;
+}
+
+/* `probe()`'s answer (a bit per path, never 0), kept in `*known` after the first call: CPUID traps to the
+   hypervisor in a virtual machine (9 us a call measured on a KVM guest). Threads that race to the first
+   probe all store the same value. */
+static inline int probed_once(int *known, int (*probe)(void)) {
+    int paths = __atomic_load_n(known, __ATOMIC_RELAXED);
+    if (!paths) {
+        paths = probe();
+        __atomic_store_n(known, paths, __ATOMIC_RELAXED);
+    }
+    return paths;
 }
 
 #if defined(__x86_64__) || defined(_M_X64)

@@ -348,17 +348,10 @@ static int probe_paths(void) {
     return paths;
 }
 
-/* Bit `level` set for each path this build and CPU run (bit 1, scalar, always). Probed once: CPUID
-   traps to the hypervisor in a virtual machine (9 us a call measured on a KVM guest). Threads that
-   race to the first probe all store the same value. */
+/* Bit `level` set for each path this build and CPU run (bit 1, scalar, always); probed once. */
 int longdoc_q8_paths(void) {
     static int known = 0;
-    int paths = __atomic_load_n(&known, __ATOMIC_RELAXED);
-    if (!paths) {
-        paths = probe_paths();
-        __atomic_store_n(&known, paths, __ATOMIC_RELAXED);
-    }
-    return paths;
+    return probed_once(&known, probe_paths);
 }
 
 /* Every CPU runs the scalar path. */
