@@ -480,7 +480,7 @@ def quantized(
         "none_avx2": "none (float32)",
         "q8_avx2": "q8 (Q8_0 kernel, int8 activations per block of 32; prefill on the Q8_0 weights unpacked)",
         "q8_gemm_avx2": "q8, its prefill model since the ninth session (int16 gemm, fused glu; passkey end to end)",
-        "q8_flash16_avx2": "q8 with prefill attention on int16 products (flash16.c, the tenth session)",
+        "q8_flash16_avx2": "q8, and prefill attention on int16 products (flash16.c, the tenth session)",
         "q8_gemm_flash16_avx2": "q8's prefill model with flash16.c (int16 gemm and attention; passkey end to end)",
     }
     for scheme in schemes:
@@ -504,6 +504,8 @@ def quantized(
             " --quantize q8` runs every position through the decode matmul (int8 activations: the model each"
             " decoded token comes from); the prefill model's row runs them through the path prefill takes"
             " (`python -m benchmarks.bench_q8_prefill_ppl ../shared/corpus --lengths 4096,16384 --no-dca --json`)."
+            " The flash16.c rows (the tenth session) run prefill attention on int16 products, the rows above"
+            " them torch's float32 kernel."
         )
     act = load("act_quant")
     if act:
@@ -1407,6 +1409,7 @@ def document() -> str:
             "AVX2: longdoc `auto` against llama.cpp",
             [
                 ("llamacpp_avx2_flash16", "longdoc:auto", FLASH16_LABEL),
+                ("llamacpp_avx2_flash16_2", "longdoc:auto", "longdoc (the same, a second run)"),
                 ("llamacpp_avx2_flash16_32k", "longdoc:auto", FLASH16_LABEL),
                 ("llamacpp_avx2_gemm", "longdoc:auto", "longdoc (auto: q8, prefill on the int16 gemm, leaner decode)"),
                 ("llamacpp_avx2_gemm_2", "longdoc:auto", "longdoc (the same, a second run)"),
