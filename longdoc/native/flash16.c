@@ -7,8 +7,8 @@
 
    Why integers: on AVX2 CPUs a float32 multiply-add retires 8 products per instruction and
    vpmaddwd 16 (int16 pairs summed into int32): the instruction-rate ceiling is about 1.6x higher
-   (benchmarks/HISTORY.md, ninth session), and torch's float32 flash kernel reaches about half the
-   float32 one on the model's shapes (benchmarks/RESULTS.md, "Prefill attention on int16 products").
+   (benchmarks/HISTORY.md, ninth session), and torch's float32 flash kernel reaches about half of the
+   FMA rate on the model's shapes (benchmarks/HISTORY.md, tenth session).
    flash.c is the AVX-512 BF16 counterpart; this file follows its tiling.
 
    Arithmetic (every path the same float operations, in the same order: the paths give the same bits):
