@@ -706,7 +706,7 @@ MODEL_RUNS: dict[str, dict[str, Any]] = {
         "ppl": "models_1.5b_ppl",
         "passkey": ("models_1.5b_passkey_8k", "models_1.5b_passkey_32k", "models_1.5b_passkey_64k"),
         "needle": ("models_1.5b_needle_8k", "models_1.5b_needle_32k"),
-        "speed": "models_speed_1.5b_gemm",
+        "speed": "models_speed_1.5b_flash16",
     },
 }
 MODEL_LENGTHS = (8192, 32768, 65536)
@@ -723,9 +723,8 @@ gave each process's peak RSS):
   unquantized: `eval ppl`'s default)
 - `python -m benchmarks.bench_qa --model M --name qa_<model>`
 - `python -m benchmarks.bench_llamacpp --model M --lengths 2048,8192 --configs longdoc:auto,llamacpp --name
-  models_speed_<model>` (the speed columns: `llamacpp_avx2_flash16` for the 0.5B, the tenth session's run
-  after the int16 attention; `models_speed_1.5b_gemm` for the 1.5B, the ninth session's after the int16
-  gemm, before it)"""
+  models_speed_<model>` (the speed columns: the tenth session's runs after the int16 attention,
+  `llamacpp_avx2_flash16` for the 0.5B, `models_speed_1.5b_flash16` for the 1.5B)"""
 
 
 def _score(rows: list[dict[str, Any]]) -> str:
