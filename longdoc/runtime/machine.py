@@ -65,7 +65,7 @@ def attention_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> t
     if dtype == torch.bfloat16 and native.likely_available("flash"):
         return "flash.c", "longdoc's AVX-512 BF16 kernel for prefill (about 2x torch's)" + decode
     if dtype == torch.float32 and flash16.fast():
-        return "flash16.c", "longdoc's int16-product kernel for prefill (AVX2; about 1.4x torch's float32 one)" + decode
+        return "flash16.c", "longdoc's int16-product kernel for prefill (AVX2; about 1.5x torch's float32 one)" + decode
     if dtype != torch.bfloat16:
         return "torch-cpu", "torch's fused CPU kernel for prefill (flash.c is for bfloat16 runs, AVX-512 BF16)" + decode
     return "torch-cpu", "torch's fused CPU kernel: flash.c can't run here (AVX-512 BF16 and a C compiler)" + decode
