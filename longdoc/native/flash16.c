@@ -190,30 +190,32 @@ static void pack_block(const Problem *pr, int64_t bi, int64_t kh, int64_t k0, in
 
 /* ---- scalar path ---- */
 
+/* The exact int32 sum over n pairs: a's pair i (a[2i], a[2i+1]) times b's word i (`stride` words apart). */
+static inline int32_t pair_dot(const int16_t *a, const int16_t *b, int64_t stride, int64_t n) {
+    int32_t acc = 0;
+    for (int64_t i = 0; i < n; i++)
+        acc += (int32_t)a[2 * i] * b[i * stride * 2] + (int32_t)a[2 * i + 1] * b[i * stride * 2 + 1];
+    return acc;
+}
+
 /* s (MR x KB) = the rows q (MR x d codes) against the packed key block: exact dots times the scales. */
 static void scores_scalar(const int16_t *q, const float *qsc, int64_t d, const int16_t *kp, const float *ksc,
                           float *s) {
     for (int r = 0; r < MR; r++)
-        for (int c = 0; c < KB; c++) {
-            int32_t acc = 0;
-            for (int64_t j = 0; j < d / 2; j++)
-                acc += (int32_t)q[r * d + 2 * j] * kp[(j * KB + c) * 2] +
-                       (int32_t)q[r * d + 2 * j + 1] * kp[(j * KB + c) * 2 + 1];
-            s[r * KB + c] = (float)acc * (ksc[c] * qsc[r]);
-        }
+        for (int c = 0; c < KB; c++)
+            s[r * KB + c] = (float)pair_dot(q + r * d, kp + 2 * c, KB, d / 2) * (ksc[c] * qsc[r]);
 }
 
-/* o (MR x d) += each row's probability scale times the exact sums of its codes p (MR x KB) against the
-   packed value block. */
-static void values_scalar(const int16_t *p, const float *psc, int64_t d, const int16_t *vp, float *o) {
+/* Columns [c0, d) of o (MR x d) += each row's probability scale times the exact sums of its codes p
+   (MR x KB) against the packed value block. */
+static void value_columns(const int16_t *p, const float *psc, int64_t d, const int16_t *vp, float *o, int64_t c0) {
     for (int r = 0; r < MR; r++)
-        for (int64_t c = 0; c < d; c++) {
-            int32_t acc = 0;
-            for (int i = 0; i < KB / 2; i++)
-                acc += (int32_t)p[r * KB + 2 * i] * vp[(i * d + c) * 2] +
-                       (int32_t)p[r * KB + 2 * i + 1] * vp[(i * d + c) * 2 + 1];
-            o[r * d + c] = fmaf(psc[r], (float)acc, o[r * d + c]);
-        }
+        for (int64_t c = c0; c < d; c++)
+            o[r * d + c] = fmaf(psc[r], (float)pair_dot(p + r * KB, vp + 2 * c, d, KB / 2), o[r * d + c]);
+}
+
+static void values_scalar(const int16_t *p, const float *psc, int64_t d, const int16_t *vp, float *o) {
+    value_columns(p, psc, d, vp, o, 0);
 }
 
 /* The block's largest score among its first `valid`, and where it exceeds the row's maximum m, the
@@ -342,13 +344,7 @@ AVX2 static void values_avx2(const int16_t *p, const float *psc, int64_t d, cons
         }
     }
     /* the last columns when d is not a multiple of 16: the scalar sums (exact, so the same bits) */
-    for (int r = 0; r < MR; r++)
-        for (int64_t c = c0; c < d; c++) {
-            int32_t a = 0;
-            for (int i = 0; i < KB / 2; i++)
-                a += (int32_t)p[r * KB + 2 * i] * vp[(i * d + c) * 2] + (int32_t)p[r * KB + 2 * i + 1] * vp[(i * d + c) * 2 + 1];
-            o[r * d + c] = fmaf(psc[r], (float)a, o[r * d + c]);
-        }
+    value_columns(p, psc, d, vp, o, c0);
 }
 
 /* exp2_neg on 8 lanes: the same operations. */
