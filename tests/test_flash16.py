@@ -20,14 +20,22 @@ The tolerances follow from the arithmetic (flash16.c's header):
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
-from longdoc import native
+from longdoc import cpu, native
 from longdoc.attention import kernels
 from longdoc.attention.kernels import attend_reference
 from longdoc.native import flash16
+
+from .helpers import build_driver, program
+
+DRIVER = Path(__file__).parent / "data" / "flash16_driver.c"
+SOURCE = Path(native.__file__).with_name("flash16.c")
 
 QMAX, KMAX, VMAX = 4095, 2047, 4095
 
@@ -226,3 +234,34 @@ def test_what_it_takes_and_what_it_refuses():
         flash16.flash16(q, k[:, :, :8], v[:, :, :8], True, 0.125)  # causal needs Lq == Lk
     with pytest.raises(RuntimeError, match="refused"):
         flash16.flash16(q, k, v, False, math.inf)
+
+
+def test_every_build_and_architecture_gives_the_same_bits(tmp_path):
+    """tests/data/flash16_driver.c with the kernel, built natively by cc and clang (with and without
+    OpenMP where it links) and for aarch64 (run under qemu-aarch64: its scalar path, the one ARM runs):
+    on 6 cases (tails of tiles, blocks and columns, GQA, causal, float16 K/V, a key-bias channel) every
+    path of every build prints the same checksum of its outputs, the checksum of the native build's
+    scalar path, which the tests above hold to float64. Emulated: correctness, not speed."""
+    cross = program("aarch64-linux-gnu-gcc", needed_in_ci=True)
+    qemu = program("qemu-aarch64", needed_in_ci=True)
+    cc = native._compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    arm = build_driver([cross], ["-static", "-march=armv8-a"], DRIVER, SOURCE, tmp_path / "arm")
+    runs = {"aarch64": [qemu, "-cpu", "max", "-L", "/usr/aarch64-linux-gnu", str(arm)]}
+    compilers = {"cc": cc} | ({"clang": [clang]} if (clang := shutil.which("clang")) else {})
+    for name, command in compilers.items():
+        for openmp in (False, True):
+            if openmp and native._openmp(tuple(command)) is not None:
+                continue
+            build = f"{name}{'-openmp' if openmp else ''}"
+            runs[build] = [str(build_driver(command, ["-fopenmp"] if openmp else [], DRIVER, SOURCE, tmp_path / build))]
+    sums: dict[str, dict[int, str]] = {}
+    for name, cmd in runs.items():
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (name, proc.stderr)
+        sums[name] = {int(w[1]): w[2] for w in (line.split() for line in proc.stdout.splitlines()) if w[0] == "path"}
+    assert set(sums["aarch64"]) == {flash16.SCALAR}
+    if flash16.PATH_FLAGS[flash16.AVX2] <= cpu._raw_flags()[0]:
+        assert all(set(found) == {flash16.SCALAR, flash16.AVX2} for name, found in sums.items() if name != "aarch64")
+    assert len({checksum for found in sums.values() for checksum in found.values()}) == 1, sums
