@@ -201,11 +201,11 @@ def test_the_kernel_refuses_what_it_cannot_take():
     out = torch.empty(1, 8)
     x = torch.randn(1, 64)
     assert (
-        lib.longdoc_q8_matmul(x.data_ptr(), 0, 1, 48, packed.data_ptr(), 8, None, out.data_ptr(), 0, 1, 0, None, 0.0)
+        lib.longdoc_q8_matmul(x.data_ptr(), 0, 1, 48, packed.data_ptr(), 8, None, out.data_ptr(), 0, 1, 0, None, 0.0, 8)
         == 1
     )
     assert (
-        lib.longdoc_q8_matmul(x.data_ptr(), 0, 1, 64, packed.data_ptr(), 8, None, out.data_ptr(), 0, 1, 9, None, 0.0)
+        lib.longdoc_q8_matmul(x.data_ptr(), 0, 1, 64, packed.data_ptr(), 8, None, out.data_ptr(), 0, 1, 9, None, 0.0, 8)
         == 1
     )
 

@@ -104,9 +104,10 @@ def test_the_isa_cap_turns_the_gemms_avx2_loop_off(monkeypatch):
     lib = native.library("q8")
     x, out = torch.randn(2, 64), torch.empty(2, 8)
     packed = matmul.packed
+    call = (x.data_ptr(), 0, 2)
     for level in (q8.NEON, q8.NEON_DOT, 9):
-        assert lib.longdoc_q8_gemm(x.data_ptr(), 0, 2, 64, packed.data_ptr(), 8, None, out.data_ptr(), 0, 1, level) == 1
-    assert lib.longdoc_q8_gemm(x.data_ptr(), 0, 2, 48, packed.data_ptr(), 8, None, out.data_ptr(), 0, 1, 1) == 1
+        assert lib.longdoc_q8_gemm(*call, 64, packed.data_ptr(), 8, None, out.data_ptr(), 0, 1, level, 8) == 1
+    assert lib.longdoc_q8_gemm(*call, 48, packed.data_ptr(), 8, None, out.data_ptr(), 0, 1, 1, 8) == 1
     with pytest.raises(RuntimeError, match=r"rows \(M, 64\)"):
         matmul.gemm(torch.randn(2, 32), torch.float32)
 

@@ -265,16 +265,17 @@ def _configure(name: str, lib: ctypes.CDLL) -> ctypes.CDLL:
         lib.longdoc_int5_matmul.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int]
     elif name == "q8":
         lib.longdoc_q8_matmul.restype = c_int
-        lib.longdoc_q8_matmul.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int, c_int, p, ctypes.c_float]
+        f32 = ctypes.c_float
+        lib.longdoc_q8_matmul.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int, c_int, p, f32, c_int]
         lib.longdoc_q8_paths.restype, lib.longdoc_q8_paths.argtypes = c_int, []
         lib.longdoc_q8_level.restype, lib.longdoc_q8_level.argtypes = c_int, [c_int]
         lib.longdoc_q8_rows.restype = c_int
-        lib.longdoc_q8_rows.argtypes = [p, i64, i64, p, i64, p, c_int, c_int]
+        lib.longdoc_q8_rows.argtypes = [p, i64, i64, p, i64, p, c_int, c_int, c_int]
         lib.longdoc_q8_gemm.restype = c_int
-        lib.longdoc_q8_gemm.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int, c_int]
+        lib.longdoc_q8_gemm.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int, c_int, c_int]
         lib.longdoc_q8_gemm_fast.restype, lib.longdoc_q8_gemm_fast.argtypes = c_int, []
         lib.longdoc_q8_glu.restype = c_int
-        lib.longdoc_q8_glu.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int, c_int]
+        lib.longdoc_q8_glu.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int, c_int, c_int]
     elif name == "attn16":
         lib.longdoc_attn16.restype = c_int
         # q, heads, kv heads, d, k, v, bf16, head stride, row stride, keys, scale, out, lse, threads, level

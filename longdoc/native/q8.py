@@ -19,6 +19,14 @@ from longdoc.native.matmul import run_matmul
 
 # input channels per block; rows per group of the packed layout; bytes of one block of a group
 BLOCK, GROUP, GROUP_BLOCK_BYTES = 32, 8, 272
+# the 5-bit layout of the same format (codes in -16..15, llama.cpp's Q5_0 grid): bytes of a group's block
+FIVE_BLOCK_BYTES = 176
+# the packed layouts, by bits a code
+BLOCK_BYTES = {8: GROUP_BLOCK_BYTES, 5: FIVE_BLOCK_BYTES}
+# a weight whose 5-bit codes stand for it within this relative error (Frobenius norm) lies on a 5-bit grid
+# already (the GGUF's Q5_0 blocks, rounded to bfloat16: about 0.002); any other weight is 20-40 times
+# further (benchmarks/HISTORY.md, eleventh session)
+ON_GRID = 0.01
 # the largest activation code: the matmul (decode) quantizes activations to 8 bits, the gemm (prefill's
 # many rows) to 16 (q8.c)
 TOP8, TOP16 = 127, 32767
@@ -56,6 +64,55 @@ def quantize_q8(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Ten
     return qs, scales
 
 
+def quantize_q5(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight (N, K), K a multiple of 32, -> codes (N, K) int8 in -16..15 and scales (N, K/32) float16 on
+    llama.cpp's Q5_0 grid: per block, the weight of largest magnitude m (the first, on ties) gets code
+    -16, scale = m / -16 rounded to float16, and codes = round(w / scale) (half to even) clamped to
+    -16..15. A block of zeros has scale 0 and codes 0. A block quantized so by llama.cpp comes back to the
+    same codes, even from its weights rounded to bfloat16 (their error, 2^-9 of each, moves no code)."""
+    n, k = weight.shape
+    if k % BLOCK:
+        raise ValueError(f"Q5_0 needs the input width to be a multiple of {BLOCK}, not {k}")
+    qs = torch.empty(n, k, dtype=torch.int8)
+    scales = torch.empty(n, k // BLOCK, dtype=torch.float16)
+    for r in range(0, n, chunk_rows):
+        w = weight[r : r + chunk_rows].detach().float().reshape(-1, k // BLOCK, BLOCK)
+        top = w.gather(-1, w.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        s = (top / -16).to(torch.float16)
+        if not torch.isfinite(s).all():
+            raise ValueError("Q5_0 scales overflow float16: the weight has values beyond 1e6 or not finite")
+        wide = s.float().unsqueeze(-1)
+        codes = torch.where(wide != 0, torch.round(w / wide), torch.zeros_like(w)).clamp_(-16, 15)
+        qs[r : r + chunk_rows] = codes.reshape(-1, k).to(torch.int8)
+        scales[r : r + chunk_rows] = s
+    return qs, scales
+
+
+def relative_error(weight: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, chunk_rows: int = 4096) -> float:
+    """||weight - dequantized|| / ||weight|| (Frobenius norms), a few rows at a time; 0 for a zero weight."""
+    err = norm = 0.0
+    for r in range(0, weight.shape[0], chunk_rows):
+        w = weight[r : r + chunk_rows].detach().double()
+        err += float((w - dequantize_q8(qs[r : r + chunk_rows], scales[r : r + chunk_rows])).pow(2).sum())
+        norm += float(w.pow(2).sum())
+    return (err / norm) ** 0.5 if norm > 0 else 0.0
+
+
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes and scales the q8 scheme stores for a weight: its 5-bit ones (``quantize_q5``) where they
+    stand for it within ``ON_GRID`` (it lies on a 5-bit grid already: nothing is lost, and decode reads the
+    5-bit layout on AVX2), else the 8-bit ones (``quantize_q8``)."""
+    qs, scales = quantize_q5(weight)
+    if relative_error(weight, qs, scales) < ON_GRID:
+        return qs, scales
+    return quantize_q8(weight)
+
+
+def fits_five(qs: torch.Tensor) -> bool:
+    """Whether codes (N, K) int8 all lie in -16..15, so pack to the 5-bit layout."""
+    return bool(qs.numel() == 0 or (int(qs.min()) >= -16 and int(qs.max()) <= 15))
+
+
 def dequantize_q8(qs: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Codes (N, K) and scales (N, K/32) -> the weight they stand for, (N, K) float64 (exact)."""
     n, k = qs.shape
@@ -77,13 +134,18 @@ def _rows(parts: Sequence[torch.Tensor], r0: int, r1: int) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-def pack(qs: torch.Tensor | Sequence[torch.Tensor], scales: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+def pack(
+    qs: torch.Tensor | Sequence[torch.Tensor], scales: torch.Tensor | Sequence[torch.Tensor], bits: int = 8
+) -> torch.Tensor:
     """Codes (N, K) int8 and scales (N, K/32) float16 -> the kernel's layout, (ceil(N/8), K/32 * 272)
     uint8: groups of 8 rows (the last padded with zero rows, scale 0), each a run of blocks in input
     order; a block is the 8 rows' float16 scales, then 8 steps of 32 bytes, step s holding each row's
-    weights 4s..4s+3 of the block in turn (q8.c). Lists of codes and scales are packed as their rows
-    stacked (linears that share their input). Written in place a few groups at a time: beyond the
-    codes and the result it holds a few MB (an LM head's codes alone are 136 MB)."""
+    weights 4s..4s+3 of the block in turn (q8.c). With ``bits`` 5 (codes in -16..15: ``fits_five``),
+    the 5-bit layout, (ceil(N/8), K/32 * 176): the scales, then the steps' codes + 16 as nibbles (piece t:
+    step t low, step t + 4 high) and fifth bits (byte i, bit s: step s's byte i). Lists of codes and
+    scales are packed as their rows stacked (linears that share their input). Written in place a few
+    groups at a time: beyond the codes and the result it holds a few MB (an LM head's codes alone are
+    136 MB)."""
     qparts = [qs] if isinstance(qs, torch.Tensor) else list(qs)
     sparts = [scales] if isinstance(scales, torch.Tensor) else list(scales)
     k = int(qparts[0].shape[1])
@@ -91,10 +153,12 @@ def pack(qs: torch.Tensor | Sequence[torch.Tensor], scales: torch.Tensor | Seque
     for q, sc in zip(qparts, sparts, strict=True):
         if k % BLOCK or q.shape[1] != k or sc.shape != (q.shape[0], nb):
             raise ValueError(f"codes {tuple(q.shape)} and scales {tuple(sc.shape)} are not a Q8_0 weight")
+    if bits not in BLOCK_BYTES:
+        raise ValueError(f"the Q8_0 kernel packs 8 or 5 bits a code, not {bits}")
     n = sum(int(q.shape[0]) for q in qparts)
     groups = -(-n // GROUP)
-    out = torch.empty(groups, nb * GROUP_BLOCK_BYTES, dtype=torch.uint8)
-    blocks = out.view(groups, nb, GROUP_BLOCK_BYTES)
+    out = torch.empty(groups, nb * BLOCK_BYTES[bits], dtype=torch.uint8)
+    blocks = out.view(groups, nb, BLOCK_BYTES[bits])
     for g0 in range(0, groups, _PACK_GROUPS):
         g1 = min(groups, g0 + _PACK_GROUPS)
         r0, r1, count = g0 * GROUP, min(n, g1 * GROUP), g1 - g0
@@ -107,8 +171,17 @@ def pack(qs: torch.Tensor | Sequence[torch.Tensor], scales: torch.Tensor | Seque
         # scales: (group, row, block) -> (group, block, row); codes: (group, row, block, step, j) ->
         # (group, block, step, row, j)
         blocks[g0:g1, :, : 2 * GROUP].copy_(s.view(count, GROUP, nb).transpose(1, 2).contiguous().view(torch.uint8))
-        codes = blocks[g0:g1, :, 2 * GROUP :].view(count, nb, BLOCK // 4, GROUP, 4)
-        codes.copy_(q.view(torch.uint8).view(count, GROUP, nb, BLOCK // 4, 4).permute(0, 2, 3, 1, 4))
+        steps = q.view(count, GROUP, nb, BLOCK // 4, 4).permute(0, 2, 3, 1, 4)  # (group, block, step, row, j)
+        if bits == 8:
+            blocks[g0:g1, :, 2 * GROUP :].view(count, nb, BLOCK // 4, GROUP, 4).copy_(steps.view(torch.uint8))
+            continue
+        if not fits_five(q):
+            raise ValueError("codes beyond -16..15 do not pack to 5 bits")
+        u = (steps.to(torch.int16) + 16).reshape(count, nb, BLOCK // 4, 32)  # step s's 32 bytes, 0..31
+        nibbles = (u[:, :, :4] & 15) | ((u[:, :, 4:] & 15) << 4)
+        fifth = ((u >> 4) << torch.arange(BLOCK // 4, dtype=torch.int16).view(1, 1, -1, 1)).sum(2)
+        blocks[g0:g1, :, 2 * GROUP : 2 * GROUP + 128].copy_(nibbles.reshape(count, nb, 128).to(torch.uint8))
+        blocks[g0:g1, :, 2 * GROUP + 128 :].copy_(fifth.to(torch.uint8))
     return out
 
 
@@ -192,7 +265,8 @@ def reference_glu(
 
 class Q8Matmul:
     """Calls of the kernel for one packed Q8_0 weight (N, K), bias added, on one path (``level``: one of
-    ``paths()``; the best here by default)."""
+    ``paths()``; the best here by default). ``bits``: the packed layout, 8 or 5 (``pack``; 5 runs on the
+    scalar and AVX2 paths)."""
 
     def __init__(
         self,
@@ -201,16 +275,26 @@ class Q8Matmul:
         out_features: int,
         bias: torch.Tensor | None,
         level: int | None = None,
+        bits: int = 8,
     ):
         lib = library("q8")
         if lib is None:
             raise RuntimeError(f"the Q8_0 kernel is not available: {why_unavailable('q8')}")
         groups = -(-out_features // GROUP)
-        if in_features % BLOCK or packed.shape != (groups, in_features // BLOCK * GROUP_BLOCK_BYTES):
-            raise ValueError(f"a packed Q8_0 weight ({in_features} -> {out_features}) is not {tuple(packed.shape)}")
+        if (
+            bits not in BLOCK_BYTES
+            or in_features % BLOCK
+            or packed.shape != (groups, in_features // BLOCK * BLOCK_BYTES[bits])
+        ):
+            raise ValueError(
+                f"a packed Q8_0 weight ({in_features} -> {out_features}, {bits} bits) is not {tuple(packed.shape)}"
+            )
         self.level = best_path() if level is None else level
         if self.level not in paths():
             raise RuntimeError(f"the Q8_0 kernel's {PATHS.get(self.level, self.level)} path does not run here")
+        if bits == 5 and self.level not in (SCALAR, AVX2):
+            raise RuntimeError(f"the Q8_0 kernel's {PATHS[self.level]} path takes the 8-bit layout only")
+        self.bits = bits
         self.lib, self.packed, self.k, self.n = lib, packed.contiguous(), in_features, out_features
         self.bias = None if bias is None else bias.detach().float().contiguous()
 
@@ -243,6 +327,7 @@ class Q8Matmul:
             self.level,
             None if weight is None else weight.data_ptr(),
             0.0 if norm is None else norm[1],
+            self.bits,
         )
 
     @property
@@ -273,7 +358,7 @@ class Q8Matmul:
             raise RuntimeError(f"the Q8_0 kernel takes rows (M, {self.k}), not {tuple(rows.shape)}")
         threads = torch.get_num_threads() if threads is None else threads
         level = AVX2 if self.gemm_fast else SCALAR
-        return run_matmul(entry, what, rows, self.packed, (self.k, width), self.bias, dtype, threads, level)
+        return run_matmul(entry, what, rows, self.packed, (self.k, width), self.bias, dtype, threads, level, self.bits)
 
     def rows(self, ids: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows ``ids`` (M,) int64 of the weight (all N when None), dequantized -> (M, K) in ``dtype``
@@ -292,6 +377,7 @@ class Q8Matmul:
             out.data_ptr(),
             int(dtype == torch.bfloat16),
             torch.get_num_threads(),
+            self.bits,
         )
         if rc != 0:
             raise RuntimeError(f"the Q8_0 weight has {self.n} rows: row ids out of range")

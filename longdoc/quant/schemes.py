@@ -61,7 +61,7 @@ from longdoc.native import int5, q8
 SCHEMES = QUANTIZE_SCHEMES
 
 # Bumped when quantization changes its output: cached quantized weights of another version are rebuilt.
-QUANT_VERSION = 3
+QUANT_VERSION = 4
 
 # int4 group size (input channels sharing one scale and minimum): 32, the finest the CPU kernel takes,
 # and the sub-block size of the GGUF Q4_K weights the embedded model comes from. Its perplexity cost is
@@ -226,7 +226,7 @@ def quantize(scheme: str, weight: torch.Tensor, group: int = INT4_GROUP) -> tupl
     if scheme == "int5":
         return quantize_int5(weight)
     if scheme == "q8":
-        return q8.quantize_q8(weight)
+        return q8.quantize(weight)
     raise ValueError(f"unknown quantization {scheme!r}")
 
 
@@ -307,7 +307,11 @@ class QuantGemm:
             ).to(torch.float32 if self.kind == "gemm" else dtype)
         self.group = 0
         if self.kind == "q8":  # packed from the parts, without stacking them first (pack's docstring)
-            self.q8 = q8.Q8Matmul(q8.pack(qweights, scales), self.in_features, sum(self.sizes), self.bias)
+            # the 5-bit layout where its loop runs and every code fits it (fewer bytes a decode step reads)
+            bits = 5 if q8.best_path() == q8.AVX2 and all(q8.fits_five(q) for q in qweights) else 8
+            self.q8 = q8.Q8Matmul(
+                q8.pack(qweights, scales, bits), self.in_features, sum(self.sizes), self.bias, bits=bits
+            )
             self.bias = None  # added by the kernel
             self.nbytes = self.q8.packed.numel()
             return

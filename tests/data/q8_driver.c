@@ -19,7 +19,7 @@
 
 int longdoc_q8_matmul(const void *x, int x_bf16, int64_t m, int64_t k, const uint8_t *w, int64_t n,
                       const float *bias, void *out, int out_bf16, int threads, int level, const float *norm_w,
-                      float eps);
+                      float eps, int bits);
 int longdoc_q8_level(int level);
 
 static uint64_t state = 0x9e3779b97f4a7c15ull;
@@ -99,13 +99,13 @@ int main(int argc, char **argv) {
                 uint8_t *want = malloc(size), *got = malloc(size);
                 const void *xin = x_bf16 ? (const void *)xh : (const void *)x;
                 const float *b = with_bias ? bias : NULL;
-                if (longdoc_q8_matmul(xin, x_bf16, m, k, w, n, b, want, out_bf16, 1, 1, NULL, 0.f) != 0) return 2;
+                if (longdoc_q8_matmul(xin, x_bf16, m, k, w, n, b, want, out_bf16, 1, 1, NULL, 0.f, 8) != 0) return 2;
                 sum = fnv(sum, want, size);
                 for (int l = 0; l < nlevels; l++) {
                     cases[l]++;
                     if (levels[l] == 1) continue; /* the reference itself */
                     memset(got, 0xa5, size);
-                    if (longdoc_q8_matmul(xin, x_bf16, m, k, w, n, b, got, out_bf16, 1, levels[l], NULL, 0.f) != 0) return 2;
+                    if (longdoc_q8_matmul(xin, x_bf16, m, k, w, n, b, got, out_bf16, 1, levels[l], NULL, 0.f, 8) != 0) return 2;
                     if (memcmp(want, got, size) != 0) {
                         wrong[l]++;
                         fprintf(stderr, "level %d differs at m=%ld n=%ld k=%ld x_bf16=%d out_bf16=%d bias=%d\n",
@@ -123,7 +123,7 @@ int main(int argc, char **argv) {
     uint8_t w1[272] = {0};
     float x1[32] = {0}, o1[1];
     for (int level = 1; level <= 5; level++)
-        if (longdoc_q8_level(level) != level && longdoc_q8_matmul(x1, 0, 1, 32, w1, 1, NULL, o1, 0, 1, level, NULL, 0.f) != 1)
+        if (longdoc_q8_level(level) != level && longdoc_q8_matmul(x1, 0, 1, 32, w1, 1, NULL, o1, 0, 1, level, NULL, 0.f, 8) != 1)
             return 3;
     return 0;
 }
