@@ -103,6 +103,8 @@ def test_the_five_bit_layout_holds_the_codes_and_scales():
     assert torch.equal(unpack_five(packed, 16, 96)[13:], torch.zeros(3, 96, dtype=torch.int32))  # padded rows
     blocks = packed.view(2, 3, q8.FIVE_BLOCK_BYTES)
     assert torch.equal(blocks[0, :, :16].contiguous().view(torch.float16), scales[:8].T)
+    edge = torch.tensor([[-16, 15]], dtype=torch.int8)
+    assert q8.fits_five(edge) and not q8.fits_five(edge - 1) and not q8.fits_five(edge + 1)
     with pytest.raises(ValueError, match="5 bits"):
         q8.pack(*q8.quantize_q8(torch.randn(8, 32)), bits=5)
     with pytest.raises(ValueError, match="8 or 5"):
