@@ -300,8 +300,11 @@ def test_quantized_cache_round_trip(base, scheme):
     assert mq.check_quantized(made, folder, scheme) is None
     tensors = mq.load_quantized(made)
     for name in schemes.quantized_names(model):  # the tied or untied LM head included
-        q, s = schemes.quantize(scheme, model.get_submodule(name).weight)
+        q, s = schemes.quantize(scheme, model.get_submodule(name).weight, head=name == "lm_head")
         assert torch.equal(tensors[f"{name}.qweight"], q) and torch.equal(tensors[f"{name}.scales"], s)
+    if scheme == "q8":  # the LM head in 5 bits; the random weights, on no 5-bit grid, in 8
+        assert q8.fits_five(tensors["lm_head.qweight"])
+        assert not q8.fits_five(tensors["model.layers.0.mlp.down_proj.qweight"])
     assert mq.ensure_quantized(folder, scheme, "tiny") == made  # verified, not rebuilt
     assert mq.check_quantized(made, folder, "int4" if scheme == "int8" else "int8") is not None
 

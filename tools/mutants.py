@@ -389,14 +389,20 @@ MUTANTS = [
     (
         "q5: every weight stored in 5 bits, on a grid or not",
         "longdoc/native/q8.py",
-        "    if relative_error(weight, qs, scales) < ON_GRID:",
-        "    if relative_error(weight, qs, scales) < 1:",
+        "    if head or relative_error(weight, qs, scales) < ON_GRID:",
+        "    if head or relative_error(weight, qs, scales) < 1:",
     ),
     (
         "q5: a model's linears pack to 8 bits where the 5-bit loop runs",
         "longdoc/quant/schemes.py",
         "            bits = 5 if q8.best_path() == q8.AVX2 and all(q8.fits_five(q) for q in qweights) else 8",
         "            bits = 8",
+    ),
+    (
+        "q5: the LM head stored in 8 bits",
+        "longdoc/quant/cache.py",
+        "qweight, scales = schemes.quantize(scheme, weight, head=name == head)",
+        "qweight, scales = schemes.quantize(scheme, weight, head=False)",
     ),
     (
         "load: the LM head quantized beside every other layer",

@@ -98,12 +98,14 @@ def relative_error(weight: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor,
     return (err / norm) ** 0.5 if norm > 0 else 0.0
 
 
-def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(weight: torch.Tensor, head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The codes and scales the q8 scheme stores for a weight: its 5-bit ones (``quantize_q5``) where they
     stand for it within ``ON_GRID`` (it lies on a 5-bit grid already: nothing is lost, and decode reads the
-    5-bit layout on AVX2), else the 8-bit ones (``quantize_q8``)."""
+    5-bit layout on AVX2) or where it is the model's LM head (``head``: the largest read of a decode step,
+    about a third of its bytes in 8 bits; 5 bits there cost the embedded model 0.2-0.3% of perplexity,
+    benchmarks/HISTORY.md, eleventh session), else the 8-bit ones (``quantize_q8``)."""
     qs, scales = quantize_q5(weight)
-    if relative_error(weight, qs, scales) < ON_GRID:
+    if head or relative_error(weight, qs, scales) < ON_GRID:
         return qs, scales
     return quantize_q8(weight)
 

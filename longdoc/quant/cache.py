@@ -136,9 +136,10 @@ def _quantize_locked(base: Path, scheme: str, name: str, target: Path, progress:
             store.remove_tree(work)
 
 
-def _linear_sources(base: Path) -> dict[str, str]:
+def _linear_sources(base: Path) -> tuple[dict[str, str], str | None]:
     """Each ``nn.Linear`` of the model in ``base`` -> the weights key it is read from (a tied LM head
-    reads the input embedding). Builds the model on the meta device: no weights are read."""
+    reads the input embedding), and the LM head's name. Builds the model on the meta device: no weights
+    are read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with quiet_transformers():
@@ -149,10 +150,10 @@ def _linear_sources(base: Path) -> dict[str, str]:
     embed_name = next(n for n, m in model.named_modules() if m is embed)
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embed.weight
     head = model.get_output_embeddings()
-    return {
-        name: f"{embed_name}.weight" if tied and model.get_submodule(name) is head else f"{name}.weight"
-        for name in schemes.quantized_names(model)
-    }
+    names = schemes.quantized_names(model)
+    head_name = next((name for name in names if model.get_submodule(name) is head), None)
+    sources = {name: f"{embed_name}.weight" if tied and name == head_name else f"{name}.weight" for name in names}
+    return sources, head_name
 
 
 def _build(base: Path, scheme: str, out: Path) -> None:
@@ -164,12 +165,13 @@ def _build(base: Path, scheme: str, out: Path) -> None:
         with safe_open(str(f), "pt") as st:
             keys.update({k: f for k in st.keys()})  # noqa: SIM118 (safe_open is not a mapping)
     tensors: dict[str, torch.Tensor] = {}
-    for name, key in _linear_sources(base).items():
+    sources, head = _linear_sources(base)
+    for name, key in sources.items():
         if key not in keys:
             raise ModelError(f"{base}: no weights {key} for the linear {name}")
         with safe_open(str(keys[key]), "pt") as st:
             weight = st.get_tensor(key)
-        qweight, scales = schemes.quantize(scheme, weight)
+        qweight, scales = schemes.quantize(scheme, weight, head=name == head)
         tensors[f"{name}.{schemes.QWEIGHT}"] = qweight.contiguous()
         tensors[f"{name}.{schemes.QSCALES}"] = scales.contiguous()
         del weight
