@@ -90,6 +90,8 @@ def test_a_weight_on_a_five_bit_grid_keeps_its_codes_and_the_q8_scheme_keeps_the
     off = torch.randn(24, 96)
     qs8, scales8 = q8.quantize(off)
     assert q8.relative_error(off, *q8.quantize_q5(off)) > 3 * q8.ON_GRID
+    head = q8.quantize(off, head=True)  # the LM head: 5 bits whatever its grid
+    assert torch.equal(head[0], q8.quantize_q5(off)[0]) and torch.equal(head[1], q8.quantize_q5(off)[1])
     want8 = q8.quantize_q8(off)
     assert not q8.fits_five(qs8) and torch.equal(qs8, want8[0]) and torch.equal(scales8, want8[1])
 
