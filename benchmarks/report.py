@@ -459,7 +459,15 @@ def llamacpp_ppl() -> str | None:
     )
 
 
-AVX2_QUALITY_SCHEMES = ("none_avx2", "q8_avx2", "q8_gemm_avx2", "q8_flash16_avx2", "q8_gemm_flash16_avx2")
+AVX2_QUALITY_SCHEMES = (
+    "none_avx2",
+    "q8_avx2",
+    "q8_gemm_avx2",
+    "q8_flash16_avx2",
+    "q8_gemm_flash16_avx2",
+    "q8_q5_avx2",
+    "q8_gemm_q5_avx2",
+)
 AVX2_QUALITY_TITLE = "Quantization: quality of q8 against unquantized (float32, float16 KV cache)"
 
 
@@ -482,6 +490,8 @@ def quantized(
         "q8_gemm_avx2": "q8, its prefill model since the ninth session (int16 gemm, fused glu; passkey end to end)",
         "q8_flash16_avx2": "q8, and prefill attention on int16 products (flash16.c, the tenth session)",
         "q8_gemm_flash16_avx2": "q8's prefill model with flash16.c (int16 gemm and attention; passkey end to end)",
+        "q8_q5_avx2": "q8 with 5-bit codes for the weights on a Q5_0 grid and the LM head (the eleventh session)",
+        "q8_gemm_q5_avx2": "q8's prefill model with those 5-bit codes (passkey end to end)",
     }
     for scheme in schemes:
         cells = []
@@ -505,7 +515,9 @@ def quantized(
             " decoded token comes from); the prefill model's row runs them through the path prefill takes"
             " (`python -m benchmarks.bench_q8_prefill_ppl ../shared/corpus --lengths 4096,16384 --no-dca --json`)."
             " The flash16.c rows (the tenth session) run prefill attention on int16 products, the rows above"
-            " them torch's float32 kernel."
+            " them torch's float32 kernel. The 5-bit rows (the eleventh session) store the weights the GGUF"
+            " holds in Q5_0 with their own codes (lossless up to the bfloat16 rounding) and the LM head in 5"
+            " bits: what the last two rows lose against the flash16.c rows is the head's."
         )
     act = load("act_quant")
     if act:
@@ -699,14 +711,14 @@ MODEL_RUNS: dict[str, dict[str, Any]] = {
         "ppl": "quant_ppl_none_avx2",
         "passkey": ("quant_passkey_q8_avx2", "models_0.5b_passkey_32k", "models_0.5b_passkey_64k"),
         "needle": ("models_0.5b_needle_8k", "models_0.5b_needle_32k"),
-        "speed": "llamacpp_avx2_flash16",
+        "speed": "llamacpp_avx2_q5",
     },
     "qwen2.5-coder-1.5b": {
         "qa": "qa_1.5b",
         "ppl": "models_1.5b_ppl",
         "passkey": ("models_1.5b_passkey_8k", "models_1.5b_passkey_32k", "models_1.5b_passkey_64k"),
         "needle": ("models_1.5b_needle_8k", "models_1.5b_needle_32k"),
-        "speed": "models_speed_1.5b_flash16",
+        "speed": "models_speed_1.5b_q5",
     },
 }
 MODEL_LENGTHS = (8192, 32768, 65536)
@@ -723,8 +735,8 @@ gave each process's peak RSS):
   unquantized: `eval ppl`'s default)
 - `python -m benchmarks.bench_qa --model M --name qa_<model>`
 - `python -m benchmarks.bench_llamacpp --model M --lengths 2048,8192 --configs longdoc:auto,llamacpp --name
-  models_speed_<model>` (the speed columns: the tenth session's runs after the int16 attention,
-  `llamacpp_avx2_flash16` for the 0.5B, `models_speed_1.5b_flash16` for the 1.5B)"""
+  models_speed_<model>` (the speed columns: the eleventh session's runs with the 5-bit layout,
+  `llamacpp_avx2_q5` for the 0.5B, `models_speed_1.5b_q5` for the 1.5B)"""
 
 
 def _score(rows: list[dict[str, Any]]) -> str:
@@ -1272,6 +1284,13 @@ faults (issue 27)" and "Reading the CPU paths (fifth session, issue 23)"."""
 # The command behind each detailed table (RESULTS.md, "How to read these").
 COMMANDS_BY_TABLE = [
     (
+        "Decode on 5-bit codes (issue 26, the eleventh session)",
+        "`benchmarks/run_all.sh q5`: `python -m benchmarks.bench_llamacpp --lengths 2048,8192 --new 32 --configs"
+        " longdoc:auto,llamacpp,longdoc:auto,llamacpp --name llamacpp_avx2_q5` (and `_q5_2`); at 32K: `--lengths"
+        " 32768 --new 32 --configs longdoc:auto,llamacpp --name llamacpp_avx2_q5_32k`; the 1.5B: `--model"
+        " qwen2.5-coder-1.5b --lengths 2048,8192 --new 32 --configs longdoc:auto,llamacpp --name models_speed_1.5b_q5`",
+    ),
+    (
         "Prefill attention on int16 products (issue 26)",
         "`python -m benchmarks.bench_flash16`; against llama.cpp: `python -m benchmarks.bench_llamacpp --lengths"
         " 2048,8192 --new 32 --configs longdoc:auto,llamacpp,longdoc:auto,llamacpp --name llamacpp_avx2_flash16`;"
@@ -1399,6 +1418,7 @@ COMMANDS_BY_TABLE = [
 
 
 FLASH16_LABEL = "longdoc (auto, and prefill attention on int16 products)"
+Q5_LABEL = "longdoc (auto, and decode reading 5-bit codes: Q5_0-grid weights and the LM head)"
 
 
 def document() -> str:
@@ -1407,6 +1427,9 @@ def document() -> str:
         headline(
             "AVX2: longdoc `auto` against llama.cpp",
             [
+                ("llamacpp_avx2_q5", "longdoc:auto", Q5_LABEL),
+                ("llamacpp_avx2_q5_2", "longdoc:auto", "longdoc (the same, a second run)"),
+                ("llamacpp_avx2_q5_32k", "longdoc:auto", Q5_LABEL),
                 ("llamacpp_avx2_flash16", "longdoc:auto", FLASH16_LABEL),
                 ("llamacpp_avx2_flash16_2", "longdoc:auto", "longdoc (the same, a second run)"),
                 ("llamacpp_avx2_flash16_32k", "longdoc:auto", FLASH16_LABEL),

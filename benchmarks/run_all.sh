@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark behind benchmarks/RESULTS.md, run back to back on an otherwise idle machine.
 # JSON lands in benchmarks/out/. Takes well over an hour on 2 CPU cores; run pieces by name:
-#   benchmarks/run_all.sh flash16 gemm engine dca passkey ppl recycle needle beyond summarize recycle32 quote recall cache fuzz llamacpp quant serve \
+#   benchmarks/run_all.sh q5 flash16 gemm engine dca passkey ppl recycle needle beyond summarize recycle32 quote recall cache fuzz llamacpp quant serve \
 #   prefill sparse paths models
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -150,6 +150,21 @@ for step in "${steps[@]}"; do
         > "$OUT/quant_ppl_q8_gemm_flash16_avx2.json"
       run longdoc eval passkey --lengths 4096,8192 --depths 0.1,0.5,0.9 --quantize q8 --json \
         > "$OUT/quant_passkey_q8_gemm_flash16_avx2.json" ;;
+    q5) # issue 26: the q8 kernel's 5-bit layout (weights on a Q5_0 grid and the LM head), longdoc vs llama.cpp (AVX2)
+      run python -m benchmarks.bench_llamacpp --lengths 2048,8192 --new 32 \
+        --configs longdoc:auto,llamacpp,longdoc:auto,llamacpp --name llamacpp_avx2_q5
+      run python -m benchmarks.bench_llamacpp --lengths 2048,8192 --new 32 \
+        --configs longdoc:auto,llamacpp,longdoc:auto,llamacpp --name llamacpp_avx2_q5_2
+      run python -m benchmarks.bench_llamacpp --lengths 32768 --new 32 --configs longdoc:auto,llamacpp \
+        --name llamacpp_avx2_q5_32k
+      run python -m benchmarks.bench_llamacpp --model qwen2.5-coder-1.5b --lengths 2048,8192 --new 32 \
+        --configs longdoc:auto,llamacpp --name models_speed_1.5b_q5
+      run longdoc eval ppl "$CORPUS" --lengths 4096,16384 --no-dca --quantize q8 --json \
+        > "$OUT/quant_ppl_q8_q5_avx2.json"
+      run python -m benchmarks.bench_q8_prefill_ppl "$CORPUS" --lengths 4096,16384 --no-dca --json \
+        > "$OUT/quant_ppl_q8_gemm_q5_avx2.json"
+      run longdoc eval passkey --lengths 4096,8192 --depths 0.1,0.5,0.9 --quantize q8 --json \
+        > "$OUT/quant_passkey_q8_gemm_q5_avx2.json" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -144,9 +144,10 @@ def test_gemm_glu_and_rows_on_five_bits_equal_eight_bit_for_bit(k):
         bias = torch.randn(n, generator=torch.Generator().manual_seed(n))
         x = activations(7, k, seed=n)
         ref = q8.Q8Matmul(eight, k, n, bias, level=q8.SCALAR)
-        assert torch.equal(q8.Q8Matmul(five, k, n, None, bits=5).rows(), q8.dequantize_q8(qs, scales).float())
+        unpacked = q8.Q8Matmul(five, k, n, None, level=q8.SCALAR, bits=5).rows()
+        assert torch.equal(unpacked, q8.dequantize_q8(qs, scales).float())
         ids = torch.tensor([n - 1, 0, n // 2])
-        got = q8.Q8Matmul(five, k, n, None, bits=5).rows(ids, torch.bfloat16)
+        got = q8.Q8Matmul(five, k, n, None, level=q8.SCALAR, bits=5).rows(ids, torch.bfloat16)
         assert torch.equal(got, ref.rows(ids, torch.bfloat16))
         for level in levels:
             mm = q8.Q8Matmul(five, k, n, bias, level=level, bits=5)
@@ -157,12 +158,30 @@ def test_gemm_glu_and_rows_on_five_bits_equal_eight_bit_for_bit(k):
 
 
 @needs_q8
+def test_the_int16_sums_of_four_steps_hold_the_largest_codes():
+    """Every code 15 (31 once offset) against activation codes of 127 in every lane, and every code -16:
+    the AVX2 loop's int16 sums of four steps' products reach 4 * 2 * 31 * 127 = 31496, just under 2^15."""
+    levels = [lv for lv in (q8.SCALAR, q8.AVX2) if lv in q8.paths()]
+    for code in (15, -16):
+        qs = torch.full((16, 64), code, dtype=torch.int8)
+        scales = torch.full((16, 2), 0.5, dtype=torch.float16)
+        want = q8.Q8Matmul(q8.pack(qs, scales), 64, 16, None, level=q8.SCALAR)
+        for m in (1, 2, 3):
+            x = torch.full((m, 64), 3.0)
+            x[m - 1] = -3.0
+            for level in levels:
+                got = q8.Q8Matmul(q8.pack(qs, scales, bits=5), 64, 16, None, level=level, bits=5)(x, torch.float32)
+                assert torch.equal(got, want(x, torch.float32)), (code, m, level)
+                assert abs(float(got[0, 0]) - code * 64 * float(x[0, 0]) * 0.5) < 1e-3
+
+
+@needs_q8
 def test_the_kernel_refuses_a_layout_it_does_not_know_and_a_shape_that_is_not_it():
     lib = native.library("q8")
     assert lib is not None
     qs, scales = q8.quantize_q5(grid_weight(8, 64, seed=0))
     five = q8.pack(qs, scales, bits=5)
-    x, out = torch.randn(1, 64), torch.empty(1, 8)
+    x, out = torch.randn(1, 64), torch.empty(8, 64)
     for bits in (4, 6, 0):
         args = (x.data_ptr(), 0, 1, 64, five.data_ptr(), 8, None, out.data_ptr(), 0, 1, 1)
         assert lib.longdoc_q8_matmul(*args, None, 0.0, bits) == 1

@@ -298,7 +298,8 @@ AVX2_TARGET static void groups_avx2(const uint8_t *const *w, int ng, const acts 
     case 64 + 16 + 1: avx2_rows(w, 2, a, i0, 1, 5, out); break;
     case 64 + 16 + 2: avx2_rows(w, 2, a, i0, 2, 5, out); break;
     case 64 + 24 + 1: avx2_rows(w, 3, a, i0, 1, 5, out); break;
-    default: avx2_rows(w, 4, a, i0, 1, 5, out); break;
+    case 64 + 32 + 1: avx2_rows(w, 4, a, i0, 1, 5, out); break;
+    default: groups_scalar(w, ng, a, i0, mt, out); break; /* no pass of the driver's has another shape */
     }
 }
 
@@ -520,7 +521,7 @@ int longdoc_q8_matmul(const void *x, int x_bf16, int64_t m, int64_t k, const uin
             xr = xn;
         }
         quantize(xr, k, q + i * k, mag + i * k, scale + i * nb);
-        for (int64_t b = 0; b < nb; b++) {
+        for (int64_t b = 0; bits == 5 && b < nb; b++) {
             int32_t sum = 0;
             for (int j = 0; j < QK; j++) sum += q[i * k + b * QK + j];
             sum16[i * nb + b] = 16 * sum;

@@ -112,7 +112,7 @@ def paths(
     else:
         why["quantize"] = quant_slower(quantize, device, dtype) or (
             f"longdoc's Q8_0 kernel ({q8.PATHS[q8.best_path()]} loop): a quarter of float32's bytes per token"
-            + (", a fifth with its 5-bit layout;" if q8.best_path() == q8.AVX2 else ";")
+            + (" or less (its 5-bit layout);" if q8.best_path() == q8.AVX2 else ";")
             + (
                 " prefill on its int16 gemm"
                 if q8.gemm_fast()
