@@ -718,7 +718,7 @@ MODEL_RUNS: dict[str, dict[str, Any]] = {
         "ppl": "models_1.5b_ppl",
         "passkey": ("models_1.5b_passkey_8k", "models_1.5b_passkey_32k", "models_1.5b_passkey_64k"),
         "needle": ("models_1.5b_needle_8k", "models_1.5b_needle_32k"),
-        "speed": "models_speed_1.5b_q5",
+        "speed": "models_speed_1.5b_flash16",
     },
 }
 MODEL_LENGTHS = (8192, 32768, 65536)
@@ -735,8 +735,8 @@ gave each process's peak RSS):
   unquantized: `eval ppl`'s default)
 - `python -m benchmarks.bench_qa --model M --name qa_<model>`
 - `python -m benchmarks.bench_llamacpp --model M --lengths 2048,8192 --configs longdoc:auto,llamacpp --name
-  models_speed_<model>` (the speed columns: the eleventh session's runs with the 5-bit layout,
-  `llamacpp_avx2_q5` for the 0.5B, `models_speed_1.5b_q5` for the 1.5B)"""
+  models_speed_<model>` (the speed columns: `llamacpp_avx2_q5` for the 0.5B, the eleventh session's run
+  with the 5-bit layout; `models_speed_1.5b_flash16` for the 1.5B, the tenth session's)"""
 
 
 def _score(rows: list[dict[str, Any]]) -> str:
@@ -1287,8 +1287,7 @@ COMMANDS_BY_TABLE = [
         "Decode on 5-bit codes (issue 26, the eleventh session)",
         "`benchmarks/run_all.sh q5`: `python -m benchmarks.bench_llamacpp --lengths 2048,8192 --new 32 --configs"
         " longdoc:auto,llamacpp,longdoc:auto,llamacpp --name llamacpp_avx2_q5` (and `_q5_2`); at 32K: `--lengths"
-        " 32768 --new 32 --configs longdoc:auto,llamacpp --name llamacpp_avx2_q5_32k`; the 1.5B: `--model"
-        " qwen2.5-coder-1.5b --lengths 2048,8192 --new 32 --configs longdoc:auto,llamacpp --name models_speed_1.5b_q5`",
+        " 32768 --new 32 --configs longdoc:auto,llamacpp --name llamacpp_avx2_q5_32k`",
     ),
     (
         "Prefill attention on int16 products (issue 26)",

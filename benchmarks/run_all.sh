@@ -157,8 +157,6 @@ for step in "${steps[@]}"; do
         --configs longdoc:auto,llamacpp,longdoc:auto,llamacpp --name llamacpp_avx2_q5_2
       run python -m benchmarks.bench_llamacpp --lengths 32768 --new 32 --configs longdoc:auto,llamacpp \
         --name llamacpp_avx2_q5_32k
-      run python -m benchmarks.bench_llamacpp --model qwen2.5-coder-1.5b --lengths 2048,8192 --new 32 \
-        --configs longdoc:auto,llamacpp --name models_speed_1.5b_q5
       run longdoc eval ppl "$CORPUS" --lengths 4096,16384 --no-dca --quantize q8 --json \
         > "$OUT/quant_ppl_q8_q5_avx2.json"
       run python -m benchmarks.bench_q8_prefill_ppl "$CORPUS" --lengths 4096,16384 --no-dca --json \
