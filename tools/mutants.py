@@ -377,8 +377,8 @@ MUTANTS = [
     (
         "q5: quantize_q5 scales to the largest weight over 15",
         "longdoc/native/q8.py",
-        "        s = (top / -16).to(torch.float16)",
-        "        s = (top / -15).to(torch.float16)",
+        "        return w.gather(-1, w.abs().argmax(-1, keepdim=True)).squeeze(-1) / -16",
+        "        return w.gather(-1, w.abs().argmax(-1, keepdim=True)).squeeze(-1) / -15",
     ),
     (
         "q5: codes of 16 counted as fitting 5 bits",

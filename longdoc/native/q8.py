@@ -9,7 +9,7 @@ kind "q8")."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -47,21 +47,7 @@ def quantize_q8(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Ten
     float16: per block of 32, scale = max|w| / 127 rounded to float16, and codes = round(w / scale)
     (half to even) with that rounded scale. A block of zeros has scale 0 and codes 0. Rows are done
     ``chunk_rows`` at a time, so an LM head needs no float32 copy of itself."""
-    n, k = weight.shape
-    if k % BLOCK:
-        raise ValueError(f"Q8_0 needs the input width to be a multiple of {BLOCK}, not {k}")
-    qs = torch.empty(n, k, dtype=torch.int8)
-    scales = torch.empty(n, k // BLOCK, dtype=torch.float16)
-    for r in range(0, n, chunk_rows):
-        w = weight[r : r + chunk_rows].detach().float().reshape(-1, k // BLOCK, BLOCK)
-        s = (w.abs().amax(-1) / 127).to(torch.float16)
-        if not torch.isfinite(s).all():
-            raise ValueError("Q8_0 scales overflow float16: the weight has values beyond 8.3e6 or not finite")
-        wide = s.float().unsqueeze(-1)
-        codes = torch.where(wide > 0, torch.round(w / wide), torch.zeros_like(w)).clamp_(-127, 127)
-        qs[r : r + chunk_rows] = codes.reshape(-1, k).to(torch.int8)
-        scales[r : r + chunk_rows] = s
-    return qs, scales
+    return _quantize_blocks(weight, chunk_rows, "Q8_0", lambda w: w.abs().amax(-1) / 127, -127, 127)
 
 
 def quantize_q5(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,19 +56,36 @@ def quantize_q5(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Ten
     -16, scale = m / -16 rounded to float16, and codes = round(w / scale) (half to even) clamped to
     -16..15. A block of zeros has scale 0 and codes 0. A block quantized so by llama.cpp comes back to the
     same codes, even from its weights rounded to bfloat16 (their error, 2^-9 of each, moves no code)."""
+
+    def scale(w: torch.Tensor) -> torch.Tensor:
+        return w.gather(-1, w.abs().argmax(-1, keepdim=True)).squeeze(-1) / -16
+
+    return _quantize_blocks(weight, chunk_rows, "Q5_0", scale, -16, 15)
+
+
+def _quantize_blocks(
+    weight: torch.Tensor,
+    chunk_rows: int,
+    what: str,
+    scale_of: Callable[[torch.Tensor], torch.Tensor],
+    low: int,
+    high: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_q8's and quantize_q5's loop: per block of 32, scale = ``scale_of`` (blocks (R, K/32, 32)
+    float32 -> (R, K/32)) rounded to float16, codes = round(w / scale) clamped to low..high (0 where the
+    scale is 0), ``chunk_rows`` rows at a time."""
     n, k = weight.shape
     if k % BLOCK:
-        raise ValueError(f"Q5_0 needs the input width to be a multiple of {BLOCK}, not {k}")
+        raise ValueError(f"{what} needs the input width to be a multiple of {BLOCK}, not {k}")
     qs = torch.empty(n, k, dtype=torch.int8)
     scales = torch.empty(n, k // BLOCK, dtype=torch.float16)
     for r in range(0, n, chunk_rows):
         w = weight[r : r + chunk_rows].detach().float().reshape(-1, k // BLOCK, BLOCK)
-        top = w.gather(-1, w.abs().argmax(-1, keepdim=True)).squeeze(-1)
-        s = (top / -16).to(torch.float16)
+        s = scale_of(w).to(torch.float16)
         if not torch.isfinite(s).all():
-            raise ValueError("Q5_0 scales overflow float16: the weight has values beyond 1e6 or not finite")
+            raise ValueError(f"{what} scales overflow float16: the weight has values too large or not finite")
         wide = s.float().unsqueeze(-1)
-        codes = torch.where(wide != 0, torch.round(w / wide), torch.zeros_like(w)).clamp_(-16, 15)
+        codes = torch.where(wide != 0, torch.round(w / wide), torch.zeros_like(w)).clamp_(low, high)
         qs[r : r + chunk_rows] = codes.reshape(-1, k).to(torch.int8)
         scales[r : r + chunk_rows] = s
     return qs, scales
