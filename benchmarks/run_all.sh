@@ -11,6 +11,15 @@ CORPUS=../shared/corpus
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(engine dca passkey ppl recycle needle beyond summarize llamacpp quant)
 run() { echo "+ $*" >&2; "$@"; }
+# q8's quality on the AVX2 machine, the JSON named for a session's change ($1): perplexity of the decode
+# model and of the prefill model, and passkey end to end
+q8_quality() {
+  run longdoc eval ppl "$CORPUS" --lengths 4096,16384 --no-dca --quantize q8 --json > "$OUT/quant_ppl_q8_$1_avx2.json"
+  run python -m benchmarks.bench_q8_prefill_ppl "$CORPUS" --lengths 4096,16384 --no-dca --json \
+    > "$OUT/quant_ppl_q8_gemm_$1_avx2.json"
+  run longdoc eval passkey --lengths 4096,8192 --depths 0.1,0.5,0.9 --quantize q8 --json \
+    > "$OUT/quant_passkey_q8_gemm_$1_avx2.json"
+}
 for step in "${steps[@]}"; do
   case "$step" in
     engine)  # issue 2: longdoc vs transformers generate
@@ -144,12 +153,7 @@ for step in "${steps[@]}"; do
         --configs longdoc:auto,llamacpp,longdoc:auto,llamacpp --name llamacpp_avx2_flash16
       run python -m benchmarks.bench_llamacpp --lengths 32768 --new 32 --configs longdoc:auto,llamacpp \
         --name llamacpp_avx2_flash16_32k
-      run longdoc eval ppl "$CORPUS" --lengths 4096,16384 --no-dca --quantize q8 --json \
-        > "$OUT/quant_ppl_q8_flash16_avx2.json"
-      run python -m benchmarks.bench_q8_prefill_ppl "$CORPUS" --lengths 4096,16384 --no-dca --json \
-        > "$OUT/quant_ppl_q8_gemm_flash16_avx2.json"
-      run longdoc eval passkey --lengths 4096,8192 --depths 0.1,0.5,0.9 --quantize q8 --json \
-        > "$OUT/quant_passkey_q8_gemm_flash16_avx2.json" ;;
+      q8_quality flash16 ;;
     q5) # issue 26: the q8 kernel's 5-bit layout (weights on a Q5_0 grid and the LM head), longdoc vs llama.cpp (AVX2)
       run python -m benchmarks.bench_llamacpp --lengths 2048,8192 --new 32 \
         --configs longdoc:auto,llamacpp,longdoc:auto,llamacpp --name llamacpp_avx2_q5
@@ -157,12 +161,7 @@ for step in "${steps[@]}"; do
         --configs longdoc:auto,llamacpp,longdoc:auto,llamacpp --name llamacpp_avx2_q5_2
       run python -m benchmarks.bench_llamacpp --lengths 32768 --new 32 --configs longdoc:auto,llamacpp \
         --name llamacpp_avx2_q5_32k
-      run longdoc eval ppl "$CORPUS" --lengths 4096,16384 --no-dca --quantize q8 --json \
-        > "$OUT/quant_ppl_q8_q5_avx2.json"
-      run python -m benchmarks.bench_q8_prefill_ppl "$CORPUS" --lengths 4096,16384 --no-dca --json \
-        > "$OUT/quant_ppl_q8_gemm_q5_avx2.json"
-      run longdoc eval passkey --lengths 4096,8192 --depths 0.1,0.5,0.9 --quantize q8 --json \
-        > "$OUT/quant_passkey_q8_gemm_q5_avx2.json" ;;
+      q8_quality q5 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

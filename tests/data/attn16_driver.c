@@ -21,27 +21,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "driver_random.h"
+
 int longdoc_attn16(const float *q, int n_q_heads, int n_kv_heads, int d, const void *k, const void *v,
                    int kv_is_bf16, int64_t head_stride, int64_t row_stride, int64_t n_keys, float scale,
                    float *out, float *lse, int threads, int level);
 int longdoc_attn16_level(int level);
-
-static uint64_t state = 0x9e3779b97f4a7c15ull;
-
-static uint32_t next(void) { /* xorshift64* */
-    state ^= state >> 12;
-    state ^= state << 25;
-    state ^= state >> 27;
-    return (uint32_t)((state * 0x2545f4914f6cdd1dull) >> 32);
-}
-
-static float uniform(void) { return (float)(next() >> 8) / 16777216.f * 2.f - 1.f; } /* [-1, 1) */
-
-static uint64_t fnv(uint64_t h, const void *p, size_t size) {
-    const uint8_t *b = p;
-    for (size_t i = 0; i < size; i++) h = (h ^ b[i]) * 0x100000001b3ull;
-    return h;
-}
 
 /* A random 16-bit value of magnitude below `top` (a power of 2 up to 2^15): float16 with a random
    exponent over 6 binades below it (some zeros and subnormals among float16 ones), or bfloat16 likewise. */

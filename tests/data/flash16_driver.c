@@ -14,27 +14,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "driver_random.h"
+
 int longdoc_flash16(const float *q, const int64_t *qs, const void *k, const int64_t *ks, const void *v,
                     const int64_t *vs, int kv_half, float *out, float *lse, int64_t b, int64_t h, int64_t hkv,
                     int64_t lq, int64_t lk, int64_t d, int causal, float scale, int threads, int level);
 int longdoc_flash16_paths(void);
-
-static uint64_t state = 0x9e3779b97f4a7c15ull;
-
-static uint32_t next(void) { /* xorshift64* */
-    state ^= state >> 12;
-    state ^= state << 25;
-    state ^= state >> 27;
-    return (uint32_t)((state * 0x2545f4914f6cdd1dull) >> 32);
-}
-
-static float uniform(void) { return (float)(next() >> 8) / 16777216.f * 2.f - 1.f; } /* [-1, 1) */
-
-static uint64_t fnv(uint64_t h, const void *p, size_t size) {
-    const uint8_t *b = p;
-    for (size_t i = 0; i < size; i++) h = (h ^ b[i]) * 0x100000001b3ull;
-    return h;
-}
 
 /* float -> float16 bits, round to nearest even (normal range only: the values here are below 64) */
 static uint16_t to_half(float f) {

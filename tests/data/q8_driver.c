@@ -20,32 +20,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "driver_random.h"
+
 int longdoc_q8_matmul(const void *x, int x_bf16, int64_t m, int64_t k, const uint8_t *w, int64_t n,
                       const float *bias, void *out, int out_bf16, int threads, int level, const float *norm_w,
                       float eps, int bits);
 int longdoc_q8_level(int level);
 
-static uint64_t state = 0x9e3779b97f4a7c15ull;
-
-static uint32_t next(void) { /* xorshift64* */
-    state ^= state >> 12;
-    state ^= state << 25;
-    state ^= state >> 27;
-    return (uint32_t)((state * 0x2545f4914f6cdd1dull) >> 32);
-}
-
-static float uniform(void) { return (float)(next() >> 8) / 16777216.f * 2.f - 1.f; } /* [-1, 1) */
-
 static uint16_t to_bf16(float f) { /* truncation: any bfloat16 will do as an input */
     uint32_t u;
     memcpy(&u, &f, 4);
     return (uint16_t)(u >> 16);
-}
-
-static uint64_t fnv(uint64_t h, const void *p, size_t size) {
-    const uint8_t *b = p;
-    for (size_t i = 0; i < size; i++) h = (h ^ b[i]) * 0x100000001b3ull;
-    return h;
 }
 
 /* Random Q8_0 weights (n, k) straight into the packed layout: codes in -127..127 (an extreme now and
