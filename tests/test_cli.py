@@ -288,8 +288,8 @@ def test_ask_with_a_local_model_folder(tmp_path, monkeypatch):
 
 # Facts the 0.5B model states in float32 and in bfloat16 alike (checked on Xeon/AMX and EPYC/AVX-512-BF16
 # machines, and with oneDNN capped at AVX2): the only assertions here that need the model to be right.
-# bfloat16 with int8 decoding (the default where the int8 GEMM runs) and with int5 decoding (the default
-# where its kernel runs) were checked on the EPYC only.
+# bfloat16 with int8 decoding and with int5 decoding were checked on the EPYC only, as was bfloat16 with q8
+# decoding (the default there since the twelfth session).
 FACTS = [
     ("notes.md", "What is the default time-to-live for an entry?", "900"),
     ("notes.md", "Which TCP port does Lighthouse use for cache traffic?", "7311"),
@@ -320,6 +320,8 @@ RUN_DTYPES = ("float32", "bfloat16") if models.cpu_has_fast_bf16() else ("float3
         pytest.param(
             "bfloat16", "int5", marks=pytest.mark.skipif(not native.likely_available("int5"), reason="no int5")
         ),
+        # the default where bfloat16 matmuls are native: prefill on the weights unpacked to bfloat16
+        pytest.param("bfloat16", "q8", marks=slow_bf16),
     ],
 )
 @pytest.mark.parametrize("source,question,fact", FACTS)

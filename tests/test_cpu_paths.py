@@ -156,9 +156,10 @@ def test_explicit_quantization_that_is_slower_here_says_so(monkeypatch):
     assert choose.quant_slower("int8", cpu_dev, torch.float32) is None
 
 
-def test_auto_picks_q8_on_avx2_and_int5_where_int5_runs(flags, monkeypatch):
-    """--quantize auto: int5 for bfloat16 where its kernel runs; else q8 where the Q8_0 kernel has a SIMD
-    loop (an AVX2 CPU, float32 or bfloat16); not on an x86-64 CPU without AVX2 (its scalar loop only)."""
+def test_auto_picks_q8_wherever_its_simd_loop_runs(flags, monkeypatch):
+    """--quantize auto: q8 where the Q8_0 kernel has a SIMD loop (an AVX2 CPU, float32 or bfloat16), int5's
+    CPUs included (one copy of the weights, decoding as fast); not on an x86-64 CPU without AVX2 (its
+    scalar loop only)."""
     from longdoc import native
     from longdoc.native import q8
 
@@ -175,7 +176,7 @@ def test_auto_picks_q8_on_avx2_and_int5_where_int5_runs(flags, monkeypatch):
     paths = machine.paths(cpu_dev, torch.float32, "q8")
     assert "AVX2" in paths.why["quantize"] and choose.quant_slower("q8", cpu_dev, torch.float32) is None
     monkeypatch.setattr(choose, "quant_unavailable", lambda s, *a: None if s == "int5" else real(s, *a))
-    assert choose.default_quantize(cpu_dev, torch.bfloat16, config) == "int5"
+    assert choose.default_quantize(cpu_dev, torch.bfloat16, config) == "q8"
     assert choose.default_quantize(cpu_dev, torch.float32, config) == "q8"
     flags(AVX2 - {"avx2"})  # an x86-64 CPU without AVX2
     assert q8.paths() == [q8.SCALAR]

@@ -144,12 +144,12 @@ def test_gemm_glu_and_rows_on_five_bits_equal_eight_bit_for_bit(k):
         bias = torch.randn(n, generator=torch.Generator().manual_seed(n))
         x = activations(7, k, seed=n)
         ref = q8.Q8Matmul(eight, k, n, bias, level=q8.SCALAR)
-        unpacked = q8.Q8Matmul(five, k, n, None, level=q8.SCALAR, bits=5).rows()
-        assert torch.equal(unpacked, q8.dequantize_q8(qs, scales).float())
         ids = torch.tensor([n - 1, 0, n // 2])
-        got = q8.Q8Matmul(five, k, n, None, level=q8.SCALAR, bits=5).rows(ids, torch.bfloat16)
-        assert torch.equal(got, ref.rows(ids, torch.bfloat16))
         for level in levels:
+            unpacker = q8.Q8Matmul(five, k, n, None, level=level, bits=5)
+            assert torch.equal(unpacker.rows(), q8.dequantize_q8(qs, scales).float())
+            assert torch.equal(unpacker.rows(dtype=torch.bfloat16), ref.rows(dtype=torch.bfloat16))
+            assert torch.equal(unpacker.rows(ids, torch.bfloat16), ref.rows(ids, torch.bfloat16))
             mm = q8.Q8Matmul(five, k, n, bias, level=level, bits=5)
             # the gemm's AVX2 loop and its scalar loop give the same bits (test_q8_gemm); so on 5 bits
             assert torch.equal(mm.gemm(x, torch.float32), ref.gemm(x, torch.float32)), (n, k, level)
@@ -186,7 +186,7 @@ def test_the_kernel_refuses_a_layout_it_does_not_know_and_a_shape_that_is_not_it
         args = (x.data_ptr(), 0, 1, 64, five.data_ptr(), 8, None, out.data_ptr(), 0, 1, 1)
         assert lib.longdoc_q8_matmul(*args, None, 0.0, bits) == 1
         assert lib.longdoc_q8_gemm(*args, bits) == 1
-        assert lib.longdoc_q8_rows(five.data_ptr(), 64, 8, None, 1, out.data_ptr(), 0, 1, bits) == 1
+        assert lib.longdoc_q8_rows(five.data_ptr(), 64, 8, None, 1, out.data_ptr(), 0, 1, bits, 0) == 1
     with pytest.raises(ValueError, match="5 bits"):
         q8.Q8Matmul(q8.pack(qs, scales), 64, 8, None, bits=5)
     with pytest.raises(ValueError, match="8 bits"):

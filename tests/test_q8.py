@@ -279,16 +279,19 @@ def test_the_second_models_widths(n, k):
 @needs_q8
 @pytest.mark.parametrize("n, k", [(13, 96), (896, 64), (151, 4864)])
 def test_unpacked_rows_are_the_dequantized_weight_exactly(n, k):
-    """``Q8Matmul.rows``: every row, or the rows asked for in any order, is codes x scale exactly in
+    """``Q8Matmul.rows``, on every path here: every row (a group of 8 at a time, the last group short
+    where n is not a multiple of 8), or the rows asked for in any order, is codes x scale exactly in
     float32 (and that rounded to bfloat16); a row outside the weight is refused."""
     g = torch.Generator().manual_seed(n + k)
     qs, scales = q8.quantize_q8(torch.randn(n, k, generator=g))
     weight = q8.dequantize_q8(qs, scales).float()
-    matmul = q8.Q8Matmul(q8.pack(qs, scales), k, n, None)
-    assert torch.equal(matmul.rows(), weight)
     ids = torch.tensor([n - 1, 0, n // 2, 0])
-    assert torch.equal(matmul.rows(ids), weight[ids])
-    assert torch.equal(matmul.rows(ids, torch.bfloat16), weight[ids].bfloat16())
+    for level in q8.paths():
+        matmul = q8.Q8Matmul(q8.pack(qs, scales), k, n, None, level=level)
+        assert torch.equal(matmul.rows(), weight), level
+        assert torch.equal(matmul.rows(dtype=torch.bfloat16), weight.bfloat16()), level
+        assert torch.equal(matmul.rows(ids), weight[ids])
+        assert torch.equal(matmul.rows(ids, torch.bfloat16), weight[ids].bfloat16())
     for bad in ([n], [-1]):
         with pytest.raises(RuntimeError, match="out of range"):
             matmul.rows(torch.tensor(bad))

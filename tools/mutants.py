@@ -305,8 +305,8 @@ MUTANTS = [
     (
         "q8: unpacked rows read the next row's weights",
         "longdoc/native/q8.c",
-        "const int64_t row = ids ? ids[i] : i, r = row % GR;",
-        "const int64_t row = ids ? ids[i] : i, r = (row + 1) % GR;",
+        "const int r0 = (int)(row % GR), r1",
+        "const int r0 = (int)((row + 1) % GR), r1",
     ),
     (
         "q8 gemm: the AVX2 tile's fourth row reads the third's activations",
@@ -529,6 +529,42 @@ MUTANTS = [
         "longdoc/engine/decode.py",
         "from longdoc.engine.sampling import sample\n",
         "from longdoc.engine.sampling import sample\nfrom longdoc.runtime import machine  # noqa: F401\n",
+    ),
+    (
+        "q8 rows: a step's scales taken in the wrong row order",
+        "longdoc/native/q8.c",
+        "            memcpy(&h, blk + 2 * (i / 4), 2);",
+        "            memcpy(&h, blk + 2 * (i % 8), 2);",
+    ),
+    (
+        "q8 rows: a row looked up by id copies row 0 of its group",
+        "longdoc/native/q8.c",
+        "                    memcpy((uint16_t *)out + at, rounded + QK * s + 4 * r, 4 * sizeof(uint16_t));",
+        "                    memcpy((uint16_t *)out + at, rounded + QK * s + 4 * (r - r0), 4 * sizeof(uint16_t));",
+    ),
+    (
+        "bfloat16 prefill on the int16 gemm where bfloat16 matmuls are native",
+        "longdoc/quant/schemes.py",
+        "self.gemm_prefill = self.q8.gemm_fast and not (dtype == torch.bfloat16 and cpu_has_fast_bf16())",
+        "self.gemm_prefill = self.q8.gemm_fast",
+    ),
+    (
+        "an MLP's unpacked weights unpacked again for each slice of rows",
+        "longdoc/quant/schemes.py",
+        "        if self._holders:\n            self._held = weight\n",
+        "",
+    ),
+    (
+        "an MLP's unpacked weights kept after its step",
+        "longdoc/quant/schemes.py",
+        "            if not self._holders:\n                self._held = None\n",
+        "            pass\n",
+    ),
+    (
+        "a bfloat16 q8 run holds the embedding table in memory",
+        "longdoc/models/weights.py",
+        '    in_file = skip_linears and device.type == "cpu"',
+        "    in_file = skip_linears and keep_embedding",
     ),
 ]
 

@@ -109,8 +109,8 @@ class Given:
             "--quantize",
             panel=MODEL,
             metavar="auto|none|int5|q8|int8|int4",
-            help="Quantized linears for decoding: auto is int5 on x86 CPUs with AVX-512 VNNI and a C compiler, else"
-            " q8 on AVX2 or ARM NEON, else int8 where VNNI is, else none (made once, cached).",
+            help="Quantized linears for decoding: auto is q8 (one copy of the weights) on x86 CPUs with AVX2 and"
+            " on ARM NEON, with a C compiler, else int8 where VNNI is, else none (made once, cached).",
         ),
     )
     # long context

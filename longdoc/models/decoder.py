@@ -13,6 +13,7 @@ silently dropped. Which keys each query sees is ``longdoc.engine.longmodel``'s b
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -202,13 +203,19 @@ class Decoder:
         intermediates are ~11 times the hidden state (gate, up and their product), the largest buffers
         of a prefill step. With ``silu`` (the model's activation), a gate that fuses silu(gate) * up into
         its kernel call (q8's ``glu_with``) takes the many rows of a prefill step: then only the product
-        is ever stored."""
+        is ever stored. Linears that unpack their quantized weights for large inputs unpack them once
+        for all the parts (``holding_unpacked``)."""
         if x.shape[1] <= MLP_ROWS:
             gate, up = mlp.gate_proj, mlp.up_proj
             fused = gate.glu_with(up, x) if silu and hasattr(gate, "glu_with") else None
             out: torch.Tensor = mlp.down_proj(fused if fused is not None else mlp.act_fn(gate(x)) * up(x))
             return out
-        return torch.cat([Decoder.feed_forward(mlp, part, silu) for part in x.split(MLP_ROWS, dim=1)], dim=1)
+        with contextlib.ExitStack() as stack:
+            # linears that unpack their weights for a dense matmul unpack them once for all the parts
+            for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                if hasattr(linear, "holding_unpacked"):
+                    stack.enter_context(linear.holding_unpacked())
+            return torch.cat([Decoder.feed_forward(mlp, part, silu) for part in x.split(MLP_ROWS, dim=1)], dim=1)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor | NormedRows) -> torch.Tensor:

@@ -230,7 +230,8 @@ def build_model(
     linears = all_linears if narrow_linears else set()
     skipped = all_linears if skip_linears else set()  # the weights only: the quantized layers take the biases
     # with the linears quantized, the table stays in the file and the rows looked up are read from it
-    in_file = skip_linears and keep_embedding
+    # (in whatever dtype the run has: FileEmbedding converts the rows it reads)
+    in_file = skip_linears and device.type == "cpu"
 
     def dtype_for(name: str, stored: torch.dtype) -> torch.dtype:
         if name == embed_name and keep_embedding and stored in (torch.bfloat16, torch.float16):

@@ -270,7 +270,7 @@ def _configure(name: str, lib: ctypes.CDLL) -> ctypes.CDLL:
         lib.longdoc_q8_paths.restype, lib.longdoc_q8_paths.argtypes = c_int, []
         lib.longdoc_q8_level.restype, lib.longdoc_q8_level.argtypes = c_int, [c_int]
         lib.longdoc_q8_rows.restype = c_int
-        lib.longdoc_q8_rows.argtypes = [p, i64, i64, p, i64, p, c_int, c_int, c_int]
+        lib.longdoc_q8_rows.argtypes = [p, i64, i64, p, i64, p, c_int, c_int, c_int, c_int]
         lib.longdoc_q8_gemm.restype = c_int
         lib.longdoc_q8_gemm.argtypes = [p, c_int, i64, i64, p, i64, p, p, c_int, c_int, c_int, c_int]
         lib.longdoc_q8_gemm_fast.restype, lib.longdoc_q8_gemm_fast.argtypes = c_int, []

@@ -564,43 +564,81 @@ int longdoc_q8_matmul(const void *x, int x_bf16, int64_t m, int64_t k, const uin
     return 0;
 }
 
+/* Rows r0..r1-1 (0 <= r0 < r1 <= 8) of one group's nb blocks g, dequantized into out (row r0 first, k
+   values a row, float32 or bfloat16): each block's codes are unpacked once for all its rows, scaled as
+   a whole (one multiply per code, the scale pattern of a step: weight 4r + j of 32 belongs to row r),
+   then each row's 8 pieces of 4 copied out. Written once, compiled once per instruction set
+   (unpack_group, unpack_group_avx2): the products are exact, so the paths give the same values. */
+__attribute__((always_inline)) static inline void unpack_group_body(const uint8_t *restrict g, int64_t nb, int bits,
+                                                                    int r0, int r1, void *restrict out, int64_t k,
+                                                                    int out_bf16) {
+    int8_t tmp[GR * QK];
+    float scaled[GR * QK], pattern[QK];
+    uint16_t rounded[GR * QK];
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = g + b * block_bytes(bits);
+        const int8_t *q = block_codes(blk, bits, tmp);
+        for (int i = 0; i < QK; i++) {
+            uint16_t h;
+            memcpy(&h, blk + 2 * (i / 4), 2);
+            pattern[i] = half_to_float(h);
+        }
+        for (int s = 0; s < QK / 4; s++)
+            for (int i = 0; i < QK; i++) scaled[QK * s + i] = (float)q[QK * s + i] * pattern[i];
+        if (out_bf16)
+            for (int i = 0; i < GR * QK; i++) rounded[i] = float_to_bf16(scaled[i]);
+        for (int r = r0; r < r1; r++)
+            for (int s = 0; s < QK / 4; s++) {
+                const int64_t at = (int64_t)(r - r0) * k + b * QK + 4 * s;
+                if (out_bf16)
+                    memcpy((uint16_t *)out + at, rounded + QK * s + 4 * r, 4 * sizeof(uint16_t));
+                else
+                    memcpy((float *)out + at, scaled + QK * s + 4 * r, 4 * sizeof(float));
+            }
+    }
+}
+
+static void unpack_group(const uint8_t *g, int64_t nb, int bits, int r0, int r1, void *out, int64_t k, int out_bf16) {
+    unpack_group_body(g, nb, bits, r0, r1, out, k, out_bf16);
+}
+
+#ifdef Q8_X86
+AVX2_TARGET static void unpack_group_avx2(const uint8_t *g, int64_t nb, int bits, int r0, int r1, void *out, int64_t k,
+                                          int out_bf16) {
+    unpack_group_body(g, nb, bits, r0, r1, out, k, out_bf16);
+}
+#endif
+
 /* out (m, k) = rows `ids` of W (n, k) in the packed layout, dequantized: code * scale, exact in float32
    (an int8 times a float16 has at most 19 significant bits); rounded to nearest even where out is
-   bfloat16 (out_bf16 != 0). ids NULL takes rows 0..m-1; `bits`: W's layout, 8 or 5. Prefill runs its large matmuls on weights
-   unpacked this way, a few at a time, rather than holding a dense copy of the model beside the packed
-   one (longdoc.quant.schemes); a tied embedding table looks up its rows here. Returns 0, or 1 for a row
-   outside 0..n-1 or a bad size. */
+   bfloat16 (out_bf16 != 0). ids NULL takes rows 0..m-1, a group of 8 at a time; `bits`: W's layout, 8
+   or 5; `level` the path (0: the best here; the same values on every path). Prefill runs its large
+   matmuls on weights unpacked this way, one at a time, rather than holding a dense copy of the model
+   beside the packed one (longdoc.quant.schemes); a tied embedding table looks up its rows here.
+   Returns 0, or 1 for a row outside 0..n-1, a bad size or a path that doesn't run here. */
 int longdoc_q8_rows(const uint8_t *w, int64_t k, int64_t n, const int64_t *ids, int64_t m, void *out,
-                    int out_bf16, int threads, int bits) {
+                    int out_bf16, int threads, int bits, int level) {
     if (k <= 0 || k % QK != 0 || m < 0 || n < 0 || (bits != 8 && bits != 5)) return 1;
     for (int64_t i = 0; ids && i < m; i++)
         if (ids[i] < 0 || ids[i] >= n) return 1;
     if (!ids && m > n) return 1;
+    const int path = longdoc_q8_level(level);
+    if (path < 0) return 1;
+    void (*unpack)(const uint8_t *, int64_t, int, int, int, void *, int64_t, int) = unpack_group;
+#ifdef Q8_X86
+    if (path == LEVEL_AVX2) unpack = unpack_group_avx2;
+#endif
 #ifndef _OPENMP
     (void)threads;
 #endif
-    const int64_t nb = k / QK, group_bytes = nb * block_bytes(bits);
+    const int64_t nb = k / QK, group_bytes = nb * block_bytes(bits), size = out_bf16 ? 2 : 4;
+    /* all rows: one task a group; rows by id: one task a row */
+    const int64_t tasks = ids ? m : (m + GR - 1) / GR;
 #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
-    for (int64_t i = 0; i < m; i++) {
-        const int64_t row = ids ? ids[i] : i, r = row % GR;
-        const uint8_t *g = w + (row / GR) * group_bytes;
-        float line[QK];
-        int8_t tmp[GR * QK];
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk = g + b * block_bytes(bits);
-            const int8_t *q = block_codes(blk, bits, tmp);
-            uint16_t h;
-            memcpy(&h, blk + 2 * r, 2);
-            const float ws = half_to_float(h);
-            for (int s = 0; s < QK / 4; s++)
-                for (int j = 0; j < 4; j++) line[4 * s + j] = (float)q[32 * s + 4 * r + j] * ws;
-            if (out_bf16) {
-                uint16_t *o = (uint16_t *)out + i * k + b * QK;
-                for (int j = 0; j < QK; j++) o[j] = float_to_bf16(line[j]);
-            } else {
-                memcpy((float *)out + i * k + b * QK, line, sizeof(line));
-            }
-        }
+    for (int64_t t = 0; t < tasks; t++) {
+        const int64_t row = ids ? ids[t] : t * GR, first = ids ? t : t * GR;
+        const int r0 = (int)(row % GR), r1 = ids ? r0 + 1 : (int)(m - first < GR ? m - first : GR);
+        unpack(w + (row / GR) * group_bytes, nb, bits, r0, r1, (char *)out + first * k * size, k, out_bf16);
     }
     return 0;
 }

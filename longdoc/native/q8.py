@@ -383,6 +383,7 @@ class Q8Matmul:
             int(dtype == torch.bfloat16),
             torch.get_num_threads(),
             self.bits,
+            self.level,
         )
         if rc != 0:
             raise RuntimeError(f"the Q8_0 weight has {self.n} rows: row ids out of range")

@@ -1,10 +1,11 @@
 """``--quantize auto``: which scheme a run gets here, and why an explicit one can't run or is slower.
 
-The rules are measured (benchmarks/RESULTS.md, "CPU paths"): int5 where longdoc's kernel runs (AVX-512
-VNNI, bfloat16), else q8 where longdoc's Q8_0 kernel has a SIMD loop (AVX2 or NEON; float32 or
-bfloat16: one decode step's linears in benchmarks/out/q8.json, from benchmarks/bench_q8.py), else int8
-where torch's int8 GEMM has VNNI, else none; on AVX2 torch's int8 and int4 CPU kernels are weight-only
-and decode slower than float32.
+The rules are measured (benchmarks/RESULTS.md, "CPU paths"): q8 where longdoc's Q8_0 kernel has a SIMD
+loop (AVX2 or NEON; float32 or bfloat16: one decode step's linears in benchmarks/out/q8.json, from
+benchmarks/bench_q8.py), else int8 where torch's int8 GEMM has VNNI, else none; on AVX2 torch's int8
+and int4 CPU kernels are weight-only and decode slower than float32. q8 is picked over int5 on AVX-512
+too: it decodes as fast there and holds one copy of the weights where int5 holds two (benchmarks/
+RESULTS.md, "One copy of the weights on AVX-512"); int5 stays for whoever asks for it.
 """
 
 from __future__ import annotations
@@ -20,14 +21,12 @@ from longdoc.quant import schemes
 
 
 def default_quantize(device: torch.device, dtype: torch.dtype, config: dict[str, Any]) -> str:
-    """What ``--quantize auto`` runs: int5 for bfloat16 where its kernel runs (and fits the model's
-    widths), else q8 where its kernel has a SIMD loop here (AVX2, NEON) and fits the widths, else int8
-    for bfloat16 where the int8 GEMM runs, else none; none off the CPU (torch's weight-only kernels are
-    slower than float32 on CPUs where none of these runs; q8's scalar loop is not picked)."""
+    """What ``--quantize auto`` runs: q8 where its kernel has a SIMD loop here (AVX2, NEON) and fits the
+    model's widths, else int8 for bfloat16 where the int8 GEMM runs, else none; none off the CPU (torch's
+    weight-only kernels are slower than float32 on CPUs where none of these runs; q8's scalar loop is
+    not picked)."""
     if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
         return "none"
-    if dtype == torch.bfloat16 and quant_unavailable("int5", device, dtype, config) is None:
-        return "int5"
     if q8_simd() and quant_unavailable("q8", device, dtype, config) is None:
         return "q8"
     return "int8" if dtype == torch.bfloat16 and schemes.int8_gemm_available() else "none"

@@ -58,6 +58,7 @@ from torch import nn
 
 from longdoc.config import QUANTIZE_SCHEMES
 from longdoc.models.decoder import NormedRows
+from longdoc.models.resolve import cpu_has_fast_bf16
 from longdoc.models.weights import linear_weight, trim_heap
 from longdoc.native import int5, q8
 
@@ -313,6 +314,10 @@ class QuantGemm:
                 [torch.zeros(n) if b is None else b.detach().float() for b, n in zip(biases, self.sizes, strict=True)]
             ).to(torch.float32 if self.kind == "gemm" else dtype)
         self.group = 0
+        # a weight unpacked for a dense matmul, kept while ``holding`` (and how many holders there are)
+        self._held: torch.Tensor | None = None
+        self._holders = 0
+        self.gemm_prefill = False
         if self.kind == "q8":  # packed from the parts, without stacking them first (pack's docstring)
             # the 5-bit layout where its loop runs and every code fits it (fewer bytes a decode step reads)
             bits = 5 if q8.best_path() == q8.AVX2 and all(q8.fits_five(q) for q in qweights) else 8
@@ -321,6 +326,10 @@ class QuantGemm:
             )
             self.bias = None  # added by the kernel
             self.nbytes = self.q8.packed.numel()
+            # prefill's products: the kernel's int16 gemm where its AVX2 loop runs, except for bfloat16
+            # runs where bfloat16 matmuls are native: there the weight unpacked to bfloat16 for a dense
+            # matmul is faster (benchmarks/RESULTS.md, "One copy of the weights on AVX-512")
+            self.gemm_prefill = self.q8.gemm_fast and not (dtype == torch.bfloat16 and cpu_has_fast_bf16())
             return
         qweight, scale = torch.cat(qweights), torch.cat(scales)
         if self.kind == "gemm":
@@ -394,18 +403,33 @@ class QuantGemm:
         the weight-only quantized model, up to the activations' 16-bit rounding."""
         if self.kind != "q8":
             raise RuntimeError(f"{self.kind} weights are not unpacked for dense matmuls")
-        if self.q8.gemm_fast:
+        if self.gemm_prefill:
             return self.q8.gemm(rows.reshape(-1, self.in_features), self.dtype)
         bias = None if self.q8.bias is None else self.q8.bias.to(self.dtype)
-        return torch.nn.functional.linear(rows.to(self.dtype), self.q8.rows(dtype=self.dtype), bias)
+        weight = self._held if self._held is not None else self.q8.rows(dtype=self.dtype)
+        if self._holders:
+            self._held = weight
+        return torch.nn.functional.linear(rows.to(self.dtype), weight, bias)
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Within the block, the weight unpacked by ``unpacked_matmul`` is kept for its next calls, not
+        unpacked again (a prefill step's MLP runs its rows in parts, ``Decoder.feed_forward``); dropped
+        when the last holder leaves."""
+        self._holders += 1
+        try:
+            yield
+        finally:
+            self._holders -= 1
+            if not self._holders:
+                self._held = None
 
     @property
     def fuses_glu(self) -> bool:
         """Whether ``glu`` runs here: two equal parts (a gate and its up, each a multiple of 8 rows) on the
-        q8 gemm's AVX2 loop."""
+        q8 gemm's AVX2 loop, where prefill takes it (``gemm_prefill``)."""
         return (
-            self.kind == "q8"
-            and self.q8.gemm_fast
+            self.gemm_prefill
             and len(self.sizes) == 2
             and self.sizes[0] == self.sizes[1]
             and self.sizes[0] % q8.GROUP == 0
@@ -512,6 +536,11 @@ class QuantLinear(nn.Module):
         out: torch.Tensor = self.dense(x)
         return out
 
+    def holding_unpacked(self) -> contextlib.AbstractContextManager[None]:
+        """A block within which this layer's weight, once unpacked for a dense matmul, is kept for the next
+        calls (``QuantGemm.holding``; nothing to keep where a dense layer is)."""
+        return self.gemm.holding() if self.dense is None and self.gemm.unpacks else contextlib.nullcontext()
+
     def glu_with(self, up: nn.Module, x: torch.Tensor | NormedRows) -> torch.Tensor | None:
         """silu(self(x)) * up(x) in one kernel call (``QuantGemm.glu``) where this layer is a gate whose
         ``up`` shares its gemm (parts 0 and 1), no dense layer is kept, x is a prefill step's many rows and
@@ -597,6 +626,9 @@ def quantize_linears(
             if not keep_dense:
                 layer.dense = None
             setattr(owner, child, layer)
+        # the codes just read and freed: back to the OS before the next module's are read (left in the
+        # workers' heaps, a q8 load's peak RSS rose by a quarter of a GB, benchmarks/HISTORY.md, twelfth session)
+        trim_heap()
         return len(found)
 
     # the LM head's module first and on its own: the head's codes (136 MB for the 0.5B model, read whole)
@@ -608,7 +640,6 @@ def quantize_linears(
     head_parent = next((n.rpartition(".")[0] for n, m in model.named_modules() if m is head), None)
     if head is not None and head_parent in by_parent:
         done = replace_in(head_parent, by_parent.pop(head_parent))
-        trim_heap()
     # packing a weight is single-threaded: modules are packed side by side, as many as there are threads
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
         return done + sum(pool.map(replace_in, by_parent.keys(), by_parent.values()))

@@ -8,9 +8,9 @@ The rules, each measured (benchmarks/RESULTS.md, "CPU paths", rendered from ``be
 * packing: linears are packed for oneDNN wherever it packs their dtype: decode steps run faster packed,
   bfloat16 and float32 alike. Each weight is widened from its stored bfloat16 as it is packed, so
   packing costs no second copy.
-* quantization: int5 where longdoc's kernel runs (AVX-512 VNNI, bfloat16), else q8 where longdoc's
-  Q8_0 kernel has an AVX2 or NEON loop (float32 or bfloat16; benchmarks/out/q8.json, from
-  ``bench_q8``), else int8 where torch's int8 GEMM has VNNI, else none. On AVX2 torch's int8 and int4
+* quantization: q8 where longdoc's Q8_0 kernel has an AVX2 or NEON loop (float32 or bfloat16;
+  benchmarks/out/q8.json, from ``bench_q8``; on AVX-512 as fast a decode as int5's, with one copy of
+  the weights), else int8 where torch's int8 GEMM has VNNI, else none. On AVX2 torch's int8 and int4
   CPU kernels are weight-only and decode slower than float32, so ``auto`` never picks them there and
   an explicit choice says so.
 * attention: longdoc's ``flash.c`` for bfloat16 prefill where AVX-512 BF16 runs it, else torch's fused
@@ -105,7 +105,7 @@ def paths(
         why["packed"] = "turned off"
     if quantize == "none":
         why["quantize"] = (
-            "no quantized kernel here decodes faster (int5 needs AVX-512 VNNI, q8 AVX2 or NEON, int8 VNNI)"
+            "no quantized kernel here decodes faster (q8 needs AVX2 or NEON, int8 VNNI)"
             if device.type == "cpu"
             else "the quantized kernels are CPU kernels"
         )
@@ -115,8 +115,8 @@ def paths(
             + (" or less (its 5-bit layout);" if q8.best_path() == q8.AVX2 else ";")
             + (
                 " prefill on its int16 gemm"
-                if q8.gemm_fast()
-                else " prefill on the weights unpacked to float32 per matmul"
+                if q8.gemm_fast() and not (dtype == torch.bfloat16 and fast_bf16)
+                else f" prefill on the weights unpacked to {str(dtype).removeprefix('torch.')} per matmul"
             )
             if quantize == "q8"
             else "decodes faster than unquantized here"
