@@ -469,6 +469,10 @@ AVX2_QUALITY_SCHEMES = (
     "q8_gemm_q5_avx2",
 )
 AVX2_QUALITY_TITLE = "Quantization: quality of q8 against unquantized (float32, float16 KV cache)"
+AVX512_QUALITY_SCHEMES = ("none_avx512", "none", "int5", "q8_avx512", "q8_prefill_avx512")
+AVX512_QUALITY_TITLE = (
+    "Quantization: quality of q8 against unquantized and int5 (bfloat16, `auto` since the twelfth session)"
+)
 
 
 def quantized(
@@ -492,6 +496,9 @@ def quantized(
         "q8_gemm_flash16_avx2": "q8's prefill model with flash16.c (int16 gemm and attention; passkey end to end)",
         "q8_q5_avx2": "q8 with 5-bit codes for the weights on a Q5_0 grid and the LM head (the eleventh session)",
         "q8_gemm_q5_avx2": "q8's prefill model with those 5-bit codes (passkey end to end)",
+        "none_avx512": "none (bfloat16, the twelfth session)",
+        "q8_avx512": "q8 in bfloat16 (decode model: int8 activations per block of 32; passkey end to end)",
+        "q8_prefill_avx512": "q8's bfloat16 prefill model (the Q8_0 weights unpacked to bfloat16 per matmul)",
     }
     for scheme in schemes:
         cells = []
@@ -507,6 +514,15 @@ def quantized(
         return None
     head = ["--quantize", "perplexity (no DCA)", "passkey 4K, 8K x 3 depths", "needle 8K, 16K, keys 1 and 4"]
     out = f"### {title}\n\n" + table(head, rows)
+    if schemes == AVX512_QUALITY_SCHEMES:
+        return out + (
+            "\n\n`longdoc eval ppl ../shared/corpus --lengths 4096,16384 --no-dca --quantize q8 --json`, the"
+            " prefill model's row from `python -m benchmarks.bench_q8_prefill_ppl` with the same arguments,"
+            " `longdoc eval passkey --lengths 4096,8192 --depths 0.1,0.5,0.9 --quantize q8 --json`"
+            " (`benchmarks/run_all.sh avx512`). The first row is unquantized bfloat16 measured beside them"
+            " (`--quantize none`); the next two are the earlier sessions' none and int5 rows, on an EPYC of"
+            " the same class."
+        )
     if schemes == AVX2_QUALITY_SCHEMES:
         return out + (
             "\n\n`longdoc eval ppl ../shared/corpus --lengths 4096,16384 --no-dca --quantize q8|none --json`,"
@@ -1418,6 +1434,7 @@ COMMANDS_BY_TABLE = [
 
 FLASH16_LABEL = "longdoc (auto, and prefill attention on int16 products)"
 Q5_LABEL = "longdoc (auto, and decode reading 5-bit codes: Q5_0-grid weights and the LM head)"
+AVX512_Q8_LABEL = "longdoc (auto: q8, one copy; prefill on the weights unpacked to bfloat16)"
 
 
 def document() -> str:
@@ -1443,8 +1460,14 @@ def document() -> str:
             ],
         ),
         headline(
-            "AVX-512 BF16 and VNNI: longdoc int5 (what `auto` picks there) against llama.cpp",
-            [("llamacpp", "longdoc:int5", "longdoc (int5)"), ("llamacpp_32k", "longdoc:int5", "longdoc (int5)")],
+            "AVX-512 BF16 and VNNI: longdoc `auto` (q8 since the twelfth session, int5 before) against llama.cpp",
+            [
+                ("llamacpp_avx512_q8", "longdoc:auto", AVX512_Q8_LABEL),
+                ("llamacpp_avx512_q8", "longdoc:int5", "longdoc (int5, two copies: `auto` before, same run)"),
+                ("llamacpp_avx512_q8_32k", "longdoc:auto", AVX512_Q8_LABEL),
+                ("llamacpp", "longdoc:int5", "longdoc (int5)"),
+                ("llamacpp_32k", "longdoc:int5", "longdoc (int5)"),
+            ],
         ),
     ]
     speed = [
@@ -1493,6 +1516,7 @@ def document() -> str:
         tag(qa(), EPYC_AVX2),
         tag(llamacpp_ppl(), EPYC_AVX512),
         tag(quantized(), EPYC_AVX512),
+        tag(quantized(AVX512_QUALITY_SCHEMES, AVX512_QUALITY_TITLE), EPYC_AVX512),
         tag(quantized(AVX2_QUALITY_SCHEMES, AVX2_QUALITY_TITLE), EPYC_AVX2),
         tag(sparse_quality(), EPYC_AVX512),
         tag(evals(), XEON_AMX),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark behind benchmarks/RESULTS.md, run back to back on an otherwise idle machine.
 # JSON lands in benchmarks/out/. Takes well over an hour on 2 CPU cores; run pieces by name:
-#   benchmarks/run_all.sh q5 flash16 gemm engine dca passkey ppl recycle needle beyond summarize recycle32 quote recall cache fuzz llamacpp quant serve \
+#   benchmarks/run_all.sh avx512 q5 flash16 gemm engine dca passkey ppl recycle needle beyond summarize recycle32 quote recall cache fuzz llamacpp quant serve \
 #   prefill sparse paths models
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -162,6 +162,18 @@ for step in "${steps[@]}"; do
       run python -m benchmarks.bench_llamacpp --lengths 32768 --new 32 --configs longdoc:auto,llamacpp \
         --name llamacpp_avx2_q5_32k
       q8_quality q5 ;;
+    avx512) # issue 26: on AVX-512 BF16, auto is q8 (one copy, bfloat16 prefill on unpacked weights); int5 beside it
+      run python -m benchmarks.bench_llamacpp --lengths 2048,8192 --new 32 \
+        --configs longdoc:auto,llamacpp,longdoc:int5,longdoc:auto,llamacpp,longdoc:int5 --name llamacpp_avx512_q8
+      run python -m benchmarks.bench_llamacpp --lengths 32768 --new 32 --configs longdoc:auto,llamacpp \
+        --name llamacpp_avx512_q8_32k
+      run longdoc eval ppl "$CORPUS" --lengths 4096,16384 --no-dca --quantize q8 --json > "$OUT/quant_ppl_q8_avx512.json"
+      run longdoc eval ppl "$CORPUS" --lengths 4096,16384 --no-dca --quantize none --json \
+        > "$OUT/quant_ppl_none_avx512.json"
+      run python -m benchmarks.bench_q8_prefill_ppl "$CORPUS" --lengths 4096,16384 --no-dca --json \
+        > "$OUT/quant_ppl_q8_prefill_avx512.json"
+      run longdoc eval passkey --lengths 4096,8192 --depths 0.1,0.5,0.9 --quantize q8 --json \
+        > "$OUT/quant_passkey_q8_avx512.json" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -84,13 +84,16 @@ def test_walk_row_gives_the_numbers_of_walk_rows_for_one_token(dtype):
 
 @needs_attn16
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["plain", "dca"])
-def test_decode_steps_over_a_float16_cache_call_attn16_directly_with_attend_cpus_numbers(layout, monkeypatch):
-    """A float32 run over a float16 cache: the steps' attention goes to ``attn16.CacheAttention`` (each
-    DCA region once per layer), and gives the logits and tokens that ``attend_cpu``'s calls of
-    ``attend16`` give, bit for bit."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_decode_steps_over_a_16_bit_cache_call_attn16_directly_with_attend_cpus_numbers(layout, dtype, monkeypatch):
+    """A float32 run over a float16 cache, and a bfloat16 run over a bfloat16 one (its queries widened to
+    float32 for the kernel): the steps' attention goes to ``attn16.CacheAttention`` (each DCA region once
+    per layer), and gives the logits and tokens that ``attend_cpu``'s calls of ``attend16`` give, bit for
+    bit."""
     if not attn16.paths():
         pytest.skip("the attn16 kernel is not available here")
-    model = tiny_model("qwen2", dtype=torch.float32)
+    model = tiny_model("qwen2", dtype=dtype)
+    cache = torch.float16 if dtype == torch.float32 else torch.bfloat16
     ids = torch.randint(0, 256, (1, 50), generator=torch.Generator().manual_seed(3))
     gen = GenerationConfig(max_new_tokens=14)
     direct_calls = []
@@ -101,7 +104,7 @@ def test_decode_steps_over_a_float16_cache_call_attn16_directly_with_attend_cpus
         return real_call(self, q, k, v, a, b)
 
     def run() -> tuple[list[torch.Tensor], list[int]]:
-        pm = long_model(model, layout, torch.float16)
+        pm = long_model(model, layout, cache)
         kv = pm.new_cache(70)
         logits = prefill(pm, ids, kv, 16)
         steps = [pm.forward(torch.tensor([[t]]), 50 + i, kv) for i, t in enumerate([3, 99, 41])]

@@ -561,6 +561,18 @@ MUTANTS = [
         "            pass\n",
     ),
     (
+        "a bfloat16 run's direct decode attention skips the query rotation",
+        "longdoc/engine/longmodel.py",
+        "out, lse = direct(apply(q, *rots[r]).float(), k, v, a, b)",
+        "out, lse = direct(q.float(), k, v, a, b)",
+    ),
+    (
+        "a bfloat16 run's decode attention never calls attn16 directly",
+        "longdoc/engine/longmodel.py",
+        "cache = {torch.float32: torch.float16, torch.bfloat16: torch.bfloat16}.get(self.dtype)",
+        "cache = {torch.float32: torch.float16}.get(self.dtype)",
+    ),
+    (
         "a bfloat16 q8 run holds the embedding table in memory",
         "longdoc/models/weights.py",
         '    in_file = skip_linears and device.type == "cpu"',

@@ -109,9 +109,9 @@ def attend_cpu(
     int16-product kernel (``flash16.c``) where its AVX2 loop runs (benchmarks/RESULTS.md, "Prefill
     attention on int16 products"); a decode step's one query row over a 16-bit KV cache through
     ``attn16.c`` (it reads the cache as stored, at memory speed: benchmarks/RESULTS.md, "Decode attention
-    over a 16-bit KV cache"); else torch's. (A float16 cache: float32 runs'. bfloat16 runs, on AVX-512
-    BF16 CPUs, keep torch's kernel until attn16.c is measured there.)"""
-    if q.shape[2] == 1 and not causal and k.dtype == torch.float16 and attn16.takes(q, k, v):
+    over a 16-bit KV cache"; float16 caches are float32 runs', bfloat16 ones bfloat16 runs', where it
+    beats torch's bfloat16 kernel too: benchmarks/HISTORY.md, twelfth session); else torch's."""
+    if q.shape[2] == 1 and not causal and k.dtype in attn16.KV_DTYPES and attn16.takes(q, k, v):
         out, lse = attn16.attend16(q, k, v, None, scale)
         return out.to(q.dtype), lse
     if flash.flash_takes(q, k, v):

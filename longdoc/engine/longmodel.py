@@ -83,9 +83,10 @@ class LongModel(Decoder):
         """Full attention of the one query of a decode step at ``pos``: the kernel calls, and their
         merge order, of ``chunked_attention`` for a single query, with the query rotations and the key
         regions worked out once for all layers. No host reads, nothing allocated beyond the outputs.
-        Where the kernel would hand the step to ``attn16.c`` (``attend_cpu`` over a float16 cache, a
-        float32 run) the calls go to it directly (``attn16.CacheAttention``: the same calls, checked
-        once per step)."""
+        Where the kernel would hand the step to ``attn16.c`` (``attend_cpu`` over a 16-bit cache) the
+        calls go to it directly (``attn16.CacheAttention``: the same calls, checked once per step; a
+        bfloat16 run's queries widened to float32 for it and its outputs rounded back, as
+        ``attend_cpu`` does)."""
         layout, kernel, scale = self.settings.layout, self.settings.kernel, self.scale
         cos, sin = self.query_rotations(pos)
         rots = [(cos[r : r + 1], sin[r : r + 1]) for r in range(cos.shape[0])]
@@ -98,7 +99,7 @@ class LongModel(Decoder):
             regions.append((2, 0, prev))
         apply = RopeTable.apply
         direct = self.cache_attention(kv)
-        if direct is not None:
+        if direct is not None and self.dtype == torch.float32:
             cos0, sin0 = rots[0]
             first, end = regions[0][1:]
 
@@ -109,6 +110,21 @@ class LongModel(Decoder):
                 return merge_partials([direct(apply(q, *rots[r]), k, v, a, b) for r, a, b in regions])[0]
 
             return attend_direct
+        if direct is not None:  # a bfloat16 run
+            dtype = self.dtype
+
+            def region(
+                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: int, a: int, b: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                out, lse = direct(apply(q, *rots[r]).float(), k, v, a, b)
+                return out.to(dtype), lse
+
+            def attend_widened(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
+                k, v = kv.k[layer], kv.v[layer]
+                parts = [region(q, k, v, r, a, b) for r, a, b in regions]
+                return parts[0][0] if len(parts) == 1 else merge_partials(parts)[0]
+
+            return attend_widened
 
         def attend(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
             k, v = kv.k[layer], kv.v[layer]
@@ -119,10 +135,11 @@ class LongModel(Decoder):
 
     def cache_attention(self, kv: KVCache) -> attn16.CacheAttention | None:
         """``attn16.CacheAttention`` over ``kv``'s layers where ``attend_cpu`` would run a decode step's
-        query through ``attn16.attend16`` (float32 queries over a float16 cache, the kernel available
-        here), else None."""
+        query through ``attn16.attend16`` (a float32 run over a float16 cache, or a bfloat16 run over a
+        bfloat16 one; the kernel available here), else None."""
         k, v = kv.k[0], kv.v[0]
-        if self.settings.kernel is not attend_cpu or self.dtype != torch.float32 or k.dtype != torch.float16:
+        cache = {torch.float32: torch.float16, torch.bfloat16: torch.bfloat16}.get(self.dtype)
+        if self.settings.kernel is not attend_cpu or k.dtype != cache:
             return None
         probe = torch.empty(1, self.n_heads, 1, self.head_dim)
         if not attn16.takes(probe, k, v):

@@ -13,8 +13,9 @@ The rules, each measured (benchmarks/RESULTS.md, "CPU paths", rendered from ``be
   the weights), else int8 where torch's int8 GEMM has VNNI, else none. On AVX2 torch's int8 and int4
   CPU kernels are weight-only and decode slower than float32, so ``auto`` never picks them there and
   an explicit choice says so.
-* attention: longdoc's ``flash.c`` for bfloat16 prefill where AVX-512 BF16 runs it, else torch's fused
-  CPU kernel; decode steps always use torch's.
+* attention: longdoc's ``flash.c`` for bfloat16 prefill where AVX-512 BF16 runs it, ``flash16.c`` for
+  float32 prefill where its AVX2 loop runs, else torch's fused CPU kernel; decode steps read the 16-bit
+  KV cache through ``attn16.c``.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ def attention_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> t
     if device.type == "cuda":
         return "torch-cuda", "torch's fused CUDA attention"
     decode = (
-        "; decode steps read the float16 KV cache through longdoc's attn16.c"
-        if native.likely_available("attn16") and dtype == torch.float32
+        f"; decode steps read the {'float16' if dtype == torch.float32 else 'bfloat16'} KV cache through"
+        " longdoc's attn16.c"
+        if native.likely_available("attn16") and dtype in (torch.float32, torch.bfloat16)
         else "; decode steps use torch's too"
     )
     if dtype == torch.bfloat16 and native.likely_available("flash"):
@@ -132,7 +134,7 @@ def kernel_notes(p: MachinePaths) -> list[str]:
         ("q8", p.quantize == "q8"),
         ("flash", p.attention == "flash.c"),
         ("flash16", p.attention == "flash16.c"),
-        ("attn16", p.attention in ("torch-cpu", "flash16.c") and p.dtype == "float32"),
+        ("attn16", p.attention in ("torch-cpu", "flash16.c", "flash.c") and p.dtype in ("float32", "bfloat16")),
     )
     used = [name for name, used in on if used]
     return [f"{native.SOURCES[name].what}: {note}" for name in used for note in native.notes(name)]
