@@ -691,7 +691,13 @@ quantized activations (on AVX2 maddubs needs a sign step and a float scale per b
 float32 FMA, and it quantizes the prompt's activations too). The ninth session found the int16 form of that
 GEMM faster than float32 (`madd`: 16 products per instruction): where its AVX2 loop runs, prefill now
 multiplies the Q8_0 weights directly (next table), and unpacking remains for the other CPUs. Peak RSS and
-speed against llama.cpp: the AVX2 headline; quality: "Quantization: quality of q8 against unquantized"."""
+speed against llama.cpp: the AVX2 headline; quality: "Quantization: quality of q8 against unquantized".
+
+On AVX-512 BF16 (the twelfth session) q8 became `auto` too, in bfloat16: there a dense bfloat16 matmul on
+the weight unpacked for the call beats the int16 gemm (about 1.7-1.8x on the model's shapes), so bfloat16
+runs with native bfloat16 matmuls unpack (a group of 8 rows at a time; a step's MLP keeps its two unpacked
+weights for its slices of rows), and int5, which kept a bfloat16 copy beside its own, is no longer picked.
+Figures: the AVX-512 headline and benchmarks/HISTORY.md, "One copy of the weights on AVX-512"."""
 
 
 def qa(names: tuple[str, ...] = ("qa_0.5b", "qa_1.5b")) -> str | None:
