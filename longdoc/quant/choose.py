@@ -4,8 +4,9 @@ The rules are measured (benchmarks/RESULTS.md, "CPU paths"): q8 where longdoc's 
 loop (AVX2 or NEON; float32 or bfloat16: one decode step's linears in benchmarks/out/q8.json, from
 benchmarks/bench_q8.py), else int8 where torch's int8 GEMM has VNNI, else none; on AVX2 torch's int8
 and int4 CPU kernels are weight-only and decode slower than float32. q8 is picked over int5 on AVX-512
-too: it decodes as fast there and holds one copy of the weights where int5 holds two (benchmarks/
-RESULTS.md, "One copy of the weights on AVX-512"); int5 stays for whoever asks for it.
+too: it decodes as fast there and holds one copy of the weights where int5 holds two (the AVX-512
+headline in benchmarks/RESULTS.md; benchmarks/HISTORY.md, "One copy of the weights on AVX-512"); int5
+stays for whoever asks for it.
 """
 
 from __future__ import annotations

@@ -328,7 +328,7 @@ class QuantGemm:
             self.nbytes = self.q8.packed.numel()
             # prefill's products: the kernel's int16 gemm where its AVX2 loop runs, except for bfloat16
             # runs where bfloat16 matmuls are native: there the weight unpacked to bfloat16 for a dense
-            # matmul is faster (benchmarks/RESULTS.md, "One copy of the weights on AVX-512")
+            # matmul is faster (benchmarks/HISTORY.md, "One copy of the weights on AVX-512")
             self.gemm_prefill = self.q8.gemm_fast and not (dtype == torch.bfloat16 and cpu_has_fast_bf16())
             return
         qweight, scale = torch.cat(qweights), torch.cat(scales)
@@ -396,11 +396,12 @@ class QuantGemm:
 
     def unpacked_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         """rows (M, K) -> (M, N) in ``dtype``, biases included, for prefill's large steps: where the q8
-        kernel's gemm has its AVX2 loop, through it (activations quantized to 16 bits, mostly 1.2-1.7x a float32
-        matmul: benchmarks/RESULTS.md, "Prefill on int16 activations"); elsewhere through the weight
-        unpacked to ``dtype`` for this call only, a dense matmul many times faster than the kernel's
-        scalar loop, unpacking costing about 1% of it ("One copy of the weights"). Either way this is
-        the weight-only quantized model, up to the activations' 16-bit rounding."""
+        kernel's gemm has its AVX2 loop (``gemm_prefill``), through it (activations quantized to 16 bits,
+        mostly 1.2-1.7x a float32 matmul: benchmarks/RESULTS.md, "Prefill on int16 activations");
+        elsewhere, and for bfloat16 runs where bfloat16 matmuls are native, through the weight unpacked
+        to ``dtype`` for this call only (kept for the next calls while ``holding``), a dense matmul,
+        unpacking costing a few % of it ("One copy of the weights"). Either way this is the weight-only
+        quantized model, up to the activations' 16-bit rounding or the weight's bfloat16 one."""
         if self.kind != "q8":
             raise RuntimeError(f"{self.kind} weights are not unpacked for dense matmuls")
         if self.gemm_prefill:
