@@ -1169,7 +1169,8 @@ def headline(cpu_title: str, runs: list[tuple[str, str, str]]) -> str | None:
         data = load(name)
         if not data:
             continue
-        where = where or f"{data['cpu']}, class {_cpu_class(data)}, {data['threads']} threads"
+        capped = f", capped at {data['isa_cap']} (LONGDOC_ISA)" if data.get("isa_cap") else ""
+        where = where or f"{data['cpu']}, class {_cpu_class(data)}{capped}, {data['threads']} threads"
         read = data.get("bandwidth_gb_per_s")
         measured = f"; plain read {max(read['before'], read['after'])} GB/s, same run" if read else ""
         rows_read = [r["read_gb_per_s_before"] for r in data["rows"] if r.get("read_gb_per_s_before")]
@@ -1464,6 +1465,10 @@ def document() -> str:
                 ("paths", "auto", "longdoc (auto before q8: float32)"),
                 ("paths_2k", "auto", "longdoc (auto before q8: float32)"),
             ],
+        ),
+        headline(
+            "AVX2 under the ISA cap on the AVX-512 EPYC: longdoc `auto` against llama.cpp built for AVX2 only",
+            [("llamacpp_avx2cap_q8", "longdoc:auto", "longdoc (auto: q8, float32, AVX2 paths)")],
         ),
         headline(
             "AVX-512 BF16 and VNNI: longdoc `auto` (q8 since the twelfth session, int5 before) against llama.cpp",

@@ -167,6 +167,11 @@ for step in "${steps[@]}"; do
         --configs longdoc:auto,llamacpp,longdoc:int5,longdoc:auto,llamacpp,longdoc:int5 --name llamacpp_avx512_q8
       run python -m benchmarks.bench_llamacpp --lengths 32768 --new 32 --configs longdoc:auto,llamacpp \
         --name llamacpp_avx512_q8_32k
+      # the AVX2 paths under the ISA cap, against llama.cpp built without AVX-512 (installed in place of the
+      # native build for this run: CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
+      # -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF" pip install --no-cache-dir llama-cpp-python)
+      LONGDOC_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 run python -m benchmarks.bench_llamacpp \
+        --lengths 2048,8192 --new 32 --configs longdoc:auto,llamacpp,longdoc:auto,llamacpp --name llamacpp_avx2cap_q8
       run longdoc eval ppl "$CORPUS" --lengths 4096,16384 --no-dca --quantize q8 --json > "$OUT/quant_ppl_q8_avx512.json"
       run longdoc eval ppl "$CORPUS" --lengths 4096,16384 --no-dca --quantize none --json \
         > "$OUT/quant_ppl_none_avx512.json"
