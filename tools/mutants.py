@@ -533,8 +533,8 @@ MUTANTS = [
     (
         "q8 rows: a step's scales taken in the wrong row order",
         "longdoc/native/q8.c",
-        "            memcpy(&h, blk + 2 * (i / 4), 2);",
-        "            memcpy(&h, blk + 2 * (i % 8), 2);",
+        "        for (int i = 0; i < QK; i++) pattern[i] = ws[i / 4];",
+        "        for (int i = 0; i < QK; i++) pattern[i] = ws[i % 8];",
     ),
     (
         "q8 rows: a row looked up by id copies row 0 of its group",
@@ -545,8 +545,8 @@ MUTANTS = [
     (
         "bfloat16 prefill on the int16 gemm where bfloat16 matmuls are native",
         "longdoc/quant/schemes.py",
-        "self.gemm_prefill = self.q8.gemm_fast and not (dtype == torch.bfloat16 and cpu_has_fast_bf16())",
-        "self.gemm_prefill = self.q8.gemm_fast",
+        "    return gemm_fast and not (dtype == torch.bfloat16 and cpu_has_fast_bf16())",
+        "    return gemm_fast",
     ),
     (
         "an MLP's unpacked weights unpacked again for each slice of rows",
@@ -563,8 +563,8 @@ MUTANTS = [
     (
         "a bfloat16 run's direct decode attention skips the query rotation",
         "longdoc/engine/longmodel.py",
-        "out, lse = direct(apply(q, *rots[r]).float(), k, v, a, b)",
-        "out, lse = direct(q.float(), k, v, a, b)",
+        "                rotated = apply(q, *rots[r])\n",
+        "                rotated = q\n",
     ),
     (
         "a bfloat16 run's decode attention never calls attn16 directly",

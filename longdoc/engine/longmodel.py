@@ -99,32 +99,23 @@ class LongModel(Decoder):
             regions.append((2, 0, prev))
         apply = RopeTable.apply
         direct = self.cache_attention(kv)
-        if direct is not None and self.dtype == torch.float32:
-            cos0, sin0 = rots[0]
-            first, end = regions[0][1:]
-
-            def attend_direct(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
-                k, v = kv.k[layer], kv.v[layer]
-                if len(regions) == 1:
-                    return direct(apply(q, cos0, sin0), k, v, first, end)[0]
-                return merge_partials([direct(apply(q, *rots[r]), k, v, a, b) for r, a, b in regions])[0]
-
-            return attend_direct
-        if direct is not None:  # a bfloat16 run
-            dtype = self.dtype
+        if direct is not None:
+            dtype, widen = self.dtype, self.dtype != torch.float32  # a bfloat16 run's queries and outputs
 
             def region(
                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: int, a: int, b: int
             ) -> tuple[torch.Tensor, torch.Tensor]:
-                out, lse = direct(apply(q, *rots[r]).float(), k, v, a, b)
-                return out.to(dtype), lse
+                rotated = apply(q, *rots[r])
+                out, lse = direct(rotated.float() if widen else rotated, k, v, a, b)
+                return (out.to(dtype) if widen else out), lse
 
-            def attend_widened(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
+            def attend_direct(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
                 k, v = kv.k[layer], kv.v[layer]
-                parts = [region(q, k, v, r, a, b) for r, a, b in regions]
-                return parts[0][0] if len(parts) == 1 else merge_partials(parts)[0]
+                if len(regions) == 1:
+                    return region(q, k, v, *regions[0])[0]
+                return merge_partials([region(q, k, v, *where) for where in regions])[0]
 
-            return attend_widened
+            return attend_direct
 
         def attend(layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
             k, v = kv.k[layer], kv.v[layer]

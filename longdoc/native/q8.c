@@ -573,16 +573,17 @@ __attribute__((always_inline)) static inline void unpack_group_body(const uint8_
                                                                     int r0, int r1, void *restrict out, int64_t k,
                                                                     int out_bf16) {
     int8_t tmp[GR * QK];
-    float scaled[GR * QK], pattern[QK];
+    float scaled[GR * QK], pattern[QK], ws[GR];
     uint16_t rounded[GR * QK];
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = g + b * block_bytes(bits);
         const int8_t *q = block_codes(blk, bits, tmp);
-        for (int i = 0; i < QK; i++) {
+        for (int r = 0; r < GR; r++) {
             uint16_t h;
-            memcpy(&h, blk + 2 * (i / 4), 2);
-            pattern[i] = half_to_float(h);
+            memcpy(&h, blk + 2 * r, 2);
+            ws[r] = half_to_float(h);
         }
+        for (int i = 0; i < QK; i++) pattern[i] = ws[i / 4];
         for (int s = 0; s < QK / 4; s++)
             for (int i = 0; i < QK; i++) scaled[QK * s + i] = (float)q[QK * s + i] * pattern[i];
         if (out_bf16)

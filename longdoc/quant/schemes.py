@@ -238,6 +238,14 @@ def quantize(
     raise ValueError(f"unknown quantization {scheme!r}")
 
 
+def prefill_on_gemm(gemm_fast: bool, dtype: torch.dtype) -> bool:
+    """Whether a q8 run in ``dtype`` multiplies prefill's many rows on the kernel's int16 gemm (where its
+    AVX2 loop runs: ``gemm_fast``) rather than on the weights unpacked for a dense matmul: everywhere the
+    loop runs but in bfloat16 runs where bfloat16 matmuls are native, whose dense matmul is faster
+    (benchmarks/HISTORY.md, "One copy of the weights on AVX-512")."""
+    return gemm_fast and not (dtype == torch.bfloat16 and cpu_has_fast_bf16())
+
+
 @functools.cache
 def int8_gemm_available() -> bool:
     """Whether torch's x86 int8 GEMM (``quantized::linear_dynamic``) runs here with full 8-bit
@@ -326,10 +334,8 @@ class QuantGemm:
             )
             self.bias = None  # added by the kernel
             self.nbytes = self.q8.packed.numel()
-            # prefill's products: the kernel's int16 gemm where its AVX2 loop runs, except for bfloat16
-            # runs where bfloat16 matmuls are native: there the weight unpacked to bfloat16 for a dense
-            # matmul is faster (benchmarks/HISTORY.md, "One copy of the weights on AVX-512")
-            self.gemm_prefill = self.q8.gemm_fast and not (dtype == torch.bfloat16 and cpu_has_fast_bf16())
+            # prefill's products: the gemm, or the weight unpacked for a dense matmul
+            self.gemm_prefill = prefill_on_gemm(self.q8.gemm_fast, dtype)
             return
         qweight, scale = torch.cat(qweights), torch.cat(scales)
         if self.kind == "gemm":

@@ -31,7 +31,7 @@ from longdoc.models.resolve import cpu_has_fast_bf16
 from longdoc.native import flash16, q8
 from longdoc.quant.choose import quant_slower
 from longdoc.quant.packing import packing_pays
-from longdoc.quant.schemes import ONE_COPY
+from longdoc.quant.schemes import ONE_COPY, prefill_on_gemm
 
 # CPU classes with native bfloat16 matmuls, longdoc's int5 kernel and its attention kernel (for the
 # one-line hint on slower classes).
@@ -117,7 +117,7 @@ def paths(
             + (" or less (its 5-bit layout);" if q8.best_path() == q8.AVX2 else ";")
             + (
                 " prefill on its int16 gemm"
-                if q8.gemm_fast() and not (dtype == torch.bfloat16 and fast_bf16)
+                if prefill_on_gemm(q8.gemm_fast(), dtype)
                 else f" prefill on the weights unpacked to {str(dtype).removeprefix('torch.')} per matmul"
             )
             if quantize == "q8"
