@@ -578,6 +578,60 @@ MUTANTS = [
         '    in_file = skip_linears and device.type == "cpu"',
         "    in_file = skip_linears and keep_embedding",
     ),
+    (
+        "native step: the rotation's partner element one off",
+        "longdoc/native/step.c",
+        "xh[(j + half) % d] * sin_row[j]",
+        "xh[(j + half + 1) % d] * sin_row[j]",
+    ),
+    (
+        "native step: a bfloat16 run's rotation products not rounded",
+        "longdoc/native/step.c",
+        "const float a = stored(xh[j] * cos_row[j], bf16);",
+        "const float a = xh[j] * cos_row[j];",
+    ),
+    (
+        "native step: the key cached unrotated",
+        "longdoc/native/step.c",
+        "write_rows(krot, m, layer->k, pos);",
+        "write_rows(k, m, layer->k, pos);",
+    ),
+    (
+        "native step: every region weighted by the first's log-sum-exp",
+        "longdoc/native/step.c",
+        "const float w = expf(lse[r * heads + h] - shift);",
+        "const float w = expf(lse[h] - shift);",
+    ),
+    (
+        "native step: the norm's weight dropped",
+        "longdoc/native/step.c",
+        "out[j] = stored(w[j] * t, bf16);",
+        "out[j] = stored(t, bf16);",
+    ),
+    (
+        "native step: silu(gate) not rounded before the product",
+        "longdoc/native/step.c",
+        "stored(stored(g / (1.f + expf(-g)), m->bf16) * gu[inter + j], m->bf16)",
+        "stored(g / (1.f + expf(-g)) * gu[inter + j], m->bf16)",
+    ),
+    (
+        "native step: float16 ties rounded away from even",
+        "longdoc/native/step.c",
+        "        u += odd;\n",
+        "",
+    ),
+    (
+        "native step: the regions' bounds handed over in reverse",
+        "longdoc/engine/longmodel.py",
+        "bounds = torch.tensor([[a, b] for _, a, b in regions], dtype=torch.int64)",
+        "bounds = torch.tensor([[a, b] for _, a, b in reversed(regions)], dtype=torch.int64)",
+    ),
+    (
+        "native step: kept over a grown cache",
+        "longdoc/engine/longmodel.py",
+        "if step is not None and step.reads(kv.k, kv.v):",
+        "if step is not None:",
+    ),
 ]
 
 
@@ -608,6 +662,8 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "longdoc/native/q8.c": ("tests/test_q8.py", "tests/test_q8_gemm.py", "tests/test_q5.py"),
     "longdoc/native/attn16.c": ("tests/test_attn16.py",),
     "longdoc/native/flash16.c": ("tests/test_flash16.py",),
+    "longdoc/native/step.c": ("tests/test_native_step.py",),
+    "longdoc/engine/longmodel.py": ("tests/test_native_step.py", "tests/test_decode_glue.py", "tests/test_engine.py"),
     "longdoc/native/halves.h": ("tests/test_q8.py", "tests/test_int5.py", "tests/test_attn16.py"),
     "longdoc/native/__init__.py": ("tests/test_native.py", "tests/test_q8.py"),
     "longdoc/native/q8.py": ("tests/test_q8.py", "tests/test_q8_gemm.py", "tests/test_quant.py", "tests/test_q5.py"),

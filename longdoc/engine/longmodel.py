@@ -17,9 +17,11 @@ from longdoc.attention.dca import ChunkLayout, chunked_attention, key_positions,
 from longdoc.attention.kernels import Kernel, attend_cpu, merge_partials
 from longdoc.attention.sparse import SparseConfig, SparseStats, sparse_chunked_attention
 from longdoc.engine.kvcache import KVCache
+from longdoc.engine.nativestep import layer_weights
 from longdoc.models.decoder import Attend, Decoder, rms_norm
 from longdoc.models.rope import RopeTable
-from longdoc.native import attn16
+from longdoc.native import attn16, library
+from longdoc.native.step import LayerWeights, StepLayers
 
 
 @dataclass
@@ -41,6 +43,10 @@ class LongModel(Decoder):
     def __init__(self, model: object, settings: AttentionSettings):
         super().__init__(model, settings.logit_scale)
         self.settings = settings
+        # the native decode step: the layers' weights as it reads them (None: not asked yet; []: this
+        # model's layers don't take it), and the last step made over a KV cache
+        self._step_weights: list[LayerWeights] | None = None
+        self._step: StepLayers | None = None
 
     def new_cache(self, capacity: int) -> KVCache:
         dtype = self.settings.kv_dtype or self.dtype
@@ -87,16 +93,10 @@ class LongModel(Decoder):
         calls go to it directly (``attn16.CacheAttention``: the same calls, checked once per step; a
         bfloat16 run's queries widened to float32 for it and its outputs rounded back, as
         ``attend_cpu`` does)."""
-        layout, kernel, scale = self.settings.layout, self.settings.kernel, self.scale
+        kernel, scale = self.settings.kernel, self.scale
         cos, sin = self.query_rotations(pos)
         rots = [(cos[r : r + 1], sin[r : r + 1]) for r in range(cos.shape[0])]
-        prev, chunk_start = region_bounds(pos, layout)
-        # (rotation, first key, end key) per region, as chunked_attention orders them
-        regions = [(0, chunk_start, pos + 1)]
-        if chunk_start > 0:
-            regions.append((1, prev, chunk_start))
-        if prev > 0:
-            regions.append((2, 0, prev))
+        regions = self.step_regions(pos)
         apply = RopeTable.apply
         direct = self.cache_attention(kv)
         if direct is not None:
@@ -124,6 +124,52 @@ class LongModel(Decoder):
 
         return attend
 
+    def step_regions(self, pos: int) -> list[tuple[int, int, int]]:
+        """The key regions of a decode step's query at ``pos``, as ``chunked_attention`` orders them:
+        (query rotation, first key, end key) for the intra, successive and inter regions that have keys
+        (one region, all keys, without DCA); the rotation is ``query_rotations``' row, the region's index."""
+        prev, chunk_start = region_bounds(pos, self.settings.layout)
+        regions = [(0, chunk_start, pos + 1)]
+        if chunk_start > 0:
+            regions.append((1, prev, chunk_start))
+        if prev > 0:
+            regions.append((2, 0, prev))
+        return regions
+
+    def native_step(self, kv: KVCache) -> StepLayers | None:
+        """``native.step.StepLayers`` over ``kv`` where a decode step may run in it: the model's layers take
+        it (``engine.nativestep``), its library is built, and the step's attention would be attn16's
+        direct path (``cache_attention``); else None. Made once per cache (again after it grows)."""
+        if self._step_weights is None:
+            self._step_weights = layer_weights(self) or []
+        if not self._step_weights or library("step") is None:
+            return None
+        step = self._step
+        if step is not None and step.reads(kv.k, kv.v):
+            return step
+        self._step = None
+        direct = self.cache_attention(kv)
+        if direct is None:
+            return None
+        bf16 = self.dtype == torch.bfloat16
+        self._step = StepLayers(self._step_weights, self.n_heads, kv.k, kv.v, bf16, self.scale, direct.level)
+        return self._step
+
+    def native_walk(self, step: StepLayers, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """``walk_layers`` of one token ids (1, 1) at ``pos`` through ``step`` (the same numbers as
+        ``walk_row`` with ``step_attend``, up to ``step.c``'s arithmetic order): its K/V written to the
+        cache ``step`` was made over; the hidden state (1, 1, hidden) after the last layer."""
+        h = self.model.model.embed_tokens(ids).reshape(-1).to(torch.float32)
+        cos, sin = self.key_rotations(pos, 1)
+        key_rot = torch.cat([cos, sin]).to(torch.float32)
+        regions = self.step_regions(pos)
+        q_cos, q_sin = self.query_rotations(pos)
+        count = len(regions)
+        query_rot = torch.stack([q_cos[:count], q_sin[:count]], dim=1).to(torch.float32)
+        bounds = torch.tensor([[a, b] for _, a, b in regions], dtype=torch.int64)
+        step(h, pos, key_rot, query_rot, bounds)
+        return h.to(self.dtype).view(1, 1, -1)
+
     def cache_attention(self, kv: KVCache) -> attn16.CacheAttention | None:
         """``attn16.CacheAttention`` over ``kv``'s layers where ``attend_cpu`` would run a decode step's
         query through ``attn16.attend16`` (a float32 run over a float16 cache, or a bfloat16 run over a
@@ -149,9 +195,14 @@ class LongModel(Decoder):
         """``hidden_states`` before the final norm.
 
         The key rotation is looked up once for all layers, and a single token (a decode step) attends
-        through ``step_attend``.
+        through ``step_attend``, or runs all its layers in the native decode step where it can
+        (``native_step``).
         """
         length = ids.shape[1]
+        if attend is None and length == 1:
+            step = self.native_step(kv)
+            if step is not None:
+                return self.native_walk(step, ids, start)
         if attend is None:
             attend = self.step_attend(kv, start) if length == 1 else self.default_attend(kv)
         cos, sin = self.key_rotations(start, length)

@@ -14,6 +14,9 @@
   twice torch's kernel on float32 K/V on the model's shapes (``benchmarks/bench_attn16.py``). On any
   CPU: a scalar loop everywhere, AVX2 and NEON loops chosen at run time under the ISA cap
   (``native/attn16.py``).
+* ``step.c``: a decode step's decoder layers in one call (norms, rotations, cache writes, the merge of
+  DCA's regions, residuals, the gate), calling the q8 and attn16 kernels for the products and the
+  attention: a decode step's Python and torch dispatch gone (``native/step.py``).
 * ``flash16.c``: prefill attention with its log-sum-exp, float32 in and out, on 16-bit integer
   products (vpmaddwd): the AVX2 counterpart of ``flash.c`` (``benchmarks/bench_flash16.py``). A scalar
   loop everywhere and an AVX2 loop chosen at run time under the ISA cap (``native/flash16.py``).
@@ -82,6 +85,8 @@ SOURCES = {
     "attn16": Source("attn16.c", "the 16-bit KV decode attention kernel", "nothing", frozenset(), "none"),
     # any CPU, as q8 (native/flash16.py)
     "flash16": Source("flash16.c", "the int16 prefill attention kernel", "nothing", frozenset(), "none"),
+    # any CPU: its loops are q8's and attn16's, handed in (native/step.py)
+    "step": Source("step.c", "the native decode step", "nothing", frozenset(), "none"),
 }
 
 _why: dict[str, list[str]] = {name: [] for name in SOURCES}
@@ -283,6 +288,11 @@ def _configure(name: str, lib: ctypes.CDLL) -> ctypes.CDLL:
         lib.longdoc_attn16.argtypes += [p, p, c_int, c_int]
         lib.longdoc_attn16_paths.restype, lib.longdoc_attn16_paths.argtypes = c_int, []
         lib.longdoc_attn16_level.restype, lib.longdoc_attn16_level.argtypes = c_int, [c_int]
+    elif name == "step":
+        lib.longdoc_step_layers.restype = c_int
+        # model, layers, layer count, hidden state, position, key rotation, regions, query rotations, bounds
+        lib.longdoc_step_layers.argtypes = [p, p, c_int, p, i64, p, c_int, p, p]
+        lib.longdoc_step_halves.restype, lib.longdoc_step_halves.argtypes = None, [p, i64, p]
     elif name == "flash16":
         lib.longdoc_flash16.restype = c_int
         # q, strides, k, strides, v, strides, kv_half, out, lse, b, h, hkv, lq, lk, d, causal, scale, threads, level

@@ -120,6 +120,7 @@ def paths(
                 if prefill_on_gemm(q8.gemm_fast(), dtype)
                 else f" prefill on the weights unpacked to {str(dtype).removeprefix('torch.')} per matmul"
             )
+            + ("; a decode step's layers in one native call (step.c)" if native.likely_available("step") else "")
             if quantize == "q8"
             else "decodes faster than unquantized here"
         )

@@ -1,0 +1,251 @@
+/* A decode step's decoder layers in one call: for each layer, the input RMSNorm, the q/k/v projection,
+   the rotation of the query (once per key region: DCA's intra, successive and inter regions, or the
+   one region of plain attention) and of the key, the cache write, the attention over each region and
+   the merge of their partial results, the output projection and residual, the post-attention norm, the
+   gate/up projection, silu(gate) * up, the down projection and residual.
+
+   Why: a decode step of a small model makes ~48 tensor operations and 5 kernel calls a layer, each a
+   few microseconds of Python and torch dispatch on a 2-core CPU: a quarter of the step on the embedded
+   model (benchmarks/RESULTS.md, "A decode step in one native call"). Here they are plain loops over a
+   row, and the weight products and attention are the q8 and attn16 kernels' own entry points, handed
+   in as function pointers (so their per-ISA loops, the ISA cap and their threads are theirs).
+
+   The numbers are those of longdoc's torch path (models.decoder.Decoder.walk_row with
+   LongModel.step_attend) in the run's dtype: in a bfloat16 run every value is rounded to bfloat16
+   where torch rounds it (each product and sum of the rotation, each linear's output, the residual
+   sums, silu and the gate product, the norm before and after its weight), in a float32 run nothing
+   is. They differ from it only where the arithmetic order differs: the norm's sum of squares (taken
+   in double here, as q8's in-kernel norm), exp and log (libm here), the merge's sums.
+
+   The cache is float16 (float32 runs) or bfloat16 (bfloat16 runs), as attn16 reads it: (KV head,
+   position, D) with the strides given, positions 0..pos-1 written, pos written here. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "halves.h" /* 16-bit float conversions: shared by the kernels */
+
+typedef int (*q8_matmul_fn)(const void *x, int x_bf16, int64_t m, int64_t k, const uint8_t *w, int64_t n,
+                            const float *bias, void *out, int out_bf16, int threads, int level, const float *norm_w,
+                            float eps, int bits);
+typedef int (*attn16_fn)(const float *q, int n_q_heads, int n_kv_heads, int d, const void *k, const void *v,
+                         int kv_is_bf16, int64_t head_stride, int64_t row_stride, int64_t n_keys, float scale,
+                         float *out, float *lse, int threads, int level);
+
+/* One packed Q8_0 weight (q8.c's layout) with n output channels, its float32 bias or NULL, its layout's
+   bits (8 or 5) and the q8 path it runs on. */
+typedef struct {
+    const uint8_t *w;
+    const float *bias;
+    int64_t n;
+    int32_t bits, level;
+} step_linear;
+
+/* One decoder layer: its two RMSNorm weights (float32 copies of the model's) and epsilons, its four
+   weights (q/k/v stacked, the output projection, gate/up stacked, down), and where its cache starts. */
+typedef struct {
+    const float *norm1, *norm2;
+    float eps1, eps2;
+    step_linear qkv, o, gate_up, down;
+    void *k, *v;
+} step_layer;
+
+/* The model's shapes, the run's dtype and cache, and the kernels. */
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, inter;
+    int32_t bf16;       /* the run is bfloat16 (values rounded as torch rounds them), else float32 */
+    int32_t cache_bf16; /* the cache is bfloat16, else float16 */
+    int64_t head_stride, row_stride; /* cache strides, in elements */
+    float scale;                     /* the softmax scale */
+    int32_t threads, attn_level;
+    q8_matmul_fn q8;
+    attn16_fn attn;
+} step_model;
+
+/* float -> float16 bits, rounded to nearest even (overflow to infinity, subnormals kept), as torch
+   converts: F. Giesen's float_to_half_fast3_rtne. */
+static inline uint16_t float_to_half(float f) {
+    const uint32_t f32_infinity = 255u << 23, f16_max = (127u + 16u) << 23;
+    const uint32_t denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t sign = u & 0x80000000u;
+    u ^= sign;
+    uint16_t o;
+    if (u >= f16_max) {
+        o = u > f32_infinity ? 0x7e00 : 0x7c00; /* NaN stays NaN; too large: infinity */
+    } else if (u < (113u << 23)) { /* a float16 subnormal or zero: the float addition rounds it */
+        float x, magic;
+        memcpy(&x, &u, 4);
+        memcpy(&magic, &denorm_magic, 4);
+        x += magic;
+        uint32_t r;
+        memcpy(&r, &x, 4);
+        o = (uint16_t)(r - denorm_magic);
+    } else {
+        const uint32_t odd = (u >> 13) & 1u;
+        u += ((uint32_t)(15 - 127) << 23) + 0xfffu;
+        u += odd;
+        o = (uint16_t)(u >> 13);
+    }
+    return (uint16_t)(o | (sign >> 16));
+}
+
+/* x as the run stores it: rounded to bfloat16 in a bfloat16 run. */
+static inline float stored(float x, int bf16) { return bf16 ? bf16_to_float(float_to_bf16(x)) : x; }
+
+/* out = RMSNorm(x) with weight w: r = 1 / sqrt(mean(x^2) + eps) (the sum in double, as q8.c's in-kernel
+   norm), out[j] = w[j] * (x[j] * r); in a bfloat16 run x * r is rounded before the weight and the product
+   after (torch normalizes in float32, rounds, then multiplies by the bfloat16 weight). */
+static void rms_norm(const float *x, int64_t k, const float *w, float eps, int bf16, float *out) {
+    double sum = 0.0;
+    for (int64_t j = 0; j < k; j++) sum += (double)x[j] * x[j];
+    const float r = (float)(1.0 / sqrt((double)(float)(sum / (double)k) + (double)eps));
+    for (int64_t j = 0; j < k; j++) {
+        const float t = stored(x[j] * r, bf16);
+        out[j] = stored(w[j] * t, bf16);
+    }
+}
+
+/* heads rows of d values x rotated into out by cos and signed sin (d each): out[j] = x[j] cos[j] +
+   x[(j + d/2) mod d] sin[j] (RopeTable.apply: x * cos + roll(x, d/2) * sin), each product and the sum
+   rounded as the run stores them. */
+static void rotate(const float *x, int64_t heads, int64_t d, const float *cos_row, const float *sin_row, int bf16,
+                   float *out) {
+    const int64_t half = d / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        const float *xh = x + h * d;
+        float *oh = out + h * d;
+        for (int64_t j = 0; j < d; j++) {
+            const float a = stored(xh[j] * cos_row[j], bf16);
+            const float b = stored(xh[(j + half) % d] * sin_row[j], bf16);
+            oh[j] = stored(a + b, bf16);
+        }
+    }
+}
+
+/* kv_heads rows of d values into the cache at position pos, as float16 or bfloat16. */
+static void write_rows(const float *x, const step_model *m, void *cache, int64_t pos) {
+    for (int64_t h = 0; h < m->kv_heads; h++) {
+        uint16_t *row = (uint16_t *)cache + h * m->head_stride + pos * m->row_stride;
+        const float *xh = x + h * m->head_dim;
+        for (int64_t j = 0; j < m->head_dim; j++) row[j] = m->cache_bf16 ? float_to_bf16(xh[j]) : float_to_half(xh[j]);
+    }
+}
+
+/* out (n) = linear(x (k)), rounded as the run stores it. */
+static int project(const step_model *m, const step_linear *lin, const float *x, int64_t k, float *out) {
+    const int rc = m->q8(x, 0, 1, k, lin->w, lin->n, lin->bias, out, 0, m->threads, lin->level, NULL, 0.f, lin->bits);
+    if (rc != 0) return rc;
+    if (m->bf16)
+        for (int64_t j = 0; j < lin->n; j++) out[j] = stored(out[j], 1);
+    return 0;
+}
+
+/* The attention of the rotated queries (R, heads, d) over the R key regions bounds (R, 2: first, end
+   position) -> out (heads, d), the regions' outputs (each rounded as the run stores it) weighted by
+   exp(lse_r - logsumexp_r lse_r) and summed in float32, as attention.kernels.merge_partials; a head
+   without keys anywhere gives 0. parts: R * heads * (d + 1) floats of scratch. */
+static int attend(const step_model *m, const step_layer *layer, int regions, const float *queries,
+                  const int64_t *bounds, float *parts, float *out) {
+    const int64_t heads = m->heads, d = m->head_dim, span = heads * d;
+    float *lse = parts + regions * span;
+    const int64_t row_bytes = m->row_stride * 2;
+    for (int r = 0; r < regions; r++) {
+        const int64_t a = bounds[2 * r], b = bounds[2 * r + 1];
+        const char *k = (const char *)layer->k + a * row_bytes, *v = (const char *)layer->v + a * row_bytes;
+        const int rc = m->attn(queries + r * span, (int)heads, (int)m->kv_heads, (int)d, k, v, m->cache_bf16,
+                               m->head_stride, m->row_stride, b - a, m->scale, parts + r * span, lse + r * heads,
+                               m->threads, m->attn_level);
+        if (rc != 0) return rc;
+        for (int64_t j = 0; j < span; j++) parts[r * span + j] = stored(parts[r * span + j], m->bf16);
+    }
+    if (regions == 1) {
+        memcpy(out, parts, (size_t)span * sizeof(float));
+        return 0;
+    }
+    for (int64_t h = 0; h < heads; h++) {
+        float top = -INFINITY;
+        for (int r = 0; r < regions; r++) top = fmaxf(top, lse[r * heads + h]);
+        float total = top;
+        if (isfinite(top)) {
+            float sum = 0.f;
+            for (int r = 0; r < regions; r++) sum += expf(lse[r * heads + h] - top);
+            total = logf(sum) + top;
+        }
+        const float shift = total == -INFINITY ? 0.f : total;
+        float *oh = out + h * d;
+        for (int64_t j = 0; j < d; j++) oh[j] = 0.f;
+        for (int r = 0; r < regions; r++) {
+            const float w = expf(lse[r * heads + h] - shift);
+            const float *ph = parts + r * span + h * d;
+            for (int64_t j = 0; j < d; j++) oh[j] += ph[j] * w;
+        }
+    }
+    for (int64_t j = 0; j < span; j++) out[j] = stored(out[j], m->bf16);
+    return 0;
+}
+
+/* out[i] = x[i] as float16 bits, as the cache write rounds it (for tests: torch's conversion). */
+void longdoc_step_halves(const float *x, int64_t n, uint16_t *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = float_to_half(x[i]);
+}
+
+/* Every CPU runs it (its loops are the q8 and attn16 kernels'). */
+int longdoc_step_supported(void) { return 1; }
+
+/* Runs the token whose hidden state is h (hidden floats, bfloat16 values in a bfloat16 run) at position
+   pos through layers[0..n_layers-1], in place: h becomes the hidden state after the last layer (before
+   the final norm). key_rot: the key rotation at pos (cos then signed sin, head_dim each); query_rot
+   (regions, 2, head_dim): each key region's query rotation; bounds (regions, 2): each region's first
+   and end position (1 to 3 regions; the last end is pos + 1). Returns 0; 1 for an input it can't take;
+   2 out of memory; else the code a kernel returned. */
+int longdoc_step_layers(const step_model *m, const step_layer *layers, int n_layers, float *h, int64_t pos,
+                        const float *key_rot, int regions, const float *query_rot, const int64_t *bounds) {
+    if (!m || !layers || !h || !key_rot || !query_rot || !bounds || !m->q8 || !m->attn) return 1;
+    const int64_t hid = m->hidden, heads = m->heads, kvh = m->kv_heads, d = m->head_dim, inter = m->inter;
+    if (n_layers < 0 || regions < 1 || regions > 3 || hid < 1 || heads < 1 || kvh < 1 || heads % kvh != 0 || d < 2 ||
+        d % 2 != 0 || inter < 1 || pos < 0)
+        return 1;
+    for (int r = 0; r < regions; r++)
+        if (bounds[2 * r] < 0 || bounds[2 * r] >= bounds[2 * r + 1] || bounds[2 * r + 1] > pos + 1) return 1;
+    const int64_t q_len = heads * d, kv_len = kvh * d, qkv_len = q_len + 2 * kv_len;
+    /* scratch: normed row, q/k/v, rotated queries per region, the regions' outputs and lse, the attention
+       output, a projection's output, gate/up */
+    const int64_t widest = hid > q_len ? hid : q_len;
+    const int64_t floats = widest + qkv_len + regions * q_len + regions * (q_len + heads) + q_len + hid + 2 * inter + kv_len;
+    float *scratch = malloc((size_t)floats * sizeof(float));
+    if (!scratch) return 2;
+    float *xn = scratch, *qkv = xn + widest, *queries = qkv + qkv_len, *parts = queries + regions * q_len;
+    float *att = parts + regions * (q_len + heads), *proj = att + q_len, *gu = proj + hid, *krot = gu + 2 * inter;
+    int rc = 0;
+    for (int i = 0; i < n_layers && rc == 0; i++) {
+        const step_layer *layer = layers + i;
+        if (layer->qkv.n != qkv_len || layer->o.n != hid || layer->gate_up.n != 2 * inter || layer->down.n != hid) {
+            rc = 1;
+            break;
+        }
+        rms_norm(h, hid, layer->norm1, layer->eps1, m->bf16, xn);
+        if ((rc = project(m, &layer->qkv, xn, hid, qkv)) != 0) break;
+        const float *q = qkv, *k = qkv + q_len, *v = k + kv_len;
+        rotate(k, kvh, d, key_rot, key_rot + d, m->bf16, krot);
+        write_rows(krot, m, layer->k, pos);
+        write_rows(v, m, layer->v, pos);
+        for (int r = 0; r < regions; r++)
+            rotate(q, heads, d, query_rot + 2 * r * d, query_rot + (2 * r + 1) * d, m->bf16, queries + r * q_len);
+        if ((rc = attend(m, layer, regions, queries, bounds, parts, att)) != 0) break;
+        if ((rc = project(m, &layer->o, att, q_len, proj)) != 0) break;
+        for (int64_t j = 0; j < hid; j++) h[j] = stored(h[j] + proj[j], m->bf16);
+        rms_norm(h, hid, layer->norm2, layer->eps2, m->bf16, xn);
+        if ((rc = project(m, &layer->gate_up, xn, hid, gu)) != 0) break;
+        for (int64_t j = 0; j < inter; j++) {
+            const float g = gu[j];
+            gu[j] = stored(stored(g / (1.f + expf(-g)), m->bf16) * gu[inter + j], m->bf16);
+        }
+        if ((rc = project(m, &layer->down, gu, inter, proj)) != 0) break;
+        for (int64_t j = 0; j < hid; j++) h[j] = stored(h[j] + proj[j], m->bf16);
+    }
+    free(scratch);
+    return rc;
+}

@@ -1,0 +1,217 @@
+"""Bindings of ``step.c``: a decode step's decoder layers in one call, over Q8_0 weights (``q8.c``) and a
+16-bit KV cache (``attn16.c``), the two kernels' entry points handed to it (the build is
+``longdoc.native``). ``engine.longmodel.LongModel`` runs its decode steps through it where every layer's
+linears are q8 and its attention is attn16's (``engine.nativestep``)."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from longdoc.native import attn16, library, why_unavailable
+from longdoc.native.q8 import Q8Matmul
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [
+        ("w", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("bits", ctypes.c_int32),
+        ("level", ctypes.c_int32),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("norm1", ctypes.c_void_p),
+        ("norm2", ctypes.c_void_p),
+        ("eps1", ctypes.c_float),
+        ("eps2", ctypes.c_float),
+        ("qkv", _Linear),
+        ("o", _Linear),
+        ("gate_up", _Linear),
+        ("down", _Linear),
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        ("hidden", ctypes.c_int64),
+        ("heads", ctypes.c_int64),
+        ("kv_heads", ctypes.c_int64),
+        ("head_dim", ctypes.c_int64),
+        ("inter", ctypes.c_int64),
+        ("bf16", ctypes.c_int32),
+        ("cache_bf16", ctypes.c_int32),
+        ("head_stride", ctypes.c_int64),
+        ("row_stride", ctypes.c_int64),
+        ("scale", ctypes.c_float),
+        ("threads", ctypes.c_int32),
+        ("attn_level", ctypes.c_int32),
+        ("q8", ctypes.c_void_p),
+        ("attn", ctypes.c_void_p),
+    ]
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer's weights as ``step.c`` reads them: the two RMSNorm weights (hidden,) float32 and
+    their epsilons, and the four Q8_0 products: q/k/v stacked (hidden -> (H + 2 Hkv) D), the output
+    projection (H D -> hidden), gate/up stacked (hidden -> 2 I), down (I -> hidden)."""
+
+    norm1: torch.Tensor
+    eps1: float
+    norm2: torch.Tensor
+    eps2: float
+    qkv: Q8Matmul
+    o: Q8Matmul
+    gate_up: Q8Matmul
+    down: Q8Matmul
+
+
+def _linear(m: Q8Matmul) -> _Linear:
+    bias = None if m.bias is None else m.bias.data_ptr()
+    return _Linear(m.packed.data_ptr(), bias, m.n, m.bits, m.level)
+
+
+def _address(entry: Any) -> int:
+    """A loaded library's function's address (``step.c`` calls it)."""
+    address = ctypes.cast(entry, ctypes.c_void_p).value
+    if address is None:
+        raise RuntimeError("a kernel entry point has no address")
+    return address
+
+
+class StepLayers:
+    """Decode steps of ``layers`` in one ``step.c`` call each, over the KV cache layers ``k``, ``v`` (each
+    (1, Hkv, capacity, D), float16 for a float32 run or bfloat16 for a bfloat16 one, laid out alike). It
+    holds their addresses, not them: whoever calls it keeps them alive (``reads`` checks them).
+
+    ``heads`` query heads of ``head_dim``; ``bf16``: the run's dtype is bfloat16 (else float32); ``scale``:
+    the softmax scale; ``attn_level``: attn16's path (its best by default); ``threads``: the kernels'
+    (torch's count by default)."""
+
+    def __init__(
+        self,
+        layers: Sequence[LayerWeights],
+        heads: int,
+        k: Sequence[torch.Tensor],
+        v: Sequence[torch.Tensor],
+        bf16: bool,
+        scale: float,
+        attn_level: int | None = None,
+        threads: int | None = None,
+    ):
+        lib = library("step")
+        if lib is None:
+            raise RuntimeError(f"the native decode step is not available: {why_unavailable('step')}")
+        first = layers[0]
+        hidden, inter = first.qkv.k, first.down.k
+        kv_dim = (first.qkv.n - first.o.k) // 2
+        head_dim = int(k[0].shape[-1])
+        attention = attn16.CacheAttention(heads, k[0], v[0], scale, attn_level, threads)
+        if len(k) != len(layers) or len(v) != len(layers):
+            raise ValueError("StepLayers takes one K and one V cache tensor per layer")
+        if any((t.shape, t.dtype, t.stride()) != attention.layout for t in (*k, *v)):
+            raise ValueError("StepLayers takes K/V cache layers laid out alike")
+        if bf16 != (k[0].dtype == torch.bfloat16):
+            raise ValueError("StepLayers reads a bfloat16 cache in a bfloat16 run, a float16 one in a float32 run")
+        for w in layers:
+            shapes = [(m.k, m.n) for m in (w.qkv, w.o, w.gate_up, w.down)]
+            want = [(hidden, heads * head_dim + 2 * kv_dim), (heads * head_dim, hidden), (hidden, 2 * inter)]
+            if shapes != [*want, (inter, hidden)] or kv_dim != int(k[0].shape[1]) * head_dim:
+                raise ValueError(f"StepLayers can't take a layer of shapes {shapes}")
+            for norm in (w.norm1, w.norm2):
+                if norm.dtype != torch.float32 or norm.shape != (hidden,) or not norm.is_contiguous():
+                    raise ValueError(f"StepLayers takes norm weights ({hidden},) float32")
+        self.lib, self.weights, self.capacity = lib, list(layers), int(k[0].shape[2])
+        self.hidden, self.head_dim = hidden, head_dim
+        self.model = _Model(
+            hidden,
+            heads,
+            int(k[0].shape[1]),
+            head_dim,
+            inter,
+            int(bf16),
+            int(bf16),
+            k[0].stride(1),
+            k[0].stride(2),
+            float(scale),
+            attention.threads,
+            attention.level,
+            _address(first.qkv.lib.longdoc_q8_matmul),
+            _address(attention.entry),
+        )
+        self.layers = (_Layer * len(layers))()
+        for i, w in enumerate(layers):
+            self.layers[i] = _Layer(
+                w.norm1.data_ptr(),
+                w.norm2.data_ptr(),
+                w.eps1,
+                w.eps2,
+                _linear(w.qkv),
+                _linear(w.o),
+                _linear(w.gate_up),
+                _linear(w.down),
+                k[i].data_ptr(),
+                v[i].data_ptr(),
+            )
+        # the caches' addresses (not the tensors: a cache dropped by its owner is freed; ``reads`` tells
+        # whether tensors are these)
+        self.layout, self.addresses = attention.layout, tuple(t.data_ptr() for t in (*k, *v))
+        self.threads = threads
+
+    def reads(self, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> bool:
+        """Whether the K/V cache layers k, v are those this was made over (same addresses and layout): a
+        grown cache's are not."""
+        return (
+            len(k) + len(v) == len(self.addresses)
+            and (k[0].shape, k[0].dtype, k[0].stride()) == self.layout
+            and all(t.data_ptr() == a for t, a in zip((*k, *v), self.addresses, strict=True))
+        )
+
+    def __call__(
+        self, h: torch.Tensor, pos: int, key_rot: torch.Tensor, query_rot: torch.Tensor, bounds: torch.Tensor
+    ) -> None:
+        """Run the token whose hidden state is h (hidden,) float32 (bfloat16 values in a bfloat16 run) at
+        position ``pos`` through the layers, in place (h: the state after the last layer, before the final
+        norm), writing its K/V at ``pos``. key_rot (2, D): the key's rotation (cos, signed sin); query_rot
+        (R, 2, D): each key region's query rotation; bounds (R, 2) int64: each region's first and end
+        position (R = 1 to 3; DCA's regions, intra first)."""
+        regions = int(bounds.shape[0])
+        if (
+            h.shape != (self.hidden,)
+            or h.dtype != torch.float32
+            or not h.is_contiguous()
+            or key_rot.shape != (2, self.head_dim)
+            or query_rot.shape != (regions, 2, self.head_dim)
+            or any(t.dtype != torch.float32 or not t.is_contiguous() for t in (key_rot, query_rot))
+            or bounds.dtype != torch.int64
+            or not bounds.is_contiguous()
+            or bounds.shape != (regions, 2)
+        ):
+            raise ValueError("StepLayers takes a float32 hidden state, rotations and int64 region bounds")
+        if not 0 <= pos < self.capacity:
+            raise RuntimeError(f"KV store full: {pos + 1} > capacity {self.capacity}")
+        self.model.threads = torch.get_num_threads() if self.threads is None else self.threads
+        rc = self.lib.longdoc_step_layers(
+            ctypes.byref(self.model),
+            self.layers,
+            len(self.layers),
+            h.data_ptr(),
+            pos,
+            key_rot.data_ptr(),
+            regions,
+            query_rot.data_ptr(),
+            bounds.data_ptr(),
+        )
+        if rc != 0:
+            what = "refused its input" if rc == 1 else "ran out of memory" if rc == 2 else f"failed ({rc})"
+            raise RuntimeError(f"the native decode step {what}")

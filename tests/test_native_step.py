@@ -1,0 +1,206 @@
+"""The native decode step (``step.c`` through ``native.step.StepLayers``, chosen by
+``LongModel.native_step``) against longdoc's torch path for one token (``Decoder.walk_row`` with
+``LongModel.step_attend``), which test_decode_glue checks against a float64 forward: tiny random q8 models
+(3 layers, GQA), float32 over a float16 cache and bfloat16 over a bfloat16 one, with and without DCA
+(decode steps over one, two and three key regions); the keys and values it writes; when it is not
+taken; its float16 rounding against torch's."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from longdoc import native
+from longdoc.attention.dca import ChunkLayout
+from longdoc.attention.kernels import get_kernel
+from longdoc.config import GenerationConfig
+from longdoc.engine.decode import generate
+from longdoc.engine.longmodel import AttentionSettings, LongModel
+from longdoc.engine.prefill import prefill
+from longdoc.native import step as native_step
+from longdoc.quant import schemes
+
+from .helpers import tiny_model
+from .test_quant import quantized_tensors
+
+pytestmark = pytest.mark.skipif(
+    not (native.likely_available("q8") and native.likely_available("attn16") and native.likely_available("step")),
+    reason="no C compiler here",
+)
+
+CPU = torch.device("cpu")
+# chunk 24, local 4: c = 20; decode steps from position 50 attend over three DCA regions, and the chunk
+# boundary at 60 is crossed (two regions at 60, as the query's chunk starts)
+LAYOUTS = [None, ChunkLayout(24, 4)]
+# run dtype -> the KV cache's (as the plan makes them on CPU)
+CACHES = {torch.float32: torch.float16, torch.bfloat16: torch.bfloat16}
+
+
+def q8_model(dtype: torch.dtype, layout: ChunkLayout | None, family: str = "qwen2", seed: int = 0) -> LongModel:
+    torch.manual_seed(seed)
+    model = tiny_model(family, dtype=dtype)
+    with torch.no_grad():  # norm weights other than the initial ones (a dropped weight shows)
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(torch.rand(param.shape) + 0.5)
+    schemes.quantize_linears(model, "q8", quantized_tensors(model, "q8"))
+    return LongModel(model, AttentionSettings(layout, get_kernel("cpu", CPU), kv_dtype=CACHES[dtype]))
+
+
+def steps_both_ways(pm: LongModel, ids: torch.Tensor, start: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Decode steps of ids[start:] after a prefill of ids[:start], natively and by the torch path, each from
+    the same cache before the step; the hidden states, and the native run's cache checked against the torch
+    run's at every step."""
+    kv = pm.new_cache(ids.shape[1] + 4)
+    prefill(pm, ids[:, :start], kv, 16)
+    native_h, torch_h = [], []
+    for p in range(start, ids.shape[1]):
+        other = copy.deepcopy(kv)
+        with torch.inference_mode():
+            assert pm.native_step(kv) is not None
+            native_h.append(pm.layer_states(ids[:, p : p + 1], p, kv))
+            torch_h.append(pm.layer_states(ids[:, p : p + 1], p, other, pm.step_attend(other, p)))
+        # the first layer's K/V bit for bit (the same kernel calls on the same row); later layers' within
+        # a rounding of the cache's dtype (a float32 state an ulp apart can round apart)
+        for cache, theirs in ((kv.k, other.k), (kv.v, other.v)):
+            assert torch.equal(cache[0][:, :, : p + 1], theirs[0][:, :, : p + 1]), p
+            for layer in range(1, len(pm.layers)):
+                mine, want = cache[layer][:, :, : p + 1].float(), theirs[layer][:, :, : p + 1].float()
+                torch.testing.assert_close(mine, want, rtol=2**-7, atol=2**-7 * float(want.abs().max()))
+    return native_h, torch_h
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["plain", "dca"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_native_step_gives_the_numbers_of_the_torch_path(family, layout, dtype):
+    """Each decode step's hidden state and K/V from ``step.c`` are those of ``walk_row`` + ``step_attend``
+    from the same cache: float32 within its arithmetic order (the norm's sum, the merge of DCA's regions,
+    exp), bfloat16 with each value rounded where torch rounds it (a dropped rounding moves whole rows)."""
+    pm = q8_model(dtype, layout, family)
+    ids = torch.randint(0, 256, (1, 66), generator=torch.Generator().manual_seed(1))
+    got, want = steps_both_ways(pm, ids, 50)
+    got_all, want_all = torch.cat(got).float(), torch.cat(want).float()
+    assert got_all.shape == (16, 1, pm.config.hidden_size)
+    scale = want_all.abs().max()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got_all, want_all, rtol=1e-5, atol=1e-5 * float(scale))
+    else:
+        # bfloat16: nearly every value the same, the rest within two of its ulps at the state's scale
+        same = (got_all == want_all).float().mean()
+        assert same > 0.98, float(same)
+        assert (got_all - want_all).abs().max() <= 2 * float(scale) * 2**-8
+
+
+def test_native_step_runs_decode_and_greedy_tokens_follow_the_torch_path(monkeypatch):
+    """``generate`` takes the native step for every decode step (one ``step.c`` call each), and greedy
+    decoding gives the torch path's tokens."""
+    pm = q8_model(torch.float32, ChunkLayout(24, 4))
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+    gen = GenerationConfig(max_new_tokens=24)
+
+    def decode() -> list[int]:
+        kv = pm.new_cache(70)
+        return list(generate(pm, prefill(pm, ids, kv, 16), 40, kv, gen, set()))
+
+    calls = []
+    original = native_step.StepLayers.__call__
+
+    def counted(self, *args):
+        calls.append(args[1])
+        return original(self, *args)
+
+    monkeypatch.setattr(native_step.StepLayers, "__call__", counted)
+    tokens = decode()
+    assert calls == list(range(40, 40 + len(tokens) - 1))  # the first token ends the prefill
+    monkeypatch.setattr(LongModel, "native_step", lambda self, kv: None)
+    assert decode() == tokens and len(set(tokens)) > 3
+
+
+def test_native_step_follows_a_grown_cache():
+    """A cache that grows (new tensors) gets a new native step over them: the next step's K/V land in the
+    grown cache, and its hidden state is the torch path's."""
+    pm = q8_model(torch.bfloat16, None)
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(4))
+    kv = pm.new_cache(30)
+    prefill(pm, ids[:, :29], kv, 16)
+    first = pm.native_step(kv)
+    kv.grow(64)
+    second = pm.native_step(kv)
+    assert first is not None and second is not None and second is not first
+    other = copy.deepcopy(kv)
+    with torch.inference_mode():
+        got = pm.layer_states(ids[:, 29:30], 29, kv)
+        want = pm.layer_states(ids[:, 29:30], 29, other, pm.step_attend(other, 29))
+    assert torch.equal(got, want)
+    assert torch.equal(kv.k[2][:, :, :30], other.k[2][:, :, :30])
+    assert pm.native_step(kv) is second  # made once per cache
+
+
+def test_native_step_is_not_taken_where_its_conditions_fail():
+    """Not taken: a float32 cache (attn16 reads 16-bit ones), a model whose linears are not q8, the DCA
+    attention kernel not attn16's (torch's); and a full cache is refused as the torch path refuses it."""
+    pm = q8_model(torch.float32, None)
+    assert pm.native_step(pm.new_cache(8)) is not None
+    plain = LongModel(pm.model, AttentionSettings(None, get_kernel("cpu", CPU), kv_dtype=torch.float32))
+    assert plain.native_step(plain.new_cache(8)) is None
+    torch.manual_seed(0)
+    int8 = tiny_model("qwen2", dtype=torch.float32)
+    schemes.quantize_linears(int8, "int8", quantized_tensors(int8, "int8"))
+    dense = LongModel(int8, AttentionSettings(None, get_kernel("cpu", CPU), kv_dtype=torch.float16))
+    assert dense.native_step(dense.new_cache(8)) is None
+    other_kernel = LongModel(pm.model, AttentionSettings(None, get_kernel("cpu-torch", CPU), kv_dtype=torch.float16))
+    assert other_kernel.native_step(other_kernel.new_cache(8)) is None
+    kv = pm.new_cache(4)
+    prefill(pm, torch.tensor([[1, 2, 3, 4]]), kv, 16)
+    with pytest.raises(RuntimeError, match="KV store full"):
+        pm.forward(torch.tensor([[5]]), 4, kv)
+
+
+def test_step_layers_refuses_inputs_it_cannot_take():
+    """Shapes or dtypes other than its own are refused before the C call."""
+    pm = q8_model(torch.float32, None)
+    kv = pm.new_cache(8)
+    step = pm.native_step(kv)
+    assert step is not None
+    d = pm.head_dim
+    h = torch.zeros(pm.config.hidden_size)
+    rot, q_rot, bounds = torch.zeros(2, d), torch.zeros(1, 2, d), torch.tensor([[0, 1]])
+    step(h.clone(), 0, rot, q_rot, bounds)
+    for bad in (
+        (h[:-1], 0, rot, q_rot, bounds),
+        (h.double(), 0, rot, q_rot, bounds),
+        (h, 0, rot[:, :-1], q_rot, bounds),
+        (h, 0, rot, torch.zeros(2, 2, d), bounds),
+        (h, 0, rot, q_rot, bounds.int()),
+    ):
+        with pytest.raises(ValueError):
+            step(*bad)
+    with pytest.raises(RuntimeError, match="refused"):  # a region past the position
+        step(h, 0, rot, q_rot, torch.tensor([[0, 2]]))
+
+
+def test_float16_cache_rounding_is_torchs():
+    """``step.c``'s float -> float16 (the float32 run's cache write) is torch's: ties to even, subnormals,
+    the largest finite value, overflow to infinity, signed zeros, infinities, NaN."""
+    import ctypes
+
+    lib = native.library("step")
+    assert lib is not None
+    ulp = 2.0**-24
+    special = [0.0, -0.0, 1.0, -2.5, 65504.0, 65519.0, 65520.0, 1e6, -1e6, float("inf"), float("-inf")]
+    special += [ulp, ulp / 2, ulp * 0.75, ulp * 1.5, ulp * 2.5, 2.0**-14, 2.0**-14 - ulp, 1 + 2**-11, 1 + 3 * 2**-11]
+    x = torch.cat(
+        [
+            torch.tensor(special, dtype=torch.float32),
+            torch.randn(4096, generator=torch.Generator().manual_seed(0)) * torch.logspace(-9, 5, 4096),
+        ]
+    )
+    out = torch.empty(x.shape, dtype=torch.int16)
+    lib.longdoc_step_halves(ctypes.c_void_p(x.data_ptr()), x.numel(), ctypes.c_void_p(out.data_ptr()))
+    assert torch.equal(out, x.to(torch.float16).view(torch.int16))
+    nan = torch.tensor([float("nan")])
+    lib.longdoc_step_halves(ctypes.c_void_p(nan.data_ptr()), 1, ctypes.c_void_p(out.data_ptr()))
+    assert out[:1].view(torch.float16).isnan().all()
