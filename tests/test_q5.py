@@ -1,9 +1,9 @@
 """The Q8_0 kernel's 5-bit layout (``q8.pack(..., bits=5)``, q8.c): weights whose codes lie in -16..15
 (llama.cpp's Q5_0 grid, ``q8.quantize_q5``) packed in 176 bytes a block instead of 272. Every path that
-takes it (scalar, AVX2) must give the very bits the 8-bit layout of the same codes gives on the scalar
-path: decode's matmul (every pass shape), the norm, prefill's gemm and glu, and the unpacked rows. The
-q8 scheme stores 5-bit codes only for weights already on such a grid (``q8.quantize``), and a model's
-linears pack to 5 bits only where the AVX2 loop runs."""
+takes it (scalar, AVX2, AVX-512 VNNI) must give the very bits the 8-bit layout of the same codes gives on
+the scalar path: decode's matmul (every pass shape), the norm, prefill's gemm and glu, and the unpacked
+rows. The q8 scheme stores 5-bit codes only for weights already on such a grid (``q8.quantize``), and a
+model's linears pack to 5 bits only where an x86 SIMD loop runs (AVX2, AVX-512 VNNI)."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def test_the_five_bit_layout_holds_the_codes_and_scales():
 def test_every_path_on_five_bits_equals_the_scalar_path_on_eight_bit_for_bit(k):
     """Decode's matmul (1 row: 4 groups side by side; 2: 2; more: 1 group, up to 4 rows a pass), with
     and without the norm, bfloat16 and float32, 1 and 2 threads; rows that leave every tail of a group."""
-    levels = [lv for lv in (q8.SCALAR, q8.AVX2) if lv in q8.paths()]
+    levels = [lv for lv in sorted(q8.FIVE_BIT_PATHS) if lv in q8.paths()]
     for n in NS:
         qs, scales = q8.quantize_q5(grid_weight(n, k, seed=n + k))
         eight, five = q8.pack(qs, scales), q8.pack(qs, scales, bits=5)
@@ -137,7 +137,7 @@ def test_every_path_on_five_bits_equals_the_scalar_path_on_eight_bit_for_bit(k):
 @needs_q8
 @pytest.mark.parametrize("k", KS)
 def test_gemm_glu_and_rows_on_five_bits_equal_eight_bit_for_bit(k):
-    levels = [lv for lv in (q8.SCALAR, q8.AVX2) if lv in q8.paths()]
+    levels = [lv for lv in sorted(q8.FIVE_BIT_PATHS) if lv in q8.paths()]
     for n in [8, 16, 40, 13]:
         qs, scales = q8.quantize_q5(grid_weight(n, k, seed=2 * n + k))
         eight, five = q8.pack(qs, scales), q8.pack(qs, scales, bits=5)
@@ -194,18 +194,18 @@ def test_the_kernel_refuses_a_layout_it_does_not_know_and_a_shape_that_is_not_it
 
 
 @needs_q8
-def test_a_models_linears_pack_to_five_bits_only_where_the_avx2_loop_runs(monkeypatch):
+def test_a_models_linears_pack_to_five_bits_only_where_an_x86_simd_loop_runs(monkeypatch):
     from longdoc.quant.schemes import QuantGemm
 
     on_grid = q8.quantize(grid_weight(16, 64, seed=5))
     off_grid = q8.quantize(torch.randn(16, 64))
     x = torch.randn(1, 64)
-    for best in ([q8.AVX2] if q8.AVX2 in q8.paths() else []) + [q8.SCALAR]:
+    for best in [lv for lv in (q8.VNNI, q8.AVX2) if lv in q8.paths()] + [q8.SCALAR]:
         monkeypatch.setattr(q8, "best_path", lambda best=best: best)
         alone = QuantGemm("q8", [on_grid[0]], [on_grid[1]], [None], torch.float32)
         mixed = QuantGemm("q8", [on_grid[0], off_grid[0]], [on_grid[1], off_grid[1]], [None, None], torch.float32)
-        assert alone.q8.bits == (5 if best == q8.AVX2 else 8)
+        assert alone.q8.bits == (8 if best == q8.SCALAR else 5)
         assert mixed.q8.bits == 8  # one part off the grid: the whole stack in 8 bits
-        assert alone.nbytes == 2 * 2 * (q8.FIVE_BLOCK_BYTES if best == q8.AVX2 else q8.GROUP_BLOCK_BYTES)
+        assert alone.nbytes == 2 * 2 * (q8.GROUP_BLOCK_BYTES if best == q8.SCALAR else q8.FIVE_BLOCK_BYTES)
         want = q8.reference_q8_matmul(x, *on_grid)
         assert torch.allclose(alone.matmul(x).double(), want, rtol=1e-5, atol=1e-5)

@@ -161,17 +161,20 @@ def test_activations_are_quantized_per_block_to_8_bits():
 @needs_q8
 def test_the_isa_cap_steers_the_paths(monkeypatch):
     """The kernel itself is never capped off (it needs no instruction set), but its SIMD loops are:
-    under LONGDOC_ISA=none only the scalar loop runs, and asking for another is refused."""
+    under LONGDOC_ISA=none only the scalar loop runs, and asking for another is refused; under avx2 the
+    AVX-512 VNNI loop does not run."""
     for var in ("LONGDOC_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
         monkeypatch.delenv(var, raising=False)
     uncapped = q8.paths()
     assert uncapped[0] == q8.SCALAR and q8.best_path() == uncapped[-1]
     flags = cpu._raw_flags()[0]
-    assert (q8.AVX2 in uncapped) == (cpu.arch() == "x86_64" and q8.PATH_FLAGS[q8.AVX2] <= flags)
+    for level in (q8.AVX2, q8.VNNI):
+        assert (level in uncapped) == (cpu.arch() == "x86_64" and q8.PATH_FLAGS[level] <= flags)
     for cap in ("none", "avx2"):
         monkeypatch.setenv("LONGDOC_ISA", cap)
         assert native.library("q8") is not None and native._switched_off(native.SOURCES["q8"]) is None
-        assert q8.paths() == ([q8.SCALAR] if cap == "none" else uncapped)
+        # the AVX2 cap keeps the AVX2 loop and drops the AVX-512 one
+        assert q8.paths() == ([q8.SCALAR] if cap == "none" else [lv for lv in uncapped if lv != q8.VNNI])
     monkeypatch.setenv("LONGDOC_ISA", "none")
     assert q8.best_path() == q8.SCALAR
     qs, scales = q8.quantize_q8(torch.randn(8, 64))
@@ -248,8 +251,10 @@ def test_neon_paths_under_qemu_equal_the_scalar_path_and_the_x86_build(tmp_path)
     assert set(reports["armv8-a on cortex-a53"][0]) == {q8.SCALAR, q8.NEON}
     assert reports["armv8-a on cortex-a53"][1] == q8.NEON
     assert set(reports["dotprod on max"][0]) == {q8.SCALAR, q8.NEON, q8.NEON_DOT}
-    if cpu.arch() == "x86_64" and q8.PATH_FLAGS[q8.AVX2] <= cpu._raw_flags()[0]:
-        assert reports["native"][0].keys() == {q8.SCALAR, q8.AVX2} and reports["native"][1] == q8.AVX2
+    if cpu.arch() == "x86_64" and cpu.flags_known():  # the x86 paths whose flags the CPU has
+        simd = [lv for lv in (q8.AVX2, q8.VNNI) if q8.PATH_FLAGS[lv] <= cpu._raw_flags()[0]]
+        assert reports["native"][0].keys() == {q8.SCALAR, *simd}
+        assert reports["native"][1] == (simd or [q8.SCALAR])[-1]
     assert len({checksum for name, (_, _, checksum) in reports.items() if name != "armv8-a on cortex-a53"}) == 1
 
 

@@ -225,8 +225,8 @@ MUTANTS = [
         "    except ZeroDivisionError:\n        return False\n    return True",
     ),
     (
-        "q8: AVX2 loop pairs weight step s with activation piece s ^ 1",
-        "longdoc/native/q8.c",
+        "q8: the x86 loop pairs weight step s with activation piece s ^ 1",
+        "longdoc/native/q8_rows.h",
         "const int64_t at = i * a->k + b * QK + 4 * s;",
         "const int64_t at = i * a->k + b * QK + 4 * (s ^ 1);",
     ),
@@ -395,7 +395,7 @@ MUTANTS = [
     (
         "q5: a model's linears pack to 8 bits where the 5-bit loop runs",
         "longdoc/quant/schemes.py",
-        "            bits = 5 if q8.best_path() == q8.AVX2 and all(q8.fits_five(q) for q in qweights) else 8",
+        "            bits = 5 if five and all(q8.fits_five(q) for q in qweights) else 8",
         "            bits = 8",
     ),
     (
@@ -632,6 +632,24 @@ MUTANTS = [
         "if step is not None and step.reads(kv.k, kv.v):",
         "if step is not None:",
     ),
+    (
+        "q8: the AVX-512 VNNI loop's 8-bit step takes the AVX2 operand order (signed first)",
+        "longdoc/native/q8.c",
+        "#define DOT8(dot, xmag, wsigned) _mm256_dpbusd_epi32(dot, xmag, wsigned)",
+        "#define DOT8(dot, xmag, wsigned) _mm256_dpbusd_epi32(dot, wsigned, xmag)",
+    ),
+    (
+        "q8: the AVX-512 VNNI loop's 5-bit sums folded twice",
+        "longdoc/native/q8.c",
+        "#define FOLD5(dot, part) _mm256_add_epi32(dot, part)",
+        "#define FOLD5(dot, part) _mm256_add_epi32(dot, _mm256_add_epi32(part, part))",
+    ),
+    (
+        "q8: 5-bit weights packed only where the AVX2 loop is the best",
+        "longdoc/quant/schemes.py",
+        "            five = q8.best_path() in q8.FIVE_BIT_PATHS - {q8.SCALAR}",
+        "            five = q8.best_path() == q8.AVX2",
+    ),
 ]
 
 
@@ -660,6 +678,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "longdoc/native/int5.c": ("tests/test_int5.py",),
     "longdoc/native/flash.c": ("tests/test_flash.py",),
     "longdoc/native/q8.c": ("tests/test_q8.py", "tests/test_q8_gemm.py", "tests/test_q5.py"),
+    "longdoc/native/q8_rows.h": ("tests/test_q8.py", "tests/test_q5.py"),
     "longdoc/native/attn16.c": ("tests/test_attn16.py",),
     "longdoc/native/flash16.c": ("tests/test_flash16.py",),
     "longdoc/native/step.c": ("tests/test_native_step.py",),

@@ -6,9 +6,9 @@
 * ``flash.c``: exact bfloat16 attention with its log-sum-exp (AVX-512 BF16) for prefill, about twice
   torch's fused CPU kernel on the model's shapes (``benchmarks/bench_attention.py``).
 * ``q8.c``: llama.cpp's Q8_0 weights (int8, a float16 scale per 32) times int8-quantized activations,
-  on any CPU: a scalar loop everywhere, AVX2 and NEON (with and without dot products) loops chosen at
-  run time under the ISA cap (``native/q8.py``). Decode steps run it with ``--quantize q8``
-  (``longdoc.quant.schemes``), what ``auto`` picks on AVX2 and ARM NEON CPUs.
+  on any CPU: a scalar loop everywhere, AVX2, AVX-512 VNNI and NEON (with and without dot products)
+  loops chosen at run time under the ISA cap (``native/q8.py``). Decode steps run it with ``--quantize
+  q8`` (``longdoc.quant.schemes``), what ``auto`` picks wherever one of its SIMD loops runs.
 * ``attn16.c``: a decode step's attention (one query row per head, GQA) over a float16 or bfloat16 KV
   cache as stored, each K/V row read once for its KV head's query heads, with its log-sum-exp; about
   twice torch's kernel on float32 K/V on the model's shapes (``benchmarks/bench_attn16.py``). On any

@@ -11,7 +11,7 @@
    A block's product is an exact int32 sum (32 * 127 * 127 fits), turned into float and added as
      acc = fma((float)dot, (float)w_scale * x_scale, acc)
    block after block, in input order, one float32 accumulator per output: every path (scalar, AVX2,
-   NEON with and without dot products) does these very operations in this order, so their outputs
+   AVX-512 VNNI, NEON with and without dot products) does these very operations in this order, so their outputs
    are bit for bit the same; the float64 reference in q8.py differs only by the float32 roundings.
 
    Packed layout: rows go in groups of 8 (n padded with zero rows whose scale is 0); a group's blocks
@@ -21,7 +21,7 @@
      q[256]     8 steps of 32 bytes; step s holds, for rows 0..7 in turn, the row's 4 weights
                 4s..4s+3 of the block (byte 32s + 4r + j = weight 4s + j of row r).
    One 4-byte piece of the activations, broadcast, meets the same 4 input channels of 8 rows: AVX2's
-   maddubs + madd give each int32 lane one row's sum, NEON's sdot by element likewise for 4 rows, so
+   maddubs + madd (AVX-512 VNNI's vpdpbusd) give each int32 lane one row's sum, NEON's sdot by element likewise for 4 rows, so
    no horizontal sums are needed and one activation load serves 8 rows.
 
    The 5-bit layout (`bits` 5): the same format with every code in -16..15 (llama.cpp's Q5_0 grid:
@@ -31,9 +31,9 @@
                 low nibble and of step t + 4's byte i in its high nibble;
      hi[32]     byte i, bit s: (code + 16) >> 4 of step s's byte i.
    Every path computes on the same codes as from the 8-bit layout, so its outputs have the same bits.
-   The AVX2 loop multiplies the unsigned codes + 16 (maddubs takes them as they are) and takes 16 times
-   the block's sum of activation codes off each block's int32 sum: exact, so no other rounding changes.
-   It is the layout decode reads on AVX2 (35% fewer bytes a step); the NEON loops take only the 8-bit
+   The x86 loops multiply the unsigned codes + 16 (maddubs and vpdpbusd take them as they are) and take
+   16 times the block's sum of activation codes off each block's int32 sum: exact, so no other rounding
+   changes. It is the layout decode reads on x86 (35% fewer bytes a step); the NEON loops take only the 8-bit
    one, which the same codes pack to there.
 
    Work: the activations are quantized once per call; OpenMP threads share out runs of groups. With
@@ -44,6 +44,9 @@
    Paths (the `level` argument; 0 takes the best this CPU runs):
      1 scalar     any CPU;
      2 AVX2       x86 with AVX2, FMA and F16C (sign + maddubs + madd);
+     5 AVX-512 VNNI  x86 with AVX-512 F, BW, VL and VNNI: the AVX2 loop (one source, q8_rows.h) with
+                  vpdpbusd on 256-bit registers for maddubs + madd; prefill's gemm and the unpacking
+                  are the AVX2 ones;
      3 NEON       aarch64, widening multiplies (vmull_s8 + vpadal);
      4 NEON dot   aarch64 with the dot-product extension (sdot by element). Built where the compiler
                   targets it (-march=...+dotprod) or, GCC, as a function of its own for it; clang
@@ -90,7 +93,8 @@
 #define Q5_BLOCK_BYTES 176 /* in the 5-bit layout: 8 float16 scales, 128 bytes of nibbles, 32 of fifth bits */
 #define MT 4            /* (groups read side by side) x (activation rows) per pass: accumulators */
 
-enum { LEVEL_BEST = 0, LEVEL_SCALAR = 1, LEVEL_AVX2 = 2, LEVEL_NEON = 3, LEVEL_NEON_DOT = 4 };
+enum { LEVEL_BEST = 0, LEVEL_SCALAR = 1, LEVEL_AVX2 = 2, LEVEL_NEON = 3, LEVEL_NEON_DOT = 4, LEVEL_VNNI = 5 };
+#define LEVEL_TOP LEVEL_VNNI
 
 /* Bytes of one group's block in the layout of `bits` (8 or 5). */
 static inline int64_t block_bytes(int bits) { return bits == 5 ? Q5_BLOCK_BYTES : BLOCK_BYTES; }
@@ -209,98 +213,35 @@ AVX2_TARGET __attribute__((always_inline)) static inline __m256i q5_step_avx2(co
     return _mm256_or_si256(low, _mm256_and_si256(five, bit4));
 }
 
-/* `ng`, `mt` and `bits` are literals at every call (groups_avx2), so each triple gets its own unrolled
-   copy. One decode row reads 4 groups side by side: 4 streams from memory read faster than one (plain
-   reads on one core of an AVX2 EPYC: 23-29 against 15 GB/s; this loop: 25 against 15), and one
-   activation piece serves 32 rows. */
-AVX2_TARGET __attribute__((always_inline)) static inline void avx2_rows(const uint8_t *const *w, int ng,
-                                                                         const acts *a, int64_t i0, int mt,
-                                                                         int bits, float *out) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    const int64_t bb = block_bytes(bits);
-    __m256 acc[MT];
-    for (int c = 0; c < ng * mt; c++) acc[c] = _mm256_setzero_ps();
-    const int8_t *xq = a->q + i0 * a->k;
-    const uint8_t *xm = a->mag + i0 * a->k;
-    const float *xs = a->scale + i0 * a->nb;
-    for (int64_t b = 0; b < a->nb; b++) {
-        __m256 ws[MT];
-        __m256i dot[MT], hi[MT];
-        /* no software prefetch: with 4 streams it cost 15-20% (the hardware's does better) */
-        for (int g = 0; g < ng; g++) {
-            ws[g] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w[g] + b * bb)));
-            if (bits == 5) hi[g] = _mm256_loadu_si256((const __m256i *)(w[g] + b * bb + 2 * GR + 4 * 32));
-        }
-        for (int c = 0; c < ng * mt; c++) dot[c] = _mm256_setzero_si256();
-        if (bits == 5) {
-            /* the products of 4 steps summed in int16 (4 * 2 * 31 * 127 = 31496 fits), then one madd */
-            for (int half = 0; half < 2; half++) {
-                __m256i p16[MT];
-                for (int c = 0; c < ng * mt; c++) p16[c] = _mm256_setzero_si256();
-#pragma GCC unroll 4
-                for (int t = 0; t < 4; t++) {
-                    const int s = 4 * half + t;
-                    __m256i wv[MT];
-                    for (int g = 0; g < ng; g++) wv[g] = q5_step_avx2(w[g] + b * bb, hi[g], s);
-                    for (int i = 0; i < mt; i++) {
-                        const __m256i xv = _mm256_set1_epi32(load4(xq + i * a->k + b * QK + 4 * s));
-                        for (int g = 0; g < ng; g++)
-                            p16[g * mt + i] = _mm256_add_epi16(p16[g * mt + i], _mm256_maddubs_epi16(wv[g], xv));
-                    }
-                }
-                for (int c = 0; c < ng * mt; c++) dot[c] = _mm256_add_epi32(dot[c], _mm256_madd_epi16(p16[c], ones));
-            }
-        } else {
-            for (int s = 0; s < QK / 4; s++) {
-                for (int i = 0; i < mt; i++) {
-                    const int64_t at = i * a->k + b * QK + 4 * s;
-                    const __m256i xsign = _mm256_set1_epi32(load4(xq + at)), xmag = _mm256_set1_epi32(load4(xm + at));
-                    for (int g = 0; g < ng; g++) {
-                        const __m256i wv = _mm256_loadu_si256((const __m256i *)(w[g] + b * bb + 2 * GR + 32 * s));
-                        /* w * sign(x) times |x|: maddubs takes one unsigned operand */
-                        const __m256i p = _mm256_maddubs_epi16(xmag, _mm256_sign_epi8(wv, xsign));
-                        dot[g * mt + i] = _mm256_add_epi32(dot[g * mt + i], _mm256_madd_epi16(p, ones));
-                    }
-                }
-            }
-        }
-        for (int g = 0; g < ng; g++) {
-            for (int i = 0; i < mt; i++) {
-                __m256i d = dot[g * mt + i];
-                if (bits == 5) d = _mm256_sub_epi32(d, _mm256_set1_epi32(a->sum16[(i0 + i) * a->nb + b]));
-                const __m256 sc = _mm256_mul_ps(ws[g], _mm256_set1_ps(xs[i * a->nb + b]));
-                acc[g * mt + i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sc, acc[g * mt + i]);
-            }
-        }
-    }
-    for (int c = 0; c < ng * mt; c++) _mm256_storeu_ps(out + c * GR, acc[c]);
-}
-
 AVX2_TARGET static void quantize_row_avx2(const float *x, int64_t k, int8_t *q, uint8_t *mag, float *scale) {
     quantize_body(x, k, q, mag, scale);
 }
 
-AVX2_TARGET static void groups_avx2(const uint8_t *const *w, int ng, const acts *a, int64_t i0, int mt,
-                                    float *out) {
-    switch ((a->bits == 5 ? 64 : 0) + ng * 8 + mt) {
-    case 8 + 1: avx2_rows(w, 1, a, i0, 1, 8, out); break;
-    case 8 + 2: avx2_rows(w, 1, a, i0, 2, 8, out); break;
-    case 8 + 3: avx2_rows(w, 1, a, i0, 3, 8, out); break;
-    case 8 + 4: avx2_rows(w, 1, a, i0, 4, 8, out); break;
-    case 16 + 1: avx2_rows(w, 2, a, i0, 1, 8, out); break;
-    case 16 + 2: avx2_rows(w, 2, a, i0, 2, 8, out); break;
-    case 24 + 1: avx2_rows(w, 3, a, i0, 1, 8, out); break;
-    case 32 + 1: avx2_rows(w, 4, a, i0, 1, 8, out); break;
-    case 64 + 8 + 1: avx2_rows(w, 1, a, i0, 1, 5, out); break;
-    case 64 + 8 + 2: avx2_rows(w, 1, a, i0, 2, 5, out); break;
-    case 64 + 8 + 3: avx2_rows(w, 1, a, i0, 3, 5, out); break;
-    case 64 + 8 + 4: avx2_rows(w, 1, a, i0, 4, 5, out); break;
-    case 64 + 16 + 1: avx2_rows(w, 2, a, i0, 1, 5, out); break;
-    case 64 + 16 + 2: avx2_rows(w, 2, a, i0, 2, 5, out); break;
-    case 64 + 24 + 1: avx2_rows(w, 3, a, i0, 1, 5, out); break;
-    case 64 + 32 + 1: avx2_rows(w, 4, a, i0, 1, 5, out); break;
-    default: groups_scalar(w, ng, a, i0, mt, out); break; /* no pass of the driver's has another shape */
-    }
+/* the decode loop, its integer steps on AVX2 (q8_rows.h) */
+#define ROWS_TARGET AVX2_TARGET
+#define ROWS avx2_rows
+#define GROUPS groups_avx2
+#define DOT8(dot, xmag, wsigned) \
+    _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(xmag, wsigned), _mm256_set1_epi16(1)))
+#define DOT5(part, wv, xv) _mm256_add_epi16(part, _mm256_maddubs_epi16(wv, xv))
+#define FOLD5(dot, part) _mm256_add_epi32(dot, _mm256_madd_epi16(part, _mm256_set1_epi16(1)))
+#include "q8_rows.h"
+
+/* the same loop on AVX-512 VNNI: vpdpbusd on 256-bit registers (AVX-512 VL) */
+#define VNNI_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define ROWS_TARGET VNNI_TARGET
+#define ROWS vnni_rows
+#define GROUPS groups_vnni
+#define DOT8(dot, xmag, wsigned) _mm256_dpbusd_epi32(dot, xmag, wsigned)
+#define DOT5(part, wv, xv) _mm256_dpbusd_epi32(part, wv, xv)
+#define FOLD5(dot, part) _mm256_add_epi32(dot, part)
+#include "q8_rows.h"
+
+/* AVX-512 F, BW, VL and VNNI, with the OS saving the AVX-512 state (what the compiler's probe checks) */
+static int have_avx512_vnni(void) {
+    __builtin_cpu_init();
+    return have_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
 #endif
@@ -420,6 +361,7 @@ static int probe_paths(void) {
     int paths = 1 << LEVEL_SCALAR;
 #ifdef Q8_X86
     if (have_avx2()) paths |= 1 << LEVEL_AVX2;
+    if (have_avx512_vnni()) paths |= 1 << LEVEL_VNNI;
 #endif
 #ifdef Q8_NEON
     paths |= 1 << LEVEL_NEON;
@@ -441,17 +383,18 @@ int longdoc_q8_supported(void) { return 1; }
 int longdoc_q8_level(int level) {
     const int paths = longdoc_q8_paths();
     if (level == LEVEL_BEST) {
-        for (int l = LEVEL_NEON_DOT; l > LEVEL_SCALAR; l--)
+        for (int l = LEVEL_TOP; l > LEVEL_SCALAR; l--)
             if (paths & (1 << l)) return l;
         return LEVEL_SCALAR;
     }
-    return level > 0 && level <= LEVEL_NEON_DOT && (paths & (1 << level)) ? level : -1;
+    return level > 0 && level <= LEVEL_TOP && (paths & (1 << level)) ? level : -1;
 }
 
 static groups_fn path_fn(int level) {
     switch (level) {
 #ifdef Q8_X86
     case LEVEL_AVX2: return groups_avx2;
+    case LEVEL_VNNI: return groups_vnni;
 #endif
 #ifdef Q8_NEON
     case LEVEL_NEON: return groups_neon;
@@ -489,12 +432,12 @@ int longdoc_q8_matmul(const void *x, int x_bf16, int64_t m, int64_t k, const uin
                       float eps, int bits) {
     if (k <= 0 || k % QK != 0 || m < 0 || n < 0 || (bits != 8 && bits != 5)) return 1;
     const int path = longdoc_q8_level(level);
-    if (path < 0 || (bits == 5 && path != LEVEL_SCALAR && path != LEVEL_AVX2)) return 1;
+    if (path < 0 || (bits == 5 && path != LEVEL_SCALAR && path != LEVEL_AVX2 && path != LEVEL_VNNI)) return 1;
     if (m == 0 || n == 0) return 0;
     const groups_fn fn = path_fn(path);
     void (*quantize)(const float *, int64_t, int8_t *, uint8_t *, float *) = quantize_row;
 #ifdef Q8_X86
-    if (path == LEVEL_AVX2) quantize = quantize_row_avx2;
+    if (path == LEVEL_AVX2 || path == LEVEL_VNNI) quantize = quantize_row_avx2; /* the same codes */
 #endif
     const int64_t nb = k / QK, groups = (n + GR - 1) / GR, group_bytes = nb * block_bytes(bits);
     char *scratch = malloc((size_t)(2 * k) * sizeof(float) + (size_t)(m * nb) * (sizeof(float) + sizeof(int32_t)) +
@@ -627,7 +570,7 @@ int longdoc_q8_rows(const uint8_t *w, int64_t k, int64_t n, const int64_t *ids, 
     if (path < 0) return 1;
     void (*unpack)(const uint8_t *, int64_t, int, int, int, void *, int64_t, int) = unpack_group;
 #ifdef Q8_X86
-    if (path == LEVEL_AVX2) unpack = unpack_group_avx2;
+    if (path == LEVEL_AVX2 || path == LEVEL_VNNI) unpack = unpack_group_avx2;
 #endif
 #ifndef _OPENMP
     (void)threads;

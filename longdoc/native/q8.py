@@ -32,11 +32,14 @@ ON_GRID = 0.01
 TOP8, TOP16 = 127, 32767
 
 # the kernel's paths (its `level` argument; 0 asks it for the best it runs)
-SCALAR, AVX2, NEON, NEON_DOT = 1, 2, 3, 4
-PATHS = {SCALAR: "scalar", AVX2: "AVX2", NEON: "NEON", NEON_DOT: "NEON dot product"}
+SCALAR, AVX2, NEON, NEON_DOT, VNNI = 1, 2, 3, 4, 5
+PATHS = {SCALAR: "scalar", AVX2: "AVX2", NEON: "NEON", NEON_DOT: "NEON dot product", VNNI: "AVX-512 VNNI"}
+# the paths that take the 5-bit layout (the x86 ones: their loop is one source, q8_rows.h)
+FIVE_BIT_PATHS = frozenset({SCALAR, AVX2, VNNI})
 # the CPU flags, as cpu.flags() names them (so less those above the ISA cap), each SIMD path needs
 PATH_FLAGS = {
     AVX2: frozenset({"avx2", "fma", "f16c"}),
+    VNNI: frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
     NEON: frozenset({"asimd"}),
     NEON_DOT: frozenset({"asimd", "asimddp"}),
 }
@@ -297,7 +300,7 @@ class Q8Matmul:
         self.level = best_path() if level is None else level
         if self.level not in paths():
             raise RuntimeError(f"the Q8_0 kernel's {PATHS.get(self.level, self.level)} path does not run here")
-        if bits == 5 and self.level not in (SCALAR, AVX2):
+        if bits == 5 and self.level not in FIVE_BIT_PATHS:
             raise RuntimeError(f"the Q8_0 kernel's {PATHS[self.level]} path takes the 8-bit layout only")
         self.bits = bits
         self.lib, self.packed, self.k, self.n = lib, packed.contiguous(), in_features, out_features
@@ -337,9 +340,10 @@ class Q8Matmul:
 
     @property
     def gemm_fast(self) -> bool:
-        """Whether ``gemm`` has its AVX2 loop on this path (``gemm_fast()``); elsewhere only its scalar
-        loop runs, many times slower than a float32 matmul on the weight unpacked (``rows``)."""
-        return self.level == AVX2 and gemm_fast()
+        """Whether ``gemm`` has its AVX2 loop on this path (``gemm_fast()``; the AVX-512 VNNI path's gemm
+        is the AVX2 one); elsewhere only its scalar loop runs, many times slower than a float32 matmul on
+        the weight unpacked (``rows``)."""
+        return self.level in (AVX2, VNNI) and gemm_fast()
 
     def gemm(self, rows: torch.Tensor, dtype: torch.dtype, threads: int | None = None) -> torch.Tensor:
         """rows (M, K) bfloat16 or float32 -> (M, N) in ``dtype``, bias added, with the activations

@@ -33,12 +33,12 @@ activations' large channels to their own groups. Quality and speed: benchmarks/R
 
 q8 runs longdoc's Q8_0 kernel (``longdoc.native.q8``, ``q8.c``: llama.cpp's Q8_0 weights, int8 with a
 float16 scale per block of 32 input channels, times int8 activations per block of 32) on every CPU: a
-scalar loop, and AVX2 and NEON loops chosen at run time under the ISA cap. It takes float32 activations,
+scalar loop, and AVX2, AVX-512 VNNI and NEON loops chosen at run time under the ISA cap. It takes float32 activations,
 so it is the decode path of CPUs without AVX-512 (issue 26). The cache stores the codes (N, K) int8 and
 scales (N, K/32) float16; the kernel's packed layout is made as the model loads. Weights on a 5-bit grid
 (most of the embedded model's: its GGUF holds them in Q5_0) and the LM head get codes in -16..15
-(``q8.quantize``), which pack to the kernel's 5-bit layout where its AVX2 loop runs: a decode step reads
-35% fewer bytes for them.
+(``q8.quantize``), which pack to the kernel's 5-bit layout where its x86 SIMD loops run (AVX2, AVX-512
+VNNI): a decode step reads 35% fewer bytes for them.
 
 Quantization itself happens once, when the model is converted (``longdoc.quant.cache``).
 """
@@ -328,7 +328,8 @@ class QuantGemm:
         self.gemm_prefill = False
         if self.kind == "q8":  # packed from the parts, without stacking them first (pack's docstring)
             # the 5-bit layout where its loop runs and every code fits it (fewer bytes a decode step reads)
-            bits = 5 if q8.best_path() == q8.AVX2 and all(q8.fits_five(q) for q in qweights) else 8
+            five = q8.best_path() in q8.FIVE_BIT_PATHS - {q8.SCALAR}
+            bits = 5 if five and all(q8.fits_five(q) for q in qweights) else 8
             self.q8 = q8.Q8Matmul(
                 q8.pack(qweights, scales, bits), self.in_features, sum(self.sizes), self.bias, bits=bits
             )

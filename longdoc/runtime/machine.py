@@ -114,7 +114,7 @@ def paths(
     else:
         why["quantize"] = quant_slower(quantize, device, dtype) or (
             f"longdoc's Q8_0 kernel ({q8.PATHS[q8.best_path()]} loop): a quarter of float32's bytes per token"
-            + (" or less (its 5-bit layout);" if q8.best_path() == q8.AVX2 else ";")
+            + (" or less (its 5-bit layout);" if q8.best_path() in q8.FIVE_BIT_PATHS - {q8.SCALAR} else ";")
             + (
                 " prefill on its int16 gemm"
                 if prefill_on_gemm(q8.gemm_fast(), dtype)

@@ -98,7 +98,7 @@ static int five_bits(const int *levels, int nlevels, uint64_t *sum, int *cases) 
                 if (longdoc_q8_matmul(x, 0, m, k, w8, n, NULL, want, 0, 1, 1, NULL, 0.f, 8) != 0) return 100;
                 *sum = fnv(*sum, want, (size_t)(m * n) * sizeof(float));
                 for (int l = 0; l < nlevels; l++) {
-                    const int takes = levels[l] <= 2; /* scalar and AVX2 */
+                    const int takes = levels[l] <= 2 || levels[l] == 5; /* scalar, AVX2, AVX-512 VNNI */
                     memset(got, 0xa5, (size_t)(m * n) * sizeof(float));
                     const int rc = longdoc_q8_matmul(x, 0, m, k, w5, n, NULL, got, 0, 2, levels[l], NULL, 0.f, 5);
                     (*cases)++;
@@ -120,7 +120,7 @@ int main(int argc, char **argv) {
     const size_t nk = argc > 1 && strcmp(argv[1], "small") == 0 ? 2 : 4;
     const int64_t ks[] = {32, 96, 896, 4864}, ns[] = {1, 3, 4, 5, 8, 13, 896, 151}, ms[] = {1, 2, 3, 5, 16};
     int levels[8], nlevels = 0;
-    for (int level = 1; level <= 4; level++)
+    for (int level = 1; level <= 5; level++)
         if (longdoc_q8_level(level) == level) levels[nlevels++] = level;
     int cases[8] = {0}, wrong[8] = {0};
     uint64_t sum = 0xcbf29ce484222325ull;
