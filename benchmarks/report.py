@@ -414,38 +414,55 @@ def paths(name: str = "paths", title: str = "CPU paths: one row per choice, one 
 
 def step() -> str | None:
     """A decode step's time, tensor operations and profiled split: before and after the leaner step,
-    and eager against torch.compile (bench_step.py)."""
+    eager against torch.compile, and the torch path against the native step (bench_step.py)."""
     rows = []
-    for name in ("step_before", "step", "step_int4", "step_compile", "step_int5"):
+    for name in ("step_before", "step", "step_int4", "step_compile", "step_int5", "step_native", "step_native_avx2"):
         data = load(name)
         for r in (data or {}).get("rows", []):
             if "error" in r:
                 continue
             split = r["profiled_ms"]
             compiled = r.get("compiled", False)
+            capped = f" (capped at {data['isa_cap']})" if data.get("isa_cap") else ""
             rows.append(
                 [
-                    data.get("code", name),
-                    r["quantize"],
+                    data.get("code", name) + capped,
+                    f"{r['quantize']}, {r.get('dtype', 'bfloat16')}",
+                    r.get("path", ""),
                     r["length"],
                     r["step_ms"],
                     f"{r['first_calls_s'][0]} s, {r['first_calls_s'][1]} s" if compiled else "",
                     "" if compiled else r["ops_per_step"],
-                    "" if compiled else f"{split['linear']} / {split['attention']} / {split['other']}",
+                    "" if compiled else " / ".join(f"{split.get(k, 0)}" for k in STEP_PARTS),
+                    f"{r['fraction_of_read']:.0%} of {r['read_gb_per_s']} GB/s" if "fraction_of_read" in r else "",
                 ]
             )
     if not rows:
         return None
     head = [
         "code",
-        "--quantize",
+        "--quantize, dtype",
+        "decode step",
         "context",
         "step ms (best of 4 x 24)",
         "first two calls (compiling)",
         "tensor ops per step",
-        "profiled ms: linear / attention / other",
+        "profiled ms: " + " / ".join(STEP_PARTS),
+        "step's read rate / plain read (interleaved)",
     ]
-    return "### One decode step: time, operations, where it goes\n\n" + table(head, rows)
+    return "### One decode step: time, operations, where it goes\n\n" + table(head, rows) + "\n\n" + STEP_NOTE
+
+
+# the profiled parts of a decode step (bench_step.py), in the table's order
+STEP_PARTS = ("linear", "attention", "layers (native)", "other")
+STEP_NOTE = """A decode step in one native call (thirteenth session, issue 26): "native" runs every decoder layer of
+the step in one call of `step.c` (norms, rotations, the cache write, attention and DCA's merge, residuals,
+the gate; the q8 and attn16 kernels called from C), "torch" the same step through Python and torch
+(`Decoder.walk_row`), as before. The native step's own time is under "layers (native)"; what is left
+under "linear" is the LM head, under "other" the embedding, the final norm and the greedy choice. The
+last column: the bytes a step reads (weights and KV cache) over its fastest block of 8 steps, against the
+fastest plain read of as many bytes, six rounds of each alternating in the same process (a round whose
+read caught a quiet minute lowers it: the machine's read rate moved between 28 and 58 GB/s)."""
 
 
 def llamacpp_ppl() -> str | None:
