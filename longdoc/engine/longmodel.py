@@ -159,7 +159,8 @@ class LongModel(Decoder):
         """``walk_layers`` of one token ids (1, 1) at ``pos`` through ``step`` (the same numbers as
         ``walk_row`` with ``step_attend``, up to ``step.c``'s arithmetic order): its K/V written to the
         cache ``step`` was made over; the hidden state (1, 1, hidden) after the last layer."""
-        h = self.model.model.embed_tokens(ids).reshape(-1).to(torch.float32)
+        # a copy of its own: step.c writes it in place
+        h = self.model.model.embed_tokens(ids).reshape(-1).to(torch.float32, copy=True)
         cos, sin = self.key_rotations(pos, 1)
         key_rot = torch.cat([cos, sin]).to(torch.float32)
         regions = self.step_regions(pos)
