@@ -61,6 +61,10 @@ class RecycleConfig:
     threshold: float = 0.9
     # Below this context the full cache is small enough that recycling does not pay.
     auto_min_context: int = 8192
+    # The same where a decode step runs in one native call (q8 on the CPU over the 16-bit KV cache): there
+    # full attention decodes 8K prompts 1.1-1.4x faster than recycled steps, and ties at 16K
+    # (benchmarks/HISTORY.md, thirteenth session).
+    auto_min_context_native: int = 16384
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.stride < 1:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+from dataclasses import replace
 
-from longdoc.config import DCAConfig, GenerationConfig, RunConfig
+import pytest
+import torch
+
+from longdoc import native
+from longdoc.config import DCAConfig, GenerationConfig, RecycleConfig, RunConfig
 from longdoc.errors import DoesNotFitError
-from longdoc.runtime.plan import make_plan
+from longdoc.runtime.plan import decodes_natively, make_plan
 
 from .helpers import info
 
@@ -23,6 +27,23 @@ def test_dca_switches_on_past_the_window():
     assert (plan.layout.chunk_size, plan.layout.local_window) == (24576, 4096)  # 3W/4, W/8
     assert make_plan(cfg(enabled=True), info(), 100).layout is not None
     assert make_plan(cfg(enabled=True, chunk_size=2048, local_window=256), info(), 100).layout.chunk_len == 1792
+
+
+def test_recycling_starts_later_where_decode_steps_run_natively(monkeypatch):
+    """Recycled decoding turns on from 8,192 prompt tokens, and from 16,384 where a q8 decode step runs
+    in one native call (full attention is faster there up to that); --recycle/--no-recycle decide alone."""
+    plain, q8 = info(), replace(info(), quantize="q8")
+    assert not decodes_natively(plain)
+    assert decodes_natively(q8) == all(native.likely_available(n) for n in ("q8", "attn16", "step"))
+    monkeypatch.setattr(native, "likely_available", lambda name: True)
+    assert decodes_natively(q8) and not decodes_natively(replace(q8, dtype=torch.float16))
+    for tokens, want_plain, want_q8 in ((8191, False, False), (8192, True, False), (16384, True, True)):
+        assert make_plan(cfg(), plain, tokens).recycle is want_plain
+        assert make_plan(cfg(), q8, tokens).recycle is want_q8
+    assert make_plan(cfg(recycle=RecycleConfig(enabled=True)), q8, 100).recycle
+    assert not make_plan(cfg(recycle=RecycleConfig(enabled=False)), plain, 20_000).recycle
+    monkeypatch.setattr(native, "likely_available", lambda name: name != "step")  # no compiler for it
+    assert not decodes_natively(q8) and make_plan(cfg(), q8, 8192).recycle
 
 
 def test_context_ceiling_and_refusal_message():

@@ -650,6 +650,12 @@ MUTANTS = [
         "            five = q8.best_path() in q8.FIVE_BIT_PATHS - {q8.SCALAR}",
         "            five = q8.best_path() == q8.AVX2",
     ),
+    (
+        "plan: recycling from 8,192 tokens even where decode steps run natively",
+        "longdoc/runtime/plan.py",
+        "    auto_min = cfg.recycle.auto_min_context_native if decodes_natively(info) else cfg.recycle.auto_min_context",
+        "    auto_min = cfg.recycle.auto_min_context",
+    ),
 ]
 
 

@@ -130,7 +130,7 @@ class Given:
             panel=LONG_CONTEXT,
             metavar=FLAG,
             help=f"Recycled Attention decoding (default: on for contexts of {RecycleConfig.auto_min_context:,} tokens"
-            " or more).",
+            f" or more; {RecycleConfig.auto_min_context_native:,} where a q8 decode step runs in one native call).",
         ),
     )
     prefill: str = field(

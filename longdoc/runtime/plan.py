@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import torch
 
-from longdoc import models
+from longdoc import models, native
 from longdoc.attention.dca import ChunkLayout
 from longdoc.attention.sparse import SparseConfig, SparseStats
 from longdoc.config import RunConfig
@@ -170,6 +170,18 @@ class Plan:
         return self.weight_bytes + self.kv_bytes + WORKING_SET_BYTES
 
 
+def decodes_natively(info: ModelInfo) -> bool:
+    """Whether this run's plain decode steps run in one native call (``native.step``: q8 on the CPU over
+    its 16-bit KV cache, the kernels buildable here), where full attention stays faster than recycled
+    steps up to longer contexts (``RecycleConfig.auto_min_context_native``)."""
+    return (
+        info.quantize == "q8"
+        and info.device.type == "cpu"
+        and info.dtype in (torch.float32, torch.bfloat16)
+        and all(native.likely_available(name) for name in ("q8", "attn16", "step"))
+    )
+
+
 def make_plan(cfg: RunConfig, info: ModelInfo, prompt_tokens: int, reserve: int = 0) -> Plan:
     """Decide DCA, context ceiling and recycling for this prompt; refuse what does not fit.
 
@@ -189,7 +201,8 @@ def make_plan(cfg: RunConfig, info: ModelInfo, prompt_tokens: int, reserve: int 
     )
     Budget(prompt_tokens, cfg.generation.max_new_tokens, max_context).check(hint)
     need = min(need, max_context)
-    recycle = cfg.recycle.enabled if cfg.recycle.enabled is not None else prompt_tokens >= cfg.recycle.auto_min_context
+    auto_min = cfg.recycle.auto_min_context_native if decodes_natively(info) else cfg.recycle.auto_min_context
+    recycle = cfg.recycle.enabled if cfg.recycle.enabled is not None else prompt_tokens >= auto_min
     plan = Plan(
         prompt_tokens=prompt_tokens,
         max_new_tokens=cfg.generation.max_new_tokens,
