@@ -1459,6 +1459,7 @@ COMMANDS_BY_TABLE = [
 FLASH16_LABEL = "longdoc (auto, and prefill attention on int16 products)"
 Q5_LABEL = "longdoc (auto, and decode reading 5-bit codes: Q5_0-grid weights and the LM head)"
 AVX512_Q8_LABEL = "longdoc (auto: q8, one copy; prefill on the weights unpacked to bfloat16)"
+NATIVE_8K_LABEL = "longdoc (auto since the thirteenth session: full attention at 8K, in the native step)"
 
 
 def document() -> str:
@@ -1485,12 +1486,16 @@ def document() -> str:
         ),
         headline(
             "AVX2 under the ISA cap on the AVX-512 EPYC: longdoc `auto` against llama.cpp built for AVX2 only",
-            [("llamacpp_avx2cap_q8", "longdoc:auto", "longdoc (auto: q8, float32, AVX2 paths)")],
+            [
+                ("llamacpp_avx2cap_q8", "longdoc:auto", "longdoc (auto: q8, float32, AVX2 paths)"),
+                ("llamacpp_avx2cap_q8_8k", "longdoc:auto", NATIVE_8K_LABEL),
+            ],
         ),
         headline(
             "AVX-512 BF16 and VNNI: longdoc `auto` (q8 since the twelfth session, int5 before) against llama.cpp",
             [
                 ("llamacpp_avx512_q8", "longdoc:auto", AVX512_Q8_LABEL),
+                ("llamacpp_avx512_q8_8k", "longdoc:auto", NATIVE_8K_LABEL),
                 ("llamacpp_avx512_q8", "longdoc:int5", "longdoc (int5, two copies: `auto` before, same run)"),
                 ("llamacpp_avx512_q8_32k", "longdoc:auto", AVX512_Q8_LABEL),
                 ("llamacpp", "longdoc:int5", "longdoc (int5)"),

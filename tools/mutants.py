@@ -653,7 +653,8 @@ MUTANTS = [
     (
         "plan: recycling from 8,192 tokens even where decode steps run natively",
         "longdoc/runtime/plan.py",
-        "    auto_min = cfg.recycle.auto_min_context_native if decodes_natively(info) else cfg.recycle.auto_min_context",
+        "    auto_min = cfg.recycle.auto_min_context_native if decodes_natively(info) else"
+        " cfg.recycle.auto_min_context",
         "    auto_min = cfg.recycle.auto_min_context",
     ),
 ]
