@@ -164,14 +164,26 @@ for step in "${steps[@]}"; do
       q8_quality q5 ;;
     avx512) # issue 26: on AVX-512 BF16, auto is q8 (one copy, bfloat16 prefill on unpacked weights); int5 beside it
       run python -m benchmarks.bench_llamacpp --lengths 2048,8192 --new 32 \
-        --configs longdoc:auto,llamacpp,longdoc:int5,longdoc:auto,llamacpp,longdoc:int5 --name llamacpp_avx512_q8
+        --configs longdoc:auto,llamacpp,longdoc:int5,longdoc:auto,llamacpp,longdoc:int5,longdoc:auto,llamacpp \
+        --name llamacpp_avx512_q8
+      # since the thirteenth session 8K decodes with full attention in the native step (recycling from 16K there)
+      run python -m benchmarks.bench_llamacpp --lengths 8192 --new 32 --configs longdoc:auto,llamacpp,longdoc:auto,llamacpp \
+        --name llamacpp_avx512_q8_8k
+      run python -m benchmarks.bench_step --length 2048 --quantize q8 --paths torch,native,torch,native --name step_native
       run python -m benchmarks.bench_llamacpp --lengths 32768 --new 32 --configs longdoc:auto,llamacpp \
         --name llamacpp_avx512_q8_32k
       # the AVX2 paths under the ISA cap, against llama.cpp built without AVX-512 (installed in place of the
       # native build for this run: CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
       # -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF" pip install --no-cache-dir llama-cpp-python)
       LONGDOC_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 run python -m benchmarks.bench_llamacpp \
-        --lengths 2048,8192 --new 32 --configs longdoc:auto,llamacpp,longdoc:auto,llamacpp --name llamacpp_avx2cap_q8
+        --lengths 2048,8192 --new 32 --configs longdoc:auto,llamacpp,longdoc:auto,llamacpp,longdoc:auto,llamacpp \
+        --name llamacpp_avx2cap_q8
+      LONGDOC_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 run python -m benchmarks.bench_llamacpp \
+        --lengths 8192 --new 32 --configs longdoc:auto,llamacpp,longdoc:auto,llamacpp --name llamacpp_avx2cap_q8_8k
+      LONGDOC_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 run python -m benchmarks.bench_step --length 2048 \
+        --quantize q8 --dtype auto --paths torch,native,torch,native --name step_native_avx2
+      LONGDOC_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 run longdoc eval passkey --lengths 4096,8192 \
+        --depths 0.1,0.5,0.9 --json > "$OUT/quant_passkey_q8_avx2cap.json"
       run longdoc eval ppl "$CORPUS" --lengths 4096,16384 --no-dca --quantize q8 --json > "$OUT/quant_ppl_q8_avx512.json"
       run longdoc eval ppl "$CORPUS" --lengths 4096,16384 --no-dca --quantize none --json \
         > "$OUT/quant_ppl_none_avx512.json"
