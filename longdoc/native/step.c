@@ -54,8 +54,8 @@ typedef struct {
 /* The model's shapes, the run's dtype and cache, and the kernels. */
 typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, inter;
-    int32_t bf16;       /* the run is bfloat16 (values rounded as torch rounds them), else float32 */
-    int32_t cache_bf16; /* the cache is bfloat16, else float16 */
+    int32_t bf16; /* the run and its cache are bfloat16 (values rounded as torch rounds them), else the
+                     run is float32 over a float16 cache */
     int64_t head_stride, row_stride; /* cache strides, in elements */
     float scale;                     /* the softmax scale */
     int32_t threads, attn_level;
@@ -130,7 +130,7 @@ static void write_rows(const float *x, const step_model *m, void *cache, int64_t
     for (int64_t h = 0; h < m->kv_heads; h++) {
         uint16_t *row = (uint16_t *)cache + h * m->head_stride + pos * m->row_stride;
         const float *xh = x + h * m->head_dim;
-        for (int64_t j = 0; j < m->head_dim; j++) row[j] = m->cache_bf16 ? float_to_bf16(xh[j]) : float_to_half(xh[j]);
+        for (int64_t j = 0; j < m->head_dim; j++) row[j] = m->bf16 ? float_to_bf16(xh[j]) : float_to_half(xh[j]);
     }
 }
 
@@ -155,7 +155,7 @@ static int attend(const step_model *m, const step_layer *layer, int regions, con
     for (int r = 0; r < regions; r++) {
         const int64_t a = bounds[2 * r], b = bounds[2 * r + 1];
         const char *k = (const char *)layer->k + a * row_bytes, *v = (const char *)layer->v + a * row_bytes;
-        const int rc = m->attn(queries + r * span, (int)heads, (int)m->kv_heads, (int)d, k, v, m->cache_bf16,
+        const int rc = m->attn(queries + r * span, (int)heads, (int)m->kv_heads, (int)d, k, v, m->bf16,
                                m->head_stride, m->row_stride, b - a, m->scale, parts + r * span, lse + r * heads,
                                m->threads, m->attn_level);
         if (rc != 0) return rc;
@@ -212,12 +212,11 @@ int longdoc_step_layers(const step_model *m, const step_layer *layers, int n_lay
         if (bounds[2 * r] < 0 || bounds[2 * r] >= bounds[2 * r + 1] || bounds[2 * r + 1] > pos + 1) return 1;
     const int64_t q_len = heads * d, kv_len = kvh * d, qkv_len = q_len + 2 * kv_len;
     /* scratch: normed row, q/k/v, rotated queries per region, the regions' outputs and lse, the attention
-       output, a projection's output, gate/up */
-    const int64_t widest = hid > q_len ? hid : q_len;
-    const int64_t floats = widest + qkv_len + regions * q_len + regions * (q_len + heads) + q_len + hid + 2 * inter + kv_len;
+       output, a projection's output, gate/up, the rotated key */
+    const int64_t floats = hid + qkv_len + regions * q_len + regions * (q_len + heads) + q_len + hid + 2 * inter + kv_len;
     float *scratch = malloc((size_t)floats * sizeof(float));
     if (!scratch) return 2;
-    float *xn = scratch, *qkv = xn + widest, *queries = qkv + qkv_len, *parts = queries + regions * q_len;
+    float *xn = scratch, *qkv = xn + hid, *queries = qkv + qkv_len, *parts = queries + regions * q_len;
     float *att = parts + regions * (q_len + heads), *proj = att + q_len, *gu = proj + hid, *krot = gu + 2 * inter;
     int rc = 0;
     for (int i = 0; i < n_layers && rc == 0; i++) {

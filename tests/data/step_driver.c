@@ -39,7 +39,7 @@ typedef struct {
 } step_layer;
 typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, inter;
-    int32_t bf16, cache_bf16;
+    int32_t bf16;
     int64_t head_stride, row_stride;
     float scale;
     int32_t threads, attn_level;
@@ -105,7 +105,7 @@ int main(void) {
             layers[i] = (step_layer){norms[2 * i], norms[2 * i + 1], 1e-6f, 1e-6f, qkv, o, gu, down,
                                      caches[2 * i], caches[2 * i + 1]};
         }
-        const step_model m = {HID, HEADS, KVH, D, INTER, bf16, bf16, CAP * D, D, 0.25f, 1, 0,
+        const step_model m = {HID, HEADS, KVH, D, INTER, bf16, CAP * D, D, 0.25f, 1, 0,
                               (void *)longdoc_q8_matmul, (void *)longdoc_attn16};
         float h[HID];
         for (int j = 0; j < HID; j++) { /* bfloat16 values: a bfloat16 run's state */
