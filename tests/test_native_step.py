@@ -15,10 +15,11 @@ import torch
 from longdoc import native
 from longdoc.attention.dca import ChunkLayout
 from longdoc.attention.kernels import get_kernel
-from longdoc.config import GenerationConfig
+from longdoc.config import GenerationConfig, RecycleConfig
 from longdoc.engine.decode import generate
 from longdoc.engine.longmodel import AttentionSettings, LongModel
 from longdoc.engine.prefill import prefill
+from longdoc.engine.recycled import RecycledPolicy
 from longdoc.native import step as native_step
 from longdoc.quant import schemes
 
@@ -117,6 +118,114 @@ def test_native_step_runs_decode_and_greedy_tokens_follow_the_torch_path(monkeyp
     assert calls == list(range(40, 40 + len(tokens) - 1))  # the first token ends the prefill
     monkeypatch.setattr(LongModel, "native_step", lambda self, kv: None)
     assert decode() == tokens and len(set(tokens)) > 3
+
+
+def recycled_steps_both_ways(
+    pm: LongModel, ids: torch.Tensor, start: int, cfg: RecycleConfig
+) -> tuple[list[torch.Tensor], list[torch.Tensor], RecycledPolicy, list[int]]:
+    """Recycled decode steps of ids[start:] after a prefill of ids[:start], each natively and by the torch
+    path from the same cache and recycled sets: the hidden states, the policy (the native run's), and the
+    steps the native step took. After every step the sets the native step wrote must hold the rows the
+    torch path copies from the cache."""
+    kv = pm.new_cache(ids.shape[1] + 4)
+    prefill(pm, ids[:, :start], kv, 16)
+    policy = RecycledPolicy(cfg, len(pm.layers))
+    native_h, torch_h, taken = [], [], []
+    original = native_step.StepLayers.held
+    for step, p in enumerate(range(start, ids.shape[1])):
+        other_kv, other = copy.deepcopy(kv), copy.deepcopy(policy)
+        calls = []
+
+        def counted(self, *args, calls=calls):
+            calls.append(args[0])
+            return original(self, *args)
+
+        with torch.inference_mode(), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(native_step.StepLayers, "held", counted)
+            native_h.append(pm.layer_states(ids[:, p : p + 1], p, kv, policy.attend_for(pm, kv, step, p)))
+            patch.setattr(LongModel, "native_step", lambda self, kv: None)
+            torch_h.append(pm.layer_states(ids[:, p : p + 1], p, other_kv, other.attend_for(pm, other_kv, step, p)))
+        if calls:
+            taken.append(step)
+        for mine, theirs in zip(policy.sets, other.sets, strict=True):
+            assert mine is not None and theirs is not None and mine.n == theirs.n
+            assert torch.equal(mine.idx[:, :, : mine.n], theirs.idx[:, :, : theirs.n])
+        layer0, want0 = policy.sets[0], other.sets[0]
+        assert layer0 is not None and want0 is not None
+        assert torch.equal(layer0.keys[:, :, : layer0.n], want0.keys[:, :, : want0.n])  # bit for bit
+        assert torch.equal(layer0.values[:, :, : layer0.n], want0.values[:, :, : want0.n])
+        for layer in range(len(pm.layers)):  # the rows written are the cache's
+            held = policy.sets[layer]
+            assert held is not None
+            row, pos = held.n - 1, int(held.idx[0, 0, held.n - 1])
+            assert pos == p and torch.equal(held.keys[:, :, row], kv.k[layer][:, :, p])
+            assert torch.equal(held.values[:, :, row], kv.v[layer][:, :, p])
+    return native_h, torch_h, policy, taken
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["plain", "dca"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("schedule", ["fixed", "dynamic"])
+def test_recycled_steps_run_natively_with_the_torch_paths_numbers(layout, dtype, schedule):
+    """A recycled step of every layer (no refresh due, no drift check) runs in one ``step.c`` call over the
+    recycled sets: each region's rows per KV head (heads whose sets split differently attend one at a
+    time), the step's K/V written to the sets as well as the cache. Its hidden state is the torch path's
+    from the same cache and sets (float32 within the arithmetic order, bfloat16 rounded alike); full
+    steps and the dynamic schedule's checks stay on the torch path."""
+    pm = q8_model(dtype, layout)
+    ids = torch.randint(0, 256, (1, 72), generator=torch.Generator().manual_seed(5))
+    cfg = RecycleConfig(k=6, stride=5, schedule=schedule, threshold=0.95)
+    got, want, policy, taken = recycled_steps_both_ways(pm, ids, 44, cfg)
+    full = {step for step in range(len(got)) if step == 0 or (schedule == "fixed" and step % 5 == 0)}
+    if schedule == "fixed":
+        assert taken == [step for step in range(len(got)) if step not in full]
+    else:
+        checks = {step for step in range(len(got)) if step % 5 == 0}
+        assert taken == [step for step in range(len(got)) if step not in checks]
+    if layout is not None:  # the sets' heads split differently somewhere: per-head calls were made
+        assert any(len(set(held.splits)) > 1 for held in policy.sets if held is not None)
+    got_all, want_all = torch.cat(got).float(), torch.cat(want).float()
+    scale = float(want_all.abs().max())
+    if dtype == torch.float32:
+        torch.testing.assert_close(got_all, want_all, rtol=1e-5, atol=1e-5 * scale)
+    else:
+        same = (got_all == want_all).float().mean()
+        assert same > 0.98, float(same)
+        assert (got_all - want_all).abs().max() <= 2 * scale * 2**-8
+
+
+def test_recycled_steps_native_through_generate():
+    """``generate`` with a recycled policy takes the native step on its recycled steps and gives the torch
+    path's greedy tokens; a set that fills (the dynamic schedule's room for 64 new rows) grows, and the
+    native step writes to the grown buffers."""
+    pm = q8_model(torch.float32, ChunkLayout(24, 4))
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(6))
+    gen = GenerationConfig(max_new_tokens=80)
+
+    def decode() -> tuple[list[int], RecycledPolicy]:
+        kv = pm.new_cache(130)
+        # one full step, then recycled steps only: no check before step 300, none drifts below -1
+        policy = RecycledPolicy(RecycleConfig(k=8, stride=300, schedule="dynamic", threshold=-1), len(pm.layers))
+        return list(generate(pm, prefill(pm, ids, kv, 16), 40, kv, gen, set(), policy)), policy
+
+    calls = []
+    original = native_step.StepLayers.held
+
+    def counted(self, *args):
+        calls.append(args[1])
+        return original(self, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native_step.StepLayers, "held", counted)
+        tokens, policy = decode()
+    assert len(tokens) == 80 and policy.full_steps == 1
+    assert policy.recycled_steps == len(calls) == 78  # the first token ends the prefill, the next is full
+    assert calls == list(range(41, 41 + 78))
+    held = policy.sets[2]
+    assert held is not None and held.n == 8 + 79 and held.keys.shape[2] == 2 * (8 + 64)  # grown once
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LongModel, "native_step", lambda self, kv: None)
+        assert decode()[0] == tokens and len(set(tokens)) > 3
 
 
 def test_native_step_follows_a_grown_cache():

@@ -593,8 +593,8 @@ MUTANTS = [
     (
         "native step: the key cached unrotated",
         "longdoc/native/step.c",
-        "write_rows(krot, m, layer->k, pos);",
-        "write_rows(k, m, layer->k, pos);",
+        "write_rows(krot, m, layer->k, m->head_stride, m->row_stride, pos);",
+        "write_rows(k, m, layer->k, m->head_stride, m->row_stride, pos);",
     ),
     (
         "native step: every region weighted by the first's log-sum-exp",
@@ -631,6 +631,30 @@ MUTANTS = [
         "longdoc/engine/longmodel.py",
         "if step is not None and step.reads(kv.k, kv.v):",
         "if step is not None:",
+    ),
+    (
+        "native recycled step: every KV head reads the first head's rows",
+        "longdoc/native/step.c",
+        "offset = h * keys->head_stride + a * keys->row_stride;",
+        "offset = a * keys->row_stride;",
+    ),
+    (
+        "native recycled step: the step's key not written to the recycled set",
+        "longdoc/native/step.c",
+        "            write_rows(krot, m, held->k, held->head_stride, held->row_stride, held->row);\n",
+        "",
+    ),
+    (
+        "native recycled step: the dynamic schedule's check steps handed to it",
+        "longdoc/engine/recycled.py",
+        "        if any(full) or check:",
+        "        if any(full):",
+    ),
+    (
+        "native recycled step: without DCA, the step's own key left out of its range",
+        "longdoc/engine/recycled.py",
+        "            return [[(0, n)] * len(self.splits)]",
+        "            return [[(0, n - 1)] * len(self.splits)]",
     ),
     (
         "q8: the AVX-512 VNNI loop's 8-bit step takes the AVX2 operand order (signed first)",

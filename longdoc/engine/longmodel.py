@@ -4,11 +4,13 @@
 kernel, temperature, sparse prefill): it rotates each new key at its DCA key position and chooses each
 step's attention, prefill steps through ``chunked_attention`` (or its sparse variant) and decode steps
 through ``step_attend``. Recycled decoding and the baselines (``engine.recycled``, ``engine.baselines``)
-pass their own ``attend``.
+pass their own ``attend``; a ``HeldAttend`` (a recycled step's) the native decode step takes as well.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +23,7 @@ from longdoc.engine.nativestep import layer_weights
 from longdoc.models.decoder import Attend, Decoder, rms_norm
 from longdoc.models.rope import RopeTable
 from longdoc.native import attn16, library
-from longdoc.native.step import LayerWeights, StepLayers
+from longdoc.native.step import HeldKeys, LayerWeights, StepLayers
 
 
 @dataclass
@@ -35,6 +37,21 @@ class AttentionSettings:
     sparse_stats: SparseStats = field(default_factory=SparseStats)
     # The KV cache's dtype (None: the model's); the kernels widen a narrower one as they read it.
     kv_dtype: torch.dtype | None = None
+
+
+class HeldAttend(ABC):
+    """A decode step's attention over keys held apart from the cache (a recycled step's sets): an
+    ``Attend`` on the torch path, called once per layer; the native decode step asks it once for every
+    layer's keys instead (``held_keys``)."""
+
+    @abstractmethod
+    def __call__(self, layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
+        """Attention of layer ``layer``'s query q (1, H, 1, D) at ``start`` -> (1, H, 1, D)."""
+
+    @abstractmethod
+    def held_keys(self, pos: int) -> Sequence[HeldKeys]:
+        """Each layer's keys for the step at ``pos``, a row of each set taken for its K/V (the native
+        step writes them): asked instead of calling, never as well."""
 
 
 class LongModel(Decoder):
@@ -155,16 +172,23 @@ class LongModel(Decoder):
         self._step = StepLayers(self._step_weights, self.n_heads, kv.k, kv.v, bf16, self.scale, direct.level)
         return self._step
 
-    def native_walk(self, step: StepLayers, ids: torch.Tensor, pos: int) -> torch.Tensor:
+    def native_walk(
+        self, step: StepLayers, ids: torch.Tensor, pos: int, held: HeldAttend | None = None
+    ) -> torch.Tensor:
         """``walk_layers`` of one token ids (1, 1) at ``pos`` through ``step`` (the same numbers as
-        ``walk_row`` with ``step_attend``, up to ``step.c``'s arithmetic order): its K/V written to the
-        cache ``step`` was made over; the hidden state (1, 1, hidden) after the last layer."""
+        ``walk_row`` with ``step_attend``, or with ``held`` where given, up to ``step.c``'s arithmetic
+        order): its K/V written to the cache ``step`` was made over (and to ``held``'s sets); the hidden
+        state (1, 1, hidden) after the last layer."""
         # a copy of its own: step.c writes it in place
         h = self.model.model.embed_tokens(ids).reshape(-1).to(torch.float32, copy=True)
         cos, sin = self.key_rotations(pos, 1)
         key_rot = torch.cat([cos, sin]).to(torch.float32)
-        regions = self.step_regions(pos)
         q_cos, q_sin = self.query_rotations(pos)
+        if held is not None:  # every region's rotation: the sets' ranges say which hold keys
+            query_rot = torch.stack([q_cos, q_sin], dim=1).to(torch.float32)
+            step.held(h, pos, key_rot, query_rot, held.held_keys(pos))
+            return h.to(self.dtype).view(1, 1, -1)
+        regions = self.step_regions(pos)
         count = len(regions)
         query_rot = torch.stack([q_cos[:count], q_sin[:count]], dim=1).to(torch.float32)
         bounds = torch.tensor([[a, b] for _, a, b in regions], dtype=torch.int64)
@@ -197,13 +221,13 @@ class LongModel(Decoder):
 
         The key rotation is looked up once for all layers, and a single token (a decode step) attends
         through ``step_attend``, or runs all its layers in the native decode step where it can
-        (``native_step``).
+        (``native_step``; with a ``HeldAttend``'s keys where one is passed).
         """
         length = ids.shape[1]
-        if attend is None and length == 1:
+        if length == 1 and (attend is None or isinstance(attend, HeldAttend)):
             step = self.native_step(kv)
             if step is not None:
-                return self.native_walk(step, ids, start)
+                return self.native_walk(step, ids, start, attend)
         if attend is None:
             attend = self.step_attend(kv, start) if length == 1 else self.default_attend(kv)
         cos, sin = self.key_rotations(start, length)

@@ -32,9 +32,10 @@ from longdoc.attention.kernels import merge_partials
 from longdoc.config import RecycleConfig
 from longdoc.engine.decode import DecodePolicy
 from longdoc.engine.kvcache import KVCache
-from longdoc.engine.longmodel import LongModel
+from longdoc.engine.longmodel import HeldAttend, LongModel
 from longdoc.models.decoder import Attend
 from longdoc.models.rope import RopeTable
+from longdoc.native.step import HeldKeys
 
 POOL_KERNEL = 7  # max-pool width along keys when choosing the recycled set
 
@@ -121,15 +122,28 @@ class RecycledSet:
         self.n = n
         self.splits: list[tuple[int, int]] = [(0, 0)] * hkv
 
-    def append(self, kv: KVCache, layer: int, pos: int) -> None:
+    def take_row(self, pos: int) -> int:
+        """The row the key and value at ``pos`` go to, held from now on (the caller writes them)."""
         if self.n == self.keys.shape[2]:
             self.keys = torch.cat([self.keys, torch.empty_like(self.keys)], dim=2)
             self.values = torch.cat([self.values, torch.empty_like(self.values)], dim=2)
             self.idx = torch.cat([self.idx, torch.empty_like(self.idx)], dim=2)
-        self.keys[:, :, self.n] = kv.k[layer][:, :, pos]
-        self.values[:, :, self.n] = kv.v[layer][:, :, pos]
         self.idx[:, :, self.n] = pos
         self.n += 1
+        return self.n - 1
+
+    def append(self, kv: KVCache, layer: int, pos: int) -> None:
+        row = self.take_row(pos)
+        self.keys[:, :, row] = kv.k[layer][:, :, pos]
+        self.values[:, :, row] = kv.v[layer][:, :, pos]
+
+    def ranges(self, dca: bool) -> list[list[tuple[int, int]]]:
+        """Each key region's rows per KV head, in the order ``attend`` takes them (intra, successive,
+        inter with DCA; one region without)."""
+        n = self.n
+        if not dca:
+            return [[(0, n)] * len(self.splits)]
+        return [[((b2, n), (b1, b2), (0, b1))[r] for b1, b2 in self.splits] for r in range(3)]
 
     def counts_below(self, bounds: torch.Tensor) -> torch.Tensor:
         """(Hkv, len(bounds)): per head, how many held positions lie below each bound (on device)."""
@@ -143,8 +157,7 @@ class RecycledSet:
         if model.settings.layout is None:
             return kernel(rotated(q, rot, 0), self.keys[:, :, :n], self.values[:, :, :n], False, scale)[0]
         parts = []
-        for r in range(3):
-            ranges = [((b2, n), (b1, b2), (0, b1))[r] for b1, b2 in self.splits]
+        for r, ranges in enumerate(self.ranges(True)):
             if all(b <= a for a, b in ranges):
                 continue
             qr = rotated(q, rot, r)
@@ -172,6 +185,25 @@ class RecycledSet:
             outs.append(o)
             lses.append(s.float() if s.dtype != torch.float64 else s)
         return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
+
+
+class RecycledStep(HeldAttend):
+    """A decode step in which every layer attends to its recycled set: ``attend`` (the sets' torch path)
+    called per layer, or each set's buffers and region rows handed to the native decode step."""
+
+    def __init__(self, attend: Attend, sets: Sequence[RecycledSet], dca: bool):
+        self.attend, self.sets, self.dca = attend, sets, dca
+
+    def __call__(self, layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
+        return self.attend(layer, q, start)
+
+    def held_keys(self, pos: int) -> list[HeldKeys]:
+        rows = [held.take_row(pos) for held in self.sets]
+        ranges = torch.tensor([held.ranges(self.dca) for held in self.sets], dtype=torch.int64)
+        return [
+            HeldKeys(held.keys, held.values, row, ranges[i])
+            for i, (held, row) in enumerate(zip(self.sets, rows, strict=True))
+        ]
 
 
 class RecycledPolicy(DecodePolicy):
@@ -264,7 +296,10 @@ class RecycledPolicy(DecodePolicy):
             recycled.append(kv, layer, start)
             return recycled.attend(model, q, rot)
 
-        return attend
+        if any(full) or check:
+            return attend
+        # every layer recycled, none checked: the native decode step can take the sets
+        return RecycledStep(attend, [self._set(i) for i in range(self.n_layers)], model.settings.layout is not None)
 
     def _recount_splits(self, device: torch.device, layout: ChunkLayout | None, pos: int, layers: list[int]) -> None:
         """Refresh the region splits of the given layers' sets if they were rebuilt or the query

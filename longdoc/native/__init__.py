@@ -292,6 +292,9 @@ def _configure(name: str, lib: ctypes.CDLL) -> ctypes.CDLL:
         lib.longdoc_step_layers.restype = c_int
         # model, layers, layer count, hidden state, position, key rotation, regions, query rotations, bounds
         lib.longdoc_step_layers.argtypes = [p, p, c_int, p, i64, p, c_int, p, p]
+        # the same, the bounds replaced by each layer's held keys (a recycled step)
+        lib.longdoc_step_sets.restype = c_int
+        lib.longdoc_step_sets.argtypes = [p, p, c_int, p, i64, p, c_int, p, p]
         lib.longdoc_step_halves.restype, lib.longdoc_step_halves.argtypes = None, [p, i64, p]
     elif name == "flash16":
         lib.longdoc_flash16.restype = c_int

@@ -18,7 +18,11 @@
    in double here, as q8's in-kernel norm), exp and log (libm here), the merge's sums.
 
    The cache is float16 (float32 runs) or bfloat16 (bfloat16 runs), as attn16 reads it: (KV head,
-   position, D) with the strides given, positions 0..pos-1 written, pos written here. */
+   position, D) with the strides given, positions 0..pos-1 written, pos written here.
+
+   A recycled decode step (engine.recycled) attends to each layer's recycled set instead: buffers of
+   copied cache rows laid out alike, whose regions' rows may differ from one KV head to the next
+   (step_keys); the step's key and value are then written to the set's next row as well as the cache. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -62,6 +66,16 @@ typedef struct {
     q8_matmul_fn q8;
     attn16_fn attn;
 } step_model;
+
+/* The keys one layer's step attends to where they are not its cache's positions 0..pos (a recycled
+   set): buffers k, v of the cache's dtype, (KV head, row, D) with the strides given; ranges (regions,
+   kv_heads, 2): each region's first and end row per KV head (a region may be empty for some heads or
+   all); row: where this step's key and value go in the buffers (besides the cache). */
+typedef struct {
+    void *k, *v;
+    int64_t head_stride, row_stride, row;
+    const int64_t *ranges;
+} step_keys;
 
 /* float -> float16 bits, rounded to nearest even (overflow to infinity, subnormals kept), as torch
    converts: F. Giesen's float_to_half_fast3_rtne. */
@@ -125,10 +139,12 @@ static void rotate(const float *x, int64_t heads, int64_t d, const float *cos_ro
     }
 }
 
-/* kv_heads rows of d values into the cache at position pos, as float16 or bfloat16. */
-static void write_rows(const float *x, const step_model *m, void *cache, int64_t pos) {
+/* kv_heads rows of d values into a cache or set laid out (KV head, row, D) with the strides given, at
+   row pos, as float16 or bfloat16. */
+static void write_rows(const float *x, const step_model *m, void *cache, int64_t head_stride, int64_t row_stride,
+                       int64_t pos) {
     for (int64_t h = 0; h < m->kv_heads; h++) {
-        uint16_t *row = (uint16_t *)cache + h * m->head_stride + pos * m->row_stride;
+        uint16_t *row = (uint16_t *)cache + h * head_stride + pos * row_stride;
         const float *xh = x + h * m->head_dim;
         for (int64_t j = 0; j < m->head_dim; j++) row[j] = m->bf16 ? float_to_bf16(xh[j]) : float_to_half(xh[j]);
     }
@@ -143,41 +159,58 @@ static int project(const step_model *m, const step_linear *lin, const float *x, 
     return 0;
 }
 
-/* The attention of the rotated queries (R, heads, d) over the R key regions bounds (R, 2: first, end
-   position) -> out (heads, d), the regions' outputs (each rounded as the run stores it) weighted by
-   exp(lse_r - logsumexp_r lse_r) and summed in float32, as attention.kernels.merge_partials; a head
-   without keys anywhere gives 0. parts: R * heads * (d + 1) floats of scratch. */
-static int attend(const step_model *m, const step_layer *layer, int regions, const float *queries,
-                  const int64_t *bounds, float *parts, float *out) {
-    const int64_t heads = m->heads, d = m->head_dim, span = heads * d;
+/* The attention of the rotated queries (R, heads, d) over the R key regions of keys (each region's rows
+   per KV head) -> out (heads, d): the outputs of the regions that hold keys (each rounded as the run
+   stores it) weighted by exp(lse_r - logsumexp_r lse_r) and summed in float32, as
+   attention.kernels.merge_partials; a head without keys anywhere gives 0. A region whose heads take the
+   same rows is one kernel call, else one per KV head (a head without rows in it: weight 0), as
+   engine.recycled.RecycledSet.attend calls it; a region empty for every head is left out, as there.
+   parts: R * heads * (d + 1) floats of scratch. */
+static int attend(const step_model *m, const step_keys *keys, int regions, const float *queries, float *parts,
+                  float *out) {
+    const int64_t heads = m->heads, kvh = m->kv_heads, d = m->head_dim, span = heads * d, g = heads / kvh;
     float *lse = parts + regions * span;
-    const int64_t row_bytes = m->row_stride * 2;
+    int used = 0; /* the regions that hold keys, their outputs stored in order */
     for (int r = 0; r < regions; r++) {
-        const int64_t a = bounds[2 * r], b = bounds[2 * r + 1];
-        const char *k = (const char *)layer->k + a * row_bytes, *v = (const char *)layer->v + a * row_bytes;
-        const int rc = m->attn(queries + r * span, (int)heads, (int)m->kv_heads, (int)d, k, v, m->bf16,
-                               m->head_stride, m->row_stride, b - a, m->scale, parts + r * span, lse + r * heads,
-                               m->threads, m->attn_level);
-        if (rc != 0) return rc;
-        for (int64_t j = 0; j < span; j++) parts[r * span + j] = stored(parts[r * span + j], m->bf16);
+        const int64_t *ranges = keys->ranges + 2 * r * kvh;
+        int same = 1, empty = 1;
+        for (int64_t h = 0; h < kvh; h++) {
+            same &= ranges[2 * h] == ranges[0] && ranges[2 * h + 1] == ranges[1];
+            empty &= ranges[2 * h + 1] <= ranges[2 * h];
+        }
+        if (empty) continue;
+        float *part = parts + used * span, *part_lse = lse + used * heads;
+        const float *q = queries + r * span;
+        for (int64_t h = 0; h < (same ? 1 : kvh); h++) {
+            const int64_t a = ranges[2 * h], n = ranges[2 * h + 1] - a, offset = h * keys->head_stride + a * keys->row_stride;
+            const int64_t q_heads = same ? heads : g;
+            const int rc = m->attn(q + h * g * d, (int)q_heads, (int)(same ? kvh : 1), (int)d,
+                                   (const uint16_t *)keys->k + offset, (const uint16_t *)keys->v + offset, m->bf16,
+                                   keys->head_stride, keys->row_stride, n > 0 ? n : 0, m->scale,
+                                   part + h * g * d, part_lse + h * g, m->threads, m->attn_level);
+            if (rc != 0) return rc;
+        }
+        for (int64_t j = 0; j < span; j++) part[j] = stored(part[j], m->bf16);
+        used++;
     }
-    if (regions == 1) {
-        memcpy(out, parts, (size_t)span * sizeof(float));
+    if (used <= 1) {
+        if (used == 1) memcpy(out, parts, (size_t)span * sizeof(float));
+        else memset(out, 0, (size_t)span * sizeof(float));
         return 0;
     }
     for (int64_t h = 0; h < heads; h++) {
         float top = -INFINITY;
-        for (int r = 0; r < regions; r++) top = fmaxf(top, lse[r * heads + h]);
+        for (int r = 0; r < used; r++) top = fmaxf(top, lse[r * heads + h]);
         float total = top;
         if (isfinite(top)) {
             float sum = 0.f;
-            for (int r = 0; r < regions; r++) sum += expf(lse[r * heads + h] - top);
+            for (int r = 0; r < used; r++) sum += expf(lse[r * heads + h] - top);
             total = logf(sum) + top;
         }
         const float shift = total == -INFINITY ? 0.f : total;
         float *oh = out + h * d;
         for (int64_t j = 0; j < d; j++) oh[j] = 0.f;
-        for (int r = 0; r < regions; r++) {
+        for (int r = 0; r < used; r++) {
             const float w = expf(lse[r * heads + h] - shift);
             const float *ph = parts + r * span + h * d;
             for (int64_t j = 0; j < d; j++) oh[j] += ph[j] * w;
@@ -195,29 +228,30 @@ void longdoc_step_halves(const float *x, int64_t n, uint16_t *out) {
 /* Every CPU runs it (its loops are the q8 and attn16 kernels'). */
 int longdoc_step_supported(void) { return 1; }
 
-/* Runs the token whose hidden state is h (hidden floats, bfloat16 values in a bfloat16 run) at position
-   pos through layers[0..n_layers-1], in place: h becomes the hidden state after the last layer (before
-   the final norm). key_rot: the key rotation at pos (cos then signed sin, head_dim each); query_rot
-   (regions, 2, head_dim): each key region's query rotation; bounds (regions, 2): each region's first
-   and end position (1 to 3 regions; the last end is pos + 1). Returns 0; 1 for an input it can't take;
-   2 out of memory; else the code a kernel returned. */
-int longdoc_step_layers(const step_model *m, const step_layer *layers, int n_layers, float *h, int64_t pos,
-                        const float *key_rot, int regions, const float *query_rot, const int64_t *bounds) {
-    if (!m || !layers || !h || !key_rot || !query_rot || !bounds || !m->q8 || !m->attn) return 1;
+/* The layers' loop of longdoc_step_layers and longdoc_step_sets: keys[i] (or, where keys is NULL, the
+   cache's positions per region of bounds) are what layer i attends to. */
+static int run_layers(const step_model *m, const step_layer *layers, int n_layers, float *h, int64_t pos,
+                      const float *key_rot, int regions, const float *query_rot, const int64_t *bounds,
+                      const step_keys *keys) {
     const int64_t hid = m->hidden, heads = m->heads, kvh = m->kv_heads, d = m->head_dim, inter = m->inter;
     if (n_layers < 0 || regions < 1 || regions > 3 || hid < 1 || heads < 1 || kvh < 1 || heads % kvh != 0 || d < 2 ||
         d % 2 != 0 || inter < 1 || pos < 0)
         return 1;
-    for (int r = 0; r < regions; r++)
-        if (bounds[2 * r] < 0 || bounds[2 * r] >= bounds[2 * r + 1] || bounds[2 * r + 1] > pos + 1) return 1;
     const int64_t q_len = heads * d, kv_len = kvh * d, qkv_len = q_len + 2 * kv_len;
     /* scratch: normed row, q/k/v, rotated queries per region, the regions' outputs and lse, the attention
-       output, a projection's output, gate/up, the rotated key */
+       output, a projection's output, gate/up, the rotated key, the cache's region rows per head */
     const int64_t floats = hid + qkv_len + regions * q_len + regions * (q_len + heads) + q_len + hid + 2 * inter + kv_len;
-    float *scratch = malloc((size_t)floats * sizeof(float));
+    float *scratch = malloc((size_t)floats * sizeof(float) + (size_t)(regions * kvh * 2) * sizeof(int64_t));
     if (!scratch) return 2;
     float *xn = scratch, *qkv = xn + hid, *queries = qkv + qkv_len, *parts = queries + regions * q_len;
     float *att = parts + regions * (q_len + heads), *proj = att + q_len, *gu = proj + hid, *krot = gu + 2 * inter;
+    int64_t *cache_ranges = (int64_t *)(scratch + floats);
+    if (bounds)
+        for (int r = 0; r < regions; r++)
+            for (int64_t j = 0; j < kvh; j++) {
+                cache_ranges[2 * (r * kvh + j)] = bounds[2 * r];
+                cache_ranges[2 * (r * kvh + j) + 1] = bounds[2 * r + 1];
+            }
     int rc = 0;
     for (int i = 0; i < n_layers && rc == 0; i++) {
         const step_layer *layer = layers + i;
@@ -225,15 +259,21 @@ int longdoc_step_layers(const step_model *m, const step_layer *layers, int n_lay
             rc = 1;
             break;
         }
+        const step_keys cache = {layer->k, layer->v, m->head_stride, m->row_stride, pos, cache_ranges};
+        const step_keys *held = keys ? keys + i : &cache;
         rms_norm(h, hid, layer->norm1, layer->eps1, m->bf16, xn);
         if ((rc = project(m, &layer->qkv, xn, hid, qkv)) != 0) break;
         const float *q = qkv, *k = qkv + q_len, *v = k + kv_len;
         rotate(k, kvh, d, key_rot, key_rot + d, m->bf16, krot);
-        write_rows(krot, m, layer->k, pos);
-        write_rows(v, m, layer->v, pos);
+        write_rows(krot, m, layer->k, m->head_stride, m->row_stride, pos);
+        write_rows(v, m, layer->v, m->head_stride, m->row_stride, pos);
+        if (keys) {
+            write_rows(krot, m, held->k, held->head_stride, held->row_stride, held->row);
+            write_rows(v, m, held->v, held->head_stride, held->row_stride, held->row);
+        }
         for (int r = 0; r < regions; r++)
             rotate(q, heads, d, query_rot + 2 * r * d, query_rot + (2 * r + 1) * d, m->bf16, queries + r * q_len);
-        if ((rc = attend(m, layer, regions, queries, bounds, parts, att)) != 0) break;
+        if ((rc = attend(m, held, regions, queries, parts, att)) != 0) break;
         if ((rc = project(m, &layer->o, att, q_len, proj)) != 0) break;
         for (int64_t j = 0; j < hid; j++) h[j] = stored(h[j] + proj[j], m->bf16);
         rms_norm(h, hid, layer->norm2, layer->eps2, m->bf16, xn);
@@ -247,4 +287,39 @@ int longdoc_step_layers(const step_model *m, const step_layer *layers, int n_lay
     }
     free(scratch);
     return rc;
+}
+
+/* Runs the token whose hidden state is h (hidden floats, bfloat16 values in a bfloat16 run) at position
+   pos through layers[0..n_layers-1], in place: h becomes the hidden state after the last layer (before
+   the final norm). key_rot: the key rotation at pos (cos then signed sin, head_dim each); query_rot
+   (regions, 2, head_dim): each key region's query rotation; bounds (regions, 2): each region's first
+   and end position (1 to 3 regions; the last end is pos + 1). Returns 0; 1 for an input it can't take;
+   2 out of memory; else the code a kernel returned. */
+int longdoc_step_layers(const step_model *m, const step_layer *layers, int n_layers, float *h, int64_t pos,
+                        const float *key_rot, int regions, const float *query_rot, const int64_t *bounds) {
+    if (!m || !layers || !h || !key_rot || !query_rot || !bounds || !m->q8 || !m->attn) return 1;
+    if (regions < 1 || regions > 3) return 1;
+    for (int r = 0; r < regions; r++)
+        if (bounds[2 * r] < 0 || bounds[2 * r] >= bounds[2 * r + 1] || bounds[2 * r + 1] > pos + 1) return 1;
+    return run_layers(m, layers, n_layers, h, pos, key_rot, regions, query_rot, bounds, NULL);
+}
+
+/* longdoc_step_layers for a recycled step: layer i attends to keys[i] (its rows per region and KV head),
+   and the step's key and value are written to keys[i]'s row as well as the cache at pos. A region's
+   rows lie within 0..row (row included) of every head. */
+int longdoc_step_sets(const step_model *m, const step_layer *layers, int n_layers, float *h, int64_t pos,
+                      const float *key_rot, int regions, const float *query_rot, const step_keys *keys) {
+    if (!m || !layers || !h || !key_rot || !query_rot || !keys || !m->q8 || !m->attn) return 1;
+    if (regions < 1 || regions > 3 || n_layers < 0) return 1;
+    for (int i = 0; i < n_layers; i++) {
+        const step_keys *held = keys + i;
+        if (!held->k || !held->v || !held->ranges || held->row < 0 || held->head_stride < 0 ||
+            held->row_stride < m->head_dim)
+            return 1;
+        for (int64_t j = 0; j < regions * m->kv_heads; j++)
+            if (held->ranges[2 * j] < 0 || held->ranges[2 * j] > held->ranges[2 * j + 1] ||
+                held->ranges[2 * j + 1] > held->row + 1)
+                return 1;
+    }
+    return run_layers(m, layers, n_layers, h, pos, key_rot, regions, query_rot, NULL, keys);
 }

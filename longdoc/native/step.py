@@ -59,6 +59,31 @@ class _Model(ctypes.Structure):
     ]
 
 
+class _Keys(ctypes.Structure):
+    _fields_ = [
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("head_stride", ctypes.c_int64),
+        ("row_stride", ctypes.c_int64),
+        ("row", ctypes.c_int64),
+        ("ranges", ctypes.c_void_p),
+    ]
+
+
+@dataclass(frozen=True)
+class HeldKeys:
+    """The keys one layer's decode step attends to where they are not the cache's (a recycled set,
+    ``engine.recycled.RecycledSet``): buffers ``keys``, ``values`` (1, Hkv, capacity, D) of the cache's
+    dtype, rows along dim 2; ``ranges`` (R, Hkv, 2) int64: each key region's first and end row per KV
+    head (R as the step's rotations; a region may be empty); ``row``: where the step's key and value go
+    in the buffers (the regions' rows lie within 0..row)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    row: int
+    ranges: torch.Tensor
+
+
 @dataclass(frozen=True)
 class LayerWeights:
     """One decoder layer's weights as ``step.c`` reads them: the two RMSNorm weights (hidden,) float32 and
@@ -175,6 +200,74 @@ class StepLayers:
             and all(t.data_ptr() == a for t, a in zip((*k, *v), self.addresses, strict=True))
         )
 
+    def held(
+        self, h: torch.Tensor, pos: int, key_rot: torch.Tensor, query_rot: torch.Tensor, sets: Sequence[HeldKeys]
+    ) -> None:
+        """``__call__`` for a recycled step: layer i attends to ``sets[i]`` (its regions' rows per KV head)
+        instead of the cache's positions, and the step's K/V are written to ``sets[i]``'s row as well as
+        the cache at ``pos``."""
+        regions = int(query_rot.shape[0])
+        self._check(h, pos, key_rot, query_rot, regions)
+        if len(sets) != len(self.weights):
+            raise ValueError("StepLayers.held takes one set of keys per layer")
+        kv_heads = int(self.model.kv_heads)
+        keys = (_Keys * len(sets))()
+        for i, held in enumerate(sets):
+            buffers = (held.keys, held.values)
+            if (
+                any(t.dtype != self.layout[1] or t.dim() != 4 or t.stride(3) != 1 for t in buffers)
+                or held.keys.shape != held.values.shape
+                or held.keys.stride() != held.values.stride()
+                or held.keys.shape[1] != kv_heads
+                or held.keys.shape[3] != self.head_dim
+                or not 0 <= held.row < held.keys.shape[2]
+                or held.ranges.dtype != torch.int64
+                or held.ranges.shape != (regions, kv_heads, 2)
+                or not held.ranges.is_contiguous()
+            ):
+                raise ValueError("StepLayers.held takes 16-bit key/value buffers laid out as the cache, and ranges")
+            keys[i] = _Keys(
+                held.keys.data_ptr(),
+                held.values.data_ptr(),
+                held.keys.stride(1),
+                held.keys.stride(2),
+                held.row,
+                held.ranges.data_ptr(),
+            )
+        self.model.threads = torch.get_num_threads() if self.threads is None else self.threads
+        self._raise(
+            self.lib.longdoc_step_sets(
+                ctypes.byref(self.model),
+                self.layers,
+                len(self.layers),
+                h.data_ptr(),
+                pos,
+                key_rot.data_ptr(),
+                regions,
+                query_rot.data_ptr(),
+                keys,
+            )
+        )
+
+    def _check(self, h: torch.Tensor, pos: int, key_rot: torch.Tensor, query_rot: torch.Tensor, regions: int) -> None:
+        if (
+            h.shape != (self.hidden,)
+            or h.dtype != torch.float32
+            or not h.is_contiguous()
+            or key_rot.shape != (2, self.head_dim)
+            or query_rot.shape != (regions, 2, self.head_dim)
+            or any(t.dtype != torch.float32 or not t.is_contiguous() for t in (key_rot, query_rot))
+        ):
+            raise ValueError("StepLayers takes a float32 hidden state and rotations")
+        if not 0 <= pos < self.capacity:
+            raise RuntimeError(f"KV store full: {pos + 1} > capacity {self.capacity}")
+
+    @staticmethod
+    def _raise(rc: int) -> None:
+        if rc != 0:
+            what = "refused its input" if rc == 1 else "ran out of memory" if rc == 2 else f"failed ({rc})"
+            raise RuntimeError(f"the native decode step {what}")
+
     def __call__(
         self, h: torch.Tensor, pos: int, key_rot: torch.Tensor, query_rot: torch.Tensor, bounds: torch.Tensor
     ) -> None:
@@ -184,32 +277,20 @@ class StepLayers:
         (R, 2, D): each key region's query rotation; bounds (R, 2) int64: each region's first and end
         position (R = 1 to 3; DCA's regions, intra first)."""
         regions = int(bounds.shape[0])
-        if (
-            h.shape != (self.hidden,)
-            or h.dtype != torch.float32
-            or not h.is_contiguous()
-            or key_rot.shape != (2, self.head_dim)
-            or query_rot.shape != (regions, 2, self.head_dim)
-            or any(t.dtype != torch.float32 or not t.is_contiguous() for t in (key_rot, query_rot))
-            or bounds.dtype != torch.int64
-            or not bounds.is_contiguous()
-            or bounds.shape != (regions, 2)
-        ):
-            raise ValueError("StepLayers takes a float32 hidden state, rotations and int64 region bounds")
-        if not 0 <= pos < self.capacity:
-            raise RuntimeError(f"KV store full: {pos + 1} > capacity {self.capacity}")
+        self._check(h, pos, key_rot, query_rot, regions)
+        if bounds.dtype != torch.int64 or not bounds.is_contiguous() or bounds.shape != (regions, 2):
+            raise ValueError("StepLayers takes int64 region bounds")
         self.model.threads = torch.get_num_threads() if self.threads is None else self.threads
-        rc = self.lib.longdoc_step_layers(
-            ctypes.byref(self.model),
-            self.layers,
-            len(self.layers),
-            h.data_ptr(),
-            pos,
-            key_rot.data_ptr(),
-            regions,
-            query_rot.data_ptr(),
-            bounds.data_ptr(),
+        self._raise(
+            self.lib.longdoc_step_layers(
+                ctypes.byref(self.model),
+                self.layers,
+                len(self.layers),
+                h.data_ptr(),
+                pos,
+                key_rot.data_ptr(),
+                regions,
+                query_rot.data_ptr(),
+                bounds.data_ptr(),
+            )
         )
-        if rc != 0:
-            what = "refused its input" if rc == 1 else "ran out of memory" if rc == 2 else f"failed ({rc})"
-            raise RuntimeError(f"the native decode step {what}")
