@@ -17,9 +17,9 @@ from longdoc.attention.dca import ChunkLayout
 from longdoc.attention.kernels import get_kernel
 from longdoc.config import GenerationConfig, RecycleConfig
 from longdoc.engine.decode import generate
-from longdoc.engine.longmodel import AttentionSettings, LongModel
+from longdoc.engine.longmodel import AttentionSettings, LongModel, NativeAttend
 from longdoc.engine.prefill import prefill
-from longdoc.engine.recycled import RecycledPolicy
+from longdoc.engine.recycled import RecycledPolicy, selection_probs
 from longdoc.native import step as native_step
 from longdoc.quant import schemes
 
@@ -125,31 +125,36 @@ def recycled_steps_both_ways(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], RecycledPolicy, list[int]]:
     """Recycled decode steps of ids[start:] after a prefill of ids[:start], each natively and by the torch
     path from the same cache and recycled sets: the hidden states, the policy (the native run's), and the
-    steps the native step took. After every step the sets the native step wrote must hold the rows the
+    steps the native step took (as "full", choosing the sets from its own scores, or "held", attending to
+    them). After every step both chose the same sets, and those the native step wrote hold the rows the
     torch path copies from the cache."""
     kv = pm.new_cache(ids.shape[1] + 4)
     prefill(pm, ids[:, :start], kv, 16)
     policy = RecycledPolicy(cfg, len(pm.layers))
     native_h, torch_h, taken = [], [], []
-    original = native_step.StepLayers.held
+    held_call, full_call = native_step.StepLayers.held, native_step.StepLayers.__call__
     for step, p in enumerate(range(start, ids.shape[1])):
         other_kv, other = copy.deepcopy(kv), copy.deepcopy(policy)
         calls = []
 
-        def counted(self, *args, calls=calls):
-            calls.append(args[0])
-            return original(self, *args)
+        def held(self, *args, calls=calls):
+            calls.append("held")
+            return held_call(self, *args)
+
+        def full(self, *args, calls=calls):
+            calls.append("full" if len(args) > 5 and args[5] is not None else "plain")
+            return full_call(self, *args)
 
         with torch.inference_mode(), pytest.MonkeyPatch.context() as patch:
-            patch.setattr(native_step.StepLayers, "held", counted)
+            patch.setattr(native_step.StepLayers, "held", held)
+            patch.setattr(native_step.StepLayers, "__call__", full)
             native_h.append(pm.layer_states(ids[:, p : p + 1], p, kv, policy.attend_for(pm, kv, step, p)))
             patch.setattr(LongModel, "native_step", lambda self, kv: None)
             torch_h.append(pm.layer_states(ids[:, p : p + 1], p, other_kv, other.attend_for(pm, other_kv, step, p)))
-        if calls:
-            taken.append(step)
+        taken.append(calls[0] if calls else "torch")
         for mine, theirs in zip(policy.sets, other.sets, strict=True):
             assert mine is not None and theirs is not None and mine.n == theirs.n
-            assert torch.equal(mine.idx[:, :, : mine.n], theirs.idx[:, :, : theirs.n])
+            assert torch.equal(mine.idx[:, :, : mine.n], theirs.idx[:, :, : theirs.n]), step
         layer0, want0 = policy.sets[0], other.sets[0]
         assert layer0 is not None and want0 is not None
         assert torch.equal(layer0.keys[:, :, : layer0.n], want0.keys[:, :, : want0.n])  # bit for bit
@@ -167,21 +172,23 @@ def recycled_steps_both_ways(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("schedule", ["fixed", "dynamic"])
 def test_recycled_steps_run_natively_with_the_torch_paths_numbers(layout, dtype, schedule):
-    """A recycled step of every layer (no refresh due, no drift check) runs in one ``step.c`` call over the
-    recycled sets: each region's rows per KV head (heads whose sets split differently attend one at a
-    time), the step's K/V written to the sets as well as the cache. Its hidden state is the torch path's
-    from the same cache and sets (float32 within the arithmetic order, bfloat16 rounded alike); full
-    steps and the dynamic schedule's checks stay on the torch path."""
+    """Recycled decoding in one ``step.c`` call a step. A recycled step of every layer (no refresh due, no
+    drift check) runs over the recycled sets: each region's rows per KV head (heads whose sets split
+    differently attend one at a time), the step's K/V written to the sets as well as the cache. A full
+    step of every layer attends to the cache and hands back each layer's key log-probabilities (the
+    kernel's scores) and query, from which the same sets are chosen as from the torch path's float32
+    probabilities. The hidden states are the torch path's from the same cache and sets (float32 within
+    the arithmetic order, bfloat16 rounded alike); the dynamic schedule's checks stay on the torch path."""
     pm = q8_model(dtype, layout)
     ids = torch.randint(0, 256, (1, 72), generator=torch.Generator().manual_seed(5))
     cfg = RecycleConfig(k=6, stride=5, schedule=schedule, threshold=0.95)
     got, want, policy, taken = recycled_steps_both_ways(pm, ids, 44, cfg)
-    full = {step for step in range(len(got)) if step == 0 or (schedule == "fixed" and step % 5 == 0)}
     if schedule == "fixed":
-        assert taken == [step for step in range(len(got)) if step not in full]
+        assert taken == ["full" if step % 5 == 0 else "held" for step in range(len(got))]
     else:
-        checks = {step for step in range(len(got)) if step % 5 == 0}
-        assert taken == [step for step in range(len(got)) if step not in checks]
+        want_paths = ["full"] + ["torch" if step % 5 == 0 else "held" for step in range(1, len(got))]
+        assert taken == want_paths
+        assert policy.layer_refreshes > 0  # the checks refreshed some layers (on the torch path)
     if layout is not None:  # the sets' heads split differently somewhere: per-head calls were made
         assert any(len(set(held.splits)) > 1 for held in policy.sets if held is not None)
     got_all, want_all = torch.cat(got).float(), torch.cat(want).float()
@@ -192,6 +199,73 @@ def test_recycled_steps_run_natively_with_the_torch_paths_numbers(layout, dtype,
         same = (got_all == want_all).float().mean()
         assert same > 0.98, float(same)
         assert (got_all - want_all).abs().max() <= 2 * scale * 2**-8
+
+
+class Capture(NativeAttend):
+    """A full decode step through the native step, keeping what it hands back: each layer's key
+    log-probabilities and query."""
+
+    def __call__(self, layer, q, start):
+        raise AssertionError("the native step was not taken")
+
+    def run_native(self, step, inputs):
+        layers, kv_heads = len(step.layers), int(step.model.kv_heads)
+        self.select = torch.empty(layers, kv_heads, inputs.pos + 1)
+        self.queries = torch.empty(layers, int(step.model.heads) * step.head_dim)
+        step(inputs.h, inputs.pos, inputs.key_rot, inputs.cache_rotations(), inputs.bounds, self.select, self.queries)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["plain", "dca"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_full_step_hands_back_its_attention_log_probabilities_and_queries(layout, dtype):
+    """A native full step asked for them hands back, per layer, the log of its attention's probabilities
+    of keys 0..pos (the max over each KV head's query heads: ``selection_probs``' group max, from the
+    kernel's own scores) and the query before its rotation (the torch path's); asking changes nothing
+    it computes."""
+    pm = q8_model(dtype, layout)
+    ids = torch.randint(0, 256, (1, 62), generator=torch.Generator().manual_seed(7))
+    kv = pm.new_cache(64)
+    prefill(pm, ids[:, :61], kv, 16)
+    plain_kv, torch_kv, p = copy.deepcopy(kv), copy.deepcopy(kv), 61
+    capture, seen = Capture(), []
+    full = pm.step_attend(torch_kv, p)
+
+    def recording(layer, q, start):
+        seen.append(q.flatten().float())
+        return full(layer, q, start)
+
+    with torch.inference_mode():
+        got = pm.layer_states(ids[:, p : p + 1], p, kv, capture)
+        assert torch.equal(got, pm.layer_states(ids[:, p : p + 1], p, plain_kv))
+        pm.layer_states(ids[:, p : p + 1], p, torch_kv, recording)
+        assert torch.equal(capture.queries[0], seen[0])  # the first layer's input is the same row
+        for layer in range(len(pm.layers)):
+            torch.testing.assert_close(capture.queries[layer], seen[layer], rtol=2**-7, atol=1e-5)
+            q = capture.queries[layer].to(dtype).view(1, -1, 1, pm.head_dim)
+            want = selection_probs(pm, q, kv, layer, p).amax(dim=2)[0]
+            torch.testing.assert_close(capture.select[layer].exp(), want, rtol=1e-4, atol=1e-6)
+    assert capture.select.shape == (len(pm.layers), pm.n_kv_heads, p + 1)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["plain", "dca"])
+def test_recycled_steps_holding_every_key_give_the_full_steps_bits(layout):
+    """With K above the context every set holds every key in position order, and a recycled step makes the
+    kernel calls a full step makes (the same rows per region, copied): natively the same hidden state bit
+    for bit, whatever the CPU's arithmetic (DESIGN.md: recycled decoding with K covering the context gives
+    full attention's tokens)."""
+    pm = q8_model(torch.float32, layout)
+    ids = torch.randint(0, 256, (1, 70), generator=torch.Generator().manual_seed(8))
+    full_kv = pm.new_cache(72)
+    prefill(pm, ids[:, :44], full_kv, 16)
+    recycled_kv = copy.deepcopy(full_kv)
+    policy = RecycledPolicy(RecycleConfig(k=1000, stride=4), len(pm.layers))
+    with torch.inference_mode():
+        for step, p in enumerate(range(44, 70)):
+            attend = policy.attend_for(pm, recycled_kv, step, p)
+            assert isinstance(attend, NativeAttend)
+            recycled = pm.layer_states(ids[:, p : p + 1], p, recycled_kv, attend)
+            assert torch.equal(recycled, pm.layer_states(ids[:, p : p + 1], p, full_kv)), step
+    assert policy.recycled_steps == 19 and policy.effective_k == 68  # the last full step, at 68
 
 
 def test_recycled_steps_native_through_generate():

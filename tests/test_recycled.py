@@ -33,7 +33,8 @@ def decode(model, layout, policy, n_prompt=70, new=25, seed=0, kernel="cpu"):
 def naive_attention(pm, q, kv, layer, pos, keys_per_head, probs_only=False):
     """Float64 attention of q (1, H, 1, D) at ``pos`` over the listed cached key positions of each KV
     head, every score with its own query rotation. Returns (1, H, 1, D), or per-head probability
-    rows over ``keys_per_head`` when ``probs_only``."""
+    rows over ``keys_per_head`` when ``probs_only``: then q is rotated in its own dtype, as the
+    attention kernel gets it (the selection ranks keys by that step's attention), and widened."""
     h, d = q.shape[1], q.shape[3]
     g = h // pm.n_kv_heads
     out = torch.zeros(1, h, 1, d, dtype=torch.float64)
@@ -41,10 +42,8 @@ def naive_attention(pm, q, kv, layer, pos, keys_per_head, probs_only=False):
     for head in range(h):
         kh = head // g
         keys = keys_per_head[kh]
-        qs = [
-            pm.rope.rotate(q[:, head : head + 1].double(), torch.tensor([query_index(pos, j, pm.settings.layout)]))
-            for j in keys
-        ]
+        row = q[:, head : head + 1] if probs_only else q[:, head : head + 1].double()
+        qs = [pm.rope.rotate(row, torch.tensor([query_index(pos, j, pm.settings.layout)])).double() for j in keys]
         scores = torch.stack([(qs[i][0, 0, 0] @ kv.k[layer][0, kh, j].double()) * pm.scale for i, j in enumerate(keys)])
         p = torch.softmax(scores, dim=0)
         rows.append(p)
@@ -125,7 +124,8 @@ def test_recycled_steps_equal_naive_attention_over_the_held_keys(kernel, layout)
 
 @pytest.mark.parametrize("layout", [None, ChunkLayout(12, 3)])
 def test_selection_probabilities_are_float32_region_scores(layout):
-    """The full step chooses from float32 probabilities over every key, each with its region's rotation."""
+    """The full step chooses from float32 probabilities over every key, each with its region's rotation
+    (the query rotated in bfloat16, as the kernel gets it: a float32 rotation here is caught)."""
     model = tiny_model(dtype=torch.bfloat16)
     pm = LongModel(model, AttentionSettings(layout, get_kernel("cpu", CPU)))
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))

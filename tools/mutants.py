@@ -77,8 +77,9 @@ MUTANTS = [
         # (the similarity itself is no longer kept: the check and its refresh are one step)
         "dynamic schedule: reference query not renewed at its own refreshes",
         "longdoc/engine/recycled.py",
-        "                self.full_queries[layer] = q.flatten().float()\n",
-        "                if full[layer]:\n                    self.full_queries[layer] = q.flatten().float()\n",
+        "None if probs is None else probs.amax(dim=2), q.flatten().float(), extra)",
+        "None if probs is None else probs.amax(dim=2), q.flatten().float() if full[layer] else"
+        " self.full_queries[layer], extra)",
     ),
     (
         "merge in bfloat16",
@@ -623,8 +624,8 @@ MUTANTS = [
     (
         "native step: the regions' bounds handed over in reverse",
         "longdoc/engine/longmodel.py",
-        "bounds = torch.tensor([[a, b] for _, a, b in regions], dtype=torch.int64)",
-        "bounds = torch.tensor([[a, b] for _, a, b in reversed(regions)], dtype=torch.int64)",
+        "bounds = torch.tensor([[a, b] for _, a, b in self.step_regions(pos)], dtype=torch.int64)",
+        "bounds = torch.tensor([[a, b] for _, a, b in reversed(self.step_regions(pos))], dtype=torch.int64)",
     ),
     (
         "native step: kept over a grown cache",
@@ -655,6 +656,36 @@ MUTANTS = [
         "longdoc/engine/recycled.py",
         "            return [[(0, n)] * len(self.splits)]",
         "            return [[(0, n - 1)] * len(self.splits)]",
+    ),
+    (
+        "attn16: the scores handed back at the segment's first key, not the chunk's",
+        "longdoc/native/attn16.c",
+        "memcpy(jb->scores + (head * jb->g + h) * jb->scores_stride + c0, sh,",
+        "memcpy(jb->scores + (head * jb->g + h) * jb->scores_stride, sh,",
+    ),
+    (
+        "native full step: keys ranked by their scores, not normalized per query head",
+        "longdoc/native/step.c",
+        "row[t] = fmaxf(row[t], su[t] - lse);",
+        "row[t] = fmaxf(row[t], su[t]);",
+    ),
+    (
+        "native full step: the rotated query handed back",
+        "longdoc/native/step.c",
+        "if (queries_out) memcpy(queries_out + i * q_len, q, (size_t)q_len * sizeof(float));",
+        "if (queries_out) memcpy(queries_out + i * q_len, queries, (size_t)q_len * sizeof(float));",
+    ),
+    (
+        "native full step: the step's own key ranked among those it selects from",
+        "longdoc/engine/recycled.py",
+        "self.policy.refresh(self.kv, layer, pos, select[layer : layer + 1, :, :pos], queries[layer], self.extra)",
+        "self.policy.refresh(self.kv, layer, pos, select[layer : layer + 1], queries[layer], self.extra)",
+    ),
+    (
+        "recycled: the selection's query rotated in float32, not as the kernel gets it",
+        "longdoc/engine/recycled.py",
+        "qr = rotated(q, rot, r).float().view(1, hkv, -1, d)",
+        "qr = rotated(q.float(), rot, r).view(1, hkv, -1, d)",
     ),
     (
         "q8: the AVX-512 VNNI loop's 8-bit step takes the AVX2 operand order (signed first)",

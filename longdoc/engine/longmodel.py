@@ -4,13 +4,12 @@
 kernel, temperature, sparse prefill): it rotates each new key at its DCA key position and chooses each
 step's attention, prefill steps through ``chunked_attention`` (or its sparse variant) and decode steps
 through ``step_attend``. Recycled decoding and the baselines (``engine.recycled``, ``engine.baselines``)
-pass their own ``attend``; a ``HeldAttend`` (a recycled step's) the native decode step takes as well.
+pass their own ``attend``; a ``NativeAttend`` (recycled decoding's) the native decode step takes as well.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +22,7 @@ from longdoc.engine.nativestep import layer_weights
 from longdoc.models.decoder import Attend, Decoder, rms_norm
 from longdoc.models.rope import RopeTable
 from longdoc.native import attn16, library
-from longdoc.native.step import HeldKeys, LayerWeights, StepLayers
+from longdoc.native.step import LayerWeights, StepLayers
 
 
 @dataclass
@@ -39,19 +38,36 @@ class AttentionSettings:
     kv_dtype: torch.dtype | None = None
 
 
-class HeldAttend(ABC):
-    """A decode step's attention over keys held apart from the cache (a recycled step's sets): an
-    ``Attend`` on the torch path, called once per layer; the native decode step asks it once for every
-    layer's keys instead (``held_keys``)."""
+@dataclass(frozen=True)
+class StepInputs:
+    """A decode step's inputs to ``native.step.StepLayers``: the token's hidden state h (hidden,) float32
+    (written in place), its position, its key rotation (2, D), every key region's query rotation
+    (R, 2, D; R = 1 plain, 3 with DCA: intra, successive, inter), and the bounds (first, end) of the
+    cache's regions that hold keys (a prefix of those: intra first)."""
+
+    h: torch.Tensor
+    pos: int
+    key_rot: torch.Tensor
+    query_rot: torch.Tensor
+    bounds: torch.Tensor
+
+    def cache_rotations(self) -> torch.Tensor:
+        """The query rotations of the cache's regions (R', 2, D), as ``bounds`` orders them."""
+        return self.query_rot[: self.bounds.shape[0]]
+
+
+class NativeAttend(ABC):
+    """An ``Attend`` the native decode step can take in its stead (recycled decoding's steps): called
+    once per layer on the torch path, or handed the step once for all layers (``run_native``)."""
 
     @abstractmethod
     def __call__(self, layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
         """Attention of layer ``layer``'s query q (1, H, 1, D) at ``start`` -> (1, H, 1, D)."""
 
     @abstractmethod
-    def held_keys(self, pos: int) -> Sequence[HeldKeys]:
-        """Each layer's keys for the step at ``pos``, a row of each set taken for its K/V (the native
-        step writes them): asked instead of calling, never as well."""
+    def run_native(self, step: StepLayers, inputs: StepInputs) -> None:
+        """The step's layers through ``step`` (``inputs.h`` in place), doing what calling would per layer:
+        asked instead of calling, never as well."""
 
 
 class LongModel(Decoder):
@@ -173,26 +189,28 @@ class LongModel(Decoder):
         return self._step
 
     def native_walk(
-        self, step: StepLayers, ids: torch.Tensor, pos: int, held: HeldAttend | None = None
+        self, step: StepLayers, ids: torch.Tensor, pos: int, attend: NativeAttend | None = None
     ) -> torch.Tensor:
         """``walk_layers`` of one token ids (1, 1) at ``pos`` through ``step`` (the same numbers as
-        ``walk_row`` with ``step_attend``, or with ``held`` where given, up to ``step.c``'s arithmetic
-        order): its K/V written to the cache ``step`` was made over (and to ``held``'s sets); the hidden
-        state (1, 1, hidden) after the last layer."""
+        ``walk_row`` with ``step_attend``, or with ``attend`` where given, up to ``step.c``'s arithmetic
+        order): its K/V written to the cache ``step`` was made over; the hidden state (1, 1, hidden)
+        after the last layer."""
         # a copy of its own: step.c writes it in place
         h = self.model.model.embed_tokens(ids).reshape(-1).to(torch.float32, copy=True)
         cos, sin = self.key_rotations(pos, 1)
-        key_rot = torch.cat([cos, sin]).to(torch.float32)
         q_cos, q_sin = self.query_rotations(pos)
-        if held is not None:  # every region's rotation: the sets' ranges say which hold keys
-            query_rot = torch.stack([q_cos, q_sin], dim=1).to(torch.float32)
-            step.held(h, pos, key_rot, query_rot, held.held_keys(pos))
-            return h.to(self.dtype).view(1, 1, -1)
-        regions = self.step_regions(pos)
-        count = len(regions)
-        query_rot = torch.stack([q_cos[:count], q_sin[:count]], dim=1).to(torch.float32)
-        bounds = torch.tensor([[a, b] for _, a, b in regions], dtype=torch.int64)
-        step(h, pos, key_rot, query_rot, bounds)
+        bounds = torch.tensor([[a, b] for _, a, b in self.step_regions(pos)], dtype=torch.int64)
+        inputs = StepInputs(
+            h,
+            pos,
+            torch.cat([cos, sin]).to(torch.float32),
+            torch.stack([q_cos, q_sin], dim=1).to(torch.float32),
+            bounds,
+        )
+        if attend is None:
+            step(h, pos, inputs.key_rot, inputs.cache_rotations(), bounds)
+        else:
+            attend.run_native(step, inputs)
         return h.to(self.dtype).view(1, 1, -1)
 
     def cache_attention(self, kv: KVCache) -> attn16.CacheAttention | None:
@@ -221,10 +239,10 @@ class LongModel(Decoder):
 
         The key rotation is looked up once for all layers, and a single token (a decode step) attends
         through ``step_attend``, or runs all its layers in the native decode step where it can
-        (``native_step``; with a ``HeldAttend``'s keys where one is passed).
+        (``native_step``; through a ``NativeAttend`` where one is passed).
         """
         length = ids.shape[1]
-        if length == 1 and (attend is None or isinstance(attend, HeldAttend)):
+        if length == 1 and (attend is None or isinstance(attend, NativeAttend)):
             step = self.native_step(kv)
             if step is not None:
                 return self.native_walk(step, ids, start, attend)

@@ -32,10 +32,10 @@ from longdoc.attention.kernels import merge_partials
 from longdoc.config import RecycleConfig
 from longdoc.engine.decode import DecodePolicy
 from longdoc.engine.kvcache import KVCache
-from longdoc.engine.longmodel import HeldAttend, LongModel
+from longdoc.engine.longmodel import LongModel, NativeAttend, StepInputs
 from longdoc.models.decoder import Attend
 from longdoc.models.rope import RopeTable
-from longdoc.native.step import HeldKeys
+from longdoc.native.step import HeldKeys, StepLayers
 
 POOL_KERNEL = 7  # max-pool width along keys when choosing the recycled set
 
@@ -56,19 +56,20 @@ def selection_probs(
     layers when given).
 
     Each region's keys are upcast and scored with that region's query rotation, one contiguous slice
-    at a time, so no key is copied once per rotation. Used only to choose the recycled set; the full
-    step's output comes from the attention kernel.
+    at a time, so no key is copied once per rotation. The query is rotated in its own dtype, as the
+    attention kernel gets it, then widened: these are that step's attention's probabilities (a native
+    decode step hands back the kernel's own, ``FullStep``). Used only to choose the recycled set; the
+    full step's output comes from the attention kernel.
     """
     rot = rot if rot is not None else model.query_rotations(pos, model.rope.dtype)
     inter_end, intra_start = region_bounds(pos, model.settings.layout)
     hkv, d = model.n_kv_heads, model.head_dim
-    qf = q.float()
     keys = kv.k[layer][:, :, : pos + 1].float()  # one upcast; regions are slices of it
     scores = keys.new_empty(1, hkv, q.shape[1] // hkv, pos + 1)
     # regions in key order: inter [0, inter_end), successive [inter_end, intra_start), intra [intra_start, pos]
     for r, (a, b) in ((2, (0, inter_end)), (1, (inter_end, intra_start)), (0, (intra_start, pos + 1))):
         if b > a:
-            qr = rotated(qf, rot, r).view(1, hkv, -1, d)
+            qr = rotated(q, rot, r).float().view(1, hkv, -1, d)
             torch.matmul(qr, keys[:, :, a:b].transpose(-1, -2), out=scores[..., a:b])
     return torch.softmax(scores.mul_(model.scale), dim=-1)
 
@@ -76,11 +77,16 @@ def selection_probs(
 def select_top_k(probs: torch.Tensor, k: int) -> torch.Tensor:
     """probs (1, Hkv, G, N) -> sorted key indices (1, Hkv, min(k, N)): the top-k positions of the
     group-max attention, max-pooled along keys."""
-    group_max = probs.amax(dim=2)  # (1, Hkv, N)
+    return top_k_of(probs.amax(dim=2), k)
+
+
+def top_k_of(group_max: torch.Tensor, k: int) -> torch.Tensor:
+    """``select_top_k`` of the group-max attention (1, Hkv, N) (probabilities, or their logarithms: the
+    same order but where a probability rounds to 0)."""
     pooled = F.max_pool1d(group_max, POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)
     n = pooled.shape[-1]
     if k >= n:
-        return torch.arange(n, device=probs.device).expand(1, probs.shape[1], n)
+        return torch.arange(n, device=group_max.device).expand(1, group_max.shape[1], n)
     return pooled.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
@@ -187,7 +193,7 @@ class RecycledSet:
         return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
 
 
-class RecycledStep(HeldAttend):
+class RecycledStep(NativeAttend):
     """A decode step in which every layer attends to its recycled set: ``attend`` (the sets' torch path)
     called per layer, or each set's buffers and region rows handed to the native decode step."""
 
@@ -197,13 +203,39 @@ class RecycledStep(HeldAttend):
     def __call__(self, layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
         return self.attend(layer, q, start)
 
+    def run_native(self, step: StepLayers, inputs: StepInputs) -> None:
+        step.held(inputs.h, inputs.pos, inputs.key_rot, inputs.query_rot, self.held_keys(inputs.pos))
+
     def held_keys(self, pos: int) -> list[HeldKeys]:
+        """Each set's buffers and region rows for the step at ``pos``, a row of each taken for its K/V."""
         rows = [held.take_row(pos) for held in self.sets]
         ranges = torch.tensor([held.ranges(self.dca) for held in self.sets], dtype=torch.int64)
         return [
             HeldKeys(held.keys, held.values, row, ranges[i])
             for i, (held, row) in enumerate(zip(self.sets, rows, strict=True))
         ]
+
+
+class FullStep(NativeAttend):
+    """A decode step in which every layer attends fully and refreshes its set: ``attend`` (the torch path:
+    the attention kernel, then the selection's own float32 scores) called per layer, or the native
+    decode step, whose attention hands back each layer's key log-probabilities and query, the sets
+    then chosen from them."""
+
+    def __init__(self, attend: Attend, policy: RecycledPolicy, kv: KVCache, extra: int):
+        self.attend, self.policy, self.kv, self.extra = attend, policy, kv, extra
+
+    def __call__(self, layer: int, q: torch.Tensor, start: int) -> torch.Tensor:
+        return self.attend(layer, q, start)
+
+    def run_native(self, step: StepLayers, inputs: StepInputs) -> None:
+        layers, pos = len(self.policy.sets), inputs.pos
+        kv_heads = self.kv.k[0].shape[1]
+        select = torch.empty(layers, kv_heads, pos + 1)
+        queries = torch.empty(layers, inputs.query_rot.shape[-1] * step.model.heads)
+        step(inputs.h, pos, inputs.key_rot, inputs.cache_rotations(), inputs.bounds, select, queries)
+        for layer in range(layers):
+            self.policy.refresh(self.kv, layer, pos, select[layer : layer + 1, :, :pos], queries[layer], self.extra)
 
 
 class RecycledPolicy(DecodePolicy):
@@ -279,27 +311,38 @@ class RecycledPolicy(DecodePolicy):
                 self.layer_refreshes += 1
             if refresh:
                 out = default(layer, q, start)
-                selected = (
-                    select_top_k(selection_probs(model, q, kv, layer, start, rot)[..., :start], self.cfg.k)
-                    if start > 0
-                    else torch.empty(1, model.n_kv_heads, 0, dtype=torch.long, device=q.device)
-                )
-                self.effective_k = max(self.effective_k, selected.shape[-1])
-                fresh = RecycledSet(kv, layer, selected, extra)
-                fresh.append(kv, layer, start)
-                self.sets[layer] = fresh
-                self.full_queries[layer] = q.flatten().float()
-                self._stale.add(layer)
+                probs = selection_probs(model, q, kv, layer, start, rot)[..., :start] if start > 0 else None
+                self.refresh(kv, layer, start, None if probs is None else probs.amax(dim=2), q.flatten().float(), extra)
                 return out
             recycled = self.sets[layer]
             assert recycled is not None
             recycled.append(kv, layer, start)
             return recycled.attend(model, q, rot)
 
+        # every layer full, or every layer recycled and none checked: the native decode step can take it
+        if all(full):
+            return FullStep(attend, self, kv, extra)
         if any(full) or check:
             return attend
-        # every layer recycled, none checked: the native decode step can take the sets
         return RecycledStep(attend, [self._set(i) for i in range(self.n_layers)], model.settings.layout is not None)
+
+    def refresh(
+        self, kv: KVCache, layer: int, pos: int, group_max: torch.Tensor | None, query: torch.Tensor, extra: int
+    ) -> None:
+        """A full step of ``layer`` at ``pos``: its set rebuilt from the top-K of keys 0..pos-1 by
+        ``group_max`` (1, Hkv, pos), their attention's group max (``top_k_of``; None where pos is 0), plus
+        pos itself; ``query`` (H D,) float32 kept as the dynamic schedule's reference."""
+        selected = (
+            top_k_of(group_max, self.cfg.k)
+            if group_max is not None and pos > 0
+            else torch.empty(1, kv.k[layer].shape[1], 0, dtype=torch.long, device=query.device)
+        )
+        self.effective_k = max(self.effective_k, selected.shape[-1])
+        fresh = RecycledSet(kv, layer, selected, extra)
+        fresh.append(kv, layer, pos)
+        self.sets[layer] = fresh
+        self.full_queries[layer] = query
+        self._stale.add(layer)
 
     def _recount_splits(self, device: torch.device, layout: ChunkLayout | None, pos: int, layers: list[int]) -> None:
         """Refresh the region splits of the given layers' sets if they were rebuilt or the query

@@ -286,12 +286,16 @@ def _configure(name: str, lib: ctypes.CDLL) -> ctypes.CDLL:
         # q, heads, kv heads, d, k, v, bf16, head stride, row stride, keys, scale, out, lse, threads, level
         lib.longdoc_attn16.argtypes = [p, c_int, c_int, c_int, p, p, c_int, i64, i64, i64, ctypes.c_float]
         lib.longdoc_attn16.argtypes += [p, p, c_int, c_int]
+        # the same, and each key's scaled score: scores, scores' stride
+        lib.longdoc_attn16_scored.restype = c_int
+        lib.longdoc_attn16_scored.argtypes = [*lib.longdoc_attn16.argtypes, p, i64]
         lib.longdoc_attn16_paths.restype, lib.longdoc_attn16_paths.argtypes = c_int, []
         lib.longdoc_attn16_level.restype, lib.longdoc_attn16_level.argtypes = c_int, [c_int]
     elif name == "step":
         lib.longdoc_step_layers.restype = c_int
-        # model, layers, layer count, hidden state, position, key rotation, regions, query rotations, bounds
-        lib.longdoc_step_layers.argtypes = [p, p, c_int, p, i64, p, c_int, p, p]
+        # model, layers, layer count, hidden state, position, key rotation, regions, query rotations, bounds,
+        # and where given: each layer's keys' log-probabilities (group max), each layer's query
+        lib.longdoc_step_layers.argtypes = [p, p, c_int, p, i64, p, c_int, p, p, p, p]
         # the same, the bounds replaced by each layer's held keys (a recycled step)
         lib.longdoc_step_sets.restype = c_int
         lib.longdoc_step_sets.argtypes = [p, p, c_int, p, i64, p, c_int, p, p]

@@ -92,6 +92,8 @@ typedef struct {
     int64_t head_stride;   /* elements */
     int64_t row_stride;
     int64_t n;             /* keys */
+    float *scores;         /* where each key's scaled score goes (row h: query head h), or NULL */
+    int64_t scores_stride; /* floats between query heads' rows of scores */
 } job;
 
 /* A segment's partial result: m[g], l[g], acc[g][dp] (floats, in this order). */
@@ -161,6 +163,12 @@ static void rescale(const job *jb, float *part, int h, float top) {
     m[h] = top;
 }
 
+/* The scaled scores of keys [c0, c0 + cn) of query head h (sh, before the softmax) kept where the
+   caller asked for them (longdoc_attn16_scored). */
+static inline void keep_scores(const job *jb, int64_t head, int h, int64_t c0, int cn, const float *sh) {
+    if (jb->scores) memcpy(jb->scores + (head * jb->g + h) * jb->scores_stride + c0, sh, (size_t)cn * sizeof(float));
+}
+
 static void part_init(const job *jb, float *part) {
     for (int h = 0; h < jb->g; h++) part[h] = -INFINITY;
     memset(part + jb->g, 0, (size_t)jb->g * (size_t)(1 + jb->dp) * sizeof(float));
@@ -190,6 +198,7 @@ static void segment_scalar(const job *jb, int64_t head, int64_t a, int64_t b, fl
                 sh[j] = s;
                 top = s > top ? s : top;
             }
+            keep_scores(jb, head, h, c0, cn, sh);
             if (top > m[h]) rescale(jb, part, h, top);
             float sum = 0.f;
             for (int j = 0; j < cn; j++) {
@@ -477,6 +486,7 @@ AVX2_TARGET static void segment_avx2(const job *jb, int64_t head, int64_t a, int
         }
         for (int h = 0; h < g; h++) {
             float *sh = sc + (size_t)h * C;
+            keep_scores(jb, head, h, c0, cn, sh);
             for (int j = cn; j < cn8; j++) sh[j] = -INFINITY; /* past the keys */
             __m256 top8 = _mm256_loadu_ps(sh);
             for (int j0 = 8; j0 < cn8; j0 += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(sh + j0));
@@ -610,6 +620,7 @@ static void segment_neon(const job *jb, int64_t head, int64_t a, int64_t b, floa
                 top4 = vmaxq_f32(top4, block);
             }
             const float top = vmaxvq_f32(top4);
+            keep_scores(jb, head, h, c0, cn, sh);
             if (top > m[h]) rescale(jb, part, h, top);
             const float32x4_t mh = vdupq_n_f32(m[h]);
             float32x4_t sum = vdupq_n_f32(0.f);
@@ -682,11 +693,26 @@ static segment_fn path_fn(int level) {
    1 for an input it can't take (d outside 1..256, heads that don't divide, a negative count or
    stride, a missing pointer, a non-finite scale) or a path that doesn't run here, 2 when out of
    memory. Its scratch is its own: calls from several threads don't share state. */
+int longdoc_attn16_scored(const float *q, int n_q_heads, int n_kv_heads, int d, const void *k, const void *v,
+                          int kv_is_bf16, int64_t head_stride, int64_t row_stride, int64_t n_keys, float scale,
+                          float *out, float *lse, int threads, int level, float *scores, int64_t scores_stride);
+
 int longdoc_attn16(const float *q, int n_q_heads, int n_kv_heads, int d, const void *k, const void *v,
                    int kv_is_bf16, int64_t head_stride, int64_t row_stride, int64_t n_keys, float scale,
                    float *out, float *lse, int threads, int level) {
+    return longdoc_attn16_scored(q, n_q_heads, n_kv_heads, d, k, v, kv_is_bf16, head_stride, row_stride, n_keys,
+                                 scale, out, lse, threads, level, NULL, 0);
+}
+
+/* longdoc_attn16, and where scores isn't NULL each key's scaled score q'.k_j as the path computed it
+   (the s_j above): query head h's at scores[h * scores_stride + j], j < n_keys (with lse, the
+   softmax's log-probabilities: recycled decoding ranks the keys by them). */
+int longdoc_attn16_scored(const float *q, int n_q_heads, int n_kv_heads, int d, const void *k, const void *v,
+                          int kv_is_bf16, int64_t head_stride, int64_t row_stride, int64_t n_keys, float scale,
+                          float *out, float *lse, int threads, int level, float *scores, int64_t scores_stride) {
     if (d < 1 || d > MAX_D || n_kv_heads < 1 || n_q_heads < n_kv_heads || n_q_heads % n_kv_heads != 0) return 1;
     if (n_keys < 0 || row_stride < d || head_stride < 0 || !isfinite(scale)) return 1;
+    if (scores && scores_stride < n_keys) return 1;
     if (!q || !out || !lse || (n_keys > 0 && (!k || !v))) return 1;
     const int path = longdoc_attn16_level(level);
     if (path < 0) return 1;
@@ -701,7 +727,7 @@ int longdoc_attn16(const float *q, int n_q_heads, int n_kv_heads, int d, const v
     int64_t seg = (n_keys + SEG_COUNT - 1) / SEG_COUNT;
     seg = seg < SEG_MIN ? SEG_MIN : (seg + 63) & ~(int64_t)63;
     const int64_t nseg = (n_keys + seg - 1) / seg, units = n_kv_heads * nseg;
-    job jb = {NULL, k, v, kv_is_bf16 != 0, g, d, dp, chunk, head_stride, row_stride, n_keys};
+    job jb = {NULL, k, v, kv_is_bf16 != 0, g, d, dp, chunk, head_stride, row_stride, n_keys, scores, scores_stride};
     const size_t part_floats = PART_FLOATS(&jb);
     float *qs = malloc(((size_t)n_q_heads * dp + (size_t)units * part_floats) * sizeof(float));
     if (!qs) return 2;

@@ -197,7 +197,7 @@ class CacheAttention:
         if problem:
             raise ValueError(f"the 16-bit KV attention kernel can't take these tensors: {problem}")
         lib, self.level = _kernel(level)
-        self.entry = lib.longdoc_attn16
+        self.entry, self.scored = lib.longdoc_attn16, lib.longdoc_attn16_scored
         self.layout = (k.shape, k.dtype, k.stride())
         self.geometry = (int(k.shape[1]), int(k.dtype == torch.bfloat16), k.stride(1), k.stride(2))
         self.row_bytes = k.stride(2) * k.element_size()

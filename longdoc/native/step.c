@@ -35,7 +35,7 @@ typedef int (*q8_matmul_fn)(const void *x, int x_bf16, int64_t m, int64_t k, con
                             float eps, int bits);
 typedef int (*attn16_fn)(const float *q, int n_q_heads, int n_kv_heads, int d, const void *k, const void *v,
                          int kv_is_bf16, int64_t head_stride, int64_t row_stride, int64_t n_keys, float scale,
-                         float *out, float *lse, int threads, int level);
+                         float *out, float *lse, int threads, int level, float *scores, int64_t scores_stride);
 
 /* One packed Q8_0 weight (q8.c's layout) with n output channels, its float32 bias or NULL, its layout's
    bits (8 or 5) and the q8 path it runs on. */
@@ -165,9 +165,11 @@ static int project(const step_model *m, const step_linear *lin, const float *x, 
    attention.kernels.merge_partials; a head without keys anywhere gives 0. A region whose heads take the
    same rows is one kernel call, else one per KV head (a head without rows in it: weight 0), as
    engine.recycled.RecycledSet.attend calls it; a region empty for every head is left out, as there.
+   total (heads): each head's log-sum-exp over all regions. Where scores isn't NULL, each key's scaled
+   score goes to row h (query head h) of it, at the key's row (rows `stride` floats apart).
    parts: R * heads * (d + 1) floats of scratch. */
 static int attend(const step_model *m, const step_keys *keys, int regions, const float *queries, float *parts,
-                  float *out) {
+                  float *out, float *total, float *scores, int64_t stride) {
     const int64_t heads = m->heads, kvh = m->kv_heads, d = m->head_dim, span = heads * d, g = heads / kvh;
     float *lse = parts + regions * span;
     int used = 0; /* the regions that hold keys, their outputs stored in order */
@@ -187,7 +189,8 @@ static int attend(const step_model *m, const step_keys *keys, int regions, const
             const int rc = m->attn(q + h * g * d, (int)q_heads, (int)(same ? kvh : 1), (int)d,
                                    (const uint16_t *)keys->k + offset, (const uint16_t *)keys->v + offset, m->bf16,
                                    keys->head_stride, keys->row_stride, n > 0 ? n : 0, m->scale,
-                                   part + h * g * d, part_lse + h * g, m->threads, m->attn_level);
+                                   part + h * g * d, part_lse + h * g, m->threads, m->attn_level,
+                                   scores ? scores + h * g * stride + a : NULL, stride);
             if (rc != 0) return rc;
         }
         for (int64_t j = 0; j < span; j++) part[j] = stored(part[j], m->bf16);
@@ -196,18 +199,19 @@ static int attend(const step_model *m, const step_keys *keys, int regions, const
     if (used <= 1) {
         if (used == 1) memcpy(out, parts, (size_t)span * sizeof(float));
         else memset(out, 0, (size_t)span * sizeof(float));
+        for (int64_t h = 0; h < heads; h++) total[h] = used == 1 ? lse[h] : -INFINITY;
         return 0;
     }
     for (int64_t h = 0; h < heads; h++) {
         float top = -INFINITY;
         for (int r = 0; r < used; r++) top = fmaxf(top, lse[r * heads + h]);
-        float total = top;
+        total[h] = top;
         if (isfinite(top)) {
             float sum = 0.f;
             for (int r = 0; r < used; r++) sum += expf(lse[r * heads + h] - top);
-            total = logf(sum) + top;
+            total[h] = logf(sum) + top;
         }
-        const float shift = total == -INFINITY ? 0.f : total;
+        const float shift = total[h] == -INFINITY ? 0.f : total[h];
         float *oh = out + h * d;
         for (int64_t j = 0; j < d; j++) oh[j] = 0.f;
         for (int r = 0; r < used; r++) {
@@ -229,10 +233,12 @@ void longdoc_step_halves(const float *x, int64_t n, uint16_t *out) {
 int longdoc_step_supported(void) { return 1; }
 
 /* The layers' loop of longdoc_step_layers and longdoc_step_sets: keys[i] (or, where keys is NULL, the
-   cache's positions per region of bounds) are what layer i attends to. */
+   cache's positions per region of bounds) are what layer i attends to. Where select isn't NULL, each
+   layer's (KV head, key) log-probabilities of keys 0..pos go to it (longdoc_step_layers); where
+   queries isn't NULL, each layer's query before its rotation. */
 static int run_layers(const step_model *m, const step_layer *layers, int n_layers, float *h, int64_t pos,
                       const float *key_rot, int regions, const float *query_rot, const int64_t *bounds,
-                      const step_keys *keys) {
+                      const step_keys *keys, float *select, float *queries_out) {
     const int64_t hid = m->hidden, heads = m->heads, kvh = m->kv_heads, d = m->head_dim, inter = m->inter;
     if (n_layers < 0 || regions < 1 || regions > 3 || hid < 1 || heads < 1 || kvh < 1 || heads % kvh != 0 || d < 2 ||
         d % 2 != 0 || inter < 1 || pos < 0)
@@ -240,11 +246,14 @@ static int run_layers(const step_model *m, const step_layer *layers, int n_layer
     const int64_t q_len = heads * d, kv_len = kvh * d, qkv_len = q_len + 2 * kv_len;
     /* scratch: normed row, q/k/v, rotated queries per region, the regions' outputs and lse, the attention
        output, a projection's output, gate/up, the rotated key, the cache's region rows per head */
-    const int64_t floats = hid + qkv_len + regions * q_len + regions * (q_len + heads) + q_len + hid + 2 * inter + kv_len;
+    const int64_t keys_n = pos + 1, g = heads / kvh;
+    const int64_t floats = hid + qkv_len + regions * q_len + regions * (q_len + heads) + q_len + hid + 2 * inter +
+                           kv_len + heads + (select ? heads * keys_n : 0);
     float *scratch = malloc((size_t)floats * sizeof(float) + (size_t)(regions * kvh * 2) * sizeof(int64_t));
     if (!scratch) return 2;
     float *xn = scratch, *qkv = xn + hid, *queries = qkv + qkv_len, *parts = queries + regions * q_len;
     float *att = parts + regions * (q_len + heads), *proj = att + q_len, *gu = proj + hid, *krot = gu + 2 * inter;
+    float *total = krot + kv_len, *scores = select ? total + heads : NULL;
     int64_t *cache_ranges = (int64_t *)(scratch + floats);
     if (bounds)
         for (int r = 0; r < regions; r++)
@@ -273,7 +282,19 @@ static int run_layers(const step_model *m, const step_layer *layers, int n_layer
         }
         for (int r = 0; r < regions; r++)
             rotate(q, heads, d, query_rot + 2 * r * d, query_rot + (2 * r + 1) * d, m->bf16, queries + r * q_len);
-        if ((rc = attend(m, held, regions, queries, parts, att)) != 0) break;
+        if (queries_out) memcpy(queries_out + i * q_len, q, (size_t)q_len * sizeof(float));
+        if (scores)
+            for (int64_t j = 0; j < heads * keys_n; j++) scores[j] = -INFINITY; /* a key in no region: never attended */
+        if ((rc = attend(m, held, regions, queries, parts, att, total, scores, keys_n)) != 0) break;
+        if (select) /* log p = score - log-sum-exp, the max over each KV head's query heads */
+            for (int64_t j = 0; j < kvh; j++) {
+                float *row = select + (i * kvh + j) * keys_n;
+                for (int64_t t = 0; t < keys_n; t++) row[t] = -INFINITY;
+                for (int64_t u = j * g; u < (j + 1) * g; u++) {
+                    const float *su = scores + u * keys_n, lse = total[u];
+                    for (int64_t t = 0; t < keys_n; t++) row[t] = fmaxf(row[t], su[t] - lse);
+                }
+            }
         if ((rc = project(m, &layer->o, att, q_len, proj)) != 0) break;
         for (int64_t j = 0; j < hid; j++) h[j] = stored(h[j] + proj[j], m->bf16);
         rms_norm(h, hid, layer->norm2, layer->eps2, m->bf16, xn);
@@ -293,15 +314,19 @@ static int run_layers(const step_model *m, const step_layer *layers, int n_layer
    pos through layers[0..n_layers-1], in place: h becomes the hidden state after the last layer (before
    the final norm). key_rot: the key rotation at pos (cos then signed sin, head_dim each); query_rot
    (regions, 2, head_dim): each key region's query rotation; bounds (regions, 2): each region's first
-   and end position (1 to 3 regions; the last end is pos + 1). Returns 0; 1 for an input it can't take;
-   2 out of memory; else the code a kernel returned. */
+   and end position (1 to 3 regions; the last end is pos + 1). Where select isn't NULL, (n_layers,
+   kv_heads, pos + 1): each layer's log-probabilities of keys 0..pos in this step's attention, the max
+   over each KV head's query heads (recycled decoding's full steps rank keys by them); where queries
+   isn't NULL, (n_layers, heads * head_dim): each layer's query before its rotation, as the run stores
+   it. Returns 0; 1 for an input it can't take; 2 out of memory; else the code a kernel returned. */
 int longdoc_step_layers(const step_model *m, const step_layer *layers, int n_layers, float *h, int64_t pos,
-                        const float *key_rot, int regions, const float *query_rot, const int64_t *bounds) {
+                        const float *key_rot, int regions, const float *query_rot, const int64_t *bounds,
+                        float *select, float *queries) {
     if (!m || !layers || !h || !key_rot || !query_rot || !bounds || !m->q8 || !m->attn) return 1;
     if (regions < 1 || regions > 3) return 1;
     for (int r = 0; r < regions; r++)
         if (bounds[2 * r] < 0 || bounds[2 * r] >= bounds[2 * r + 1] || bounds[2 * r + 1] > pos + 1) return 1;
-    return run_layers(m, layers, n_layers, h, pos, key_rot, regions, query_rot, bounds, NULL);
+    return run_layers(m, layers, n_layers, h, pos, key_rot, regions, query_rot, bounds, NULL, select, queries);
 }
 
 /* longdoc_step_layers for a recycled step: layer i attends to keys[i] (its rows per region and KV head),
@@ -321,5 +346,5 @@ int longdoc_step_sets(const step_model *m, const step_layer *layers, int n_layer
                 held->ranges[2 * j + 1] > held->row + 1)
                 return 1;
     }
-    return run_layers(m, layers, n_layers, h, pos, key_rot, regions, query_rot, NULL, keys);
+    return run_layers(m, layers, n_layers, h, pos, key_rot, regions, query_rot, NULL, keys, NULL, NULL);
 }

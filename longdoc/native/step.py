@@ -170,7 +170,7 @@ class StepLayers:
             attention.threads,
             attention.level,
             _address(first.qkv.lib.longdoc_q8_matmul),
-            _address(attention.entry),
+            _address(attention.scored),
         )
         self.layers = (_Layer * len(layers))()
         for i, w in enumerate(layers):
@@ -269,17 +269,33 @@ class StepLayers:
             raise RuntimeError(f"the native decode step {what}")
 
     def __call__(
-        self, h: torch.Tensor, pos: int, key_rot: torch.Tensor, query_rot: torch.Tensor, bounds: torch.Tensor
+        self,
+        h: torch.Tensor,
+        pos: int,
+        key_rot: torch.Tensor,
+        query_rot: torch.Tensor,
+        bounds: torch.Tensor,
+        select: torch.Tensor | None = None,
+        queries: torch.Tensor | None = None,
     ) -> None:
         """Run the token whose hidden state is h (hidden,) float32 (bfloat16 values in a bfloat16 run) at
         position ``pos`` through the layers, in place (h: the state after the last layer, before the final
         norm), writing its K/V at ``pos``. key_rot (2, D): the key's rotation (cos, signed sin); query_rot
         (R, 2, D): each key region's query rotation; bounds (R, 2) int64: each region's first and end
-        position (R = 1 to 3; DCA's regions, intra first)."""
+        position (R = 1 to 3; DCA's regions, intra first).
+
+        Where given, ``select`` (layers, Hkv, pos + 1) float32 receives each layer's log-probabilities of
+        keys 0..pos in this step's attention, the max over each KV head's query heads (from the kernel's
+        own scores: recycled decoding ranks keys by them), and ``queries`` (layers, H * D) float32 each
+        layer's query before its rotation, as the run stores it."""
         regions = int(bounds.shape[0])
         self._check(h, pos, key_rot, query_rot, regions)
         if bounds.dtype != torch.int64 or not bounds.is_contiguous() or bounds.shape != (regions, 2):
             raise ValueError("StepLayers takes int64 region bounds")
+        layers, kv_heads, q_len = len(self.layers), int(self.model.kv_heads), int(self.model.heads) * self.head_dim
+        for out, shape in ((select, (layers, kv_heads, pos + 1)), (queries, (layers, q_len))):
+            if out is not None and (out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous()):
+                raise ValueError(f"StepLayers writes its selection scores and queries to float32 {shape}")
         self.model.threads = torch.get_num_threads() if self.threads is None else self.threads
         self._raise(
             self.lib.longdoc_step_layers(
@@ -292,5 +308,7 @@ class StepLayers:
                 regions,
                 query_rot.data_ptr(),
                 bounds.data_ptr(),
+                None if select is None else select.data_ptr(),
+                None if queries is None else queries.data_ptr(),
             )
         )

@@ -26,6 +26,9 @@
 int longdoc_attn16(const float *q, int n_q_heads, int n_kv_heads, int d, const void *k, const void *v,
                    int kv_is_bf16, int64_t head_stride, int64_t row_stride, int64_t n_keys, float scale,
                    float *out, float *lse, int threads, int level);
+int longdoc_attn16_scored(const float *q, int n_q_heads, int n_kv_heads, int d, const void *k, const void *v,
+                          int kv_is_bf16, int64_t head_stride, int64_t row_stride, int64_t n_keys, float scale,
+                          float *out, float *lse, int threads, int level, float *scores, int64_t scores_stride);
 int longdoc_attn16_level(int level);
 
 /* A random 16-bit value of magnitude below `top` (a power of 2 up to 2^15): float16 with a random
@@ -147,8 +150,12 @@ int main(int argc, char **argv) {
                 const int level = levels[li], threads = 1 + (int)(si % 2);
                 cases[li]++;
                 memset(out, 0xa5, nout * sizeof(float));
-                if (longdoc_attn16(q, z.h, z.hkv, z.d, k + offset * z.d, v + offset * z.d, bf16, head_stride, z.d, z.n,
-                                   scale, out, lse, threads, level) != 0)
+                /* every other case also hands back the scores (rows z.n + 3 apart): the numbers don't change */
+                const int scored = (int)(si + bf16) % 2;
+                const int64_t sstride = z.n + 3;
+                float *scores = scored ? malloc((size_t)(z.h * sstride) * sizeof(float)) : NULL;
+                if (longdoc_attn16_scored(q, z.h, z.hkv, z.d, k + offset * z.d, v + offset * z.d, bf16, head_stride, z.d,
+                                          z.n, scale, out, lse, threads, level, scores, sstride) != 0)
                     return 2;
                 if (level == 1) sum = fnv(fnv(sum, out, nout * sizeof(float)), lse, (size_t)z.h * sizeof(float));
                 int bad = 0;
@@ -165,7 +172,18 @@ int main(int argc, char **argv) {
                         err32 = larger(err32, fabs(approx[i] - want[i]));
                     }
                     const double lse_err = fabs(lse[h] - want_lse), lse_err32 = fabs(approx_lse - want_lse);
-                    if (!(err <= 4 * (err32 + 8 * ulp * vmax)) ||
+                    /* each key's score q'.k (q' = q * scale rounded, as the kernel scales it) within float32's
+                       error bound of a sum of d products */
+                    int score_bad = 0;
+                    for (int64_t t = 0; scores && t < z.n; t++) {
+                        double s_want = 0, s_abs = 0;
+                        for (int i = 0; i < z.d; i++) {
+                            const double term = (double)(float)(q[h * z.d + i] * scale) * widen(kh[t * z.d + i], bf16);
+                            s_want += term, s_abs += fabs(term);
+                        }
+                        score_bad |= !(fabs(scores[h * sstride + t] - s_want) <= 2 * z.d * ulp * s_abs + 1e-30);
+                    }
+                    if (score_bad || !(err <= 4 * (err32 + 8 * ulp * vmax)) ||
                         !(lse_err <= 4 * (lse_err32 + 8 * ulp * fmax(1, fabs(want_lse))))) {
                         bad = 1;
                         fprintf(stderr, "level %d h=%d hkv=%d d=%d n=%ld bf16=%d head %d: out err %g (float32 %g), lse err %g (float32 %g)\n",
@@ -173,6 +191,7 @@ int main(int argc, char **argv) {
                     }
                 }
                 wrong[li] += bad;
+                free(scores);
             }
             free(k), free(v), free(q), free(out), free(approx), free(want);
         }

@@ -20,9 +20,9 @@
 int longdoc_q8_matmul(const void *x, int x_bf16, int64_t m, int64_t k, const uint8_t *w, int64_t n,
                       const float *bias, void *out, int out_bf16, int threads, int level, const float *norm_w,
                       float eps, int bits);
-int longdoc_attn16(const float *q, int n_q_heads, int n_kv_heads, int d, const void *k, const void *v,
-                   int kv_is_bf16, int64_t head_stride, int64_t row_stride, int64_t n_keys, float scale,
-                   float *out, float *lse, int threads, int level);
+int longdoc_attn16_scored(const float *q, int n_q_heads, int n_kv_heads, int d, const void *k, const void *v,
+                          int kv_is_bf16, int64_t head_stride, int64_t row_stride, int64_t n_keys, float scale,
+                          float *out, float *lse, int threads, int level, float *scores, int64_t scores_stride);
 
 /* step.c's structures, as declared there */
 typedef struct {
@@ -46,7 +46,8 @@ typedef struct {
     void *q8, *attn;
 } step_model;
 int longdoc_step_layers(const step_model *m, const step_layer *layers, int n_layers, float *h, int64_t pos,
-                        const float *key_rot, int regions, const float *query_rot, const int64_t *bounds);
+                        const float *key_rot, int regions, const float *query_rot, const int64_t *bounds,
+                        float *select, float *queries);
 
 enum { HID = 64, HEADS = 4, KVH = 2, D = 16, INTER = 96, LAYERS = 2, CAP = 16, PROMPT = 6, STEPS = 6 };
 
@@ -106,7 +107,7 @@ int main(void) {
                                      caches[2 * i], caches[2 * i + 1]};
         }
         const step_model m = {HID, HEADS, KVH, D, INTER, bf16, CAP * D, D, 0.25f, 1, 0,
-                              (void *)longdoc_q8_matmul, (void *)longdoc_attn16};
+                              (void *)longdoc_q8_matmul, (void *)longdoc_attn16_scored};
         float h[HID];
         for (int j = 0; j < HID; j++) { /* bfloat16 values: a bfloat16 run's state */
             const uint32_t u = (uint32_t)to_bits(uniform(), 1) << 16;
@@ -123,7 +124,7 @@ int main(void) {
             for (int r = 0; r < 2; r++)
                 for (int j = 0; j < 2 * D; j++) query_rot[2 * D * r + j] = key_rot[j] * (r ? 0.5f : 1.f);
             const int64_t bounds[4] = {regions == 1 ? 0 : 3, pos + 1, 0, 3};
-            const int got = longdoc_step_layers(&m, layers, LAYERS, h, pos, key_rot, regions, query_rot, bounds);
+            const int got = longdoc_step_layers(&m, layers, LAYERS, h, pos, key_rot, regions, query_rot, bounds, NULL, NULL);
             if (got != 0) {
                 fprintf(stderr, "run %d step %d: return code %d\n", run, s, got);
                 rc = 1;
