@@ -1460,6 +1460,7 @@ FLASH16_LABEL = "longdoc (auto, and prefill attention on int16 products)"
 Q5_LABEL = "longdoc (auto, and decode reading 5-bit codes: Q5_0-grid weights and the LM head)"
 AVX512_Q8_LABEL = "longdoc (auto: q8, one copy; prefill on the weights unpacked to bfloat16)"
 NATIVE_8K_LABEL = "longdoc (auto since the thirteenth session: full attention at 8K, in the native step)"
+RECYCLED_NATIVE_LABEL = "longdoc (auto since the fourteenth session: recycled decoding in the native step)"
 
 
 def document() -> str:
@@ -1489,6 +1490,7 @@ def document() -> str:
             [
                 ("llamacpp_avx2cap_q8", "longdoc:auto", "longdoc (auto: q8, float32, AVX2 paths)"),
                 ("llamacpp_avx2cap_q8_8k", "longdoc:auto", NATIVE_8K_LABEL),
+                ("llamacpp_avx2cap_q8_32k", "longdoc:auto", RECYCLED_NATIVE_LABEL),
             ],
         ),
         headline(
@@ -1498,6 +1500,7 @@ def document() -> str:
                 ("llamacpp_avx512_q8_8k", "longdoc:auto", NATIVE_8K_LABEL),
                 ("llamacpp_avx512_q8", "longdoc:int5", "longdoc (int5, two copies: `auto` before, same run)"),
                 ("llamacpp_avx512_q8_32k", "longdoc:auto", AVX512_Q8_LABEL),
+                ("llamacpp_avx512_q8_32k_native", "longdoc:auto", RECYCLED_NATIVE_LABEL),
                 ("llamacpp", "longdoc:int5", "longdoc (int5)"),
                 ("llamacpp_32k", "longdoc:int5", "longdoc (int5)"),
             ],
@@ -1533,6 +1536,10 @@ def document() -> str:
         tag(recycle(), XEON_AMX),
         tag(recycle("recycle_32k", "Recycled decode at 32K with DCA, before and after issue 9"), EPYC_AVX512),
         tag(recycle("recycle_32k_k4096", "Recycled decode at 32K with DCA, K=4096"), EPYC_AVX512),
+        tag(
+            recycle("recycle_native", "Decode: full vs recycled, both in the native step (q8)"),
+            EPYC_AVX512,
+        ),
         tag(cache(), EPYC_AVX512),
         tag(serve(), EPYC_AVX512),
         tag(summarize(), XEON_AMX),

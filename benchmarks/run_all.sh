@@ -172,6 +172,11 @@ for step in "${steps[@]}"; do
       run python -m benchmarks.bench_step --length 2048 --quantize q8 --paths torch,native,torch,native --name step_native
       run python -m benchmarks.bench_llamacpp --lengths 32768 --new 32 --configs longdoc:auto,llamacpp \
         --name llamacpp_avx512_q8_32k
+      # since the fourteenth session recycled decoding's steps (32K) run in the native step too
+      run python -m benchmarks.bench_llamacpp --lengths 32768 --new 32 --configs longdoc:auto,llamacpp \
+        --name llamacpp_avx512_q8_32k_native
+      run python -m benchmarks.bench_recycle --lengths 8192,16384,32768 --new 64 --no-breakdown --before d5e117e \
+        --name recycle_native
       # the AVX2 paths under the ISA cap, against llama.cpp built without AVX-512 (installed in place of the
       # native build for this run: CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
       # -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF" pip install --no-cache-dir llama-cpp-python)
@@ -180,6 +185,8 @@ for step in "${steps[@]}"; do
         --name llamacpp_avx2cap_q8
       LONGDOC_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 run python -m benchmarks.bench_llamacpp \
         --lengths 8192 --new 32 --configs longdoc:auto,llamacpp,longdoc:auto,llamacpp --name llamacpp_avx2cap_q8_8k
+      LONGDOC_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 run python -m benchmarks.bench_llamacpp \
+        --lengths 32768 --new 32 --configs longdoc:auto,llamacpp --name llamacpp_avx2cap_q8_32k
       LONGDOC_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 run python -m benchmarks.bench_step --length 2048 \
         --quantize q8 --dtype auto --paths torch,native,torch,native --name step_native_avx2
       LONGDOC_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 run longdoc eval passkey --lengths 4096,8192 \

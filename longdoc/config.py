@@ -62,8 +62,8 @@ class RecycleConfig:
     # Below this context the full cache is small enough that recycling does not pay.
     auto_min_context: int = 8192
     # The same where a decode step runs in one native call (q8 on the CPU over the 16-bit KV cache): there
-    # full attention decodes 8K prompts 1.1-1.4x faster than recycled steps, and ties at 16K
-    # (benchmarks/HISTORY.md, thirteenth session).
+    # full attention (exact) decodes 8K prompts as fast as recycled steps, also native, and recycling
+    # wins from 16K (benchmarks/HISTORY.md, thirteenth and fourteenth sessions).
     auto_min_context_native: int = 16384
 
     def __post_init__(self) -> None:

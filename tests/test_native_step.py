@@ -209,9 +209,9 @@ class Capture(NativeAttend):
         raise AssertionError("the native step was not taken")
 
     def run_native(self, step, inputs):
-        layers, kv_heads = len(step.layers), int(step.model.kv_heads)
-        self.select = torch.empty(layers, kv_heads, inputs.pos + 1)
-        self.queries = torch.empty(layers, int(step.model.heads) * step.head_dim)
+        layers = len(step.layers)
+        self.select = torch.empty(layers, step.kv_heads, inputs.pos + 1)
+        self.queries = torch.empty(layers, step.heads * step.head_dim)
         step(inputs.h, inputs.pos, inputs.key_rot, inputs.cache_rotations(), inputs.bounds, self.select, self.queries)
 
 
@@ -363,6 +363,24 @@ def test_step_layers_refuses_inputs_it_cannot_take():
             step(*bad)
     with pytest.raises(RuntimeError, match="refused"):  # a region past the position
         step(h, 0, rot, q_rot, torch.tensor([[0, 2]]))
+    with pytest.raises(ValueError):  # selection scores of another shape
+        step(h, 0, rot, q_rot, bounds, torch.empty(len(pm.layers), pm.n_kv_heads, 2))
+    # a recycled step's keys: buffers laid out as the cache, ranges within the rows held
+    buffers = torch.zeros(1, pm.n_kv_heads, 4, d, dtype=torch.float16)
+    ranges = torch.tensor([[[0, 1]] * pm.n_kv_heads])
+
+    def held(keys=buffers, row=0, span=ranges):
+        return [native_step.HeldKeys(keys, keys.clone(), row, span) for _ in pm.layers]
+
+    step.held(h.clone(), 0, rot, q_rot, held())
+    for bad_sets in (held(keys=buffers.float()), held(keys=buffers[..., :-1]), held(row=4), held(span=ranges.int())):
+        with pytest.raises(ValueError):
+            step.held(h.clone(), 0, rot, q_rot, bad_sets)
+    with pytest.raises(ValueError):  # one set short
+        step.held(h.clone(), 0, rot, q_rot, held()[1:])
+    for span in ([[[0, 2]] * pm.n_kv_heads], [[[1, 0]] * pm.n_kv_heads], [[[-1, 1]] * pm.n_kv_heads]):
+        with pytest.raises(RuntimeError, match="refused"):  # past the step's row, reversed, negative
+            step.held(h.clone(), 0, rot, q_rot, held(span=torch.tensor(span)))
 
 
 def test_float16_cache_rounding_is_torchs():
@@ -392,8 +410,9 @@ def test_float16_cache_rounding_is_torchs():
 def test_step_c_under_qemu_aarch64_gives_the_x86_builds_numbers(tmp_path):
     """tests/data/step_driver.c with step.c and the q8 and attn16 kernels, built natively (x86 in CI) and for aarch64
     (armv8-a, run under qemu-aarch64): a random two-layer model's hidden state after 6 decode steps, in
-    float32 over a float16 cache and bfloat16 over a bfloat16 one, over one region and two, is the same
-    on both (float32 within its arithmetic order and libm's exp; bfloat16 within one of its ulps). The
+    float32 over a float16 cache and bfloat16 over a bfloat16 one, over one region and two, and as recycled
+    steps whose KV heads hold different keys, is the same on both (float32 within its arithmetic order and
+    libm's exp; bfloat16 within one of its ulps), and so are a full step's key log-probabilities. The
     aarch64 build is emulated: this is correctness, not speed."""
     import subprocess
 
@@ -423,11 +442,17 @@ def test_step_c_under_qemu_aarch64_gives_the_x86_builds_numbers(tmp_path):
         proc = subprocess.run(run, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         rows = [line.split() for line in proc.stdout.splitlines()]
-        outputs[name] = torch.tensor([float(v) for _, _, v in rows]).view(4, -1)
+        outputs[name] = torch.tensor([float(v) for tag, _, _, v in rows if tag == "h"]).view(6, -1)
+        outputs[name + " select"] = torch.tensor([float(v) for tag, _, _, v in rows if tag == "s"]).view(2, -1)
     x86, arm = outputs["native"], outputs["aarch64"]
-    assert x86.shape == (4, 64) and x86.isfinite().all() and x86.abs().max() > 1
-    for run in range(4):
+    assert x86.shape == (6, 64) and x86.isfinite().all() and x86.abs().max() > 1
+    for run in range(6):
         scale = float(x86[run].abs().max())
         tolerance = scale * (2**-7 if run % 2 else 1e-5)  # odd runs are bfloat16
         torch.testing.assert_close(arm[run], x86[run], rtol=0, atol=tolerance)
     assert not torch.equal(x86[0], x86[2])  # two regions attend otherwise than one
+    assert not torch.equal(x86[2], x86[4])  # the recycled steps' second head leaves key 0 out
+    x86_select, arm_select = outputs["native select"], outputs["aarch64 select"]
+    assert x86_select.shape == (2, 2 * 2 * 12) and (x86_select <= 1e-6).all() and x86_select.isfinite().all()
+    torch.testing.assert_close(arm_select[0], x86_select[0], rtol=0, atol=1e-4)  # float32
+    torch.testing.assert_close(arm_select[1], x86_select[1], rtol=0, atol=0.05)  # bfloat16: its states an ulp apart

@@ -11,6 +11,12 @@ successive, inter: each region's keys are a contiguous run of the position-sorte
 that region's query rotation), and merge the results through their log-sum-exps. So when the set
 holds every key, a recycled step computes exactly what a full step computes, in any dtype.
 
+Where a decode step runs in one native call (``LongModel.native_step``), so do recycled decoding's:
+a step in which every layer is recycled (``RecycledStep``) hands ``step.c`` each set's buffers and
+region rows, and a step in which every layer is full (``FullStep``) gets back from it each layer's key
+log-probabilities (the attention kernel's own scores) and query, and the sets are chosen from those.
+The dynamic schedule's checks, which decide per layer mid-step, stay on the torch path.
+
 Schedules: ``fixed`` refreshes every layer every ``stride`` steps; ``dynamic`` checks every
 ``stride`` steps how far each layer's query has drifted (cosine similarity to its query at that
 layer's last refresh) and refreshes, in that same step, only the layers below the threshold.
@@ -230,9 +236,8 @@ class FullStep(NativeAttend):
 
     def run_native(self, step: StepLayers, inputs: StepInputs) -> None:
         layers, pos = len(self.policy.sets), inputs.pos
-        kv_heads = self.kv.k[0].shape[1]
-        select = torch.empty(layers, kv_heads, pos + 1)
-        queries = torch.empty(layers, inputs.query_rot.shape[-1] * step.model.heads)
+        select = torch.empty(layers, step.kv_heads, pos + 1)
+        queries = torch.empty(layers, step.heads * step.head_dim)
         step(inputs.h, pos, inputs.key_rot, inputs.cache_rotations(), inputs.bounds, select, queries)
         for layer in range(layers):
             self.policy.refresh(self.kv, layer, pos, select[layer : layer + 1, :, :pos], queries[layer], self.extra)

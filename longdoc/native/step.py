@@ -156,7 +156,7 @@ class StepLayers:
                 if norm.dtype != torch.float32 or norm.shape != (hidden,) or not norm.is_contiguous():
                     raise ValueError(f"StepLayers takes norm weights ({hidden},) float32")
         self.lib, self.weights, self.capacity = lib, list(layers), int(k[0].shape[2])
-        self.hidden, self.head_dim = hidden, head_dim
+        self.hidden, self.heads, self.kv_heads, self.head_dim = hidden, heads, int(k[0].shape[1]), head_dim
         self.model = _Model(
             hidden,
             heads,
@@ -210,7 +210,7 @@ class StepLayers:
         self._check(h, pos, key_rot, query_rot, regions)
         if len(sets) != len(self.weights):
             raise ValueError("StepLayers.held takes one set of keys per layer")
-        kv_heads = int(self.model.kv_heads)
+        kv_heads = self.kv_heads
         keys = (_Keys * len(sets))()
         for i, held in enumerate(sets):
             buffers = (held.keys, held.values)
@@ -292,7 +292,7 @@ class StepLayers:
         self._check(h, pos, key_rot, query_rot, regions)
         if bounds.dtype != torch.int64 or not bounds.is_contiguous() or bounds.shape != (regions, 2):
             raise ValueError("StepLayers takes int64 region bounds")
-        layers, kv_heads, q_len = len(self.layers), int(self.model.kv_heads), int(self.model.heads) * self.head_dim
+        layers, kv_heads, q_len = len(self.layers), self.kv_heads, self.heads * self.head_dim
         for out, shape in ((select, (layers, kv_heads, pos + 1)), (queries, (layers, q_len))):
             if out is not None and (out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous()):
                 raise ValueError(f"StepLayers writes its selection scores and queries to float32 {shape}")

@@ -1,11 +1,14 @@
 /* Test driver of longdoc/native/step.c (tests/test_native_step.py): a random two-layer model (hidden 64,
    4 query heads over 2 KV heads of 16, MLP 96) with random Q8_0 weights, run through 6 decode steps in
    a float32 run over a float16 cache and in a bfloat16 run over a bfloat16 cache, over one region and
-   over two (a DCA-like split), on the q8 and attn16 kernels' best paths here. Built with the three
-   kernel sources into one program (natively, and cross-compiled for aarch64 and run under
-   qemu-aarch64), it prints each run's final hidden state (which every layer's cache writes and
-   attention feed), one value a line:
-     <run> <index> <value>
+   over two (a DCA-like split), and as a recycled step over two regions whose rows differ per KV head
+   (longdoc_step_sets, the cache as the set's buffer), on the q8 and attn16 kernels' best paths here.
+   Built with the three kernel sources into one program (natively, and cross-compiled for aarch64 and
+   run under qemu-aarch64), it prints each run's final hidden state (which every layer's cache writes
+   and attention feed), and for the two-region runs the last step's key log-probabilities
+   (longdoc_step_layers' select), one value a line:
+     h <run> <index> <value>
+     s <run> <index> <value>
    The test compares the aarch64 build's values with the x86 build's within the arithmetic's tolerance
    (libm's exp and log, the kernels' own SIMD loops). */
 
@@ -48,6 +51,13 @@ typedef struct {
 int longdoc_step_layers(const step_model *m, const step_layer *layers, int n_layers, float *h, int64_t pos,
                         const float *key_rot, int regions, const float *query_rot, const int64_t *bounds,
                         float *select, float *queries);
+typedef struct {
+    void *k, *v;
+    int64_t head_stride, row_stride, row;
+    const int64_t *ranges;
+} step_keys;
+int longdoc_step_sets(const step_model *m, const step_layer *layers, int n_layers, float *h, int64_t pos,
+                      const float *key_rot, int regions, const float *query_rot, const step_keys *keys);
 
 enum { HID = 64, HEADS = 4, KVH = 2, D = 16, INTER = 96, LAYERS = 2, CAP = 16, PROMPT = 6, STEPS = 6 };
 
@@ -80,8 +90,8 @@ static uint16_t to_bits(float f, int bf16) {
 
 int main(void) {
     int rc = 0;
-    for (int run = 0; run < 4; run++) {
-        const int bf16 = run & 1, regions = run < 2 ? 1 : 2;
+    for (int run = 0; run < 6; run++) {
+        const int bf16 = run & 1, regions = run < 2 ? 1 : 2, sets = run >= 4;
         state = 0x9e3779b97f4a7c15ull; /* the same model and prompt in every run */
         step_layer layers[LAYERS];
         uint16_t *caches[2 * LAYERS];
@@ -124,13 +134,24 @@ int main(void) {
             for (int r = 0; r < 2; r++)
                 for (int j = 0; j < 2 * D; j++) query_rot[2 * D * r + j] = key_rot[j] * (r ? 0.5f : 1.f);
             const int64_t bounds[4] = {regions == 1 ? 0 : 3, pos + 1, 0, 3};
-            const int got = longdoc_step_layers(&m, layers, LAYERS, h, pos, key_rot, regions, query_rot, bounds, NULL, NULL);
+            /* the recycled runs: KV head 0 holds every key (the regions as bounds), head 1 all but key 0 */
+            const int64_t ranges[8] = {3, pos + 1, 3, pos + 1, 0, 3, 1, 3};
+            step_keys keys[LAYERS];
+            for (int i = 0; i < LAYERS; i++) keys[i] = (step_keys){layers[i].k, layers[i].v, CAP * D, D, pos, ranges};
+            float select[LAYERS * KVH * (PROMPT + STEPS)];
+            const int last = s == STEPS - 1 && regions == 2 && !sets;
+            const int got =
+                sets ? longdoc_step_sets(&m, layers, LAYERS, h, pos, key_rot, regions, query_rot, keys)
+                     : longdoc_step_layers(&m, layers, LAYERS, h, pos, key_rot, regions, query_rot, bounds,
+                                           last ? select : NULL, NULL);
+            if (last)
+                for (int i = 0; i < LAYERS * KVH * (pos + 1); i++) printf("s %d %d %.9g\n", run, i, select[i]);
             if (got != 0) {
                 fprintf(stderr, "run %d step %d: return code %d\n", run, s, got);
                 rc = 1;
             }
         }
-        for (int j = 0; j < HID; j++) printf("%d %d %.9g\n", run, j, h[j]);
+        for (int j = 0; j < HID; j++) printf("h %d %d %.9g\n", run, j, h[j]);
         for (int i = 0; i < LAYERS; i++) {
             free((void *)layers[i].qkv.w);
             free((void *)layers[i].o.w);
