@@ -10,6 +10,7 @@ temporary worktree, in a child process), so "before" and "after" speeds come fro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -155,7 +156,7 @@ def main() -> None:
                 outputs[name] = toks
                 row[f"{name}_decode_tok_s"] = round((len(toks) - 1) / dt, 2)
             row["speedup"] = round(row["recycled_decode_tok_s"] / row["full_decode_tok_s"], 3)
-            row["schedule"] = policy.stats if policy else None
+            row["schedule"] = dataclasses.asdict(policy.stats) if policy else None
             pairs = list(zip(outputs["full"], outputs["recycled"], strict=False))
             first_diff = next((i for i, (x, y) in enumerate(pairs) if x != y), None)
             row["identical_prefix_tokens"] = first_diff if first_diff is not None else len(outputs["full"])
