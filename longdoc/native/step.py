@@ -234,20 +234,7 @@ class StepLayers:
                 held.row,
                 held.ranges.data_ptr(),
             )
-        self.model.threads = torch.get_num_threads() if self.threads is None else self.threads
-        self._raise(
-            self.lib.longdoc_step_sets(
-                ctypes.byref(self.model),
-                self.layers,
-                len(self.layers),
-                h.data_ptr(),
-                pos,
-                key_rot.data_ptr(),
-                regions,
-                query_rot.data_ptr(),
-                keys,
-            )
-        )
+        self._run(self.lib.longdoc_step_sets, h, pos, key_rot, query_rot, keys)
 
     def _check(self, h: torch.Tensor, pos: int, key_rot: torch.Tensor, query_rot: torch.Tensor, regions: int) -> None:
         if (
@@ -262,8 +249,15 @@ class StepLayers:
         if not 0 <= pos < self.capacity:
             raise RuntimeError(f"KV store full: {pos + 1} > capacity {self.capacity}")
 
-    @staticmethod
-    def _raise(rc: int) -> None:
+    def _run(
+        self, entry: Any, h: torch.Tensor, pos: int, key_rot: torch.Tensor, query_rot: torch.Tensor, *rest: Any
+    ) -> None:
+        """One ``step.c`` entry point's call over the layers (its arguments after the query rotations:
+        ``rest``), at the kernels' thread count; a refusal or failure raised."""
+        self.model.threads = torch.get_num_threads() if self.threads is None else self.threads
+        layers, regions = len(self.layers), int(query_rot.shape[0])
+        args = (h.data_ptr(), pos, key_rot.data_ptr(), regions, query_rot.data_ptr())
+        rc = entry(ctypes.byref(self.model), self.layers, layers, *args, *rest)
         if rc != 0:
             what = "refused its input" if rc == 1 else "ran out of memory" if rc == 2 else f"failed ({rc})"
             raise RuntimeError(f"the native decode step {what}")
@@ -296,19 +290,5 @@ class StepLayers:
         for out, shape in ((select, (layers, kv_heads, pos + 1)), (queries, (layers, q_len))):
             if out is not None and (out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous()):
                 raise ValueError(f"StepLayers writes its selection scores and queries to float32 {shape}")
-        self.model.threads = torch.get_num_threads() if self.threads is None else self.threads
-        self._raise(
-            self.lib.longdoc_step_layers(
-                ctypes.byref(self.model),
-                self.layers,
-                len(self.layers),
-                h.data_ptr(),
-                pos,
-                key_rot.data_ptr(),
-                regions,
-                query_rot.data_ptr(),
-                bounds.data_ptr(),
-                None if select is None else select.data_ptr(),
-                None if queries is None else queries.data_ptr(),
-            )
-        )
+        outputs = (None if out is None else out.data_ptr() for out in (select, queries))
+        self._run(self.lib.longdoc_step_layers, h, pos, key_rot, query_rot, bounds.data_ptr(), *outputs)
