@@ -160,7 +160,7 @@ class StepLayers:
         self.model = _Model(
             hidden,
             heads,
-            int(k[0].shape[1]),
+            self.kv_heads,
             head_dim,
             inter,
             int(bf16),

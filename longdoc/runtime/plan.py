@@ -171,9 +171,9 @@ class Plan:
 
 
 def decodes_natively(info: ModelInfo) -> bool:
-    """Whether this run's plain decode steps run in one native call (``native.step``: q8 on the CPU over
-    its 16-bit KV cache, the kernels buildable here), where full attention stays faster than recycled
-    steps up to longer contexts (``RecycleConfig.auto_min_context_native``)."""
+    """Whether this run's decode steps run in one native call (``native.step``: q8 on the CPU over its
+    16-bit KV cache, the kernels buildable here), where full attention (exact) decodes as fast as
+    recycled steps up to longer contexts (``RecycleConfig.auto_min_context_native``)."""
     return (
         info.quantize == "q8"
         and info.device.type == "cpu"

@@ -27,37 +27,7 @@ int longdoc_attn16_scored(const float *q, int n_q_heads, int n_kv_heads, int d, 
                           int kv_is_bf16, int64_t head_stride, int64_t row_stride, int64_t n_keys, float scale,
                           float *out, float *lse, int threads, int level, float *scores, int64_t scores_stride);
 
-/* step.c's structures, as declared there */
-typedef struct {
-    const uint8_t *w;
-    const float *bias;
-    int64_t n;
-    int32_t bits, level;
-} step_linear;
-typedef struct {
-    const float *norm1, *norm2;
-    float eps1, eps2;
-    step_linear qkv, o, gate_up, down;
-    void *k, *v;
-} step_layer;
-typedef struct {
-    int64_t hidden, heads, kv_heads, head_dim, inter;
-    int32_t bf16;
-    int64_t head_stride, row_stride;
-    float scale;
-    int32_t threads, attn_level;
-    void *q8, *attn;
-} step_model;
-int longdoc_step_layers(const step_model *m, const step_layer *layers, int n_layers, float *h, int64_t pos,
-                        const float *key_rot, int regions, const float *query_rot, const int64_t *bounds,
-                        float *select, float *queries);
-typedef struct {
-    void *k, *v;
-    int64_t head_stride, row_stride, row;
-    const int64_t *ranges;
-} step_keys;
-int longdoc_step_sets(const step_model *m, const step_layer *layers, int n_layers, float *h, int64_t pos,
-                      const float *key_rot, int regions, const float *query_rot, const step_keys *keys);
+#include "../../longdoc/native/step.h" /* step.c's structures and entry points */
 
 enum { HID = 64, HEADS = 4, KVH = 2, D = 16, INTER = 96, LAYERS = 2, CAP = 16, PROMPT = 6, STEPS = 6 };
 
@@ -117,7 +87,7 @@ int main(void) {
                                      caches[2 * i], caches[2 * i + 1]};
         }
         const step_model m = {HID, HEADS, KVH, D, INTER, bf16, CAP * D, D, 0.25f, 1, 0,
-                              (void *)longdoc_q8_matmul, (void *)longdoc_attn16_scored};
+                              longdoc_q8_matmul, longdoc_attn16_scored};
         float h[HID];
         for (int j = 0; j < HID; j++) { /* bfloat16 values: a bfloat16 run's state */
             const uint32_t u = (uint32_t)to_bits(uniform(), 1) << 16;
